@@ -1,0 +1,243 @@
+"""Command-line interface: parses options, wires library calls, reports, sets exit codes.
+
+Exit codes: 0 success; 1 the run completed but some files could not be read (they
+are listed in the CSV); 2 usage error (bad option or argument, Click's default);
+3 fatal error (model missing or corrupt, output not writable, nothing to do).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from pneumobatch import __version__
+from pneumobatch.errors import PneumobatchError
+
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+
+
+class FatalError(click.ClickException):
+    """A one-line error that stops the run with exit code 3."""
+
+    exit_code = EXIT_FATAL
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pneumobatch")
+def main() -> None:
+    """Batch chest X-ray classification for folders of DICOM, PNG and JPEG studies.
+
+    Research and quality-assurance use only; not a medical device.
+
+    \b
+    Typical nightly job:
+      pneumobatch predict /exports/tonight -o tonight.csv
+      pneumobatch report tonight.csv --labels tonight_labels.csv -o tonight.pdf
+    """
+
+
+@main.command("models")
+@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of NAME.safetensors + NAME.json (default: the shipped weights/).")
+def models_command(weights_dir: Optional[Path]) -> None:
+    """List the installed models with their task, classes and test metrics."""
+    from pneumobatch.models import DEFAULT_MODEL, default_weights_dir, list_models
+
+    cards = list_models(weights_dir)
+    if not cards:
+        raise FatalError(f"no models in {weights_dir or default_weights_dir()}")
+    for card in cards:
+        test = card.metrics.get("test", {})
+        auc = f"test AUC {test['auc']:.3f}" if "auc" in test else "no test metrics"
+        default = " (default)" if card.name == DEFAULT_MODEL else ""
+        click.echo(f"{card.name}{default}: task {card.task}, classes {', '.join(card.classes)}; {card.architecture} @ {card.input_size}px; {auc}")
+
+
+@main.command("train")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--task", type=click.Choice(["pneumonia", "etiology", "covid", "custom"]), default="pneumonia", show_default=True, help="Which classes to learn; findings map to them by rule.")
+@click.option("--name", help="Model name (files NAME.safetensors/NAME.json). Default: the task name.")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("weights"), show_default=True)
+@click.option("--label-column", default="finding", show_default=True, help="Manifest column holding the label or hierarchical finding.")
+@click.option("--split-column", default="split", show_default=True, help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.")
+@click.option("--patient-column", default="patient_id", show_default=True, help="Manifest column grouping images of one patient (no patient on two sides of a split).")
+@click.option("--group-column", default="source", show_default=True, help="Manifest column to report test metrics by (e.g. source, site).")
+@click.option("--arch", "architecture", default="efficientnet_lite0", show_default=True, help="Architecture (see --help for the list in the README).")
+@click.option("--init", default="imagenet", show_default=True, help="imagenet, random, or a .safetensors of the same architecture.")
+@click.option("--input-size", type=click.IntRange(32, 1024), default=192, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2, 4096), default=32, show_default=True)
+@click.option("--head-epochs", type=click.IntRange(0), default=1, show_default=True, help="Stage 1: epochs training the classifier head alone (pretrained init only).")
+@click.option("--epochs", type=click.IntRange(1), default=6, show_default=True, help="Stage 2: epochs fine-tuning the whole network (at most).")
+@click.option("--patience", type=click.IntRange(1), default=3, show_default=True, help="Early stopping: epochs without validation-AUC gain.")
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--balance", type=click.Choice(["weights", "oversample", "undersample", "none"]), default="weights", show_default=True, help="Class-imbalance handling.")
+@click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips (off: the heart's side is anatomy).")
+@click.option("--target-recall", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Processes decoding images.")
+@click.option("--resume", is_flag=True, help="Continue from NAME.checkpoint.pt in the output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model of the same name.")
+@click.option("-v", "--verbose", count=True)
+def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: bool, verbose: int, **options) -> None:
+    """Train a model from DATA: a manifest CSV or a class-per-folder tree.
+
+    \b
+    Manifest: columns path (relative to the CSV), a label column (class name or
+    hierarchical finding such as Pneumonia/Viral/COVID-19), optional split and
+    patient id. Folder tree: DATA/CLASS/* or DATA/{train,val,test}/CLASS/*.
+    """
+    from pneumobatch.train import TrainConfig, train
+
+    _setup_logging(verbose, False)
+    name = name or options["task"]
+    if (out_dir / f"{name}.safetensors").exists() and not overwrite and not options["resume"]:
+        raise click.UsageError(f"{out_dir / name}.safetensors exists; pass --overwrite to replace it or --name for another name")
+    config = TrainConfig(data=data, out_dir=out_dir, name=name, **options)
+    try:
+        card = train(config, progress=click.echo)
+    except PneumobatchError as exc:
+        raise FatalError(str(exc)) from exc
+    test = card.metrics.get("test", {})
+    click.echo(f"wrote {out_dir / name}.safetensors and {out_dir / name}.json")
+    if test:
+        parts = [f"test AUC {test.get('auc', float('nan')):.4f}"]
+        if "sensitivity" in test:
+            parts.append(f"sensitivity {test['sensitivity']:.3f} / specificity {test['specificity']:.3f} at threshold {card.threshold:.3f}")
+        click.echo("; ".join(parts))
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"), show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
+@click.option("-m", "--model", "model_names", multiple=True, help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]")
+@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model names are looked up (default: the shipped weights/).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="Decoding processes. [default: 2, or 8 with a GPU]")
+@click.option("--resume", is_flag=True, help="Skip files already in OUT (same path, size and mtime) and add the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--study-from", type=click.Choice(["file", "parent-dir"]), default="file", show_default=True, help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).")
+@click.option("--include-lateral", is_flag=True, help="Predict lateral views too (skipped with reason lateral by default).")
+@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger images (reason too-large).")
+@click.option("--include-patient-id", is_flag=True, help="Add a patient_id column (patient names are never written).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
+@click.option("-v", "--verbose", count=True)
+def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[str, ...], weights_dir: Optional[Path], device: str, precision: str, batch_size: int, workers: Optional[int], resume: bool, overwrite: bool, study_from: str, include_lateral: bool, max_pixels: int, include_patient_id: bool, quiet: bool, verbose: int) -> None:
+    """Predict every image under INPUTS (folders or files) and write CSV predictions.
+
+    Every file found gets a row: status ok, skipped (by rule, with a reason such as
+    not-image, not-cxr, lateral, no-pixels) or error (corrupt, too-large, ...).
+
+    \b
+    Exit codes: 0 all files predicted or skipped by rule; 1 some files errored
+    (see the CSV); 2 usage error; 3 fatal error (e.g. model missing, output unwritable).
+    """
+    import time
+    from datetime import datetime, timezone
+
+    from tqdm import tqdm
+
+    from pneumobatch.discovery import walk
+    from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
+    from pneumobatch.models import DEFAULT_MODEL, load_model
+    from pneumobatch.outputs import (
+        OutputPaths,
+        PredictionWriter,
+        columns_for,
+        result_rows,
+        write_run_json,
+        write_studies,
+    )
+    from pneumobatch.readers import ReadOptions
+
+    _setup_logging(verbose, quiet)
+    try:
+        torch_device = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+    try:
+        models = [load_model(name, weights_dir) for name in (model_names or (DEFAULT_MODEL,))]
+    except PneumobatchError as exc:
+        raise FatalError(str(exc)) from exc
+    names = [m.card.name for m in models]
+    if len(set(names)) != len(names):
+        raise click.UsageError("the same model was given twice")
+    cards = [m.card for m in models]
+    if workers is None:
+        workers = 8 if torch_device.type == "cuda" else 2
+
+    started = datetime.now(timezone.utc)
+    paths = OutputPaths(output)
+    roots = [Path(p) for p in inputs]
+    entries = []
+    for root, entry in walk(roots):
+        if len(roots) > 1 and root.is_dir():  # keep paths unique across several roots
+            entry = type(entry)(entry.path, f"{root.name}/{entry.relpath}", entry.size, entry.mtime_ns)
+        entries.append(entry)
+    try:
+        entries = [e for e in entries if not paths.owns(e.path)]  # an output inside the input tree
+        with PredictionWriter(paths, columns_for(cards, include_patient_id), resume=resume, overwrite=overwrite) as writer:
+            todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
+            predictor = Predictor(models, torch_device, resolve_precision(precision, torch_device))
+            options = ReadOptions(max_pixels=max_pixels, include_lateral=include_lateral, min_side=max(predictor.sizes))
+            t0 = time.perf_counter()
+            batch: list[dict] = []
+            with tqdm(total=len(todo), unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
+                for result in run_inference(todo, predictor, options, batch_size=batch_size, workers=workers):
+                    batch += result_rows(result, cards, study_from, include_patient_id)
+                    bar.update(1)
+                    if len(batch) >= batch_size * len(cards):
+                        writer.append(batch)
+                        batch = []
+                writer.append(batch)
+            seconds = time.perf_counter() - t0
+            frame = writer.finalize(entries, names)
+        write_studies(frame, cards, paths.studies)
+    except PneumobatchError as exc:
+        raise FatalError(str(exc)) from exc
+
+    per_file = frame.drop_duplicates("path")
+    counts = per_file["status"].value_counts().to_dict()
+    reasons = per_file[per_file["status"] != "ok"]["reason"].value_counts().to_dict()
+    predicted_now = sum(1 for _ in todo)
+    n_ok_now = int((frame[frame["path"].isin({e.relpath for e in todo})].drop_duplicates("path")["status"] == "ok").sum())
+    rate = n_ok_now / seconds if seconds > 0 else 0.0
+    info = {
+        "pneumobatch_version": __version__, "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": precision,
+        "batch_size": batch_size, "workers": workers, "resumed": resume,
+        "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
+                    "thresholds": c.thresholds, "weights_sha256": c.weights_sha256, "architecture": c.architecture,
+                    "input_size": c.input_size} for c in cards],
+        "counts": {"files": len(per_file), "ok": int(counts.get("ok", 0)), "skipped": int(counts.get("skipped", 0)),
+                   "error": int(counts.get("error", 0)), "by_reason": {str(k): int(v) for k, v in reasons.items()}},
+        "files_processed_this_run": predicted_now, "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
+    }
+    try:
+        write_run_json(paths.run, info)
+    except PneumobatchError as exc:
+        raise FatalError(str(exc)) from exc
+    if not quiet:
+        reason_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        click.echo(
+            f"{len(per_file)} files: {info['counts']['ok']} ok, {info['counts']['skipped']} skipped, "
+            f"{info['counts']['error']} errors{f' ({reason_text})' if reason_text else ''}; "
+            f"{predicted_now} read this run at {rate:.1f} images/s on {torch_device}; wrote {output} and {paths.studies.name}"
+        )
+    if info["counts"]["error"]:
+        sys.exit(EXIT_FILE_ERRORS)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

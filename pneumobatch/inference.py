@@ -1,0 +1,168 @@
+"""Batched inference: a DataLoader decodes in worker processes while the models run.
+
+Files are read and resized in workers (one torch thread each) and travel as uint8;
+normalisation, the forward pass and softmax run in the main process on the chosen
+device. Results come back in discovery order, one :class:`FileResult` per file,
+identical whatever the batch size or worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pneumobatch.discovery import FileEntry, sniff
+from pneumobatch.errors import FileRejected, Reason, Status
+from pneumobatch.models import LoadedModel
+from pneumobatch.preprocess import normalize, resize, to_uint8
+from pneumobatch.readers import ReadOptions, read_image
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class FileResult:
+    """What happened to one file; ``probs`` maps model name -> class probabilities."""
+
+    entry: FileEntry
+    status: Status
+    reason: str = ""
+    detail: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class StudyFiles(Dataset):
+    """Reads and resizes one file per item; never raises for bad input."""
+
+    def __init__(self, entries: Sequence[FileEntry], sizes: Sequence[int], options: ReadOptions) -> None:
+        self.entries = list(entries)
+        self.sizes = sorted(set(sizes))
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry = self.entries[index]
+        item: dict[str, Any] = {"index": index, "status": Status.OK, "reason": "", "detail": "", "meta": {}, "inputs": None}
+        try:
+            image = read_image(entry.path, sniff(entry.path), self.options)
+            item["meta"] = image.meta
+            item["inputs"] = {s: torch.from_numpy(to_uint8(resize(image.pixels, s)))[None] for s in self.sizes}
+        except FileRejected as exc:
+            item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail)
+        except PermissionError:
+            item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail="permission denied")
+        except OSError as exc:
+            item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail=(exc.strerror or type(exc).__name__)[:200])
+        except Exception as exc:  # noqa: BLE001 - one bad file must never stop a night's batch
+            log.debug("unexpected error reading %s", entry.path, exc_info=True)
+            item.update(status=Status.ERROR, reason=Reason.READ_FAILED.value, detail=f"{type(exc).__name__}: {exc}"[:200])
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor], list[int]]:
+    ok = [i for i, item in enumerate(items) if item["inputs"] is not None]
+    stacked = {}
+    if ok:
+        for size in items[ok[0]]["inputs"]:
+            stacked[size] = torch.stack([items[i]["inputs"][size] for i in ok])
+    for item in items:
+        item["inputs"] = None
+    return items, stacked, ok
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode; the main process owns the cores for the CNN
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks the first GPU when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or ``None`` for fp32.
+
+    ``auto``: fp16/bf16 on CUDA; fp32 on the CPU, because bf16 is only faster on CPUs
+    with native bf16 instructions (AVX512-BF16, AMX) and changes probabilities slightly.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+class Predictor:
+    """One or more loaded models on a device, ready for batches of (B, 1, S, S) uint8."""
+
+    def __init__(self, models: Sequence[LoadedModel], device: torch.device, precision: Optional[torch.dtype]) -> None:
+        self.models = list(models)
+        self.device = device
+        self.precision = precision
+        for model in self.models:
+            model.net.to(device).to(memory_format=torch.channels_last).eval()
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({m.card.input_size for m in self.models})
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = {}
+        for model in self.models:
+            card = model.card
+            x = inputs[card.input_size].to(self.device, non_blocking=True)
+            x = normalize(x, card.mean, card.std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.precision or torch.float32, enabled=self.precision is not None):
+                logits = model.net(x)
+            out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
+        return out
+
+
+def run_inference(
+    entries: Sequence[FileEntry],
+    predictor: Predictor,
+    options: ReadOptions,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+) -> Iterator[FileResult]:
+    """Yield a :class:`FileResult` for every entry, in order."""
+    dataset = StudyFiles(entries, predictor.sizes, options)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=predictor.device.type == "cuda",
+        persistent_workers=False,
+    )
+    for items, inputs, ok in loader:
+        probs = predictor(inputs) if ok else {}
+        position = {item_index: row for row, item_index in enumerate(ok)}
+        for i, item in enumerate(items):
+            result = FileResult(dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"])
+            if i in position:
+                result.probs = {name: p[position[i]] for name, p in probs.items()}
+            yield result

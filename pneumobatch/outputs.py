@@ -1,0 +1,321 @@
+"""Prediction CSVs: rows, crash-safe writing with resume, and study-level aggregation.
+
+Writing is crash-safe. During a run, rows are appended to a journal next to the
+output (``OUT.partial``), flushed and fsynced after every batch. At the end the
+previous output (when resuming), the journal and nothing else are merged in
+discovery order and written to ``OUT`` through a temporary file and an atomic
+rename; then the journal is removed. A run killed at any moment leaves either the
+old ``OUT`` or none, plus a journal; ``--resume`` reads both, skips every file that
+already has a row (same path, size and modification time) and finishes the job, so
+the final CSV has exactly one row per file and model.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pneumobatch.discovery import FileEntry
+from pneumobatch.errors import PneumobatchError, Status
+from pneumobatch.inference import FileResult
+from pneumobatch.models import ModelCard
+
+#: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
+LEADING_COLUMNS = [
+    "path", "status", "reason", "detail", "study", "study_instance_uid", "series_instance_uid",
+    "sop_instance_uid", "view_position", "task", "model", "weights_sha256", "pred_label",
+]
+TRAILING_COLUMNS = ["threshold", "file_size", "file_mtime_ns"]
+PATIENT_COLUMN = "patient_id"
+STUDY_COLUMNS = ["study", "study_instance_uid", "model", "task", "n_images", "n_files", "key_image", "pred_label"]
+
+STUDY_FROM = ("file", "parent-dir")
+
+
+class OutputError(PneumobatchError):
+    """The output cannot be written or resumed."""
+
+
+def prob_column(cls: str) -> str:
+    return f"prob_{cls}"
+
+
+def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[str]:
+    probs: list[str] = []
+    for card in cards:
+        probs += [prob_column(c) for c in card.classes if prob_column(c) not in probs]
+    return LEADING_COLUMNS + probs + TRAILING_COLUMNS + ([PATIENT_COLUMN] if include_patient_id else [])
+
+
+def decide(card: ModelCard, probs: np.ndarray) -> str:
+    """The predicted class: positive-class threshold for binary models, argmax otherwise."""
+    if card.positive is not None and card.threshold is not None and len(card.classes) == 2:
+        pos = card.classes.index(card.positive)
+        return card.classes[pos] if probs[pos] >= card.threshold else card.classes[1 - pos]
+    return card.classes[int(np.argmax(probs))]
+
+
+def study_key(result: FileResult, study_from: str) -> str:
+    """Radiologists read studies: DICOM by StudyInstanceUID, PNG/JPEG by file or folder."""
+    uid = result.meta.get("study_instance_uid") or ""
+    if uid:
+        return uid
+    rel = result.entry.relpath
+    if study_from == "parent-dir":
+        parent = os.path.dirname(rel)
+        return parent or "."
+    return rel
+
+
+def result_rows(
+    result: FileResult, cards: Sequence[ModelCard], study_from: str, include_patient_id: bool
+) -> list[dict[str, Any]]:
+    """One row per model for a file; skipped and error rows carry no probabilities."""
+    meta = result.meta
+    base = {
+        "path": result.entry.relpath,
+        "status": result.status.value,
+        "reason": result.reason,
+        "detail": result.detail,
+        "study": study_key(result, study_from) if result.status is Status.OK or meta.get("study_instance_uid") else "",
+        "study_instance_uid": meta.get("study_instance_uid", ""),
+        "series_instance_uid": meta.get("series_instance_uid", ""),
+        "sop_instance_uid": meta.get("sop_instance_uid", ""),
+        "view_position": meta.get("view_position", ""),
+        "file_size": result.entry.size,
+        "file_mtime_ns": result.entry.mtime_ns,
+    }
+    if include_patient_id:
+        base[PATIENT_COLUMN] = meta.get("patient_id", "")
+    rows = []
+    for card in cards:
+        row = dict(base, task=card.task, model=card.name, weights_sha256=card.weights_sha256)
+        row["threshold"] = "" if card.threshold is None else f"{card.threshold:.6f}"
+        probs = result.probs.get(card.name)
+        if probs is not None:
+            row["pred_label"] = decide(card, probs)
+            row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs)})
+        rows.append(row)
+    return rows
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (str(row["path"]), str(row["file_size"]), str(row["file_mtime_ns"]), str(row["model"]))
+
+
+def entry_key(entry: FileEntry, model: str) -> tuple[str, str, str, str]:
+    return (entry.relpath, str(entry.size), str(entry.mtime_ns), model)
+
+
+@dataclass
+class OutputPaths:
+    predictions: Path
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is one of this output's own files (so never an input)."""
+        resolved = path.resolve()
+        mine = {p.resolve() for p in (self.predictions, self.journal, self.lock, self.studies, self.run)}
+        tmp_prefixes = tuple(f".{p.name}.tmp-" for p in (self.predictions, self.studies, self.run))
+        return resolved in mine or (
+            resolved.parent == self.predictions.resolve().parent and resolved.name.startswith(tmp_prefixes)
+        )
+
+    @property
+    def journal(self) -> Path:
+        return self.predictions.with_name(self.predictions.name + ".partial")
+
+    @property
+    def lock(self) -> Path:
+        return self.predictions.with_name("." + self.predictions.name + ".lock")
+
+    @property
+    def studies(self) -> Path:
+        return self.predictions.with_name(self.predictions.stem + ".studies.csv")
+
+    @property
+    def run(self) -> Path:
+        return self.predictions.with_name(self.predictions.stem + ".run.json")
+
+
+def _read_rows(path: Path, complete_lines_only: bool = False) -> list[dict[str, str]]:
+    data = path.read_bytes()
+    if complete_lines_only and data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]  # a run killed mid-write leaves half a line
+    text = data.decode("utf-8")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+class PredictionWriter:
+    """Owns an output CSV for one run: lock, journal, resume and the final atomic write."""
+
+    def __init__(self, paths: OutputPaths, columns: list[str], *, resume: bool, overwrite: bool) -> None:
+        self.paths = paths
+        self.columns = columns
+        self.resume = resume
+        self.previous: dict[tuple[str, str, str, str], dict[str, str]] = {}
+        self._journal: Optional[IO[str]] = None
+        self._writer: Optional[csv.DictWriter] = None
+        self._lock_fh: Optional[IO[str]] = None
+        self._check(overwrite)
+
+    def _check(self, overwrite: bool) -> None:
+        out = self.paths.predictions
+        if not self.resume and not overwrite:
+            if out.exists():
+                raise OutputError(f"{out} exists; pass --resume to continue that job or --overwrite to replace it")
+            if self.paths.journal.exists():
+                raise OutputError(
+                    f"{self.paths.journal} holds rows of an interrupted run; pass --resume to finish it or --overwrite to start again"
+                )
+
+    def __enter__(self) -> PredictionWriter:
+        out = self.paths.predictions
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fh = open(self.paths.lock, "w")
+        except OSError as exc:
+            raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise OutputError(f"another pneumobatch run is writing {out}") from exc
+        if self.resume:
+            for source, partial in ((out, False), (self.paths.journal, True)):
+                if source.exists():
+                    try:
+                        rows = _read_rows(source, complete_lines_only=partial)
+                    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+                        raise OutputError(f"cannot resume from {source}: {exc}") from exc
+                    for row in rows:
+                        if row.get("path") is not None and row.get("model"):
+                            self.previous[row_key(row)] = row
+        try:
+            self._journal = open(self.paths.journal, "a", newline="", encoding="utf-8")
+            if self.paths.journal.stat().st_size == 0:
+                self._journal.write(",".join(self.columns) + "\n")
+            else:  # continue a journal; make sure a torn last line is closed off
+                self._repair_journal()
+                if self._journal_columns() != self.columns:
+                    raise OutputError(
+                        f"{self.paths.journal} was written with other models or options; "
+                        "resume with the same --model and --include-patient-id options"
+                    )
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.paths.journal}: {exc.strerror or exc}") from exc
+        self._writer = csv.DictWriter(self._journal, fieldnames=self._journal_columns(), extrasaction="ignore", lineterminator="\n")
+        return self
+
+    def _journal_columns(self) -> list[str]:
+        with open(self.paths.journal, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+        return header or self.columns
+
+    def _repair_journal(self) -> None:
+        data = self.paths.journal.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.paths.journal, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._journal:
+            self._journal.close()
+        if self._lock_fh:
+            self._lock_fh.close()
+
+    def done(self, entry: FileEntry, model: str) -> bool:
+        return entry_key(entry, model) in self.previous
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        assert self._writer is not None and self._journal is not None
+        self._writer.writerows(rows)
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def finalize(self, entries: Sequence[FileEntry], models: Sequence[str]) -> pd.DataFrame:
+        """Merge previous rows and the journal in discovery order; atomic write; drop journal."""
+        assert self._journal is not None
+        self._journal.close()
+        rows = dict(self.previous)
+        for row in _read_rows(self.paths.journal, complete_lines_only=True):
+            rows[row_key(row)] = row
+        ordered = []
+        for entry in entries:
+            for model in models:
+                key = entry_key(entry, model)
+                if key in rows:
+                    ordered.append(rows.pop(key))
+        current = {e.relpath for e in entries}
+        # rows of files from earlier runs that were not found again (moved, or another root)
+        ordered += [r for k, r in rows.items() if k[0] not in current]
+        columns = list(self.columns) + [c for r in ordered for c in r if c not in self.columns]
+        frame = pd.DataFrame(ordered, columns=list(dict.fromkeys(columns))).fillna("")
+        atomic_write_text(self.paths.predictions, frame.to_csv(index=False, lineterminator="\n"))
+        os.remove(self.paths.journal)
+        return frame
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp.exists():
+            tmp.unlink()
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard]) -> pd.DataFrame:
+    """One row per (study, model) from its frontal images that were predicted.
+
+    The study takes the probabilities of its most abnormal image: the highest
+    1 - P(normal) when the model has a ``normal`` class, else the highest positive
+    (or top) probability. Radiologists flag a study when any image is abnormal.
+    """
+    rows = []
+    by_name = {c.name: c for c in cards}
+    for (study, model), group in frame[frame["study"] != ""].groupby(["study", "model"], sort=False):
+        card = by_name.get(model)
+        ok = group[group["status"] == Status.OK.value]
+        row: dict[str, Any] = {
+            "study": study, "study_instance_uid": next((u for u in group["study_instance_uid"] if u), ""),
+            "model": model, "task": group["task"].iloc[0], "n_images": len(ok), "n_files": len(group),
+            "key_image": "", "pred_label": "", "threshold": group["threshold"].iloc[0],
+        }
+        if card is not None and len(ok):
+            probs = ok[[prob_column(c) for c in card.classes]].astype(float).to_numpy()
+            if "normal" in card.classes:
+                score = 1 - probs[:, card.classes.index("normal")]
+            elif card.positive in card.classes:
+                score = probs[:, card.classes.index(card.positive)]
+            else:
+                score = probs.max(1)
+            best = int(np.argmax(score))
+            row["key_image"] = ok["path"].iloc[best]
+            row["pred_label"] = decide(card, probs[best])
+            row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs[best])})
+        rows.append(row)
+    prob_cols = [c for c in frame.columns if c.startswith("prob_")]
+    return pd.DataFrame(rows, columns=STUDY_COLUMNS + prob_cols + ["threshold"]).fillna("")
+
+
+def write_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], path: Path) -> pd.DataFrame:
+    studies = aggregate_studies(frame, cards)
+    atomic_write_text(path, studies.to_csv(index=False, lineterminator="\n"))
+    return studies
+
+
+def write_run_json(path: Path, info: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")

@@ -1,0 +1,596 @@
+"""Training: labelled images in, a model card and safetensors weights out.
+
+Pipeline: load a manifest or class-per-folder tree -> map labels to the task's
+classes -> split (the manifest's, else stratified and grouped by patient) ->
+decode every image once with the prediction readers and cache it at the model's
+input size -> two-stage fine-tuning (head, then the whole network) with batched
+augmentation, class imbalance handling, early stopping on validation AUC ->
+temperature scaling and operating points on the validation split -> test-split
+metrics (overall and per source) -> ``NAME.safetensors`` + ``NAME.json`` + curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumobatch import __version__
+from pneumobatch.discovery import sniff
+from pneumobatch.errors import FileRejected, PneumobatchError
+from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
+from pneumobatch.preprocess import normalize, resize, to_uint8
+from pneumobatch.readers import ReadOptions, read_image
+from pneumobatch.tasks import Task, custom_task, get_task
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+
+
+class TrainingError(PneumobatchError):
+    """Training cannot start or go on (bad data, bad options)."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``pneumobatch train``; the defaults produce the shipped weights."""
+
+    data: Path
+    out_dir: Path
+    name: str
+    task: str = "pneumonia"
+    label_column: str = "finding"
+    split_column: str = "split"
+    patient_column: str = "patient_id"
+    group_column: Optional[str] = "source"  # per-group test metrics ("per source")
+    architecture: str = "efficientnet_lite0"
+    init: str = "imagenet"  # imagenet | random | path to a .safetensors of the same architecture
+    input_size: int = 192
+    batch_size: int = 32
+    head_epochs: int = 1
+    epochs: int = 6
+    patience: int = 3
+    lr: float = 3e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    balance: str = "weights"  # weights | oversample | undersample | none
+    hflip: bool = False
+    target_recall: float = 0.95
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    resume: bool = False
+    max_images: Optional[int] = None  # for smoke tests: use at most this many per split
+
+
+@dataclass
+class Dataset:
+    """Decoded, resized images of one split held in memory."""
+
+    images: torch.Tensor  # uint8 (N, 1, S, S)
+    targets: torch.Tensor  # int64 (N,)
+    frame: pd.DataFrame  # the manifest rows, aligned with images
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_labels(config: TrainConfig) -> tuple[pd.DataFrame, Task, dict[str, int]]:
+    """Rows with ``path`` (absolute), ``cls`` and ``split`` (may be empty), plus counts dropped."""
+    data = Path(config.data)
+    if data.is_file():
+        frame = _read_manifest(data, config)
+    elif data.is_dir():
+        frame = _read_folder_tree(data)
+    else:
+        raise TrainingError(f"{data}: no such manifest or folder")
+    if config.task == "custom":
+        task = custom_task(frame["label"].dropna().astype(str).tolist())
+    else:
+        try:
+            task = get_task(config.task)
+        except KeyError as exc:
+            raise TrainingError(str(exc.args[0])) from None
+    frame["cls"] = [task.map_label(v) for v in frame["label"]]
+    unplaced = frame[frame["cls"].isna()]
+    dropped = {str(k): int(v) for k, v in unplaced["label"].astype(str).value_counts().items()}
+    frame = frame[frame["cls"].notna()].reset_index(drop=True)
+    if frame.empty:
+        raise TrainingError(f"no label maps to the classes of task {task.name}: {task.classes}")
+    if dropped:
+        log.info("dropped %d images whose label task %s cannot place: %s", len(unplaced), task.name, dropped)
+    return frame, task, dropped
+
+
+def _read_manifest(path: Path, config: TrainConfig) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{path}: cannot read manifest ({exc})") from exc
+    for column in ("path", config.label_column):
+        if column not in frame.columns:
+            raise TrainingError(
+                f"{path}: manifest has no {column!r} column (columns: {', '.join(frame.columns)})"
+            )
+    frame = frame.rename(columns={config.label_column: "label"}).copy()
+    frame["path"] = [str((path.parent / p).resolve()) for p in frame["path"]]
+    frame["split"] = (
+        frame[config.split_column].str.strip().str.lower().replace(_SPLIT_ALIASES)
+        if config.split_column in frame.columns
+        else ""
+    )
+    frame["patient"] = frame[config.patient_column] if config.patient_column in frame.columns else ""
+    return frame
+
+
+def _read_folder_tree(root: Path) -> pd.DataFrame:
+    """``root/CLASS/*`` or ``root/SPLIT/CLASS/*`` (the public pediatric dataset's layout)."""
+    rows = []
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    split_dirs = {
+        _SPLIT_ALIASES.get(p.name.lower(), p.name.lower()): p
+        for p in subdirs
+        if _SPLIT_ALIASES.get(p.name.lower(), p.name.lower()) in SPLITS
+    }
+    layout = split_dirs.items() if split_dirs else [("", root)]
+    for split, folder in layout:
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            for file in sorted(class_dir.rglob("*")):
+                if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                    rows.append({"path": str(file.resolve()), "label": class_dir.name, "split": split, "patient": ""})
+    if not rows:
+        raise TrainingError(f"{root}: no images found in class folders (root/CLASS/* or root/SPLIT/CLASS/*)")
+    return pd.DataFrame(rows)
+
+
+def assign_splits(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
+    """Keep given splits; otherwise a stratified split grouped by patient.
+
+    Images without a patient id each form their own group. The test share is cut
+    first, then validation from the rest, each with ``StratifiedGroupKFold`` so no
+    patient appears on two sides.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    frame = frame.copy()
+    given = frame["split"].isin(SPLITS)
+    if given.all():
+        return frame
+    if given.any():
+        raise TrainingError(
+            f"split column has values other than {SPLITS} for {int((~given).sum())} rows; "
+            "give every row a split or none"
+        )
+    groups = np.where(frame["patient"].astype(str).str.len() > 0, frame["patient"].astype(str), "img:" + frame["path"])
+    frame["split"] = "train"
+    remaining = np.arange(len(frame))
+    for split, share in (("test", config.test_fraction), ("val", config.val_fraction / (1 - config.test_fraction))):
+        n_splits = max(2, int(round(1 / share)))
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=config.seed)
+        _, held = next(cv.split(remaining, frame["cls"].to_numpy()[remaining], groups[remaining]))
+        frame.loc[frame.index[remaining[held]], "split"] = split
+        remaining = np.delete(remaining, held)
+    return frame
+
+
+def _decode_one(args: tuple[str, int]) -> Optional[np.ndarray]:
+    path, size = args
+    try:
+        image = read_image(Path(path), sniff(Path(path)), ReadOptions(min_side=size))
+    except (FileRejected, OSError):
+        return None
+    return to_uint8(resize(image.pixels, size))
+
+
+def decode_split(frame: pd.DataFrame, task: Task, size: int, workers: int) -> tuple[Dataset, int]:
+    """Decode and resize every image once, exactly as ``predict`` does."""
+    jobs = [(p, size) for p in frame["path"]]
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(workers) as pool:
+            arrays = list(pool.map(_decode_one, jobs, chunksize=32))
+    else:
+        arrays = [_decode_one(job) for job in jobs]
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    failed = len(arrays) - len(keep)
+    if failed:
+        log.warning("%d images could not be read and were left out", failed)
+    frame = frame.iloc[keep].reset_index(drop=True)
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep])[:, None]) if keep else torch.zeros(0, 1, size, size, dtype=torch.uint8)
+    index = {c: i for i, c in enumerate(task.classes)}
+    targets = torch.tensor([index[c] for c in frame["cls"]], dtype=torch.long)
+    return Dataset(images, targets, frame), failed
+
+
+# --------------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.Tensor:
+    """Radiograph-safe augmentation of a float batch (B, 1, H, W) in [0, 1].
+
+    Per image: rotation within ±15°, zoom within ±10 %, shift within ±5 %,
+    brightness and contrast within ±20 %, optional horizontal flip.
+    """
+    b = x.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(b, generator=generator).to(x.device)
+
+    angle = uniform(-15, 15) * math.pi / 180
+    scale = uniform(0.9, 1.1)
+    tx, ty = uniform(-0.05, 0.05), uniform(-0.05, 0.05)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if hflip:
+        flip = torch.rand(b, generator=generator).to(x.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    brightness = uniform(0.8, 1.2).view(-1, 1, 1, 1)
+    contrast = uniform(0.8, 1.2).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean * brightness).clamp(0, 1)
+
+
+# ------------------------------------------------------------------ operating points
+
+
+def select_threshold(y_true: np.ndarray, scores: np.ndarray, target_recall: float) -> dict[str, float]:
+    """Thresholds on the positive-class probability.
+
+    ``recall_target``: the highest threshold whose sensitivity is at least
+    ``target_recall`` (so specificity is as high as that allows); ``youden``: the
+    threshold maximising sensitivity + specificity - 1.
+    """
+    from sklearn.metrics import roc_curve
+
+    y_true = np.asarray(y_true).astype(int)
+    if y_true.min() == y_true.max():
+        raise TrainingError("threshold selection needs both classes in the validation split")
+    fpr, tpr, thresholds = roc_curve(y_true, scores)
+    thresholds = np.minimum(thresholds, 1.0)
+    ok = np.flatnonzero(tpr >= target_recall)
+    recall_idx = ok[0]  # roc_curve orders thresholds high -> low, tpr low -> high
+    youden_idx = int(np.argmax(tpr - fpr))
+    return {
+        "recall_target": float(thresholds[recall_idx]),
+        "recall_target_sensitivity": float(tpr[recall_idx]),
+        "recall_target_specificity": float(1 - fpr[recall_idx]),
+        "youden": float(thresholds[youden_idx]),
+        "youden_sensitivity": float(tpr[youden_idx]),
+        "youden_specificity": float(1 - fpr[youden_idx]),
+    }
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().clamp(0.05, 20.0))
+
+
+# --------------------------------------------------------------------- evaluation
+
+
+def evaluate_probs(
+    probs: np.ndarray, targets: np.ndarray, task: Task, threshold: Optional[float]
+) -> dict[str, Any]:
+    """AUC, accuracy, per-class recall; sensitivity/specificity at the threshold (binary)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
+
+    classes = list(task.classes)
+    present = np.unique(targets)
+    out: dict[str, Any] = {"n": int(len(targets)), "support": {c: int((targets == i).sum()) for i, c in enumerate(classes)}}
+    if len(classes) == 2:
+        pos = classes.index(task.positive) if task.positive in classes else 1
+        scores = probs[:, pos]
+        thr = 0.5 if threshold is None else threshold
+        pred = np.where(scores >= thr, pos, 1 - pos)
+        if len(present) == 2:
+            out["auc"] = float(roc_auc_score(targets == pos, scores))
+        if (targets == pos).any():
+            out["sensitivity"] = float(((pred == pos) & (targets == pos)).sum() / (targets == pos).sum())
+        if (targets != pos).any():
+            out["specificity"] = float(((pred != pos) & (targets != pos)).sum() / (targets != pos).sum())
+    else:
+        pred = probs.argmax(1)
+        aucs = {}
+        for i, c in enumerate(classes):
+            if 0 < (targets == i).sum() < len(targets):
+                aucs[c] = float(roc_auc_score(targets == i, probs[:, i]))
+        out["auc_per_class"] = aucs
+        if aucs:
+            out["auc"] = float(np.mean(list(aucs.values())))  # macro one-vs-rest over present classes
+    out["accuracy"] = float(accuracy_score(targets, pred))
+    if len(present) > 1:
+        out["balanced_accuracy"] = float(balanced_accuracy_score(targets, pred))
+    recalls = recall_score(targets, pred, labels=list(range(len(classes))), average=None, zero_division=0)
+    out["recall_per_class"] = {c: float(r) for c, r, i in zip(classes, recalls, range(len(classes))) if (targets == i).any()}
+    return out
+
+
+@torch.no_grad()
+def predict_logits(net: nn.Module, images: torch.Tensor, mean, std, device: torch.device, batch_size: int) -> torch.Tensor:
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(device), mean, std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            out.append(net(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _auc_of(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> float:
+    probs = torch.softmax(logits, 1).numpy()
+    return float(evaluate_probs(probs, targets.numpy(), task, None).get("auc", float("nan")))
+
+
+# ------------------------------------------------------------------------ training
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    counts = torch.bincount(targets, minlength=n_classes).float().clamp(min=1)
+    return counts.sum() / (n_classes * counts)
+
+
+def _epoch_order(targets: torch.Tensor, balance: str, generator: torch.Generator) -> torch.Tensor:
+    """Indices for one epoch: a permutation, or a class-balanced resample."""
+    n = len(targets)
+    if balance not in ("oversample", "undersample"):
+        return torch.randperm(n, generator=generator)
+    counts = torch.bincount(targets)
+    per_class = int(counts.max()) if balance == "oversample" else int(counts[counts > 0].min())
+    chunks = []
+    for c in torch.nonzero(counts).flatten().tolist():
+        members = torch.nonzero(targets == c).flatten()
+        draw = torch.randint(len(members), (per_class,), generator=generator) if balance == "oversample" else torch.randperm(len(members), generator=generator)[:per_class]
+        chunks.append(members[draw])
+    order = torch.cat(chunks)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
+    """Run a full training and write the model; returns its card."""
+    if config.architecture not in ARCHITECTURES:
+        raise TrainingError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    if config.balance not in ("weights", "oversample", "undersample", "none"):
+        raise TrainingError(f"--balance must be weights, oversample, undersample or none, not {config.balance!r}")
+    started = time.time()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    device = resolve_device(config.device)
+
+    frame, task, dropped = load_labels(config)
+    split_source = "manifest" if frame["split"].isin(SPLITS).all() else "stratified, grouped by patient"
+    frame = assign_splits(frame, config)
+    if config.max_images:
+        frame = frame.groupby("split").head(config.max_images)
+    splits: dict[str, Dataset] = {}
+    unreadable = 0
+    for split in SPLITS:
+        part = frame[frame["split"] == split]
+        if part.empty and split != "test":
+            raise TrainingError(f"the {split} split is empty")
+        progress(f"decoding {len(part)} {split} images")
+        splits[split], failed = decode_split(part, task, config.input_size, config.workers)
+        unreadable += failed
+    train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
+
+    arch = ARCHITECTURES[config.architecture]
+    pretrained = config.init == "imagenet"
+    net = create_model(config.architecture, len(task.classes), pretrained=pretrained, input_size=config.input_size)
+    if config.init not in ("imagenet", "random"):
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(config.init), strict=True)
+    net = net.to(device).to(memory_format=torch.channels_last)
+    mean, std = arch.mean, arch.std
+
+    weights = _class_weights(train_set.targets, len(task.classes)) if config.balance == "weights" else None
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    generator = torch.Generator().manual_seed(config.seed)
+    head_params = list(arch.head(net).parameters())
+    head_ids = {id(p) for p in head_params}
+    stages = ([("head", config.head_epochs)] if pretrained and config.head_epochs > 0 else []) + [("full", config.epochs)]
+
+    ckpt_path = config.out_dir / f"{config.name}.checkpoint.pt"
+    history = History()
+    best = {"auc": -1.0, "state": None, "epoch": -1}
+    start_stage, start_epoch, state = 0, 0, None
+    if config.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        history.epochs = list(state["history"])
+        best = {"auc": state["best_auc"], "state": state["best_state"], "epoch": state["best_epoch"]}
+        start_stage, start_epoch = state["stage"], state["epoch"] + 1
+        generator.set_state(state["generator"])
+        progress(f"resuming from {ckpt_path} at stage {stages[start_stage][0]}, epoch {start_epoch + 1}")
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+
+    for stage_index, (stage, n_epochs) in enumerate(stages):
+        if stage_index < start_stage:
+            continue
+        for p in net.parameters():
+            p.requires_grad = stage == "full" or id(p) in head_ids
+        params = [p for p in net.parameters() if p.requires_grad]
+        lr = config.head_lr if stage == "head" else config.lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        steps_per_epoch = max(1, math.ceil(len(_epoch_order(train_set.targets, config.balance, torch.Generator().manual_seed(0))) / config.batch_size))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.15)
+        first_epoch = start_epoch if stage_index == start_stage else 0
+        if state is not None and stage_index == start_stage and first_epoch > 0:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        stale = 0
+        for epoch in range(first_epoch, n_epochs):
+            net.train()
+            order = _epoch_order(train_set.targets, config.balance, generator)
+            total, seen, correct = 0.0, 0, 0
+            t0 = time.time()
+            for start in range(0, len(order), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                if len(idx) < 2:
+                    continue  # BatchNorm needs two samples
+                x = train_set.images[idx].to(device).float() / 255.0
+                x = augment(x, generator, config.hflip)
+                x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+                y = train_set.targets[idx].to(device)
+                with _autocast(device):
+                    logits = net(x)
+                loss = criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+                correct += int((logits.argmax(1) == y).sum())
+            val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
+            val_loss = float(F.cross_entropy(val_logits, val_set.targets, weight=weights))
+            val_auc = _auc_of(val_logits, val_set.targets, task)
+            record = {
+                "stage": stage, "epoch": epoch + 1, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss, "val_auc": val_auc, "seconds": time.time() - t0,
+            }
+            history.epochs.append(record)
+            progress(f"{stage} epoch {epoch + 1}/{n_epochs}: loss {record['train_loss']:.3f}, val loss {val_loss:.3f}, val AUC {val_auc:.4f} ({record['seconds']:.0f}s)")
+            if val_auc > best["auc"]:
+                best = {"auc": val_auc, "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "epoch": len(history.epochs)}
+                stale = 0
+            else:
+                stale += 1
+            torch.save(
+                {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "stage": stage_index, "epoch": epoch, "history": history.epochs, "best_auc": best["auc"],
+                 "best_state": best["state"], "best_epoch": best["epoch"], "generator": generator.get_state()},
+                ckpt_path,
+            )
+            if stage == "full" and stale >= config.patience:
+                progress(f"early stop: validation AUC has not improved for {config.patience} epochs")
+                break
+        state = None
+
+    net.load_state_dict(best["state"])
+    val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
+    temperature = fit_temperature(val_logits, val_set.targets)
+    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
+    thresholds: dict[str, Any] = {}
+    threshold = None
+    if task.positive is not None and len(task.classes) == 2:
+        pos = task.classes.index(task.positive)
+        thresholds = select_threshold(val_set.targets.numpy() == pos, val_probs[:, pos], config.target_recall)
+        thresholds["target_recall"] = config.target_recall
+        threshold = thresholds["recall_target"]
+
+    metrics: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
+    if len(test_set.targets):
+        test_logits = predict_logits(net, test_set.images, mean, std, device, config.batch_size * 2)
+        test_probs = torch.softmax(test_logits / temperature, 1).numpy()
+        targets = test_set.targets.numpy()
+        metrics["test"] = evaluate_probs(test_probs, targets, task, threshold)
+        if config.group_column and config.group_column in test_set.frame.columns:
+            groups = test_set.frame[config.group_column].astype(str).to_numpy()
+            metrics["test_by_" + config.group_column] = {
+                g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold)
+                for g in sorted(set(groups))
+            }
+
+    card = ModelCard(
+        name=config.name, task=task.name, classes=list(task.classes), architecture=config.architecture,
+        input_size=config.input_size, mean=list(mean), std=list(std), positive=task.positive,
+        threshold=threshold, thresholds=thresholds, temperature=temperature,
+        data=_data_summary(config, splits, dropped, unreadable, split_source),
+        metrics=metrics,
+        training={
+            "init": config.init, "balance": config.balance, "class_weights": weights.tolist() if weights is not None else None,
+            "augmentation": "rotation ±15°, zoom ±10%, shift ±5%, brightness/contrast ±20%" + (", horizontal flip" if config.hflip else ""),
+            "stages": [{"stage": s, "epochs": n} for s, n in stages], "batch_size": config.batch_size, "lr": config.lr,
+            "head_lr": config.head_lr, "weight_decay": config.weight_decay, "optimizer": "AdamW + one-cycle",
+            "early_stopping": f"validation AUC, patience {config.patience}", "best_epoch": best["epoch"],
+            "seed": config.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "seconds": round(time.time() - started, 1), "history": history.epochs,
+        },
+        pneumobatch_version=__version__,
+    )
+    save_model(net.cpu(), card, config.out_dir)
+    _plot_curves(history, config.out_dir / f"{config.name}.curves.png", config.name)
+    if ckpt_path.exists():
+        os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it
+    return card
+
+
+def _data_summary(
+    config: TrainConfig, splits: dict[str, Dataset], dropped: dict[str, int], unreadable: int, split_source: str
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "source": str(config.data), "label_column": config.label_column,
+        "counts": {s: {str(k): int(v) for k, v in d.frame["cls"].value_counts().sort_index().items()} for s, d in splits.items()},
+        "dropped_unmapped_labels": dropped, "unreadable_images": unreadable,
+        "split": split_source,
+    }
+    if config.group_column and config.group_column in splits["train"].frame.columns:
+        summary["counts_by_" + config.group_column] = {
+            s: {f"{g} / {c}": int(n) for (g, c), n in d.frame.groupby([config.group_column, "cls"]).size().items()}
+            for s, d in splits.items()
+        }
+    return summary
+
+
+def _plot_curves(history: History, path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    epochs = list(range(1, len(history.epochs) + 1))
+    fig = Figure(figsize=(8, 3.2), dpi=110)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(epochs, [h["train_loss"] for h in history.epochs], "o-", label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history.epochs], "o-", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["train_accuracy"] for h in history.epochs], "o-", label="train accuracy")
+    ax2.plot(epochs, [h["val_auc"] for h in history.epochs], "o-", label="validation AUC")
+    ax2.set(xlabel="epoch", ylim=(0, 1.02), title=f"{title}: accuracy / AUC")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
