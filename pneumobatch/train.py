@@ -295,7 +295,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 # --------------------------------------------------------------------- evaluation

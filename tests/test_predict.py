@@ -1,0 +1,277 @@
+"""``pneumobatch predict`` end to end through the Click interface, on real file formats."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pneumobatch.cli import main
+from pneumobatch.models import ModelCard, create_model, save_model
+
+SPEC_COLUMNS = [
+    "path", "status", "reason", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+    "view_position", "model", "weights_sha256", "pred_label", "prob_normal", "prob_pneumonia", "threshold",
+]
+
+
+def write_dicom(path: Path, *, modality="DX", view="PA", study=None, name="Doe^Jane", patient_id="PID123", seed=0, pixels=True):
+    rng = np.random.default_rng(seed)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality, ds.ViewPosition = modality, view
+    ds.PatientName, ds.PatientID = name, patient_id
+    if pixels:
+        ds.Rows, ds.Columns = 48, 40
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, (48, 40), dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised pneumonia model (the shipped ones come from `train`)."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
+    card = ModelCard(
+        name="tiny", task="pneumonia", classes=["normal", "pneumonia"], architecture="mobilenet_v3_small",
+        input_size=32, mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5,
+    )
+    save_model(net.eval(), card, folder)
+    net3 = create_model("mobilenet_v3_small", 4, pretrained=False, input_size=40)
+    card3 = ModelCard(
+        name="tiny-etiology", task="etiology", classes=["normal", "bacterial", "viral", "covid-19"],
+        architecture="mobilenet_v3_small", input_size=40, mean=[0.5] * 3, std=[0.25] * 3,
+    )
+    save_model(net3.eval(), card3, folder)
+    return folder
+
+
+@pytest.fixture()
+def studies(tmp_path: Path) -> Path:
+    """A small PACS-like export: nested studies, extension-less DICOM, exports and junk."""
+    root = tmp_path / "studies"
+    study = generate_uid()
+    (root / "patient1" / "study1").mkdir(parents=True)
+    write_dicom(root / "patient1" / "study1" / "IM0001", study=study, seed=1)
+    write_dicom(root / "patient1" / "study1" / "IM0002", study=study, seed=2)
+    write_dicom(root / "patient1" / "study1" / "IM0003", study=study, view="LL", seed=3)
+    (root / "patient2").mkdir()
+    write_dicom(root / "patient2" / "ct.dcm", modality="CT", seed=4)
+    write_dicom(root / "patient2" / "sr.dcm", modality="DX", pixels=False)
+    (root / "exports").mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (50, 60), dtype=np.uint8)).save(root / "exports" / "a.png")
+    Image.fromarray(rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(root / "exports" / "b.jpg", quality=90)
+    (root / "exports" / "notes.txt").write_text("reported by Dr X\n")
+    (root / "exports" / "empty.dcm").write_bytes(b"")
+    good = (root / "exports" / "b.jpg").read_bytes()
+    (root / "exports" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def run(args: list[str], **kwargs):
+    result = CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
+    return result
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def test_every_file_gets_a_row_with_reason(studies: Path, weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "out" / "predictions.csv"
+    result = run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--workers", "0"])
+    assert result.exit_code == 1, result.output  # some files could not be read
+    frame = read_csv(out)
+    for column in SPEC_COLUMNS:
+        assert column in frame.columns
+    assert "patient_id" not in frame.columns
+    by_path = frame.set_index("path")
+    expected = {
+        "patient1/study1/IM0001": ("ok", ""),
+        "patient1/study1/IM0002": ("ok", ""),
+        "patient1/study1/IM0003": ("skipped", "lateral"),
+        "patient2/ct.dcm": ("skipped", "not-cxr"),
+        "patient2/sr.dcm": ("skipped", "no-pixels"),
+        "exports/a.png": ("ok", ""),
+        "exports/b.jpg": ("ok", ""),
+        "exports/notes.txt": ("skipped", "not-image"),
+        "exports/empty.dcm": ("error", "empty"),
+        "exports/truncated.jpg": ("error", "corrupt"),
+    }
+    assert sorted(by_path.index) == sorted(expected)
+    for path, (status, reason) in expected.items():
+        assert (by_path.loc[path, "status"], by_path.loc[path, "reason"]) == (status, reason), path
+    ok = frame[frame.status == "ok"]
+    probs = ok[["prob_normal", "prob_pneumonia"]].astype(float).to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert set(ok.pred_label) <= {"normal", "pneumonia"}
+    assert (ok.pred_label == np.where(probs[:, 1] >= 0.5, "pneumonia", "normal")).all()
+    assert ok.weights_sha256.str.len().eq(64).all()
+    assert "exports/a.png" in result.output or "10 files" in result.output
+    # studies: the two frontal DICOMs of study1 form one study; each PNG/JPEG its own study
+    studies_csv = read_csv(out.with_name("predictions.studies.csv"))
+    study1 = studies_csv[studies_csv.study == by_path.loc["patient1/study1/IM0001", "study_instance_uid"]]
+    assert len(study1) == 1 and study1.n_images.iloc[0] == "2" and study1.n_files.iloc[0] == "3"
+    rows = ok[ok.study == study1.study.iloc[0]]
+    assert float(study1.prob_pneumonia.iloc[0]) == pytest.approx(rows.prob_pneumonia.astype(float).max())
+    assert {"exports/a.png", "exports/b.jpg"} <= set(studies_csv.study)
+
+
+def test_patient_names_never_written(studies: Path, weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "p.csv"
+    run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--workers", "0",
+         "--include-patient-id", "--quiet"])
+    assert "PID123" in set(read_csv(out).patient_id)
+    for written in tmp_path.glob("p*"):
+        assert "Doe" not in written.read_text(), written
+
+
+def test_clean_run_exits_zero_and_multi_model_rows(tmp_path: Path, weights_dir: Path):
+    root = tmp_path / "in"
+    root.mkdir()
+    write_dicom(root / "x1", seed=1)
+    (root / "readme.txt").write_text("x")
+    out = tmp_path / "p.csv"
+    result = run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "-m", "tiny-etiology"])
+    assert result.exit_code == 0, result.output
+    frame = read_csv(out)
+    assert len(frame) == 4  # 2 files x 2 models
+    ety = frame[(frame.model == "tiny-etiology") & (frame.status == "ok")].iloc[0]
+    assert ety.pred_label in {"normal", "bacterial", "viral", "covid-19"}
+    assert ety["prob_covid-19"] != "" and ety.threshold == ""
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path: Path, weights_dir: Path, studies: Path):
+    out = tmp_path / "p.csv"
+    out.write_text("precious\n")
+    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny"])
+    assert result.exit_code == 2
+    assert "--resume" in result.output and "Traceback" not in result.output
+    assert out.read_text() == "precious\n"
+
+
+def test_fatal_errors_are_one_line_exit_3(tmp_path: Path, weights_dir: Path, studies: Path):
+    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "nope"])
+    assert result.exit_code == 3
+    assert "not found" in result.output and "tiny" in result.output
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(blocker / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny"])
+    assert result.exit_code == 3 and "cannot write" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_corrupted_weights_refused(tmp_path: Path, weights_dir: Path, studies: Path):
+    copy = tmp_path / "w"
+    copy.mkdir()
+    for f in weights_dir.glob("tiny.*"):
+        (copy / f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / "tiny.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "tiny.safetensors").write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(copy), "-m", "tiny"])
+    assert result.exit_code == 3 and "SHA-256" in result.output
+
+
+def _probs(frame: pd.DataFrame) -> np.ndarray:
+    return frame[["prob_normal", "prob_pneumonia"]].replace("", "nan").astype(float).to_numpy()
+
+
+def test_results_do_not_depend_on_batch_size_or_workers(studies: Path, weights_dir: Path, tmp_path: Path):
+    frames = []
+    for i, (batch, workers) in enumerate([(1, 0), (3, 2), (16, 1)]):
+        out = tmp_path / f"p{i}.csv"
+        run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
+             "--batch-size", str(batch), "--workers", str(workers), "--quiet"])
+        frames.append(read_csv(out))
+    for other in frames[1:]:
+        assert list(other.path) == list(frames[0].path)
+        assert list(other.status) == list(frames[0].status)
+        assert list(other.pred_label) == list(frames[0].pred_label)
+        np.testing.assert_allclose(_probs(other), _probs(frames[0]), atol=1e-5, equal_nan=True)
+
+
+def test_resume_after_kill_gives_one_row_per_file(studies: Path, weights_dir: Path, tmp_path: Path):
+    args = ["--weights-dir", str(weights_dir), "-m", "tiny", "--workers", "0", "--quiet"]
+    full = tmp_path / "full.csv"
+    run(["predict", str(studies), "-o", str(full), *args])
+    reference = read_csv(full)
+
+    # A run killed mid-batch: its journal holds 4 complete rows and half of the fifth.
+    out = tmp_path / "killed.csv"
+    journal = tmp_path / "killed.csv.partial"
+    lines = full.read_text().splitlines(keepends=True)
+    sentinel = lines[3].replace(",ok,", ",ok,", 1)
+    journal.write_text("".join(lines[:3]) + sentinel + lines[4] + lines[5][:20])
+    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(out), *args])
+    assert result.exit_code == 2 and "--resume" in result.output  # refuses to clobber the journal
+
+    result = run(["predict", str(studies), "-o", str(out), "--resume", *args])
+    assert result.exit_code == 1
+    resumed = read_csv(out)
+    assert not journal.exists()
+    assert list(resumed.path) == list(reference.path)  # exactly one row per file, same order
+    assert resumed.path.is_unique
+    np.testing.assert_allclose(_probs(resumed), _probs(reference), atol=1e-5, equal_nan=True)
+
+    # Resuming a finished job re-reads nothing; a changed file is predicted again.
+    target = studies / "exports" / "a.png"
+    Image.fromarray(np.full((50, 60), 200, dtype=np.uint8)).save(target)
+    os.utime(target, ns=(1_000_000_000, 1_000_000_000))
+    new_file = studies / "exports" / "c.png"
+    Image.fromarray(np.full((30, 30), 10, dtype=np.uint8)).save(new_file)
+    run(["predict", str(studies), "-o", str(out), "--resume", *args])
+    again = read_csv(out)
+    assert again.path.is_unique and len(again) == len(reference) + 1
+    assert again.set_index("path").loc["exports/a.png", "file_mtime_ns"] == "1000000000"
+
+
+def test_output_inside_input_tree_is_not_an_input(tmp_path: Path, weights_dir: Path):
+    root = tmp_path / "in"
+    root.mkdir()
+    write_dicom(root / "x", seed=1)
+    out = root / "predictions.csv"
+    run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet"])
+    run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet", "--resume"])
+    with open(out) as fh:
+        assert [row["path"] for row in csv.DictReader(fh)] == ["x"]
+
+
+def test_models_command_and_version(weights_dir: Path):
+    result = run(["models", "--weights-dir", str(weights_dir)])
+    assert result.exit_code == 0 and "tiny: task pneumonia" in result.output
+    result = run(["--version"])
+    assert "pneumobatch" in result.output and result.exit_code == 0
+
+
+def test_bad_arguments_are_one_line_usage_errors(tmp_path: Path):
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = CliRunner().invoke(main, ["predict", str(tmp_path), "--batch-size", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["predict", str(tmp_path), "--device", "cuda:7"]) if not torch.cuda.is_available() else None
+    if result is not None:
+        assert result.exit_code == 2 and "no CUDA GPU" in result.output

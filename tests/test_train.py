@@ -1,0 +1,154 @@
+"""Training on a tiny generated dataset; splits, thresholds, temperature and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pneumobatch.cli import main
+from pneumobatch.models import load_model
+from pneumobatch.train import TrainConfig, TrainingError, assign_splits, fit_temperature, load_labels, select_threshold, train
+
+
+def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> Path:
+    """Two visually distinct classes: 'normal' smooth gradients, pneumonia bright blotches."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(2 * n_per_class):
+        pneumonia = i % 2 == 1
+        img = np.tile(np.linspace(30, 120, 48, dtype=np.float32), (48, 1))
+        if pneumonia:
+            y, x = rng.integers(8, 40, 2)
+            img[y - 8 : y + 8, x - 8 : x + 8] = 250
+        img += rng.normal(0, 5, img.shape)
+        name = f"images/{i:03d}.png"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name)
+        patient = f"p{i // 2}"  # two images per patient, of different classes
+        split = ("train", "train", "train", "val", "test")[(i // 2) % 5]
+        rows.append({"path": name, "finding": "Pneumonia/Bacterial" if pneumonia else "No Finding",
+                     "split": split if with_split else "", "patient_id": patient, "source": "synthetic"})
+    rows.append({"path": "images/000.png", "finding": "ARDS", "split": "train", "patient_id": "p0", "source": "synthetic"})
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def small_config(manifest: Path, out: Path, **kw) -> TrainConfig:
+    defaults = dict(
+        data=manifest, out_dir=out, name="tiny", task="pneumonia", architecture="mobilenet_v3_small",
+        init="random", input_size=32, batch_size=8, head_epochs=0, epochs=2, patience=5, lr=3e-3, workers=1,
+    )
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
+    manifest = make_dataset(tmp_path / "data")
+    out = tmp_path / "weights"
+    card = train(small_config(manifest, out, epochs=3))
+    assert (out / "tiny.safetensors").exists() and (out / "tiny.curves.png").exists()
+    assert not (out / "tiny.checkpoint.pt").exists()
+    saved = json.loads((out / "tiny.json").read_text())
+    for key in ("task", "classes", "architecture", "input_size", "mean", "std", "threshold", "thresholds",
+                "temperature", "data", "metrics", "training", "pneumobatch_version", "weights_sha256"):
+        assert saved[key] not in (None, "", {}), key
+    assert saved["classes"] == ["normal", "pneumonia"] and saved["positive"] == "pneumonia"
+    assert saved["data"]["dropped_unmapped_labels"] == {"ARDS": 1}
+    assert saved["data"]["counts"]["train"] == {"normal": 15, "pneumonia": 15}
+    assert {"auc", "sensitivity", "specificity"} <= set(saved["metrics"]["test"])
+    assert "synthetic" in saved["metrics"]["test_by_source"]
+    history = saved["training"]["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns
+    assert saved["thresholds"]["recall_target_sensitivity"] >= 0.95
+    loaded = load_model(str(out / "tiny.json"))
+    assert loaded.card.weights_sha256 == saved["weights_sha256"]
+
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "data" / "images"), "-o", str(tmp_path / "p.csv"),
+                                       "-m", str(out / "tiny.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 48
+
+
+def test_split_is_stratified_and_patient_disjoint(tmp_path: Path):
+    manifest = make_dataset(tmp_path / "data", n_per_class=40, with_split=False)
+    config = small_config(manifest, tmp_path / "w")
+    frame, task, dropped = load_labels(config)
+    frame = assign_splits(frame, config)
+    patients = frame.groupby("patient")["split"].nunique()
+    assert (patients == 1).all()
+    counts = frame.groupby(["split", "cls"]).size().unstack()
+    assert set(counts.index) == {"train", "val", "test"}
+    assert (counts > 0).all().all()
+    assert counts.loc["train"].sum() > counts.loc["test"].sum()
+
+
+def test_threshold_selection_meets_target_recall():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(200), np.ones(100)].astype(int)
+    scores = np.r_[rng.beta(2, 5, 200), rng.beta(5, 2, 100)]
+    chosen = select_threshold(y, scores, 0.95)
+    recall = ((scores >= chosen["recall_target"]) & (y == 1)).sum() / 100
+    assert recall >= 0.95
+    # highest such threshold: nudging it up by the next score loses recall
+    above = np.sort(scores[scores > chosen["recall_target"]])
+    if len(above):
+        assert ((scores >= above[0]) & (y == 1)).sum() / 100 < 0.95 or above[0] == chosen["recall_target"]
+    # constructed case: positives at 0.9, 0.8, 0.3; negatives at 0.5, 0.2 -> recall 1.0 needs 0.3
+    t = select_threshold(np.array([1, 1, 1, 0, 0]), np.array([0.9, 0.8, 0.3, 0.5, 0.2]), 1.0)
+    assert t["recall_target"] == pytest.approx(0.3) and t["recall_target_specificity"] == pytest.approx(0.5)
+    assert t["youden"] == pytest.approx(0.8)
+    with pytest.raises(TrainingError):
+        select_threshold(np.ones(3), np.array([0.1, 0.2, 0.3]), 0.95)
+
+
+def test_temperature_scaling_softens_overconfident_logits():
+    torch.manual_seed(0)
+    targets = torch.randint(0, 2, (400,))
+    logits = torch.randn(400, 2)
+    logits[torch.arange(400), targets] += 1.0
+    assert fit_temperature(logits * 5, targets) > 3  # 5x overconfident -> T about 5
+    assert fit_temperature(logits, targets) == pytest.approx(1.0, abs=0.35)
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
+    manifest = make_dataset(tmp_path / "data")
+    out = tmp_path / "w"
+    import pneumobatch.train as train_module
+
+    calls = {"n": 0}
+    original = train_module.predict_logits
+
+    def dying(*args, **kwargs):  # simulate a kill after the second epoch's checkpoint
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "predict_logits", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(manifest, out, epochs=4))
+    assert (out / "tiny.checkpoint.pt").exists()
+    monkeypatch.setattr(train_module, "predict_logits", original)
+    messages: list[str] = []
+    card = train(small_config(manifest, out, epochs=4, resume=True), progress=messages.append)
+    assert any("resuming" in m and "epoch 3" in m for m in messages)
+    epochs = [h["epoch"] for h in card.training["history"]]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_train_cli_refuses_to_overwrite(tmp_path: Path):
+    manifest = make_dataset(tmp_path / "data")
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "pneumonia.safetensors").write_bytes(b"keep")
+    result = CliRunner().invoke(main, ["train", str(manifest), "-o", str(out)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "pneumonia.safetensors").read_bytes() == b"keep"
