@@ -1,0 +1,622 @@
+"""Evaluation metrics for labelled predictions, and a summary for unlabelled ones.
+
+Every metric with a scikit-learn implementation comes from scikit-learn. What is
+computed here by hand is only what scikit-learn lacks: specificity and NPV (read off
+its confusion matrices), the reliability-diagram binning behind the expected
+calibration error, and the bootstrap. The bootstrap draws resamples as multinomial
+case weights and evaluates the weighted ROC AUC of all resamples at once, so a
+thousand resamples of 10,000 predictions take well under a second; the tests check it
+against ``roc_auc_score`` with the same weights.
+
+All results are plain dicts of str, int, float, None and lists, ready for
+``json.dumps``. Undefined values (the AUC of a class absent from the labels, the
+precision of a class never predicted) are ``None`` and come with a note.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    log_loss,
+    multilabel_confusion_matrix,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+#: Curves kept in the JSON output are thinned to at most this many points.
+MAX_CURVE_POINTS = 2000
+#: Sensitivity the ``recall_95`` operating point must reach on the evaluated data.
+TARGET_SENSITIVITY = 0.95
+#: Largest number of bootstrap samples x cases drawn at once (memory bound).
+_BOOTSTRAP_CELLS = 2_000_000
+
+__all__ = [
+    "MAX_CURVE_POINTS",
+    "TARGET_SENSITIVITY",
+    "evaluate",
+    "operating_point",
+    "subgroup_metrics",
+    "summarise",
+    "jsonable",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def jsonable(value: Any) -> Any:
+    """Turn numpy scalars and arrays, tuples and NaN/inf into JSON-safe values."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [
+            v if (t := type(v)) is int or t is str or (t is float and math.isfinite(v)) else jsonable(v) for v in value
+        ]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _num(value: Any) -> Optional[float]:
+    """A finite float or None."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return float(num) / float(den) if den else None
+
+
+def _thin(*arrays: np.ndarray, limit: int = MAX_CURVE_POINTS) -> list[list[Any]]:
+    """Keep at most ``limit`` evenly spaced points of parallel curve arrays (ends kept)."""
+    n = len(arrays[0])
+    if n <= limit:
+        idx = np.arange(n)
+    else:
+        idx = np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+    return [jsonable(np.asarray(a)[idx]) for a in arrays]
+
+
+def _as_indices(values: Sequence[Any], classes: Sequence[str], what: str) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    try:
+        return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
+    except KeyError as e:
+        raise ValueError(f"{what} holds {e.args[0]!r}, not one of {list(classes)}") from None
+
+
+# ------------------------------------------------------------------------- bootstrap
+
+
+def _bootstrap_draws(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield (b, n) arrays of case indices, one row per resample, b rows at a time."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(n, 1)))
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        yield rng.integers(0, n, size=(b, n))
+        done += b
+
+
+def _row_counts(draws: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarray:
+    """(b, n_codes) counts of each code among the cases drawn in each resample."""
+    b = draws.shape[0]
+    flat = codes[draws] + (np.arange(b) * n_codes)[:, None]
+    return np.bincount(flat.ravel(), minlength=b * n_codes).reshape(b, n_codes)
+
+
+class _BootstrapAUC:
+    """ROC AUC of one score vector in many bootstrap resamples at once.
+
+    Equal to ``roc_auc_score`` on each resample (ties count one half): the
+    Mann-Whitney statistic from counts of positives and negatives per distinct score.
+    """
+
+    def __init__(self, y: np.ndarray, score: np.ndarray) -> None:
+        _, group = np.unique(score, return_inverse=True)  # rank of each distinct score
+        self.m = int(group.max()) + 1
+        self.codes = 2 * group.ravel() + y.astype(np.int64)
+
+    def __call__(self, draws: np.ndarray) -> np.ndarray:
+        counts = _row_counts(draws, self.codes, 2 * self.m).reshape(len(draws), self.m, 2)
+        neg = counts[:, :, 0].astype(np.float64)
+        pos = counts[:, :, 1].astype(np.float64)
+        below = np.cumsum(neg, axis=1) - neg  # negatives with a strictly lower score
+        num = np.einsum("ij,ij->i", pos, below + 0.5 * neg)
+        den = pos.sum(axis=1) * neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _percentile_ci(samples: np.ndarray, level: float) -> tuple[Optional[list[float]], int]:
+    valid = samples[np.isfinite(samples)]
+    if valid.size < 2:
+        return None, int(valid.size)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(valid, [tail, 100.0 - tail])
+    return [float(lo), float(hi)], int(valid.size)
+
+
+# ------------------------------------------------------------------ operating points
+
+
+def operating_point(
+    y_pos: np.ndarray, score: np.ndarray, threshold: float, name: str, note: str = ""
+) -> dict[str, Any]:
+    """Counts, sensitivity, specificity, PPV, NPV and F1 when ``score >= threshold``."""
+    y_pos = np.asarray(y_pos, dtype=bool)
+    pred = np.asarray(score) >= threshold
+    tn, fp, fn, tp = confusion_matrix(y_pos, pred, labels=[False, True]).ravel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        ppv, sens, f1, _ = precision_recall_fscore_support(
+            y_pos, pred, average="binary", pos_label=True, zero_division=np.nan
+        )
+    return {
+        "name": name,
+        "threshold": _num(threshold),
+        "tp": int(tp),
+        "fp": int(fp),
+        "tn": int(tn),
+        "fn": int(fn),
+        "sensitivity": _num(sens),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _num(ppv),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _num(f1),
+        "accuracy": _ratio(tp + tn, len(y_pos)),
+        "note": note,
+    }
+
+
+def _threshold_points(
+    y_pos: np.ndarray, score: np.ndarray, shipped: Optional[float], extra: Mapping[str, float]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    notes: list[str] = []
+    points: list[dict[str, Any]] = []
+    if shipped is not None:
+        points.append(operating_point(y_pos, score, shipped, "shipped", "threshold in the model"))
+    if y_pos.all() or not y_pos.any():
+        notes.append("operating points need both classes in the labels; only the shipped one is shown")
+        return points, notes
+    fpr, tpr, thr = roc_curve(y_pos, score, drop_intermediate=False)
+    finite = np.isfinite(thr)
+    reach = np.flatnonzero((tpr >= TARGET_SENSITIVITY) & finite)
+    if reach.size:
+        t = float(thr[reach[0]])  # thresholds decrease: the first is the highest
+        points.append(operating_point(y_pos, score, t, "recall_95", "highest threshold with sensitivity >= 0.95 here"))
+    j = np.where(finite, tpr - fpr, -np.inf)
+    best = np.flatnonzero(j >= j.max() - 1e-12)[0]  # ties (up to rounding): highest threshold
+    points.append(
+        operating_point(y_pos, score, float(thr[best]), "youden", "maximises sensitivity + specificity - 1 here")
+    )
+    for name, t in extra.items():
+        if t is None or not math.isfinite(float(t)):
+            continue
+        points.append(operating_point(y_pos, score, float(t), f"card_{name}", "threshold chosen on validation data"))
+    return points, notes
+
+
+# ------------------------------------------------------------------------ calibration
+
+
+def _reliability(y_pos: np.ndarray, prob: np.ndarray, n_bins: int) -> dict[str, Any]:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(prob, edges[1:-1]), 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    sum_p = np.bincount(which, weights=prob, minlength=n_bins)
+    sum_y = np.bincount(which, weights=y_pos.astype(float), minlength=n_bins)
+    n = len(prob)
+    bins = []
+    for i in range(n_bins):
+        c = int(counts[i])
+        bins.append(
+            {
+                "lo": float(edges[i]),
+                "hi": float(edges[i + 1]),
+                "count": c,
+                "mean_predicted": _ratio(sum_p[i], c),
+                "fraction_positive": _ratio(sum_y[i], c),
+            }
+        )
+    ece = float(np.abs(sum_y - sum_p).sum() / n) if n else None
+    brier = _num(brier_score_loss(y_pos, np.clip(prob, 0.0, 1.0), pos_label=True)) if n else None
+    return {"ece": ece, "brier": brier, "bins": bins}
+
+
+# -------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    y_true: Sequence[str],
+    proba: np.ndarray,
+    classes: Sequence[str],
+    *,
+    y_pred: Optional[Sequence[str]] = None,
+    positive: Optional[str] = None,
+    threshold: Optional[float] = None,
+    card_thresholds: Optional[Mapping[str, float]] = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    ci_level: float = 0.95,
+    n_bins: int = 10,
+) -> dict[str, Any]:
+    """All metrics of labelled predictions, as a JSON-ready dict.
+
+    ``y_true`` and ``y_pred`` hold class names; ``proba`` is (n, len(classes)) in the
+    order of ``classes``. For a binary task give ``positive`` (and the shipped
+    ``threshold``): ROC, PR and calibration are then reported for the positive class,
+    and operating points are added (shipped threshold, highest threshold with
+    sensitivity >= 0.95 on these data, Youden's J, and any ``card_thresholds``).
+    Without ``y_pred`` the prediction is the threshold rule (binary) or the argmax.
+    """
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, k)
+    n = proba.shape[0]
+    if len(y_true) != n:
+        raise ValueError(f"{len(y_true)} labels but {n} probability rows")
+    if n == 0:
+        raise ValueError("no labelled predictions to evaluate")
+    if positive is not None and positive not in classes:
+        raise ValueError(f"positive class {positive!r} is not one of {classes}")
+    binary = k == 2 and positive is not None
+    pos_idx = classes.index(positive) if binary else None
+    yt = _as_indices(list(y_true), classes, "y_true")
+    if y_pred is not None:
+        yp = _as_indices(list(y_pred), classes, "y_pred")
+    elif binary:
+        t = 0.5 if threshold is None else threshold
+        yp = np.where(proba[:, pos_idx] >= t, pos_idx, 1 - pos_idx)
+    else:
+        yp = proba.argmax(axis=1)
+    labels = list(range(k))
+    notes: list[str] = []
+
+    support = np.bincount(yt, minlength=k)
+    absent = [classes[i] for i in range(k) if support[i] == 0]
+    if absent:
+        notes.append(f"no labelled samples of {', '.join(absent)}: their recall and AUC are undefined")
+
+    # ---- per-class and averaged classification metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
+        prec, rec, f1, sup = precision_recall_fscore_support(yt, yp, labels=labels, zero_division=np.nan)
+        averages = {}
+        for avg in ("macro", "weighted"):
+            p, r, f, _ = precision_recall_fscore_support(yt, yp, labels=labels, average=avg, zero_division=np.nan)
+            averages[avg] = {"precision": _num(p), "recall": _num(r), "f1": _num(f)}
+        balanced = balanced_accuracy_score(yt, yp)
+    mcm = multilabel_confusion_matrix(yt, yp, labels=labels)  # [[tn, fp], [fn, tp]]
+    spec = [_ratio(m[0, 0], m[0, 0] + m[0, 1]) for m in mcm]
+    defined_spec = [s for s in spec if s is not None]
+    averages["macro"]["specificity"] = _num(np.mean(defined_spec)) if defined_spec else None
+    weights = support / support.sum()
+    averages["weighted"]["specificity"] = _num(sum(w * s for w, s in zip(weights, spec) if s is not None))
+    per_class = [
+        {
+            "class": classes[i],
+            "support": int(sup[i]),
+            "n_predicted": int((yp == i).sum()),
+            "precision": _num(prec[i]),
+            "recall": _num(rec[i]),
+            "sensitivity": _num(rec[i]),
+            "specificity": spec[i],
+            "f1": _num(f1[i]),
+        }
+        for i in range(k)
+    ]
+    cm = confusion_matrix(yt, yp, labels=labels)
+    row = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cm_norm = np.where(row > 0, cm / np.where(row > 0, row, 1), np.nan)
+
+    # ---- ROC, PR, bootstrap
+    curve_classes = [pos_idx] if binary else labels
+    roc: dict[str, Any] = {}
+    pr: dict[str, Any] = {}
+    aucs: dict[int, _BootstrapAUC] = {}
+    for i in curve_classes:
+        name = classes[i]
+        y_i = yt == i
+        s_i = proba[:, i]
+        if y_i.all() or not y_i.any():
+            why = "no positive" if not y_i.any() else "no negative"
+            roc[name] = {"auc": None, "auc_ci": None, "note": f"{why} samples: AUC undefined"}
+            pr[name] = {
+                "average_precision": None,
+                "prevalence": _num(y_i.mean()),
+                "note": f"{why} samples: precision-recall undefined",
+            }
+            continue
+        fpr, tpr, thr = roc_curve(y_i, s_i)
+        fpr_l, tpr_l, thr_l = _thin(fpr, tpr, thr)
+        roc[name] = {
+            "auc": _num(roc_auc_score(y_i, s_i)),
+            "auc_ci": None,
+            "fpr": fpr_l,
+            "tpr": tpr_l,
+            "thresholds": thr_l,
+            "note": "",
+        }
+        precision, recall, _ = precision_recall_curve(y_i, s_i, drop_intermediate=True)
+        p_l, r_l = _thin(precision, recall)
+        pr[name] = {
+            "average_precision": _num(average_precision_score(y_i, s_i)),
+            "prevalence": _num(y_i.mean()),
+            "precision": p_l,
+            "recall": r_l,
+            "note": "",
+        }
+        aucs[i] = _BootstrapAUC(y_i, s_i)
+    defined = [roc[classes[i]]["auc"] for i in curve_classes if roc[classes[i]]["auc"] is not None]
+    macro_auc = _num(np.mean(defined)) if defined else None
+
+    # ---- operating points (binary)
+    points: list[dict[str, Any]] = []
+    if binary:
+        y_pos = yt == pos_idx
+        shipped = 0.5 if threshold is None else float(threshold)
+        if threshold is None:
+            notes.append("no shipped threshold recorded: 0.5 used")
+        points, op_notes = _threshold_points(y_pos, proba[:, pos_idx], shipped, dict(card_thresholds or {}))
+        notes.extend(op_notes)
+
+    # ---- bootstrap: AUC per class, macro AUC, sensitivity/specificity at each point
+    bootstrap = {"n_resamples": int(n_bootstrap), "seed": int(seed), "level": ci_level}
+    if n_bootstrap > 0 and (aucs or points):
+        auc_samples: dict[int, list[np.ndarray]] = {i: [] for i in aucs}
+        op_samples: list[tuple[list, list]] = [([], []) for _ in points]
+        if binary and points:
+            # per case and point: whether the point classifies it correctly
+            y_pos = yt == pos_idx
+            right = [
+                np.where(y_pos, proba[:, pos_idx] >= p["threshold"], proba[:, pos_idx] < p["threshold"]) for p in points
+            ]
+        for draws in _bootstrap_draws(n, n_bootstrap, seed):
+            for i, fn in aucs.items():
+                auc_samples[i].append(fn(draws))
+            if binary and points:
+                n_pos = _row_counts(draws, y_pos.astype(np.int64), 2).astype(np.float64)
+                for r, (s_list, sp_list) in zip(right, op_samples):
+                    c = _row_counts(draws, 2 * r.astype(np.int64) + y_pos, 4)  # (b, [fp, fn, tn, tp])
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        s_list.append(c[:, 3] / n_pos[:, 1])
+                        sp_list.append(c[:, 2] / n_pos[:, 0])
+        per_class_boot = {i: np.concatenate(v) for i, v in auc_samples.items()}
+        for i, samples in per_class_boot.items():
+            ci, valid = _percentile_ci(samples, ci_level)
+            roc[classes[i]]["auc_ci"] = ci
+            roc[classes[i]]["n_bootstrap_valid"] = valid
+        if per_class_boot:
+            stacked = np.vstack(list(per_class_boot.values()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples
+                macro_samples = np.nanmean(stacked, axis=0)
+            macro_ci, _ = _percentile_ci(macro_samples, ci_level)
+        else:
+            macro_ci = None
+        for p, (s_list, sp_list) in zip(points, op_samples):
+            p["sensitivity_ci"], _ = _percentile_ci(np.concatenate(s_list), ci_level)
+            p["specificity_ci"], _ = _percentile_ci(np.concatenate(sp_list), ci_level)
+    else:
+        macro_ci = None
+        if n_bootstrap <= 0:
+            notes.append("bootstrap disabled: no confidence intervals")
+
+    # ---- calibration
+    calibration: dict[str, Any] = {"n_bins": n_bins, "strategy": "uniform", "classes": {}}
+    for i in curve_classes:
+        calibration["classes"][classes[i]] = _reliability(yt == i, proba[:, i], n_bins)
+    if not binary:
+        conf = proba.max(axis=1)
+        top = _reliability(proba.argmax(axis=1) == yt, conf, n_bins)
+        top.pop("brier")
+        calibration["top_label"] = top
+    # rows of a CSV with rounded probabilities sum to one only approximately
+    sums = proba.sum(axis=1, keepdims=True)
+    deviation = float(np.abs(sums - 1.0).max())
+    if deviation > 0.01:
+        notes.append(
+            f"probabilities of a row do not sum to one (up to {deviation:.3f} off): "
+            "multiclass Brier score and log loss use rows rescaled to sum to one"
+        )
+    unit = np.clip(proba, 0.0, None) / np.where(sums > 0, sums, 1.0)
+    if not binary:
+        calibration["brier_multiclass"] = _num(brier_score_loss(yt, unit, labels=labels))
+    calibration["log_loss"] = _num(log_loss(yt, np.clip(unit, 1e-15, 1.0), labels=labels))
+
+    return jsonable(
+        {
+            "n": n,
+            "classes": classes,
+            "positive": positive if binary else None,
+            "threshold": threshold if binary else None,
+            "class_counts": {classes[i]: int(support[i]) for i in range(k)},
+            "accuracy": accuracy_score(yt, yp),
+            "balanced_accuracy": balanced,
+            "per_class": per_class,
+            "macro_avg": averages["macro"],
+            "weighted_avg": averages["weighted"],
+            "confusion_matrix": {"labels": classes, "counts": cm, "row_normalised": cm_norm},
+            "roc": roc,
+            "macro_auc": macro_auc,
+            "macro_auc_ci": macro_ci,
+            "pr": pr,
+            "operating_points": points,
+            "calibration": calibration,
+            "bootstrap": bootstrap,
+            "notes": notes,
+        }
+    )
+
+
+# ------------------------------------------------------------------------- subgroups
+
+
+def subgroup_metrics(
+    groups: Sequence[str],
+    y_true: Sequence[str],
+    proba: np.ndarray,
+    classes: Sequence[str],
+    *,
+    y_pred: Optional[Sequence[str]] = None,
+    positive: Optional[str] = None,
+    threshold: Optional[float] = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    max_groups: int = 30,
+    small_n: int = 30,
+) -> dict[str, Any]:
+    """n, AUC (with CI) and sensitivity/specificity at the shipped threshold per group.
+
+    For multiclass tasks the AUC is the macro one-vs-rest AUC and the accuracy and
+    balanced accuracy replace sensitivity and specificity. Groups are sorted by size;
+    beyond ``max_groups`` they are counted, not evaluated.
+    """
+    groups = np.asarray([str(g) for g in groups], dtype=object)
+    y_true = np.asarray(list(y_true), dtype=object)
+    y_pred_arr = None if y_pred is None else np.asarray(list(y_pred), dtype=object)
+    proba = np.asarray(proba, dtype=np.float64)
+    values, counts = np.unique(groups, return_counts=True)
+    order = sorted(range(len(values)), key=lambda i: (-counts[i], str(values[i])))
+    rows = []
+    for i in order[:max_groups]:
+        mask = groups == values[i]
+        res = evaluate(
+            list(y_true[mask]),
+            proba[mask],
+            classes,
+            y_pred=None if y_pred_arr is None else list(y_pred_arr[mask]),
+            positive=positive,
+            threshold=threshold,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+        row: dict[str, Any] = {
+            "value": str(values[i]),
+            "n": int(mask.sum()),
+            "class_counts": res["class_counts"],
+            "accuracy": res["accuracy"],
+            "balanced_accuracy": res["balanced_accuracy"],
+            "auc": res["macro_auc"],
+            "auc_ci": res["macro_auc_ci"],
+            "small": bool(mask.sum() < small_n),
+            "notes": res["notes"],
+        }
+        if positive is not None and res["operating_points"]:
+            shipped = res["operating_points"][0]
+            row.update(
+                n_positive=res["class_counts"][positive],
+                sensitivity=shipped["sensitivity"],
+                specificity=shipped["specificity"],
+                ppv=shipped["ppv"],
+                npv=shipped["npv"],
+            )
+        rows.append(row)
+    omitted = len(values) - len(rows)
+    return jsonable(
+        {
+            "groups": rows,
+            "n_groups": int(len(values)),
+            "omitted_groups": int(omitted),
+            "omitted_n": int(sum(counts[i] for i in order[max_groups:])),
+        }
+    )
+
+
+# ------------------------------------------------------------------- summary only
+
+
+def summarise(
+    statuses: Sequence[str],
+    reasons: Sequence[str],
+    pred_labels: Sequence[str],
+    proba: Optional[np.ndarray],
+    classes: Sequence[str],
+    *,
+    positive: Optional[str] = None,
+    threshold: Optional[float] = None,
+    images_per_second: Optional[float] = None,
+    elapsed_s: Optional[float] = None,
+    n_bins: int = 20,
+) -> dict[str, Any]:
+    """What can be said without labels: outcomes, predicted classes, probabilities.
+
+    ``statuses``/``reasons`` cover every file row; ``pred_labels`` and ``proba`` only
+    the predicted (``ok``) ones. For a binary task the histogram is of the positive
+    class probability, otherwise one histogram per class.
+    """
+    classes = [str(c) for c in classes]
+    statuses = [str(s) for s in statuses]
+    reasons = [str(r) if r is not None else "" for r in reasons]
+    status_counts: dict[str, int] = {}
+    reason_counts: dict[str, dict[str, int]] = {}
+    for status, reason in zip(statuses, reasons):
+        status_counts[status] = status_counts.get(status, 0) + 1
+        if status != "ok":
+            bucket = reason_counts.setdefault(status, {})
+            key = reason or "(none given)"
+            bucket[key] = bucket.get(key, 0) + 1
+    pred_counts = {c: 0 for c in classes}
+    for label in pred_labels:
+        label = str(label) if label is not None else ""
+        pred_counts[label or "(empty)"] = pred_counts.get(label or "(empty)", 0) + 1
+    n_pred = sum(pred_counts.values())
+    out: dict[str, Any] = {
+        "n_rows": len(statuses),
+        "status_counts": status_counts,
+        "reason_counts": {s: dict(sorted(r.items(), key=lambda kv: -kv[1])) for s, r in reason_counts.items()},
+        "prediction_counts": pred_counts,
+        "prediction_fractions": {c: _ratio(v, n_pred) for c, v in pred_counts.items()},
+        "threshold": threshold,
+        "positive": positive,
+        "images_per_second": images_per_second,
+        "elapsed_s": elapsed_s,
+    }
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    hist: dict[str, Any] = {"edges": edges, "counts": {}}
+    means: dict[str, Any] = {}
+    if proba is not None and len(classes):
+        proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(classes))
+        shown = [classes.index(positive)] if positive in classes else range(len(classes))
+        for i in shown:
+            col = proba[:, i]
+            col = col[np.isfinite(col)]
+            hist["counts"][classes[i]] = np.histogram(np.clip(col, 0, 1), bins=edges)[0]
+        for i, cls in enumerate(classes):
+            col = proba[:, i][np.isfinite(proba[:, i])]
+            means[cls] = float(col.mean()) if col.size else None
+        if positive in classes and threshold is not None:
+            col = proba[:, classes.index(positive)]
+            out["near_threshold"] = int((np.abs(col - threshold) < 0.05).sum())
+    out["probability_histogram"] = hist
+    out["mean_probability"] = means
+    return jsonable(out)

@@ -1,0 +1,280 @@
+"""Tests for pneumobatch.metrics: hand-checked small cases, edge cases, bootstrap, speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pneumobatch.metrics import (
+    _bootstrap_draws,
+    _BootstrapAUC,
+    evaluate,
+    operating_point,
+    subgroup_metrics,
+    summarise,
+)
+
+BINARY = ["normal", "pneumonia"]
+ETIOLOGY = ["normal", "bacterial", "viral", "covid-19"]
+
+
+def approx(x: float) -> object:
+    return pytest.approx(x, abs=1e-12)
+
+
+@pytest.fixture
+def six() -> dict:
+    """Three positives (0.9, 0.8, 0.4) and three negatives (0.6, 0.2, 0.1); threshold 0.5.
+
+    By hand: TP 2, FN 1 (0.4), FP 1 (0.6), TN 2. AUC: positive-negative pairs ranked
+    right = 3 + 3 + 2 of 9 = 8/9. AP: recall steps of 1/3 at precision 1, 1, 3/4 = 11/12.
+    Brier: (.01 + .04 + .36 + .36 + .04 + .01) / 6. ECE (one case per bin): mean |y - p| = 0.3.
+    """
+    y = ["pneumonia"] * 3 + ["normal"] * 3
+    p = np.array([0.9, 0.8, 0.4, 0.6, 0.2, 0.1])
+    return evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=200, seed=1)
+
+
+def test_binary_hand_checked_counts_and_rates(six):
+    pneu, normal = six["per_class"][1], six["per_class"][0]
+    assert pneu["class"] == "pneumonia" and pneu["support"] == 3 and pneu["n_predicted"] == 3
+    for key in ("precision", "recall", "sensitivity", "specificity", "f1"):
+        assert pneu[key] == approx(2 / 3), key
+        assert normal[key] == approx(2 / 3), key
+    assert six["accuracy"] == approx(4 / 6)
+    assert six["balanced_accuracy"] == approx(2 / 3)
+    assert six["confusion_matrix"]["counts"] == [[2, 1], [1, 2]]
+    assert six["confusion_matrix"]["row_normalised"][0] == [approx(2 / 3), approx(1 / 3)]
+
+
+def test_binary_hand_checked_auc_ap_calibration(six):
+    assert list(six["roc"]) == ["pneumonia"]  # binary: the positive class only
+    assert six["roc"]["pneumonia"]["auc"] == approx(8 / 9)
+    assert six["macro_auc"] == approx(8 / 9)
+    assert six["pr"]["pneumonia"]["average_precision"] == approx(11 / 12)
+    assert six["pr"]["pneumonia"]["prevalence"] == approx(0.5)
+    cal = six["calibration"]["classes"]["pneumonia"]
+    assert cal["brier"] == approx(0.82 / 6)
+    assert cal["ece"] == approx(0.3)
+    assert sum(b["count"] for b in cal["bins"]) == 6
+
+
+def test_binary_hand_checked_operating_points(six):
+    points = {p["name"]: p for p in six["operating_points"]}
+    shipped = points["shipped"]
+    assert (shipped["tp"], shipped["fp"], shipped["tn"], shipped["fn"]) == (2, 1, 2, 1)
+    for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+        assert shipped[key] == approx(2 / 3)
+    r95 = points["recall_95"]  # all three positives needed: threshold = lowest positive score
+    assert r95["threshold"] == approx(0.4)
+    assert (r95["tp"], r95["fp"], r95["tn"], r95["fn"]) == (3, 1, 2, 0)
+    assert r95["sensitivity"] == 1.0 and r95["specificity"] == approx(2 / 3)
+    assert r95["ppv"] == approx(3 / 4) and r95["npv"] == 1.0
+    youden = points["youden"]  # J = 2/3 first reached at 0.8 (sens 2/3, spec 1)
+    assert youden["threshold"] == approx(0.8)
+    assert youden["sensitivity"] == approx(2 / 3) and youden["specificity"] == 1.0
+
+
+def test_multiclass_hand_checked():
+    """y_pred by hand: normal TP1 FN1; bacterial TP1 FP1; viral TP1 FP1; covid TP1 FN1."""
+    y_true = ["normal", "normal", "bacterial", "viral", "covid-19", "covid-19"]
+    y_pred = ["normal", "bacterial", "bacterial", "viral", "viral", "covid-19"]
+    proba = np.full((6, 4), 0.1)
+    proba[np.arange(6), [ETIOLOGY.index(c) for c in y_pred]] = 0.7
+    res = evaluate(y_true, proba, ETIOLOGY, n_bootstrap=0)  # y_pred derived by argmax
+    per = {r["class"]: r for r in res["per_class"]}
+    assert [per[c]["precision"] for c in ETIOLOGY] == [1.0, 0.5, 0.5, 1.0]
+    assert [per[c]["recall"] for c in ETIOLOGY] == [0.5, 1.0, 1.0, 0.5]
+    assert [per[c]["specificity"] for c in ETIOLOGY] == [1.0, 0.8, 0.8, 1.0]
+    assert res["accuracy"] == approx(4 / 6)
+    assert res["balanced_accuracy"] == approx(0.75)
+    assert res["macro_avg"]["specificity"] == approx(0.9)
+    # normal vs rest: positives 0.7, 0.1; negatives all 0.1 -> (4 wins + 4 ties / 2) / 8
+    assert res["roc"]["normal"]["auc"] == approx(0.75)
+    assert set(res["roc"]) == set(ETIOLOGY)
+    assert res["operating_points"] == []
+    assert "top_label" in res["calibration"] and res["calibration"]["brier_multiclass"] is not None
+    assert res["roc"]["normal"]["auc_ci"] is None
+    assert any("bootstrap disabled" in n for n in res["notes"])
+
+
+def test_perfect_predictor():
+    y = np.array(["normal", "pneumonia"] * 50)
+    p = (y == "pneumonia").astype(float)
+    res = evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=100)
+    assert res["roc"]["pneumonia"]["auc"] == 1.0
+    assert res["roc"]["pneumonia"]["auc_ci"] == [1.0, 1.0]
+    assert res["accuracy"] == 1.0 and res["balanced_accuracy"] == 1.0
+    assert res["pr"]["pneumonia"]["average_precision"] == 1.0
+    cal = res["calibration"]["classes"]["pneumonia"]
+    assert cal["ece"] == pytest.approx(0.0, abs=1e-12) and cal["brier"] == 0.0
+
+
+def test_random_predictor_large_n():
+    rng = np.random.default_rng(42)
+    n = 20_000
+    y = rng.choice(BINARY, n)
+    p = rng.random(n)
+    res = evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=200)
+    auc = res["roc"]["pneumonia"]["auc"]
+    assert abs(auc - 0.5) < 0.02
+    lo, hi = res["roc"]["pneumonia"]["auc_ci"]
+    assert lo < auc < hi and hi - lo < 0.04
+    # labels ignore p, so the observed fraction is 0.5 in every bin: ECE ~ mean |p - 0.5| = 0.25
+    assert res["calibration"]["classes"]["pneumonia"]["ece"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_recall_95_point_is_the_highest_threshold_reaching_095():
+    rng = np.random.default_rng(3)
+    n = 2_000
+    y = rng.integers(0, 2, n).astype(bool)
+    score = np.clip(0.35 * y + rng.normal(0.35, 0.2, n), 0, 1).round(3)  # ties on purpose
+    labels = np.where(y, "pneumonia", "normal")
+    res = evaluate(labels, np.c_[1 - score, score], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=0)
+    point = next(p for p in res["operating_points"] if p["name"] == "recall_95")
+    assert point["sensitivity"] >= 0.95
+    above = operating_point(y, score, np.nextafter(point["threshold"], 2.0), "above")
+    assert above["sensitivity"] < 0.95
+    # counts agree with a direct computation
+    pred = score >= point["threshold"]
+    assert point["tp"] == int((pred & y).sum()) and point["fp"] == int((pred & ~y).sum())
+
+
+def test_class_absent_from_labels_gives_none_and_note():
+    y = ["normal", "bacterial", "viral", "normal", "viral", "bacterial"]  # no covid-19
+    rng = np.random.default_rng(0)
+    proba = rng.dirichlet(np.ones(4), size=6)
+    res = evaluate(y, proba, ETIOLOGY, n_bootstrap=50)
+    assert res["roc"]["covid-19"]["auc"] is None and "AUC undefined" in res["roc"]["covid-19"]["note"]
+    assert res["pr"]["covid-19"]["average_precision"] is None
+    per = {r["class"]: r for r in res["per_class"]}
+    assert per["covid-19"]["recall"] is None and per["covid-19"]["support"] == 0
+    assert any("covid-19" in n for n in res["notes"])
+    defined = [res["roc"][c]["auc"] for c in ETIOLOGY[:3]]
+    assert res["macro_auc"] == approx(float(np.mean(defined)))
+    json.dumps(res, allow_nan=False)
+
+
+def test_single_class_binary_does_not_crash():
+    y = ["pneumonia"] * 5
+    p = np.array([0.9, 0.7, 0.4, 0.6, 0.8])
+    res = evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=50)
+    assert res["roc"]["pneumonia"]["auc"] is None
+    assert [pt["name"] for pt in res["operating_points"]] == ["shipped"]
+    assert res["operating_points"][0]["sensitivity"] == approx(4 / 5)
+    assert res["operating_points"][0]["specificity"] is None
+    json.dumps(res, allow_nan=False)
+
+
+def test_card_thresholds_and_given_predictions():
+    y = ["pneumonia", "normal", "pneumonia", "normal"]
+    p = np.array([0.7, 0.3, 0.2, 0.1])
+    res = evaluate(
+        y,
+        np.c_[1 - p, p],
+        BINARY,
+        y_pred=["pneumonia", "pneumonia", "normal", "normal"],
+        positive="pneumonia",
+        threshold=0.5,
+        card_thresholds={"recall_95": 0.15},
+        n_bootstrap=0,
+    )
+    assert res["per_class"][1]["n_predicted"] == 2  # the given pred_label, not the threshold rule
+    card = next(pt for pt in res["operating_points"] if pt["name"] == "card_recall_95")
+    assert card["threshold"] == 0.15 and card["sensitivity"] == 1.0 and card["specificity"] == 0.5
+
+
+def test_bootstrap_auc_matches_sklearn_per_resample():
+    rng = np.random.default_rng(7)
+    for n, decimals in ((300, 2), (300, None), (9, 1)):
+        y = rng.integers(0, 2, n)
+        s = rng.random(n)
+        s = s.round(decimals) if decimals else s
+        draws = next(_bootstrap_draws(n, 25, seed=0))
+        fast = _BootstrapAUC(y, s)(draws)
+        for row, value in zip(draws, fast):
+            if 0 < y[row].sum() < n:
+                assert value == pytest.approx(roc_auc_score(y[row], s[row]), abs=1e-12)
+            else:
+                assert math.isnan(value)
+
+
+def test_bootstrap_is_seeded():
+    rng = np.random.default_rng(1)
+    y = rng.choice(BINARY, 500)
+    p = rng.random(500)
+    a = evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", n_bootstrap=100, seed=5)
+    b = evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", n_bootstrap=100, seed=5)
+    c = evaluate(y, np.c_[1 - p, p], BINARY, positive="pneumonia", n_bootstrap=100, seed=6)
+    assert a["roc"]["pneumonia"]["auc_ci"] == b["roc"]["pneumonia"]["auc_ci"]
+    assert a["roc"]["pneumonia"]["auc_ci"] != c["roc"]["pneumonia"]["auc_ci"]
+    assert a["operating_points"][0]["sensitivity_ci"] == b["operating_points"][0]["sensitivity_ci"]
+
+
+def test_bad_inputs_raise_value_error():
+    with pytest.raises(ValueError, match="not one of"):
+        evaluate(["flu"], np.array([[0.5, 0.5]]), BINARY)
+    with pytest.raises(ValueError, match="no labelled"):
+        evaluate([], np.zeros((0, 2)), BINARY)
+
+
+def test_subgroups():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.choice(BINARY, n)
+    p = np.clip((y == "pneumonia") * 0.3 + rng.random(n) * 0.7, 0, 1)
+    groups = np.where(np.arange(n) < 280, "PA", "AP")
+    res = subgroup_metrics(groups, y, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=50)
+    assert [g["value"] for g in res["groups"]] == ["PA", "AP"]
+    pa, ap = res["groups"]
+    assert pa["n"] == 280 and not pa["small"] and ap["n"] == 20 and ap["small"]
+    mask = groups == "PA"
+    assert pa["auc"] == approx(roc_auc_score(y[mask] == "pneumonia", p[mask]))
+    assert {"sensitivity", "specificity", "n_positive"} <= set(pa)
+    capped = subgroup_metrics(
+        np.arange(n) % 40, y, np.c_[1 - p, p], BINARY, positive="pneumonia", n_bootstrap=0, max_groups=5
+    )
+    assert len(capped["groups"]) == 5 and capped["omitted_groups"] == 35
+
+
+def test_summarise_without_labels():
+    res = summarise(
+        ["ok", "ok", "ok", "skipped", "error", "skipped"],
+        ["", "", "", "lateral", "corrupt", "not-image"],
+        ["normal", "pneumonia", "pneumonia"],
+        np.array([[0.8, 0.2], [0.3, 0.7], [0.47, 0.53]]),
+        BINARY,
+        positive="pneumonia",
+        threshold=0.5,
+        images_per_second=12.5,
+    )
+    assert res["status_counts"] == {"ok": 3, "skipped": 2, "error": 1}
+    assert res["reason_counts"] == {"skipped": {"lateral": 1, "not-image": 1}, "error": {"corrupt": 1}}
+    assert res["prediction_counts"] == {"normal": 1, "pneumonia": 2}
+    assert res["prediction_fractions"]["pneumonia"] == approx(2 / 3)
+    assert list(res["probability_histogram"]["counts"]) == ["pneumonia"]
+    assert sum(res["probability_histogram"]["counts"]["pneumonia"]) == 3
+    assert res["near_threshold"] == 1 and res["images_per_second"] == 12.5
+    assert res["mean_probability"]["normal"] == approx((0.8 + 0.3 + 0.47) / 3)
+    json.dumps(res, allow_nan=False)
+
+
+def test_ten_thousand_predictions_evaluate_in_seconds():
+    rng = np.random.default_rng(0)
+    n = 10_000
+    y = rng.integers(0, 4, n)
+    logits = rng.normal(size=(n, 4))
+    logits[np.arange(n), y] += 1.5
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    start = time.perf_counter()
+    res = evaluate([ETIOLOGY[i] for i in y], proba.round(4), ETIOLOGY, n_bootstrap=1000)
+    seconds = time.perf_counter() - start
+    print(f"\n10,000 x 4 classes, 1,000 bootstrap resamples: {seconds:.2f} s")
+    assert all(res["roc"][c]["auc_ci"] is not None for c in ETIOLOGY)
+    assert len(json.dumps(res)) < 2_000_000  # curves are thinned
+    assert seconds < 30  # generous: shared machine
