@@ -239,5 +239,39 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
         sys.exit(EXIT_FILE_ERRORS)
 
 
+@main.command("report")
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.pdf"), show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
+@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
+@click.option("--label-column", default="label", show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
+@click.option("-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]")
+@click.option("--by", multiple=True, help="Subgroup table by this labels column (e.g. --by view --by sex); repeatable.")
+@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, key: Optional[str], label_column: str, model: Optional[str], by: tuple[str, ...], bootstrap: int, seed: int, quiet: bool) -> None:
+    """Evaluate PREDICTIONS (a CSV from predict) against labels; write PDF + JSON.
+
+    \b
+    Per class: precision, recall (sensitivity), specificity, F1, support; confusion
+    matrix; ROC with AUC and bootstrap 95% CI; precision-recall; operating points
+    (shipped threshold, 95% sensitivity, Youden); calibration (reliability, ECE, Brier);
+    study-level metrics; optional subgroups. Labels that match no prediction, and
+    predictions without a label, are counted and listed, never silently dropped.
+    """
+    from pneumobatch.report import write_report
+
+    _setup_logging(0, quiet)
+    try:
+        result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, n_bootstrap=bootstrap, seed=seed)
+    except PneumobatchError as exc:
+        raise FatalError(str(exc)) from exc
+    if not quiet:
+        for warning in result.warnings:
+            click.echo(f"note: {warning}", err=True)
+        click.echo(f"wrote {result.pdf} and {result.metrics_json} ({len(result.figures)} figures) in {result.seconds:.1f}s")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -54,13 +54,16 @@ class PneumobatchError(Exception):
 class FileRejected(PneumobatchError):
     """A file is skipped by rule or could not be read; becomes a CSV row, never a crash.
 
-    ``reason`` is the code written to the CSV, ``detail`` a short human sentence.
+    ``reason`` is the code written to the CSV, ``detail`` a short human sentence,
+    ``meta`` what was learnt from the header before the file was rejected (UIDs, view),
+    so that skipped DICOMs still carry their study in the CSV.
     """
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(self, reason: Reason, detail: str = "", meta: dict | None = None) -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
+        self.meta = dict(meta or {})
 
     @property
     def status(self) -> Status:

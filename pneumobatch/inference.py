@@ -58,7 +58,7 @@ class StudyFiles(Dataset):
             item["meta"] = image.meta
             item["inputs"] = {s: torch.from_numpy(to_uint8(resize(image.pixels, s)))[None] for s in self.sizes}
         except FileRejected as exc:
-            item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail)
+            item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
         except PermissionError:
             item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail="permission denied")
         except OSError as exc:

@@ -275,3 +275,31 @@ def test_bad_arguments_are_one_line_usage_errors(tmp_path: Path):
     result = CliRunner().invoke(main, ["predict", str(tmp_path), "--device", "cuda:7"]) if not torch.cuda.is_available() else None
     if result is not None:
         assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_report_command_end_to_end(studies: Path, weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "p.csv"
+    run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet", "--workers", "0"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "path,label,view\n"
+        "patient1/study1/IM0001,Pneumonia/Viral/COVID-19,PA\n"
+        "patient1/study1/IM0002,No Finding,PA\n"
+        "exports/a.png,normal,AP\n"
+        "exports/b.jpg,PNEUMONIA,AP\n"
+        "exports/gone.png,normal,AP\n"
+    )
+    pdf = tmp_path / "r" / "report.pdf"
+    result = run(["report", str(out), "--labels", str(labels), "-o", str(pdf), "--by", "view", "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    assert pdf.stat().st_size > 0 and pdf.with_suffix(".json").exists()
+    from pypdf import PdfReader
+
+    text = " ".join(page.extract_text() for page in PdfReader(pdf).pages)
+    assert "tiny" in text and "pneumonia" in text
+
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("path,label\nnot/there.dcm,normal\n")
+    result = CliRunner().invoke(main, ["report", str(out), "--labels", str(wrong), "-o", str(tmp_path / "w.pdf")])
+    assert result.exit_code == 3 and "path" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
