@@ -29,6 +29,9 @@ class FatalError(click.ClickException):
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # pydicom logs every failed decoder attempt at ERROR with a traceback; the reader turns
+    # those failures into reason codes in the CSV, so its log is noise unless asked for.
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -151,6 +154,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
     from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
     from pneumobatch.models import DEFAULT_MODEL, load_model
     from pneumobatch.outputs import (
+        OutputExists,
         OutputPaths,
         PredictionWriter,
         columns_for,
@@ -203,6 +207,8 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
             seconds = time.perf_counter() - t0
             frame = writer.finalize(entries, names)
         write_studies(frame, cards, paths.studies)
+    except OutputExists as exc:
+        raise click.UsageError(str(exc)) from exc
     except PneumobatchError as exc:
         raise FatalError(str(exc)) from exc
 

@@ -45,6 +45,10 @@ class OutputError(PneumobatchError):
     """The output cannot be written or resumed."""
 
 
+class OutputExists(OutputError):
+    """The output (or an interrupted run's journal) exists and no --resume/--overwrite was given."""
+
+
 def prob_column(cls: str) -> str:
     return f"prob_{cls}"
 
@@ -171,9 +175,9 @@ class PredictionWriter:
         out = self.paths.predictions
         if not self.resume and not overwrite:
             if out.exists():
-                raise OutputError(f"{out} exists; pass --resume to continue that job or --overwrite to replace it")
+                raise OutputExists(f"{out} exists; pass --resume to continue that job or --overwrite to replace it")
             if self.paths.journal.exists():
-                raise OutputError(
+                raise OutputExists(
                     f"{self.paths.journal} holds rows of an interrupted run; pass --resume to finish it or --overwrite to start again"
                 )
 
