@@ -174,7 +174,7 @@ class ModelCard:
     )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         known = {f.name for f in fields(cls)}
         missing = {"name", "task", "classes", "architecture", "input_size", "mean", "std"} - set(data)
         if missing:

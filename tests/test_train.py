@@ -14,7 +14,15 @@ from PIL import Image
 
 from pneumobatch.cli import main
 from pneumobatch.models import load_model
-from pneumobatch.train import TrainConfig, TrainingError, assign_splits, fit_temperature, load_labels, select_threshold, train
+from pneumobatch.train import (
+    TrainConfig,
+    TrainingError,
+    assign_splits,
+    fit_temperature,
+    load_labels,
+    select_threshold,
+    train,
+)
 
 
 def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> Path:
@@ -53,7 +61,7 @@ def small_config(manifest: Path, out: Path, **kw) -> TrainConfig:
 def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "weights"
-    card = train(small_config(manifest, out, epochs=3))
+    train(small_config(manifest, out, epochs=3))
     assert (out / "tiny.safetensors").exists() and (out / "tiny.curves.png").exists()
     assert not (out / "tiny.checkpoint.pt").exists()
     saved = json.loads((out / "tiny.json").read_text())
