@@ -253,6 +253,21 @@ def _pick_model(model: str, names: list[str], preds: pd.DataFrame, source: Path)
     raise ReportError(f"model {model!r} is not in {source.name} (models: {', '.join(names) or 'none'})")
 
 
+def select_labels(labels: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
+    """Keep the label rows matching every ``COLUMN=VALUE`` (e.g. ``split=test``), case-insensitively."""
+    for condition in where:
+        column, sep, value = str(condition).partition("=")
+        column = column.strip()
+        if not sep or not column:
+            raise LabelError(f"--where takes COLUMN=VALUE, not {condition!r}")
+        if column not in labels.columns:
+            raise LabelError(f"--where: labels have no column {column!r} (columns: {', '.join(labels.columns)})")
+        labels = labels[labels[column].str.lower() == value.strip().lower()]
+        if labels.empty:
+            raise LabelError(f"--where {condition}: no label rows match")
+    return labels
+
+
 def build_report(
     predictions_csv: Path | str,
     labels_csv: Path | str | None = None,
@@ -261,6 +276,7 @@ def build_report(
     label_column: str = "label",
     model: Optional[str] = None,
     by: Sequence[str] = (),
+    where: Sequence[str] = (),
     n_bootstrap: int = 1000,
     seed: int = 0,
     run_json: Path | str | None = None,
@@ -276,6 +292,9 @@ def build_report(
     run = _load_run(run_path, warnings)
     studies_all = _load_studies(studies_path, warnings)
     labels = read_labels(labels_csv) if labels_csv is not None else None
+    if labels is not None and where:
+        labels = select_labels(labels, where)
+        warnings.append(f"labels restricted to {' and '.join(where)}: {len(labels)} rows")
     by = [str(b) for b in by]
     for col in by:
         in_labels = labels is not None and col in labels.columns
@@ -1224,6 +1243,7 @@ def write_report(
     label_column: str = "label",
     model: Optional[str] = None,
     by: Sequence[str] = (),
+    where: Sequence[str] = (),
     n_bootstrap: int = 1000,
     seed: int = 0,
     run_json: Path | str | None = None,
@@ -1258,6 +1278,7 @@ def write_report(
         label_column=label_column,
         model=model,
         by=by,
+        where=where,
         n_bootstrap=n_bootstrap,
         seed=seed,
         run_json=run_json,

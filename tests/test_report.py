@@ -350,3 +350,20 @@ def test_ten_thousand_predictions_are_fast(tmp_path):
 
 def test_research_only_constant():
     assert "not a diagnostic device" in RESEARCH_ONLY
+
+
+def test_where_restricts_labels_to_a_subset():
+    import pandas as pd
+    import pytest
+
+    from pneumobatch.errors import LabelError
+    from pneumobatch.report import select_labels
+
+    labels = pd.DataFrame({"path": ["a", "b", "c"], "split": ["train", "Test", "test"], "label": ["normal"] * 3})
+    assert list(select_labels(labels, ["split=test"]).path) == ["b", "c"]
+    with pytest.raises(LabelError, match="no column"):
+        select_labels(labels, ["site=x"])
+    with pytest.raises(LabelError, match="COLUMN=VALUE"):
+        select_labels(labels, ["split"])
+    with pytest.raises(LabelError, match="no label rows"):
+        select_labels(labels, ["split=val"])
