@@ -31,6 +31,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # pydicom logs every failed decoder attempt at ERROR with a traceback; the reader turns
     # those failures into reason codes in the CSV, so its log is noise unless asked for.
+    import pydicom.config  # noqa: F401 - pydicom sets its logger's level on import; import it first
+
     logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 

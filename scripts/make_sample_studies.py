@@ -112,7 +112,15 @@ def _junk(out: Path, picked: pd.DataFrame) -> None:
     sr.file_meta, sr.SOPClassUID, sr.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     sr.Modality, sr.StudyInstanceUID, sr.PatientID = "SR", uid("ct"), "SAMPLE900"
     sr.save_as(scan / "SR000001", enforce_file_format=True)
-    (out / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00")
+    dicomdir_meta = FileMetaDataset()
+    dicomdir_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory
+    dicomdir_meta.MediaStorageSOPInstanceUID = uid("dicomdir")
+    dicomdir_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    dicomdir = Dataset()
+    dicomdir.file_meta = dicomdir_meta
+    dicomdir.FileSetID = "PNEUMOBATCH"
+    dicomdir.DirectoryRecordSequence = []
+    dicomdir.save_as(out / "DICOMDIR", enforce_file_format=True)
     (out / "README.TXT").write_text("Exported by PACS. Do not edit.\n")
     (out / ".DS_Store").write_bytes(bytes(rng.integers(0, 255, 64, dtype=np.uint8)))
     (out / "exports" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
