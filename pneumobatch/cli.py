@@ -50,7 +50,7 @@ def main() -> None:
     """
 
 
-@main.command("models")
+@main.command("models", short_help="List installed models with task, classes and test AUC.")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of NAME.safetensors + NAME.json (default: the shipped weights/).")
 def models_command(weights_dir: Optional[Path]) -> None:
     """List the installed models with their task, classes and test metrics."""
@@ -66,7 +66,7 @@ def models_command(weights_dir: Optional[Path]) -> None:
         click.echo(f"{card.name}{default}: task {card.task}, classes {', '.join(card.classes)}; {card.architecture} @ {card.input_size}px; {auc}")
 
 
-@main.command("train")
+@main.command("train", short_help="Train a model from a manifest CSV or class folders.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--task", type=click.Choice(["pneumonia", "etiology", "covid", "custom"]), default="pneumonia", show_default=True, help="Which classes to learn; findings map to them by rule.")
 @click.option("--name", help="Model name (files NAME.safetensors/NAME.json). Default: the task name.")
@@ -120,7 +120,7 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
         click.echo("; ".join(parts))
 
 
-@main.command("predict")
+@main.command("predict", short_help="Predict every file under folders; write CSV predictions.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"), show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
 @click.option("-m", "--model", "model_names", multiple=True, help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]")
@@ -247,7 +247,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
         sys.exit(EXIT_FILE_ERRORS)
 
 
-@main.command("report")
+@main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.pdf"), show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")

@@ -12,11 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from pneumobatch.cli import main
 from pneumobatch.models import ModelCard, create_model, save_model
+from pneumobatch.synthetic import write_cxr
 
 SPEC_COLUMNS = [
     "path", "status", "reason", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
@@ -25,25 +25,14 @@ SPEC_COLUMNS = [
 
 
 def write_dicom(path: Path, *, modality="DX", view="PA", study=None, name="Doe^Jane", patient_id="PID123", seed=0, pixels=True):
-    rng = np.random.default_rng(seed)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality, ds.ViewPosition = modality, view
-    ds.PatientName, ds.PatientID = name, patient_id
-    if pixels:
-        ds.Rows, ds.Columns = 48, 40
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = rng.integers(0, 4096, (48, 40), dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    """A 12-bit DX image (or, with ``pixels=False``, an image-less object) with a patient name."""
+    image = np.random.default_rng(seed).integers(0, 4096, (48, 40), dtype=np.uint16)
+    ds = write_cxr(path, image, bits_stored=12, modality=modality, view_position=view, study_instance_uid=study,
+                   patient_id=patient_id, extra={"PatientName": name})
+    if not pixels:
+        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+            delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
     return ds
 
 
