@@ -17,7 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p demo_output
-	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology -o demo_output/predictions.csv --overwrite --quiet; test $$? -le 1
+	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology -o demo_output/predictions.csv --overwrite; test $$? -le 1
 	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/report_pneumonia.pdf
 	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --label-column finding --model etiology -o demo_output/report_etiology.pdf
 	@echo "predictions: demo_output/predictions.csv (studies: demo_output/predictions.studies.csv)"

@@ -226,7 +226,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
         "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": precision,
         "batch_size": batch_size, "workers": workers, "resumed": resume,
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
-                    "thresholds": c.thresholds, "weights_sha256": c.weights_sha256, "architecture": c.architecture,
+                    "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
                     "input_size": c.input_size} for c in cards],
         "counts": {"files": len(per_file), "ok": int(counts.get("ok", 0)), "skipped": int(counts.get("skipped", 0)),
                    "error": int(counts.get("error", 0)), "by_reason": {str(k): int(v) for k, v in reasons.items()}},

@@ -278,7 +278,8 @@ def describe_model(rows: pd.DataFrame, run_model: Optional[Mapping[str, Any]] = 
     card = {
         str(k): float(v)
         for k, v in (run_model.get("thresholds") or {}).items()
-        if k != "shipped" and isinstance(v, (int, float))
+        if k != "shipped" and k != "target_recall" and isinstance(v, (int, float))
+        and not str(k).endswith(("_sensitivity", "_specificity"))  # statistics, not thresholds
     }
     return ModelInfo(
         name=name,

@@ -29,6 +29,8 @@ LITE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on (x - 127) / 128
 LITE_STD = (0.5, 0.5, 0.5)
 
 DEFAULT_MODEL = "pneumonia"
+#: Keys of ``ModelCard.thresholds`` that are thresholds; the others describe them.
+OPERATING_POINTS = ("recall_target", "youden")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,10 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def operating_points(self) -> dict[str, float]:
+        """Named thresholds chosen on validation (``thresholds`` also holds their sensitivity etc.)."""
+        return {k: float(self.thresholds[k]) for k in OPERATING_POINTS if isinstance(self.thresholds.get(k), (int, float))}
 
 
 @dataclass

@@ -233,6 +233,10 @@ class PredictionWriter:
         if self._journal:
             self._journal.close()
         if self._lock_fh:
+            try:
+                self.paths.lock.unlink()  # still held: nobody else can be inside
+            except OSError:
+                pass
             self._lock_fh.close()
 
     def done(self, entry: FileEntry, model: str) -> bool:

@@ -46,3 +46,10 @@ def test_pretrained_lite0_loads_offline_and_unknown_architectures_fail():
         create_model("resnet18", 2, pretrained=True, input_size=64)
     with pytest.raises(ModelError, match="known"):
         create_model("vgg99", 2, pretrained=False, input_size=64)
+
+
+def test_operating_points_are_only_thresholds():
+    card = _card()
+    card.thresholds = {"recall_target": 0.12, "recall_target_sensitivity": 0.98, "youden": 0.3,
+                       "youden_specificity": 0.9, "target_recall": 0.95}
+    assert card.operating_points() == {"recall_target": 0.12, "youden": 0.3}

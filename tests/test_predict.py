@@ -291,3 +291,12 @@ def test_report_command_end_to_end(studies: Path, weights_dir: Path, tmp_path: P
     result = CliRunner().invoke(main, ["report", str(out), "--labels", str(wrong), "-o", str(tmp_path / "w.pdf")])
     assert result.exit_code == 3 and "path" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_no_lock_or_journal_left_behind(tmp_path: Path, weights_dir: Path):
+    root = tmp_path / "in"
+    root.mkdir()
+    write_dicom(root / "x", seed=1)
+    out = tmp_path / "o" / "p.csv"
+    run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.csv", "p.run.json", "p.studies.csv"]

@@ -1,0 +1,48 @@
+"""The shipped weights still give the committed reference output on sample_studies/.
+
+This is the check a user runs to verify an installation: same files, same statuses
+and reasons, same predicted labels, probabilities within 1e-3. Regenerate the
+reference only when the weights change on purpose:
+
+    pneumobatch predict sample_studies -m pneumonia -m etiology \
+        -o tests/data/sample_studies_expected.csv --overwrite
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+
+from pneumobatch.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_studies"
+EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
+STABLE = ["path", "status", "reason", "study", "study_instance_uid", "sop_instance_uid", "view_position",
+          "model", "weights_sha256", "pred_label", "threshold"]
+
+
+def test_shipped_weights_reproduce_reference_output(tmp_path: Path):
+    out = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(main, ["predict", str(SAMPLES), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"])
+    assert result.exit_code == 1, result.output  # the sample export holds an empty and a truncated file
+    got = pd.read_csv(out, dtype=str, keep_default_na=False)
+    expected = pd.read_csv(EXPECTED, dtype=str, keep_default_na=False)
+    assert got[STABLE].equals(expected[STABLE])
+    probs = [c for c in expected.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(
+        got[probs].replace("", "nan").astype(float), expected[probs].replace("", "nan").astype(float),
+        atol=1e-3, equal_nan=True,
+    )
+
+
+def test_every_labelled_sample_is_predicted():
+    labels = pd.read_csv(SAMPLES / "labels.csv", dtype=str, keep_default_na=False)
+    expected = pd.read_csv(EXPECTED, dtype=str, keep_default_na=False)
+    ok = set(expected[expected.status == "ok"].path)
+    assert set(labels.path) <= ok
+    assert set(labels.label) == {"normal", "pneumonia"}
+    assert set(labels.etiology) == {"normal", "bacterial", "viral", "covid-19"}
