@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the run completed but some files could not be read (they
 are listed in the CSV); 2 usage error (bad option or argument, Click's default);
-3 fatal error (model missing or corrupt, output not writable, nothing to do).
+3 fatal error (model missing or corrupt, output not writable). An empty input folder
+is not an error: a night without studies writes a CSV with only the header.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
     per_file = frame.drop_duplicates("path")
     counts = per_file["status"].value_counts().to_dict()
     reasons = per_file[per_file["status"] != "ok"]["reason"].value_counts().to_dict()
-    predicted_now = sum(1 for _ in todo)
+    predicted_now = len(todo)
     n_ok_now = int((frame[frame["path"].isin({e.relpath for e in todo})].drop_duplicates("path")["status"] == "ok").sum())
     rate = n_ok_now / seconds if seconds > 0 else 0.0
     info = {

@@ -30,6 +30,7 @@ from torch import nn
 from pneumobatch import __version__
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError
+from pneumobatch.inference import resolve_device
 from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
@@ -362,12 +363,6 @@ def _auc_of(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> float:
 
 
 # ------------------------------------------------------------------------ training
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
