@@ -16,7 +16,7 @@ from typing import Optional
 import click
 
 from pneumobatch import __version__
-from pneumobatch.errors import PneumobatchError
+from pneumobatch.errors import PneumobatchError, Status
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
 
@@ -161,6 +161,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
         OutputPaths,
         PredictionWriter,
         columns_for,
+        file_counts,
         result_rows,
         write_run_json,
         write_studies,
@@ -199,9 +200,11 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
             options = ReadOptions(max_pixels=max_pixels, include_lateral=include_lateral, min_side=max(predictor.sizes))
             t0 = time.perf_counter()
             batch: list[dict] = []
+            n_ok_now = 0
             with tqdm(total=len(todo), unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
                 for result in run_inference(todo, predictor, options, batch_size=batch_size, workers=workers):
                     batch += result_rows(result, cards, study_from, include_patient_id)
+                    n_ok_now += result.status is Status.OK
                     bar.update(1)
                     if len(batch) >= batch_size * len(cards):
                         writer.append(batch)
@@ -215,11 +218,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
     except PneumobatchError as exc:
         raise FatalError(str(exc)) from exc
 
-    per_file = frame.drop_duplicates("path")
-    counts = per_file["status"].value_counts().to_dict()
-    reasons = per_file[per_file["status"] != "ok"]["reason"].value_counts().to_dict()
-    predicted_now = len(todo)
-    n_ok_now = int((frame[frame["path"].isin({e.relpath for e in todo})].drop_duplicates("path")["status"] == "ok").sum())
+    counts = file_counts(frame)
     rate = n_ok_now / seconds if seconds > 0 else 0.0
     info = {
         "pneumobatch_version": __version__, "started": started.isoformat(timespec="seconds"),
@@ -229,22 +228,21 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
                     "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
                     "input_size": c.input_size} for c in cards],
-        "counts": {"files": len(per_file), "ok": int(counts.get("ok", 0)), "skipped": int(counts.get("skipped", 0)),
-                   "error": int(counts.get("error", 0)), "by_reason": {str(k): int(v) for k, v in reasons.items()}},
-        "files_processed_this_run": predicted_now, "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
+        "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
     }
     try:
         write_run_json(paths.run, info)
     except PneumobatchError as exc:
         raise FatalError(str(exc)) from exc
     if not quiet:
+        reasons = {r: n for by_status in counts["by_reason"].values() for r, n in by_status.items()}
         reason_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         click.echo(
-            f"{len(per_file)} files: {info['counts']['ok']} ok, {info['counts']['skipped']} skipped, "
-            f"{info['counts']['error']} errors{f' ({reason_text})' if reason_text else ''}; "
-            f"{predicted_now} read this run at {rate:.1f} images/s on {torch_device}; wrote {output} and {paths.studies.name}"
+            f"{counts['files']} files: {counts['ok']} ok, {counts['skipped']} skipped, "
+            f"{counts['error']} errors{f' ({reason_text})' if reason_text else ''}; "
+            f"{len(todo)} read this run at {rate:.1f} images/s on {torch_device}; wrote {output} and {paths.studies.name}"
         )
-    if info["counts"]["error"]:
+    if counts["error"]:
         sys.exit(EXIT_FILE_ERRORS)
 
 

@@ -19,15 +19,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from pneumobatch.discovery import FileEntry
 from pneumobatch.errors import PneumobatchError, Status
-from pneumobatch.inference import FileResult
-from pneumobatch.models import ModelCard
+
+if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
+    from pneumobatch.inference import FileResult
+    from pneumobatch.models import ModelCard
 
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
@@ -215,7 +217,7 @@ class PredictionWriter:
                     )
         except OSError as exc:
             raise OutputError(f"cannot write {self.paths.journal}: {exc.strerror or exc}") from exc
-        self._writer = csv.DictWriter(self._journal, fieldnames=self._journal_columns(), extrasaction="ignore", lineterminator="\n")
+        self._writer = csv.DictWriter(self._journal, fieldnames=self.columns, lineterminator="\n")
         return self
 
     def _journal_columns(self) -> list[str]:
@@ -317,6 +319,22 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard]) -> pd.Dat
         rows.append(row)
     prob_cols = [c for c in frame.columns if c.startswith("prob_")]
     return pd.DataFrame(rows, columns=STUDY_COLUMNS + prob_cols + ["threshold"]).fillna("")
+
+
+def file_counts(frame: pd.DataFrame) -> dict[str, Any]:
+    """Files (not rows: several models give several rows) by status, and by status and reason."""
+    files = frame.drop_duplicates("path")
+    status = files["status"].value_counts()
+    by_reason: dict[str, dict[str, int]] = {}
+    for (s, r), n in files[files["status"] != Status.OK.value].groupby(["status", "reason"]).size().items():
+        by_reason.setdefault(str(s), {})[str(r) or "(none given)"] = int(n)
+    return {
+        "files": int(len(files)),
+        "ok": int(status.get(Status.OK.value, 0)),
+        "skipped": int(status.get(Status.SKIPPED.value, 0)),
+        "error": int(status.get(Status.ERROR.value, 0)),
+        "by_reason": by_reason,
+    }
 
 
 def write_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], path: Path) -> pd.DataFrame:

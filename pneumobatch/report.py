@@ -48,6 +48,7 @@ from pneumobatch.labels import (
     study_level,
 )
 from pneumobatch.metrics import evaluate, jsonable, subgroup_metrics, summarise
+from pneumobatch.outputs import file_counts
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +172,6 @@ def _load_studies(path: Path, warnings: list[str]) -> Optional[pd.DataFrame]:
         if col.startswith(PROB_PREFIX) or col in ("threshold", "n_images"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
-
-
-def _file_counts(rows: pd.DataFrame) -> dict[str, Any]:
-    files = rows.drop_duplicates("path")
-    status = files["status"].value_counts()
-    by_reason: dict[str, dict[str, int]] = {}
-    for (s, r), n in files[files["status"] != "ok"].groupby(["status", "reason"]).size().items():
-        by_reason.setdefault(str(s), {})[str(r) or "(none given)"] = int(n)
-    return {
-        "files": int(len(files)),
-        "ok": int(status.get("ok", 0)),
-        "skipped": int(status.get("skipped", 0)),
-        "error": int(status.get("error", 0)),
-        "by_reason": by_reason,
-    }
 
 
 def _reasons_by_status(by_reason: Any) -> dict[str, dict[str, int]]:
@@ -338,7 +324,7 @@ def build_report(
             "roots": run.get("roots"),
             "device": run.get("device"),
             "images_per_second": run.get("images_per_second"),
-            "counts": run.get("counts") or _file_counts(preds),
+            "counts": run.get("counts") or file_counts(preds),
             "counts_source": "run.json" if run.get("counts") else "predictions CSV",
         },
         "labelled": labels is not None,
@@ -370,7 +356,7 @@ def build_report(
             "weights_sha256": info.weights_sha256,
             "card_thresholds": dict(info.card_thresholds),
             "notes": list(info.notes),
-            "counts": _file_counts(rows),
+            "counts": file_counts(rows),
             "summary": summarise(
                 rows["status"].tolist(),
                 rows["reason"].tolist(),
