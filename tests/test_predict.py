@@ -212,8 +212,9 @@ def test_resume_after_kill_gives_one_row_per_file(studies: Path, weights_dir: Pa
     out = tmp_path / "killed.csv"
     journal = tmp_path / "killed.csv.partial"
     lines = full.read_text().splitlines(keepends=True)
-    sentinel = lines[3].replace(",ok,", ",ok,", 1)
-    journal.write_text("".join(lines[:3]) + sentinel + lines[4] + lines[5][:20])
+    journaled = reference.iloc[:4].copy()
+    journaled.loc[2, "detail"] = "from-journal"  # a resume that re-read this file would lose it
+    journal.write_text(journaled.to_csv(index=False, lineterminator="\n") + lines[5][:20])
     result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(out), *args])
     assert result.exit_code == 2 and "--resume" in result.output  # refuses to clobber the journal
 
@@ -224,6 +225,8 @@ def test_resume_after_kill_gives_one_row_per_file(studies: Path, weights_dir: Pa
     assert list(resumed.path) == list(reference.path)  # exactly one row per file, same order
     assert resumed.path.is_unique
     np.testing.assert_allclose(_probs(resumed), _probs(reference), atol=1e-5, equal_nan=True)
+    assert resumed.loc[2, "detail"] == "from-journal"  # journaled rows were kept, not re-read
+    assert list(resumed.drop(index=2).detail) == list(reference.drop(index=2).detail)
 
     # Resuming a finished job re-reads nothing; a changed file is predicted again.
     target = studies / "exports" / "a.png"
