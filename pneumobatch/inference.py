@@ -111,6 +111,11 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return None
 
 
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Mixed-precision context for ``dtype`` (from :func:`resolve_precision`); ``None`` runs fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 class Predictor:
     """One or more loaded models on a device, ready for batches of (B, 1, S, S) uint8."""
 
@@ -132,7 +137,7 @@ class Predictor:
             card = model.card
             x = inputs[card.input_size].to(self.device, non_blocking=True)
             x = normalize(x, card.mean, card.std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.precision or torch.float32, enabled=self.precision is not None):
+            with autocast(self.device, self.precision):
                 logits = model.net(x)
             out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
         return out

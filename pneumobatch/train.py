@@ -30,7 +30,7 @@ from torch import nn
 from pneumobatch import __version__
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError
-from pneumobatch.inference import resolve_device
+from pneumobatch.inference import autocast, resolve_device, resolve_precision
 from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
@@ -343,18 +343,13 @@ def evaluate_probs(
 def predict_logits(net: nn.Module, images: torch.Tensor, mean, std, device: torch.device, batch_size: int) -> torch.Tensor:
     net.eval()
     out = []
+    dtype = resolve_precision("auto", device)
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size].to(device), mean, std)
         x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        with autocast(device, dtype):
             out.append(net(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def _auc_of(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> float:
@@ -396,6 +391,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     device = resolve_device(config.device)
+    amp_dtype = resolve_precision("auto", device)  # mixed precision on CUDA, fp32 on the CPU
 
     frame, task, dropped = load_labels(config)
     split_source = "manifest" if frame["split"].isin(SPLITS).all() else "stratified, grouped by patient"
@@ -472,7 +468,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 x = augment(x, generator, config.hflip)
                 x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
                 y = train_set.targets[idx].to(device)
-                with _autocast(device):
+                with autocast(device, amp_dtype):
                     logits = net(x)
                 loss = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
