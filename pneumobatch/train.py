@@ -34,6 +34,7 @@ from pneumobatch.inference import autocast, resolve_device, resolve_precision
 from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
+from pneumobatch.subgroups import AGE_BANDS, age_bands, age_years, parse_band_defaults, sex_group, view_group
 from pneumobatch.tasks import Task, custom_task, get_task
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+BALANCE_CHOICES = ("source", "weights", "oversample", "undersample", "none")
+#: A subgroup enters model selection and gets its own operating point only with at
+#: least this many validation images of each class it is scored on.
+MIN_PER_CLASS = 10
 
 
 class TrainingError(PneumobatchError):
@@ -69,7 +74,11 @@ class TrainConfig:
     lr: float = 3e-4
     head_lr: float = 1e-3
     weight_decay: float = 1e-4
-    balance: str = "weights"  # weights | oversample | undersample | none
+    balance: str = "source"  # source | weights | oversample | undersample | none
+    age_column: str = "age"
+    view_column: str = "view"
+    sex_column: str = "sex"
+    default_age_band: tuple[str, ...] = ()  # PATTERN=child|adult for groups whose ages are not given
     hflip: bool = False
     target_recall: float = 0.95
     val_fraction: float = 0.15
@@ -194,6 +203,66 @@ def assign_splits(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
         frame.loc[frame.index[remaining[held]], "split"] = split
         remaining = np.delete(remaining, held)
     return frame
+
+
+def annotate_subgroups(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
+    """Add ``sg_source``, ``sg_age_band``, ``sg_view``, ``sg_sex`` (the reporting subgroups)."""
+    try:
+        defaults = parse_band_defaults(config.default_age_band)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    frame = frame.copy()
+    n = len(frame)
+
+    def column(name: Optional[str]) -> list[Any]:
+        return frame[name].tolist() if name and name in frame.columns else [""] * n
+
+    groups = column(config.group_column)
+    frame["sg_source"] = [str(g) or "unknown" for g in groups]
+    frame["sg_age_band"] = age_bands(column(config.age_column), groups, defaults)
+    frame["sg_view"] = [view_group(v) for v in column(config.view_column)]
+    frame["sg_sex"] = [sex_group(v) for v in column(config.sex_column)]
+    frame["sg_age"] = [age_years(v) for v in column(config.age_column)]
+    return frame
+
+
+def remove_leakage(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """No test image, and no patient of a test image, in train or validation.
+
+    A file listed twice in one split is kept once. A file (same path, or the same
+    bytes under another name) listed in the test split and elsewhere is dropped from
+    the other splits; likewise for validation vs train. A patient id found in two
+    splits is an error: the manifest's split is not patient-disjoint.
+    """
+    import hashlib
+
+    removed = {"duplicate_rows": 0, "same_file_in_two_splits": 0}
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=["path", "split"]).reset_index(drop=True)
+    removed["duplicate_rows"] = before - len(frame)
+
+    def digest(path: str) -> str:
+        try:
+            return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            return "unreadable:" + path
+
+    frame = frame.assign(_digest=[digest(p) for p in frame["path"]])
+    rank = frame["split"].map({"test": 0, "val": 1, "train": 2}).fillna(3)
+    first = rank.groupby(frame["_digest"]).transform("min")
+    leaked = rank > first
+    removed["same_file_in_two_splits"] = int(leaked.sum())
+    frame = frame[~leaked].drop(columns="_digest").reset_index(drop=True)
+
+    patients = frame[frame["patient"].astype(str).str.len() > 0]
+    spread = patients.groupby("patient")["split"].nunique()
+    crossing = spread[spread > 1]
+    if len(crossing):
+        raise TrainingError(
+            f"{len(crossing)} patient ids appear in more than one split (e.g. {crossing.index[0]!r}); "
+            "the split must be patient-disjoint"
+        )
+    return frame, removed
 
 
 def _decode_one(args: tuple[str, int]) -> Optional[np.ndarray]:
@@ -365,9 +434,13 @@ def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
     return counts.sum() / (n_classes * counts)
 
 
-def _epoch_order(targets: torch.Tensor, balance: str, generator: torch.Generator) -> torch.Tensor:
-    """Indices for one epoch: a permutation, or a class-balanced resample."""
+def _epoch_order(
+    targets: torch.Tensor, balance: str, generator: torch.Generator, sample_weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Indices for one epoch: a permutation, a class-balanced or a source-and-class-balanced resample."""
     n = len(targets)
+    if balance == "source" and sample_weights is not None:
+        return torch.multinomial(sample_weights, n, replacement=True, generator=generator)
     if balance not in ("oversample", "undersample"):
         return torch.randperm(n, generator=generator)
     counts = torch.bincount(targets)
@@ -381,12 +454,142 @@ def _epoch_order(targets: torch.Tensor, balance: str, generator: torch.Generator
     return order[torch.randperm(len(order), generator=generator)]
 
 
+def _sample_weights(frame: pd.DataFrame, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-image sampling weights balancing classes, and sources within each class.
+
+    Every class gets the same share of an epoch. Within a class, a source's share is
+    proportional to the square root of its image count: a large source cannot
+    dominate a class (so "looks like source X" explains less of the label), and a
+    tiny source is not repeated dozens of times per epoch.
+    """
+    y = targets.numpy()
+    groups = frame["sg_source"].to_numpy()
+    weights = np.zeros(len(y), dtype=np.float64)
+    present = [c for c in range(n_classes) if (y == c).any()]
+    for c in present:
+        in_class = y == c
+        names, counts = np.unique(groups[in_class], return_counts=True)
+        shares = np.sqrt(counts) / np.sqrt(counts).sum()
+        for name, count, share in zip(names, counts, shares):
+            weights[in_class & (groups == name)] = share / count / len(present)
+    return torch.from_numpy(weights)
+
+
+def _scored_subsets(frame: pd.DataFrame, targets: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Row masks of the subgroups (sources, age bands) that model selection scores.
+
+    A subgroup counts when at least two classes have ``MIN_PER_CLASS`` images in it;
+    only the rows of those classes are kept, so the score is a within-group AUC.
+    """
+    subsets = {"all": np.ones(len(targets), dtype=bool)}
+    for column in ("sg_source", "sg_age_band"):
+        values = frame[column].to_numpy()
+        for value in sorted(set(values) - {"unknown"}):
+            in_group = values == value
+            big = [c for c in range(n_classes) if ((targets == c) & in_group).sum() >= MIN_PER_CLASS]
+            if len(big) >= 2:
+                subsets[f"{column[3:]}={value}"] = in_group & np.isin(targets, big)
+    return subsets
+
+
+def _within_auc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+    """Macro one-vs-rest AUC over the classes present in ``mask``."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = targets[mask], probs[mask]
+    aucs = [roc_auc_score(y == c, p[:, c]) for c in np.unique(y)]
+    return float(np.mean(aucs)) if len(np.unique(y)) > 1 else float("nan")
+
+
+def selection_score(probs: np.ndarray, targets: np.ndarray, subsets: dict[str, np.ndarray]) -> tuple[float, dict[str, float]]:
+    """Mean of the pooled AUC and the within-source / within-age-band AUCs.
+
+    The pooled AUC alone rewards telling sources apart (children from adults); the
+    within-group AUCs only reward telling classes apart inside one population.
+    """
+    parts = {name: _within_auc(probs, targets, mask) for name, mask in subsets.items()}
+    finite = [v for v in parts.values() if v == v]
+    return (float(np.mean(finite)) if finite else float("nan")), parts
+
+
+def band_thresholds(
+    y_pos: np.ndarray, scores: np.ndarray, bands: np.ndarray, target_recall: float
+) -> dict[str, dict[str, float]]:
+    """Operating points per age band, for bands with enough validation images of each class."""
+    out = {}
+    for band in AGE_BANDS:
+        mask = bands == band
+        if (y_pos[mask]).sum() >= MIN_PER_CLASS and (~y_pos[mask]).sum() >= MIN_PER_CLASS:
+            point = select_threshold(y_pos[mask], scores[mask], target_recall)
+            point["n_positive"], point["n_negative"] = int(y_pos[mask].sum()), int((~y_pos[mask]).sum())
+            out[band] = point
+    return out
+
+
+def decide_rows(probs: np.ndarray, task: Task, threshold: Optional[float], by_band: dict[str, Any], bands: np.ndarray) -> np.ndarray:
+    """Predicted class index per row: per-band threshold where the card has one."""
+    if task.positive is None or len(task.classes) != 2:
+        return probs.argmax(1)
+    pos = task.classes.index(task.positive)
+    thr = np.array([by_band[b]["recall_target"] if b in by_band else (0.5 if threshold is None else threshold) for b in bands])
+    return np.where(probs[:, pos] >= thr, pos, 1 - pos)
+
+
+def evaluate_subgroups(
+    probs: np.ndarray, targets: np.ndarray, pred: np.ndarray, frame: pd.DataFrame, task: Task
+) -> dict[str, Any]:
+    """Per source, age band, view and sex: counts, AUC with bootstrap CI, sensitivity/specificity."""
+    from pneumobatch.metrics import subgroup_metrics
+
+    classes = list(task.classes)
+    y_true = [classes[i] for i in targets]
+    y_pred = [classes[i] for i in pred]
+    binary = task.positive is not None and len(classes) == 2
+    out: dict[str, Any] = {}
+    for column in ("sg_source", "sg_age_band", "sg_view", "sg_sex"):
+        table = subgroup_metrics(
+            frame[column].tolist(), y_true, probs, classes, y_pred=y_pred,
+            positive=task.positive if binary else None, n_bootstrap=500, seed=0,
+        )
+        if binary:  # at the operating point actually applied to each row (per age band)
+            pos = classes.index(task.positive)
+            values = frame[column].astype(str).to_numpy()
+            for row in table["groups"]:
+                mask = values == row["value"]
+                t, p = targets[mask] == pos, pred[mask] == pos
+                row["sensitivity"] = float((t & p).sum() / t.sum()) if t.any() else None
+                row["specificity"] = float((~t & ~p).sum() / (~t).sum()) if (~t).any() else None
+                row["ppv"] = float((t & p).sum() / p.sum()) if p.any() else None
+                row["npv"] = float((~t & ~p).sum() / (~p).sum()) if (~p).any() else None
+        out[column[3:]] = table
+    pairs: dict[str, Any] = {}
+    if not binary and "normal" in classes:
+        from sklearn.metrics import roc_auc_score
+
+        normal = classes.index("normal")
+        for band in AGE_BANDS:
+            in_band = frame["sg_age_band"].to_numpy() == band
+            for c, name in enumerate(classes):
+                mask = in_band & np.isin(targets, [normal, c])
+                n_pos, n_neg = int((targets[mask] == c).sum()), int((targets[mask] == normal).sum())
+                if c == normal or n_pos == 0 or n_neg == 0:
+                    continue
+                entry: dict[str, Any] = {"n_normal": n_neg, f"n_{name}": n_pos}
+                if min(n_pos, n_neg) >= 5:
+                    entry["auc"] = float(roc_auc_score(targets[mask] == c, probs[mask, c]))
+                else:
+                    entry["note"] = "too few images for an AUC"
+                pairs[f"{band}: normal vs {name}"] = entry
+        out["normal_vs_class_by_age_band"] = pairs
+    return out
+
+
 def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
     """Run a full training and write the model; returns its card."""
     if config.architecture not in ARCHITECTURES:
         raise TrainingError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    if config.balance not in ("weights", "oversample", "undersample", "none"):
-        raise TrainingError(f"--balance must be weights, oversample, undersample or none, not {config.balance!r}")
+    if config.balance not in BALANCE_CHOICES:
+        raise TrainingError(f"--balance must be one of {', '.join(BALANCE_CHOICES)}, not {config.balance!r}")
     started = time.time()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -396,6 +599,10 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     frame, task, dropped = load_labels(config)
     split_source = "manifest" if frame["split"].isin(SPLITS).all() else "stratified, grouped by patient"
     frame = assign_splits(frame, config)
+    frame, leakage = remove_leakage(frame)
+    if sum(leakage.values()):
+        progress(f"left out to keep splits disjoint: {leakage}")
+    frame = annotate_subgroups(frame, config)
     if config.max_images:
         frame = frame.groupby("split").head(config.max_images)
     splits: dict[str, Dataset] = {}
@@ -420,6 +627,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     mean, std = arch.mean, arch.std
 
     weights = _class_weights(train_set.targets, len(task.classes)) if config.balance == "weights" else None
+    sample_weights = _sample_weights(train_set.frame, train_set.targets, len(task.classes)) if config.balance == "source" else None
+    val_subsets = _scored_subsets(val_set.frame, val_set.targets.numpy(), len(task.classes))
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
     generator = torch.Generator().manual_seed(config.seed)
     head_params = list(arch.head(net).parameters())
@@ -448,7 +657,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         params = [p for p in net.parameters() if p.requires_grad]
         lr = config.head_lr if stage == "head" else config.lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-        steps_per_epoch = max(1, math.ceil(len(_epoch_order(train_set.targets, config.balance, torch.Generator().manual_seed(0))) / config.batch_size))
+        steps_per_epoch = max(1, math.ceil(len(_epoch_order(train_set.targets, config.balance, torch.Generator().manual_seed(0), sample_weights)) / config.batch_size))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.15)
         first_epoch = start_epoch if stage_index == start_stage else 0
         if state is not None and stage_index == start_stage and first_epoch > 0:
@@ -457,7 +666,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         stale = 0
         for epoch in range(first_epoch, n_epochs):
             net.train()
-            order = _epoch_order(train_set.targets, config.balance, generator)
+            order = _epoch_order(train_set.targets, config.balance, generator, sample_weights)
             total, seen, correct = 0.0, 0, 0
             t0 = time.time()
             for start in range(0, len(order), config.batch_size):
@@ -481,14 +690,20 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
             val_loss = float(F.cross_entropy(val_logits, val_set.targets, weight=weights))
             val_auc = _auc_of(val_logits, val_set.targets, task)
+            score, parts = selection_score(torch.softmax(val_logits, 1).numpy(), val_set.targets.numpy(), val_subsets)
             record = {
                 "stage": stage, "epoch": epoch + 1, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "val_loss": val_loss, "val_auc": val_auc, "seconds": time.time() - t0,
+                "val_loss": val_loss, "val_auc": val_auc, "val_selection": score, "val_auc_within": parts,
+                "seconds": time.time() - t0,
             }
             history.epochs.append(record)
-            progress(f"{stage} epoch {epoch + 1}/{n_epochs}: loss {record['train_loss']:.3f}, val loss {val_loss:.3f}, val AUC {val_auc:.4f} ({record['seconds']:.0f}s)")
-            if val_auc > best["auc"]:
-                best = {"auc": val_auc, "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "epoch": len(history.epochs)}
+            within = ", ".join(f"{k} {v:.3f}" for k, v in parts.items() if k != "all")
+            progress(
+                f"{stage} epoch {epoch + 1}/{n_epochs}: loss {record['train_loss']:.3f}, val loss {val_loss:.3f}, "
+                f"val AUC {val_auc:.4f}, selection {score:.4f} ({within}) ({record['seconds']:.0f}s)"
+            )
+            if score > best["auc"]:
+                best = {"auc": score, "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "epoch": len(history.epochs)}
                 stale = 0
             else:
                 stale += 1
@@ -509,18 +724,33 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     thresholds: dict[str, Any] = {}
     threshold = None
+    by_band: dict[str, Any] = {}
+    val_bands = val_set.frame["sg_age_band"].to_numpy()
     if task.positive is not None and len(task.classes) == 2:
         pos = task.classes.index(task.positive)
-        thresholds = select_threshold(val_set.targets.numpy() == pos, val_probs[:, pos], config.target_recall)
+        val_pos = val_set.targets.numpy() == pos
+        thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
         thresholds["target_recall"] = config.target_recall
         threshold = thresholds["recall_target"]
+        by_band = band_thresholds(val_pos, val_probs[:, pos], val_bands, config.target_recall)
+        if by_band:
+            thresholds["by_age_band"] = by_band
+            thresholds["age_band_rule"] = (
+                f"the band's recall_target threshold applies when the image's age is known (child < 18 years <= adult); "
+                f"otherwise the pooled threshold {threshold:.4f}"
+            )
 
+    val_pred = decide_rows(val_probs, task, threshold, by_band, val_bands)
     metrics: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
+    metrics["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
     if len(test_set.targets):
         test_logits = predict_logits(net, test_set.images, mean, std, device, config.batch_size * 2)
         test_probs = torch.softmax(test_logits / temperature, 1).numpy()
         targets = test_set.targets.numpy()
+        test_bands = test_set.frame["sg_age_band"].to_numpy()
+        test_pred = decide_rows(test_probs, task, threshold, by_band, test_bands)
         metrics["test"] = evaluate_probs(test_probs, targets, task, threshold)
+        metrics["test_subgroups"] = evaluate_subgroups(test_probs, targets, test_pred, test_set.frame, task)
         if config.group_column and config.group_column in test_set.frame.columns:
             groups = test_set.frame[config.group_column].astype(str).to_numpy()
             metrics["test_by_" + config.group_column] = {
@@ -532,10 +762,12 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         name=config.name, task=task.name, classes=list(task.classes), architecture=config.architecture,
         input_size=config.input_size, mean=list(mean), std=list(std), positive=task.positive,
         threshold=threshold, thresholds=thresholds, temperature=temperature,
-        data=_data_summary(config, splits, dropped, unreadable, split_source),
+        data=_data_summary(config, splits, dropped, unreadable, split_source, leakage),
         metrics=metrics,
         training={
             "init": config.init, "balance": config.balance, "class_weights": weights.tolist() if weights is not None else None,
+            "model_selection": "mean of pooled and within-source / within-age-band validation AUCs (groups with >= "
+            f"{MIN_PER_CLASS} images of two classes or more)",
             "augmentation": "rotation ±15°, zoom ±10%, shift ±5%, brightness/contrast ±20%" + (", horizontal flip" if config.hflip else ""),
             "stages": [{"stage": s, "epochs": n} for s, n in stages], "batch_size": config.batch_size, "lr": config.lr,
             "head_lr": config.head_lr, "weight_decay": config.weight_decay, "optimizer": "AdamW + one-cycle",
@@ -553,12 +785,21 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
 
 
 def _data_summary(
-    config: TrainConfig, splits: dict[str, Dataset], dropped: dict[str, int], unreadable: int, split_source: str
+    config: TrainConfig, splits: dict[str, Dataset], dropped: dict[str, int], unreadable: int, split_source: str,
+    leakage: dict[str, int],
 ) -> dict[str, Any]:
+    train_ages = [a for a in splits["train"].frame["sg_age"] if a is not None and a == a]
     summary: dict[str, Any] = {
         "source": str(config.data), "label_column": config.label_column,
         "counts": {s: {str(k): int(v) for k, v in d.frame["cls"].value_counts().sort_index().items()} for s, d in splits.items()},
+        "counts_by_age_band": {
+            s: {f"{b} / {c}": int(n) for (b, c), n in d.frame.groupby(["sg_age_band", "cls"]).size().items()}
+            for s, d in splits.items()
+        },
+        "age_band_defaults": list(config.default_age_band),
+        "age_range_years": [round(min(train_ages), 1), round(max(train_ages), 1)] if train_ages else None,
         "dropped_unmapped_labels": dropped, "unreadable_images": unreadable,
+        "left_out_for_disjoint_splits": leakage,
         "split": split_source,
     }
     if config.group_column and config.group_column in splits["train"].frame.columns:

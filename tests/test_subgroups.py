@@ -1,0 +1,133 @@
+"""Age bands, subgroup-balanced sampling, split leakage and per-band operating points."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pneumobatch.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
+from pneumobatch.train import (
+    TrainConfig,
+    TrainingError,
+    _epoch_order,
+    _sample_weights,
+    annotate_subgroups,
+    band_thresholds,
+    decide_rows,
+    load_labels,
+    remove_leakage,
+)
+from pneumobatch.tasks import get_task
+from tests.test_train import make_dataset
+
+
+@pytest.mark.parametrize(
+    "value, years",
+    [("045Y", 45.0), ("006M", 0.5), ("017Y", 17.0), (" 18 ", 18.0), (62, 62.0), ("", None), ("abc", None),
+     ("999Y", None), (float("nan"), None), (None, None)],
+)
+def test_age_years_reads_dicom_ages_and_numbers(value, years):
+    assert age_years(value) == years
+
+
+def test_age_band_boundary_is_18_years():
+    assert [age_band(a) for a in ("017Y", "018Y", "3", None)] == ["child", "adult", "child", "unknown"]
+
+
+def test_band_defaults_apply_only_where_the_age_is_missing():
+    defaults = parse_band_defaults(["kermany*=child", "RSNA*=adult"])
+    bands = age_bands(["", "40", "", ""], ["Kermany-pediatric", "kermany-pediatric", "RSNA normals", "NIH"], defaults)
+    assert bands == ["child", "adult", "adult", "unknown"]
+    with pytest.raises(ValueError):
+        parse_band_defaults(["kermany=teen"])
+
+
+def test_view_groups_fold_supine_and_portable_into_ap():
+    assert [view_group(v) for v in ("AP Supine", "ap", "PA", "LL", "")] == ["AP", "AP", "PA", "unknown", "unknown"]
+
+
+def _frame(rows):
+    return pd.DataFrame(rows, columns=["path", "split", "patient"])
+
+
+def test_a_test_image_listed_again_in_validation_is_removed_from_validation(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(name.encode())
+    shutil.copy(tmp_path / "a.png", tmp_path / "a_copy.png")  # same bytes, another name
+    frame = _frame([
+        (str(tmp_path / "a.png"), "test", ""), (str(tmp_path / "a.png"), "val", ""),
+        (str(tmp_path / "a_copy.png"), "train", ""), (str(tmp_path / "b.png"), "train", ""),
+        (str(tmp_path / "b.png"), "train", ""), (str(tmp_path / "c.png"), "val", ""),
+    ])
+    kept, removed = remove_leakage(frame)
+    assert sorted(zip(kept["path"].map(lambda p: Path(p).name), kept["split"])) == [
+        ("a.png", "test"), ("b.png", "train"), ("c.png", "val")]
+    assert removed == {"duplicate_rows": 1, "same_file_in_two_splits": 2}
+
+
+def test_a_patient_in_two_splits_is_refused(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(name.encode())
+    frame = _frame([(str(tmp_path / "a.png"), "train", "p1"), (str(tmp_path / "b.png"), "test", "p1")])
+    with pytest.raises(TrainingError, match="patient"):
+        remove_leakage(frame)
+
+
+def test_no_test_patient_reaches_training_on_the_manifest_split(tmp_path):
+    manifest = make_dataset(tmp_path)
+    config = TrainConfig(data=manifest, out_dir=tmp_path / "w", name="t")
+    frame, _, _ = load_labels(config)
+    frame, _ = remove_leakage(frame)
+    test_patients = set(frame.loc[frame["split"] == "test", "patient"])
+    assert test_patients and not test_patients & set(frame.loc[frame["split"] != "test", "patient"])
+
+
+def test_source_balanced_sampling_gives_classes_equal_shares_and_damps_big_sources():
+    # class 0: 900 images of source A, 100 of B; class 1: 100 of A.
+    frame = pd.DataFrame({"sg_source": ["A"] * 900 + ["B"] * 100 + ["A"] * 100})
+    targets = torch.tensor([0] * 1000 + [1] * 100)
+    weights = _sample_weights(frame, targets, 2)
+    order = _epoch_order(targets, "source", torch.Generator().manual_seed(0), weights)
+    drawn = targets[order]
+    assert len(order) == len(targets)
+    assert abs(float((drawn == 1).float().mean()) - 0.5) < 0.05
+    share_b = float(weights[900:1000].sum() / weights[:1000].sum())
+    assert share_b == pytest.approx(np.sqrt(100) / (np.sqrt(900) + np.sqrt(100)))
+
+
+def test_operating_points_per_age_band_and_their_use():
+    rng = np.random.default_rng(0)
+    bands = np.array(["child"] * 200 + ["adult"] * 200)
+    y = rng.integers(0, 2, 400).astype(bool)
+    # adults' scores sit higher overall: one pooled threshold cannot suit both bands
+    scores = np.clip(0.3 * y + rng.normal(0.3, 0.1, 400) + np.where(bands == "adult", 0.3, 0.0), 0, 1)
+    by_band = band_thresholds(y, scores, bands, 0.95)
+    assert set(by_band) == {"child", "adult"}
+    assert by_band["adult"]["recall_target"] > by_band["child"]["recall_target"]
+    for band in ("child", "adult"):
+        mask = bands == band
+        assert (scores[mask & y] >= by_band[band]["recall_target"]).mean() >= 0.95
+    probs = np.c_[1 - scores, scores]
+    task = get_task("pneumonia")
+    pred = decide_rows(probs, task, 0.5, by_band, np.array(["adult", "unknown"] * 200))
+    thr = np.where(np.arange(400) % 2 == 0, by_band["adult"]["recall_target"], 0.5)
+    assert (pred == (scores >= thr)).all()
+
+
+def test_bands_without_enough_validation_images_get_no_own_threshold():
+    bands = np.array(["child"] * 30 + ["adult"] * 8)
+    y = np.array([True, False] * 19)
+    assert set(band_thresholds(y, np.linspace(0, 1, 38), bands, 0.95)) == {"child"}
+
+
+def test_annotate_subgroups_uses_manifest_columns(tmp_path):
+    frame = pd.DataFrame({"source": ["kermany", "nih"], "age": ["", "70"], "view": ["PA", "AP Supine"], "sex": ["", "F"]})
+    config = TrainConfig(data=tmp_path, out_dir=tmp_path, name="t", default_age_band=("kermany=child",))
+    out = annotate_subgroups(frame, config)
+    assert out[["sg_source", "sg_age_band", "sg_view", "sg_sex"]].values.tolist() == [
+        ["kermany", "child", "PA", "unknown"], ["nih", "adult", "AP", "F"]]
