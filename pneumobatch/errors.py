@@ -27,6 +27,7 @@ class Reason(str, Enum):
     NOT_CXR = "not-cxr"  # DICOM whose Modality is not CR/DX/DR (CT, MR, SR, ...)
     NO_PIXELS = "no-pixels"  # DICOM without Pixel Data (SR, KOS, presentation state)
     LATERAL = "lateral"  # ViewPosition LL/RL/LATERAL; include with --include-lateral
+    NOT_CHEST = "not-chest"  # DICOM header names another body part (knee, hand, teeth, ...)
     # errors: the file should have been predicted but could not be
     TOO_LARGE = "too-large"  # more pixels than --max-pixels (decompression-bomb guard)
     EMPTY = "empty"  # zero-byte file
@@ -44,7 +45,7 @@ class Reason(str, Enum):
         return Status.SKIPPED if self in _SKIP_REASONS else Status.ERROR
 
 
-_SKIP_REASONS = {Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL}
+_SKIP_REASONS = {Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL, Reason.NOT_CHEST}
 
 
 class PneumobatchError(Exception):

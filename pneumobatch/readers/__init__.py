@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pneumobatch.bodyparts import DEFAULT_VOCABULARY, BodyPartVocabulary
 from pneumobatch.discovery import FileKind
 from pneumobatch.errors import FileRejected, Reason
 
@@ -31,6 +32,8 @@ class ReadOptions:
     #: Longest side the caller needs; readers may decode at a reduced scale
     #: (JPEG DCT scaling) as long as both sides stay at or above it. ``None``: full size.
     min_side: Optional[int] = None
+    #: Chest / non-chest words for the ``not-chest`` gate (see :mod:`pneumobatch.bodyparts`).
+    body_parts: BodyPartVocabulary = DEFAULT_VOCABULARY
 
 
 @dataclass

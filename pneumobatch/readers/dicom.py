@@ -3,7 +3,8 @@
 Every header is untrusted. The header is read first (large elements such as Pixel
 Data are deferred) and the file is refused, before any pixel is decoded, when it has
 no pixels, is not a chest radiograph (Modality other than CR/DX/DR; a missing
-Modality is accepted), is a lateral view, is larger than ``max_pixels`` or uses a
+Modality is accepted), names another body part (``not-chest``, see
+:mod:`pneumobatch.bodyparts`), is a lateral view, is larger than ``max_pixels`` or uses a
 transfer syntax no installed plugin decodes. Nothing but
 :class:`~pneumobatch.errors.FileRejected` leaves :func:`read_dicom`.
 
@@ -50,6 +51,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
+from pneumobatch.bodyparts import DESCRIPTION_KEYWORDS, examined_part
 from pneumobatch.errors import FileRejected, Reason
 from pneumobatch.readers import Image, ReadOptions
 
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 CXR_MODALITIES = frozenset({"CR", "DX", "DR"})
 #: ViewPosition values of lateral views, decubitus included (not a standard PA/AP).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLAT", "RLAT", "LEFT LATERAL", "RIGHT LATERAL"})
+_BODY_PART_KEYWORDS = ("BodyPartExamined", *DESCRIPTION_KEYWORDS)
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,10 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
     modality = meta["modality"][:16]
     if modality and modality not in CXR_MODALITIES:
         raise FileRejected(Reason.NOT_CXR, f"modality {modality}")
+    part, keyword = examined_part({k: _text(_get(ds, k), 256) for k in _BODY_PART_KEYWORDS}, options.body_parts)
+    if part is not None and part != "CHEST":
+        # ``part`` is a word of our own vocabulary, never raw header text
+        raise FileRejected(Reason.NOT_CHEST, f"{keyword} names {part}, not the chest")
     view = " ".join(meta["view_position"].replace("_", " ").split())
     if view in LATERAL_VIEWS and not options.include_lateral:
         raise FileRejected(Reason.LATERAL, f"view position {view[:16]}")
