@@ -90,3 +90,10 @@ def test_predict_skips_a_leg_and_a_dental_panoramic(tmp_path: Path):
     assert (rows["pano.dcm"]["status"], rows["pano.dcm"]["reason"]) == ("skipped", "not-chest")
     assert rows["chest.dcm"]["status"] == "ok"
     assert isinstance(read_dicom(studies / "chest.dcm", ReadOptions()), Image)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+@pytest.mark.parametrize("age, band", [("045Y", "adult"), ("017Y", "child"), ("006M", "child"), ("", "unknown"), ("abc", "unknown")])
+def test_patient_age_becomes_an_age_band(tmp_path: Path, age: str, band: str):
+    image = read_dicom(write(tmp_path / "a.dcm", PatientAge=age), ReadOptions())
+    assert image.meta["age_band"] == band
