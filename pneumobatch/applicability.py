@@ -69,7 +69,7 @@ class ApplicabilityStats:
 
     @classmethod
     def load(cls, path: Path) -> ApplicabilityStats:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="numpy") as fh:
@@ -83,7 +83,7 @@ class ApplicabilityStats:
                     maha_scale=float(meta["maha_scale"]), resid_scale=float(meta["resid_scale"]),
                     threshold=float(meta["threshold"]),
                 )
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise ModelError(f"{path}: unreadable applicability statistics ({exc})") from exc
         if not (np.isfinite(stats.variances).all() and (stats.variances > 0).all() and stats.maha_scale > 0 and stats.resid_scale > 0):
             raise ModelError(f"{path}: applicability statistics out of range")
