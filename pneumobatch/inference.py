@@ -37,6 +37,8 @@ class FileResult:
     detail: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     probs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: model name -> applicability score (models with applicability statistics only)
+    ood_scores: dict[str, float] = field(default_factory=dict)
 
 
 class StudyFiles(Dataset):
@@ -119,19 +121,34 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 class Predictor:
     """One or more loaded models on a device, ready for batches of (B, 1, S, S) uint8."""
 
-    def __init__(self, models: Sequence[LoadedModel], device: torch.device, precision: Optional[torch.dtype]) -> None:
+    def __init__(
+        self,
+        models: Sequence[LoadedModel],
+        device: torch.device,
+        precision: Optional[torch.dtype],
+        applicability: Optional[dict[str, Any]] = None,
+    ) -> None:
+        from pneumobatch.applicability import FeatureHook
+        from pneumobatch.models import ARCHITECTURES
+
         self.models = list(models)
         self.device = device
         self.precision = precision
+        #: model name -> ApplicabilityStats; those models also yield applicability scores
+        self.applicability = dict(applicability or {})
+        self._hooks = {}
         for model in self.models:
             model.net.to(device).to(memory_format=torch.channels_last).eval()
+            if model.card.name in self.applicability:
+                self._hooks[model.card.name] = FeatureHook(ARCHITECTURES[model.card.architecture].head(model.net))
 
     @property
     def sizes(self) -> list[int]:
         return sorted({m.card.input_size for m in self.models})
 
     @torch.inference_mode()
-    def __call__(self, inputs: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
+    def __call__(self, inputs: dict[int, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+        """Probabilities per model; with ``scores``, also fills it with applicability scores."""
         out = {}
         for model in self.models:
             card = model.card
@@ -140,6 +157,9 @@ class Predictor:
             with autocast(self.device, self.precision):
                 logits = model.net(x)
             out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
+            hook = self._hooks.get(card.name)
+            if hook is not None and scores is not None:
+                scores[card.name] = self.applicability[card.name].score(hook.features.numpy())
         return out
 
 
@@ -164,10 +184,12 @@ def run_inference(
         persistent_workers=False,
     )
     for items, inputs, ok in loader:
-        probs = predictor(inputs) if ok else {}
+        scores: dict[str, np.ndarray] = {}
+        probs = predictor(inputs, scores) if ok else {}
         position = {item_index: row for row, item_index in enumerate(ok)}
         for i, item in enumerate(items):
             result = FileResult(dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"])
             if i in position:
                 result.probs = {name: p[position[i]] for name, p in probs.items()}
+                result.ood_scores = {name: float(s[position[i]]) for name, s in scores.items()}
             yield result
