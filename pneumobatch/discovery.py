@@ -8,10 +8,13 @@ and housekeeping files; every regular file found becomes a :class:`FileEntry`
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
+
+from pneumobatch.errors import Reason
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -33,6 +36,9 @@ class FileEntry:
     relpath: str  # POSIX path relative to its root; the ``path`` CSV column
     size: int
     mtime_ns: int
+    #: set when the name cannot be read as a file at all (broken link, unreadable
+    #: folder, FIFO...): the row's reason and detail; nothing is opened
+    problem: Optional[tuple[Reason, str]] = None
 
 
 def sniff(path: Path) -> FileKind:
@@ -72,44 +78,86 @@ def _looks_like_raw_dicom(head: bytes) -> bool:
     return length < 1024
 
 
-def walk(roots: Iterable[Path]) -> Iterator[tuple[Path, FileEntry]]:
-    """Yield ``(root, entry)`` for every regular file below each root, in sorted order.
+def walk(roots: Iterable[Path], *, follow_external_links: bool = False) -> Iterator[tuple[Path, FileEntry]]:
+    """Yield ``(root, entry)`` for every file, link and folder problem below each root, sorted.
 
-    Symbolic links to folders are followed once: a folder already visited (same
-    device and inode) is not entered again, so link loops end. A root that is a file
-    is yielded on its own with its name as the relative path.
+    Every name found gets an entry, so every name gets a CSV row:
+
+    * regular files (directly or through a link) are entries to read;
+    * a symbolic link whose target does not exist: ``broken-link``;
+    * a link (to a file or a folder) whose target lies outside the root:
+      ``external-link``, unless ``follow_external_links`` (a nightly export should not
+      pull in files from elsewhere on the server by way of a stray link);
+    * FIFOs, sockets and devices: ``special-file`` (never opened: a FIFO would block);
+    * a folder that cannot be listed or entered: ``unreadable``, with the folder's
+      relative path and a trailing ``/``.
+
+    Links to folders inside the root are followed once: a folder already visited
+    (same device and inode) is not entered again, so link loops end. A root that is a
+    file is yielded on its own with its name as the relative path.
     """
     for root in roots:
         root = Path(root)
-        if root.is_file():
+        try:
             st = root.stat()
-            yield root, FileEntry(root.resolve(), root.name, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            yield root, FileEntry(root, root.name, 0, 0, _problem_for(root, exc))
             continue
-        seen: set[tuple[int, int]] = set()
-        yield from ((root, entry) for entry in _walk_dir(root, root, seen))
+        if stat.S_ISREG(st.st_mode):
+            yield root, FileEntry(root.resolve(), root.name, st.st_size, st.st_mtime_ns)
+        elif not stat.S_ISDIR(st.st_mode):
+            yield root, FileEntry(root, root.name, 0, 0, (Reason.SPECIAL_FILE, "not a regular file"))
+        else:
+            seen: set[tuple[int, int]] = set()
+            real_root = root.resolve()
+            yield from ((root, entry) for entry in _walk_dir(root, root, real_root, seen, follow_external_links))
 
 
-def _walk_dir(root: Path, folder: Path, seen: set[tuple[int, int]]) -> Iterator[FileEntry]:
+def _problem_for(path: Path, exc: OSError) -> tuple[Reason, str]:
+    if path.is_symlink() and isinstance(exc, FileNotFoundError):
+        return Reason.BROKEN_LINK, "the link's target does not exist"
+    if isinstance(exc, PermissionError):
+        return Reason.UNREADABLE, "permission denied"
+    return Reason.UNREADABLE, (exc.strerror or type(exc).__name__)[:200]
+
+
+def _inside(path: Path, real_root: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(real_root)
+        return True
+    except ValueError:
+        return False
+
+
+def _walk_dir(
+    root: Path, folder: Path, real_root: Path, seen: set[tuple[int, int]], follow_external: bool
+) -> Iterator[FileEntry]:
+    rel_folder = folder.relative_to(root).as_posix()
     try:
         st = folder.stat()
-    except OSError:
-        return
-    key = (st.st_dev, st.st_ino)
-    if key in seen:
-        return
-    seen.add(key)
-    try:
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
         with os.scandir(folder) as it:
             children = sorted(it, key=lambda e: e.name)
-    except OSError:
+    except OSError as exc:
+        reason, detail = _problem_for(folder, exc)
+        yield FileEntry(folder, f"{rel_folder}/", 0, 0, (reason, f"folder: {detail}"))
         return
     for child in children:
+        path = Path(child.path)
+        rel = path.relative_to(root).as_posix()
         try:
-            if child.is_dir(follow_symlinks=True):
-                yield from _walk_dir(root, Path(child.path), seen)
-            elif child.is_file(follow_symlinks=True):
-                cst = child.stat(follow_symlinks=True)
-                rel = Path(child.path).relative_to(root).as_posix()
-                yield FileEntry(Path(child.path), rel, cst.st_size, cst.st_mtime_ns)
-        except OSError:
-            continue  # dangling link or vanished file: nothing to read
+            cst = child.stat(follow_symlinks=True)
+        except OSError as exc:
+            yield FileEntry(path, rel, 0, 0, _problem_for(path, exc))
+            continue
+        if child.is_symlink() and not follow_external and not _inside(path, real_root):
+            yield FileEntry(path, rel, 0, 0, (Reason.EXTERNAL_LINK, "link to outside the input folder"))
+        elif stat.S_ISDIR(cst.st_mode):
+            yield from _walk_dir(root, path, real_root, seen, follow_external)
+        elif stat.S_ISREG(cst.st_mode):
+            yield FileEntry(path, rel, cst.st_size, cst.st_mtime_ns)
+        else:
+            yield FileEntry(path, rel, 0, 0, (Reason.SPECIAL_FILE, "FIFO, socket or device: not read"))

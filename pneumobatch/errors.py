@@ -28,6 +28,9 @@ class Reason(str, Enum):
     NO_PIXELS = "no-pixels"  # DICOM without Pixel Data (SR, KOS, presentation state)
     LATERAL = "lateral"  # ViewPosition LL/RL/LATERAL; include with --include-lateral
     NOT_CHEST = "not-chest"  # DICOM header names another body part (knee, hand, teeth, ...)
+    BROKEN_LINK = "broken-link"  # a symbolic link whose target does not exist
+    EXTERNAL_LINK = "external-link"  # a link leading outside the input folder (see --follow-external-links)
+    SPECIAL_FILE = "special-file"  # FIFO, socket or device: never opened
     # errors: the file should have been predicted but could not be
     TOO_LARGE = "too-large"  # more pixels than --max-pixels (decompression-bomb guard)
     EMPTY = "empty"  # zero-byte file
@@ -45,7 +48,10 @@ class Reason(str, Enum):
         return Status.SKIPPED if self in _SKIP_REASONS else Status.ERROR
 
 
-_SKIP_REASONS = {Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL, Reason.NOT_CHEST}
+_SKIP_REASONS = {
+    Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL, Reason.NOT_CHEST,
+    Reason.BROKEN_LINK, Reason.EXTERNAL_LINK, Reason.SPECIAL_FILE,
+}
 
 
 class PneumobatchError(Exception):

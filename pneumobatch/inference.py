@@ -55,6 +55,10 @@ class StudyFiles(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
         item: dict[str, Any] = {"index": index, "status": Status.OK, "reason": "", "detail": "", "meta": {}, "inputs": None}
+        if entry.problem is not None:
+            reason, detail = entry.problem
+            item.update(status=reason.status, reason=reason.value, detail=detail)
+            return item
         try:
             image = read_image(entry.path, sniff(entry.path), self.options)
             item["meta"] = image.meta

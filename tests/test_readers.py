@@ -839,10 +839,11 @@ def test_walk_is_recursive_sorted_and_survives_link_loops(tmp_path: Path):
     (root / "dangling").symlink_to(root / "nowhere")
 
     first = [entry.relpath for _, entry in walk([root])]
-    assert first == ["a/deep/er/x", "a/y", "b/10.dcm", "b/2.dcm", "top.png"]
+    assert first == ["a/deep/er/x", "a/y", "b/10.dcm", "b/2.dcm", "dangling", "top.png"]
     assert [entry.relpath for _, entry in walk([root])] == first  # deterministic
-    entries = [entry for _, entry in walk([root])]
+    entries = [entry for _, entry in walk([root]) if entry.problem is None]
     assert all(entry.path.is_file() and entry.size == len(entry.relpath) for entry in entries)
+    assert [e.problem[0] for _, e in walk([root]) if e.relpath == "dangling"] == [Reason.BROKEN_LINK]
 
 
 def test_walk_accepts_a_file_root(tmp_path: Path):
