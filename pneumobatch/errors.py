@@ -34,6 +34,7 @@ class Reason(str, Enum):
     # errors: the file should have been predicted but could not be
     TOO_LARGE = "too-large"  # more pixels than --max-pixels (decompression-bomb guard)
     EMPTY = "empty"  # zero-byte file
+    BLANK_IMAGE = "blank-image"  # decoded, but (nearly) constant, not finite, or too small to hold a radiograph
     CORRUPT = "corrupt"  # truncated or undecodable data
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported-transfer-syntax"  # no decoder for it
     UNSUPPORTED_PIXELS = "unsupported-pixels"  # e.g. colour DICOM, odd bit depths

@@ -78,3 +78,60 @@ def test_predict_writes_rows_for_them_and_exits_1_for_the_unreadable(tmp_path: P
     assert rows == {
         "dangling": ("skipped", "broken-link"), "locked/": ("error", "unreadable"), "pipe": ("skipped", "special-file"),
     }
+
+
+# --- blank and degenerate images (issue 12, item 8) -------------------------------------
+
+from PIL import Image as PILImage  # noqa: E402
+
+from pneumobatch.discovery import sniff  # noqa: E402
+from pneumobatch.errors import FileRejected  # noqa: E402
+from pneumobatch.readers import ReadOptions, read_image  # noqa: E402
+from pneumobatch.synthetic import write_cxr  # noqa: E402
+
+
+def _reason(path: Path) -> str:
+    try:
+        read_image(path, sniff(path), ReadOptions())
+    except FileRejected as exc:
+        return exc.reason.value
+    return "ok"
+
+
+def _png(path: Path, array) -> Path:
+    PILImage.fromarray(array).save(path)
+    return path
+
+
+def test_blank_and_degenerate_images_are_refused(tmp_path: Path):
+    import io
+
+    import numpy as np
+
+    black = _png(tmp_path / "black.png", np.zeros((256, 256), np.uint8))
+    white = _png(tmp_path / "white.png", np.full((256, 256), 255, np.uint8))
+    tiny = _png(tmp_path / "tiny.png", np.array([[7]], np.uint8))
+    flat = tmp_path / "flat.dcm"
+    write_cxr(flat, np.full((128, 128), 900, np.uint16), bits_stored=12)
+    buffer = io.BytesIO()
+    PILImage.fromarray((np.random.default_rng(0).random((2000, 2000)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    hollow = tmp_path / "hollow.jpg"
+    hollow.write_bytes(buffer.getvalue()[:700])  # declares 2000x2000, holds almost nothing
+    real = _png(tmp_path / "real.png", (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8))
+    assert {p.name: _reason(p) for p in (black, white, tiny, flat, hollow, real)} == {
+        "black.png": "blank-image", "white.png": "blank-image", "tiny.png": "blank-image",
+        "flat.dcm": "blank-image", "hollow.jpg": _reason(hollow), "real.png": "ok",
+    }
+    assert _reason(hollow) in ("blank-image", "corrupt")
+
+
+def test_float_pixels_that_are_not_finite_are_refused():
+    import numpy as np
+
+    from pneumobatch.readers import check_content
+
+    pixels = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    check_content(pixels)
+    pixels[3, 4] = np.nan
+    with pytest.raises(FileRejected, match="not finite"):
+        check_content(pixels)

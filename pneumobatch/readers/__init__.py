@@ -59,12 +59,43 @@ def read_image(path: Path, kind: FileKind, options: ReadOptions | None = None) -
     if kind is FileKind.DICOM:
         from pneumobatch.readers.dicom import read_dicom
 
-        return read_dicom(path, options)
-    if kind in (FileKind.PNG, FileKind.JPEG):
+        image = read_dicom(path, options)
+    elif kind in (FileKind.PNG, FileKind.JPEG):
         from pneumobatch.readers.raster import read_raster
 
-        return read_raster(path, options)
-    raise FileRejected(Reason.NOT_IMAGE, "not DICOM, PNG or JPEG")
+        image = read_raster(path, options)
+    else:
+        raise FileRejected(Reason.NOT_IMAGE, "not DICOM, PNG or JPEG")
+    try:
+        check_content(image.pixels)
+    except FileRejected as exc:
+        exc.meta = dict(image.meta)
+        raise
+    return image
+
+
+#: Smallest side a radiograph can have and still be predicted (the models see ~200 px).
+MIN_SIDE = 32
+#: A displayed image whose 1st-99th percentile spread is below this is blank.
+MIN_SPREAD = 0.02
+
+
+def check_content(pixels: np.ndarray) -> None:
+    """Refuse images that hold no radiograph: the one place this is decided.
+
+    Not finite anywhere (NaN/inf float pixels), smaller than :data:`MIN_SIDE` on a
+    side, or (nearly) constant after display scaling (all black, all white, a flat
+    DICOM, a JPEG whose data stop right after the header and decode as grey). Such an
+    image would otherwise get a confident prediction of nothing.
+    """
+    if pixels.ndim != 2 or min(pixels.shape) < MIN_SIDE:
+        raise FileRejected(Reason.BLANK_IMAGE, f"{pixels.shape[-1]}x{pixels.shape[0]} pixels: too small for a radiograph")
+    if not np.isfinite(pixels).all():
+        raise FileRejected(Reason.BLANK_IMAGE, "pixel values that are not finite numbers")
+    step = max(1, int(np.sqrt(pixels.size / 65536)))  # percentiles of a subsample: fast on 3000x3000
+    low, high = np.percentile(pixels[::step, ::step], [1, 99])
+    if high - low < MIN_SPREAD:
+        raise FileRejected(Reason.BLANK_IMAGE, "the image is (nearly) constant")
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Image", "ReadOptions", "read_image"]
