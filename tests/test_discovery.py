@@ -135,3 +135,22 @@ def test_float_pixels_that_are_not_finite_are_refused():
     pixels[3, 4] = np.nan
     with pytest.raises(FileRejected, match="not finite"):
         check_content(pixels)
+
+
+def test_the_decode_guard_counts_bytes_not_only_pixels(tmp_path: Path):
+    """An RGB image within the pixel limit but over the byte budget is refused before decoding."""
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pneumobatch.readers.dicom import read_dicom
+
+    path = tmp_path / "rgb.dcm"
+    ds = write_cxr(path, np.zeros((64, 64), np.uint8))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8).tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    assert read_dicom(path, ReadOptions(max_pixels=64 * 64 * 2)).pixels.shape == (64, 64)  # 12 KiB <= 16 KiB
+    with pytest.raises(FileRejected) as info:
+        read_dicom(path, ReadOptions(max_pixels=64 * 64))  # 12 KiB > 8 KiB, though 4096 pixels <= 4096
+    assert info.value.reason is Reason.TOO_LARGE and "MiB" in info.value.detail

@@ -63,6 +63,9 @@ CXR_MODALITIES = frozenset({"CR", "DX", "DR"})
 #: ViewPosition values of lateral views, decubitus included (not a standard PA/AP).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLAT", "RLAT", "LEFT LATERAL", "RIGHT LATERAL"})
 _BODY_PART_KEYWORDS = ("BodyPartExamined", *DESCRIPTION_KEYWORDS)
+#: Decoded bytes allowed per pixel of ``--max-pixels``: a 16-bit greyscale image at the
+#: pixel limit passes; an RGB or 32-bit image must be correspondingly smaller.
+MAX_BYTES_PER_PIXEL = 2
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,17 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
         raise FileRejected(
             Reason.TOO_LARGE,
             f"{columns}x{rows} pixels exceeds the limit of {options.max_pixels}",
+        )
+    samples = _int(_get(ds, "SamplesPerPixel")) or 1
+    bits = _int(_get(ds, "BitsAllocated")) or 16
+    if not 1 <= samples <= 4 or not 1 <= bits <= 64:
+        raise FileRejected(Reason.UNSUPPORTED_PIXELS, "Samples per Pixel or Bits Allocated out of range")
+    decoded_bytes = rows * columns * samples * ((bits + 7) // 8)  # one frame: only the first is decoded
+    if decoded_bytes > options.max_pixels * MAX_BYTES_PER_PIXEL:
+        raise FileRejected(
+            Reason.TOO_LARGE,
+            f"{columns}x{rows}x{samples} samples of {bits} bits would decode to {decoded_bytes >> 20} MiB, over the "
+            f"limit of {options.max_pixels * MAX_BYTES_PER_PIXEL >> 20} MiB (--max-pixels x {MAX_BYTES_PER_PIXEL} bytes)",
         )
     if _get(ds, "NumberOfFrames") is not None and meta["frames"] != _int(_get(ds, "NumberOfFrames")):
         ds.NumberOfFrames = meta["frames"]  # invalid value: decode the first frame anyway
