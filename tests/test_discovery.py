@@ -154,3 +154,44 @@ def test_the_decode_guard_counts_bytes_not_only_pixels(tmp_path: Path):
     with pytest.raises(FileRejected) as info:
         read_dicom(path, ReadOptions(max_pixels=64 * 64))  # 12 KiB > 8 KiB, though 4096 pixels <= 4096
     assert info.value.reason is Reason.TOO_LARGE and "MiB" in info.value.detail
+
+
+# --- header text never reaches `detail`; UIDs are valid or blank (issue 12, item 17) -------
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_details_name_only_defined_terms_and_overlong_uids_are_blanked(tmp_path: Path):
+    import numpy as np
+
+    from pneumobatch.readers.dicom import read_dicom
+
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    ct, odd = tmp_path / "ct.dcm", tmp_path / "odd.dcm"
+    write_cxr(ct, pixels, modality="CT")
+    write_cxr(odd, pixels, modality="DX", extra={"Modality": "SMITH^JOHN"})
+    details = {}
+    for path in (ct, odd):
+        with pytest.raises(FileRejected) as info:
+            read_dicom(path, ReadOptions())
+        details[path.name] = info.value.detail
+    assert details == {"ct.dcm": "modality CT", "odd.dcm": "modality other than CR/DX/DR"}
+
+    long_uid = "1.2." + ".".join(["123456789"] * 8)  # 83 characters: invalid, not to be truncated
+    path = tmp_path / "uid.dcm"
+    write_cxr(path, pixels, study_instance_uid=long_uid)
+    assert read_dicom(path, ReadOptions()).meta["study_instance_uid"] == ""
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    import numpy as np
+
+    array = np.zeros((40, 80), np.uint8)
+    array[:, :40] = 255  # left half white
+    image = PILImage.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif.tobytes(), quality=95)
+    pixels = read_image(path, sniff(path), ReadOptions()).pixels
+    assert pixels.shape == (80, 40)
+    assert pixels[:40].mean() > 0.9 and pixels[40:].mean() < 0.1  # white now on top

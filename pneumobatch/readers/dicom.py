@@ -63,6 +63,16 @@ CXR_MODALITIES = frozenset({"CR", "DX", "DR"})
 #: ViewPosition values of lateral views, decubitus included (not a standard PA/AP).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLAT", "RLAT", "LEFT LATERAL", "RIGHT LATERAL"})
 _BODY_PART_KEYWORDS = ("BodyPartExamined", *DESCRIPTION_KEYWORDS)
+#: Modality defined terms (PS3.3 C.7.3.1.1.1); only these are ever named in a detail.
+DICOM_MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR "
+    "M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN "
+    "RTRECORD RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC".split()
+)
+_KNOWN_PHOTOMETRIC = frozenset(
+    "MONOCHROME1 MONOCHROME2 RGB HSV ARGB CMYK YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 YBR_PARTIAL_420 "
+    "YBR_ICT YBR_RCT XYB".split()
+) | {"PALETTE COLOR"}
 #: Decoded bytes allowed per pixel of ``--max-pixels``: a 16-bit greyscale image at the
 #: pixel limit passes; an RGB or 32-bit image must be correspondingly smaller.
 MAX_BYTES_PER_PIXEL = 2
@@ -280,7 +290,8 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
         raise FileRejected(Reason.NO_PIXELS, f"no Pixel Data in {_text(sop_class, 64)}")
     modality = meta["modality"][:16]
     if modality and modality not in CXR_MODALITIES:
-        raise FileRejected(Reason.NOT_CXR, f"modality {modality}")
+        # name it only when it is a DICOM defined term: details never echo header text
+        raise FileRejected(Reason.NOT_CXR, f"modality {modality}" if modality in DICOM_MODALITIES else "modality other than CR/DX/DR")
     part, keyword = examined_part({k: _text(_get(ds, k), 256) for k in _BODY_PART_KEYWORDS}, options.body_parts)
     if part is not None and part != "CHEST":
         # ``part`` is a word of our own vocabulary, never raw header text
@@ -318,7 +329,8 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
         ds.PhotometricInterpretation = photometric
         logger.debug("no Photometric Interpretation; assuming MONOCHROME2")
     if photometric not in _MONOCHROME | _COLOUR | {"PALETTE COLOR"}:
-        raise FileRejected(Reason.UNSUPPORTED_PIXELS, f"photometric interpretation {photometric[:16] or '?'}")
+        known = photometric in _KNOWN_PHOTOMETRIC
+        raise FileRejected(Reason.UNSUPPORTED_PIXELS, f"photometric interpretation {photometric if known else 'not a defined term'}")
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -603,8 +615,9 @@ def _text(value: Any, limit: int = _MAX_TEXT) -> str:
 
 
 def _uid_value(value: Any) -> str:
-    text = _text(value, 64).rstrip("\x00")
-    return text if _UID_RE.fullmatch(text) else ""
+    """A valid UID (at most 64 characters of digits and dots), else empty: never a truncated one."""
+    text = _text(value, 256).rstrip("\x00")
+    return text if len(text) <= 64 and _UID_RE.fullmatch(text) else ""
 
 
 def _short(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 
 from pneumobatch.errors import FileRejected, Reason
 from pneumobatch.readers import Image, ReadOptions
@@ -47,11 +47,11 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
                 if fmt == "JPEG" and options.min_side:
                     # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when still big enough.
                     img.draft("L", (options.min_side, options.min_side))
-                pixels = _to_gray(img)
+                pixels = _to_gray(ImageOps.exif_transpose(img))  # a phone photo of a film may be rotated
     except FileRejected:
         raise
     except PILImage.DecompressionBombError as exc:
-        raise FileRejected(Reason.TOO_LARGE, str(exc)) from exc
+        raise FileRejected(Reason.TOO_LARGE, f"more pixels than the limit of {options.max_pixels} (--max-pixels)") from exc
     except UnidentifiedImageError as exc:
         raise FileRejected(Reason.CORRUPT, "not a decodable PNG/JPEG") from exc
     except (OSError, SyntaxError, ValueError) as exc:
