@@ -41,6 +41,49 @@ class FileEntry:
     problem: Optional[tuple[Reason, str]] = None
 
 
+def escape_path(text: str) -> str:
+    """The ``path`` column's text for a file name: printable UTF-8 on one line, lossless.
+
+    File names are bytes: old Samba/NFS shares hold names that are not UTF-8, and a
+    name may contain a carriage return or newline. Python gives undecodable bytes as
+    lone surrogates (``surrogateescape``). Each such byte and each control character
+    becomes ``\\xNN`` (its byte value in hex), and a backslash becomes ``\\\\``, so
+    every name maps to exactly one line of valid UTF-8 and :func:`unescape_path`
+    recovers the original. Names without those characters are unchanged.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape hands it over
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_path(text: str) -> str:
+    """Inverse of :func:`escape_path` (as a str with surrogate escapes, like ``os.fsdecode``)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 2] == "\\":
+            out.append("\\")
+            i += 2
+        elif text[i] == "\\" and text[i + 1 : i + 2] == "x":
+            code = int(text[i + 2 : i + 4], 16)
+            out.append(chr(code + 0xDC00) if code >= 0x80 else chr(code))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def sniff(path: Path) -> FileKind:
     """Tell a file's kind from its first bytes (and a forced DICOM parse if needed)."""
     with open(path, "rb") as fh:
@@ -101,12 +144,12 @@ def walk(roots: Iterable[Path], *, follow_external_links: bool = False) -> Itera
         try:
             st = root.stat()
         except OSError as exc:
-            yield root, FileEntry(root, root.name, 0, 0, _problem_for(root, exc))
+            yield root, FileEntry(root, escape_path(root.name), 0, 0, _problem_for(root, exc))
             continue
         if stat.S_ISREG(st.st_mode):
-            yield root, FileEntry(root.resolve(), root.name, st.st_size, st.st_mtime_ns)
+            yield root, FileEntry(root.resolve(), escape_path(root.name), st.st_size, st.st_mtime_ns)
         elif not stat.S_ISDIR(st.st_mode):
-            yield root, FileEntry(root, root.name, 0, 0, (Reason.SPECIAL_FILE, "not a regular file"))
+            yield root, FileEntry(root, escape_path(root.name), 0, 0, (Reason.SPECIAL_FILE, "not a regular file"))
         else:
             seen: set[tuple[int, int]] = set()
             real_root = root.resolve()
@@ -132,7 +175,7 @@ def _inside(path: Path, real_root: Path) -> bool:
 def _walk_dir(
     root: Path, folder: Path, real_root: Path, seen: set[tuple[int, int]], follow_external: bool
 ) -> Iterator[FileEntry]:
-    rel_folder = folder.relative_to(root).as_posix()
+    rel_folder = escape_path(folder.relative_to(root).as_posix())
     try:
         st = folder.stat()
         key = (st.st_dev, st.st_ino)
@@ -147,7 +190,7 @@ def _walk_dir(
         return
     for child in children:
         path = Path(child.path)
-        rel = path.relative_to(root).as_posix()
+        rel = escape_path(path.relative_to(root).as_posix())
         try:
             cst = child.stat(follow_symlinks=True)
         except OSError as exc:

@@ -159,7 +159,7 @@ def test_the_decode_guard_counts_bytes_not_only_pixels(tmp_path: Path):
 # --- header text never reaches `detail`; UIDs are valid or blank (issue 12, item 17) -------
 
 
-@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.filterwarnings("ignore:Invalid value for VR", "ignore:The value length")
 def test_details_name_only_defined_terms_and_overlong_uids_are_blanked(tmp_path: Path):
     import numpy as np
 
@@ -195,3 +195,41 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     pixels = read_image(path, sniff(path), ReadOptions()).pixels
     assert pixels.shape == (80, 40)
     assert pixels[:40].mean() > 0.9 and pixels[40:].mean() < 0.1  # white now on top
+
+
+# --- file names that are not UTF-8 or hold line breaks (issue 12, items 1 and 2) ----------
+
+
+@pytest.mark.parametrize(
+    "raw", [b"caf\xe9.dcm", b"a\rb.dcm", b"line\nbreak.png", b"back\\slash.dcm", b"tab\tand \xff\xfe.jpg", "tōrax.dcm".encode()]
+)
+def test_escaped_names_are_one_printable_line_and_lossless(raw: bytes):
+    from pneumobatch.discovery import escape_path, unescape_path
+
+    text = escape_path(os.fsdecode(raw))
+    assert text.isprintable() and text.encode("utf-8")
+    assert os.fsencode(unescape_path(text)) == raw
+
+
+def test_predict_and_resume_with_hostile_file_names(tmp_path: Path):
+    import numpy as np
+
+    root = tmp_path / "export"
+    root.mkdir()
+    names = [b"caf\xe9.png", b"cr\rlf\n.png", b"plain.png"]
+    image = PILImage.fromarray((np.add.outer(np.arange(64), np.arange(64)) * 2 % 256).astype(np.uint8))
+    for name in names:
+        image.save(os.path.join(os.fsencode(root), name), format="PNG")
+    out = tmp_path / "p.csv"
+    args = ["predict", str(root), "-o", str(out), "--quiet", "--workers", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8", newline="")))
+    assert sorted(r["path"] for r in rows) == ["caf\\xe9.png", "cr\\x0dlf\\x0a.png", "plain.png"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 1 + len(names)  # no row split by a line break
+    before = out.read_bytes()
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert sorted(r["path"] for r in csv.DictReader(out.open(encoding="utf-8", newline=""))) == sorted(r["path"] for r in rows)
+    assert out.read_bytes() == before
