@@ -103,3 +103,30 @@ def view_group(value: Any) -> str:
 def sex_group(value: Any) -> str:
     text = str(value or "").strip().upper()[:1]
     return {"M": "M", "F": "F"}.get(text, UNKNOWN)
+
+
+def add_subgroup_columns(frame: Any, defaults: Sequence[tuple[str, str]] = (), group_column: str = "source") -> Any:
+    """Add ``age_band``, ``view_group`` and ``sex_group`` columns to a labels/predictions table.
+
+    ``age_band`` keeps an existing non-empty ``age_band`` value, else comes from an
+    ``age`` column (years or DICOM AS), else from ``defaults`` matched on
+    ``group_column``; ``view_group`` from ``view`` or ``view_position``; ``sex_group``
+    from ``sex``. A pandas DataFrame in, a new one out.
+    """
+    out = frame.copy()
+    n = len(out)
+
+    def column(*names: str) -> list[Any]:
+        for name in names:
+            if name in out.columns:
+                return out[name].tolist()
+        return [""] * n
+
+    bands = age_bands(column("age", "patient_age"), column(group_column), defaults)
+    if "age_band" in out.columns:
+        given = [str(v).strip().lower() for v in out["age_band"].fillna("")]
+        bands = [g if g in AGE_BANDS else b for g, b in zip(given, bands)]
+    out["age_band"] = bands
+    out["view_group"] = [view_group(v) for v in column("view", "view_position")]
+    out["sex_group"] = [sex_group(v) for v in column("sex")]
+    return out
