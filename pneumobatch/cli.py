@@ -231,7 +231,7 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
         "batch_size": batch_size, "workers": workers, "resumed": resume,
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
                     "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
-                    "input_size": c.input_size} for c in cards],
+                    "input_size": c.input_size, "card": c.to_dict()} for c in cards],
         "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
     }
     try:

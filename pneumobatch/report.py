@@ -35,17 +35,19 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pandas as pd
 
+from pneumobatch.card import ModelCard
 from pneumobatch.errors import LabelError, PneumobatchError, Reason
 from pneumobatch.labels import (
     PROB_PREFIX,
     JoinResult,
-    ModelInfo,
+    card_from_run,
     check_label_column,
     describe_model,
     detect_key,
     join_labels,
     read_labels,
     study_level,
+    threshold_notes,
 )
 from pneumobatch.metrics import evaluate, jsonable, subgroup_metrics, summarise
 from pneumobatch.outputs import file_counts
@@ -340,22 +342,23 @@ def build_report(
     failures: list[LabelError] = []
     for name in names:
         rows = preds[preds["model"] == name]
-        info = describe_model(rows, run_models.get(name))
+        info = card_from_run(run_models.get(name)) or describe_model(rows, run_models.get(name))
+        prob_columns = info.prob_columns()
         ok = rows[rows["status"] == "ok"]
-        if info.prob_columns and all(c in ok.columns for c in info.prob_columns):
-            ok = ok[ok[info.prob_columns].notna().all(axis=1)]
-            proba = ok[info.prob_columns].to_numpy(dtype=np.float64)
+        if prob_columns and all(c in ok.columns for c in prob_columns):
+            ok = ok[ok[prob_columns].notna().all(axis=1)]
+            proba = ok[prob_columns].to_numpy(dtype=np.float64)
         else:
             proba = None
         section: dict[str, Any] = {
             "name": info.name,
-            "task": info.task.name,
+            "task": info.task,
             "classes": list(info.classes),
             "positive": info.positive,
             "threshold": info.threshold,
             "weights_sha256": info.weights_sha256,
-            "card_thresholds": dict(info.card_thresholds),
-            "notes": list(info.notes),
+            "card_thresholds": info.operating_points(),
+            "notes": threshold_notes(rows),
             "counts": file_counts(rows),
             "summary": summarise(
                 rows["status"].tolist(),
@@ -426,7 +429,7 @@ def build_report(
     return jsonable(doc)
 
 
-def _evaluate(join: JoinResult, info: ModelInfo, n_bootstrap: int, seed: int) -> dict[str, Any]:
+def _evaluate(join: JoinResult, info: ModelCard, n_bootstrap: int, seed: int) -> dict[str, Any]:
     return evaluate(
         join.y_true,
         join.proba,
@@ -434,7 +437,7 @@ def _evaluate(join: JoinResult, info: ModelInfo, n_bootstrap: int, seed: int) ->
         y_pred=join.y_pred,
         positive=info.positive,
         threshold=info.threshold,
-        card_thresholds=info.card_thresholds,
+        card_thresholds=info.operating_points(),
         n_bootstrap=n_bootstrap,
         seed=seed,
     )

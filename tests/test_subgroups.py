@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pneumobatch.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
+from pneumobatch.tasks import get_task
 from pneumobatch.train import (
     TrainConfig,
     TrainingError,
@@ -22,7 +23,6 @@ from pneumobatch.train import (
     load_labels,
     remove_leakage,
 )
-from pneumobatch.tasks import get_task
 from tests.test_train import make_dataset
 
 
