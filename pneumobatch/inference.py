@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pneumobatch.discovery import FileEntry, sniff
-from pneumobatch.errors import FileRejected, Reason, Status
+from pneumobatch.errors import DeviceError, FileRejected, Reason, Status
 from pneumobatch.models import LoadedModel
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
@@ -88,9 +88,14 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` picks the first GPU when there is one."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is available")
+        raise DeviceError(f"--device {device}: no CUDA GPU is available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return resolved
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pneumobatch.atomicfile import atomic_write
 from pneumobatch.card import OPERATING_POINTS, ModelCard  # noqa: F401 - re-exported: the card lives in card.py (no torch)
 from pneumobatch.errors import ModelError
 
@@ -172,15 +173,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_model(net: nn.Module, card: ModelCard, out_dir: Path) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json``; returns the weights path."""
     from safetensors.torch import save
@@ -188,9 +180,9 @@ def save_model(net: nn.Module, card: ModelCard, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     weights = out_dir / f"{card.name}.safetensors"
-    _atomic_write_bytes(weights, save(state, metadata={"name": card.name, "task": card.task}))
+    atomic_write(weights, save(state, metadata={"name": card.name, "task": card.task}))
     card.weights_sha256 = sha256_file(weights)
-    _atomic_write_bytes(
+    atomic_write(
         out_dir / f"{card.name}.json", (json.dumps(card.to_dict(), indent=2) + "\n").encode()
     )
     return weights

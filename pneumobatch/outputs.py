@@ -23,9 +23,10 @@ from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import pandas as pd
 
+from pneumobatch.atomicfile import atomic_write
 from pneumobatch.card import PROB_PREFIX, prob_column
 from pneumobatch.discovery import FileEntry
-from pneumobatch.errors import PneumobatchError, Status
+from pneumobatch.errors import OutputError, OutputExists, Status  # noqa: F401 - re-exported
 from pneumobatch.studies import STUDY_COLUMNS, aggregate_studies  # noqa: F401 - STUDY_COLUMNS re-exported
 
 if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
@@ -41,14 +42,6 @@ TRAILING_COLUMNS = ["threshold", "file_size", "file_mtime_ns"]
 PATIENT_COLUMN = "patient_id"
 
 STUDY_FROM = ("file", "parent-dir")
-
-
-class OutputError(PneumobatchError):
-    """The output cannot be written or resumed."""
-
-
-class OutputExists(OutputError):
-    """The output (or an interrupted run's journal) exists and no --resume/--overwrite was given."""
 
 
 def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[str]:
@@ -262,17 +255,7 @@ class PredictionWriter:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp.exists():
-            tmp.unlink()
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    atomic_write(path, text)
 
 
 def file_counts(frame: pd.DataFrame) -> dict[str, Any]:

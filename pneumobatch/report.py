@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,8 +33,9 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pandas as pd
 
+from pneumobatch.atomicfile import atomic_write
 from pneumobatch.card import ModelCard
-from pneumobatch.errors import LabelError, PneumobatchError, Reason
+from pneumobatch.errors import LabelError, Reason, ReportError
 from pneumobatch.labels import (
     PROB_PREFIX,
     JoinResult,
@@ -67,10 +66,6 @@ __all__ = [
     "output_paths",
     "write_report",
 ]
-
-
-class ReportError(PneumobatchError):
-    """A predictions file or an output path is unusable for a report."""
 
 
 @dataclass
@@ -1212,17 +1207,6 @@ def _remove_stale(json_path: Path, folder: Path) -> None:
             p.unlink()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     predictions_csv: Path | str,
     out_pdf: Path | str,
@@ -1274,17 +1258,20 @@ def write_report(
         studies_csv=studies_csv,
         max_examples=max_examples,
     )
-    out_pdf.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(json_path, folder)
-    figures = render_figures(doc, folder)
+    try:
+        out_pdf.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(json_path, folder)
+        figures = render_figures(doc, folder)
+    except OSError as exc:
+        raise ReportError(f"cannot write {out_pdf.parent}: {exc.strerror or exc}") from exc
     doc["files"] = [out_pdf.name, json_path.name, *(f"{folder.name}/{p.name}" for p in figures)]
-    _atomic_write(out_pdf, lambda tmp: _Pdf(doc, out_pdf.parent).build(tmp))
+    atomic_write(out_pdf, lambda tmp: _Pdf(doc, out_pdf.parent).build(tmp))
     doc["seconds"] = round(time.perf_counter() - started, 3)
 
     def dump(tmp: Path) -> None:
         tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
-    _atomic_write(json_path, dump)
+    atomic_write(json_path, dump)
     return ReportResult(
         pdf=out_pdf,
         metrics_json=json_path,

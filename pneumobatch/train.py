@@ -30,7 +30,7 @@ from torch import nn
 from pneumobatch import __version__
 from pneumobatch.card import is_positive, resolve_threshold
 from pneumobatch.discovery import sniff
-from pneumobatch.errors import FileRejected, PneumobatchError
+from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
 from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
@@ -47,10 +47,6 @@ BALANCE_CHOICES = ("source", "weights", "oversample", "undersample", "none")
 #: A subgroup enters model selection and gets its own operating point only with at
 #: least this many validation images of each class it is scored on.
 MIN_PER_CLASS = 10
-
-
-class TrainingError(PneumobatchError):
-    """Training cannot start or go on (bad data, bad options)."""
 
 
 @dataclass
