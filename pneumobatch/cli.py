@@ -30,14 +30,12 @@ from pneumobatch.errors import (
     ModelError,
     OutputError,
     PneumobatchError,
-    Status,
 )
 from pneumobatch.outputs import STUDY_FROM
+from pneumobatch.predict import PredictConfig
 from pneumobatch.tasks import TASKS
 
 __all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL"]
-#: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``).
-RUN_SCHEMA_VERSION = 2
 
 
 class CommandError(click.ClickException):
@@ -191,24 +189,27 @@ def _check_train_inputs(out_dir: Path, init: str, device: str) -> None:
         raise OutputError(f"cannot write to {out_dir}: permission denied")
 
 
+_P = PredictConfig  # option defaults are the library's, defined once
+
+
 @main.command("predict", short_help="Predict every file under folders; write CSV predictions.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"), show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_P.output, show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
 @click.option("-m", "--model", "model_names", multiple=True, help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model names are looked up (default: the shipped weights/).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=LibraryChoice("pneumobatch.inference", "PRECISIONS"), default="auto", show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
-@click.option("--workers", type=click.IntRange(0, 64), default=None, help="Decoding processes. [default: 2, or 8 with a GPU]")
+@click.option("--device", default=_P.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=LibraryChoice("pneumobatch.inference", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=_P.batch_size, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: 2, or 8 with a GPU]")
 @click.option("--resume", is_flag=True, help="Skip files already in OUT (same path, size and mtime) and add the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--study-from", type=click.Choice(STUDY_FROM), default="file", show_default=True, help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).")
+@click.option("--study-from", type=click.Choice(STUDY_FROM), default=_P.study_from, show_default=True, help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).")
 @click.option("--include-lateral", is_flag=True, help="Predict lateral views too (skipped with reason lateral by default).")
-@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger images (reason too-large).")
+@click.option("--max-pixels", type=click.IntRange(1), default=_P.max_pixels, show_default=True, help="Refuse larger images (reason too-large).")
 @click.option("--include-patient-id", is_flag=True, help="Add a patient_id column (patient names are never written).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
 @click.option("-v", "--verbose", count=True)
-def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[str, ...], weights_dir: Optional[Path], device: str, precision: str, batch_size: int, workers: Optional[int], resume: bool, overwrite: bool, study_from: str, include_lateral: bool, max_pixels: int, include_patient_id: bool, quiet: bool, verbose: int) -> None:
+def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options) -> None:
     """Predict every image under INPUTS (folders or files) and write CSV predictions.
 
     Every file found gets a row: status ok, skipped (by rule, with a reason such as
@@ -216,89 +217,34 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
 
     \b
     Exit codes: 0 all files predicted or skipped by rule; 1 some files errored
-    (see the CSV); 2 usage error; 3 fatal error (e.g. model missing, output unwritable).
+    (see the CSV); 2 usage error (also: --device cuda without a GPU); 3 fatal error
+    (e.g. model missing, output unwritable).
     """
-    import time
-    from datetime import datetime, timezone
-
     from tqdm import tqdm
 
-    from pneumobatch.discovery import walk
-    from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
-    from pneumobatch.models import DEFAULT_MODEL, load_model
-    from pneumobatch.outputs import (
-        OutputPaths,
-        PredictionWriter,
-        columns_for,
-        file_counts,
-        result_rows,
-        write_run_json,
-        write_studies,
-    )
-    from pneumobatch.readers import ReadOptions
+    from pneumobatch.predict import run_predict
 
     _setup_logging(verbose, quiet)
-    torch_device = resolve_device(device)
-    models = [load_model(name, weights_dir) for name in (model_names or (DEFAULT_MODEL,))]
-    names = [m.card.name for m in models]
-    if len(set(names)) != len(names):
-        raise click.UsageError("the same model was given twice")
-    cards = [m.card for m in models]
-    if workers is None:
-        workers = 8 if torch_device.type == "cuda" else 2
+    config = PredictConfig(inputs=list(inputs), models=model_names, **options)
+    with tqdm(total=0, unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
 
-    started = datetime.now(timezone.utc)
-    paths = OutputPaths(output)
-    roots = [Path(p) for p in inputs]
-    entries = []
-    for root, entry in walk(roots):
-        if len(roots) > 1 and root.is_dir():  # keep paths unique across several roots
-            entry = type(entry)(entry.path, f"{root.name}/{entry.relpath}", entry.size, entry.mtime_ns)
-        entries.append(entry)
-    entries = [e for e in entries if not paths.owns(e.path)]  # an output inside the input tree
-    with PredictionWriter(paths, columns_for(cards, include_patient_id), resume=resume, overwrite=overwrite) as writer:
-        todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
-        predictor = Predictor(models, torch_device, resolve_precision(precision, torch_device))
-        options = ReadOptions(max_pixels=max_pixels, include_lateral=include_lateral, min_side=max(predictor.sizes))
-        t0 = time.perf_counter()
-        batch: list[dict] = []
-        n_ok_now = 0
-        with tqdm(total=len(todo), unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
-            for result in run_inference(todo, predictor, options, batch_size=batch_size, workers=workers):
-                batch += result_rows(result, cards, study_from, include_patient_id)
-                n_ok_now += result.status is Status.OK
-                bar.update(1)
-                if len(batch) >= batch_size * len(cards):
-                    writer.append(batch)
-                    batch = []
-            writer.append(batch)
-        seconds = time.perf_counter() - t0
-        frame = writer.finalize(entries, names)
-    write_studies(frame, cards, paths.studies)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    counts = file_counts(frame)
-    rate = n_ok_now / seconds if seconds > 0 else 0.0
-    info = {
-        "schema_version": RUN_SCHEMA_VERSION, "pneumobatch_version": __version__, "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": precision,
-        "batch_size": batch_size, "workers": workers, "resumed": resume,
-        "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
-                    "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
-                    "input_size": c.input_size, "card": c.to_dict()} for c in cards],
-        "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
-    }
-    write_run_json(paths.run, info)
+        run = run_predict(config, progress)
     if not quiet:
+        counts = run.counts
         reasons = {r: n for by_status in counts["by_reason"].values() for r, n in by_status.items()}
         reason_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         click.echo(
             f"{counts['files']} files: {counts['ok']} ok, {counts['skipped']} skipped, "
             f"{counts['error']} errors{f' ({reason_text})' if reason_text else ''}; "
-            f"{len(todo)} read this run at {rate:.1f} images/s on {torch_device}; wrote {output} and {paths.studies.name}"
+            f"{run.files_processed} read this run at {run.images_per_second:.1f} images/s on {run.device}; "
+            f"wrote {config.output} and {run.studies.name}"
         )
-    if counts["error"]:
-        sys.exit(EXIT_FILE_ERRORS)
+    if run.exit_code != EXIT_OK:
+        sys.exit(run.exit_code)
 
 
 @main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")

@@ -93,6 +93,12 @@ class LabelError(PneumobatchError):
     """A labels file could not be read or joined to predictions."""
 
 
+class OptionError(PneumobatchError):
+    """Options that cannot work together (e.g. the same model given twice)."""
+
+    exit_code = EXIT_USAGE
+
+
 class DeviceError(PneumobatchError, ValueError):
     """The requested --device cannot be used (unknown, or CUDA without a GPU)."""
 

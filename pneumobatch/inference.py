@@ -148,6 +148,29 @@ class Predictor:
         return out
 
 
+def make_loader(
+    entries: Sequence[FileEntry],
+    sizes: Sequence[int],
+    options: ReadOptions,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The DataLoader that reads and resizes files in ``workers`` processes: batches of
+    ``(items, inputs by size, indices of decoded items)``."""
+    return DataLoader(
+        StudyFiles(entries, sizes, options),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
 def run_inference(
     entries: Sequence[FileEntry],
     predictor: Predictor,
@@ -157,17 +180,8 @@ def run_inference(
     workers: int = 2,
 ) -> Iterator[FileResult]:
     """Yield a :class:`FileResult` for every entry, in order."""
-    dataset = StudyFiles(entries, predictor.sizes, options)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        pin_memory=predictor.device.type == "cuda",
-        persistent_workers=False,
-    )
+    loader = make_loader(entries, predictor.sizes, options, batch_size=batch_size, workers=workers, pin_memory=predictor.device.type == "cuda")
+    dataset = loader.dataset
     for items, inputs, ok in loader:
         probs = predictor(inputs) if ok else {}
         position = {item_index: row for row, item_index in enumerate(ok)}

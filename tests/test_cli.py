@@ -127,3 +127,18 @@ def test_cli_and_report_do_not_import_torch():
     code = "import sys, pneumobatch.cli, pneumobatch.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_run_predict_is_a_library_call_without_click(tmp_path: Path, weights_dir: Path):  # noqa: F811
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from pneumobatch.predict import PredictConfig, run_predict; "
+        f"run = run_predict(PredictConfig(inputs=[Path({str(tmp_path)!r})], output=Path({str(tmp_path / 'p.csv')!r}), "
+        f"models=['tiny'], weights_dir=Path({str(weights_dir)!r}), workers=0, device='cpu')); "
+        "print(run.counts['files'], run.exit_code, 'click' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0", "False"]
+    assert (tmp_path / "p.run.json").is_file() and (tmp_path / "p.studies.csv").is_file()
