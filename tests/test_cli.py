@@ -13,7 +13,6 @@ import torch
 from click.testing import CliRunner
 
 from pneumobatch.cli import EXIT_FATAL, EXIT_USAGE, main
-from tests.test_predict import weights_dir  # noqa: F401 - the tiny-model fixture
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
 
@@ -46,17 +45,17 @@ def blocked(tmp_path: Path) -> Path:
 
 
 @needs_no_gpu
-def test_predict_without_gpu(images: Path, tmp_path: Path, weights_dir: Path):  # noqa: F811
+def test_predict_without_gpu(images: Path, tmp_path: Path, weights_dir: Path):
     result = CliRunner().invoke(main, ["predict", str(images), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny", "--device", "cuda"])
     one_line_error(result, EXIT_USAGE, "--device cuda", "no CUDA GPU")
 
 
-def test_predict_missing_model(images: Path, tmp_path: Path, weights_dir: Path):  # noqa: F811
+def test_predict_missing_model(images: Path, tmp_path: Path, weights_dir: Path):
     result = CliRunner().invoke(main, ["predict", str(images), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "nope"])
     one_line_error(result, EXIT_FATAL, "'nope' not found")
 
 
-def test_predict_unwritable_output(images: Path, blocked: Path, weights_dir: Path):  # noqa: F811
+def test_predict_unwritable_output(images: Path, blocked: Path, weights_dir: Path):
     result = CliRunner().invoke(main, ["predict", str(images), "-o", str(blocked / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny", "--device", "cpu"])
     one_line_error(result, EXIT_FATAL, "cannot write")
 
@@ -65,7 +64,7 @@ def test_predict_unwritable_output(images: Path, blocked: Path, weights_dir: Pat
 
 
 @pytest.fixture()
-def predictions(images: Path, tmp_path: Path, weights_dir: Path) -> Path:  # noqa: F811
+def predictions(images: Path, tmp_path: Path, weights_dir: Path) -> Path:
     out = tmp_path / "p.csv"
     result = CliRunner().invoke(main, ["predict", str(images), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "-q", "--device", "cpu", "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -129,7 +128,7 @@ def test_cli_and_report_do_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_run_predict_is_a_library_call_without_click(tmp_path: Path, weights_dir: Path):  # noqa: F811
+def test_run_predict_is_a_library_call_without_click(tmp_path: Path, weights_dir: Path):
     import subprocess
     import sys
 
