@@ -2,7 +2,7 @@
 
 Generates a folder of chest-X-ray-sized DICOMs in several encodings, then prints
 images/s for (1) reading + resizing in the DataLoader workers alone, (2) the model
-forward pass alone on ready tensors, (3) ``pneumobatch predict`` end to end (CSV
+forward pass alone on ready tensors, (3) ``run_predict`` (what ``pneumobatch predict`` calls) end to end (CSV
 included), and the ratio of (3) to the slower of (1) and (2). All in one run, so
 the ratios hold even on a noisy shared machine.
 
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from click.testing import CliRunner
-from torch.utils.data import DataLoader
 
-from pneumobatch.cli import main
 from pneumobatch.discovery import walk
-from pneumobatch.inference import Predictor, StudyFiles, _collate, _worker_init, resolve_device, resolve_precision
+from pneumobatch.errors import PneumobatchError
+from pneumobatch.inference import Predictor, make_loader, resolve_device, resolve_precision
 from pneumobatch.models import load_model
+from pneumobatch.predict import PredictConfig, run_predict
 from pneumobatch.readers import ReadOptions
 from pneumobatch.synthetic import write_cxr
 
@@ -45,8 +44,7 @@ def make_studies(folder: Path, size: int, per_encoding: int, encodings: tuple[st
 
 
 def decode_rate(entries, sizes, workers: int, batch_size: int) -> float:
-    loader = DataLoader(StudyFiles(entries, sizes, ReadOptions(min_side=max(sizes))), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None)
+    loader = make_loader(entries, sizes, ReadOptions(min_side=max(sizes)), batch_size=batch_size, workers=workers)
     t0 = time.perf_counter()
     n = sum(len(ok) for _, _, ok in loader)
     return n / (time.perf_counter() - t0)
@@ -92,12 +90,15 @@ def main_() -> None:
         forward = forward_rate(predictor, args.batch_size, max(2, len(entries) // args.batch_size))
         out = Path(tmp) / "p.csv"
         t0 = time.perf_counter()
-        result = CliRunner().invoke(main, ["predict", str(folder), "-o", str(out), "-m", args.model, "--quiet",
-                                           "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                                           "--device", args.device, "--precision", args.precision])
+        config = PredictConfig(inputs=[folder], output=out, models=[args.model], batch_size=args.batch_size,
+                               workers=args.workers, device=args.device, precision=args.precision)
+        try:
+            run = run_predict(config)
+        except PneumobatchError as exc:
+            raise SystemExit(f"predict failed: {exc}") from exc
         end_to_end = len(entries) / (time.perf_counter() - t0)
-        if result.exit_code != 0:
-            raise SystemExit(f"predict failed: {result.output}")
+        if run.exit_code != 0:
+            raise SystemExit(f"predict failed: {run.counts}")
     bound = min(decode, forward)
     print(f"decode-only (all encodings, {args.workers} workers): {decode:7.1f} images/s")
     print(f"model forward only:                       {forward:7.1f} images/s")

@@ -1,14 +1,20 @@
 """Command-line interface: parses options, wires library calls, reports, sets exit codes.
 
-Exit codes: 0 success; 1 the run completed but some files could not be read (they
-are listed in the CSV); 2 usage error (bad option or argument, Click's default);
-3 fatal error (model missing or corrupt, output not writable). An empty input folder
-is not an error: a night without studies writes a CSV with only the header.
+Exit codes, the same for every command (defined with the errors in :mod:`pneumobatch.errors`):
+0 success; 1 the run completed but some files could not be read (they are listed in the
+CSV); 2 usage error (bad option or argument; an existing output without --resume or
+--overwrite; a --device this machine does not have, e.g. cuda without a GPU); 3 fatal
+error (model missing or corrupt, output not writable, unusable data). The package's
+errors are turned into a one-line message and their exit code in one place,
+:class:`Group.invoke`. An empty input folder is not an error: a night without studies
+writes a CSV with only the header.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,15 +22,60 @@ from typing import Optional
 import click
 
 from pneumobatch import __version__
-from pneumobatch.errors import PneumobatchError, Status
+from pneumobatch.errors import (
+    EXIT_FATAL,
+    EXIT_FILE_ERRORS,
+    EXIT_OK,
+    EXIT_USAGE,
+    ModelError,
+    OutputError,
+    PneumobatchError,
+)
+from pneumobatch.outputs import STUDY_FROM
+from pneumobatch.predict import PredictConfig
+from pneumobatch.tasks import TASKS
 
-EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+__all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL"]
 
 
-class FatalError(click.ClickException):
+class CommandError(click.ClickException):
+    """A one-line error (``Error: ...`` on stderr) with the exit code of the error it wraps."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FATAL) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class FatalError(CommandError):
     """A one-line error that stops the run with exit code 3."""
 
-    exit_code = EXIT_FATAL
+
+class Group(click.Group):
+    """Click group that translates the package's errors once for every command."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PneumobatchError as exc:
+            raise CommandError(str(exc), exc.exit_code) from exc
+
+
+class LibraryChoice(click.Choice):
+    """A choice list read from a library constant when first needed (so importing the
+    CLI, or running ``report``, does not import torch for ``inference.PRECISIONS``)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        module, name = self._where
+        return tuple(getattr(importlib.import_module(module), name))
+
+    @choices.setter
+    def choices(self, value: object) -> None:  # set by click.Choice.__init__; read from the library instead
+        pass
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -37,7 +88,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pneumobatch")
 def main() -> None:
     """Batch chest X-ray classification for folders of DICOM, PNG and JPEG studies.
@@ -69,7 +120,7 @@ def models_command(weights_dir: Optional[Path]) -> None:
 
 @main.command("train", short_help="Train a model from a manifest CSV or class folders.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--task", type=click.Choice(["pneumonia", "etiology", "covid", "custom"]), default="pneumonia", show_default=True, help="Which classes to learn; findings map to them by rule.")
+@click.option("--task", type=click.Choice([*TASKS, "custom"]), default="pneumonia", show_default=True, help="Which classes to learn; findings map to them by rule.")
 @click.option("--name", help="Model name (files NAME.safetensors/NAME.json). Default: the task name.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("weights"), show_default=True)
 @click.option("--label-column", default="finding", show_default=True, help="Manifest column holding the label or hierarchical finding.")
@@ -84,7 +135,7 @@ def models_command(weights_dir: Optional[Path]) -> None:
 @click.option("--epochs", type=click.IntRange(1), default=6, show_default=True, help="Stage 2: epochs fine-tuning the whole network (at most).")
 @click.option("--patience", type=click.IntRange(1), default=3, show_default=True, help="Early stopping: epochs without validation-AUC gain.")
 @click.option("--lr", type=float, default=3e-4, show_default=True)
-@click.option("--balance", type=click.Choice(["source", "weights", "oversample", "undersample", "none"]), default="source", show_default=True, help="Imbalance handling: source = sample classes equally and sources within a class by the square root of their size; weights = class-weighted loss.")
+@click.option("--balance", type=LibraryChoice("pneumobatch.train", "BALANCE_CHOICES"), default="source", show_default=True, help="Imbalance handling: source = sample classes equally and sources within a class by the square root of their size; weights = class-weighted loss.")
 @click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="Age band for images without an age whose --group-column value matches PATTERN (glob, case-insensitive). Repeatable.")
 @click.option("--age-column", default="age", show_default=True, help="Manifest column with the age in years (age bands: child < 18 <= adult).")
 @click.option("--view-column", default="view", show_default=True, help="Manifest column with the view (AP/PA), for per-view metrics.")
@@ -111,11 +162,9 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     name = name or options["task"]
     if (out_dir / f"{name}.safetensors").exists() and not overwrite and not options["resume"]:
         raise click.UsageError(f"{out_dir / name}.safetensors exists; pass --overwrite to replace it or --name for another name")
+    _check_train_inputs(out_dir, options["init"], options["device"])
     config = TrainConfig(data=data, out_dir=out_dir, name=name, **options)
-    try:
-        card = train(config, progress=click.echo)
-    except PneumobatchError as exc:
-        raise FatalError(str(exc)) from exc
+    card = train(config, progress=click.echo)
     test = card.metrics.get("test", {})
     click.echo(f"wrote {out_dir / name}.safetensors and {out_dir / name}.json")
     if test:
@@ -125,24 +174,42 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
         click.echo("; ".join(parts))
 
 
+def _check_train_inputs(out_dir: Path, init: str, device: str) -> None:
+    """Fail in seconds, before images are decoded: device, --init weights, output folder."""
+    from pneumobatch.inference import resolve_device
+
+    resolve_device(device)
+    if init not in ("imagenet", "random") and not Path(init).is_file():
+        raise ModelError(f"--init {init}: no such weights file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {out_dir}: permission denied")
+
+
+_P = PredictConfig  # option defaults are the library's, defined once
+
+
 @main.command("predict", short_help="Predict every file under folders; write CSV predictions.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"), show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_P.output, show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
 @click.option("-m", "--model", "model_names", multiple=True, help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model names are looked up (default: the shipped weights/).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
-@click.option("--workers", type=click.IntRange(0, 64), default=None, help="Decoding processes. [default: 2, or 8 with a GPU]")
+@click.option("--device", default=_P.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=LibraryChoice("pneumobatch.inference", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=_P.batch_size, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: 2, or 8 with a GPU]")
 @click.option("--resume", is_flag=True, help="Skip files already in OUT (same path, size and mtime) and add the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--study-from", type=click.Choice(["file", "parent-dir"]), default="file", show_default=True, help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).")
+@click.option("--study-from", type=click.Choice(STUDY_FROM), default=_P.study_from, show_default=True, help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).")
 @click.option("--include-lateral", is_flag=True, help="Predict lateral views too (skipped with reason lateral by default).")
-@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger images (reason too-large).")
+@click.option("--max-pixels", type=click.IntRange(1), default=_P.max_pixels, show_default=True, help="Refuse larger images (reason too-large).")
 @click.option("--include-patient-id", is_flag=True, help="Add a patient_id column (patient names are never written).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
 @click.option("-v", "--verbose", count=True)
-def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[str, ...], weights_dir: Optional[Path], device: str, precision: str, batch_size: int, workers: Optional[int], resume: bool, overwrite: bool, study_from: str, include_lateral: bool, max_pixels: int, include_patient_id: bool, quiet: bool, verbose: int) -> None:
+def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options) -> None:
     """Predict every image under INPUTS (folders or files) and write CSV predictions.
 
     Every file found gets a row: status ok, skipped (by rule, with a reason such as
@@ -150,104 +217,34 @@ def predict_command(inputs: tuple[Path, ...], output: Path, model_names: tuple[s
 
     \b
     Exit codes: 0 all files predicted or skipped by rule; 1 some files errored
-    (see the CSV); 2 usage error; 3 fatal error (e.g. model missing, output unwritable).
+    (see the CSV); 2 usage error (also: --device cuda without a GPU); 3 fatal error
+    (e.g. model missing, output unwritable).
     """
-    import time
-    from datetime import datetime, timezone
-
     from tqdm import tqdm
 
-    from pneumobatch.discovery import walk
-    from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
-    from pneumobatch.models import DEFAULT_MODEL, load_model
-    from pneumobatch.outputs import (
-        OutputExists,
-        OutputPaths,
-        PredictionWriter,
-        columns_for,
-        file_counts,
-        result_rows,
-        write_run_json,
-        write_studies,
-    )
-    from pneumobatch.readers import ReadOptions
+    from pneumobatch.predict import run_predict
 
     _setup_logging(verbose, quiet)
-    try:
-        torch_device = resolve_device(device)
-    except (ValueError, RuntimeError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from exc
-    try:
-        models = [load_model(name, weights_dir) for name in (model_names or (DEFAULT_MODEL,))]
-    except PneumobatchError as exc:
-        raise FatalError(str(exc)) from exc
-    names = [m.card.name for m in models]
-    if len(set(names)) != len(names):
-        raise click.UsageError("the same model was given twice")
-    cards = [m.card for m in models]
-    if workers is None:
-        workers = 8 if torch_device.type == "cuda" else 2
+    config = PredictConfig(inputs=list(inputs), models=model_names, **options)
+    with tqdm(total=0, unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
 
-    started = datetime.now(timezone.utc)
-    paths = OutputPaths(output)
-    roots = [Path(p) for p in inputs]
-    entries = []
-    for root, entry in walk(roots):
-        if len(roots) > 1 and root.is_dir():  # keep paths unique across several roots
-            entry = type(entry)(entry.path, f"{root.name}/{entry.relpath}", entry.size, entry.mtime_ns)
-        entries.append(entry)
-    try:
-        entries = [e for e in entries if not paths.owns(e.path)]  # an output inside the input tree
-        with PredictionWriter(paths, columns_for(cards, include_patient_id), resume=resume, overwrite=overwrite) as writer:
-            todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
-            predictor = Predictor(models, torch_device, resolve_precision(precision, torch_device))
-            options = ReadOptions(max_pixels=max_pixels, include_lateral=include_lateral, min_side=max(predictor.sizes))
-            t0 = time.perf_counter()
-            batch: list[dict] = []
-            n_ok_now = 0
-            with tqdm(total=len(todo), unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
-                for result in run_inference(todo, predictor, options, batch_size=batch_size, workers=workers):
-                    batch += result_rows(result, cards, study_from, include_patient_id)
-                    n_ok_now += result.status is Status.OK
-                    bar.update(1)
-                    if len(batch) >= batch_size * len(cards):
-                        writer.append(batch)
-                        batch = []
-                writer.append(batch)
-            seconds = time.perf_counter() - t0
-            frame = writer.finalize(entries, names)
-        write_studies(frame, cards, paths.studies)
-    except OutputExists as exc:
-        raise click.UsageError(str(exc)) from exc
-    except PneumobatchError as exc:
-        raise FatalError(str(exc)) from exc
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    counts = file_counts(frame)
-    rate = n_ok_now / seconds if seconds > 0 else 0.0
-    info = {
-        "pneumobatch_version": __version__, "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": precision,
-        "batch_size": batch_size, "workers": workers, "resumed": resume,
-        "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
-                    "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
-                    "input_size": c.input_size} for c in cards],
-        "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
-    }
-    try:
-        write_run_json(paths.run, info)
-    except PneumobatchError as exc:
-        raise FatalError(str(exc)) from exc
+        run = run_predict(config, progress)
     if not quiet:
+        counts = run.counts
         reasons = {r: n for by_status in counts["by_reason"].values() for r, n in by_status.items()}
         reason_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         click.echo(
             f"{counts['files']} files: {counts['ok']} ok, {counts['skipped']} skipped, "
             f"{counts['error']} errors{f' ({reason_text})' if reason_text else ''}; "
-            f"{len(todo)} read this run at {rate:.1f} images/s on {torch_device}; wrote {output} and {paths.studies.name}"
+            f"{run.files_processed} read this run at {run.images_per_second:.1f} images/s on {run.device}; "
+            f"wrote {config.output} and {run.studies.name}"
         )
-    if counts["error"]:
-        sys.exit(EXIT_FILE_ERRORS)
+    if run.exit_code != EXIT_OK:
+        sys.exit(run.exit_code)
 
 
 @main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")
@@ -275,10 +272,7 @@ def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, 
     from pneumobatch.report import write_report
 
     _setup_logging(0, quiet)
-    try:
-        result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, where=where, n_bootstrap=bootstrap, seed=seed)
-    except PneumobatchError as exc:
-        raise FatalError(str(exc)) from exc
+    result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, where=where, n_bootstrap=bootstrap, seed=seed)
     if not quiet:
         for warning in result.warnings:
             click.echo(f"note: {warning}", err=True)

@@ -1,6 +1,16 @@
-"""Exception types and the reason codes written to the ``reason`` column.
+"""Exception types, the reason codes written to the ``reason`` column, and exit codes.
 
-Every reason code a user can see in a CSV is defined here, once.
+Every reason code a user can see in a CSV is defined here, once. Every error type
+carries the exit code the CLI gives it, so the CLI translates errors in one place:
+
+====  ==================================================================================
+0     success
+1     the run completed but some files could not be read (they are listed in the CSV)
+2     usage error: bad option or argument; an existing output without --resume or
+      --overwrite; a --device that this machine does not have (e.g. cuda without a GPU)
+3     fatal error: model missing or corrupt, output not writable, training data unusable,
+      predictions or labels unusable
+====  ==================================================================================
 """
 
 from __future__ import annotations
@@ -55,8 +65,13 @@ _SKIP_REASONS = {
 }
 
 
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+
+
 class PneumobatchError(Exception):
-    """Base class of the package's errors."""
+    """Base class of the package's errors; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = EXIT_FATAL
 
 
 class FileRejected(PneumobatchError):
@@ -84,3 +99,33 @@ class ModelError(PneumobatchError):
 
 class LabelError(PneumobatchError):
     """A labels file could not be read or joined to predictions."""
+
+
+class OptionError(PneumobatchError):
+    """Options that cannot work together (e.g. the same model given twice)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DeviceError(PneumobatchError, ValueError):
+    """The requested --device cannot be used (unknown, or CUDA without a GPU)."""
+
+    exit_code = EXIT_USAGE
+
+
+class OutputError(PneumobatchError):
+    """The output cannot be written or resumed."""
+
+
+class OutputExists(OutputError):
+    """The output (or an interrupted run's journal) exists and no --resume/--overwrite was given."""
+
+    exit_code = EXIT_USAGE
+
+
+class ReportError(PneumobatchError):
+    """A report cannot be made: predictions unreadable, unknown model, bad output path."""
+
+
+class TrainingError(PneumobatchError):
+    """Training cannot start or go on (data, labels, splits, options)."""

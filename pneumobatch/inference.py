@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pneumobatch.discovery import FileEntry, sniff
-from pneumobatch.errors import FileRejected, Reason, Status
+from pneumobatch.errors import DeviceError, FileRejected, Reason, Status
 from pneumobatch.models import LoadedModel
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
@@ -94,9 +94,14 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` picks the first GPU when there is one."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is available")
+        raise DeviceError(f"--device {device}: no CUDA GPU is available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return resolved
 
 
@@ -167,6 +172,29 @@ class Predictor:
         return out
 
 
+def make_loader(
+    entries: Sequence[FileEntry],
+    sizes: Sequence[int],
+    options: ReadOptions,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The DataLoader that reads and resizes files in ``workers`` processes: batches of
+    ``(items, inputs by size, indices of decoded items)``."""
+    return DataLoader(
+        StudyFiles(entries, sizes, options),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
 def run_inference(
     entries: Sequence[FileEntry],
     predictor: Predictor,
@@ -176,17 +204,8 @@ def run_inference(
     workers: int = 2,
 ) -> Iterator[FileResult]:
     """Yield a :class:`FileResult` for every entry, in order."""
-    dataset = StudyFiles(entries, predictor.sizes, options)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        pin_memory=predictor.device.type == "cuda",
-        persistent_workers=False,
-    )
+    loader = make_loader(entries, predictor.sizes, options, batch_size=batch_size, workers=workers, pin_memory=predictor.device.type == "cuda")
+    dataset = loader.dataset
     for items, inputs, ok in loader:
         scores: dict[str, np.ndarray] = {}
         probs = predictor(inputs, scores) if ok else {}

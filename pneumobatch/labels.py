@@ -24,7 +24,9 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from pneumobatch.card import PROB_PREFIX, ModelCard
 from pneumobatch.errors import LabelError
+from pneumobatch.studies import STUDY_COLUMNS, aggregate_studies
 from pneumobatch.tasks import TASKS, Task, task_from_card
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,6 @@ STUDY_RULE_NOTE = (
     "study predictions computed here from the images (predictions.studies.csv not found): "
     "the most abnormal image of each study, as predict does"
 )
-PROB_PREFIX = "prob_"
 #: How many examples of each join problem are kept.
 MAX_EXAMPLES = 10
 #: Label-file columns are kept in :attr:`JoinResult.rows` under this prefix.
@@ -202,39 +203,6 @@ def _suffix_matches(label_keys: Iterable[str], pred_keys: Iterable[str]) -> dict
 # ----------------------------------------------------------------------- models
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the report needs to know about one model in a predictions CSV."""
-
-    name: str
-    task: Task
-    classes: tuple[str, ...]
-    positive: Optional[str]
-    threshold: Optional[float]
-    weights_sha256: str = ""
-    card_thresholds: Mapping[str, float] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-
-    @property
-    def prob_columns(self) -> list[str]:
-        return [PROB_PREFIX + c for c in self.classes]
-
-    @property
-    def binary(self) -> bool:
-        return len(self.classes) == 2 and self.positive in self.classes
-
-    def predict(self, proba: np.ndarray) -> np.ndarray:
-        """Class names from probabilities: the threshold rule (binary) or the argmax."""
-        classes = np.asarray(self.classes, dtype=object)
-        if len(proba) == 0:
-            return np.asarray([], dtype=object)
-        if self.binary:
-            pos = self.classes.index(self.positive)
-            t = 0.5 if self.threshold is None else self.threshold
-            return np.where(proba[:, pos] >= t, classes[pos], classes[1 - pos])
-        return classes[np.nanargmax(proba, axis=1)]
-
-
 def _first_value(rows: pd.DataFrame, column: str) -> str:
     if column not in rows.columns:
         return ""
@@ -243,14 +211,15 @@ def _first_value(rows: pd.DataFrame, column: str) -> str:
     return str(values.iloc[0]) if len(values) else ""
 
 
-def describe_model(rows: pd.DataFrame, run_model: Optional[Mapping[str, Any]] = None) -> ModelInfo:
-    """Model, task, classes, positive class and threshold from one model's CSV rows.
+def describe_model(rows: pd.DataFrame, run_model: Optional[Mapping[str, Any]] = None) -> ModelCard:
+    """The card of one model in a predictions CSV written without a full card in its run.json.
 
-    ``run_model`` is that model's entry of ``predictions.run.json`` when there is one;
-    the CSV fills in what it lacks (classes from the ``prob_`` columns with values).
+    ``run_model`` is that model's entry of an older ``predictions.run.json`` when there is
+    one; the CSV fills in what it lacks (classes from the ``prob_`` columns with values,
+    the threshold from the ``threshold`` column). A run.json holding the card itself is
+    read by :func:`card_from_run` instead.
     """
     run_model = dict(run_model or {})
-    notes: list[str] = []
     name = _first_value(rows, "model") or str(run_model.get("name") or "model")
     task_name = _first_value(rows, "task") or str(run_model.get("task") or "custom")
     classes = [str(c) for c in run_model.get("classes") or []]
@@ -269,28 +238,44 @@ def describe_model(rows: pd.DataFrame, run_model: Optional[Mapping[str, Any]] = 
         values = pd.to_numeric(rows["threshold"], errors="coerce").dropna()
         if len(values):
             threshold = float(values.mode().iloc[0])
-            if values.nunique() > 1:
-                notes.append(f"several thresholds in the CSV; the most common, {threshold:g}, is used")
     if threshold is None and run_model.get("threshold") is not None:
         threshold = float(run_model["threshold"])
     if positive is None:
         threshold = None
-    card = {
-        str(k): float(v)
-        for k, v in (run_model.get("thresholds") or {}).items()
-        if k != "shipped" and k != "target_recall" and isinstance(v, (int, float))
-        and not str(k).endswith(("_sensitivity", "_specificity"))  # statistics, not thresholds
-    }
-    return ModelInfo(
+    return ModelCard(
         name=name,
-        task=task,
-        classes=tuple(classes),
+        task=task.name,
+        classes=classes,
+        architecture=str(run_model.get("architecture") or ""),
+        input_size=int(run_model.get("input_size") or 0),
+        mean=[],
+        std=[],
         positive=positive,
         threshold=threshold,
+        thresholds=dict(run_model.get("thresholds") or {}),
         weights_sha256=_first_value(rows, "weights_sha256") or str(run_model.get("weights_sha256") or ""),
-        card_thresholds=card,
-        notes=tuple(notes),
     )
+
+
+def card_from_run(run_model: Optional[Mapping[str, Any]]) -> Optional[ModelCard]:
+    """The card predict stored in run.json (``models[i]["card"]``), or None for older files."""
+    stored = (run_model or {}).get("card")
+    return ModelCard.from_dict(dict(stored)) if isinstance(stored, Mapping) else None
+
+
+def threshold_notes(rows: pd.DataFrame) -> list[str]:
+    """A note when one model's CSV rows carry several thresholds (files from several runs)."""
+    if "threshold" not in rows.columns:
+        return []
+    values = pd.to_numeric(rows["threshold"], errors="coerce").dropna()
+    if values.nunique() > 1:
+        return [f"several thresholds in the CSV; the most common, {float(values.mode().iloc[0]):g}, is used"]
+    return []
+
+
+def card_task(card: ModelCard) -> Task:
+    """The task (with its label mapping) of a card."""
+    return task_from_card(card.task, list(card.classes))
 
 
 def _study_column(rows: pd.DataFrame) -> Optional[str]:
@@ -301,48 +286,15 @@ def _study_column(rows: pd.DataFrame) -> Optional[str]:
     return None
 
 
-def aggregate_studies(rows: pd.DataFrame, model: ModelInfo) -> pd.DataFrame:
-    """Study-level predictions from file rows, by the rule ``predict`` uses.
-
-    A study takes the probabilities of its most abnormal ``ok`` image: highest
-    1 - P(normal) when the task has a ``normal`` class, else highest P(positive), else
-    highest top probability. Stands in for ``predictions.studies.csv`` when it is missing.
-    """
-    cols = model.prob_columns
-    out_cols = ["study", STUDY_KEY, "model", "task", "n_images", "key_image", "pred_label", *cols, "threshold"]
+def study_predictions(rows: pd.DataFrame, model: ModelCard) -> pd.DataFrame:
+    """Study-level predictions of one model from its file rows, by predict's rule
+    (:func:`pneumobatch.studies.aggregate_studies`); only studies with a predicted image.
+    Stands in for ``predictions.studies.csv`` when it is missing."""
     by = _study_column(rows)
     if by is None:
-        return pd.DataFrame(columns=out_cols)
-    ok = rows[(rows["status"] == "ok") & (rows[by].fillna("").astype(str) != "")]
-    ok = ok[ok[cols].notna().all(axis=1)] if cols else ok.iloc[:0]
-    if ok.empty:
-        return pd.DataFrame(columns=out_cols)
-    proba = ok[cols].to_numpy(dtype=np.float64)
-    if "normal" in model.classes:
-        score = 1.0 - proba[:, model.classes.index("normal")]
-    elif model.positive in model.classes:
-        score = proba[:, model.classes.index(model.positive)]
-    else:
-        score = proba.max(axis=1)
-    ranked = ok.assign(_score=score, _n=1)
-    n_images = ranked.groupby(by, sort=False)["_n"].transform("sum")
-    ranked = ranked.assign(n_images=n_images).sort_values("_score", ascending=False, kind="stable")
-    best = ranked.drop_duplicates(by).copy()
-    out = pd.DataFrame(
-        {
-            "study": best["study"] if "study" in best.columns else best[by],
-            STUDY_KEY: best[STUDY_KEY] if STUDY_KEY in best.columns else "",
-            "model": model.name,
-            "task": model.task.name,
-            "n_images": best["n_images"].to_numpy(),
-            "key_image": best["path"].to_numpy(),
-        }
-    )
-    out["pred_label"] = model.predict(best[cols].to_numpy(dtype=np.float64))
-    for col in cols:
-        out[col] = best[col].to_numpy()
-    out["threshold"] = model.threshold
-    return out.reset_index(drop=True)
+        return pd.DataFrame(columns=STUDY_COLUMNS + model.prob_columns() + ["threshold"])
+    studies = aggregate_studies(rows, [model], by=by)
+    return studies[studies["n_images"] > 0].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------- join
@@ -388,7 +340,7 @@ class JoinResult:
     the prefix ``labels.``.
     """
 
-    model: ModelInfo
+    model: ModelCard
     key: str
     level: str  # "file" or "study"
     label_column: str
@@ -413,7 +365,7 @@ class JoinResult:
 
     @property
     def proba(self) -> np.ndarray:
-        return self.rows[self.model.prob_columns].to_numpy(dtype=np.float64)
+        return self.rows[self.model.prob_columns()].to_numpy(dtype=np.float64)
 
     def column(self, name: str) -> pd.Series:
         """A labels-file column (preferred) or prediction column of the matched rows."""
@@ -469,12 +421,12 @@ def _map_classes(values: pd.Series, task: Task) -> pd.Series:
     return values.map(mapping)
 
 
-def _prediction_classes(rows: pd.DataFrame, model: ModelInfo) -> tuple[np.ndarray, int]:
+def _prediction_classes(rows: pd.DataFrame, model: ModelCard) -> tuple[np.ndarray, int]:
     """Predicted class per row: the CSV's ``pred_label``, else derived; and how many derived."""
-    derived = model.predict(rows[model.prob_columns].to_numpy(dtype=np.float64))
+    derived = model.decide_many(rows[model.prob_columns()].to_numpy(dtype=np.float64))
     if "pred_label" not in rows.columns:
         return derived, len(rows)
-    given = _map_classes(rows["pred_label"].fillna("").astype(str), model.task)
+    given = _map_classes(rows["pred_label"].fillna("").astype(str), card_task(model))
     missing = given.isna().to_numpy()
     return np.where(missing, derived, given.to_numpy(dtype=object)), int(missing.sum())
 
@@ -482,7 +434,7 @@ def _prediction_classes(rows: pd.DataFrame, model: ModelInfo) -> tuple[np.ndarra
 def join_labels(
     predictions: pd.DataFrame,
     labels: pd.DataFrame,
-    model: ModelInfo,
+    model: ModelCard,
     *,
     key: Optional[str] = None,
     label_column: str = "label",
@@ -501,7 +453,7 @@ def join_labels(
     source = labels.attrs.get("source", "labels file")
     level = "study" if key in STUDY_KEYS else "file"
     problems = {name: _problem(name) for name in PROBLEM_TITLES if name != "conflicting_study_labels"}
-    notes: list[str] = list(model.notes)
+    notes: list[str] = []
 
     # ---- labels: key, class
     lab = labels.copy()
@@ -519,12 +471,12 @@ def join_labels(
     files["_key"] = normalise_keys(files[key], key) if key in files.columns else ""
     if level == "study":
         if studies is None or key not in studies.columns:
-            pred = aggregate_studies(predictions, model)
+            pred = study_predictions(predictions, model)
             notes.append(STUDY_RULE_NOTE)
         else:
             pred = studies.copy()
         pred["_key"] = normalise_keys(pred[key], key)
-        has_probs = pred[model.prob_columns].notna().all(axis=1) if model.prob_columns else False
+        has_probs = pred[model.prob_columns()].notna().all(axis=1) if model.prob_columns() else False
         pred["status"] = np.where(has_probs, "ok", "skipped")  # studies without a predicted image
     else:
         pred = files
@@ -554,7 +506,7 @@ def join_labels(
         )
 
     # ---- map labels to classes
-    lab["y_true"] = _map_classes(lab["_label"], model.task)
+    lab["y_true"] = _map_classes(lab["_label"], card_task(model))
     unmapped = lab[lab["y_true"].isna()]
     p = problems["unmapped_labels"]
     p.count = len(unmapped)
@@ -598,7 +550,7 @@ def join_labels(
     extra = [c for c in labels.columns if c != key]
     keep = mapped[["_key", "y_true", *extra]].rename(columns={c: LABEL_PREFIX + c for c in extra})
     rows = ok.merge(keep, on="_key", how="inner")
-    no_prob = rows[model.prob_columns].isna().any(axis=1) if model.prob_columns else pd.Series(True, index=rows.index)
+    no_prob = rows[model.prob_columns()].isna().any(axis=1) if model.prob_columns() else pd.Series(True, index=rows.index)
     problems["missing_probabilities"].count = int(no_prob.sum())
     problems["missing_probabilities"].examples = _examples(rows.loc[no_prob, "_key"], max_examples)
     rows = rows[~no_prob].reset_index(drop=True)
@@ -607,7 +559,7 @@ def join_labels(
             seen = list(problems["unmapped_labels"].breakdown.items())[:5]
             why = (
                 f"none of the labels in column {label_column!r} maps to the classes of task "
-                f"{model.task.name} ({', '.join(model.classes)}); values seen: "
+                f"{model.task} ({', '.join(model.classes)}); values seen: "
                 + ", ".join(f"{v!r} ({n})" for v, n in seen)
             )
         elif problems["labelled_not_ok"].count:
@@ -645,7 +597,7 @@ def study_level(
 
     A study's label is the class its labelled images agree on (studies whose images
     disagree are left out and counted). Its prediction comes from ``studies``
-    (``predictions.studies.csv``) or is computed by :func:`aggregate_studies`. Returns
+    (``predictions.studies.csv``) or is computed by :func:`study_predictions`. Returns
     ``None`` when the join is already study level or no labelled study has several
     predicted images.
     """
@@ -657,7 +609,7 @@ def study_level(
     model = join.model
     notes = ["study labels are the class shared by each study's labelled images"]
     if studies is None or by not in studies.columns or "n_images" not in studies.columns:
-        studies = aggregate_studies(predictions, model)
+        studies = study_predictions(predictions, model)
         notes.append(STUDY_RULE_NOTE)
     if studies.empty:
         return None
@@ -672,7 +624,7 @@ def study_level(
     conflicting = set(n_classes.index[n_classes > 1])
     labels = per_study[~per_study["_key"].isin(conflicting)].drop_duplicates("_key")
     matched = relevant.drop(columns=["y_true", "y_pred"], errors="ignore").merge(labels, on="_key", how="inner")
-    matched = matched[matched[model.prob_columns].notna().all(axis=1)].reset_index(drop=True)
+    matched = matched[matched[model.prob_columns()].notna().all(axis=1)].reset_index(drop=True)
     if matched.empty:
         return None
     y_pred, n_derived = _prediction_classes(matched, model)

@@ -36,6 +36,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pneumobatch.card import decide_indices, is_positive
+
 #: Curves kept in the JSON output are thinned to at most this many points.
 MAX_CURVE_POINTS = 2000
 #: Sensitivity the ``recall_95`` operating point must reach on the evaluated data.
@@ -170,7 +172,7 @@ def operating_point(
 ) -> dict[str, Any]:
     """Counts, sensitivity, specificity, PPV, NPV and F1 when ``score >= threshold``."""
     y_pos = np.asarray(y_pos, dtype=bool)
-    pred = np.asarray(score) >= threshold
+    pred = is_positive(score, threshold)
     tn, fp, fn, tp = confusion_matrix(y_pos, pred, labels=[False, True]).ravel()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -290,11 +292,8 @@ def evaluate(
     yt = _as_indices(list(y_true), classes, "y_true")
     if y_pred is not None:
         yp = _as_indices(list(y_pred), classes, "y_pred")
-    elif binary:
-        t = 0.5 if threshold is None else threshold
-        yp = np.where(proba[:, pos_idx] >= t, pos_idx, 1 - pos_idx)
     else:
-        yp = proba.argmax(axis=1)
+        yp = decide_indices(proba, classes, positive if binary else None, threshold)
     labels = list(range(k))
     notes: list[str] = []
 

@@ -1,4 +1,4 @@
-"""Architectures, the model registry, model cards, and safe load/save.
+"""Architectures, the model registry, and safe load/save (the card itself: :mod:`pneumobatch.card`).
 
 A model on disk is two files that travel together (as in timm, weights and their
 preprocessing belong to each other):
@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from pneumobatch.atomicfile import atomic_write
+from pneumobatch.card import OPERATING_POINTS, ModelCard  # noqa: F401 - re-exported: the card lives in card.py (no torch)
 from pneumobatch.errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,8 +31,6 @@ LITE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on (x - 127) / 128
 LITE_STD = (0.5, 0.5, 0.5)
 
 DEFAULT_MODEL = "pneumonia"
-#: Keys of ``ModelCard.thresholds`` that are thresholds; the others describe them.
-OPERATING_POINTS = ("recall_target", "youden")
 
 
 @dataclass(frozen=True)
@@ -151,47 +151,6 @@ def create_model(architecture: str, num_classes: int, *, pretrained: bool, input
 
 
 @dataclass
-class ModelCard:
-    """Everything needed to use a model correctly and to judge it."""
-
-    name: str
-    task: str
-    classes: list[str]
-    architecture: str
-    input_size: int
-    mean: list[float]
-    std: list[float]
-    positive: Optional[str] = None  # class whose probability ``threshold`` applies to
-    threshold: Optional[float] = None  # shipped decision threshold (binary tasks)
-    thresholds: dict[str, Any] = field(default_factory=dict)  # named operating points
-    temperature: float = 1.0  # logits are divided by this before softmax
-    data: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    pneumobatch_version: str = ""
-    weights_sha256: str = ""
-    intended_use: str = (
-        "Research and quality-assurance use on frontal (PA/AP) chest radiographs. "
-        "Not a medical device; not for diagnosis."
-    )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
-        known = {f.name for f in fields(cls)}
-        missing = {"name", "task", "classes", "architecture", "input_size", "mean", "std"} - set(data)
-        if missing:
-            raise ModelError(f"model card lacks {', '.join(sorted(missing))}")
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def operating_points(self) -> dict[str, float]:
-        """Named thresholds chosen on validation (``thresholds`` also holds their sensitivity etc.)."""
-        return {k: float(self.thresholds[k]) for k in OPERATING_POINTS if isinstance(self.thresholds.get(k), (int, float))}
-
-
-@dataclass
 class LoadedModel:
     card: ModelCard
     net: nn.Module
@@ -214,15 +173,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_model(net: nn.Module, card: ModelCard, out_dir: Path) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json``; returns the weights path."""
     from safetensors.torch import save
@@ -230,9 +180,9 @@ def save_model(net: nn.Module, card: ModelCard, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     weights = out_dir / f"{card.name}.safetensors"
-    _atomic_write_bytes(weights, save(state, metadata={"name": card.name, "task": card.task}))
+    atomic_write(weights, save(state, metadata={"name": card.name, "task": card.task}))
     card.weights_sha256 = sha256_file(weights)
-    _atomic_write_bytes(
+    atomic_write(
         out_dir / f"{card.name}.json", (json.dumps(card.to_dict(), indent=2) + "\n").encode()
     )
     return weights

@@ -1,4 +1,4 @@
-"""Prediction CSVs: rows, crash-safe writing with resume, and study-level aggregation.
+"""Prediction CSVs: rows, crash-safe writing with resume, and the study CSV (rule: :mod:`pneumobatch.studies`).
 
 Writing is crash-safe. During a run, rows are appended to a journal next to the
 output (``OUT.partial``), flushed and fsynced after every batch. At the end the
@@ -21,15 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
+from pneumobatch.atomicfile import atomic_write
+from pneumobatch.card import PROB_PREFIX, prob_column
 from pneumobatch.discovery import FileEntry
-from pneumobatch.errors import PneumobatchError, Status
+from pneumobatch.errors import OutputError, OutputExists, Status  # noqa: F401 - re-exported
+from pneumobatch.studies import STUDY_COLUMNS, aggregate_studies  # noqa: F401 - STUDY_COLUMNS re-exported
 
 if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
+    from pneumobatch.card import ModelCard
     from pneumobatch.inference import FileResult
-    from pneumobatch.models import ModelCard
 
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
@@ -38,21 +40,8 @@ LEADING_COLUMNS = [
 ]
 TRAILING_COLUMNS = ["threshold", "file_size", "file_mtime_ns"]
 PATIENT_COLUMN = "patient_id"
-STUDY_COLUMNS = ["study", "study_instance_uid", "model", "task", "n_images", "n_files", "key_image", "pred_label"]
 
 STUDY_FROM = ("file", "parent-dir")
-
-
-class OutputError(PneumobatchError):
-    """The output cannot be written or resumed."""
-
-
-class OutputExists(OutputError):
-    """The output (or an interrupted run's journal) exists and no --resume/--overwrite was given."""
-
-
-def prob_column(cls: str) -> str:
-    return f"prob_{cls}"
 
 
 def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[str]:
@@ -60,14 +49,6 @@ def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[st
     for card in cards:
         probs += [prob_column(c) for c in card.classes if prob_column(c) not in probs]
     return LEADING_COLUMNS + probs + TRAILING_COLUMNS + ([PATIENT_COLUMN] if include_patient_id else [])
-
-
-def decide(card: ModelCard, probs: np.ndarray) -> str:
-    """The predicted class: positive-class threshold for binary models, argmax otherwise."""
-    if card.positive is not None and card.threshold is not None and len(card.classes) == 2:
-        pos = card.classes.index(card.positive)
-        return card.classes[pos] if probs[pos] >= card.threshold else card.classes[1 - pos]
-    return card.classes[int(np.argmax(probs))]
 
 
 def study_key(result: FileResult, study_from: str) -> str:
@@ -108,7 +89,7 @@ def result_rows(
         row["threshold"] = "" if card.threshold is None else f"{card.threshold:.6f}"
         probs = result.probs.get(card.name)
         if probs is not None:
-            row["pred_label"] = decide(card, probs)
+            row["pred_label"] = card.decide(probs).label
             row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs)})
         rows.append(row)
     return rows
@@ -274,51 +255,7 @@ class PredictionWriter:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp.exists():
-            tmp.unlink()
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard]) -> pd.DataFrame:
-    """One row per (study, model) from its frontal images that were predicted.
-
-    The study takes the probabilities of its most abnormal image: the highest
-    1 - P(normal) when the model has a ``normal`` class, else the highest positive
-    (or top) probability. Radiologists flag a study when any image is abnormal.
-    """
-    rows = []
-    by_name = {c.name: c for c in cards}
-    for (study, model), group in frame[frame["study"] != ""].groupby(["study", "model"], sort=False):
-        card = by_name.get(model)
-        ok = group[group["status"] == Status.OK.value]
-        row: dict[str, Any] = {
-            "study": study, "study_instance_uid": next((u for u in group["study_instance_uid"] if u), ""),
-            "model": model, "task": group["task"].iloc[0], "n_images": len(ok), "n_files": len(group),
-            "key_image": "", "pred_label": "", "threshold": group["threshold"].iloc[0],
-        }
-        if card is not None and len(ok):
-            probs = ok[[prob_column(c) for c in card.classes]].astype(float).to_numpy()
-            if "normal" in card.classes:
-                score = 1 - probs[:, card.classes.index("normal")]
-            elif card.positive in card.classes:
-                score = probs[:, card.classes.index(card.positive)]
-            else:
-                score = probs.max(1)
-            best = int(np.argmax(score))
-            row["key_image"] = ok["path"].iloc[best]
-            row["pred_label"] = decide(card, probs[best])
-            row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs[best])})
-        rows.append(row)
-    prob_cols = [c for c in frame.columns if c.startswith("prob_")]
-    return pd.DataFrame(rows, columns=STUDY_COLUMNS + prob_cols + ["threshold"]).fillna("")
+    atomic_write(path, text)
 
 
 def file_counts(frame: pd.DataFrame) -> dict[str, Any]:
@@ -338,7 +275,11 @@ def file_counts(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def write_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], path: Path) -> pd.DataFrame:
+    """``OUT.studies.csv`` (:func:`pneumobatch.studies.aggregate_studies`), numbers as in the file CSV."""
     studies = aggregate_studies(frame, cards)
+    for col in [c for c in studies.columns if c.startswith(PROB_PREFIX)] + ["threshold"]:
+        studies[col] = [f"{v:.6f}" if pd.notna(v) else "" for v in studies[col]]
+    studies = studies.fillna("")
     atomic_write_text(path, studies.to_csv(index=False, lineterminator="\n"))
     return studies
 

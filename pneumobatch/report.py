@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,17 +33,20 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pandas as pd
 
-from pneumobatch.errors import LabelError, PneumobatchError, Reason
+from pneumobatch.atomicfile import atomic_write
+from pneumobatch.card import ModelCard
+from pneumobatch.errors import LabelError, Reason, ReportError
 from pneumobatch.labels import (
     PROB_PREFIX,
     JoinResult,
-    ModelInfo,
+    card_from_run,
     check_label_column,
     describe_model,
     detect_key,
     join_labels,
     read_labels,
     study_level,
+    threshold_notes,
 )
 from pneumobatch.metrics import evaluate, jsonable, subgroup_metrics, summarise
 from pneumobatch.outputs import file_counts
@@ -65,10 +66,6 @@ __all__ = [
     "output_paths",
     "write_report",
 ]
-
-
-class ReportError(PneumobatchError):
-    """A predictions file or an output path is unusable for a report."""
 
 
 @dataclass
@@ -340,22 +337,23 @@ def build_report(
     failures: list[LabelError] = []
     for name in names:
         rows = preds[preds["model"] == name]
-        info = describe_model(rows, run_models.get(name))
+        info = card_from_run(run_models.get(name)) or describe_model(rows, run_models.get(name))
+        prob_columns = info.prob_columns()
         ok = rows[rows["status"] == "ok"]
-        if info.prob_columns and all(c in ok.columns for c in info.prob_columns):
-            ok = ok[ok[info.prob_columns].notna().all(axis=1)]
-            proba = ok[info.prob_columns].to_numpy(dtype=np.float64)
+        if prob_columns and all(c in ok.columns for c in prob_columns):
+            ok = ok[ok[prob_columns].notna().all(axis=1)]
+            proba = ok[prob_columns].to_numpy(dtype=np.float64)
         else:
             proba = None
         section: dict[str, Any] = {
             "name": info.name,
-            "task": info.task.name,
+            "task": info.task,
             "classes": list(info.classes),
             "positive": info.positive,
             "threshold": info.threshold,
             "weights_sha256": info.weights_sha256,
-            "card_thresholds": dict(info.card_thresholds),
-            "notes": list(info.notes),
+            "card_thresholds": info.operating_points(),
+            "notes": threshold_notes(rows),
             "counts": file_counts(rows),
             "summary": summarise(
                 rows["status"].tolist(),
@@ -426,7 +424,7 @@ def build_report(
     return jsonable(doc)
 
 
-def _evaluate(join: JoinResult, info: ModelInfo, n_bootstrap: int, seed: int) -> dict[str, Any]:
+def _evaluate(join: JoinResult, info: ModelCard, n_bootstrap: int, seed: int) -> dict[str, Any]:
     return evaluate(
         join.y_true,
         join.proba,
@@ -434,7 +432,7 @@ def _evaluate(join: JoinResult, info: ModelInfo, n_bootstrap: int, seed: int) ->
         y_pred=join.y_pred,
         positive=info.positive,
         threshold=info.threshold,
-        card_thresholds=info.card_thresholds,
+        card_thresholds=info.operating_points(),
         n_bootstrap=n_bootstrap,
         seed=seed,
     )
@@ -1209,17 +1207,6 @@ def _remove_stale(json_path: Path, folder: Path) -> None:
             p.unlink()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     predictions_csv: Path | str,
     out_pdf: Path | str,
@@ -1271,17 +1258,20 @@ def write_report(
         studies_csv=studies_csv,
         max_examples=max_examples,
     )
-    out_pdf.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(json_path, folder)
-    figures = render_figures(doc, folder)
+    try:
+        out_pdf.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(json_path, folder)
+        figures = render_figures(doc, folder)
+    except OSError as exc:
+        raise ReportError(f"cannot write {out_pdf.parent}: {exc.strerror or exc}") from exc
     doc["files"] = [out_pdf.name, json_path.name, *(f"{folder.name}/{p.name}" for p in figures)]
-    _atomic_write(out_pdf, lambda tmp: _Pdf(doc, out_pdf.parent).build(tmp))
+    atomic_write(out_pdf, lambda tmp: _Pdf(doc, out_pdf.parent).build(tmp))
     doc["seconds"] = round(time.perf_counter() - started, 3)
 
     def dump(tmp: Path) -> None:
         tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
-    _atomic_write(json_path, dump)
+    atomic_write(json_path, dump)
     return ReportResult(
         pdf=out_pdf,
         metrics_json=json_path,

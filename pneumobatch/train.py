@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumobatch import __version__
+from pneumobatch.card import is_positive, resolve_threshold
 from pneumobatch.discovery import sniff
-from pneumobatch.errors import FileRejected, PneumobatchError
+from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
 from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
@@ -46,10 +47,6 @@ BALANCE_CHOICES = ("source", "weights", "oversample", "undersample", "none")
 #: A subgroup enters model selection and gets its own operating point only with at
 #: least this many validation images of each class it is scored on.
 MIN_PER_CLASS = 10
-
-
-class TrainingError(PneumobatchError):
-    """Training cannot start or go on (bad data, bad options)."""
 
 
 @dataclass
@@ -383,8 +380,7 @@ def evaluate_probs(
     if len(classes) == 2:
         pos = classes.index(task.positive) if task.positive in classes else 1
         scores = probs[:, pos]
-        thr = 0.5 if threshold is None else threshold
-        pred = np.where(scores >= thr, pos, 1 - pos)
+        pred = np.where(is_positive(scores, threshold), pos, 1 - pos)
         if len(present) == 2:
             out["auc"] = float(roc_auc_score(targets == pos, scores))
         if (targets == pos).any():
@@ -531,8 +527,8 @@ def decide_rows(probs: np.ndarray, task: Task, threshold: Optional[float], by_ba
     if task.positive is None or len(task.classes) != 2:
         return probs.argmax(1)
     pos = task.classes.index(task.positive)
-    thr = np.array([by_band[b]["recall_target"] if b in by_band else (0.5 if threshold is None else threshold) for b in bands])
-    return np.where(probs[:, pos] >= thr, pos, 1 - pos)
+    thr = np.array([by_band[b]["recall_target"] if b in by_band else resolve_threshold(threshold) for b in bands], dtype=np.float64)
+    return np.where(is_positive(probs[:, pos], thr), pos, 1 - pos)
 
 
 def evaluate_subgroups(

@@ -10,13 +10,13 @@ import pytest
 
 from pneumobatch.errors import LabelError
 from pneumobatch.labels import (
-    aggregate_studies,
     describe_model,
     detect_key,
     join_labels,
     normalise_path,
     read_labels,
     study_level,
+    study_predictions,
 )
 
 ETIOLOGY = ("normal", "bacterial", "viral", "covid-19")
@@ -152,8 +152,8 @@ def test_detect_key_order_and_explicit_key():
 def test_describe_model_from_csv_only():
     preds = predictions(["a.png", "b.png"], [0.9, 0.1], threshold=0.35)
     info = describe_model(preds)
-    assert info.name == "pneu-v1" and info.task.name == "pneumonia"
-    assert info.classes == ("normal", "pneumonia") and info.positive == "pneumonia"
+    assert info.name == "pneu-v1" and info.task == "pneumonia"
+    assert info.classes == ["normal", "pneumonia"] and info.positive == "pneumonia"
     assert info.threshold == 0.35 and info.weights_sha256 == "f" * 64
 
 
@@ -173,9 +173,9 @@ def test_describe_model_etiology_orders_classes_and_has_no_threshold():
         }
     )
     info = describe_model(frame)
-    assert info.classes == ETIOLOGY and info.positive is None and info.threshold is None
+    assert tuple(info.classes) == ETIOLOGY and info.positive is None and info.threshold is None
     run = {"name": "eti", "task": "etiology", "classes": list(ETIOLOGY), "thresholds": {"youden": 0.4}}
-    assert describe_model(frame, run).card_thresholds == {"youden": 0.4}
+    assert describe_model(frame, run).operating_points() == {"youden": 0.4}
 
 
 # ----------------------------------------------------------------------- join
@@ -312,7 +312,7 @@ def test_study_key_joins_studies_and_aggregates_without_them():
     assert rows.loc["S1", "n_images"] == 2
     assert join.problems["labelled_not_ok"].count == 1  # S3: its only image was skipped
     assert join.problems["labels_without_prediction"].count == 0
-    studies = aggregate_studies(preds, info)
+    studies = study_predictions(preds, info)
     studies.loc[studies["study_instance_uid"] == "S1", "prob_pneumonia"] = 0.95
     join = join_labels(preds, labels, info, studies=studies)
     assert join.rows.set_index("study_instance_uid").loc["S1", "prob_pneumonia"] == 0.95

@@ -15,7 +15,6 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from pneumobatch.cli import main
-from pneumobatch.models import ModelCard, create_model, save_model
 from pneumobatch.synthetic import write_cxr
 
 SPEC_COLUMNS = [
@@ -34,26 +33,6 @@ def write_dicom(path: Path, *, modality="DX", view="PA", study=None, name="Doe^J
             delattr(ds, keyword)
         ds.save_as(path, enforce_file_format=True)
     return ds
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised pneumonia model (the shipped ones come from `train`)."""
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
-    card = ModelCard(
-        name="tiny", task="pneumonia", classes=["normal", "pneumonia"], architecture="mobilenet_v3_small",
-        input_size=32, mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5,
-    )
-    save_model(net.eval(), card, folder)
-    net3 = create_model("mobilenet_v3_small", 4, pretrained=False, input_size=40)
-    card3 = ModelCard(
-        name="tiny-etiology", task="etiology", classes=["normal", "bacterial", "viral", "covid-19"],
-        architecture="mobilenet_v3_small", input_size=40, mean=[0.5] * 3, std=[0.25] * 3,
-    )
-    save_model(net3.eval(), card3, folder)
-    return folder
 
 
 @pytest.fixture()

@@ -23,7 +23,7 @@ from pneumobatch.train import (
     load_labels,
     remove_leakage,
 )
-from tests.test_train import make_dataset
+from tests.conftest import make_dataset
 
 
 @pytest.mark.parametrize(

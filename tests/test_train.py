@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from pneumobatch.cli import main
 from pneumobatch.models import load_model
@@ -23,30 +22,7 @@ from pneumobatch.train import (
     select_threshold,
     train,
 )
-
-
-def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> Path:
-    """Two visually distinct classes: 'normal' smooth gradients, pneumonia bright blotches."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for i in range(2 * n_per_class):
-        pneumonia = i % 2 == 1
-        img = np.tile(np.linspace(30, 120, 48, dtype=np.float32), (48, 1))
-        if pneumonia:
-            y, x = rng.integers(8, 40, 2)
-            img[y - 8 : y + 8, x - 8 : x + 8] = 250
-        img += rng.normal(0, 5, img.shape)
-        name = f"images/{i:03d}.png"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name)
-        patient = f"p{i // 2}"  # two images per patient, of different classes
-        split = ("train", "train", "train", "val", "test")[(i // 2) % 5]
-        rows.append({"path": name, "finding": "Pneumonia/Bacterial" if pneumonia else "No Finding",
-                     "split": split if with_split else "", "patient_id": patient, "source": "synthetic"})
-    rows.append({"path": "images/000.png", "finding": "ARDS", "split": "train", "patient_id": "p0", "source": "synthetic"})
-    manifest = root / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
+from tests.conftest import make_dataset
 
 
 def small_config(manifest: Path, out: Path, **kw) -> TrainConfig:
@@ -58,6 +34,7 @@ def small_config(manifest: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**defaults)
 
 
+@pytest.mark.slow
 def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "weights"
@@ -126,6 +103,7 @@ def test_temperature_scaling_softens_overconfident_logits():
     assert fit_temperature(logits, targets) == pytest.approx(1.0, abs=0.35)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "w"

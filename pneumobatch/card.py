@@ -1,0 +1,156 @@
+"""The model card and the one decision rule (no torch: the report side uses it too).
+
+A card says what a model predicts and how its probabilities become a class:
+
+- multiclass (or no positive class): the argmax;
+- binary: the positive class when ``p(positive) >= threshold``; a card without a
+  threshold uses :data:`DEFAULT_THRESHOLD`. When an age band is given and the card has
+  an operating point for that band (``thresholds["by_age_band"][band]["recall_target"]``),
+  that threshold is used instead.
+
+Everything that turns probabilities into classes (predict's CSV, study aggregation,
+the report, training's validation metrics) goes through :func:`is_positive`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from pneumobatch.errors import ModelError
+
+#: Keys of ``ModelCard.thresholds`` that training writes as thresholds; the others describe them.
+OPERATING_POINTS = ("recall_target", "youden")
+#: Numeric keys of ``ModelCard.thresholds`` that are not thresholds.
+NOT_THRESHOLDS = ("shipped", "target_recall")
+#: Threshold of a binary card that ships none.
+DEFAULT_THRESHOLD = 0.5
+PROB_PREFIX = "prob_"
+REQUIRED_FIELDS = ("name", "task", "classes", "architecture", "input_size", "mean", "std")
+
+
+def prob_column(cls: str) -> str:
+    """CSV column holding the probability of class ``cls``."""
+    return f"{PROB_PREFIX}{cls}"
+
+
+def resolve_threshold(threshold: Any) -> Any:
+    """``threshold``, or :data:`DEFAULT_THRESHOLD` where it is None (scalar or per-row array)."""
+    if threshold is None:
+        return DEFAULT_THRESHOLD
+    if isinstance(threshold, np.ndarray):
+        return threshold
+    return float(threshold)
+
+
+def is_positive(p_positive: Any, threshold: Any) -> np.ndarray:
+    """The decision rule: positive when ``p(positive) >= threshold`` (None: 0.5)."""
+    return np.asarray(p_positive, dtype=np.float64) >= resolve_threshold(threshold)
+
+
+def decide_indices(
+    proba: np.ndarray, classes: Sequence[str], positive: Optional[str], threshold: Any = None
+) -> np.ndarray:
+    """Predicted class index per row of ``proba`` (n, len(classes)) by the card's rule."""
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(classes))
+    if len(classes) == 2 and positive in classes:
+        pos = list(classes).index(positive)
+        return np.where(is_positive(proba[:, pos], threshold), pos, 1 - pos)
+    return np.argmax(np.nan_to_num(proba, nan=-np.inf), axis=1)  # missing probabilities never win
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A predicted class and the operating point that produced it."""
+
+    label: str
+    threshold: Optional[float]  # None for argmax decisions
+    operating_point: str  # "pooled", "argmax" or an age band name
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly and to judge it."""
+
+    name: str
+    task: str
+    classes: list[str]
+    architecture: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    positive: Optional[str] = None  # class whose probability ``threshold`` applies to
+    threshold: Optional[float] = None  # shipped decision threshold (binary tasks)
+    thresholds: dict[str, Any] = field(default_factory=dict)  # named operating points
+    temperature: float = 1.0  # logits are divided by this before softmax
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    pneumobatch_version: str = ""
+    weights_sha256: str = ""
+    intended_use: str = (
+        "Research and quality-assurance use on frontal (PA/AP) chest radiographs. "
+        "Not a medical device; not for diagnosis."
+    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in fields(cls)}
+        missing = set(REQUIRED_FIELDS) - set(data)
+        if missing:
+            raise ModelError(f"model card lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def binary(self) -> bool:
+        """Two classes and a positive one: decided by a threshold."""
+        return len(self.classes) == 2 and self.positive in self.classes
+
+    @property
+    def positive_index(self) -> Optional[int]:
+        return self.classes.index(self.positive) if self.binary else None
+
+    def prob_column(self, cls: str) -> str:
+        return prob_column(cls)
+
+    def prob_columns(self) -> list[str]:
+        return [prob_column(c) for c in self.classes]
+
+    def operating_points(self) -> dict[str, float]:
+        """Named thresholds chosen on validation (``thresholds`` also holds their sensitivity,
+        specificity and the target recall, which are not thresholds)."""
+        return {
+            str(k): float(v)
+            for k, v in self.thresholds.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_THRESHOLDS
+            and not str(k).endswith(("_sensitivity", "_specificity"))
+        }
+
+    def threshold_for(self, age_band: Optional[str] = None) -> tuple[Optional[float], str]:
+        """The threshold a binary decision uses and the name of its operating point."""
+        by_band = self.thresholds.get("by_age_band") or {}
+        if age_band is not None and age_band in by_band:
+            return float(by_band[age_band]["recall_target"]), str(age_band)
+        return float(resolve_threshold(self.threshold)), "pooled"
+
+    def decide(self, probs: Sequence[float], age_band: Optional[str] = None) -> Decision:
+        """The predicted class of one image's probabilities (in the order of ``classes``)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        if not self.binary:
+            return Decision(self.classes[int(np.argmax(probs))], None, "argmax")
+        threshold, point = self.threshold_for(age_band)
+        pos = self.classes.index(self.positive)
+        label = self.classes[pos] if is_positive(probs[pos], threshold) else self.classes[1 - pos]
+        return Decision(label, threshold, point)
+
+    def decide_many(self, proba: np.ndarray) -> np.ndarray:
+        """Class names for rows of probabilities (pooled operating point)."""
+        if len(proba) == 0:
+            return np.asarray([], dtype=object)
+        idx = decide_indices(proba, self.classes, self.positive, self.threshold if self.binary else None)
+        return np.asarray(self.classes, dtype=object)[idx]

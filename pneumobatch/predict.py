@@ -1,0 +1,151 @@
+"""``predict`` as a library call: folders in, CSV predictions, study CSV and run.json out.
+
+    from pneumobatch.predict import PredictConfig, run_predict
+    run = run_predict(PredictConfig(inputs=[Path("/exports/tonight")], output=Path("tonight.csv")))
+
+:func:`run_predict` does what ``pneumobatch predict`` does (the CLI only parses options,
+shows progress and sets the exit code): it walks the inputs (names prefixed by their root
+when there are several), leaves out this run's own output files, writes rows through
+:class:`~pneumobatch.outputs.PredictionWriter` (journal flushed every ``batch_size`` files,
+resume, atomic final write), then ``OUT.studies.csv`` and ``OUT.run.json``. Errors are
+the package's own (:mod:`pneumobatch.errors`); per-file failures are rows, not errors.
+No Click here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from pneumobatch import __version__
+from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, Status
+
+log = logging.getLogger(__name__)
+
+#: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``).
+RUN_SCHEMA_VERSION = 2
+#: ``progress(done, total)``: called once before the first file and after every file.
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PredictConfig:
+    """Options of ``pneumobatch predict``; the CLI's defaults are these."""
+
+    inputs: Sequence[Path]
+    output: Path = Path("predictions.csv")
+    models: Sequence[str] = ()  # names or paths; empty: the default model
+    weights_dir: Optional[Path] = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 16
+    workers: Optional[int] = None  # None: 2, or 8 with a GPU
+    resume: bool = False
+    overwrite: bool = False
+    study_from: str = "file"
+    include_lateral: bool = False
+    max_pixels: int = 64_000_000
+    include_patient_id: bool = False
+
+
+@dataclass
+class PredictRun:
+    """What a run wrote and counted; ``info`` is the content of run.json."""
+
+    output: Path
+    studies: Path
+    run_json: Path
+    counts: dict[str, Any]
+    files_processed: int  # files read this run (the others were resumed)
+    seconds: float
+    images_per_second: float
+    device: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when some files could not be read (they are rows with status error), else 0."""
+        return EXIT_FILE_ERRORS if self.counts["error"] else EXIT_OK
+
+
+def _entries(roots: Sequence[Path]) -> list:
+    from pneumobatch.discovery import walk
+
+    entries = []
+    for root, entry in walk(list(roots)):
+        if len(roots) > 1 and root.is_dir():  # keep paths unique across several roots
+            entry = type(entry)(entry.path, f"{root.name}/{entry.relpath}", entry.size, entry.mtime_ns)
+        entries.append(entry)
+    return entries
+
+
+def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
+    """Predict every file under ``config.inputs``; see the module docstring."""
+    from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
+    from pneumobatch.models import DEFAULT_MODEL, load_model
+    from pneumobatch.outputs import (
+        OutputPaths,
+        PredictionWriter,
+        columns_for,
+        file_counts,
+        result_rows,
+        write_run_json,
+        write_studies,
+    )
+    from pneumobatch.readers import ReadOptions
+
+    torch_device = resolve_device(config.device)
+    models = [load_model(name, config.weights_dir) for name in (config.models or (DEFAULT_MODEL,))]
+    names = [m.card.name for m in models]
+    if len(set(names)) != len(names):
+        raise OptionError("the same model was given twice")
+    cards = [m.card for m in models]
+    workers = config.workers if config.workers is not None else (8 if torch_device.type == "cuda" else 2)
+
+    started = datetime.now(timezone.utc)
+    paths = OutputPaths(Path(config.output))
+    roots = [Path(p) for p in config.inputs]
+    entries = [e for e in _entries(roots) if not paths.owns(e.path)]  # an output inside the input tree
+    columns = columns_for(cards, config.include_patient_id)
+    with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite) as writer:
+        todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
+        predictor = Predictor(models, torch_device, resolve_precision(config.precision, torch_device))
+        options = ReadOptions(max_pixels=config.max_pixels, include_lateral=config.include_lateral, min_side=max(predictor.sizes))
+        t0 = time.perf_counter()
+        batch: list[dict] = []
+        n_ok_now = 0
+        if progress:
+            progress(0, len(todo))
+        results = run_inference(todo, predictor, options, batch_size=config.batch_size, workers=workers)
+        for done, result in enumerate(results, 1):
+            batch += result_rows(result, cards, config.study_from, config.include_patient_id)
+            n_ok_now += result.status is Status.OK
+            if progress:
+                progress(done, len(todo))
+            if len(batch) >= config.batch_size * len(cards):  # flush policy: every batch_size files
+                writer.append(batch)
+                batch = []
+        writer.append(batch)
+        seconds = time.perf_counter() - t0
+        frame = writer.finalize(entries, names)
+    write_studies(frame, cards, paths.studies)
+
+    counts = file_counts(frame)
+    rate = n_ok_now / seconds if seconds > 0 else 0.0
+    info = {
+        "schema_version": RUN_SCHEMA_VERSION, "pneumobatch_version": __version__,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": config.precision,
+        "batch_size": config.batch_size, "workers": workers, "resumed": config.resume,
+        "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
+                    "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
+                    "input_size": c.input_size, "card": c.to_dict()} for c in cards],
+        "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
+    }
+    write_run_json(paths.run, info)
+    return PredictRun(paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, str(torch_device), info)
