@@ -90,6 +90,8 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     pneumobatch_version: str = ""
     weights_sha256: str = ""
+    #: applicability statistics: file (beside the weights), sha256, threshold, flag rates
+    applicability: dict[str, Any] = field(default_factory=dict)
     intended_use: str = (
         "Research and quality-assurance use on frontal (PA/AP) chest radiographs. "
         "Not a medical device; not for diagnosis."
@@ -147,6 +149,13 @@ class ModelCard:
         pos = self.classes.index(self.positive)
         label = self.classes[pos] if is_positive(probs[pos], threshold) else self.classes[1 - pos]
         return Decision(label, threshold, point)
+
+    def age_warnings(self, age_years: Optional[float]) -> list[str]:
+        """``age-outside-training`` when a known age lies outside the training images' ages."""
+        known = (self.data or {}).get("age_range_years")
+        if age_years is None or not known:
+            return []
+        return ["age-outside-training"] if not known[0] <= age_years <= known[1] else []
 
     def decide_many(self, proba: np.ndarray) -> np.ndarray:
         """Class names for rows of probabilities (pooled operating point)."""

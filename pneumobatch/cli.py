@@ -207,6 +207,10 @@ _P = PredictConfig  # option defaults are the library's, defined once
 @click.option("--include-lateral", is_flag=True, help="Predict lateral views too (skipped with reason lateral by default).")
 @click.option("--max-pixels", type=click.IntRange(1), default=_P.max_pixels, show_default=True, help="Refuse larger images (reason too-large).")
 @click.option("--include-patient-id", is_flag=True, help="Add a patient_id column (patient names are never written).")
+@click.option("--chest-term", "chest_terms", multiple=True, metavar="WORD", help="A site's word for the chest in BodyPartExamined or descriptions. Repeatable.")
+@click.option("--not-chest-term", "not_chest_terms", multiple=True, metavar="WORD", help="A site's word for another body part: such DICOMs are skipped (not-chest). Repeatable.")
+@click.option("--follow-external-links", is_flag=True, help="Follow symbolic links that lead outside the input folders (skipped as external-link by default).")
+@click.option("--skip-ood", is_flag=True, help="Turn images flagged not applicable into skipped rows (out-of-distribution) instead of predicting and flagging them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
 @click.option("-v", "--verbose", count=True)
 def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options) -> None:

@@ -41,6 +41,7 @@ class Reason(str, Enum):
     BROKEN_LINK = "broken-link"  # a symbolic link whose target does not exist
     EXTERNAL_LINK = "external-link"  # a link leading outside the input folder (see --follow-external-links)
     SPECIAL_FILE = "special-file"  # FIFO, socket or device: never opened
+    OUT_OF_DISTRIBUTION = "out-of-distribution"  # unlike the model's training images (with --skip-ood)
     # errors: the file should have been predicted but could not be
     TOO_LARGE = "too-large"  # more pixels than --max-pixels (decompression-bomb guard)
     EMPTY = "empty"  # zero-byte file
@@ -61,7 +62,7 @@ class Reason(str, Enum):
 
 _SKIP_REASONS = {
     Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL, Reason.NOT_CHEST,
-    Reason.BROKEN_LINK, Reason.EXTERNAL_LINK, Reason.SPECIAL_FILE,
+    Reason.BROKEN_LINK, Reason.EXTERNAL_LINK, Reason.SPECIAL_FILE, Reason.OUT_OF_DISTRIBUTION,
 }
 
 

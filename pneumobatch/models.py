@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -155,6 +155,7 @@ class LoadedModel:
     card: ModelCard
     net: nn.Module
     weights_path: Path
+    applicability: Optional[Any] = None  # ApplicabilityStats, when the card names a verified file
 
 
 def default_weights_dir() -> Path:
@@ -233,7 +234,22 @@ def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify:
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise ModelError(f"{weights_path}: weights do not load into {card.architecture}: {exc}") from exc
     net.eval()
-    return LoadedModel(card, net, weights_path)
+    return LoadedModel(card, net, weights_path, _load_applicability(card, weights_path, verify))
+
+
+def _load_applicability(card: ModelCard, weights_path: Path, verify: bool) -> Optional[Any]:
+    """The applicability statistics a card names (``applicability.file`` beside the weights), verified."""
+    info = card.applicability or {}
+    if not info.get("file"):
+        return None
+    from pneumobatch.applicability import ApplicabilityStats
+
+    path = weights_path.with_name(Path(str(info["file"])).name)  # never outside the weights folder
+    if not path.exists():
+        raise ModelError(f"{path}: applicability statistics named by the card are missing")
+    if verify and sha256_file(path) != str(info.get("sha256", "")).lower():
+        raise ModelError(f"{path}: SHA-256 does not match the card; the file was changed or corrupted")
+    return ApplicabilityStats.load(path)
 
 
 def list_models(weights_dir: Optional[Path] = None) -> list[ModelCard]:

@@ -26,7 +26,7 @@ import pandas as pd
 from pneumobatch.atomicfile import atomic_write
 from pneumobatch.card import PROB_PREFIX, prob_column
 from pneumobatch.discovery import FileEntry
-from pneumobatch.errors import OutputError, OutputExists, Status  # noqa: F401 - re-exported
+from pneumobatch.errors import OutputError, OutputExists, Reason, Status  # noqa: F401 - re-exported
 from pneumobatch.studies import STUDY_COLUMNS, aggregate_studies  # noqa: F401 - STUDY_COLUMNS re-exported
 
 if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
@@ -38,7 +38,9 @@ LEADING_COLUMNS = [
     "path", "status", "reason", "detail", "study", "study_instance_uid", "series_instance_uid",
     "sop_instance_uid", "view_position", "task", "model", "weights_sha256", "pred_label",
 ]
-TRAILING_COLUMNS = ["threshold", "file_size", "file_mtime_ns"]
+TRAILING_COLUMNS = [
+    "threshold", "operating_point", "age_band", "ood_score", "applicable", "warnings", "file_size", "file_mtime_ns",
+]
 PATIENT_COLUMN = "patient_id"
 
 STUDY_FROM = ("file", "parent-dir")
@@ -64,9 +66,15 @@ def study_key(result: FileResult, study_from: str) -> str:
 
 
 def result_rows(
-    result: FileResult, cards: Sequence[ModelCard], study_from: str, include_patient_id: bool
+    result: FileResult, cards: Sequence[ModelCard], study_from: str, include_patient_id: bool, skip_ood: bool = False
 ) -> list[dict[str, Any]]:
-    """One row per model for a file; skipped and error rows carry no probabilities."""
+    """One row per model for a file; skipped and error rows carry no probabilities.
+
+    The decision uses the card's operating point for the image's age band (DICOM
+    PatientAge) when the card has one, else the pooled threshold (``operating_point``).
+    Models with applicability statistics add ``ood_score`` and ``applicable``; with
+    ``skip_ood`` an inapplicable image's row becomes ``skipped``/``out-of-distribution``.
+    """
     meta = result.meta
     base = {
         "path": result.entry.relpath,
@@ -78,6 +86,7 @@ def result_rows(
         "series_instance_uid": meta.get("series_instance_uid", ""),
         "sop_instance_uid": meta.get("sop_instance_uid", ""),
         "view_position": meta.get("view_position", ""),
+        "age_band": meta.get("age_band", "") if result.status is Status.OK else "",
         "file_size": result.entry.size,
         "file_mtime_ns": result.entry.mtime_ns,
     }
@@ -89,8 +98,21 @@ def result_rows(
         row["threshold"] = "" if card.threshold is None else f"{card.threshold:.6f}"
         probs = result.probs.get(card.name)
         if probs is not None:
-            row["pred_label"] = card.decide(probs).label
+            decision = card.decide(probs, meta.get("age_band"))
+            row["pred_label"] = decision.label
+            row["operating_point"] = decision.operating_point
+            if decision.threshold is not None:
+                row["threshold"] = f"{decision.threshold:.6f}"
             row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs)})
+            row["warnings"] = " ".join(card.age_warnings(meta.get("age_years")))
+            score = result.ood_scores.get(card.name)
+            if score is not None:
+                applicable = bool(score <= float(card.applicability["threshold"]))
+                row["ood_score"], row["applicable"] = f"{score:.4f}", "true" if applicable else "false"
+                if skip_ood and not applicable:
+                    row.update(status=Status.SKIPPED.value, reason=Reason.OUT_OF_DISTRIBUTION.value,
+                               detail="unlike the model's training images (applicability score over its threshold)",
+                               pred_label="", operating_point="", **{prob_column(c): "" for c in card.classes})
         rows.append(row)
     return rows
 

@@ -26,8 +26,9 @@ from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, Status
 
 log = logging.getLogger(__name__)
 
-#: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``).
-RUN_SCHEMA_VERSION = 2
+#: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``;
+#: 3: the CSV gained operating_point, age_band, ood_score, applicable, warnings).
+RUN_SCHEMA_VERSION = 3
 #: ``progress(done, total)``: called once before the first file and after every file.
 Progress = Callable[[int, int], None]
 
@@ -50,6 +51,10 @@ class PredictConfig:
     include_lateral: bool = False
     max_pixels: int = 64_000_000
     include_patient_id: bool = False
+    chest_terms: Sequence[str] = ()  # a site's extra words for the chest (body-part gate)
+    not_chest_terms: Sequence[str] = ()  # a site's extra words for other body parts
+    follow_external_links: bool = False  # follow links leading outside the input folders
+    skip_ood: bool = False  # inapplicable images become skipped rows (out-of-distribution)
 
 
 @dataclass
@@ -72,19 +77,46 @@ class PredictRun:
         return EXIT_FILE_ERRORS if self.counts["error"] else EXIT_OK
 
 
-def _entries(roots: Sequence[Path]) -> list:
+def root_prefixes(roots: Sequence[Path]) -> dict[Path, str]:
+    """Distinct ``path`` prefixes for several input folders: the shortest unique tail of each.
+
+    ``/a/studies`` and ``/b/studies`` become ``a/studies`` and ``b/studies``; folders with
+    different names keep just their name. One root: no prefix.
+    """
+    from pneumobatch.discovery import escape_path
+
+    resolved = [Path(r).resolve() for r in roots]
+    if len(resolved) < 2:
+        return {r: "" for r in resolved}
+    prefixes = {}
+    for r in resolved:
+        for depth in range(1, len(r.parts) + 1):
+            tail = r.parts[-depth:]
+            if sum(other.parts[-depth:] == tail for other in resolved) == 1:
+                break
+        prefixes[r] = escape_path("/".join(p for p in tail if p != "/")) or "root"
+    return prefixes
+
+
+def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list:
+    import dataclasses
+
     from pneumobatch.discovery import walk
 
+    unique = list(dict.fromkeys(Path(r).resolve() for r in roots))  # the same folder given twice: once
+    prefixes = root_prefixes(unique)
     entries = []
-    for root, entry in walk(list(roots)):
-        if len(roots) > 1 and root.is_dir():  # keep paths unique across several roots
-            entry = type(entry)(entry.path, f"{root.name}/{entry.relpath}", entry.size, entry.mtime_ns)
+    for root, entry in walk(unique, follow_external_links=follow_external_links):
+        prefix = prefixes.get(Path(root).resolve(), "")
+        if prefix and Path(root).is_dir():  # keep paths unique across several roots
+            entry = dataclasses.replace(entry, relpath=f"{prefix}/{entry.relpath}")
         entries.append(entry)
     return entries
 
 
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
+    from pneumobatch.bodyparts import BodyPartVocabulary
     from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
     from pneumobatch.models import DEFAULT_MODEL, load_model
     from pneumobatch.outputs import (
@@ -109,12 +141,17 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     started = datetime.now(timezone.utc)
     paths = OutputPaths(Path(config.output))
     roots = [Path(p) for p in config.inputs]
-    entries = [e for e in _entries(roots) if not paths.owns(e.path)]  # an output inside the input tree
+    entries = [e for e in _entries(roots, config.follow_external_links) if not paths.owns(e.path)]  # an output inside the input tree
     columns = columns_for(cards, config.include_patient_id)
     with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite) as writer:
         todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
-        predictor = Predictor(models, torch_device, resolve_precision(config.precision, torch_device))
-        options = ReadOptions(max_pixels=config.max_pixels, include_lateral=config.include_lateral, min_side=max(predictor.sizes))
+        applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}
+        predictor = Predictor(models, torch_device, resolve_precision(config.precision, torch_device), applicability)
+        vocabulary = BodyPartVocabulary.with_site_terms(config.chest_terms, config.not_chest_terms)
+        options = ReadOptions(
+            max_pixels=config.max_pixels, include_lateral=config.include_lateral, min_side=max(predictor.sizes),
+            body_parts=vocabulary,
+        )
         t0 = time.perf_counter()
         batch: list[dict] = []
         n_ok_now = 0
@@ -122,7 +159,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
             progress(0, len(todo))
         results = run_inference(todo, predictor, options, batch_size=config.batch_size, workers=workers)
         for done, result in enumerate(results, 1):
-            batch += result_rows(result, cards, config.study_from, config.include_patient_id)
+            batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
             n_ok_now += result.status is Status.OK
             if progress:
                 progress(done, len(todo))

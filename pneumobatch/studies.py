@@ -69,12 +69,18 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
                 if len(ok):
                     best = int(np.argmax(abnormality(proba, card)))
                     row["key_image"] = ok["path"].iloc[best]
-                    row["pred_label"] = card.decide(proba[best]).label
+                    band = str(ok["age_band"].iloc[best]) if "age_band" in ok.columns else None
+                    decision = card.decide(proba[best], band or None)
+                    row["pred_label"] = decision.label
+                    if decision.threshold is not None:
+                        row["threshold"] = decision.threshold
                     row.update(dict(zip(cols, proba[best])))
+                if "applicable" in ok.columns:
+                    row["n_not_applicable"] = int((ok["applicable"].astype(str).str.lower() == "false").sum())
         elif "threshold" in group:
             row["threshold"] = pd.to_numeric(group["threshold"].iloc[:1], errors="coerce").iloc[0]
         rows.append(row)
-    columns = STUDY_COLUMNS + prob_cols + ["threshold"]
+    columns = STUDY_COLUMNS + prob_cols + ["threshold"] + (["n_not_applicable"] if "applicable" in frame.columns else [])
     out = pd.DataFrame(rows, columns=columns)
     for col in prob_cols + ["threshold"]:
         out[col] = pd.to_numeric(out[col], errors="coerce")

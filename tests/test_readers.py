@@ -499,7 +499,7 @@ def test_metadata_is_sanitised_and_never_holds_the_patient_name(tmp_path: Path):
     assert meta["photometric_interpretation"] == "MONOCHROME2" and meta["frames"] == 1
     assert set(meta) == {
         "study_instance_uid", "series_instance_uid", "sop_instance_uid", "view_position", "modality",
-        "patient_id", "age_band", "transfer_syntax", "photometric_interpretation", "frames",
+        "patient_id", "age_band", "age_years", "transfer_syntax", "photometric_interpretation", "frames",
     }  # fmt: skip
 
 

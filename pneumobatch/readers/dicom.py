@@ -54,7 +54,7 @@ from pydicom.pixels import pixel_array as decode_pixels
 from pneumobatch.bodyparts import DESCRIPTION_KEYWORDS, examined_part
 from pneumobatch.errors import FileRejected, Reason
 from pneumobatch.readers import Image, ReadOptions
-from pneumobatch.subgroups import age_band
+from pneumobatch.subgroups import age_band, age_years
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ def _metadata(ds: Dataset, tsyntax: uid.UID) -> dict[str, Any]:
         "patient_id": _text(_get(ds, "PatientID")),
         # the band, not the age: enough to pick an operating point, less identifying
         "age_band": age_band(_text(_get(ds, "PatientAge"), 16)),
+        "age_years": age_years(_text(_get(ds, "PatientAge"), 16)),  # not written to any output
         "transfer_syntax": _uid_value(str(tsyntax)),
         "photometric_interpretation": _text(_get(ds, "PhotometricInterpretation")).upper(),
         "frames": _frames(ds),
