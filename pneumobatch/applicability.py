@@ -21,6 +21,7 @@ computes them for any model, for example on a site's own normal radiographs.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -179,3 +180,25 @@ def fit_from_manifest(
         "n_train": int(len(parts["train"])), "n_val": int(len(parts["val"])),
     }
     return stats, info
+
+
+def attach(loaded: Any, stats: ApplicabilityStats, info: dict[str, Any]) -> Path:
+    """Write ``NAME.applicability.safetensors`` beside the weights and record it in the card.
+
+    The card's ``applicability`` entry holds the file name, its SHA-256 (checked on
+    every load), the threshold and how it was fitted. Returns the statistics' path.
+    """
+    from pneumobatch.atomicfile import atomic_write
+    from pneumobatch.models import sha256_file
+
+    card = loaded.card
+    path = loaded.weights_path.with_name(f"{card.name}.applicability.safetensors")
+    tmp = path.with_name(f".{path.name}.tmp")
+    stats.save(tmp, info)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # like any other new file (safetensors writes 0600)
+    tmp.replace(path)
+    card.applicability = {**info, "file": path.name, "sha256": sha256_file(path), "threshold": stats.threshold}
+    atomic_write(loaded.weights_path.with_suffix(".json"), json.dumps(card.to_dict(), indent=2) + "\n")
+    return path

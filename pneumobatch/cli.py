@@ -118,6 +118,28 @@ def models_command(weights_dir: Optional[Path]) -> None:
         click.echo(f"{card.name}{default}: task {card.task}, classes {', '.join(card.classes)}; {card.architecture} @ {card.input_size}px; {auc}")
 
 
+@main.command("fit-applicability", short_help="Fit a model's applicability (out-of-distribution) statistics.")
+@click.argument("model")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where MODEL is looked up (default: the shipped weights/).")
+@click.option("--class", "only_class", help="Fit on images of this class only (e.g. normal: a site's normal radiographs).")
+@click.option("--percentile", type=click.FloatRange(50, 100), default=99.0, show_default=True, help="Validation-score percentile used as the flag threshold.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
+def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[Path], only_class: Optional[str], percentile: float, workers: int) -> None:
+    """Fit MODEL's applicability statistics on MANIFEST's train split; threshold on its val split.
+
+    Writes NAME.applicability.safetensors beside the weights and records it (SHA-256,
+    threshold) in NAME.json; predict then adds ood_score and applicable to every row.
+    """
+    from pneumobatch.applicability import attach, fit_from_manifest
+    from pneumobatch.models import load_model
+
+    loaded = load_model(model, weights_dir)
+    stats, info = fit_from_manifest(loaded, manifest, percentile=percentile, workers=workers, only_class=only_class, progress=click.echo)
+    path = attach(loaded, stats, info)
+    click.echo(f"wrote {path}; threshold {stats.threshold:.3f} ({percentile:g}th percentile of {info['n_val']} validation images)")
+
+
 @main.command("train", short_help="Train a model from a manifest CSV or class folders.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--task", type=click.Choice([*TASKS, "custom"]), default="pneumonia", show_default=True, help="Which classes to learn; findings map to them by rule.")

@@ -102,6 +102,12 @@ def _junk(out: Path, picked: pd.DataFrame) -> None:
     scan.mkdir(parents=True)
     write_cxr(scan / "CT000001", rng.integers(0, 4096, (64, 64)).astype(np.uint16), "explicit", bits_stored=12, series_instance_uid=uid("ct-series"),
               modality="CT", study_instance_uid=uid("ct"), sop_instance_uid=uid("ct-sop"), patient_id="SAMPLE900")
+    knee = out / "SAMPLE901" / "XR_KNEE"  # a CR study of another body part: skipped not-chest
+    knee.mkdir(parents=True)
+    write_cxr(knee / "IM0001", (np.random.default_rng(1).integers(0, 4096, (96, 80)) // 16 * 16).astype(np.uint16), "explicit", bits_stored=12,
+              modality="CR", study_instance_uid=uid("knee"), series_instance_uid=uid("knee-series"),
+              sop_instance_uid=uid("knee-sop"), patient_id="SAMPLE901",
+              extra={"BodyPartExamined": "KNEE", "StudyDescription": "XR KNEE 2 VIEWS"})
     from pydicom.dataset import Dataset, FileMetaDataset
 
     meta = FileMetaDataset()
