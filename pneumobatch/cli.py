@@ -282,10 +282,11 @@ def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quie
 @click.option("-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]")
 @click.option("--by", multiple=True, help="Subgroup table by this labels column (e.g. --by view --by sex); repeatable.")
 @click.option("--where", multiple=True, metavar="COLUMN=VALUE", help="Use only label rows where COLUMN equals VALUE (e.g. --where split=test); repeatable.")
+@click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="For --by age_band: the band of rows without an age whose source matches PATTERN. Repeatable.")
 @click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
-def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, key: Optional[str], label_column: str, model: Optional[str], by: tuple[str, ...], where: tuple[str, ...], bootstrap: int, seed: int, quiet: bool) -> None:
+def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, key: Optional[str], label_column: str, model: Optional[str], by: tuple[str, ...], where: tuple[str, ...], default_age_band: tuple[str, ...], bootstrap: int, seed: int, quiet: bool) -> None:
     """Evaluate PREDICTIONS (a CSV from predict) against labels; write PDF + JSON.
 
     \b
@@ -298,7 +299,7 @@ def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, 
     from pneumobatch.report import write_report
 
     _setup_logging(0, quiet)
-    result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, where=where, n_bootstrap=bootstrap, seed=seed)
+    result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, where=where, default_age_band=default_age_band, n_bootstrap=bootstrap, seed=seed)
     if not quiet:
         for warning in result.warnings:
             click.echo(f"note: {warning}", err=True)

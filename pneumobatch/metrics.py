@@ -480,6 +480,30 @@ def evaluate(
 # ------------------------------------------------------------------------- subgroups
 
 
+#: A subgroup's AUC needs at least this many images of two classes; its sensitivity
+#: (specificity) this many positives (negatives). Below, the number is left out and a
+#: note says why: a figure from 3 images is noise, not a finding.
+MIN_PER_CLASS = 5
+
+
+def _blank_unsupported(row: dict[str, Any], positive: Optional[str], minimum: int) -> None:
+    counts = row["class_counts"]
+    notes = list(row.get("notes") or [])
+    if sum(1 for n in counts.values() if n >= minimum) < 2 and row.get("auc") is not None:
+        row["auc"], row["auc_ci"] = None, None
+        notes.append(f"too few images for an AUC (fewer than {minimum} of two classes)")
+    if positive is not None:
+        n_pos = counts.get(positive, 0)
+        n_neg = sum(counts.values()) - n_pos
+        if n_pos < minimum and row.get("sensitivity") is not None:
+            row["sensitivity"] = None
+            notes.append(f"too few positives for a sensitivity ({n_pos} < {minimum})")
+        if n_neg < minimum and row.get("specificity") is not None:
+            row["specificity"] = None
+            notes.append(f"too few negatives for a specificity ({n_neg} < {minimum})")
+    row["notes"] = notes
+
+
 def subgroup_metrics(
     groups: Sequence[str],
     y_true: Sequence[str],
@@ -493,6 +517,7 @@ def subgroup_metrics(
     seed: int = 0,
     max_groups: int = 30,
     small_n: int = 30,
+    min_per_class: int = MIN_PER_CLASS,
 ) -> dict[str, Any]:
     """n, AUC (with CI) and sensitivity/specificity at the shipped threshold per group.
 
@@ -539,6 +564,7 @@ def subgroup_metrics(
                 ppv=shipped["ppv"],
                 npv=shipped["npv"],
             )
+        _blank_unsupported(row, positive, min_per_class)
         rows.append(row)
     omitted = len(values) - len(rows)
     return jsonable(

@@ -50,6 +50,7 @@ from pneumobatch.labels import (
 )
 from pneumobatch.metrics import evaluate, jsonable, subgroup_metrics, summarise
 from pneumobatch.outputs import file_counts
+from pneumobatch.subgroups import add_subgroup_columns, parse_band_defaults
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,10 @@ def select_labels(labels: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
     return labels
 
 
+#: ``--by`` columns derived from age, view and sex columns when absent (see :mod:`pneumobatch.subgroups`).
+DERIVED_SUBGROUPS = {"age_band", "view_group", "sex_group"}
+
+
 def build_report(
     predictions_csv: Path | str,
     labels_csv: Path | str | None = None,
@@ -260,6 +265,7 @@ def build_report(
     model: Optional[str] = None,
     by: Sequence[str] = (),
     where: Sequence[str] = (),
+    default_age_band: Sequence[str] = (),
     n_bootstrap: int = 1000,
     seed: int = 0,
     run_json: Path | str | None = None,
@@ -279,6 +285,17 @@ def build_report(
         labels = select_labels(labels, where)
         warnings.append(f"labels restricted to {' and '.join(where)}: {len(labels)} rows")
     by = [str(b) for b in by]
+    if set(by) & DERIVED_SUBGROUPS:
+        # age_band / view_group / sex_group: from age, view and sex columns (and the
+        # age-band defaults per source), on whichever side has them
+        try:
+            defaults = parse_band_defaults(default_age_band)
+        except ValueError as exc:
+            raise LabelError(str(exc)) from None
+        if labels is not None:
+            labels = add_subgroup_columns(labels, defaults)
+        if labels is None or not set(by) & DERIVED_SUBGROUPS <= set(labels.columns):
+            preds = add_subgroup_columns(preds, defaults)
     for col in by:
         in_labels = labels is not None and col in labels.columns
         if not in_labels and col not in preds.columns:
@@ -1217,6 +1234,7 @@ def write_report(
     model: Optional[str] = None,
     by: Sequence[str] = (),
     where: Sequence[str] = (),
+    default_age_band: Sequence[str] = (),
     n_bootstrap: int = 1000,
     seed: int = 0,
     run_json: Path | str | None = None,
@@ -1252,6 +1270,7 @@ def write_report(
         model=model,
         by=by,
         where=where,
+        default_age_band=default_age_band,
         n_bootstrap=n_bootstrap,
         seed=seed,
         run_json=run_json,

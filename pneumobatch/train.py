@@ -535,7 +535,8 @@ def evaluate_subgroups(
     probs: np.ndarray, targets: np.ndarray, pred: np.ndarray, frame: pd.DataFrame, task: Task
 ) -> dict[str, Any]:
     """Per source, age band, view and sex: counts, AUC with bootstrap CI, sensitivity/specificity."""
-    from pneumobatch.metrics import subgroup_metrics
+    from pneumobatch.metrics import MIN_PER_CLASS as MIN_SUBGROUP_PER_CLASS
+    from pneumobatch.metrics import _blank_unsupported, subgroup_metrics
 
     classes = list(task.classes)
     y_true = [classes[i] for i in targets]
@@ -557,6 +558,7 @@ def evaluate_subgroups(
                 row["specificity"] = float((~t & ~p).sum() / (~t).sum()) if (~t).any() else None
                 row["ppv"] = float((t & p).sum() / p.sum()) if p.any() else None
                 row["npv"] = float((~t & ~p).sum() / (~p).sum()) if (~p).any() else None
+                _blank_unsupported(row, task.positive, MIN_SUBGROUP_PER_CLASS)
         out[column[3:]] = table
     pairs: dict[str, Any] = {}
     if not binary and "normal" in classes:

@@ -131,3 +131,36 @@ def test_annotate_subgroups_uses_manifest_columns(tmp_path):
     out = annotate_subgroups(frame, config)
     assert out[["sg_source", "sg_age_band", "sg_view", "sg_sex"]].values.tolist() == [
         ["kermany", "child", "PA", "unknown"], ["nih", "adult", "AP", "F"]]
+
+
+def test_subgroups_too_small_for_a_number_say_so():
+    from pneumobatch.metrics import subgroup_metrics
+
+    groups = ["big"] * 40 + ["tiny"] * 4
+    y = (["normal", "pneumonia"] * 20) + ["normal", "normal", "normal", "pneumonia"]
+    p = np.linspace(0.05, 0.95, 44)
+    proba = np.c_[1 - p, p]
+    table = subgroup_metrics(groups, y, proba, ["normal", "pneumonia"], positive="pneumonia", threshold=0.5, n_bootstrap=50)
+    rows = {r["value"]: r for r in table["groups"]}
+    assert rows["big"]["auc"] is not None and rows["big"]["sensitivity"] is not None
+    assert rows["tiny"]["auc"] is None and rows["tiny"]["sensitivity"] is None and rows["tiny"]["specificity"] is None
+    assert any("too few" in note for note in rows["tiny"]["notes"])
+
+
+def test_report_by_age_band_derives_bands_from_age_and_source_defaults(tmp_path):
+    from pneumobatch.report import build_report
+
+    preds = pd.DataFrame({
+        "path": [f"{i}.png" for i in range(24)], "status": "ok", "reason": "", "model": "m", "task": "pneumonia",
+        "pred_label": ["normal", "pneumonia"] * 12, "prob_normal": [0.8, 0.2] * 12, "prob_pneumonia": [0.2, 0.8] * 12,
+        "threshold": "0.5",
+    })
+    labels = pd.DataFrame({
+        "path": preds["path"], "label": ["normal", "pneumonia"] * 12,
+        "age": ["70"] * 12 + [""] * 12, "source": ["nih"] * 12 + ["kermany-pediatric"] * 12,
+    })
+    preds.to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "l.csv", index=False)
+    doc = build_report(tmp_path / "p.csv", tmp_path / "l.csv", by=["age_band"], default_age_band=["kermany*=child"], n_bootstrap=20)
+    groups = {g["value"]: g["n"] for g in doc["models"][0]["subgroups"]["age_band"]["groups"]}
+    assert groups == {"adult": 12, "child": 12}
