@@ -222,7 +222,7 @@ def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify:
     card = read_card(card_path)
     if verify and card.weights_sha256:
         actual = sha256_file(weights_path)
-        if actual != card.weights_sha256:
+        if actual != str(card.weights_sha256).strip().lower():  # hex digests compare case-insensitively
             raise ModelError(
                 f"{weights_path}: SHA-256 {actual[:12]}… does not match the card "
                 f"({card.weights_sha256[:12]}…); the weights file was changed or corrupted"

@@ -109,3 +109,19 @@ def test_two_inputs_with_the_same_name_keep_distinct_paths(weights_dir: Path, tm
                                        "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet"])
     assert result.exit_code == 0, result.output
     assert sorted(r["path"] for r in rows_of(out)) == ["a/studies/x.dcm", "b/studies/x.dcm"]
+
+
+def test_an_uppercase_sha256_in_the_card_is_accepted(weights_dir: Path, tmp_path: Path):
+    folder = tmp_path / "w"
+    shutil.copytree(weights_dir, folder)
+    card_path = folder / "tiny.json"
+    card = json.loads(card_path.read_text())
+    card["weights_sha256"] = card["weights_sha256"].upper()
+    card_path.write_text(json.dumps(card))
+    assert load_model("tiny", folder).card.name == "tiny"
+    card["weights_sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    from pneumobatch.errors import ModelError
+
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_model("tiny", folder)
