@@ -233,3 +233,23 @@ def test_predict_and_resume_with_hostile_file_names(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert sorted(r["path"] for r in csv.DictReader(out.open(encoding="utf-8", newline=""))) == sorted(r["path"] for r in rows)
     assert out.read_bytes() == before
+
+
+# --- permissions of written files (issue 12, item 16) --------------------------------------
+
+
+def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path: Path):
+    from pneumobatch.atomicfile import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.json"
+        atomic_write(new, lambda p: (p.write_text("{}"), os.chmod(p, 0o600)))  # as a library writing 0600 would
+        assert new.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.csv"
+        kept.write_text("a\n")
+        os.chmod(kept, 0o640)
+        atomic_write(kept, "b\n")
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "b\n"
+    finally:
+        os.umask(old)
