@@ -157,9 +157,13 @@ class ModelCard:
             return []
         return ["age-outside-training"] if not known[0] <= age_years <= known[1] else []
 
-    def decide_many(self, proba: np.ndarray) -> np.ndarray:
-        """Class names for rows of probabilities (pooled operating point)."""
+    def decide_many(self, proba: np.ndarray, age_bands: Optional[Sequence[Any]] = None) -> np.ndarray:
+        """Class names for rows of probabilities: each row's age-band operating point where
+        ``age_bands`` is given and the card has one (as :meth:`decide`), else the pooled one."""
         if len(proba) == 0:
             return np.asarray([], dtype=object)
-        idx = decide_indices(proba, self.classes, self.positive, self.threshold if self.binary else None)
+        threshold: Any = self.threshold if self.binary else None
+        if self.binary and age_bands is not None:
+            threshold = np.array([self.threshold_for(b)[0] for b in age_bands], dtype=np.float64)
+        idx = decide_indices(proba, self.classes, self.positive, threshold)
         return np.asarray(self.classes, dtype=object)[idx]

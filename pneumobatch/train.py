@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumobatch import __version__
-from pneumobatch.card import is_positive, resolve_threshold
+from pneumobatch.card import is_positive
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
@@ -522,13 +522,9 @@ def band_thresholds(
     return out
 
 
-def decide_rows(probs: np.ndarray, task: Task, threshold: Optional[float], by_band: dict[str, Any], bands: np.ndarray) -> np.ndarray:
-    """Predicted class index per row: per-band threshold where the card has one."""
-    if task.positive is None or len(task.classes) != 2:
-        return probs.argmax(1)
-    pos = task.classes.index(task.positive)
-    thr = np.array([by_band[b]["recall_target"] if b in by_band else resolve_threshold(threshold) for b in bands], dtype=np.float64)
-    return np.where(is_positive(probs[:, pos], thr), pos, 1 - pos)
+def _class_indices(names: np.ndarray, task: Task) -> np.ndarray:
+    index = {c: i for i, c in enumerate(task.classes)}
+    return np.asarray([index[n] for n in names], dtype=np.int64)
 
 
 def evaluate_subgroups(
@@ -738,30 +734,11 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 f"otherwise the pooled threshold {threshold:.4f}"
             )
 
-    val_pred = decide_rows(val_probs, task, threshold, by_band, val_bands)
-    metrics: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
-    metrics["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
-    if len(test_set.targets):
-        test_logits = predict_logits(net, test_set.images, mean, std, device, config.batch_size * 2)
-        test_probs = torch.softmax(test_logits / temperature, 1).numpy()
-        targets = test_set.targets.numpy()
-        test_bands = test_set.frame["sg_age_band"].to_numpy()
-        test_pred = decide_rows(test_probs, task, threshold, by_band, test_bands)
-        metrics["test"] = evaluate_probs(test_probs, targets, task, threshold)
-        metrics["test_subgroups"] = evaluate_subgroups(test_probs, targets, test_pred, test_set.frame, task)
-        if config.group_column and config.group_column in test_set.frame.columns:
-            groups = test_set.frame[config.group_column].astype(str).to_numpy()
-            metrics["test_by_" + config.group_column] = {
-                g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold)
-                for g in sorted(set(groups))
-            }
-
     card = ModelCard(
         name=config.name, task=task.name, classes=list(task.classes), architecture=config.architecture,
         input_size=config.input_size, mean=list(mean), std=list(std), positive=task.positive,
         threshold=threshold, thresholds=thresholds, temperature=temperature,
         data=_data_summary(config, splits, dropped, unreadable, split_source, leakage),
-        metrics=metrics,
         training={
             "init": config.init, "balance": config.balance, "class_weights": weights.tolist() if weights is not None else None,
             "model_selection": "mean of pooled and within-source / within-age-band validation AUCs (groups with >= "
@@ -775,6 +752,26 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         },
         pneumobatch_version=__version__,
     )
+    val_pred = _class_indices(card.decide_many(val_probs, val_bands), task)
+    metrics: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
+    metrics["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
+    if len(test_set.targets):
+        test_logits = predict_logits(net, test_set.images, mean, std, device, config.batch_size * 2)
+        test_probs = torch.softmax(test_logits / temperature, 1).numpy()
+        targets = test_set.targets.numpy()
+        test_bands = test_set.frame["sg_age_band"].to_numpy()
+        test_pred = _class_indices(card.decide_many(test_probs, test_bands), task)
+        metrics["test"] = evaluate_probs(test_probs, targets, task, threshold)
+        metrics["test_subgroups"] = evaluate_subgroups(test_probs, targets, test_pred, test_set.frame, task)
+        if config.group_column and config.group_column in test_set.frame.columns:
+            groups = test_set.frame[config.group_column].astype(str).to_numpy()
+            metrics["test_by_" + config.group_column] = {
+                g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold)
+                for g in sorted(set(groups))
+            }
+
+    card.metrics = metrics
+    card.training["seconds"] = round(time.time() - started, 1)
     save_model(net.cpu(), card, config.out_dir)
     _plot_curves(history, config.out_dir / f"{config.name}.curves.png", config.name)
     if ckpt_path.exists():

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from pneumobatch.card import ModelCard
 from pneumobatch.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
-from pneumobatch.tasks import get_task
 from pneumobatch.train import (
     TrainConfig,
     TrainingError,
@@ -19,7 +19,6 @@ from pneumobatch.train import (
     _sample_weights,
     annotate_subgroups,
     band_thresholds,
-    decide_rows,
     load_labels,
     remove_leakage,
 )
@@ -113,10 +112,13 @@ def test_operating_points_per_age_band_and_their_use():
         mask = bands == band
         assert (scores[mask & y] >= by_band[band]["recall_target"]).mean() >= 0.95
     probs = np.c_[1 - scores, scores]
-    task = get_task("pneumonia")
-    pred = decide_rows(probs, task, 0.5, by_band, np.array(["adult", "unknown"] * 200))
+    card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="a", input_size=8,
+                     mean=[0.5], std=[0.5], positive="pneumonia", threshold=0.5, thresholds={"by_age_band": by_band})
+    pred = card.decide_many(probs, np.array(["adult", "unknown"] * 200)) == "pneumonia"
     thr = np.where(np.arange(400) % 2 == 0, by_band["adult"]["recall_target"], 0.5)
     assert (pred == (scores >= thr)).all()
+    assert [card.decide(p, b).label for p, b in zip(probs, ["adult", "unknown"] * 200)] == list(
+        card.decide_many(probs, np.array(["adult", "unknown"] * 200)))
 
 
 def test_bands_without_enough_validation_images_get_no_own_threshold():
