@@ -21,7 +21,6 @@ computes them for any model, for example on a site's own normal radiographs.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -193,12 +192,7 @@ def attach(loaded: Any, stats: ApplicabilityStats, info: dict[str, Any]) -> Path
 
     card = loaded.card
     path = loaded.weights_path.with_name(f"{card.name}.applicability.safetensors")
-    tmp = path.with_name(f".{path.name}.tmp")
-    stats.save(tmp, info)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # like any other new file (safetensors writes 0600)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: stats.save(tmp, info))  # also sets the mode (safetensors writes 0600)
     card.applicability = {**info, "file": path.name, "sha256": sha256_file(path), "threshold": stats.threshold}
     atomic_write(loaded.weights_path.with_suffix(".json"), json.dumps(card.to_dict(), indent=2) + "\n")
     return path
