@@ -105,11 +105,11 @@ def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list
 
     unique = list(dict.fromkeys(Path(r).resolve() for r in roots))  # the same folder given twice: once
     prefixes = root_prefixes(unique)
+    prefix_of = {root: prefixes[root] if root.is_dir() else "" for root in unique}  # a file root keeps its name
     entries = []
     for root, entry in walk(unique, follow_external_links=follow_external_links):
-        prefix = prefixes.get(Path(root).resolve(), "")
-        if prefix and Path(root).is_dir():  # keep paths unique across several roots
-            entry = dataclasses.replace(entry, relpath=f"{prefix}/{entry.relpath}")
+        if prefix_of[root]:  # keep paths unique across several roots
+            entry = dataclasses.replace(entry, relpath=f"{prefix_of[root]}/{entry.relpath}")
         entries.append(entry)
     return entries
 
