@@ -260,6 +260,7 @@ def _transfer_syntax(ds: Dataset) -> uid.UID:
 
 def _metadata(ds: Dataset, tsyntax: uid.UID) -> dict[str, Any]:
     """Sanitised identifiers and descriptors; never the patient's name."""
+    age = _text(_get(ds, "PatientAge"), 16)
     return {
         "study_instance_uid": _uid_value(_get(ds, "StudyInstanceUID")),
         "series_instance_uid": _uid_value(_get(ds, "SeriesInstanceUID")),
@@ -268,8 +269,8 @@ def _metadata(ds: Dataset, tsyntax: uid.UID) -> dict[str, Any]:
         "modality": _text(_get(ds, "Modality")).upper(),
         "patient_id": _text(_get(ds, "PatientID")),
         # the band, not the age: enough to pick an operating point, less identifying
-        "age_band": age_band(_text(_get(ds, "PatientAge"), 16)),
-        "age_years": age_years(_text(_get(ds, "PatientAge"), 16)),  # not written to any output
+        "age_band": age_band(age),
+        "age_years": age_years(age),  # not written to any output
         "transfer_syntax": _uid_value(str(tsyntax)),
         "photometric_interpretation": _text(_get(ds, "PhotometricInterpretation")).upper(),
         "frames": _frames(ds),
