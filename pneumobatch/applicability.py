@@ -1,29 +1,36 @@
 """Is an image like the frontal chest radiographs a model was trained on?
 
-The model's own penultimate features (the input of its classifier layer) of the
-training images define "like". The statistics are a PCA of those features: the
-mean, the top ``k`` principal directions with their variances, and the mean squared
-residual outside them. An image's score combines its Mahalanobis distance inside the
-PCA subspace and its residual outside it, each divided by its mean on the training
-images, so a typical training image scores about 1:
+The model's own features of the training images define "like", taken at several
+depths: the input of its classifier layer (``head``, the penultimate features) and
+the channel means and standard deviations of a few intermediate stages (edges and
+textures early, anatomy later). Per layer, a PCA of the training features gives the
+mean, the top ``k`` principal directions with their variances and the mean squared
+residual outside them; a layer's score combines the Mahalanobis distance inside the
+subspace and the residual outside it, each divided by its training mean:
 
-    score = (maha2_k / mean_train(maha2_k) + resid2 / mean_train(resid2)) / 2
+    layer_score = (maha2_k / mean_train(maha2_k) + resid2 / mean_train(resid2)) / 2
 
-The flag threshold is a high percentile (default 99th) of the validation images'
-scores, so about 1% of in-distribution images are flagged by construction; the
-README gives the measured rates on test chest images and on non-chest images.
+Each layer's score is divided by its own high percentile on the validation images and
+the image's score is the mean over layers, so no single depth dominates. The flag
+threshold is the same percentile (default 99th) of the validation images' scores:
+about 1% of in-distribution images are flagged by construction. Penultimate features
+alone miss most non-radiographs (they only encode what separates the classes); the
+intermediate layers catch CT/MR/ultrasound slices and photographs (README, measured by
+``benchmarks/applicability.py``).
 
 The statistics live in ``NAME.applicability.safetensors`` beside the weights (the
-card holds its SHA-256 and the threshold); ``pneumobatch fit-applicability``
-computes them for any model, for example on a site's own normal radiographs.
+card holds its SHA-256 and the threshold). ``train`` fits them on its train split and
+sets the threshold on validation; ``pneumobatch fit-applicability`` recomputes them for
+any model, for example on a site's own normal radiographs. Files of the earlier
+single-layer method (``pca-mahalanobis+residual``, penultimate features only) still load.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,19 +38,29 @@ from torch import nn
 
 from pneumobatch.errors import ModelError
 
-METHOD = "pca-mahalanobis+residual"
-DEFAULT_COMPONENTS = 64
+METHOD = "multilayer-pca-mahalanobis"
+LEGACY_METHOD = "pca-mahalanobis+residual"
+HEAD = "head"  # the layer name for the input of the classifier layer (penultimate features)
+DEFAULT_COMPONENTS = {HEAD: 64}  # principal directions per layer; other layers use STAGE_COMPONENTS
+STAGE_COMPONENTS = 32
 DEFAULT_PERCENTILE = 99.0
+
+Features = Union[Mapping[str, np.ndarray], np.ndarray]  # layer name -> (N, D); a bare array is the head
+
+
+def _by_layer(features: Features) -> Mapping[str, np.ndarray]:
+    return features if isinstance(features, Mapping) else {HEAD: features}
 
 
 @dataclass
-class ApplicabilityStats:
+class LayerStats:
+    """PCA statistics of one layer's features on the training images."""
+
     mean: np.ndarray  # (D,)
     components: np.ndarray  # (k, D), orthonormal rows
     variances: np.ndarray  # (k,)
-    maha_scale: float
-    resid_scale: float
-    threshold: float = float("inf")
+    maha_scale: float = 1.0
+    resid_scale: float = 1.0
 
     def score(self, features: np.ndarray) -> np.ndarray:
         centred = np.asarray(features, dtype=np.float64) - self.mean
@@ -52,6 +69,45 @@ class ApplicabilityStats:
         resid2 = (centred**2).sum(1) - (z**2).sum(1)
         return 0.5 * (maha2 / self.maha_scale + np.maximum(resid2, 0) / self.resid_scale)
 
+    @classmethod
+    def fit(cls, features: np.ndarray, n_components: int) -> LayerStats:
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 3:
+            raise ValueError("need at least 3 feature vectors to fit applicability statistics")
+        mean = x.mean(0)
+        centred = x - mean
+        k = int(min(n_components, len(x) - 1, x.shape[1]))
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        variances = np.maximum((s[:k] ** 2) / (len(x) - 1), 1e-12)
+        stats = cls(mean, vt[:k], variances)
+        z = centred @ stats.components.T
+        stats.maha_scale = float(max((z**2 / variances).sum(1).mean(), 1e-12))
+        stats.resid_scale = float(max(((centred**2).sum(1) - (z**2).sum(1)).mean(), 1e-12))
+        return stats
+
+    def valid(self) -> bool:
+        return bool(np.isfinite(self.variances).all() and (self.variances > 0).all()
+                    and self.maha_scale > 0 and self.resid_scale > 0)
+
+
+@dataclass
+class ApplicabilityStats:
+    """Per-layer statistics, each layer's validation scale, and the flag threshold."""
+
+    layers: dict[str, LayerStats]
+    scales: dict[str, float] = field(default_factory=dict)  # layer -> divisor (its validation percentile)
+    threshold: float = float("inf")
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def score(self, features: Features) -> np.ndarray:
+        """Applicability score per image (about 1 for a typical training image; higher is less alike)."""
+        by_layer = _by_layer(features)
+        per_layer = [stats.score(by_layer[name]) / self.scales.get(name, 1.0) for name, stats in self.layers.items()]
+        return np.mean(per_layer, axis=0)
+
     def flag(self, scores: np.ndarray) -> np.ndarray:
         """True where an image is applicable (score within the threshold)."""
         return np.asarray(scores) <= self.threshold
@@ -59,12 +115,16 @@ class ApplicabilityStats:
     def save(self, path: Path, info: dict[str, Any]) -> None:
         from safetensors.numpy import save_file
 
-        tensors = {
-            "mean": self.mean.astype(np.float32), "components": self.components.astype(np.float32),
-            "variances": self.variances.astype(np.float32),
+        tensors = {}
+        for name, stats in self.layers.items():
+            tensors[f"{name}/mean"] = stats.mean.astype(np.float32)
+            tensors[f"{name}/components"] = stats.components.astype(np.float32)
+            tensors[f"{name}/variances"] = stats.variances.astype(np.float32)
+        meta = {
+            "method": METHOD, "threshold": repr(self.threshold), "info": json.dumps(info),
+            "layers": json.dumps({name: {"maha_scale": s.maha_scale, "resid_scale": s.resid_scale,
+                                         "scale": self.scales.get(name, 1.0)} for name, s in self.layers.items()}),
         }
-        meta = {"method": METHOD, "maha_scale": repr(self.maha_scale), "resid_scale": repr(self.resid_scale),
-                "threshold": repr(self.threshold), "info": json.dumps(info)}
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -74,80 +134,146 @@ class ApplicabilityStats:
         try:
             with safe_open(str(path), framework="numpy") as fh:
                 meta = fh.metadata() or {}
-                if meta.get("method") != METHOD:
-                    raise ModelError(f"{path}: not an applicability file of method {METHOD}")
-                stats = cls(
-                    mean=fh.get_tensor("mean").astype(np.float64),
-                    components=fh.get_tensor("components").astype(np.float64),
-                    variances=fh.get_tensor("variances").astype(np.float64),
-                    maha_scale=float(meta["maha_scale"]), resid_scale=float(meta["resid_scale"]),
-                    threshold=float(meta["threshold"]),
-                )
-        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+                method = meta.get("method")
+                if method == METHOD:
+                    layers, scales = {}, {}
+                    for name, scalars in json.loads(meta["layers"]).items():
+                        layers[name] = LayerStats(
+                            *(fh.get_tensor(f"{name}/{key}").astype(np.float64) for key in ("mean", "components", "variances")),
+                            maha_scale=float(scalars["maha_scale"]), resid_scale=float(scalars["resid_scale"]),
+                        )
+                        scales[name] = float(scalars["scale"])
+                elif method == LEGACY_METHOD:
+                    layers = {HEAD: LayerStats(
+                        *(fh.get_tensor(key).astype(np.float64) for key in ("mean", "components", "variances")),
+                        maha_scale=float(meta["maha_scale"]), resid_scale=float(meta["resid_scale"]),
+                    )}
+                    scales = {HEAD: 1.0}
+                else:
+                    raise ModelError(f"{path}: not an applicability file (method {METHOD} or {LEGACY_METHOD})")
+                stats = cls(layers, scales, float(meta["threshold"]))
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as exc:
             raise ModelError(f"{path}: unreadable applicability statistics ({exc})") from exc
-        if not (np.isfinite(stats.variances).all() and (stats.variances > 0).all() and stats.maha_scale > 0 and stats.resid_scale > 0):
+        if not stats.layers or not all(s.valid() for s in stats.layers.values()) or not all(
+            np.isfinite(v) and v > 0 for v in stats.scales.values()
+        ):
             raise ModelError(f"{path}: applicability statistics out of range")
         return stats
 
 
-def fit(train_features: np.ndarray, n_components: int = DEFAULT_COMPONENTS) -> ApplicabilityStats:
-    """PCA statistics of in-distribution features (rows = images)."""
-    x = np.asarray(train_features, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 3:
-        raise ValueError("need at least 3 feature vectors to fit applicability statistics")
-    mean = x.mean(0)
-    centred = x - mean
-    k = int(min(n_components, len(x) - 1, x.shape[1]))
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    variances = np.maximum((s[:k] ** 2) / (len(x) - 1), 1e-12)
-    stats = ApplicabilityStats(mean, vt[:k], variances, 1.0, 1.0)
-    z = centred @ stats.components.T
-    stats.maha_scale = float(max((z**2 / variances).sum(1).mean(), 1e-12))
-    stats.resid_scale = float(max(((centred**2).sum(1) - (z**2).sum(1)).mean(), 1e-12))
-    return stats
+def fit(train_features: Features, n_components: Optional[int] = None) -> ApplicabilityStats:
+    """PCA statistics of in-distribution features (per layer; rows = images)."""
+    layers = {}
+    for name, x in _by_layer(train_features).items():
+        k = n_components or DEFAULT_COMPONENTS.get(name, STAGE_COMPONENTS)
+        layers[name] = LayerStats.fit(x, k)
+    return ApplicabilityStats(layers, {name: 1.0 for name in layers})
 
 
-def calibrate(stats: ApplicabilityStats, val_features: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
-    """Set the threshold to a percentile of validation scores; returns it."""
-    stats.threshold = float(np.percentile(stats.score(val_features), percentile))
+def calibrate(stats: ApplicabilityStats, val_features: Features, percentile: float = DEFAULT_PERCENTILE) -> float:
+    """Scale each layer and set the threshold from validation scores; returns the threshold."""
+    by_layer = _by_layer(val_features)
+    for name, layer in stats.layers.items():
+        stats.scales[name] = float(max(np.percentile(layer.score(by_layer[name]), percentile), 1e-12))
+    stats.threshold = float(np.percentile(stats.score(by_layer), percentile))
     return stats.threshold
 
 
-class FeatureHook:
-    """Captures the input of a network's classifier layer (its penultimate features)."""
+def default_layers(architecture: str, net: nn.Module) -> list[str]:
+    """The layers the statistics use: the architecture's stages (models registry) and the head."""
+    from pneumobatch.models import ARCHITECTURES
 
-    def __init__(self, head: nn.Module) -> None:
-        self.features: Optional[torch.Tensor] = None
-        self._handle = head.register_forward_hook(self._hook)
+    stages = ARCHITECTURES[architecture].stages
+    return [*(stages(net) if stages else []), HEAD]
 
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self.features = torch.flatten(inputs[0], 1).detach().float().cpu()
+
+class FeatureTap:
+    """Captures the features of named layers during a forward pass.
+
+    ``HEAD`` is the input of the classifier layer (flattened); any other name is a
+    module of the network (``net.get_submodule``) whose output is summarised by its
+    channel means and (population) standard deviations over the image.
+    """
+
+    def __init__(self, net: nn.Module, head: nn.Module, layers: Sequence[str]) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in layers:
+            if name == HEAD:
+                self._handles.append(head.register_forward_hook(self._head_hook))
+                continue
+            try:
+                module = net.get_submodule(name)
+            except AttributeError as exc:
+                raise ModelError(f"applicability statistics name layer {name!r}, which the network lacks") from exc
+            self._handles.append(module.register_forward_hook(self._stage_hook(name)))
+
+    def _head_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.features[HEAD] = torch.flatten(inputs[0], 1).detach().float().cpu()
+
+    def _stage_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = output.detach().float()
+            self.features[name] = torch.cat([x.mean((2, 3)), x.std((2, 3), correction=0)], 1).cpu()
+
+        return hook
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in self.features.items()}
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def tap(loaded: Any, layers: Optional[Sequence[str]] = None) -> FeatureTap:
+    """A FeatureTap on a loaded model: its statistics' layers, or the default ones."""
+    from pneumobatch.models import ARCHITECTURES
+
+    card, net = loaded.card, loaded.net
+    if layers is None:
+        layers = loaded.applicability.layer_names if loaded.applicability is not None else default_layers(card.architecture, net)
+    return FeatureTap(net, ARCHITECTURES[card.architecture].head(net), layers)
 
 
 @torch.no_grad()
-def extract_features(loaded: Any, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Penultimate features of uint8 images (N, 1, S, S) already at the model's input size."""
-    from pneumobatch.models import ARCHITECTURES
+def extract_features(loaded: Any, images: torch.Tensor, batch_size: int = 64,
+                     layers: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """Per-layer features of uint8 images (N, 1, S, S) already at the model's input size."""
     from pneumobatch.preprocess import normalize
 
     card, net = loaded.card, loaded.net.eval()
-    hook = FeatureHook(ARCHITECTURES[card.architecture].head(net))
-    out = []
+    hook = tap(loaded, layers)
+    out: dict[str, list[np.ndarray]] = {}
     try:
         for start in range(0, len(images), batch_size):
             x = normalize(images[start : start + batch_size].float() / 255.0, card.mean, card.std)
             net(x.contiguous(memory_format=torch.channels_last))
-            out.append(hook.features.numpy())
+            for name, value in hook.numpy().items():
+                out.setdefault(name, []).append(value)
     finally:
         hook.close()
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def fit_features(loaded: Any, train_images: torch.Tensor, val_images: torch.Tensor,
+                 percentile: float = DEFAULT_PERCENTILE) -> ApplicabilityStats:
+    """Fit on training images, scale and threshold on validation images (uint8, model input size)."""
+    layers = default_layers(loaded.card.architecture, loaded.net)
+    stats = fit(extract_features(loaded, train_images, layers=layers))
+    calibrate(stats, extract_features(loaded, val_images, layers=layers), percentile)
+    return stats
+
+
+def summary(stats: ApplicabilityStats, percentile: float, **fitted: Any) -> dict[str, Any]:
+    """What the card records about the statistics."""
+    return {"method": METHOD, "layers": stats.layer_names, "components": {n: int(len(s.variances)) for n, s in stats.layers.items()},
+            "percentile": percentile, "threshold": stats.threshold, **fitted}
 
 
 def fit_from_manifest(
-    loaded: Any, manifest: Path, *, percentile: float = DEFAULT_PERCENTILE, n_components: int = DEFAULT_COMPONENTS,
+    loaded: Any, manifest: Path, *, percentile: float = DEFAULT_PERCENTILE,
     workers: int = 2, only_class: Optional[str] = None, progress=lambda s: None,
 ) -> tuple[ApplicabilityStats, dict[str, Any]]:
     """Fit on the manifest's train split, set the threshold on its validation split.
@@ -170,14 +296,11 @@ def fit_from_manifest(
             raise ModelError(f"{manifest}: the {split} split has {len(part)} usable images; at least 10 are needed")
         progress(f"decoding {len(part)} {split} images")
         dataset, _ = decode_split(part, task, card.input_size, workers)
-        parts[split] = extract_features(loaded, dataset.images)
-    stats = fit(parts["train"], n_components)
-    calibrate(stats, parts["val"], percentile)
-    info = {
-        "method": METHOD, "components": int(len(stats.variances)), "percentile": percentile,
-        "threshold": stats.threshold, "fitted_on": str(manifest), "class": only_class or "all",
-        "n_train": int(len(parts["train"])), "n_val": int(len(parts["val"])),
-    }
+        parts[split] = dataset.images
+    progress("fitting the statistics (features of every image at several depths)")
+    stats = fit_features(loaded, parts["train"], parts["val"], percentile)
+    info = summary(stats, percentile, fitted_on=str(manifest), **{"class": only_class or "all"},
+                   n_train=int(len(parts["train"])), n_val=int(len(parts["val"])))
     return stats, info
 
 
@@ -194,5 +317,6 @@ def attach(loaded: Any, stats: ApplicabilityStats, info: dict[str, Any]) -> Path
     path = loaded.weights_path.with_name(f"{card.name}.applicability.safetensors")
     atomic_write(path, lambda tmp: stats.save(tmp, info))  # also sets the mode (safetensors writes 0600)
     card.applicability = {**info, "file": path.name, "sha256": sha256_file(path), "threshold": stats.threshold}
+    loaded.applicability = stats
     atomic_write(loaded.weights_path.with_suffix(".json"), json.dumps(card.to_dict(), indent=2) + "\n")
     return path

@@ -137,8 +137,7 @@ class Predictor:
         precision: Optional[torch.dtype],
         applicability: Optional[dict[str, Any]] = None,
     ) -> None:
-        from pneumobatch.applicability import FeatureHook
-        from pneumobatch.models import ARCHITECTURES
+        from pneumobatch.applicability import tap
 
         self.models = list(models)
         self.device = device
@@ -149,7 +148,7 @@ class Predictor:
         for model in self.models:
             model.net.to(device).to(memory_format=torch.channels_last).eval()
             if model.card.name in self.applicability:
-                self._hooks[model.card.name] = FeatureHook(ARCHITECTURES[model.card.architecture].head(model.net))
+                self._hooks[model.card.name] = tap(model, self.applicability[model.card.name].layer_names)
 
     @property
     def sizes(self) -> list[int]:
@@ -168,7 +167,7 @@ class Predictor:
             out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
             hook = self._hooks.get(card.name)
             if hook is not None and scores is not None:
-                scores[card.name] = self.applicability[card.name].score(hook.features.numpy())
+                scores[card.name] = self.applicability[card.name].score(hook.numpy())
         return out
 
 

@@ -43,6 +43,8 @@ class Architecture:
     std: tuple[float, ...]
     pretrained_available: bool
     head: Callable[[nn.Module], nn.Module]  # the classifier layer, trained alone in stage 1
+    #: module names of intermediate stages whose features the applicability statistics use
+    stages: Optional[Callable[[nn.Module], list[str]]] = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -55,11 +57,12 @@ def register_architecture(
     std: tuple[float, ...] = IMAGENET_STD,
     pretrained_available: bool = False,
     head: Callable[[nn.Module], nn.Module],
+    stages: Optional[Callable[[nn.Module], list[str]]] = None,
 ) -> Callable:
     """Decorator adding an architecture factory to the registry."""
 
     def decorator(factory: Callable[[int, bool, int], nn.Module]) -> Callable:
-        ARCHITECTURES[name] = Architecture(name, factory, mean, std, pretrained_available, head)
+        ARCHITECTURES[name] = Architecture(name, factory, mean, std, pretrained_available, head, stages)
         return factory
 
     return decorator
@@ -94,13 +97,20 @@ def _densenet_head(net: nn.Module, n: int) -> None:
     net.classifier = nn.Linear(net.classifier.in_features, n)
 
 
+def _spread(container: str, count: int, k: int = 6) -> list[str]:
+    """``k`` evenly spaced children of a block container, first and last included."""
+    return [f"{container}.{i}" for i in sorted({round(j * (count - 1) / (k - 1)) for j in range(k)})]
+
+
 for _name in ("resnet18", "resnet34", "resnet50"):
-    register_architecture(_name, head=lambda net: net.fc)(_torchvision(_name, _fc))
-register_architecture("densenet121", head=lambda net: net.classifier)(
-    _torchvision("densenet121", _densenet_head)
-)
+    register_architecture(_name, head=lambda net: net.fc, stages=lambda net: ["layer1", "layer2", "layer3", "layer4"])(
+        _torchvision(_name, _fc)
+    )
+register_architecture(
+    "densenet121", head=lambda net: net.classifier, stages=lambda net: [f"features.denseblock{i}" for i in range(1, 5)]
+)(_torchvision("densenet121", _densenet_head))
 for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
-    register_architecture(_name, head=lambda net: net.classifier[-1])(
+    register_architecture(_name, head=lambda net: net.classifier[-1], stages=lambda net: _spread("features", len(net.features)))(
         _torchvision(_name, _classifier_last)
     )
 
@@ -111,6 +121,8 @@ for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
     std=LITE_STD,
     pretrained_available=True,
     head=lambda net: net._fc,
+    # chosen by benchmarks/applicability.py: these seven of the 16 blocks plus the head
+    stages=lambda net: [f"_blocks.{i}" for i in (0, 2, 4, 7, 10, 13, 15) if i < len(net._blocks)],
 )
 def _efficientnet_lite0(num_classes: int, pretrained: bool, input_size: int) -> nn.Module:
     try:

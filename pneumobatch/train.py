@@ -32,7 +32,7 @@ from pneumobatch.card import is_positive
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
-from pneumobatch.models import ARCHITECTURES, ModelCard, create_model, save_model
+from pneumobatch.models import ARCHITECTURES, LoadedModel, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
 from pneumobatch.subgroups import AGE_BANDS, age_bands, age_years, parse_band_defaults, sex_group, view_group
@@ -772,11 +772,23 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
 
     card.metrics = metrics
     card.training["seconds"] = round(time.time() - started, 1)
-    save_model(net.cpu(), card, config.out_dir)
+    weights_path = save_model(net.cpu(), card, config.out_dir)
+    _fit_applicability(LoadedModel(card, net.eval(), weights_path), splits["train"], val_set, progress)
     _plot_curves(history, config.out_dir / f"{config.name}.curves.png", config.name)
     if ckpt_path.exists():
         os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it
     return card
+
+
+def _fit_applicability(loaded: LoadedModel, train_set: Dataset, val_set: Dataset, progress: Callable[[str], None]) -> None:
+    """Applicability statistics on the train split, threshold on validation; recorded in the card."""
+    from pneumobatch import applicability
+
+    progress("fitting applicability statistics (train split; threshold on validation)")
+    stats = applicability.fit_features(loaded, train_set.images, val_set.images)
+    info = applicability.summary(stats, applicability.DEFAULT_PERCENTILE, fitted_on="train split (threshold: val split)",
+                                 **{"class": "all"}, n_train=len(train_set.images), n_val=len(val_set.images))
+    applicability.attach(loaded, stats, info)
 
 
 def _data_summary(

@@ -1,4 +1,4 @@
-"""Applicability statistics: fit, threshold, score, save/load, and the penultimate-feature hook."""
+"""Applicability statistics: fit, threshold, score, save/load, and the feature tap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumobatch.applicability import ApplicabilityStats, FeatureHook, calibrate, fit
+from pneumobatch.applicability import HEAD, LEGACY_METHOD, ApplicabilityStats, FeatureTap, calibrate, fit
 from pneumobatch.errors import ModelError
 
 
@@ -59,14 +59,56 @@ def test_a_file_that_is_not_applicability_statistics_is_refused(tmp_path: Path):
         ApplicabilityStats.load(tmp_path / "junk.safetensors")
 
 
-def test_feature_hook_captures_the_classifier_input():
+def test_feature_tap_captures_the_classifier_input_and_stage_statistics():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    hook = FeatureHook(net[3])
+    tap = FeatureTap(net, net[3], [HEAD, "0"])
     x = torch.rand(3, 1, 16, 16)
     net(x)
-    expected = net[2](net[1](net[0](x)))
-    torch.testing.assert_close(hook.features, expected.detach())
-    hook.close()
-    hook.features = None
+    conv = net[0](x)
+    torch.testing.assert_close(tap.features[HEAD], net[2](net[1](conv)).detach())
+    torch.testing.assert_close(tap.features["0"], torch.cat([conv.mean((2, 3)), conv.std((2, 3), correction=0)], 1).detach())
+    tap.close()
+    tap.features = {}
     net(x)
-    assert hook.features is None
+    assert tap.features == {}
+
+
+def test_a_layer_the_network_lacks_is_a_model_error():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    with pytest.raises(ModelError, match="lacks"):
+        FeatureTap(net, net[1], ["7"])
+
+
+def test_layers_are_scaled_so_that_one_far_layer_flags_the_image():
+    train = {HEAD: features(2000, 0), "stage": features(2000, 10)}
+    val = {HEAD: features(500, 1), "stage": features(500, 11)}
+    stats = fit(train, n_components=8)
+    calibrate(stats, val)
+    assert set(stats.scales) == {HEAD, "stage"}
+    near = {HEAD: features(300, 2), "stage": features(300, 12)}
+    odd_texture = {HEAD: features(300, 2), "stage": features(300, 12, shift=8.0)}  # the head alone sees nothing
+    assert (~stats.flag(stats.score(near))).mean() < 0.05
+    assert (~stats.flag(stats.score(odd_texture))).mean() > 0.95
+
+
+def test_multilayer_round_trip_and_legacy_single_layer_files_load(tmp_path: Path):
+    from safetensors.numpy import save_file
+
+    stats = fit({HEAD: features(300, 0), "_blocks.2": features(300, 7)}, n_components=8)
+    calibrate(stats, {HEAD: features(100, 1), "_blocks.2": features(100, 8)})
+    path = tmp_path / "m.applicability.safetensors"
+    stats.save(path, {})
+    again = ApplicabilityStats.load(path)
+    x = {HEAD: features(40, 5), "_blocks.2": features(40, 9)}
+    np.testing.assert_allclose(again.score(x), stats.score(x), rtol=1e-4)
+    assert again.layer_names == [HEAD, "_blocks.2"]
+
+    head = stats.layers[HEAD]  # a file written by pneumobatch before the multi-layer method
+    legacy = tmp_path / "old.applicability.safetensors"
+    save_file({"mean": head.mean.astype(np.float32), "components": head.components.astype(np.float32),
+               "variances": head.variances.astype(np.float32)}, str(legacy),
+              metadata={"method": LEGACY_METHOD, "maha_scale": repr(head.maha_scale), "resid_scale": repr(head.resid_scale),
+                        "threshold": "1.5", "info": "{}"})
+    old = ApplicabilityStats.load(legacy)
+    assert old.layer_names == [HEAD] and old.threshold == 1.5
+    np.testing.assert_allclose(old.score(x[HEAD]), head.score(x[HEAD]), rtol=1e-4)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pneumobatch.applicability import attach, calibrate, extract_features, fit
+from pneumobatch.applicability import attach, fit_features
 from pneumobatch.cli import main
 from pneumobatch.models import load_model
 from pneumobatch.synthetic import write_cxr
@@ -66,9 +66,9 @@ def test_applicability_flags_and_skip_ood(weights_dir: Path, tmp_path: Path):
     rng = np.random.default_rng(0)
     ramps = np.stack([np.clip(np.add.outer(np.arange(32), np.arange(32)) * rng.uniform(2, 4) + rng.normal(0, 3, (32, 32)), 0, 255)
                       for _ in range(120)]).astype(np.uint8)
-    feats = extract_features(loaded, torch.from_numpy(ramps[:, None]))
-    stats = fit(feats[:80], n_components=8)
-    calibrate(stats, feats[80:], 99.0)
+    images = torch.from_numpy(ramps[:, None])
+    stats = fit_features(loaded, images[:80], images[80:], 99.0)
+    assert len(stats.layer_names) > 1  # intermediate stages as well as the head
     attach(loaded, stats, {"method": "test"})
     assert json.loads((folder / "tiny.json").read_text())["applicability"]["file"] == "tiny.applicability.safetensors"
 

@@ -55,11 +55,15 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     assert saved["thresholds"]["recall_target_sensitivity"] >= 0.95
     loaded = load_model(str(out / "tiny.json"))
     assert loaded.card.weights_sha256 == saved["weights_sha256"]
+    # train fits the applicability statistics itself (several depths), threshold on validation
+    assert saved["applicability"]["file"] == "tiny.applicability.safetensors" and len(saved["applicability"]["layers"]) > 1
+    assert loaded.applicability is not None and loaded.applicability.threshold == saved["applicability"]["threshold"]
 
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "data" / "images"), "-o", str(tmp_path / "p.csv"),
                                        "-m", str(out / "tiny.json"), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert len(pd.read_csv(tmp_path / "p.csv")) == 48
+    predictions = pd.read_csv(tmp_path / "p.csv")
+    assert len(predictions) == 48 and predictions.loc[predictions["status"] == "ok", "ood_score"].notna().all()
 
 
 def test_split_is_stratified_and_patient_disjoint(tmp_path: Path):
