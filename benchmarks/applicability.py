@@ -108,10 +108,14 @@ def main() -> None:
         sets["pydicom CT/MR/US/SC images"] = torch.from_numpy(np.stack(dicom_images(size))[:, None])
         sets["photographs and pictures (matplotlib)"] = torch.from_numpy(np.stack(picture_images(size))[:, None])
         for label, images in sets.items():
-            scores = stats.score(extract_features(loaded, images))
-            flagged = float((~stats.flag(scores)).mean())
-            rows.append({"model": card.name, "set": label, "n": len(images), "flagged": round(flagged, 3)})
-            print(f"{card.name:10s} {label:42s} n={len(images):4d} flagged {flagged:6.1%}", flush=True)
+            flagged = ~stats.flag(stats.score(extract_features(loaded, images)))
+            parts = {label: flagged}
+            if label.startswith("test chest X-rays"):  # in distribution: also per source
+                sources = test.frame["source"].astype(str).str.split(" \\(").str[0].to_numpy()
+                parts.update({f"  test chest, {src}": flagged[sources == src] for src in sorted(set(sources))})
+            for name, part in parts.items():
+                rows.append({"model": card.name, "set": name, "n": len(part), "flagged": round(float(part.mean()), 3)})
+                print(f"{card.name:10s} {name:50s} n={len(part):4d} flagged {part.mean():6.1%}", flush=True)
     print()
     print(pd.DataFrame(rows).pivot(index="set", columns="model", values="flagged").to_string())
 

@@ -108,6 +108,7 @@ def _junk(out: Path, picked: pd.DataFrame) -> None:
               modality="CR", study_instance_uid=uid("knee"), series_instance_uid=uid("knee-series"),
               sop_instance_uid=uid("knee-sop"), patient_id="SAMPLE901",
               extra={"BodyPartExamined": "KNEE", "StudyDescription": "XR KNEE 2 VIEWS"})
+    _ct_slice_png(out / "exports" / "CT_slice_export.png")
     from pydicom.dataset import Dataset, FileMetaDataset
 
     meta = FileMetaDataset()
@@ -133,6 +134,18 @@ def _junk(out: Path, picked: pd.DataFrame) -> None:
     (out / "exports" / "upload_failed.jpg").write_bytes(b"")
     first = next(out.rglob("IM0001.dcm"))
     (out / "SAMPLE900" / "TRUNCATED.dcm").write_bytes(first.read_bytes()[:2000])
+
+
+def _ct_slice_png(path: Path) -> None:
+    """A CT slice saved as PNG (pydicom's bundled CT_small.dcm): no header to gate on, so the
+    applicability flag is what marks it (the demo's out-of-distribution example)."""
+    import pydicom
+
+    ds = pydicom.dcmread(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    window = np.clip((hu + 160) / 400, 0, 1)  # soft-tissue window, centre 40 HU, width 400
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((window * 255).round().astype(np.uint8)).save(path)
 
 
 if __name__ == "__main__":
