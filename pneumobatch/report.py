@@ -527,7 +527,7 @@ def _fig_roc(ev: dict[str, Any], title: str, path: Path) -> Path:
             continue
         label = f"{cls}: {roc['auc']:.3f} {_ci(roc.get('auc_ci'))}"
         ax.plot(roc["fpr"], roc["tpr"], color=_COLOURS[i % len(_COLOURS)], lw=1.5, label=label)
-    markers = {"shipped": "o", "recall_95": "s", "youden": "^"}
+    markers = {"shipped": "o", "recall_target": "s", "youden": "^"}
     for p in ev.get("operating_points", []):
         if p["name"] in markers and p["sensitivity"] is not None and p["specificity"] is not None:
             ax.plot(
@@ -1032,7 +1032,7 @@ class _Pdf:
                 [1.05, 0.75, 1.45, 1.45, 0.55, 0.55, 0.5, 1.5],
             )
             self.para(
-                "shipped: the model's threshold; recall_95: highest threshold reaching sensitivity 0.95 on these "
+                "shipped: the model's threshold; recall_target: highest threshold reaching sensitivity 0.95 on these "
                 "data (chosen on the evaluated data, so optimistic); youden: maximises sensitivity + specificity "
                 "- 1 here; card_*: thresholds chosen on the model's validation data. A case is called positive "
                 "when its probability is at or above the threshold.",

@@ -70,7 +70,7 @@ def test_binary_hand_checked_operating_points(six):
     assert (shipped["tp"], shipped["fp"], shipped["tn"], shipped["fn"]) == (2, 1, 2, 1)
     for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
         assert shipped[key] == approx(2 / 3)
-    r95 = points["recall_95"]  # all three positives needed: threshold = lowest positive score
+    r95 = points["recall_target"]  # all three positives needed: threshold = lowest positive score
     assert r95["threshold"] == approx(0.4)
     assert (r95["tp"], r95["fp"], r95["tn"], r95["fn"]) == (3, 1, 2, 0)
     assert r95["sensitivity"] == 1.0 and r95["specificity"] == approx(2 / 3)
@@ -129,14 +129,14 @@ def test_random_predictor_large_n():
     assert res["calibration"]["classes"]["pneumonia"]["ece"] == pytest.approx(0.25, abs=0.02)
 
 
-def test_recall_95_point_is_the_highest_threshold_reaching_095():
+def test_recall_target_point_is_the_highest_threshold_reaching_095():
     rng = np.random.default_rng(3)
     n = 2_000
     y = rng.integers(0, 2, n).astype(bool)
     score = np.clip(0.35 * y + rng.normal(0.35, 0.2, n), 0, 1).round(3)  # ties on purpose
     labels = np.where(y, "pneumonia", "normal")
     res = evaluate(labels, np.c_[1 - score, score], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=0)
-    point = next(p for p in res["operating_points"] if p["name"] == "recall_95")
+    point = next(p for p in res["operating_points"] if p["name"] == "recall_target")
     assert point["sensitivity"] >= 0.95
     above = operating_point(y, score, np.nextafter(point["threshold"], 2.0), "above")
     assert above["sensitivity"] < 0.95

@@ -227,7 +227,7 @@ def test_binary_report_numbers(binary_report):
     lo, hi = ev["roc"]["pneumonia"]["auc_ci"]
     assert lo <= ev["roc"]["pneumonia"]["auc"] <= hi
     names = [p["name"] for p in ev["operating_points"]]
-    assert names[:3] == ["shipped", "recall_95", "youden"]
+    assert names[:3] == ["shipped", "recall_target", "youden"]
     assert {"card_recall_95", "card_youden"} <= set(names)
     assert ev["operating_points"][1]["sensitivity"] >= 0.95
     join = model["join"]
