@@ -22,6 +22,7 @@ from typing import Optional
 import click
 
 from pneumobatch import __version__
+from pneumobatch.card import TARGET_RECALL
 from pneumobatch.errors import (
     EXIT_FATAL,
     EXIT_FILE_ERRORS,
@@ -33,6 +34,7 @@ from pneumobatch.errors import (
 )
 from pneumobatch.outputs import STUDY_FROM
 from pneumobatch.predict import PredictConfig
+from pneumobatch.report.options import JOIN_KEYS, ReportOptions
 from pneumobatch.tasks import TASKS
 
 __all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL"]
@@ -58,6 +60,10 @@ class Group(click.Group):
             return super().invoke(ctx)
         except PneumobatchError as exc:
             raise CommandError(str(exc), exc.exit_code) from exc
+
+
+#: Target recalls an operating point may be asked for (train on validation data, report on the evaluated data).
+RECALL_RANGE = click.FloatRange(0.5, 1.0)
 
 
 class LibraryChoice(click.Choice):
@@ -163,7 +169,7 @@ def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[
 @click.option("--view-column", default="view", show_default=True, help="Manifest column with the view (AP/PA), for per-view metrics.")
 @click.option("--sex-column", default="sex", show_default=True, help="Manifest column with the sex, for per-sex metrics.")
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips (off: the heart's side is anatomy).")
-@click.option("--target-recall", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
+@click.option("--target-recall", type=RECALL_RANGE, default=TARGET_RECALL, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Processes decoding images.")
@@ -273,33 +279,38 @@ def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quie
         sys.exit(run.exit_code)
 
 
+_R = ReportOptions  # option defaults are the library's, defined once
+
+
 @main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.pdf"), show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
-@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
-@click.option("--label-column", default="label", show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_R.output, show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
+@click.option("--key", type=click.Choice(JOIN_KEYS), help="Column joining labels to predictions. [default: detected]")
+@click.option("--label-column", default=_R.label_column, show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
 @click.option("-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]")
 @click.option("--by", multiple=True, help="Subgroup table by this labels column (e.g. --by view --by sex); repeatable.")
 @click.option("--where", multiple=True, metavar="COLUMN=VALUE", help="Use only label rows where COLUMN equals VALUE (e.g. --where split=test); repeatable.")
 @click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="For --by age_band: the band of rows without an age whose source matches PATTERN. Repeatable.")
-@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--target-recall", type=RECALL_RANGE, default=_R.target_recall, show_default=True, help="Sensitivity the recall_target operating point must reach on these data.")
+@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(0), default=_R.n_bootstrap, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
+@click.option("--seed", type=int, default=_R.seed, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
-def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, key: Optional[str], label_column: str, model: Optional[str], by: tuple[str, ...], where: tuple[str, ...], default_age_band: tuple[str, ...], bootstrap: int, seed: int, quiet: bool) -> None:
+def report_command(predictions: Path, quiet: bool, **options) -> None:
     """Evaluate PREDICTIONS (a CSV from predict) against labels; write PDF + JSON.
 
     \b
     Per class: precision, recall (sensitivity), specificity, F1, support; confusion
     matrix; ROC with AUC and bootstrap 95% CI; precision-recall; operating points
-    (shipped threshold, 95% sensitivity, Youden); calibration (reliability, ECE, Brier);
-    study-level metrics; optional subgroups. Labels that match no prediction, and
-    predictions without a label, are counted and listed, never silently dropped.
+    (shipped threshold, --target-recall sensitivity, Youden); calibration (reliability,
+    ECE, Brier); study-level metrics; optional subgroups. Labels that match no
+    prediction, and predictions without a label, are counted and listed, never
+    silently dropped.
     """
     from pneumobatch.report import write_report
 
     _setup_logging(0, quiet)
-    result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, where=where, default_age_band=default_age_band, n_bootstrap=bootstrap, seed=seed)
+    result = write_report(ReportOptions(predictions=predictions, **options))
     if not quiet:
         for warning in result.warnings:
             click.echo(f"note: {warning}", err=True)
