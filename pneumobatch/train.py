@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumobatch import __version__, metrics
-from pneumobatch.card import TARGET_RECALL
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
@@ -38,54 +37,16 @@ from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
 from pneumobatch.subgroups import AGE_BANDS, TRAINING_COLUMNS, add_subgroup_columns, parse_band_defaults
 from pneumobatch.tasks import Task, custom_task, get_task
+from pneumobatch.train_config import BALANCE_CHOICES, TrainConfig
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
-BALANCE_CHOICES = ("source", "weights", "oversample", "undersample", "none")
 #: A subgroup enters model selection and gets its own operating point only with at
 #: least this many validation images of each class it is scored on.
 MIN_PER_CLASS = 10
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``pneumobatch train``; the defaults produce the shipped weights."""
-
-    data: Path
-    out_dir: Path
-    name: str
-    task: str = "pneumonia"
-    label_column: str = "finding"
-    split_column: str = "split"
-    patient_column: str = "patient_id"
-    group_column: Optional[str] = "source"  # per-group test metrics ("per source")
-    architecture: str = "efficientnet_lite0"
-    init: str = "imagenet"  # imagenet | random | path to a .safetensors of the same architecture
-    input_size: int = 192
-    batch_size: int = 32
-    head_epochs: int = 1
-    epochs: int = 6
-    patience: int = 3
-    lr: float = 3e-4
-    head_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    balance: str = "source"  # source | weights | oversample | undersample | none
-    age_column: str = "age"
-    view_column: str = "view"
-    sex_column: str = "sex"
-    default_age_band: tuple[str, ...] = ()  # PATTERN=child|adult for groups whose ages are not given
-    hflip: bool = False
-    target_recall: float = TARGET_RECALL
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    resume: bool = False
-    max_images: Optional[int] = None  # for smoke tests: use at most this many per split
 
 
 @dataclass
