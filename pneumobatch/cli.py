@@ -31,9 +31,10 @@ from pneumobatch.errors import (
     OutputError,
     PneumobatchError,
 )
+from pneumobatch.labels import KEY_COLUMNS
 from pneumobatch.outputs import STUDY_FROM
 from pneumobatch.predict import PredictConfig
-from pneumobatch.report.options import JOIN_KEYS, ReportOptions
+from pneumobatch.report.options import ReportOptions
 from pneumobatch.tasks import TASKS
 from pneumobatch.train_config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainConfig
 
@@ -289,7 +290,7 @@ _R = ReportOptions  # option defaults are the library's, defined once
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_R.output, show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
-@click.option("--key", type=click.Choice(JOIN_KEYS), help="Column joining labels to predictions. [default: detected]")
+@click.option("--key", type=click.Choice(KEY_COLUMNS), help="Column joining labels to predictions. [default: detected]")
 @click.option("--label-column", default=_R.label_column, show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
 @click.option("-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]")
 @click.option("--by", multiple=True, help="Subgroup table by this labels column (e.g. --by view --by sex); repeatable.")

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 from pneumobatch.card import TARGET_RECALL
-from pneumobatch.labels import KEY_COLUMNS, MAX_EXAMPLES
+from pneumobatch.labels import MAX_EXAMPLES
 
 SCHEMA = "pneumobatch.report/1"
 RESEARCH_ONLY = "Research use only \u2014 not a diagnostic device."
-#: Columns ``report --key`` can join labels to predictions on.
-JOIN_KEYS = KEY_COLUMNS
 
 
 @dataclass
@@ -33,7 +31,7 @@ class ReportOptions:
     predictions: Path
     output: Path = Path("report.pdf")
     labels: Optional[Path] = None
-    key: Optional[str] = None  # one of JOIN_KEYS; None: detected
+    key: Optional[str] = None  # one of labels.KEY_COLUMNS; None: detected
     label_column: str = "label"
     model: Optional[str] = None
     by: Sequence[str] = ()
