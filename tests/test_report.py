@@ -391,3 +391,17 @@ def test_target_recall_moves_the_recall_target_point(tmp_path):
         points[target] = point
     assert points[0.8]["threshold"] > points[0.95]["threshold"]
     assert points[0.8]["sensitivity"] < 0.95
+
+
+def test_report_import_graph_has_no_torch():
+    """Every report module (loaded lazily by pneumobatch.report) and the metrics stay torch-free."""
+    import subprocess
+    import sys
+
+    modules = "options, inputs, build, figures, pdf, write"
+    code = (
+        f"import sys; from pneumobatch.report import {modules}; import pneumobatch.metrics; "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
