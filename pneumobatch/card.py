@@ -21,8 +21,13 @@ import numpy as np
 
 from pneumobatch.errors import ModelError
 
+#: Names of the chosen operating points (keys of ``ModelCard.thresholds``, report rows).
+RECALL_TARGET, YOUDEN = "recall_target", "youden"
 #: Keys of ``ModelCard.thresholds`` that training writes as thresholds; the others describe them.
-OPERATING_POINTS = ("recall_target", "youden")
+OPERATING_POINTS = (RECALL_TARGET, YOUDEN)
+#: Sensitivity the ``recall_target`` operating point reaches unless told otherwise
+#: (``train --target-recall`` on validation data, ``report --target-recall`` on the evaluated data).
+TARGET_RECALL = 0.95
 #: Numeric keys of ``ModelCard.thresholds`` that are not thresholds.
 NOT_THRESHOLDS = ("shipped", "target_recall")
 #: Threshold of a binary card that ships none.

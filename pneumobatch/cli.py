@@ -31,9 +31,12 @@ from pneumobatch.errors import (
     OutputError,
     PneumobatchError,
 )
+from pneumobatch.labels import KEY_COLUMNS
 from pneumobatch.outputs import STUDY_FROM
 from pneumobatch.predict import PredictConfig
+from pneumobatch.report.options import ReportOptions
 from pneumobatch.tasks import TASKS
+from pneumobatch.train_config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainConfig
 
 __all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL"]
 
@@ -58,6 +61,10 @@ class Group(click.Group):
             return super().invoke(ctx)
         except PneumobatchError as exc:
             raise CommandError(str(exc), exc.exit_code) from exc
+
+
+#: Target recalls an operating point may be asked for (train on validation data, report on the evaluated data).
+RECALL_RANGE = click.FloatRange(0.5, 1.0)
 
 
 class LibraryChoice(click.Choice):
@@ -140,33 +147,36 @@ def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[
     click.echo(f"wrote {path}; threshold {stats.threshold:.3f} ({percentile:g}th percentile of {info['n_val']} validation images)")
 
 
+_T = TrainConfig  # option defaults are the library's, defined once
+
+
 @main.command("train", short_help="Train a model from a manifest CSV or class folders.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--task", type=click.Choice([*TASKS, "custom"]), default="pneumonia", show_default=True, help="Which classes to learn; findings map to them by rule.")
+@click.option("--task", type=click.Choice([*TASKS, "custom"]), default=_T.task, show_default=True, help="Which classes to learn; findings map to them by rule.")
 @click.option("--name", help="Model name (files NAME.safetensors/NAME.json). Default: the task name.")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("weights"), show_default=True)
-@click.option("--label-column", default="finding", show_default=True, help="Manifest column holding the label or hierarchical finding.")
-@click.option("--split-column", default="split", show_default=True, help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.")
-@click.option("--patient-column", default="patient_id", show_default=True, help="Manifest column grouping images of one patient (no patient on two sides of a split).")
-@click.option("--group-column", default="source", show_default=True, help="Manifest column to report test metrics by (e.g. source, site).")
-@click.option("--arch", "architecture", default="efficientnet_lite0", show_default=True, help="Architecture (see --help for the list in the README).")
-@click.option("--init", default="imagenet", show_default=True, help="imagenet, random, or a .safetensors of the same architecture.")
-@click.option("--input-size", type=click.IntRange(32, 1024), default=192, show_default=True)
-@click.option("--batch-size", type=click.IntRange(2, 4096), default=32, show_default=True)
-@click.option("--head-epochs", type=click.IntRange(0), default=1, show_default=True, help="Stage 1: epochs training the classifier head alone (pretrained init only).")
-@click.option("--epochs", type=click.IntRange(1), default=6, show_default=True, help="Stage 2: epochs fine-tuning the whole network (at most).")
-@click.option("--patience", type=click.IntRange(1), default=3, show_default=True, help="Early stopping: epochs without validation-AUC gain.")
-@click.option("--lr", type=float, default=3e-4, show_default=True)
-@click.option("--balance", type=LibraryChoice("pneumobatch.train", "BALANCE_CHOICES"), default="source", show_default=True, help="Imbalance handling: source = sample classes equally and sources within a class by the square root of their size; weights = class-weighted loss.")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT_DIR, show_default=True)
+@click.option("--label-column", default=_T.label_column, show_default=True, help="Manifest column holding the label or hierarchical finding.")
+@click.option("--split-column", default=_T.split_column, show_default=True, help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.")
+@click.option("--patient-column", default=_T.patient_column, show_default=True, help="Manifest column grouping images of one patient (no patient on two sides of a split).")
+@click.option("--group-column", default=_T.group_column, show_default=True, help="Manifest column to report test metrics by (e.g. source, site).")
+@click.option("--arch", "architecture", default=_T.architecture, show_default=True, help="Architecture (see --help for the list in the README).")
+@click.option("--init", default=_T.init, show_default=True, help="imagenet, random, or a .safetensors of the same architecture.")
+@click.option("--input-size", type=click.IntRange(32, 1024), default=_T.input_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2, 4096), default=_T.batch_size, show_default=True)
+@click.option("--head-epochs", type=click.IntRange(0), default=_T.head_epochs, show_default=True, help="Stage 1: epochs training the classifier head alone (pretrained init only).")
+@click.option("--epochs", type=click.IntRange(1), default=_T.epochs, show_default=True, help="Stage 2: epochs fine-tuning the whole network (at most).")
+@click.option("--patience", type=click.IntRange(1), default=_T.patience, show_default=True, help="Early stopping: epochs without validation-AUC gain.")
+@click.option("--lr", type=float, default=_T.lr, show_default=True)
+@click.option("--balance", type=click.Choice(BALANCE_CHOICES), default=_T.balance, show_default=True, help="Imbalance handling: source = sample classes equally and sources within a class by the square root of their size; weights = class-weighted loss.")
 @click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="Age band for images without an age whose --group-column value matches PATTERN (glob, case-insensitive). Repeatable.")
-@click.option("--age-column", default="age", show_default=True, help="Manifest column with the age in years (age bands: child < 18 <= adult).")
-@click.option("--view-column", default="view", show_default=True, help="Manifest column with the view (AP/PA), for per-view metrics.")
-@click.option("--sex-column", default="sex", show_default=True, help="Manifest column with the sex, for per-sex metrics.")
-@click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips (off: the heart's side is anatomy).")
-@click.option("--target-recall", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Processes decoding images.")
+@click.option("--age-column", default=_T.age_column, show_default=True, help="Manifest column with the age in years (age bands: child < 18 <= adult).")
+@click.option("--view-column", default=_T.view_column, show_default=True, help="Manifest column with the view (AP/PA), for per-view metrics.")
+@click.option("--sex-column", default=_T.sex_column, show_default=True, help="Manifest column with the sex, for per-sex metrics.")
+@click.option("--hflip/--no-hflip", default=_T.hflip, show_default=True, help="Random horizontal flips (off: the heart's side is anatomy).")
+@click.option("--target-recall", type=RECALL_RANGE, default=_T.target_recall, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
+@click.option("--seed", type=int, default=_T.seed, show_default=True)
+@click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images.")
 @click.option("--resume", is_flag=True, help="Continue from NAME.checkpoint.pt in the output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model of the same name.")
 @click.option("-v", "--verbose", count=True)
@@ -178,7 +188,7 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     hierarchical finding such as Pneumonia/Viral/COVID-19), optional split and
     patient id. Folder tree: DATA/CLASS/* or DATA/{train,val,test}/CLASS/*.
     """
-    from pneumobatch.train import TrainConfig, train
+    from pneumobatch.train import train
 
     _setup_logging(verbose, False)
     name = name or options["task"]
@@ -273,33 +283,38 @@ def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quie
         sys.exit(run.exit_code)
 
 
+_R = ReportOptions  # option defaults are the library's, defined once
+
+
 @main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.pdf"), show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
-@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
-@click.option("--label-column", default="label", show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_R.output, show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
+@click.option("--key", type=click.Choice(KEY_COLUMNS), help="Column joining labels to predictions. [default: detected]")
+@click.option("--label-column", default=_R.label_column, show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
 @click.option("-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]")
 @click.option("--by", multiple=True, help="Subgroup table by this labels column (e.g. --by view --by sex); repeatable.")
 @click.option("--where", multiple=True, metavar="COLUMN=VALUE", help="Use only label rows where COLUMN equals VALUE (e.g. --where split=test); repeatable.")
 @click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="For --by age_band: the band of rows without an age whose source matches PATTERN. Repeatable.")
-@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--target-recall", type=RECALL_RANGE, default=_R.target_recall, show_default=True, help="Sensitivity the recall_target operating point must reach on these data.")
+@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(0), default=_R.n_bootstrap, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
+@click.option("--seed", type=int, default=_R.seed, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
-def report_command(predictions: Path, labels_csv: Optional[Path], output: Path, key: Optional[str], label_column: str, model: Optional[str], by: tuple[str, ...], where: tuple[str, ...], default_age_band: tuple[str, ...], bootstrap: int, seed: int, quiet: bool) -> None:
+def report_command(predictions: Path, quiet: bool, **options) -> None:
     """Evaluate PREDICTIONS (a CSV from predict) against labels; write PDF + JSON.
 
     \b
     Per class: precision, recall (sensitivity), specificity, F1, support; confusion
     matrix; ROC with AUC and bootstrap 95% CI; precision-recall; operating points
-    (shipped threshold, 95% sensitivity, Youden); calibration (reliability, ECE, Brier);
-    study-level metrics; optional subgroups. Labels that match no prediction, and
-    predictions without a label, are counted and listed, never silently dropped.
+    (shipped threshold, --target-recall sensitivity, Youden); calibration (reliability,
+    ECE, Brier); study-level metrics; optional subgroups. Labels that match no
+    prediction, and predictions without a label, are counted and listed, never
+    silently dropped.
     """
     from pneumobatch.report import write_report
 
     _setup_logging(0, quiet)
-    result = write_report(predictions, output, labels_csv, key=key, label_column=label_column, model=model, by=by, where=where, default_age_band=default_age_band, n_bootstrap=bootstrap, seed=seed)
+    result = write_report(ReportOptions(predictions=predictions, **options))
     if not quiet:
         for warning in result.warnings:
             click.echo(f"note: {warning}", err=True)

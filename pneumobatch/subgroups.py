@@ -18,6 +18,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 ADULT_AGE = 18.0
@@ -105,28 +106,62 @@ def sex_group(value: Any) -> str:
     return {"M": "M", "F": "F"}.get(text, UNKNOWN)
 
 
-def add_subgroup_columns(frame: Any, defaults: Sequence[tuple[str, str]] = (), group_column: str = "source") -> Any:
-    """Add ``age_band``, ``view_group`` and ``sex_group`` columns to a labels/predictions table.
+@dataclass(frozen=True)
+class SubgroupColumns:
+    """Names of the columns :func:`add_subgroup_columns` adds; None leaves one out."""
 
-    ``age_band`` keeps an existing non-empty ``age_band`` value, else comes from an
-    ``age`` column (years or DICOM AS), else from ``defaults`` matched on
-    ``group_column``; ``view_group`` from ``view`` or ``view_position``; ``sex_group``
-    from ``sex``. A pandas DataFrame in, a new one out.
+    age_band: str = "age_band"
+    view: str = "view_group"
+    sex: str = "sex_group"
+    source: Optional[str] = None  # the group column's value, "unknown" where empty
+    age_years: Optional[str] = None  # the age in years, None where unknown
+
+
+#: The columns ``report --by age_band / view_group / sex_group`` uses.
+REPORT_COLUMNS = SubgroupColumns()
+#: The columns training adds to its manifest (prefixed: they never clash with the manifest's own).
+TRAINING_COLUMNS = SubgroupColumns("sg_age_band", "sg_view", "sg_sex", source="sg_source", age_years="sg_age")
+
+
+def add_subgroup_columns(
+    frame: Any,
+    defaults: Sequence[tuple[str, str]] = (),
+    group_column: Optional[str] = "source",
+    *,
+    age_columns: Sequence[str] = ("age", "patient_age"),
+    view_columns: Sequence[str] = ("view", "view_position"),
+    sex_columns: Sequence[str] = ("sex",),
+    names: SubgroupColumns = REPORT_COLUMNS,
+) -> Any:
+    """Add age band, view group and sex group columns (named by ``names``) to a table.
+
+    The age band keeps an existing non-empty value of its column, else comes from the
+    first of ``age_columns`` present (years or DICOM AS), else from ``defaults``
+    matched on ``group_column``; the view group from the first of ``view_columns``;
+    the sex group from the first of ``sex_columns``. ``names.source`` and
+    ``names.age_years``, when set, also get the group and the age in years. A pandas
+    DataFrame in, a new one out.
     """
     out = frame.copy()
     n = len(out)
 
-    def column(*names: str) -> list[Any]:
-        for name in names:
-            if name in out.columns:
+    def column(*candidates: Optional[str]) -> list[Any]:
+        for name in candidates:
+            if name and name in out.columns:
                 return out[name].tolist()
         return [""] * n
 
-    bands = age_bands(column("age", "patient_age"), column(group_column), defaults)
-    if "age_band" in out.columns:
-        given = [str(v).strip().lower() for v in out["age_band"].fillna("")]
+    groups = column(group_column)
+    ages = column(*age_columns)
+    bands = age_bands(ages, groups, defaults)
+    if names.age_band in out.columns:
+        given = [str(v).strip().lower() for v in out[names.age_band].fillna("")]
         bands = [g if g in AGE_BANDS else b for g, b in zip(given, bands)]
-    out["age_band"] = bands
-    out["view_group"] = [view_group(v) for v in column("view", "view_position")]
-    out["sex_group"] = [sex_group(v) for v in column("sex")]
+    if names.source:
+        out[names.source] = [str(g) or UNKNOWN for g in groups]
+    out[names.age_band] = bands
+    out[names.view] = [view_group(v) for v in column(*view_columns)]
+    out[names.sex] = [sex_group(v) for v in column(*sex_columns)]
+    if names.age_years:
+        out[names.age_years] = [age_years(v) for v in ages]
     return out

@@ -20,23 +20,27 @@ def _levels(label: str) -> list[str]:
     return [part.strip().lower() for part in str(label).split("/") if part.strip()]
 
 
-def _pneumonia(label: str) -> Optional[str]:
-    levels = _levels(label)
-    if not levels:
-        return None
-    if levels[0] in NORMAL_FINDINGS:
-        return "normal"
+def _finding_rule(disease: Callable[[list[str]], Optional[str]]) -> Callable[[str], Optional[str]]:
+    """A label rule: a normal finding maps to ``normal``, any other to ``disease(levels)``."""
+
+    def rule(label: str) -> Optional[str]:
+        levels = _levels(label)
+        if not levels:
+            return None
+        return "normal" if levels[0] in NORMAL_FINDINGS else disease(levels)
+
+    return rule
+
+
+@_finding_rule
+def _pneumonia(levels: list[str]) -> Optional[str]:
     if levels[0] == "pneumonia" or levels[-1] in {"bacterial", "viral", "fungal", "covid-19"}:
         return "pneumonia"
     return None
 
 
-def _etiology(label: str) -> Optional[str]:
-    levels = _levels(label)
-    if not levels:
-        return None
-    if levels[0] in NORMAL_FINDINGS:
-        return "normal"
+@_finding_rule
+def _etiology(levels: list[str]) -> Optional[str]:
     if "covid-19" in levels:  # fine level wins over its coarse parent (viral)
         return "covid-19"
     if levels[0] == "pneumonia" and len(levels) >= 2:

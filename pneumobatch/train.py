@@ -27,64 +27,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumobatch import __version__
-from pneumobatch.card import is_positive
+from pneumobatch import __version__, metrics
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
+from pneumobatch.metrics import fit_temperature
 from pneumobatch.models import ARCHITECTURES, LoadedModel, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
-from pneumobatch.subgroups import AGE_BANDS, age_bands, age_years, parse_band_defaults, sex_group, view_group
+from pneumobatch.subgroups import AGE_BANDS, TRAINING_COLUMNS, add_subgroup_columns, parse_band_defaults
 from pneumobatch.tasks import Task, custom_task, get_task
+from pneumobatch.train_config import BALANCE_CHOICES, TrainConfig
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
-BALANCE_CHOICES = ("source", "weights", "oversample", "undersample", "none")
 #: A subgroup enters model selection and gets its own operating point only with at
 #: least this many validation images of each class it is scored on.
 MIN_PER_CLASS = 10
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``pneumobatch train``; the defaults produce the shipped weights."""
-
-    data: Path
-    out_dir: Path
-    name: str
-    task: str = "pneumonia"
-    label_column: str = "finding"
-    split_column: str = "split"
-    patient_column: str = "patient_id"
-    group_column: Optional[str] = "source"  # per-group test metrics ("per source")
-    architecture: str = "efficientnet_lite0"
-    init: str = "imagenet"  # imagenet | random | path to a .safetensors of the same architecture
-    input_size: int = 192
-    batch_size: int = 32
-    head_epochs: int = 1
-    epochs: int = 6
-    patience: int = 3
-    lr: float = 3e-4
-    head_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    balance: str = "source"  # source | weights | oversample | undersample | none
-    age_column: str = "age"
-    view_column: str = "view"
-    sex_column: str = "sex"
-    default_age_band: tuple[str, ...] = ()  # PATTERN=child|adult for groups whose ages are not given
-    hflip: bool = False
-    target_recall: float = 0.95
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    resume: bool = False
-    max_images: Optional[int] = None  # for smoke tests: use at most this many per split
 
 
 @dataclass
@@ -203,24 +165,20 @@ def assign_splits(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
 
 
 def annotate_subgroups(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
-    """Add ``sg_source``, ``sg_age_band``, ``sg_view``, ``sg_sex`` (the reporting subgroups)."""
+    """Add the reporting subgroups ``sg_source``, ``sg_age_band``, ``sg_view``, ``sg_sex`` (and ``sg_age``)."""
     try:
         defaults = parse_band_defaults(config.default_age_band)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
-    frame = frame.copy()
-    n = len(frame)
-
-    def column(name: Optional[str]) -> list[Any]:
-        return frame[name].tolist() if name and name in frame.columns else [""] * n
-
-    groups = column(config.group_column)
-    frame["sg_source"] = [str(g) or "unknown" for g in groups]
-    frame["sg_age_band"] = age_bands(column(config.age_column), groups, defaults)
-    frame["sg_view"] = [view_group(v) for v in column(config.view_column)]
-    frame["sg_sex"] = [sex_group(v) for v in column(config.sex_column)]
-    frame["sg_age"] = [age_years(v) for v in column(config.age_column)]
-    return frame
+    return add_subgroup_columns(
+        frame,
+        defaults,
+        config.group_column,
+        age_columns=(config.age_column,),
+        view_columns=(config.view_column,),
+        sex_columns=(config.sex_column,),
+        names=TRAINING_COLUMNS,
+    )
 
 
 def remove_leakage(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -320,88 +278,20 @@ def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.T
     return ((x - mean) * contrast + mean * brightness).clamp(0, 1)
 
 
-# ------------------------------------------------------------------ operating points
+# ----------------------------------------------------------- operating points, metrics
 
 
 def select_threshold(y_true: np.ndarray, scores: np.ndarray, target_recall: float) -> dict[str, float]:
-    """Thresholds on the positive-class probability.
-
-    ``recall_target``: the highest threshold whose sensitivity is at least
-    ``target_recall`` (so specificity is as high as that allows); ``youden``: the
-    threshold maximising sensitivity + specificity - 1.
-    """
-    from sklearn.metrics import roc_curve
-
-    y_true = np.asarray(y_true).astype(int)
-    if y_true.min() == y_true.max():
-        raise TrainingError("threshold selection needs both classes in the validation split")
-    fpr, tpr, thresholds = roc_curve(y_true, scores)
-    thresholds = np.minimum(thresholds, 1.0)
-    ok = np.flatnonzero(tpr >= target_recall)
-    recall_idx = ok[0]  # roc_curve orders thresholds high -> low, tpr low -> high
-    youden_idx = int(np.argmax(tpr - fpr))
-    return {
-        "recall_target": float(thresholds[recall_idx]),
-        "recall_target_sensitivity": float(tpr[recall_idx]),
-        "recall_target_specificity": float(1 - fpr[recall_idx]),
-        "youden": float(thresholds[youden_idx]),
-        "youden_sensitivity": float(tpr[youden_idx]),
-        "youden_specificity": float(1 - fpr[youden_idx]),
-    }
+    """The card's ``recall_target`` and ``youden`` thresholds (:func:`pneumobatch.metrics.select_threshold`)."""
+    try:
+        return metrics.select_threshold(np.asarray(y_true).astype(bool), scores, target_recall)
+    except ValueError:
+        raise TrainingError("threshold selection needs both classes in the validation split") from None
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-# --------------------------------------------------------------------- evaluation
-
-
-def evaluate_probs(
-    probs: np.ndarray, targets: np.ndarray, task: Task, threshold: Optional[float]
-) -> dict[str, Any]:
-    """AUC, accuracy, per-class recall; sensitivity/specificity at the threshold (binary)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
-
-    classes = list(task.classes)
-    present = np.unique(targets)
-    out: dict[str, Any] = {"n": int(len(targets)), "support": {c: int((targets == i).sum()) for i, c in enumerate(classes)}}
-    if len(classes) == 2:
-        pos = classes.index(task.positive) if task.positive in classes else 1
-        scores = probs[:, pos]
-        pred = np.where(is_positive(scores, threshold), pos, 1 - pos)
-        if len(present) == 2:
-            out["auc"] = float(roc_auc_score(targets == pos, scores))
-        if (targets == pos).any():
-            out["sensitivity"] = float(((pred == pos) & (targets == pos)).sum() / (targets == pos).sum())
-        if (targets != pos).any():
-            out["specificity"] = float(((pred != pos) & (targets != pos)).sum() / (targets != pos).sum())
-    else:
-        pred = probs.argmax(1)
-        aucs = {}
-        for i, c in enumerate(classes):
-            if 0 < (targets == i).sum() < len(targets):
-                aucs[c] = float(roc_auc_score(targets == i, probs[:, i]))
-        out["auc_per_class"] = aucs
-        if aucs:
-            out["auc"] = float(np.mean(list(aucs.values())))  # macro one-vs-rest over present classes
-    out["accuracy"] = float(accuracy_score(targets, pred))
-    if len(present) > 1:
-        out["balanced_accuracy"] = float(balanced_accuracy_score(targets, pred))
-    recalls = recall_score(targets, pred, labels=list(range(len(classes))), average=None, zero_division=0)
-    out["recall_per_class"] = {c: float(r) for c, r, i in zip(classes, recalls, range(len(classes))) if (targets == i).any()}
-    return out
+def evaluate_probs(probs: np.ndarray, targets: np.ndarray, task: Task, threshold: Optional[float]) -> dict[str, Any]:
+    """The card's metrics of one split (:func:`pneumobatch.metrics.card_metrics`)."""
+    return metrics.card_metrics(probs, targets, task.classes, task.positive, threshold)
 
 
 @torch.no_grad()
@@ -531,16 +421,13 @@ def evaluate_subgroups(
     probs: np.ndarray, targets: np.ndarray, pred: np.ndarray, frame: pd.DataFrame, task: Task
 ) -> dict[str, Any]:
     """Per source, age band, view and sex: counts, AUC with bootstrap CI, sensitivity/specificity."""
-    from pneumobatch.metrics import MIN_PER_CLASS as MIN_SUBGROUP_PER_CLASS
-    from pneumobatch.metrics import _blank_unsupported, subgroup_metrics
-
     classes = list(task.classes)
     y_true = [classes[i] for i in targets]
     y_pred = [classes[i] for i in pred]
     binary = task.positive is not None and len(classes) == 2
     out: dict[str, Any] = {}
     for column in ("sg_source", "sg_age_band", "sg_view", "sg_sex"):
-        table = subgroup_metrics(
+        table = metrics.subgroup_metrics(
             frame[column].tolist(), y_true, probs, classes, y_pred=y_pred,
             positive=task.positive if binary else None, n_bootstrap=500, seed=0,
         )
@@ -549,12 +436,9 @@ def evaluate_subgroups(
             values = frame[column].astype(str).to_numpy()
             for row in table["groups"]:
                 mask = values == row["value"]
-                t, p = targets[mask] == pos, pred[mask] == pos
-                row["sensitivity"] = float((t & p).sum() / t.sum()) if t.any() else None
-                row["specificity"] = float((~t & ~p).sum() / (~t).sum()) if (~t).any() else None
-                row["ppv"] = float((t & p).sum() / p.sum()) if p.any() else None
-                row["npv"] = float((~t & ~p).sum() / (~p).sum()) if (~p).any() else None
-                _blank_unsupported(row, task.positive, MIN_SUBGROUP_PER_CLASS)
+                rates = metrics.confusion_rates(targets[mask] == pos, pred[mask] == pos)
+                row.update({k: rates[k] for k in ("sensitivity", "specificity", "ppv", "npv")})
+                metrics.blank_unsupported(row, task.positive, metrics.MIN_PER_CLASS)
         out[column[3:]] = table
     pairs: dict[str, Any] = {}
     if not binary and "normal" in classes:
@@ -753,24 +637,24 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         pneumobatch_version=__version__,
     )
     val_pred = _class_indices(card.decide_many(val_probs, val_bands), task)
-    metrics: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
-    metrics["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
+    results: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
+    results["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
     if len(test_set.targets):
         test_logits = predict_logits(net, test_set.images, mean, std, device, config.batch_size * 2)
         test_probs = torch.softmax(test_logits / temperature, 1).numpy()
         targets = test_set.targets.numpy()
         test_bands = test_set.frame["sg_age_band"].to_numpy()
         test_pred = _class_indices(card.decide_many(test_probs, test_bands), task)
-        metrics["test"] = evaluate_probs(test_probs, targets, task, threshold)
-        metrics["test_subgroups"] = evaluate_subgroups(test_probs, targets, test_pred, test_set.frame, task)
+        results["test"] = evaluate_probs(test_probs, targets, task, threshold)
+        results["test_subgroups"] = evaluate_subgroups(test_probs, targets, test_pred, test_set.frame, task)
         if config.group_column and config.group_column in test_set.frame.columns:
             groups = test_set.frame[config.group_column].astype(str).to_numpy()
-            metrics["test_by_" + config.group_column] = {
+            results["test_by_" + config.group_column] = {
                 g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold)
                 for g in sorted(set(groups))
             }
 
-    card.metrics = metrics
+    card.metrics = results
     card.training["seconds"] = round(time.time() - started, 1)
     weights_path = save_model(net.cpu(), card, config.out_dir)
     _fit_applicability(LoadedModel(card, net.eval(), weights_path), splits["train"], val_set, progress)

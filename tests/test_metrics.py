@@ -70,7 +70,7 @@ def test_binary_hand_checked_operating_points(six):
     assert (shipped["tp"], shipped["fp"], shipped["tn"], shipped["fn"]) == (2, 1, 2, 1)
     for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
         assert shipped[key] == approx(2 / 3)
-    r95 = points["recall_95"]  # all three positives needed: threshold = lowest positive score
+    r95 = points["recall_target"]  # all three positives needed: threshold = lowest positive score
     assert r95["threshold"] == approx(0.4)
     assert (r95["tp"], r95["fp"], r95["tn"], r95["fn"]) == (3, 1, 2, 0)
     assert r95["sensitivity"] == 1.0 and r95["specificity"] == approx(2 / 3)
@@ -129,14 +129,14 @@ def test_random_predictor_large_n():
     assert res["calibration"]["classes"]["pneumonia"]["ece"] == pytest.approx(0.25, abs=0.02)
 
 
-def test_recall_95_point_is_the_highest_threshold_reaching_095():
+def test_recall_target_point_is_the_highest_threshold_reaching_095():
     rng = np.random.default_rng(3)
     n = 2_000
     y = rng.integers(0, 2, n).astype(bool)
     score = np.clip(0.35 * y + rng.normal(0.35, 0.2, n), 0, 1).round(3)  # ties on purpose
     labels = np.where(y, "pneumonia", "normal")
     res = evaluate(labels, np.c_[1 - score, score], BINARY, positive="pneumonia", threshold=0.5, n_bootstrap=0)
-    point = next(p for p in res["operating_points"] if p["name"] == "recall_95")
+    point = next(p for p in res["operating_points"] if p["name"] == "recall_target")
     assert point["sensitivity"] >= 0.95
     above = operating_point(y, score, np.nextafter(point["threshold"], 2.0), "above")
     assert above["sensitivity"] < 0.95
@@ -278,3 +278,41 @@ def test_ten_thousand_predictions_evaluate_in_seconds():
     assert all(res["roc"][c]["auc_ci"] is not None for c in ETIOLOGY)
     assert len(json.dumps(res)) < 2_000_000  # curves are thinned
     assert seconds < 30  # generous: shared machine
+
+
+@pytest.mark.parametrize("target", [0.8, 0.95, 1.0])
+def test_card_and_report_choose_thresholds_by_one_rule(target):
+    """The thresholds training writes into the card are the report's recall_target and youden points."""
+    from pneumobatch.metrics import select_threshold
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 500).astype(bool)
+    score = np.clip(0.3 * y + rng.normal(0.35, 0.2, 500), 0, 1).round(2)  # ties on purpose
+    labels = np.where(y, "pneumonia", "normal")
+    res = evaluate(
+        labels, np.c_[1 - score, score], BINARY, positive="pneumonia", threshold=0.5, target_recall=target, n_bootstrap=0
+    )
+    points = {p["name"]: p for p in res["operating_points"]}
+    card = select_threshold(y, score, target)
+    for name in ("recall_target", "youden"):
+        assert card[name] == points[name]["threshold"]
+        assert card[f"{name}_sensitivity"] == approx(points[name]["sensitivity"])
+        assert card[f"{name}_specificity"] == approx(points[name]["specificity"])
+    assert points["recall_target"]["sensitivity"] >= target
+    # highest such threshold: the next distinct score above it misses the target
+    above = score[score > card["recall_target"]]
+    if above.size:
+        assert operating_point(y, score, above.min(), "above")["sensitivity"] < target
+
+
+def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
+    """Labels drawn from softmax(z): logits 3z are fitted with T about 3, numpy in, no torch."""
+    from pneumobatch.metrics import fit_temperature, temperature_nll
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2, size=(4000, 3))
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    t = fit_temperature(3 * z, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert temperature_nll(3 * z, y, t) <= min(temperature_nll(3 * z, y, t * f) for f in (0.98, 1.02))

@@ -11,7 +11,7 @@ import pytest
 from pypdf import PdfReader
 
 from pneumobatch.errors import LabelError
-from pneumobatch.report import RESEARCH_ONLY, ReportError, output_paths, write_report
+from pneumobatch.report import RESEARCH_ONLY, ReportError, ReportOptions, output_paths, write_report
 
 ETIOLOGY = ("normal", "bacterial", "viral", "covid-19")
 FINDINGS = {
@@ -179,14 +179,14 @@ def binary_report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("binary")
     paths = make_run(folder, n=400)
     out = folder / "out" / "report.pdf"
-    result = write_report(
+    result = write_report(ReportOptions(
         paths["predictions"],
         out,
         paths["labels"],
         label_column="finding",
         by=["sex", "view_position"],
         n_bootstrap=200,
-    )
+    ))
     return paths, result
 
 
@@ -227,7 +227,7 @@ def test_binary_report_numbers(binary_report):
     lo, hi = ev["roc"]["pneumonia"]["auc_ci"]
     assert lo <= ev["roc"]["pneumonia"]["auc"] <= hi
     names = [p["name"] for p in ev["operating_points"]]
-    assert names[:3] == ["shipped", "recall_95", "youden"]
+    assert names[:3] == ["shipped", "recall_target", "youden"]
     assert {"card_recall_95", "card_youden"} <= set(names)
     assert ev["operating_points"][1]["sensitivity"] >= 0.95
     join = model["join"]
@@ -246,10 +246,10 @@ def test_binary_report_numbers(binary_report):
 def test_rerun_replaces_outputs_without_leftovers(tmp_path):
     paths = make_run(tmp_path, n=120)
     out = tmp_path / "r.pdf"
-    first = write_report(paths["predictions"], out, paths["labels"], label_column="finding", n_bootstrap=50)
+    first = write_report(ReportOptions(paths["predictions"], out, paths["labels"], label_column="finding", n_bootstrap=50))
     stray = tmp_path / "r_files" / "mine.png"
     stray.write_bytes(b"user file")
-    second = write_report(paths["predictions"], out, None, n_bootstrap=50)  # no labels: fewer figures
+    second = write_report(ReportOptions(paths["predictions"], out, None, n_bootstrap=50))  # no labels: fewer figures
     assert {p.name for p in (tmp_path / "r_files").glob("*.png")} == {p.name for p in second.figures} | {"mine.png"}
     assert len(second.figures) < len(first.figures)
     assert stray.read_bytes() == b"user file"
@@ -257,9 +257,9 @@ def test_rerun_replaces_outputs_without_leftovers(tmp_path):
 
 def test_multiclass_two_models_and_no_run_json(tmp_path):
     paths = make_run(tmp_path, n=300, models=("pneumonia", "etiology"), run_json=False, studies_csv=False)
-    result = write_report(
+    result = write_report(ReportOptions(
         paths["predictions"], tmp_path / "both.pdf", paths["labels"], label_column="finding", n_bootstrap=100
-    )
+    ))
     assert result.models == ["pneumonia-densenet121", "etiology-densenet121"]
     doc = json.loads(result.metrics_json.read_text())
     eti = doc["models"][1]
@@ -277,24 +277,24 @@ def test_multiclass_two_models_and_no_run_json(tmp_path):
 
 def test_model_option_and_unknown_model(tmp_path):
     paths = make_run(tmp_path, n=100, models=("pneumonia", "etiology"))
-    result = write_report(
+    result = write_report(ReportOptions(
         paths["predictions"],
         tmp_path / "e.pdf",
         paths["labels"],
         label_column="finding",
         model="etiology-densenet121",
         n_bootstrap=0,
-    )
+    ))
     assert result.models == ["etiology-densenet121"]
-    by_task = write_report(paths["predictions"], tmp_path / "p.pdf", model="pneumonia")  # unique task
+    by_task = write_report(ReportOptions(paths["predictions"], tmp_path / "p.pdf", model="pneumonia"))  # unique task
     assert by_task.models == ["pneumonia-densenet121"]
     with pytest.raises(ReportError, match="pneumonia-densenet121"):
-        write_report(paths["predictions"], tmp_path / "x.pdf", model="nope")
+        write_report(ReportOptions(paths["predictions"], tmp_path / "x.pdf", model="nope"))
 
 
 def test_summary_report_without_labels(tmp_path):
     paths = make_run(tmp_path, n=200)
-    result = write_report(paths["predictions"], tmp_path / "summary.pdf", by=["view_position"])
+    result = write_report(ReportOptions(paths["predictions"], tmp_path / "summary.pdf", by=["view_position"]))
     assert not result.labelled
     doc = json.loads(result.metrics_json.read_text())
     s = doc["models"][0]["summary"]
@@ -309,15 +309,15 @@ def test_summary_report_without_labels(tmp_path):
 def test_errors(tmp_path):
     paths = make_run(tmp_path, n=60)
     with pytest.raises(ReportError, match="overwrite an input"):
-        write_report(paths["predictions"], tmp_path / "predictions.pdf", run_json=tmp_path / "predictions.json")
+        write_report(ReportOptions(paths["predictions"], tmp_path / "predictions.pdf", run_json=tmp_path / "predictions.json"))
     with pytest.raises(ReportError, match=r"\.pdf"):
-        write_report(paths["predictions"], tmp_path / "report.txt")
+        write_report(ReportOptions(paths["predictions"], tmp_path / "report.txt"))
     with pytest.raises(ReportError, match="not found"):
-        write_report(tmp_path / "missing.csv", tmp_path / "r.pdf")
+        write_report(ReportOptions(tmp_path / "missing.csv", tmp_path / "r.pdf"))
     with pytest.raises(LabelError, match="--label-column finding"):
-        write_report(paths["predictions"], tmp_path / "r.pdf", paths["labels"])
+        write_report(ReportOptions(paths["predictions"], tmp_path / "r.pdf", paths["labels"]))
     with pytest.raises(LabelError, match="--by ward"):
-        write_report(paths["predictions"], tmp_path / "r.pdf", paths["labels"], label_column="finding", by=["ward"])
+        write_report(ReportOptions(paths["predictions"], tmp_path / "r.pdf", paths["labels"], label_column="finding", by=["ward"]))
     assert not (tmp_path / "r.pdf").exists()
 
 
@@ -326,22 +326,22 @@ def test_awkward_strings_render(tmp_path):
     labels = pd.read_csv(paths["labels"])
     labels["source"] = np.where(labels.index % 2, "São Paulo <b>&</b>", "北京 hospital")
     labels.to_csv(paths["labels"], index=False)
-    result = write_report(
+    result = write_report(ReportOptions(
         paths["predictions"],
         tmp_path / "odd.pdf",
         paths["labels"],
         label_column="finding",
         by=["source"],
         n_bootstrap=20,
-    )
+    ))
     assert "São Paulo <b>&</b>" in pdf_text(result.pdf)
 
 
 def test_ten_thousand_predictions_are_fast(tmp_path):
     paths = make_run(tmp_path, n=10_000)
-    result = write_report(
+    result = write_report(ReportOptions(
         paths["predictions"], tmp_path / "big.pdf", paths["labels"], label_column="finding", by=["sex"]
-    )
+    ))
     print(f"\n10,000 predictions, labelled, 1,000 bootstrap resamples: report in {result.seconds:.1f} s")
     doc = json.loads(result.metrics_json.read_text())
     assert doc["models"][0]["evaluation"]["n"] > 9000
@@ -367,3 +367,41 @@ def test_where_restricts_labels_to_a_subset():
         select_labels(labels, ["split"])
     with pytest.raises(LabelError, match="no label rows"):
         select_labels(labels, ["split=val"])
+
+
+def test_target_recall_moves_the_recall_target_point(tmp_path):
+    """report --target-recall sets the sensitivity the recall_target point reaches, as in the card."""
+    from click.testing import CliRunner
+
+    from pneumobatch.cli import main
+
+    paths = make_run(tmp_path, n=300)
+    points = {}
+    for target in (0.8, 0.95):
+        out = tmp_path / f"r{target}.pdf"
+        args = ["report", str(paths["predictions"]), "--labels", str(paths["labels"]), "--label-column", "finding"]
+        result = CliRunner().invoke(main, [*args, "--target-recall", str(target), "--bootstrap", "0", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        doc = json.loads(out.with_suffix(".json").read_text())
+        assert doc["inputs"]["target_recall"] == target
+        ev = doc["models"][0]["evaluation"]
+        point = next(p for p in ev["operating_points"] if p["name"] == "recall_target")
+        assert point["sensitivity"] >= target and f">= {target:g}" in point["note"]
+        assert f"reaching sensitivity {target:g}" in pdf_text(out)
+        points[target] = point
+    assert points[0.8]["threshold"] > points[0.95]["threshold"]
+    assert points[0.8]["sensitivity"] < 0.95
+
+
+def test_report_import_graph_has_no_torch():
+    """Every report module (loaded lazily by pneumobatch.report) and the metrics stay torch-free."""
+    import subprocess
+    import sys
+
+    modules = "options, inputs, build, figures, pdf, write"
+    code = (
+        f"import sys; from pneumobatch.report import {modules}; import pneumobatch.metrics; "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -150,7 +150,7 @@ def test_subgroups_too_small_for_a_number_say_so():
 
 
 def test_report_by_age_band_derives_bands_from_age_and_source_defaults(tmp_path):
-    from pneumobatch.report import build_report
+    from pneumobatch.report import ReportOptions, build_report
 
     preds = pd.DataFrame({
         "path": [f"{i}.png" for i in range(24)], "status": "ok", "reason": "", "model": "m", "task": "pneumonia",
@@ -163,6 +163,24 @@ def test_report_by_age_band_derives_bands_from_age_and_source_defaults(tmp_path)
     })
     preds.to_csv(tmp_path / "p.csv", index=False)
     labels.to_csv(tmp_path / "l.csv", index=False)
-    doc = build_report(tmp_path / "p.csv", tmp_path / "l.csv", by=["age_band"], default_age_band=["kermany*=child"], n_bootstrap=20)
+    doc = build_report(ReportOptions(tmp_path / "p.csv", labels=tmp_path / "l.csv", by=["age_band"], default_age_band=["kermany*=child"], n_bootstrap=20))
     groups = {g["value"]: g["n"] for g in doc["models"][0]["subgroups"]["age_band"]["groups"]}
     assert groups == {"adult": 12, "child": 12}
+
+
+def test_training_and_report_derive_the_same_subgroups():
+    """One derivation, two sets of column names: train's sg_* columns equal report --by's."""
+    from pneumobatch.subgroups import REPORT_COLUMNS, TRAINING_COLUMNS, add_subgroup_columns
+
+    frame = pd.DataFrame(
+        {"source": ["kermany", "nih", ""], "age": ["", "070Y", "9"], "view": ["PA", "AP Supine", "LL"], "sex": ["", "F", "m"]}
+    )
+    defaults = [("kermany", "child")]
+    report = add_subgroup_columns(frame, defaults)
+    train = add_subgroup_columns(frame, defaults, names=TRAINING_COLUMNS)
+    for r, t in ((REPORT_COLUMNS.age_band, "sg_age_band"), (REPORT_COLUMNS.view, "sg_view"), (REPORT_COLUMNS.sex, "sg_sex")):
+        assert report[r].tolist() == train[t].tolist()
+    assert report["age_band"].tolist() == ["child", "adult", "child"]
+    assert train["sg_source"].tolist() == ["kermany", "nih", "unknown"]
+    assert train["sg_age"].tolist()[1:] == [70.0, 9.0] and train["sg_age"].isna().tolist()[0]
+    assert "sg_source" not in report.columns and "age_band" not in train.columns

@@ -1,12 +1,9 @@
-"""Evaluation metrics for labelled predictions, and a summary for unlabelled ones.
+"""Classification metrics of labelled predictions, per subgroup, and a summary for unlabelled ones.
 
 Every metric with a scikit-learn implementation comes from scikit-learn. What is
-computed here by hand is only what scikit-learn lacks: specificity and NPV (read off
-its confusion matrices), the reliability-diagram binning behind the expected
-calibration error, and the bootstrap. The bootstrap draws resamples as multinomial
-case weights and evaluates the weighted ROC AUC of all resamples at once, so a
-thousand resamples of 10,000 predictions take well under a second; the tests check it
-against ``roc_auc_score`` with the same weights.
+computed by hand is only what scikit-learn lacks: specificity and NPV (read off its
+confusion matrices), the reliability binning (:mod:`.calibration`) and the bootstrap
+(:mod:`.bootstrap`).
 
 All results are plain dicts of str, int, float, None and lists, ready for
 ``json.dumps``. Undefined values (the AUC of a class absent from the labels, the
@@ -15,9 +12,8 @@ precision of a class never predicted) are ``None`` and come with a note.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -36,220 +32,11 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pneumobatch.card import decide_indices, is_positive
-
-#: Curves kept in the JSON output are thinned to at most this many points.
-MAX_CURVE_POINTS = 2000
-#: Sensitivity the ``recall_95`` operating point must reach on the evaluated data.
-TARGET_SENSITIVITY = 0.95
-#: Largest number of bootstrap samples x cases drawn at once (memory bound).
-_BOOTSTRAP_CELLS = 2_000_000
-
-__all__ = [
-    "MAX_CURVE_POINTS",
-    "TARGET_SENSITIVITY",
-    "evaluate",
-    "operating_point",
-    "subgroup_metrics",
-    "summarise",
-    "jsonable",
-]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def jsonable(value: Any) -> Any:
-    """Turn numpy scalars and arrays, tuples and NaN/inf into JSON-safe values."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [
-            v if (t := type(v)) is int or t is str or (t is float and math.isfinite(v)) else jsonable(v) for v in value
-        ]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
-
-def _num(value: Any) -> Optional[float]:
-    """A finite float or None."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _ratio(num: float, den: float) -> Optional[float]:
-    return float(num) / float(den) if den else None
-
-
-def _thin(*arrays: np.ndarray, limit: int = MAX_CURVE_POINTS) -> list[list[Any]]:
-    """Keep at most ``limit`` evenly spaced points of parallel curve arrays (ends kept)."""
-    n = len(arrays[0])
-    if n <= limit:
-        idx = np.arange(n)
-    else:
-        idx = np.unique(np.linspace(0, n - 1, limit).round().astype(int))
-    return [jsonable(np.asarray(a)[idx]) for a in arrays]
-
-
-def _as_indices(values: Sequence[Any], classes: Sequence[str], what: str) -> np.ndarray:
-    lookup = {c: i for i, c in enumerate(classes)}
-    try:
-        return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
-    except KeyError as e:
-        raise ValueError(f"{what} holds {e.args[0]!r}, not one of {list(classes)}") from None
-
-
-# ------------------------------------------------------------------------- bootstrap
-
-
-def _bootstrap_draws(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield (b, n) arrays of case indices, one row per resample, b rows at a time."""
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _BOOTSTRAP_CELLS // max(n, 1)))
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        yield rng.integers(0, n, size=(b, n))
-        done += b
-
-
-def _row_counts(draws: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarray:
-    """(b, n_codes) counts of each code among the cases drawn in each resample."""
-    b = draws.shape[0]
-    flat = codes[draws] + (np.arange(b) * n_codes)[:, None]
-    return np.bincount(flat.ravel(), minlength=b * n_codes).reshape(b, n_codes)
-
-
-class _BootstrapAUC:
-    """ROC AUC of one score vector in many bootstrap resamples at once.
-
-    Equal to ``roc_auc_score`` on each resample (ties count one half): the
-    Mann-Whitney statistic from counts of positives and negatives per distinct score.
-    """
-
-    def __init__(self, y: np.ndarray, score: np.ndarray) -> None:
-        _, group = np.unique(score, return_inverse=True)  # rank of each distinct score
-        self.m = int(group.max()) + 1
-        self.codes = 2 * group.ravel() + y.astype(np.int64)
-
-    def __call__(self, draws: np.ndarray) -> np.ndarray:
-        counts = _row_counts(draws, self.codes, 2 * self.m).reshape(len(draws), self.m, 2)
-        neg = counts[:, :, 0].astype(np.float64)
-        pos = counts[:, :, 1].astype(np.float64)
-        below = np.cumsum(neg, axis=1) - neg  # negatives with a strictly lower score
-        num = np.einsum("ij,ij->i", pos, below + 0.5 * neg)
-        den = pos.sum(axis=1) * neg.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _percentile_ci(samples: np.ndarray, level: float) -> tuple[Optional[list[float]], int]:
-    valid = samples[np.isfinite(samples)]
-    if valid.size < 2:
-        return None, int(valid.size)
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(valid, [tail, 100.0 - tail])
-    return [float(lo), float(hi)], int(valid.size)
-
-
-# ------------------------------------------------------------------ operating points
-
-
-def operating_point(
-    y_pos: np.ndarray, score: np.ndarray, threshold: float, name: str, note: str = ""
-) -> dict[str, Any]:
-    """Counts, sensitivity, specificity, PPV, NPV and F1 when ``score >= threshold``."""
-    y_pos = np.asarray(y_pos, dtype=bool)
-    pred = is_positive(score, threshold)
-    tn, fp, fn, tp = confusion_matrix(y_pos, pred, labels=[False, True]).ravel()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        ppv, sens, f1, _ = precision_recall_fscore_support(
-            y_pos, pred, average="binary", pos_label=True, zero_division=np.nan
-        )
-    return {
-        "name": name,
-        "threshold": _num(threshold),
-        "tp": int(tp),
-        "fp": int(fp),
-        "tn": int(tn),
-        "fn": int(fn),
-        "sensitivity": _num(sens),
-        "specificity": _ratio(tn, tn + fp),
-        "ppv": _num(ppv),
-        "npv": _ratio(tn, tn + fn),
-        "f1": _num(f1),
-        "accuracy": _ratio(tp + tn, len(y_pos)),
-        "note": note,
-    }
-
-
-def _threshold_points(
-    y_pos: np.ndarray, score: np.ndarray, shipped: Optional[float], extra: Mapping[str, float]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    notes: list[str] = []
-    points: list[dict[str, Any]] = []
-    if shipped is not None:
-        points.append(operating_point(y_pos, score, shipped, "shipped", "threshold in the model"))
-    if y_pos.all() or not y_pos.any():
-        notes.append("operating points need both classes in the labels; only the shipped one is shown")
-        return points, notes
-    fpr, tpr, thr = roc_curve(y_pos, score, drop_intermediate=False)
-    finite = np.isfinite(thr)
-    reach = np.flatnonzero((tpr >= TARGET_SENSITIVITY) & finite)
-    if reach.size:
-        t = float(thr[reach[0]])  # thresholds decrease: the first is the highest
-        points.append(operating_point(y_pos, score, t, "recall_95", "highest threshold with sensitivity >= 0.95 here"))
-    j = np.where(finite, tpr - fpr, -np.inf)
-    best = np.flatnonzero(j >= j.max() - 1e-12)[0]  # ties (up to rounding): highest threshold
-    points.append(
-        operating_point(y_pos, score, float(thr[best]), "youden", "maximises sensitivity + specificity - 1 here")
-    )
-    for name, t in extra.items():
-        if t is None or not math.isfinite(float(t)):
-            continue
-        points.append(operating_point(y_pos, score, float(t), f"card_{name}", "threshold chosen on validation data"))
-    return points, notes
-
-
-# ------------------------------------------------------------------------ calibration
-
-
-def _reliability(y_pos: np.ndarray, prob: np.ndarray, n_bins: int) -> dict[str, Any]:
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(prob, edges[1:-1]), 0, n_bins - 1)
-    counts = np.bincount(which, minlength=n_bins)
-    sum_p = np.bincount(which, weights=prob, minlength=n_bins)
-    sum_y = np.bincount(which, weights=y_pos.astype(float), minlength=n_bins)
-    n = len(prob)
-    bins = []
-    for i in range(n_bins):
-        c = int(counts[i])
-        bins.append(
-            {
-                "lo": float(edges[i]),
-                "hi": float(edges[i + 1]),
-                "count": c,
-                "mean_predicted": _ratio(sum_p[i], c),
-                "fraction_positive": _ratio(sum_y[i], c),
-            }
-        )
-    ece = float(np.abs(sum_y - sum_p).sum() / n) if n else None
-    brier = _num(brier_score_loss(y_pos, np.clip(prob, 0.0, 1.0), pos_label=True)) if n else None
-    return {"ece": ece, "brier": brier, "bins": bins}
-
+from pneumobatch.card import decide_indices
+from pneumobatch.metrics.bootstrap import BootstrapAUC, bootstrap_draws, percentile_ci, row_counts
+from pneumobatch.metrics.calibration import reliability
+from pneumobatch.metrics.common import as_indices, finite_or_none, jsonable, ratio, thin
+from pneumobatch.metrics.operating_points import TARGET_RECALL, threshold_points
 
 # -------------------------------------------------------------------------- evaluate
 
@@ -263,6 +50,7 @@ def evaluate(
     positive: Optional[str] = None,
     threshold: Optional[float] = None,
     card_thresholds: Optional[Mapping[str, float]] = None,
+    target_recall: float = TARGET_RECALL,
     n_bootstrap: int = 1000,
     seed: int = 0,
     ci_level: float = 0.95,
@@ -274,7 +62,8 @@ def evaluate(
     order of ``classes``. For a binary task give ``positive`` (and the shipped
     ``threshold``): ROC, PR and calibration are then reported for the positive class,
     and operating points are added (shipped threshold, highest threshold with
-    sensitivity >= 0.95 on these data, Youden's J, and any ``card_thresholds``).
+    sensitivity >= ``target_recall`` on these data, Youden's J, and any
+    ``card_thresholds``; see :mod:`.operating_points`).
     Without ``y_pred`` the prediction is the threshold rule (binary) or the argmax.
     """
     classes = [str(c) for c in classes]
@@ -289,9 +78,9 @@ def evaluate(
         raise ValueError(f"positive class {positive!r} is not one of {classes}")
     binary = k == 2 and positive is not None
     pos_idx = classes.index(positive) if binary else None
-    yt = _as_indices(list(y_true), classes, "y_true")
+    yt = as_indices(list(y_true), classes, "y_true")
     if y_pred is not None:
-        yp = _as_indices(list(y_pred), classes, "y_pred")
+        yp = as_indices(list(y_pred), classes, "y_pred")
     else:
         yp = decide_indices(proba, classes, positive if binary else None, threshold)
     labels = list(range(k))
@@ -311,24 +100,24 @@ def evaluate(
         averages = {}
         for avg in ("macro", "weighted"):
             p, r, f, _ = precision_recall_fscore_support(yt, yp, labels=labels, average=avg, zero_division=np.nan)
-            averages[avg] = {"precision": _num(p), "recall": _num(r), "f1": _num(f)}
+            averages[avg] = {"precision": finite_or_none(p), "recall": finite_or_none(r), "f1": finite_or_none(f)}
         balanced = balanced_accuracy_score(yt, yp)
     mcm = multilabel_confusion_matrix(yt, yp, labels=labels)  # [[tn, fp], [fn, tp]]
-    spec = [_ratio(m[0, 0], m[0, 0] + m[0, 1]) for m in mcm]
+    spec = [ratio(m[0, 0], m[0, 0] + m[0, 1]) for m in mcm]
     defined_spec = [s for s in spec if s is not None]
-    averages["macro"]["specificity"] = _num(np.mean(defined_spec)) if defined_spec else None
+    averages["macro"]["specificity"] = finite_or_none(np.mean(defined_spec)) if defined_spec else None
     weights = support / support.sum()
-    averages["weighted"]["specificity"] = _num(sum(w * s for w, s in zip(weights, spec) if s is not None))
+    averages["weighted"]["specificity"] = finite_or_none(sum(w * s for w, s in zip(weights, spec) if s is not None))
     per_class = [
         {
             "class": classes[i],
             "support": int(sup[i]),
             "n_predicted": int((yp == i).sum()),
-            "precision": _num(prec[i]),
-            "recall": _num(rec[i]),
-            "sensitivity": _num(rec[i]),
+            "precision": finite_or_none(prec[i]),
+            "recall": finite_or_none(rec[i]),
+            "sensitivity": finite_or_none(rec[i]),
             "specificity": spec[i],
-            "f1": _num(f1[i]),
+            "f1": finite_or_none(f1[i]),
         }
         for i in range(k)
     ]
@@ -341,7 +130,7 @@ def evaluate(
     curve_classes = [pos_idx] if binary else labels
     roc: dict[str, Any] = {}
     pr: dict[str, Any] = {}
-    aucs: dict[int, _BootstrapAUC] = {}
+    aucs: dict[int, BootstrapAUC] = {}
     for i in curve_classes:
         name = classes[i]
         y_i = yt == i
@@ -351,14 +140,14 @@ def evaluate(
             roc[name] = {"auc": None, "auc_ci": None, "note": f"{why} samples: AUC undefined"}
             pr[name] = {
                 "average_precision": None,
-                "prevalence": _num(y_i.mean()),
+                "prevalence": finite_or_none(y_i.mean()),
                 "note": f"{why} samples: precision-recall undefined",
             }
             continue
         fpr, tpr, thr = roc_curve(y_i, s_i)
-        fpr_l, tpr_l, thr_l = _thin(fpr, tpr, thr)
+        fpr_l, tpr_l, thr_l = thin(fpr, tpr, thr)
         roc[name] = {
-            "auc": _num(roc_auc_score(y_i, s_i)),
+            "auc": finite_or_none(roc_auc_score(y_i, s_i)),
             "auc_ci": None,
             "fpr": fpr_l,
             "tpr": tpr_l,
@@ -366,17 +155,17 @@ def evaluate(
             "note": "",
         }
         precision, recall, _ = precision_recall_curve(y_i, s_i, drop_intermediate=True)
-        p_l, r_l = _thin(precision, recall)
+        p_l, r_l = thin(precision, recall)
         pr[name] = {
-            "average_precision": _num(average_precision_score(y_i, s_i)),
-            "prevalence": _num(y_i.mean()),
+            "average_precision": finite_or_none(average_precision_score(y_i, s_i)),
+            "prevalence": finite_or_none(y_i.mean()),
             "precision": p_l,
             "recall": r_l,
             "note": "",
         }
-        aucs[i] = _BootstrapAUC(y_i, s_i)
+        aucs[i] = BootstrapAUC(y_i, s_i)
     defined = [roc[classes[i]]["auc"] for i in curve_classes if roc[classes[i]]["auc"] is not None]
-    macro_auc = _num(np.mean(defined)) if defined else None
+    macro_auc = finite_or_none(np.mean(defined)) if defined else None
 
     # ---- operating points (binary)
     points: list[dict[str, Any]] = []
@@ -385,7 +174,9 @@ def evaluate(
         shipped = 0.5 if threshold is None else float(threshold)
         if threshold is None:
             notes.append("no shipped threshold recorded: 0.5 used")
-        points, op_notes = _threshold_points(y_pos, proba[:, pos_idx], shipped, dict(card_thresholds or {}))
+        points, op_notes = threshold_points(
+            y_pos, proba[:, pos_idx], shipped, dict(card_thresholds or {}), target_recall
+        )
         notes.extend(op_notes)
 
     # ---- bootstrap: AUC per class, macro AUC, sensitivity/specificity at each point
@@ -399,19 +190,19 @@ def evaluate(
             right = [
                 np.where(y_pos, proba[:, pos_idx] >= p["threshold"], proba[:, pos_idx] < p["threshold"]) for p in points
             ]
-        for draws in _bootstrap_draws(n, n_bootstrap, seed):
+        for draws in bootstrap_draws(n, n_bootstrap, seed):
             for i, fn in aucs.items():
                 auc_samples[i].append(fn(draws))
             if binary and points:
-                n_pos = _row_counts(draws, y_pos.astype(np.int64), 2).astype(np.float64)
+                n_pos = row_counts(draws, y_pos.astype(np.int64), 2).astype(np.float64)
                 for r, (s_list, sp_list) in zip(right, op_samples):
-                    c = _row_counts(draws, 2 * r.astype(np.int64) + y_pos, 4)  # (b, [fp, fn, tn, tp])
+                    c = row_counts(draws, 2 * r.astype(np.int64) + y_pos, 4)  # (b, [fp, fn, tn, tp])
                     with np.errstate(invalid="ignore", divide="ignore"):
                         s_list.append(c[:, 3] / n_pos[:, 1])
                         sp_list.append(c[:, 2] / n_pos[:, 0])
         per_class_boot = {i: np.concatenate(v) for i, v in auc_samples.items()}
         for i, samples in per_class_boot.items():
-            ci, valid = _percentile_ci(samples, ci_level)
+            ci, valid = percentile_ci(samples, ci_level)
             roc[classes[i]]["auc_ci"] = ci
             roc[classes[i]]["n_bootstrap_valid"] = valid
         if per_class_boot:
@@ -419,12 +210,12 @@ def evaluate(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples
                 macro_samples = np.nanmean(stacked, axis=0)
-            macro_ci, _ = _percentile_ci(macro_samples, ci_level)
+            macro_ci, _ = percentile_ci(macro_samples, ci_level)
         else:
             macro_ci = None
         for p, (s_list, sp_list) in zip(points, op_samples):
-            p["sensitivity_ci"], _ = _percentile_ci(np.concatenate(s_list), ci_level)
-            p["specificity_ci"], _ = _percentile_ci(np.concatenate(sp_list), ci_level)
+            p["sensitivity_ci"], _ = percentile_ci(np.concatenate(s_list), ci_level)
+            p["specificity_ci"], _ = percentile_ci(np.concatenate(sp_list), ci_level)
     else:
         macro_ci = None
         if n_bootstrap <= 0:
@@ -433,10 +224,10 @@ def evaluate(
     # ---- calibration
     calibration: dict[str, Any] = {"n_bins": n_bins, "strategy": "uniform", "classes": {}}
     for i in curve_classes:
-        calibration["classes"][classes[i]] = _reliability(yt == i, proba[:, i], n_bins)
+        calibration["classes"][classes[i]] = reliability(yt == i, proba[:, i], n_bins)
     if not binary:
         conf = proba.max(axis=1)
-        top = _reliability(proba.argmax(axis=1) == yt, conf, n_bins)
+        top = reliability(proba.argmax(axis=1) == yt, conf, n_bins)
         top.pop("brier")
         calibration["top_label"] = top
     # rows of a CSV with rounded probabilities sum to one only approximately
@@ -449,8 +240,8 @@ def evaluate(
         )
     unit = np.clip(proba, 0.0, None) / np.where(sums > 0, sums, 1.0)
     if not binary:
-        calibration["brier_multiclass"] = _num(brier_score_loss(yt, unit, labels=labels))
-    calibration["log_loss"] = _num(log_loss(yt, np.clip(unit, 1e-15, 1.0), labels=labels))
+        calibration["brier_multiclass"] = finite_or_none(brier_score_loss(yt, unit, labels=labels))
+    calibration["log_loss"] = finite_or_none(log_loss(yt, np.clip(unit, 1e-15, 1.0), labels=labels))
 
     return jsonable(
         {
@@ -486,7 +277,8 @@ def evaluate(
 MIN_PER_CLASS = 5
 
 
-def _blank_unsupported(row: dict[str, Any], positive: Optional[str], minimum: int) -> None:
+def blank_unsupported(row: dict[str, Any], positive: Optional[str], minimum: int) -> None:
+    """Blank a subgroup row's AUC, sensitivity and specificity where too few images back them."""
     counts = row["class_counts"]
     notes = list(row.get("notes") or [])
     if sum(1 for n in counts.values() if n >= minimum) < 2 and row.get("auc") is not None:
@@ -511,20 +303,20 @@ def subgroup_metrics(
     classes: Sequence[str],
     *,
     y_pred: Optional[Sequence[str]] = None,
-    positive: Optional[str] = None,
-    threshold: Optional[float] = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
     max_groups: int = 30,
     small_n: int = 30,
     min_per_class: int = MIN_PER_CLASS,
+    **options: Any,
 ) -> dict[str, Any]:
     """n, AUC (with CI) and sensitivity/specificity at the shipped threshold per group.
 
-    For multiclass tasks the AUC is the macro one-vs-rest AUC and the accuracy and
-    balanced accuracy replace sensitivity and specificity. Groups are sorted by size;
-    beyond ``max_groups`` they are counted, not evaluated.
+    ``options`` are :func:`evaluate`'s keywords (``positive``, ``threshold``,
+    ``n_bootstrap``, ``seed`` ...), applied to each group. For multiclass tasks the AUC
+    is the macro one-vs-rest AUC and the accuracy and balanced accuracy replace
+    sensitivity and specificity. Groups are sorted by size; beyond ``max_groups`` they
+    are counted, not evaluated.
     """
+    positive = options.get("positive")
     groups = np.asarray([str(g) for g in groups], dtype=object)
     y_true = np.asarray(list(y_true), dtype=object)
     y_pred_arr = None if y_pred is None else np.asarray(list(y_pred), dtype=object)
@@ -539,10 +331,7 @@ def subgroup_metrics(
             proba[mask],
             classes,
             y_pred=None if y_pred_arr is None else list(y_pred_arr[mask]),
-            positive=positive,
-            threshold=threshold,
-            n_bootstrap=n_bootstrap,
-            seed=seed,
+            **options,
         )
         row: dict[str, Any] = {
             "value": str(values[i]),
@@ -564,7 +353,7 @@ def subgroup_metrics(
                 ppv=shipped["ppv"],
                 npv=shipped["npv"],
             )
-        _blank_unsupported(row, positive, min_per_class)
+        blank_unsupported(row, positive, min_per_class)
         rows.append(row)
     omitted = len(values) - len(rows)
     return jsonable(
@@ -575,6 +364,55 @@ def subgroup_metrics(
             "omitted_n": int(sum(counts[i] for i in order[max_groups:])),
         }
     )
+
+
+# ------------------------------------------------------------------- model card
+
+
+def card_metrics(
+    proba: np.ndarray, targets: np.ndarray, classes: Sequence[str], positive: Optional[str], threshold: Optional[float]
+) -> dict[str, Any]:
+    """The model card's compact metrics, read off :func:`evaluate` (no bootstrap).
+
+    ``targets`` are class indices. Keys: ``n``, ``support``; binary: ``auc`` (both
+    classes present), ``sensitivity`` and ``specificity`` at ``threshold`` (where
+    defined); multiclass: ``auc_per_class`` and their mean ``auc`` over the classes
+    present; then ``accuracy``, ``balanced_accuracy`` (two classes or more present) and
+    ``recall_per_class`` (classes present).
+    """
+    classes = [str(c) for c in classes]
+    targets = np.asarray(targets, dtype=np.int64)
+    binary = len(classes) == 2
+    pos = classes.index(positive) if binary and positive in classes else 1
+    res = evaluate(
+        [classes[i] for i in targets],
+        proba,
+        classes,
+        positive=classes[pos] if binary else None,
+        threshold=threshold,
+        n_bootstrap=0,
+    )
+    support = res["class_counts"]
+    present = [c for c in classes if support[c]]
+    out: dict[str, Any] = {"n": res["n"], "support": support}
+    if binary:
+        if len(present) == 2:
+            out["auc"] = res["roc"][classes[pos]]["auc"]
+        shipped = res["operating_points"][0]
+        if support[classes[pos]]:
+            out["sensitivity"] = shipped["sensitivity"]
+        if support[classes[1 - pos]]:
+            out["specificity"] = shipped["specificity"]
+    else:
+        aucs = {c: r["auc"] for c, r in res["roc"].items() if r["auc"] is not None}
+        out["auc_per_class"] = aucs
+        if aucs:
+            out["auc"] = res["macro_auc"]
+    out["accuracy"] = res["accuracy"]
+    if len(present) > 1:
+        out["balanced_accuracy"] = res["balanced_accuracy"]
+    out["recall_per_class"] = {r["class"]: r["recall"] for r in res["per_class"] if support[r["class"]]}
+    return out
 
 
 # ------------------------------------------------------------------- summary only
@@ -620,7 +458,7 @@ def summarise(
         "status_counts": status_counts,
         "reason_counts": {s: dict(sorted(r.items(), key=lambda kv: -kv[1])) for s, r in reason_counts.items()},
         "prediction_counts": pred_counts,
-        "prediction_fractions": {c: _ratio(v, n_pred) for c, v in pred_counts.items()},
+        "prediction_fractions": {c: ratio(v, n_pred) for c, v in pred_counts.items()},
         "threshold": threshold,
         "positive": positive,
         "images_per_second": images_per_second,
