@@ -438,6 +438,8 @@ def evaluate_subgroups(
                 mask = values == row["value"]
                 rates = metrics.confusion_rates(targets[mask] == pos, pred[mask] == pos)
                 row.update({k: rates[k] for k in ("sensitivity", "specificity", "ppv", "npv")})
+                row["notes"] = [n for n in row.get("notes", []) if not n.startswith("no shipped threshold")] + [
+                    "sensitivity, specificity, PPV, NPV at the card's operating point (its age band's when known)"]
                 metrics.blank_unsupported(row, task.positive, metrics.MIN_PER_CLASS)
         out[column[3:]] = table
     pairs: dict[str, Any] = {}
