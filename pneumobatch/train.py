@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumobatch import __version__
+from pneumobatch.calibration import MIN_PER_CLASS, band_thresholds, fit_temperature, select_threshold  # noqa: F401 - re-exported
 from pneumobatch.card import is_positive
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
@@ -44,9 +45,6 @@ SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 BALANCE_CHOICES = ("source", "weights", "oversample", "undersample", "none")
-#: A subgroup enters model selection and gets its own operating point only with at
-#: least this many validation images of each class it is scored on.
-MIN_PER_CLASS = 10
 
 
 @dataclass
@@ -320,51 +318,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.T
     return ((x - mean) * contrast + mean * brightness).clamp(0, 1)
 
 
-# ------------------------------------------------------------------ operating points
-
-
-def select_threshold(y_true: np.ndarray, scores: np.ndarray, target_recall: float) -> dict[str, float]:
-    """Thresholds on the positive-class probability.
-
-    ``recall_target``: the highest threshold whose sensitivity is at least
-    ``target_recall`` (so specificity is as high as that allows); ``youden``: the
-    threshold maximising sensitivity + specificity - 1.
-    """
-    from sklearn.metrics import roc_curve
-
-    y_true = np.asarray(y_true).astype(int)
-    if y_true.min() == y_true.max():
-        raise TrainingError("threshold selection needs both classes in the validation split")
-    fpr, tpr, thresholds = roc_curve(y_true, scores)
-    thresholds = np.minimum(thresholds, 1.0)
-    ok = np.flatnonzero(tpr >= target_recall)
-    recall_idx = ok[0]  # roc_curve orders thresholds high -> low, tpr low -> high
-    youden_idx = int(np.argmax(tpr - fpr))
-    return {
-        "recall_target": float(thresholds[recall_idx]),
-        "recall_target_sensitivity": float(tpr[recall_idx]),
-        "recall_target_specificity": float(1 - fpr[recall_idx]),
-        "youden": float(thresholds[youden_idx]),
-        "youden_sensitivity": float(tpr[youden_idx]),
-        "youden_specificity": float(1 - fpr[youden_idx]),
-    }
-
-
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
 # --------------------------------------------------------------------- evaluation
 
 
@@ -506,20 +459,6 @@ def selection_score(probs: np.ndarray, targets: np.ndarray, subsets: dict[str, n
     parts = {name: _within_auc(probs, targets, mask) for name, mask in subsets.items()}
     finite = [v for v in parts.values() if v == v]
     return (float(np.mean(finite)) if finite else float("nan")), parts
-
-
-def band_thresholds(
-    y_pos: np.ndarray, scores: np.ndarray, bands: np.ndarray, target_recall: float
-) -> dict[str, dict[str, float]]:
-    """Operating points per age band, for bands with enough validation images of each class."""
-    out = {}
-    for band in AGE_BANDS:
-        mask = bands == band
-        if (y_pos[mask]).sum() >= MIN_PER_CLASS and (~y_pos[mask]).sum() >= MIN_PER_CLASS:
-            point = select_threshold(y_pos[mask], scores[mask], target_recall)
-            point["n_positive"], point["n_negative"] = int(y_pos[mask].sum()), int((~y_pos[mask]).sum())
-            out[band] = point
-    return out
 
 
 def _class_indices(names: np.ndarray, task: Task) -> np.ndarray:
@@ -714,7 +653,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
 
     net.load_state_dict(best["state"])
     val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
-    temperature = fit_temperature(val_logits, val_set.targets)
+    temperature = fit_temperature(val_logits.numpy(), val_set.targets.numpy())
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     thresholds: dict[str, Any] = {}
     threshold = None
@@ -723,6 +662,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     if task.positive is not None and len(task.classes) == 2:
         pos = task.classes.index(task.positive)
         val_pos = val_set.targets.numpy() == pos
+        if val_pos.all() or not val_pos.any():
+            raise TrainingError("threshold selection needs both classes in the validation split")
         thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
         thresholds["target_recall"] = config.target_recall
         threshold = thresholds["recall_target"]
