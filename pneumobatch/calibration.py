@@ -117,7 +117,7 @@ def min_positives_for(target_sensitivity: float, level: float = CI_LEVEL) -> int
     With n positives all detected, the exact (Clopper-Pearson) two-sided ``level``
     interval of the sensitivity has lower bound ``((1 - level) / 2) ** (1 / n)``; below
     the returned n that bound stays under the target whatever the model does (for a 95%
-    target: 72 positives; for 90%: 35).
+    target: 72 positives; for 90%: 36).
     """
     if not 0.0 < target_sensitivity < 1.0:
         return 1
