@@ -28,7 +28,10 @@ group, and an alert is raised when a limit of :data:`DEFAULT_LIMITS` is crossed:
 - ``error-rate``: more than ``error_rate`` of the night's files are errors;
 - ``new-scanner`` / ``vanished-scanner``: a scanner with at least ``min_images`` files
   tonight that the baseline never saw, or one with at least ``min_images`` files per
-  baseline night on average that sent none tonight.
+  baseline night on average that sent none tonight;
+- ``operating-point-changed``: the model decided with other thresholds than in the last
+  baseline night (a site file applied, replaced or removed): scores and positive rates
+  are then not comparable with the baseline, and a new baseline should start.
 
 Groups with fewer than ``min_images`` scored images in the night are not tested.
 """
@@ -337,7 +340,9 @@ def _compare(night_stats: Mapping[str, Any], base_stats: Sequence[Mapping[str, A
 
 def _alert(night: Night, model: str, dim: str, group: str, kind: str, value: float, limit: float) -> dict[str, Any]:
     where = "all files" if dim == "overall" else f"{dim} {group}"
-    if kind == "new-scanner":
+    if kind == "operating-point-changed":
+        what = "temperature or thresholds differ from the baseline's (site file applied, changed or removed)"
+    elif kind == "new-scanner":
         what = f"new scanner, {value:.0f} files (none in the baseline)"
     elif kind == "vanished-scanner":
         what = f"no files tonight (baseline: {value:.1f} per run)"
@@ -387,6 +392,8 @@ def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: O
                 night_drift["groups"].setdefault(dim, {})[group] = result
                 alerts += [_alert(n, model, dim, group, *a) for a in result["alerts"]]
             alerts += _scanner_changes(n, model, m, base_models, limits)
+            if base_models and m.get("operating_point") != base_models[-1].get("operating_point"):
+                alerts.append(_alert(n, model, "overall", "all", "operating-point-changed", 1, 0))
             scores = [g.get("psi") for d in night_drift["groups"].values() for g in d.values() if g.get("psi") is not None]
             night_drift["drift_score"] = max(scores) if scores else None
             drift[model].append(night_drift)
