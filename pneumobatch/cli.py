@@ -347,14 +347,23 @@ def site_summary(site: dict) -> str:
     def point(p: dict) -> str:
         if p.get("sensitivity") is None:
             return f"threshold {p['threshold']:.4f}"
-        ci = lambda c: f" ({c[0]:.3f}-{c[1]:.3f})" if c else ""  # noqa: E731
-        return (f"threshold {p['threshold']:.4f}: sensitivity {p['sensitivity']:.3f}{ci(p.get('sensitivity_ci'))}, "
-                f"specificity {p['specificity']:.3f}{ci(p.get('specificity_ci'))}")
+        def ci(what: str) -> str:
+            boot, exact = p.get(f"{what}_ci"), p.get(f"{what}_ci_exact")
+            parts = [f"bootstrap {boot[0]:.3f}-{boot[1]:.3f}" if boot else "", f"exact {exact[0]:.3f}-{exact[1]:.3f}" if exact else ""]
+            return f" ({'; '.join(x for x in parts if x)})" if any(parts) else ""
+
+        return (f"threshold {p['threshold']:.4f}: sensitivity {p['sensitivity']:.3f}{ci('sensitivity')}, "
+                f"specificity {p['specificity']:.3f}{ci('specificity')}")
 
     t = site["temperature"]
     counts = ", ".join(f"{c} {n}" for c, n in site["fitted_on"]["counts"].items())
     lines = [f"{site['model']['name']}: {site['fitted_on']['n']} labelled images ({counts}); "
-             f"temperature {t['shipped']:.3f} -> {t['site']:.3f} (ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f})"]
+             f"temperature {t['shipped']:.3f} -> {t['site']:.3f} (log loss {t['log_loss_before']:.3f} -> {t['log_loss_after']:.3f}, "
+             f"ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f})"]
+    shipped = site["shipped_on_site_data"]
+    if shipped.get("sensitivity") is not None:
+        lines.append(f"  shipped pooled threshold {shipped['threshold']:.4f} at temperature {t['shipped']:.3f}: "
+                     f"sensitivity {shipped['sensitivity']:.3f}, specificity {shipped['specificity']:.3f}")
     points = site["operating_points"]
     for where, p in [("pooled", points["pooled"]), *points["by_age_band"].items()]:
         label = f"{where} ({p['source']})"

@@ -91,10 +91,24 @@ class CalibrateResult:
 # --------------------------------------------------------------------------- fitting
 
 
+def _exact_ci(k: int, n: int) -> Optional[list[float]]:
+    """Clopper-Pearson 95% interval: unlike the bootstrap's, not collapsed to a point at 0% or 100%."""
+    from scipy.stats import binomtest
+
+    if not n:
+        return None
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
 def _point(ev: dict[str, Any], name: str, n_pos: int, n_neg: int) -> dict[str, Any]:
     p = next(p for p in ev["operating_points"] if p["name"] == name)
     keep = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "ppv", "npv", "tp", "fp", "tn", "fn")
-    return {**{k: p.get(k) for k in keep}, "n_positive": n_pos, "n_negative": n_neg}
+    return {
+        **{k: p.get(k) for k in keep}, "n_positive": n_pos, "n_negative": n_neg,
+        "sensitivity_ci_exact": _exact_ci(p["tp"], p["tp"] + p["fn"]),
+        "specificity_ci_exact": _exact_ci(p["tn"], p["tn"] + p["fp"]),
+    }
 
 
 def _fit_points(
