@@ -514,7 +514,8 @@ def prometheus_text(nights: Sequence[Night], analysis: Mapping[str, Any]) -> str
             if value is None:
                 continue
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{text}}} {float(value):.6g}" if text else f"{name} {float(value):.6g}")
+            number = repr(float(value))  # full precision: a timestamp must not be rounded to 6 digits
+            lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
 
     finished = last.run.get("finished")
     ts = datetime.fromisoformat(finished).timestamp() if finished else None

@@ -188,10 +188,8 @@ def fit_site(
                 if (w := _small_sample(n_pos, target_sensitivity, f"age band {band}")) is not None:
                     warnings.append(w)
             else:
-                carried = {
-                    name: rescale_threshold(float(shipped_point[k]), scale)
-                    for name, k in APPLY_CHOICES.items() if shipped_point.get(k) is not None
-                }
+                kept = {name: shipped_point.get(k, shipped_point.get("recall_target")) for name, k in APPLY_CHOICES.items()}
+                carried = {name: rescale_threshold(float(t), scale) for name, t in kept.items() if t is not None}
                 by_band[band] = {
                     "source": "shipped", "n_positive": n_pos, "n_negative": n_neg,
                     "target": {"threshold": carried.get("target")}, "youden": {"threshold": carried.get("youden")},
@@ -200,6 +198,11 @@ def fit_site(
                 }
                 warnings.append(f"age band {band}: {n_pos} positives / {n_neg} negatives, fewer than {MIN_PER_CLASS} of each: shipped threshold kept")
 
+    if card.site:
+        warnings.append(
+            f"these predictions were made with site file {card.site.get('file')}: the new file replaces it, "
+            "and bands it does not refit keep that file's thresholds"
+        )
     rows_used = join.rows
     mtimes = pd.to_numeric(rows_used.get("file_mtime_ns", pd.Series(dtype=str)), errors="coerce").dropna()
     counts = {c: int((y_true == c).sum()) for c in card.classes}
@@ -219,6 +222,7 @@ def fit_site(
                 "first": _iso(mtimes.min()) if len(mtimes) else None,
                 "last": _iso(mtimes.max()) if len(mtimes) else None,
             },
+            "previous_site_sha256": card.site.get("sha256") if card.site else None,
             "label_source": {"key": join.key, "level": join.level, "label_column": join.label_column,
                              "n_label_rows": int(join.n_label_rows),
                              "problems": {k: v["count"] for k, v in join.problems_dict().items() if v["count"]}},

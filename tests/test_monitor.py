@@ -13,6 +13,7 @@ clinic's images arrive through a ward's station).
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_monitor_flags_the_changed_scanner_on_its_night_only(nights):
     assert bad[BAD_GROUP]["positive_rate"]["ci"][1] < bad[BAD_GROUP]["positive_rate"]["baseline_rate"]
     prom = prometheus_text(loaded, doc)
     assert f"pneumobatch_alerts {len(alerts)}" in prom
-    assert f'pneumobatch_files{{status="ok"}} {3 * PER_SCANNER}' in prom
+    assert f'pneumobatch_files{{status="ok"}} {3 * PER_SCANNER}.0' in prom
 
 
 def test_monitor_command_writes_pdf_json_and_prometheus_and_takes_limits(nights, tmp_path):
@@ -142,6 +143,8 @@ def test_monitor_command_writes_pdf_json_and_prometheus_and_takes_limits(nights,
     assert doc["baseline"]["run_json"] == [str(p) for p in nights[:2]]
     prom = out.with_suffix(".prom").read_text()
     assert "# TYPE pneumobatch_last_success_timestamp_seconds gauge" in prom
+    finished = datetime.fromisoformat(json.loads(nights[-1].read_text())["finished"]).timestamp()
+    assert f"pneumobatch_last_success_timestamp_seconds {finished!r}\n" in prom
     assert 'pneumobatch_positive_rate{model="pneumonia"}' in prom and "pneumobatch_drift_score" in prom
     # limits no night can cross: no alerts
     quiet = CliRunner().invoke(main, args + ["--limit", "psi=100", "--limit", "ks_d=2", "--limit", "positive_rate_change=2",
@@ -185,3 +188,14 @@ def test_monitor_needs_two_runs_with_monitoring(nights, tmp_path):
     result = CliRunner().invoke(main, ["monitor", str(old), str(nights[0]), "-o", str(tmp_path / "m.pdf")])
     assert result.exit_code == 3
     assert "at least two runs" in result.output and "no monitoring block" in result.output
+
+
+def test_a_changed_operating_point_is_an_alert(nights):
+    import copy
+
+    loaded, _ = load_nights(nights[:3])
+    changed = copy.deepcopy(loaded[2].run)
+    changed["monitoring"]["models"]["pneumonia"]["operating_point"] = {"source": "site", "file": "site.json"}
+    loaded[2] = type(loaded[2])(loaded[2].path, changed)
+    kinds = {(a["run_json"], a["kind"]) for a in analyse(loaded, baseline=2)["alerts"]}
+    assert kinds == {(str(nights[2]), "operating-point-changed")}
