@@ -445,7 +445,7 @@ def labelled_performance(nights: Sequence[Night], labels: pd.DataFrame, *, key: 
     ``window`` nights, for every model with a positive class, from each night's predictions CSV."""
     from scipy.stats import binomtest
 
-    from pneumobatch.labels import card_from_run, join_labels
+    from pneumobatch.labels import card_from_run, check_label_column, join_labels
     from pneumobatch.report import load_predictions
 
     def proportion(k: int, n: int) -> dict[str, Any]:
@@ -454,6 +454,7 @@ def labelled_performance(nights: Sequence[Night], labels: pd.DataFrame, *, key: 
         ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
         return {"value": k / n, "ci": [float(ci.low), float(ci.high)], "k": k, "n": n}
 
+    check_label_column(labels, label_column)  # a wrong column is an error, not a run of nights without labels
     out: dict[str, Any] = {"window": window, "models": {}, "notes": []}
     counts: dict[str, list[Optional[np.ndarray]]] = {}
     for night in nights:
@@ -477,6 +478,8 @@ def labelled_performance(nights: Sequence[Night], labels: pd.DataFrame, *, key: 
                 continue
             t, p = truth.to_numpy(), pred.to_numpy()
             c[nights.index(night)] = np.array([(t & p).sum(), (~t & p).sum(), (~t & ~p).sum(), (t & ~p).sum()])
+    if not any(x is not None for per_night in counts.values() for x in per_night):
+        out["notes"].append(f"no label of {labels.attrs.get('source', 'the labels file')} matched a prediction of these runs")
     for model, per_night in counts.items():
         rows = []
         for i, night in enumerate(nights):
@@ -598,6 +601,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     if config.labels is not None:
         document["labelled"] = labelled_performance(
             nights, read_labels(config.labels), key=config.key, label_column=config.label_column, window=config.window)
+        document["notes"] += document["labelled"]["notes"]
     pdf = Path(config.output)
     out_json = pdf.with_suffix(".json")
     prom = Path(config.prometheus) if config.prometheus else pdf.with_suffix(".prom")

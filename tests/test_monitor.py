@@ -161,6 +161,9 @@ def test_monitor_adds_rolling_labelled_metrics(nights, tmp_path):
     result = CliRunner().invoke(main, ["monitor", *map(str, nights), "--baseline", "2", "--labels", str(labels),
                                        "--key", "sop_instance_uid", "-o", str(out), "--window", "2"])
     assert result.exit_code == 0, result.output
+    wrong = CliRunner().invoke(main, ["monitor", *map(str, nights), "--labels", str(labels), "--label-column", "finding",
+                                      "-o", str(tmp_path / "w.pdf")])
+    assert wrong.exit_code == 3 and "no label column 'finding'" in wrong.output
     perf = json.loads(out.with_suffix(".json").read_text())["labelled"]["models"]["pneumonia"]
     assert [r["labelled"] > 0 for r in perf] == [True, True, False, False]
 
