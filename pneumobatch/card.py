@@ -8,6 +8,11 @@ A card says what a model predicts and how its probabilities become a class:
   an operating point for that band (``thresholds["by_age_band"][band]["recall_target"]``),
   that threshold is used instead.
 
+A site calibration (:mod:`pneumobatch.site`) gives a card its own temperature and
+thresholds; such an operating point is named ``site-pooled`` or ``site-<band>``, and
+``thresholds["applied"]`` says which named threshold of a band applies (default
+``recall_target``).
+
 Everything that turns probabilities into classes (predict's CSV, study aggregation,
 the report, training's validation metrics) goes through :func:`is_positive`.
 """
@@ -72,7 +77,7 @@ class Decision:
 
     label: str
     threshold: Optional[float]  # None for argmax decisions
-    operating_point: str  # "pooled", "argmax" or an age band name
+    operating_point: str  # "pooled", "argmax" or an age band name; "site-" in front for a site's point
 
 
 @dataclass
@@ -97,6 +102,8 @@ class ModelCard:
     weights_sha256: str = ""
     #: applicability statistics: file (beside the weights), sha256, threshold, flag rates
     applicability: dict[str, Any] = field(default_factory=dict)
+    #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
+    site: dict[str, Any] = field(default_factory=dict)
     intended_use: str = (
         "Research and quality-assurance use on frontal (PA/AP) chest radiographs. "
         "Not a medical device; not for diagnosis."
@@ -142,8 +149,11 @@ class ModelCard:
         """The threshold a binary decision uses and the name of its operating point."""
         by_band = self.thresholds.get("by_age_band") or {}
         if age_band is not None and age_band in by_band:
-            return float(by_band[age_band]["recall_target"]), str(age_band)
-        return float(resolve_threshold(self.threshold)), "pooled"
+            point = by_band[age_band]
+            name = f"site-{age_band}" if point.get("source") == "site" else str(age_band)
+            return float(point[self.thresholds.get("applied") or "recall_target"]), name
+        name = "site-pooled" if self.thresholds.get("source") == "site" else "pooled"
+        return float(resolve_threshold(self.threshold)), name
 
     def decide(self, probs: Sequence[float], age_band: Optional[str] = None) -> Decision:
         """The predicted class of one image's probabilities (in the order of ``classes``)."""

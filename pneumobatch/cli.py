@@ -243,6 +243,7 @@ _P = PredictConfig  # option defaults are the library's, defined once
 @click.option("--not-chest-term", "not_chest_terms", multiple=True, metavar="WORD", help="A site's word for another body part: such DICOMs are skipped (not-chest). Repeatable.")
 @click.option("--follow-external-links", is_flag=True, help="Follow symbolic links that lead outside the input folders (skipped as external-link by default).")
 @click.option("--skip-ood", is_flag=True, help="Turn images flagged not applicable into skipped rows (out-of-distribution) instead of predicting and flagging them.")
+@click.option("--site", type=click.Path(dir_okay=False, path_type=Path), help="Site file from `pneumobatch calibrate`: its model uses the site's temperature and operating points.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
 @click.option("-v", "--verbose", count=True)
 def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options) -> None:
@@ -319,6 +320,104 @@ def report_command(predictions: Path, quiet: bool, **options) -> None:
         for warning in result.warnings:
             click.echo(f"note: {warning}", err=True)
         click.echo(f"wrote {result.pdf} and {result.metrics_json} ({len(result.figures)} figures) in {result.seconds:.1f}s")
+
+
+@main.command("calibrate", short_help="Fit temperature and operating points to a site's labelled sample.")
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The site's labels CSV (same format as for report).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("site.json"), show_default=True, help="Site file to write.")
+@click.option("-m", "--model", help="Model to calibrate. [default: the only one in the CSV]")
+@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--target-sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.95, show_default=True, help="Sensitivity the site threshold must reach on the sample.")
+@click.option("--apply", "apply", type=click.Choice(["target", "youden"]), default="target", show_default=True, help="Operating point predict --site applies: the target-sensitivity threshold or Youden's J.")
+@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples for the 95% intervals.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing site file.")
+@click.option("-q", "--quiet", is_flag=True)
+def calibrate_command(predictions: Path, labels_csv: Path, output: Path, model: Optional[str], key: Optional[str], label_column: str, target_sensitivity: float, apply: str, bootstrap: int, seed: int, overwrite: bool, quiet: bool) -> None:
+    """Fit MODEL's temperature and thresholds to a site's labelled PREDICTIONS; write a site file.
+
+    \b
+    Then: pneumobatch predict FOLDER --site site.json ...
+    The site file is refused for another model or other weights (exit code 2).
+    """
+    from pneumobatch.site import CalibrateConfig, calibrate
+
+    _setup_logging(0, quiet)
+    result = calibrate(CalibrateConfig(
+        predictions=predictions, labels=labels_csv, output=output, model=model, key=key, label_column=label_column,
+        target_sensitivity=target_sensitivity, apply=apply, n_bootstrap=bootstrap, seed=seed, overwrite=overwrite,
+    ))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if not quiet:
+        click.echo(site_summary(result.site))
+        click.echo(f"wrote {result.output}")
+
+
+def site_summary(site: dict) -> str:
+    """A few lines a user reads after calibrate: temperature and each chosen point with its intervals."""
+
+    def point(p: dict) -> str:
+        if p.get("sensitivity") is None:
+            return f"threshold {p['threshold']:.4f}"
+        def ci(what: str) -> str:
+            boot, exact = p.get(f"{what}_ci"), p.get(f"{what}_ci_exact")
+            parts = [f"bootstrap {boot[0]:.3f}-{boot[1]:.3f}" if boot else "", f"exact {exact[0]:.3f}-{exact[1]:.3f}" if exact else ""]
+            return f" ({'; '.join(x for x in parts if x)})" if any(parts) else ""
+
+        return (f"threshold {p['threshold']:.4f}: sensitivity {p['sensitivity']:.3f}{ci('sensitivity')}, "
+                f"specificity {p['specificity']:.3f}{ci('specificity')}")
+
+    t = site["temperature"]
+    counts = ", ".join(f"{c} {n}" for c, n in site["fitted_on"]["counts"].items())
+    lines = [f"{site['model']['name']}: {site['fitted_on']['n']} labelled images ({counts}); "
+             f"temperature {t['shipped']:.3f} -> {t['site']:.3f} (log loss {t['log_loss_before']:.3f} -> {t['log_loss_after']:.3f}, "
+             f"ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f})"]
+    shipped = site["shipped_on_site_data"]
+    if shipped.get("sensitivity") is not None:
+        lines.append(f"  shipped pooled threshold {shipped['threshold']:.4f} at temperature {t['shipped']:.3f}: "
+                     f"sensitivity {shipped['sensitivity']:.3f}, specificity {shipped['specificity']:.3f}")
+    points = site["operating_points"]
+    for where, p in [("pooled", points["pooled"]), *points["by_age_band"].items()]:
+        label = f"{where} ({p['source']})"
+        lines.append(f"  {label}: {site['target_sensitivity']:.0%} target, {point(p['target'])}")
+        lines.append(f"  {label}: Youden, {point(p['youden'])}")
+    lines.append(f"  predict --site applies: {site['apply']}")
+    return "\n".join(lines)
+
+
+@main.command("monitor", short_help="Drift and alerts across nightly runs: PDF, JSON, Prometheus textfile.")
+@click.argument("run_jsons", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("monitor.pdf"), show_default=True, help="PDF to write; OUT.json and OUT.prom are written beside it.")
+@click.option("--baseline", type=click.IntRange(1), default=7, show_default=True, help="The first N runs form the baseline every later run is compared with.")
+@click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE", help="Override an alert limit (psi, ks_d, positive_rate_change, flag_rate_change, error_rate, alpha, min_images). Repeatable.")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels of past nights (keyed by sop_instance_uid or study_instance_uid): adds rolling sensitivity, specificity and PPV.")
+@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--window", type=click.IntRange(1), default=7, show_default=True, help="Runs pooled for the rolling labelled metrics.")
+@click.option("--prometheus", type=click.Path(dir_okay=False, path_type=Path), help="Prometheus textfile to write (e.g. in node_exporter's textfile directory). [default: OUT.prom]")
+@click.option("-q", "--quiet", is_flag=True)
+def monitor_command(run_jsons: tuple[Path, ...], limits: tuple[str, ...], labels_csv: Optional[Path], quiet: bool, **options) -> None:
+    """Compare nightly RUN_JSONS (OUT.run.json files of predict) with a baseline; alert on drift.
+
+    \b
+    Per model and group (scanner, view, age band): PSI and KS of the scores, positive
+    rate and applicability flag rate with binomial tests, new or vanished scanners;
+    error rate per run. Alerts are printed, listed in the PDF and JSON, and counted in
+    the Prometheus file.
+    """
+    from pneumobatch.monitor import MonitorConfig, parse_limits, run_monitor
+
+    _setup_logging(0, quiet)
+    result = run_monitor(MonitorConfig(run_jsons=list(run_jsons), limits=parse_limits(limits), labels=labels_csv, **options))
+    for note in result.document["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if not quiet:
+        for alert in result.alerts:
+            click.echo(f"ALERT {alert['message']}")
+        click.echo(f"{len(result.alerts)} alerts; wrote {result.pdf}, {result.json} and {result.prometheus}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,8 @@ carries the exit code the CLI gives it, so the CLI translates errors in one plac
 0     success
 1     the run completed but some files could not be read (they are listed in the CSV)
 2     usage error: bad option or argument; an existing output without --resume or
-      --overwrite; a --device that this machine does not have (e.g. cuda without a GPU)
+      --overwrite; a --device that this machine does not have (e.g. cuda without a GPU);
+      a --site file that is not one or was fitted for another model or weights
 3     fatal error: model missing or corrupt, output not writable, training data unusable,
       predictions or labels unusable
 ====  ==================================================================================
@@ -104,6 +105,12 @@ class LabelError(PneumobatchError):
 
 class OptionError(PneumobatchError):
     """Options that cannot work together (e.g. the same model given twice)."""
+
+    exit_code = EXIT_USAGE
+
+
+class SiteError(PneumobatchError):
+    """A site file (``predict --site``, ``calibrate``) is unusable or belongs to another model or weights."""
 
     exit_code = EXIT_USAGE
 

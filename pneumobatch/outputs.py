@@ -42,6 +42,8 @@ TRAILING_COLUMNS = [
     "threshold", "operating_point", "age_band", "ood_score", "applicable", "warnings", "file_size", "file_mtime_ns",
 ]
 PATIENT_COLUMN = "patient_id"
+#: DICOM acquisition fields (devices, not people) after the trailing columns, for monitoring by scanner.
+ACQUISITION_COLUMNS = ["manufacturer", "manufacturer_model_name", "station_name"]
 
 STUDY_FROM = ("file", "parent-dir")
 
@@ -50,7 +52,7 @@ def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[st
     probs: list[str] = []
     for card in cards:
         probs += [prob_column(c) for c in card.classes if prob_column(c) not in probs]
-    return LEADING_COLUMNS + probs + TRAILING_COLUMNS + ([PATIENT_COLUMN] if include_patient_id else [])
+    return LEADING_COLUMNS + probs + TRAILING_COLUMNS + ACQUISITION_COLUMNS + ([PATIENT_COLUMN] if include_patient_id else [])
 
 
 def study_key(result: FileResult, study_from: str) -> str:
@@ -89,6 +91,7 @@ def result_rows(
         "age_band": meta.get("age_band", "") if result.status is Status.OK else "",
         "file_size": result.entry.size,
         "file_mtime_ns": result.entry.mtime_ns,
+        **{column: meta.get(column, "") for column in ACQUISITION_COLUMNS},
     }
     if include_patient_id:
         base[PATIENT_COLUMN] = meta.get("patient_id", "")

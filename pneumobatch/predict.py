@@ -27,8 +27,10 @@ from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, Status
 log = logging.getLogger(__name__)
 
 #: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``;
-#: 3: the CSV gained operating_point, age_band, ood_score, applicable, warnings).
-RUN_SCHEMA_VERSION = 3
+#: 3: the CSV gained operating_point, age_band, ood_score, applicable, warnings;
+#: 4: ``monitoring`` (:func:`pneumobatch.monitor.monitoring_block`), the CSV gained manufacturer,
+#: manufacturer_model_name, station_name).
+RUN_SCHEMA_VERSION = 4
 #: ``progress(done, total)``: called once before the first file and after every file.
 Progress = Callable[[int, int], None]
 
@@ -55,6 +57,7 @@ class PredictConfig:
     not_chest_terms: Sequence[str] = ()  # a site's extra words for other body parts
     follow_external_links: bool = False  # follow links leading outside the input folders
     skip_ood: bool = False  # inapplicable images become skipped rows (out-of-distribution)
+    site: Optional[Path] = None  # a site file from ``calibrate``: its model decides with the site's operating points
 
 
 @dataclass
@@ -114,11 +117,25 @@ def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list
     return entries
 
 
+def _apply_site(models: Sequence[Any], path: Path) -> None:
+    """Give the site file's model its site card (:func:`pneumobatch.site.site_card`)."""
+    from pneumobatch.errors import SiteError
+    from pneumobatch.site import apply_site, load_site
+
+    site = load_site(path)
+    wanted = (site.get("model") or {}).get("name")
+    model = next((m for m in models if m.card.name == wanted), None)
+    if model is None:
+        raise SiteError(f"{path} was fitted for model {wanted}, which this run does not predict (add -m {wanted})")
+    model.card = apply_site(model.card, site)
+
+
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
     from pneumobatch.bodyparts import BodyPartVocabulary
     from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
     from pneumobatch.models import DEFAULT_MODEL, load_model
+    from pneumobatch.monitor import monitoring_block
     from pneumobatch.outputs import (
         OutputPaths,
         PredictionWriter,
@@ -135,6 +152,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     names = [m.card.name for m in models]
     if len(set(names)) != len(names):
         raise OptionError("the same model was given twice")
+    if config.site is not None:
+        _apply_site(models, config.site)
     cards = [m.card for m in models]
     workers = config.workers if config.workers is not None else (8 if torch_device.type == "cuda" else 2)
 
@@ -184,5 +203,6 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
                     "input_size": c.input_size, "card": c.to_dict()} for c in cards],
         "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
     }
+    info["monitoring"] = monitoring_block(frame, cards, round(rate, 2))
     write_run_json(paths.run, info)
     return PredictRun(paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, str(torch_device), info)

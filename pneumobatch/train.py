@@ -46,7 +46,7 @@ _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "tes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 #: A subgroup enters model selection and gets its own operating point only with at
 #: least this many validation images of each class it is scored on.
-MIN_PER_CLASS = 10
+MIN_PER_CLASS = metrics.MIN_PER_CLASS_PER_BAND
 
 
 @dataclass
@@ -398,20 +398,6 @@ def selection_score(probs: np.ndarray, targets: np.ndarray, subsets: dict[str, n
     return (float(np.mean(finite)) if finite else float("nan")), parts
 
 
-def band_thresholds(
-    y_pos: np.ndarray, scores: np.ndarray, bands: np.ndarray, target_recall: float
-) -> dict[str, dict[str, float]]:
-    """Operating points per age band, for bands with enough validation images of each class."""
-    out = {}
-    for band in AGE_BANDS:
-        mask = bands == band
-        if (y_pos[mask]).sum() >= MIN_PER_CLASS and (~y_pos[mask]).sum() >= MIN_PER_CLASS:
-            point = select_threshold(y_pos[mask], scores[mask], target_recall)
-            point["n_positive"], point["n_negative"] = int(y_pos[mask].sum()), int((~y_pos[mask]).sum())
-            out[band] = point
-    return out
-
-
 def _class_indices(names: np.ndarray, task: Task) -> np.ndarray:
     index = {c: i for i, c in enumerate(task.classes)}
     return np.asarray([index[n] for n in names], dtype=np.int64)
@@ -600,7 +586,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
 
     net.load_state_dict(best["state"])
     val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
-    temperature = fit_temperature(val_logits, val_set.targets)
+    temperature = fit_temperature(val_logits.numpy(), val_set.targets.numpy())
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     thresholds: dict[str, Any] = {}
     threshold = None
@@ -609,10 +595,12 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     if task.positive is not None and len(task.classes) == 2:
         pos = task.classes.index(task.positive)
         val_pos = val_set.targets.numpy() == pos
+        if val_pos.all() or not val_pos.any():
+            raise TrainingError("threshold selection needs both classes in the validation split")
         thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
         thresholds["target_recall"] = config.target_recall
         threshold = thresholds["recall_target"]
-        by_band = band_thresholds(val_pos, val_probs[:, pos], val_bands, config.target_recall)
+        by_band = metrics.band_thresholds(val_pos, val_probs[:, pos], val_bands, config.target_recall)
         if by_band:
             thresholds["by_age_band"] = by_band
             thresholds["age_band_rule"] = (

@@ -486,9 +486,13 @@ def test_metadata_is_sanitised_and_never_holds_the_patient_name(tmp_path: Path):
     ds.PatientID = "ID\x07-42\x1b[31m" + "9" * 200
     ds.SeriesInstanceUID = "1.2.3.abc"
     ds.ViewPosition = " ap "
+    ds.Manufacturer = "ACME\x07 Medical" + "x" * 100
+    ds.StationName = "ER\n1"
     image = read_dicom(write(ds, tmp_path / "x.dcm"), ReadOptions())
     meta = image.meta
     assert "Secret" not in repr(meta)
+    assert meta["manufacturer"].startswith("ACME Medical") and len(meta["manufacturer"]) == 64
+    assert meta["station_name"] == "ER1" and meta["manufacturer_model_name"] == ""
     assert meta["patient_id"].startswith("ID-42[31m") and len(meta["patient_id"]) <= 128
     assert all(ch.isprintable() for ch in meta["patient_id"])
     assert meta["study_instance_uid"] == STUDY
@@ -500,6 +504,7 @@ def test_metadata_is_sanitised_and_never_holds_the_patient_name(tmp_path: Path):
     assert set(meta) == {
         "study_instance_uid", "series_instance_uid", "sop_instance_uid", "view_position", "modality",
         "patient_id", "age_band", "age_years", "transfer_syntax", "photometric_interpretation", "frames",
+        "manufacturer", "manufacturer_model_name", "station_name",
     }  # fmt: skip
 
 

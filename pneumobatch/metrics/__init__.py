@@ -16,7 +16,16 @@ No torch anywhere here: the report imports this package.
 """
 
 from pneumobatch.metrics.bootstrap import BOOTSTRAP_CELLS, BootstrapAUC, bootstrap_draws, percentile_ci, row_counts
-from pneumobatch.metrics.calibration import TEMPERATURE_RANGE, fit_temperature, reliability, temperature_nll
+from pneumobatch.metrics.calibration import (
+    MIN_PROBABILITY,
+    TEMPERATURE_RANGE,
+    fit_temperature,
+    probability_logits,
+    reliability,
+    rescale_probabilities,
+    rescale_threshold,
+    temperature_nll,
+)
 from pneumobatch.metrics.classification import (
     MIN_PER_CLASS,
     blank_unsupported,
@@ -27,10 +36,14 @@ from pneumobatch.metrics.classification import (
 )
 from pneumobatch.metrics.common import MAX_CURVE_POINTS, jsonable
 from pneumobatch.metrics.operating_points import (
+    CI_LEVEL,
+    MIN_PER_CLASS_PER_BAND,
     RECALL_TARGET,
     TARGET_RECALL,
     YOUDEN,
+    band_thresholds,
     confusion_rates,
+    min_positives_for,
     operating_point,
     select_threshold,
     threshold_points,
@@ -48,6 +61,14 @@ _blank_unsupported = blank_unsupported
 _threshold_points = threshold_points
 
 __all__ = [
+    "CI_LEVEL",
+    "MIN_PER_CLASS_PER_BAND",
+    "MIN_PROBABILITY",
+    "band_thresholds",
+    "min_positives_for",
+    "probability_logits",
+    "rescale_probabilities",
+    "rescale_threshold",
     "BOOTSTRAP_CELLS",
     "MAX_CURVE_POINTS",
     "MIN_PER_CLASS",

@@ -72,3 +72,26 @@ def fit_temperature(logits: Any, targets: Any) -> float:
         options={"xatol": 1e-6},
     )
     return float(min(max(math.exp(best.x), TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]))
+
+
+#: Probabilities are clipped to at least this before taking logarithms.
+MIN_PROBABILITY = 1e-6
+
+
+def probability_logits(proba: np.ndarray) -> np.ndarray:
+    """Logits (up to a constant per row) of probabilities that were ``softmax(z / T)``: ``z / T``."""
+    return np.log(np.clip(np.asarray(proba, dtype=np.float64), MIN_PROBABILITY, 1.0))
+
+
+def rescale_probabilities(proba: np.ndarray, scale: float) -> np.ndarray:
+    """Probabilities at temperature ``T * scale`` from probabilities at temperature ``T``."""
+    from scipy.special import softmax
+
+    return softmax(probability_logits(proba) / scale, axis=1)
+
+
+def rescale_threshold(threshold: float, scale: float) -> float:
+    """The binary threshold that, on probabilities rescaled by ``scale``, makes the same
+    decisions as ``threshold`` did before (temperature scaling keeps the order)."""
+    t = min(max(float(threshold), MIN_PROBABILITY), 1.0 - MIN_PROBABILITY)
+    return float(1.0 / (1.0 + ((1.0 - t) / t) ** (1.0 / scale)))

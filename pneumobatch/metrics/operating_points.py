@@ -127,3 +127,44 @@ def threshold_points(
             continue
         points.append(operating_point(y_pos, score, float(t), f"card_{name}", "threshold chosen on validation data"))
     return points, notes
+
+
+#: An age band gets its own operating point only with at least this many images of each class.
+MIN_PER_CLASS_PER_BAND = 10
+
+
+def band_thresholds(
+    y_pos: np.ndarray, scores: np.ndarray, bands: np.ndarray, target_recall: float,
+    min_per_class: int = MIN_PER_CLASS_PER_BAND,
+) -> dict[str, dict[str, Any]]:
+    """Operating points per age band, for bands with at least ``min_per_class`` images of each class."""
+    from pneumobatch.subgroups import AGE_BANDS
+
+    y_pos = np.asarray(y_pos).astype(bool)
+    out = {}
+    for band in AGE_BANDS:
+        mask = np.asarray(bands) == band
+        if y_pos[mask].sum() >= min_per_class and (~y_pos[mask]).sum() >= min_per_class:
+            point = select_threshold(y_pos[mask], scores[mask], target_recall)
+            point["n_positive"], point["n_negative"] = int(y_pos[mask].sum()), int((~y_pos[mask]).sum())
+            out[band] = point
+    return out
+
+
+#: Two-sided level of the intervals behind :func:`min_positives_for` (95% intervals).
+CI_LEVEL = 0.95
+
+
+def min_positives_for(target_sensitivity: float, level: float = CI_LEVEL) -> int:
+    """Fewest positives with which a sample can show ``sensitivity >= target``.
+
+    With n positives all detected, the exact (Clopper-Pearson) two-sided ``level``
+    interval of the sensitivity has lower bound ``((1 - level) / 2) ** (1 / n)``; below
+    the returned n that bound stays under the target whatever the model does (for a 95%
+    target: 72 positives; for 90%: 36).
+    """
+    import math
+
+    if not 0.0 < target_sensitivity < 1.0:
+        return 1
+    return int(math.ceil(math.log((1.0 - level) / 2.0) / math.log(target_sensitivity)))

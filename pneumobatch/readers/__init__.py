@@ -43,7 +43,8 @@ class Image:
     ``pixels``: float32 (rows, columns) in [0, 1], 1 = white on display.
     ``meta``: keys among ``study_instance_uid``, ``series_instance_uid``,
     ``sop_instance_uid``, ``view_position``, ``modality``, ``patient_id``, ``age_band``,
-    ``transfer_syntax``, ``photometric_interpretation``, ``frames`` (all strings
+    ``transfer_syntax``, ``photometric_interpretation``, ``frames``, ``manufacturer``,
+    ``manufacturer_model_name``, ``station_name`` (all strings
     or ints; values come from untrusted headers and are sanitised by the reader).
     """
 

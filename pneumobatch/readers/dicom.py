@@ -274,6 +274,10 @@ def _metadata(ds: Dataset, tsyntax: uid.UID) -> dict[str, Any]:
         "transfer_syntax": _uid_value(str(tsyntax)),
         "photometric_interpretation": _text(_get(ds, "PhotometricInterpretation")).upper(),
         "frames": _frames(ds),
+        # the acquisition group monitoring breaks results down by (devices, never people)
+        "manufacturer": _text(_get(ds, "Manufacturer"), 64),
+        "manufacturer_model_name": _text(_get(ds, "ManufacturerModelName"), 64),
+        "station_name": _text(_get(ds, "StationName"), 64),
     }
 
 

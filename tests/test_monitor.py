@@ -1,0 +1,204 @@
+"""Nightly monitoring: the run.json block from real DICOM headers, and drift across nights.
+
+The drift tests build four nights from a real predict run of the shipped pneumonia model:
+its committed reference output on ``sample_studies/`` (``tests/data/
+sample_studies_expected.csv``, which ``test_sample_studies`` checks the weights still
+reproduce). Each night draws, with replacement, 40 predicted images per scanner from
+the labelled ones, plus the export's skipped and failed files, and gets its run.json
+from :func:`pneumobatch.monitor.monitoring_block` (what predict calls). On night 3
+scanner C sends only normal radiographs (a different prevalence, as when a screening
+clinic's images arrive through a ward's station).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pneumobatch.card import ModelCard
+from pneumobatch.cli import main
+from pneumobatch.monitor import NO_HEADER, analyse, load_nights, monitoring_block, prometheus_text
+from pneumobatch.outputs import file_counts
+from pneumobatch.synthetic import write_cxr
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_studies"
+EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
+SCANNERS = {
+    "A": ("ACME", "Rad 1000", "ER_ROOM_1"),
+    "B": ("Globex", "DR-9", "WARD_7"),
+    "C": ("Initech", "Portable X", "ICU_2"),
+}
+PER_SCANNER = 40
+BAD_NIGHT, BAD_SCANNER = 3, "C"
+BAD_GROUP = "Initech / Portable X / ICU_2"
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory) -> list[Path]:
+    """Four nights of predictions CSV + run.json; on night 3 scanner C sends only normals."""
+    root = tmp_path_factory.mktemp("nights")
+    card = ModelCard.from_dict(json.loads((ROOT / "weights" / "pneumonia.json").read_text()))
+    reference = pd.read_csv(EXPECTED, dtype=str, keep_default_na=False)
+    reference = reference[reference["model"] == card.name]
+    labels = pd.read_csv(SAMPLES / "labels.csv", dtype=str, keep_default_na=False).set_index("path")["label"]
+    ok = reference[reference["path"].isin(labels.index)].reset_index(drop=True)
+    other = reference[reference["status"] != "ok"]
+    rng = np.random.default_rng(0)
+    runs = []
+    for night in range(4):
+        parts = []
+        for s, (scanner, (maker, model, station)) in enumerate(SCANNERS.items()):
+            pool = ok
+            if night == BAD_NIGHT and scanner == BAD_SCANNER:
+                pool = ok[ok["path"].map(labels) == "normal"]
+            rows = pool.iloc[rng.integers(0, len(pool), PER_SCANNER)].copy()
+            rows["label"] = rows["path"].map(labels)
+            rows["path"] = [f"{scanner}/{i:03d}/{p}" for i, p in enumerate(rows["path"])]
+            rows["sop_instance_uid"] = [f"1.2.826.0.1.9.{night}.{s}.{i}" for i in range(len(rows))]
+            rows["manufacturer"], rows["manufacturer_model_name"], rows["station_name"] = maker, model, station
+            parts.append(rows)
+        frame = pd.concat([*parts, other.assign(label="")], ignore_index=True).fillna("")
+        frame.drop(columns="label").to_csv(root / f"night{night}.csv", index=False)
+        frame[frame["label"] != ""][["sop_instance_uid", "label"]].to_csv(root / f"night{night}.labels.csv", index=False)
+        run = {
+            "schema_version": 4, "started": f"2026-01-0{night + 1}T02:00:00+00:00",
+            "finished": f"2026-01-0{night + 1}T02:10:00+00:00", "counts": file_counts(frame), "images_per_second": 20.0,
+            "models": [{"name": card.name, "card": card.to_dict()}],
+            "monitoring": monitoring_block(frame, [card], 20.0),
+        }
+        path = root / f"night{night}.run.json"
+        path.write_text(json.dumps(run))
+        runs.append(path)
+    return runs
+
+
+def test_run_json_records_monitoring_by_scanner_from_dicom_headers(weights_dir, tmp_path):
+    """predict itself: Manufacturer / model / station from the DICOM headers, PNG without a header."""
+    from pneumobatch.predict import PredictConfig, run_predict
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i, scanner in enumerate("AABBB"):
+        maker, model, station = SCANNERS[scanner]
+        pixels = rng.integers(0, 4096, (64, 64)).astype(np.uint16)
+        write_cxr(tmp_path / "in" / f"{scanner}{i}.dcm", pixels, bits_stored=12, view_position="AP" if i else "PA",
+                  extra={"Manufacturer": maker, "ManufacturerModelName": model, "StationName": station})
+    write_cxr(tmp_path / "in" / "noinfo.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8))
+    (tmp_path / "in" / "export.png").write_bytes((SAMPLES / "exports" / "SAMPLE005.png").read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    run = run_predict(PredictConfig(inputs=[tmp_path / "in"], output=tmp_path / "p.csv", models=["tiny"],
+                                    weights_dir=weights_dir, workers=0))
+    info = json.loads(run.run_json.read_text())
+    assert info["schema_version"] == 4
+    block = info["monitoring"]["models"]["tiny"]
+    scanners = block["by"]["scanner"]
+    assert {g: s["files"] for g, s in scanners.items()} == {
+        "ACME / Rad 1000 / ER_ROOM_1": 2, "Globex / DR-9 / WARD_7": 3, "? / ? / ?": 1, NO_HEADER: 2}
+    assert scanners[NO_HEADER]["by_reason"] == {"not-image": 1}
+    assert block["by"]["view"]["AP"]["ok"] == 4 and block["by"]["view"]["PA"]["ok"] == 2
+    overall = block["overall"]
+    assert overall["ok"] == 7 and overall["skipped"] == 1 and sum(overall["histogram"]) == overall["n_scored"] == 7
+    assert len(overall["quantiles"]) == 101 and overall["quantiles"] == sorted(overall["quantiles"])
+    assert overall["n_positive"] == round(overall["positive_rate"] * 7)
+    assert block["operating_point"] == {"source": "shipped", "threshold": 0.5, "thresholds": {}}
+    csv = pd.read_csv(run.output, dtype=str, keep_default_na=False)
+    assert set(csv["station_name"]) == {"ER_ROOM_1", "WARD_7", ""}
+    assert "Anonymous" not in run.run_json.read_text() + csv.to_csv()  # the patient name never leaves the header
+
+
+def test_monitor_flags_the_changed_scanner_on_its_night_only(nights):
+    loaded, notes = load_nights(nights)
+    assert notes == []
+    doc = analyse(loaded, baseline=2)
+    alerts = doc["alerts"]
+    assert alerts, "the night with a changed scanner raised no alert"
+    assert {a["run_json"] for a in alerts} == {str(nights[BAD_NIGHT])}
+    by_scanner = {a["group"] for a in alerts if a["dimension"] == "scanner"}
+    assert by_scanner == {BAD_GROUP}
+    clean = doc["drift"]["pneumonia"][0]["groups"]["scanner"]
+    bad = doc["drift"]["pneumonia"][1]["groups"]["scanner"]
+    assert bad[BAD_GROUP]["psi"] > max(clean[g]["psi"] for g in clean if "psi" in clean[g])
+    assert all(bad[g]["psi"] < bad[g]["psi_noise"] for g in bad if g != BAD_GROUP and "psi" in bad[g])
+    assert bad[BAD_GROUP]["positive_rate"]["ci"][1] < bad[BAD_GROUP]["positive_rate"]["baseline_rate"]
+    prom = prometheus_text(loaded, doc)
+    assert f"pneumobatch_alerts {len(alerts)}" in prom
+    assert f'pneumobatch_files{{status="ok"}} {3 * PER_SCANNER}.0' in prom
+
+
+def test_monitor_command_writes_pdf_json_and_prometheus_and_takes_limits(nights, tmp_path):
+    out = tmp_path / "monitor.pdf"
+    args = ["monitor", *map(str, nights), "--baseline", "2", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "ALERT" in result.output and BAD_GROUP in result.output
+    assert out.read_bytes().startswith(b"%PDF")
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["baseline"]["run_json"] == [str(p) for p in nights[:2]]
+    prom = out.with_suffix(".prom").read_text()
+    assert "# TYPE pneumobatch_last_success_timestamp_seconds gauge" in prom
+    finished = datetime.fromisoformat(json.loads(nights[-1].read_text())["finished"]).timestamp()
+    assert f"pneumobatch_last_success_timestamp_seconds {finished!r}\n" in prom
+    assert 'pneumobatch_positive_rate{model="pneumonia"}' in prom and "pneumobatch_drift_score" in prom
+    # limits no night can cross: no alerts
+    quiet = CliRunner().invoke(main, args + ["--limit", "psi=100", "--limit", "ks_d=2", "--limit", "positive_rate_change=2",
+                                            "--limit", "flag_rate_change=2", "--limit", "error_rate=2"])
+    assert quiet.exit_code == 0 and "0 alerts" in quiet.output, quiet.output
+    bad = CliRunner().invoke(main, args + ["--limit", "nonsense=1"])
+    assert bad.exit_code == 2 and "psi" in bad.output
+
+
+def test_monitor_adds_rolling_labelled_metrics(nights, tmp_path):
+    labels = tmp_path / "past.csv"  # labels arrive for the two oldest nights only
+    pd.concat([pd.read_csv(p.with_name(p.name.replace(".run.json", ".labels.csv")), dtype=str) for p in nights[:2]]).to_csv(labels, index=False)
+    out = tmp_path / "m.pdf"
+    result = CliRunner().invoke(main, ["monitor", *map(str, nights), "--baseline", "2", "--labels", str(labels),
+                                       "--key", "sop_instance_uid", "-o", str(out), "--window", "2"])
+    assert result.exit_code == 0, result.output
+    wrong = CliRunner().invoke(main, ["monitor", *map(str, nights), "--labels", str(labels), "--label-column", "finding",
+                                      "-o", str(tmp_path / "w.pdf")])
+    assert wrong.exit_code == 3 and "no label column 'finding'" in wrong.output
+    perf = json.loads(out.with_suffix(".json").read_text())["labelled"]["models"]["pneumonia"]
+    assert [r["labelled"] > 0 for r in perf] == [True, True, False, False]
+
+    def counts(night: Path) -> tuple[int, int, int, int]:
+        pred = pd.read_csv(night.with_name(night.name.replace(".run.json", ".csv")), dtype=str, keep_default_na=False)
+        truth = pd.read_csv(night.with_name(night.name.replace(".run.json", ".labels.csv")), dtype=str)
+        both = truth.merge(pred, on="sop_instance_uid")
+        t, p = both["label"] == "pneumonia", both["pred_label"] == "pneumonia"
+        return int((t & p).sum()), int((~t & p).sum()), int((~t & ~p).sum()), int((t & ~p).sum())
+
+    tp, fp, tn, fn = counts(nights[0])
+    first = perf[0]
+    assert first["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+    assert first["specificity"]["value"] == pytest.approx(tn / (tn + fp))
+    assert first["ppv"]["value"] == pytest.approx(tp / (tp + fp))
+    lo, hi = first["sensitivity"]["ci"]
+    assert lo < first["sensitivity"]["value"] <= hi <= 1.0
+    tp1, fp1, tn1, fn1 = counts(nights[1])  # window 2: night 1 pools nights 0 and 1
+    assert perf[1]["sensitivity"]["n"] == tp + fn + tp1 + fn1 and perf[1]["ppv"]["k"] == tp + tp1
+
+
+def test_monitor_needs_two_runs_with_monitoring(nights, tmp_path):
+    old = tmp_path / "old.run.json"
+    old.write_text(json.dumps({"schema_version": 3, "models": []}))
+    result = CliRunner().invoke(main, ["monitor", str(old), str(nights[0]), "-o", str(tmp_path / "m.pdf")])
+    assert result.exit_code == 3
+    assert "at least two runs" in result.output and "no monitoring block" in result.output
+
+
+def test_a_changed_operating_point_is_an_alert(nights):
+    import copy
+
+    loaded, _ = load_nights(nights[:3])
+    changed = copy.deepcopy(loaded[2].run)
+    changed["monitoring"]["models"]["pneumonia"]["operating_point"] = {"source": "site", "file": "site.json"}
+    loaded[2] = type(loaded[2])(loaded[2].path, changed)
+    kinds = {(a["run_json"], a["kind"]) for a in analyse(loaded, baseline=2)["alerts"]}
+    assert kinds == {(str(nights[2]), "operating-point-changed")}

@@ -1,0 +1,214 @@
+"""Site calibration: calibrate fits temperature and operating points; predict --site applies them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy.stats import binomtest
+
+from pneumobatch.card import ModelCard
+from pneumobatch.cli import main
+from pneumobatch.errors import EXIT_USAGE, SiteError
+from pneumobatch.metrics import min_positives_for, rescale_probabilities
+from pneumobatch.site import apply_site, fit_site, load_site
+from pneumobatch.synthetic import write_cxr
+
+ROOT = Path(__file__).resolve().parent.parent
+SHA = "ab" * 32
+
+
+def _card(**changes) -> ModelCard:
+    card = ModelCard(
+        name="pn", task="pneumonia", classes=["normal", "pneumonia"], architecture="resnet18", input_size=64,
+        mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.6, temperature=1.5, weights_sha256=SHA,
+        thresholds={"recall_target": 0.6, "youden": 0.7, "by_age_band": {
+            "child": {"recall_target": 0.65, "youden": 0.8}, "adult": {"recall_target": 0.55, "youden": 0.75}}},
+    )
+    for k, v in changes.items():
+        setattr(card, k, v)
+    return card
+
+
+def _sample(n_child: tuple[int, int], n_adult: tuple[int, int], seed: int = 0, overconfident: float = 4.0):
+    """Predictions (overconfident by a factor) and labels: (negatives, positives) per band."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for band, (neg, pos) in (("child", n_child), ("adult", n_adult)):
+        for i, y in enumerate([0] * neg + [1] * pos):
+            margin = rng.normal(1.2 if y else -1.2, 1.0) * overconfident
+            p = 1 / (1 + np.exp(-margin))
+            path = f"{band}/{i:04d}.dcm"
+            rows.append({"path": path, "status": "ok", "reason": "", "model": "pn", "pred_label": "",
+                         "prob_normal": round(1 - p, 6), "prob_pneumonia": round(p, 6), "age_band": band,
+                         "file_mtime_ns": str(1_700_000_000_000_000_000 + i)})
+            labels.append({"path": path, "label": "pneumonia" if y else "normal"})
+    labels = pd.DataFrame(labels)
+    labels.attrs["source"] = "labels.csv"
+    return pd.DataFrame(rows), labels
+
+
+def test_min_positives_is_where_an_all_detected_sample_can_show_the_target():
+    assert min_positives_for(0.95) == 72 and min_positives_for(0.90) == 36
+    for target in (0.9, 0.95, 0.99):
+        n = min_positives_for(target)
+        exact = lambda k: binomtest(k, k).proportion_ci(0.95, method="exact").low  # noqa: E731
+        assert exact(n - 1) < target <= exact(n)
+
+
+def test_fit_site_meets_the_target_per_band_recalibrates_and_keeps_thin_bands_shipped():
+    frame, labels = _sample(n_child=(60, 90), n_adult=(40, 5))
+    card = _card()
+    site, warnings = fit_site(frame, labels, card, target_sensitivity=0.95, n_bootstrap=200)
+    assert site["model"] == {"name": "pn", "task": "pneumonia", "classes": ["normal", "pneumonia"],
+                             "positive": "pneumonia", "weights_sha256": SHA}
+    assert site["fitted_on"]["counts"] == {"normal": 100, "pneumonia": 95}
+    assert site["fitted_on"]["date_range"]["first"] == "2023-11-14"
+    # margins x ~ N(+-1.2, 1) have true log-odds 2.4 x; the sample's are 4 x: 4 / 2.4 times too confident
+    assert site["temperature"]["scale"] == pytest.approx(4 / 2.4, rel=0.15)
+    assert site["temperature"]["site"] == pytest.approx(card.temperature * site["temperature"]["scale"])
+    assert site["temperature"]["log_loss_after"] < site["temperature"]["log_loss_before"]
+
+    site_card = apply_site(card, {**site, "_path": "site.json"})
+    scale = site["temperature"]["scale"]
+    proba = frame[["prob_normal", "prob_pneumonia"]].to_numpy()
+    bands = frame["age_band"].to_numpy()
+    decided = site_card.decide_many(rescale_probabilities(proba, scale), bands)
+    truth = labels["label"].to_numpy()
+    child = bands == "child"
+    sens_child = ((decided == "pneumonia") & (truth == "pneumonia") & child).sum() / ((truth == "pneumonia") & child).sum()
+    sens_all = site["operating_points"]["pooled"]["target"]["sensitivity"]
+    assert sens_child >= 0.95 and sens_all >= 0.95
+    point = site["operating_points"]["by_age_band"]["child"]["target"]
+    assert point["sensitivity"] == pytest.approx(sens_child)
+    assert point["sensitivity_ci"][0] <= point["sensitivity"] <= point["sensitivity_ci"][1]
+    assert point["specificity_ci"][0] <= point["specificity"] <= point["specificity_ci"][1]
+    assert site_card.threshold_for("child") == (pytest.approx(point["threshold"]), "site-child")
+    # adults: 5 positives, under the 10-per-class rule: the shipped threshold, same decisions as before
+    adult = site["operating_points"]["by_age_band"]["adult"]
+    assert adult["source"] == "shipped"
+    assert site_card.threshold_for("adult")[1] == "adult"
+    shipped_decisions = card.decide_many(proba[~child], bands[~child])
+    assert (decided[~child] == shipped_decisions).all()
+    assert any("age band adult" in w and "shipped threshold kept" in w for w in warnings)
+    assert site_card.threshold_for("unknown")[1] == "site-pooled"
+    # 90 child positives >= 72, pooled 95: no small-sample warning for those
+    assert not any("too few to show" in w for w in warnings)
+
+
+def test_small_sample_gets_a_warning_naming_the_rule():
+    frame, labels = _sample(n_child=(30, 30), n_adult=(0, 0))
+    _, warnings = fit_site(frame, labels, _card(thresholds={}), n_bootstrap=50)
+    assert any("30 positives are too few to show 95% sensitivity: with fewer than 72" in w for w in warnings)
+
+
+def test_youden_can_be_the_applied_point():
+    frame, labels = _sample(n_child=(60, 90), n_adult=(0, 0))
+    site, _ = fit_site(frame, labels, _card(thresholds={}), apply="youden", n_bootstrap=50)
+    site_card = apply_site(_card(), {**site, "_path": "s.json"})
+    assert site_card.threshold == pytest.approx(site["operating_points"]["pooled"]["youden"]["threshold"])
+    assert site_card.site["apply"] == "youden"
+
+
+def test_site_file_is_refused_for_other_weights_or_model():
+    frame, labels = _sample(n_child=(20, 20), n_adult=(0, 0))
+    site, _ = fit_site(frame, labels, _card(), n_bootstrap=0)
+    with pytest.raises(SiteError, match="fitted for model pn .weights abababababab., not pn .weights cdcdcdcdcdcd"):
+        apply_site(_card(weights_sha256="cd" * 32), site)
+    with pytest.raises(SiteError, match="not other"):
+        apply_site(_card(name="other"), site)
+    assert SiteError.exit_code == EXIT_USAGE
+
+
+def test_load_site_refuses_what_is_not_a_site_file(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    with pytest.raises(SiteError, match="not readable JSON"):
+        load_site(bad)
+    bad.write_text(json.dumps({"format": "something"}))
+    with pytest.raises(SiteError, match="not a pneumobatch site file"):
+        load_site(bad)
+    with pytest.raises(SiteError, match="not found"):
+        load_site(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------ the commands
+
+
+@pytest.fixture()
+def reference(tmp_path) -> Path:
+    """The shipped pneumonia model's real predictions on sample_studies with the run.json card predict writes."""
+    csv = tmp_path / "p.csv"
+    shutil.copy(ROOT / "tests" / "data" / "sample_studies_expected.csv", csv)
+    card = json.loads((ROOT / "weights" / "pneumonia.json").read_text())
+    (tmp_path / "p.run.json").write_text(json.dumps({"models": [{"name": "pneumonia", "card": card}]}))
+    return csv
+
+
+def test_calibrate_command_writes_a_site_file_and_never_overwrites(reference, tmp_path):
+    out = tmp_path / "site.json"
+    args = ["calibrate", str(reference), "--labels", str(ROOT / "sample_studies" / "labels.csv"), "--model", "pneumonia",
+            "-o", str(out), "--bootstrap", "100"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    site = json.loads(out.read_text())
+    shipped = json.loads((ROOT / "weights" / "pneumonia.json").read_text())
+    assert site["model"]["weights_sha256"] == shipped["weights_sha256"]
+    assert site["fitted_on"]["counts"] == {"normal": 10, "pneumonia": 23}
+    assert site["fitted_on"]["label_source"]["file"] == "labels.csv"
+    assert "23 positives are too few" in result.output  # the sample studies are small, and it says so
+    target = site["operating_points"]["pooled"]["target"]
+    assert target["sensitivity"] >= 0.95
+    # what the warning means: the exact interval cannot rule out a sensitivity under 95% with 23 positives
+    assert target["sensitivity_ci_exact"][0] < 0.95 <= target["sensitivity_ci_exact"][1]
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    several = CliRunner().invoke(main, args[:4] + ["-o", str(tmp_path / "s2.json")])
+    assert several.exit_code == 2 and "--model" in several.output
+    (tmp_path / "p.run.json").unlink()
+    missing = CliRunner().invoke(main, args + ["--overwrite"])
+    assert missing.exit_code == 3 and "run.json" in missing.output
+
+
+def test_predict_with_site_applies_its_threshold_and_says_where_it_came_from(weights_dir, tmp_path):
+    card = ModelCard.from_dict(json.loads((weights_dir / "tiny.json").read_text()))
+    frame, labels = _sample(n_child=(40, 40), n_adult=(0, 0))
+    site, _ = fit_site(frame.assign(model="tiny"), labels, card, n_bootstrap=0)
+    site_path = tmp_path / "site.json"
+    site_path.write_text(json.dumps(site))
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        write_cxr(tmp_path / "in" / f"{i}.dcm", rng.integers(0, 4096, (64, 64)).astype(np.uint16), bits_stored=12)
+    base = ["predict", str(tmp_path / "in"), "-m", "tiny", "--weights-dir", str(weights_dir), "--quiet"]
+    assert CliRunner().invoke(main, base + ["-o", str(tmp_path / "a.csv")]).exit_code == 0
+    result = CliRunner().invoke(main, base + ["--site", str(site_path), "-o", str(tmp_path / "b.csv")])
+    assert result.exit_code == 0, result.output
+    shipped = pd.read_csv(tmp_path / "a.csv", dtype=str, keep_default_na=False)
+    local = pd.read_csv(tmp_path / "b.csv", dtype=str, keep_default_na=False)
+    threshold = site["operating_points"]["pooled"]["target"]["threshold"]
+    assert set(shipped["threshold"]) == {"0.500000"} and set(shipped["operating_point"]) == {"pooled"}
+    assert set(local["threshold"]) == {f"{threshold:.6f}"} and set(local["operating_point"]) == {"site-pooled"}
+    # the site temperature changes the probabilities predict writes
+    t = site["temperature"]["site"]
+    p = shipped["prob_pneumonia"].astype(float).to_numpy()
+    expected = 1 / (1 + ((1 - p) / p) ** (1 / t))
+    np.testing.assert_allclose(local["prob_pneumonia"].astype(float), expected, atol=2e-5)
+    run = json.loads((tmp_path / "b.run.json").read_text())
+    assert run["models"][0]["card"]["site"]["file"] == str(site_path)
+    assert run["models"][0]["card"]["site"]["shipped"]["threshold"] == 0.5
+    assert run["monitoring"]["models"]["tiny"]["operating_point"]["source"] == "site"
+    # another model's site file: one line, exit code 2
+    other = dict(site, model={**site["model"], "weights_sha256": "cd" * 32})
+    site_path.write_text(json.dumps(other))
+    refused = CliRunner().invoke(main, base + ["--site", str(site_path), "-o", str(tmp_path / "c.csv")])
+    assert refused.exit_code == 2
+    assert refused.output.count("\n") == 1 and "fitted for model tiny (weights cdcdcdcdcdcd" in refused.output
+    assert not (tmp_path / "c.csv").exists()
+    wrong_model = CliRunner().invoke(main, base[:3] + ["tiny-etiology"] + base[4:] + ["--site", str(tmp_path / "site.json"), "-o", str(tmp_path / "d.csv")])
+    assert wrong_model.exit_code == 2 and "which this run does not predict" in wrong_model.output
