@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
+from pneumobatch.errors import OptionError
+
 if TYPE_CHECKING:  # torch stays out of imports that only need the names
     import torch
 
@@ -53,6 +55,8 @@ def create_engine(config: PredictConfig) -> Engine:
         from pneumobatch.ray_engine import RayEngine
 
         return RayEngine(config)
+    if config.ray_address or config.ray_actors:
+        raise OptionError("--ray-address and --ray-actors need --engine ray")
     return LocalEngine(config)
 
 
