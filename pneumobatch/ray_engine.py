@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from pneumobatch.discovery import FileEntry
-from pneumobatch.errors import DeviceError, EngineError, EngineUnavailable, Reason, Status
+from pneumobatch.errors import DeviceError, EngineError, EngineUnavailable, OptionError, Reason, Status
 
 if TYPE_CHECKING:
     from pneumobatch.inference import FileResult
@@ -177,7 +177,7 @@ class RayEngine:
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"--ray-address {address}" if address else "a local Ray instance"
-                raise EngineUnavailable(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                raise EngineUnavailable(f"cannot start {where}: {_first_line(exc)}") from exc
         resources = ray.cluster_resources()
         self.cluster = {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0),
                         "gpus": resources.get("GPU", 0)}
@@ -187,7 +187,13 @@ class RayEngine:
             raise DeviceError("--device cuda: the Ray cluster has no GPU")
         self.use_gpu = gpus > 0 and config.device != "cpu"
         self.actors = config.ray_actors or (gpus if self.use_gpu else 1)
-        self.device = "cuda" if self.use_gpu else "cpu"
+        # more actors than the cluster can place would wait for resources forever
+        room = gpus if self.use_gpu else int(self.cluster["cpus"]) - 1  # a CPU left for the read tasks
+        if self.actors > room:
+            self.close()
+            what = f"{gpus} GPU(s)" if self.use_gpu else f"{int(self.cluster['cpus'])} CPU(s), one of them for reading"
+            raise OptionError(f"--ray-actors {self.actors}: the Ray cluster has {what}")
+        self.device = f"ray: {self.actors} {'cuda' if self.use_gpu else 'cpu'} actor{'s' if self.actors > 1 else ''}"
         self.workers = None  # Ray Data scales the read tasks to the cluster's CPUs
 
     def describe(self) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def test_ray_engine_writes_the_local_engines_rows(crash_dir: Path, studies: Path
     info = json.loads(out.with_name("ray.run.json").read_text())
     local_info = json.loads(reference.with_name("local.run.json").read_text())
     assert info["counts"] == local_info["counts"]
-    assert info["engine"]["name"] == "ray" and info["engine"]["actors"] == 1 and info["device"] == "cpu"
+    assert info["engine"]["name"] == "ray" and info["engine"]["actors"] == 1 and info["device"] == "ray: 1 cpu actor"
 
 
 def test_killed_ray_run_resumes_to_the_same_rows(crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path):
@@ -165,13 +165,16 @@ def test_a_reader_and_a_model_actor_dying_mid_batch_lose_no_row(crash_dir: Path,
     assert run.counts["ok"] == (got.drop_duplicates("path").status == Status.OK.value).sum()
 
 
-def test_device_ray_has_not_is_a_usage_error(crash_dir: Path, studies: Path, weights_dir: Path, tmp_path: Path):
+def test_device_or_actors_the_cluster_lacks_are_usage_errors(crash_dir: Path, studies: Path, weights_dir: Path, tmp_path: Path):
     if ray.cluster_resources().get("GPU"):
         pytest.skip("checks the error for a cluster without a GPU")
     result = CliRunner().invoke(main, [*ray_args(studies, tmp_path / "o.csv", weights_dir), "--device", "cuda"])
     assert result.exit_code == EXIT_USAGE and "no GPU" in result.stderr
     result = CliRunner().invoke(main, [*ray_args(studies, tmp_path / "o.csv", weights_dir), "--device", "cuda:1"])
     assert result.exit_code == EXIT_USAGE and "Ray gives each actor one GPU" in result.stderr
+    # two CPU actors would leave no CPU for reading on this 2-CPU instance: refused, not a hang
+    result = CliRunner().invoke(main, [*ray_args(studies, tmp_path / "o.csv", weights_dir), "--ray-actors", "2"])
+    assert result.exit_code == EXIT_USAGE and "--ray-actors 2" in result.stderr
 
 
 def test_engine_ray_without_ray_installed_names_the_extra(studies: Path, tmp_path: Path, monkeypatch):
