@@ -65,7 +65,7 @@ def crash_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Path:
-    """DICOMs (a study of two, a lateral, a CT, an image-less object), PNG, JPEG and junk."""
+    """DICOMs (a study of two, a lateral, a CT), PNG (one with a name that is not UTF-8), JPEG and junk."""
     root = tmp_path_factory.mktemp("ray") / "studies"
     rng = np.random.default_rng(0)
     study = generate_uid()
@@ -82,6 +82,8 @@ def studies(tmp_path_factory) -> Path:
     (root / "exports" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (root / "exports" / "notes.txt").write_text("reported by Dr X\n")
     (root / "exports" / "empty.dcm").write_bytes(b"")
+    (root / "exports" / "dangling").symlink_to(root / "nowhere")  # a problem found by discovery travels with its row
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(root / "exports" / os.fsdecode(b"caf\xe9.png"))
     return root
 
 
@@ -125,6 +127,7 @@ def test_ray_engine_writes_the_local_engines_rows(crash_dir: Path, studies: Path
     got, want = read_csv(out), read_csv(reference)
     assert_same_rows(got, want)
     assert {"ok", "skipped", "error"} <= set(got.status)
+    assert {"caf\\xe9.png", "dangling"} <= {p.rsplit("/", 1)[-1] for p in got.path}
     assert got.prob_pneumonia.replace("", np.nan).dropna().astype(float).std() > 1e-3  # files are told apart
     assert "Doe" not in out.read_text()
     assert_same_rows(read_csv(out.with_name("ray.studies.csv")), read_csv(reference.with_name("local.studies.csv")))
