@@ -51,6 +51,8 @@ class Engine(Protocol):
 def create_engine(config: PredictConfig) -> Engine:
     """The engine ``config.engine`` names; fails fast (before models load) on a device or
     cluster this run cannot have."""
+    if config.engine not in ENGINES:
+        raise OptionError(f"engine {config.engine!r}: use one of {', '.join(ENGINES)}")
     if config.engine == "ray":
         from pneumobatch.ray_engine import RayEngine
 
