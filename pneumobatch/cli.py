@@ -22,6 +22,7 @@ from typing import Optional
 import click
 
 from pneumobatch import __version__
+from pneumobatch.engines import ENGINES
 from pneumobatch.errors import (
     EXIT_FATAL,
     EXIT_FILE_ERRORS,
@@ -244,6 +245,9 @@ _P = PredictConfig  # option defaults are the library's, defined once
 @click.option("--follow-external-links", is_flag=True, help="Follow symbolic links that lead outside the input folders (skipped as external-link by default).")
 @click.option("--skip-ood", is_flag=True, help="Turn images flagged not applicable into skipped rows (out-of-distribution) instead of predicting and flagging them.")
 @click.option("--site", type=click.Path(dir_okay=False, path_type=Path), help="Site file from `pneumobatch calibrate`: its model uses the site's temperature and operating points.")
+@click.option("--engine", type=click.Choice(ENGINES), default=_P.engine, show_default=True, help="local: this machine; ray: a Ray cluster, decoding on CPU tasks and models on GPU actors (pip install 'pneumobatch[ray]').")
+@click.option("--ray-address", metavar="auto|ray://HOST:PORT", help="With --engine ray: the cluster to join (auto: the one started on this node with 'ray start'). [default: $RAY_ADDRESS, else a Ray started for this run]")
+@click.option("--ray-actors", type=click.IntRange(1), help="With --engine ray: model actors. [default: one per GPU of the cluster, else 1 CPU actor]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
 @click.option("-v", "--verbose", count=True)
 def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options) -> None:

@@ -137,3 +137,13 @@ class ReportError(PneumobatchError):
 
 class TrainingError(PneumobatchError):
     """Training cannot start or go on (data, labels, splits, options)."""
+
+
+class EngineUnavailable(PneumobatchError):
+    """``--engine ray`` cannot start: Ray is not installed, or the cluster cannot be reached."""
+
+    exit_code = EXIT_USAGE
+
+
+class EngineError(PneumobatchError):
+    """The Ray cluster gave up during a run (the rows written so far are kept for ``--resume``)."""

@@ -5,7 +5,9 @@
 
 :func:`run_predict` does what ``pneumobatch predict`` does (the CLI only parses options,
 shows progress and sets the exit code): it walks the inputs (names prefixed by their root
-when there are several), leaves out this run's own output files, writes rows through
+when there are several), leaves out this run's own output files, hands the files still to
+do to an engine (:mod:`pneumobatch.engines`: this machine, or a Ray cluster) and writes the
+results it yields, whatever their order, through
 :class:`~pneumobatch.outputs.PredictionWriter` (journal flushed every ``batch_size`` files,
 resume, atomic final write), then ``OUT.studies.csv`` and ``OUT.run.json``. Errors are
 the package's own (:mod:`pneumobatch.errors`); per-file failures are rows, not errors.
@@ -58,6 +60,9 @@ class PredictConfig:
     follow_external_links: bool = False  # follow links leading outside the input folders
     skip_ood: bool = False  # inapplicable images become skipped rows (out-of-distribution)
     site: Optional[Path] = None  # a site file from ``calibrate``: its model decides with the site's operating points
+    engine: str = "local"  # local: this machine; ray: a Ray cluster (pneumobatch.engines)
+    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a Ray started for this run
+    ray_actors: Optional[int] = None  # model actors; None: one per GPU of the cluster, else 1
 
 
 @dataclass
@@ -133,7 +138,7 @@ def _apply_site(models: Sequence[Any], path: Path) -> None:
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
     from pneumobatch.bodyparts import BodyPartVocabulary
-    from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
+    from pneumobatch.engines import create_engine
     from pneumobatch.models import DEFAULT_MODEL, load_model
     from pneumobatch.monitor import monitoring_block
     from pneumobatch.outputs import (
@@ -147,7 +152,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     )
     from pneumobatch.readers import ReadOptions
 
-    torch_device = resolve_device(config.device)
+    engine = create_engine(config)  # fails fast on a device or cluster this run cannot have
     models = [load_model(name, config.weights_dir) for name in (config.models or (DEFAULT_MODEL,))]
     names = [m.card.name for m in models]
     if len(set(names)) != len(names):
@@ -155,7 +160,6 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     if config.site is not None:
         _apply_site(models, config.site)
     cards = [m.card for m in models]
-    workers = config.workers if config.workers is not None else (8 if torch_device.type == "cuda" else 2)
 
     started = datetime.now(timezone.utc)
     paths = OutputPaths(Path(config.output))
@@ -164,11 +168,9 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     columns = columns_for(cards, config.include_patient_id)
     with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite) as writer:
         todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
-        applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}
-        predictor = Predictor(models, torch_device, resolve_precision(config.precision, torch_device), applicability)
         vocabulary = BodyPartVocabulary.with_site_terms(config.chest_terms, config.not_chest_terms)
         options = ReadOptions(
-            max_pixels=config.max_pixels, include_lateral=config.include_lateral, min_side=max(predictor.sizes),
+            max_pixels=config.max_pixels, include_lateral=config.include_lateral, min_side=max(c.input_size for c in cards),
             body_parts=vocabulary,
         )
         t0 = time.perf_counter()
@@ -176,7 +178,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         n_ok_now = 0
         if progress:
             progress(0, len(todo))
-        results = run_inference(todo, predictor, options, batch_size=config.batch_size, workers=workers)
+        results = engine.results(todo, models, options, config.batch_size)
         for done, result in enumerate(results, 1):
             batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
             n_ok_now += result.status is Status.OK
@@ -196,8 +198,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         "schema_version": RUN_SCHEMA_VERSION, "pneumobatch_version": __version__,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": config.precision,
-        "batch_size": config.batch_size, "workers": workers, "resumed": config.resume,
+        "roots": [str(p.resolve()) for p in roots], "device": engine.device, "precision": config.precision,
+        "batch_size": config.batch_size, "workers": engine.workers, "engine": engine.describe(), "resumed": config.resume,
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
                     "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
                     "input_size": c.input_size, "card": c.to_dict()} for c in cards],
@@ -205,4 +207,4 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     }
     info["monitoring"] = monitoring_block(frame, cards, round(rate, 2))
     write_run_json(paths.run, info)
-    return PredictRun(paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, str(torch_device), info)
+    return PredictRun(paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, engine.device, info)

@@ -1,0 +1,93 @@
+"""Where ``predict`` decodes and runs the models: this machine, or a Ray cluster.
+
+An engine turns the files still to do into :class:`~pneumobatch.inference.FileResult`
+records, one per file, in any order; :func:`pneumobatch.predict.run_predict` writes them
+(journal, resume, final CSV in discovery order, study CSV, run.json) the same way
+whatever the engine, so the outputs, reason codes and exit codes do not depend on it.
+
+* ``local`` (:class:`LocalEngine`): a DataLoader decodes in worker processes while
+  the models run on one device (:func:`~pneumobatch.inference.run_inference`).
+* ``ray`` (:class:`pneumobatch.ray_engine.RayEngine`, ``pip install 'pneumobatch[ray]'``):
+  Ray Data tasks decode, an actor pool (one per GPU, or CPU actors) runs the models.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+
+from pneumobatch.errors import OptionError
+
+if TYPE_CHECKING:  # torch stays out of imports that only need the names
+    import torch
+
+    from pneumobatch.discovery import FileEntry
+    from pneumobatch.inference import FileResult, Predictor
+    from pneumobatch.models import LoadedModel
+    from pneumobatch.predict import PredictConfig
+    from pneumobatch.readers import ReadOptions
+
+ENGINES = ("local", "ray")
+
+
+class Engine(Protocol):
+    """What :func:`~pneumobatch.predict.run_predict` needs from an engine."""
+
+    #: where the models run, as run.json and the summary line say it (``cpu``, ``cuda``, ...)
+    device: str
+    #: processes decoding on this machine (``None``: the engine scales them itself)
+    workers: int | None
+
+    def results(
+        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int
+    ) -> Iterator[FileResult]:
+        """One result per entry, each exactly once, in any order."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The engine's part of run.json."""
+        ...
+
+
+def create_engine(config: PredictConfig) -> Engine:
+    """The engine ``config.engine`` names; fails fast (before models load) on a device or
+    cluster this run cannot have."""
+    if config.engine not in ENGINES:
+        raise OptionError(f"engine {config.engine!r}: use one of {', '.join(ENGINES)}")
+    if config.engine == "ray":
+        from pneumobatch.ray_engine import RayEngine
+
+        return RayEngine(config)
+    if config.ray_address or config.ray_actors:
+        raise OptionError("--ray-address and --ray-actors need --engine ray")
+    return LocalEngine(config)
+
+
+def create_predictor(models: Sequence[LoadedModel], device: torch.device, precision: str) -> Predictor:
+    """The models on ``device`` at ``precision`` (``auto``, ``fp32``...), with their applicability statistics."""
+    from pneumobatch.inference import Predictor, resolve_precision
+
+    applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}
+    return Predictor(models, device, resolve_precision(precision, device), applicability)
+
+
+class LocalEngine:
+    """This machine: ``workers`` DataLoader processes decode, the models run on one device."""
+
+    def __init__(self, config: PredictConfig) -> None:
+        from pneumobatch.inference import resolve_device
+
+        self.torch_device = resolve_device(config.device)
+        self.device = str(self.torch_device)
+        self.workers = config.workers if config.workers is not None else (8 if self.torch_device.type == "cuda" else 2)
+        self.precision = config.precision
+
+    def results(
+        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int
+    ) -> Iterator[FileResult]:
+        from pneumobatch.inference import run_inference
+
+        predictor = create_predictor(models, self.torch_device, self.precision)
+        return run_inference(entries, predictor, options, batch_size=batch_size, workers=self.workers)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "local"}
