@@ -23,7 +23,9 @@ demo: $(STAMP)
 	@echo "predictions: demo_output/predictions.csv (studies: demo_output/predictions.studies.csv)"
 	@echo "reports:     demo_output/report_pneumonia.pdf demo_output/report_etiology.pdf"
 
+# The PACS tests run against a real Orthanc; this installs it when missing (as root, apt).
 test: $(STAMP)
+	sh scripts/install_orthanc.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
