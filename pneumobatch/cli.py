@@ -306,9 +306,14 @@ def _connection(url, dimse, calling_ae, called_ae, config, ca_bundle):
     return connect_options(url=url, dimse=dimse, calling_ae=calling_ae, called_ae=called_ae, config=config, ca_bundle=ca_bundle)
 
 
-def _report_failures(failures: list[str]) -> None:
-    for failure in failures:
+def _finish(result, quiet: bool) -> None:
+    """A pull or push result: failures on stderr (always), its summary unless --quiet, its exit code."""
+    for failure in result.failures:
         click.echo(f"failed: {failure}", err=True)
+    if not quiet:
+        click.echo(result.summary())
+    if result.exit_code != EXIT_OK:
+        sys.exit(result.exit_code)
 
 
 @main.command("pull", short_help="Fetch new chest radiograph studies from a PACS into a folder.")
@@ -342,16 +347,7 @@ def pull_command(output: Path, on, since, until, modalities, body_parts, url, di
         modalities=tuple(m.upper() for m in modalities) or MODALITIES, body_parts=body_parts, ledger=ledger, retries=retries,
     )
     result = run_pull(pull_config)
-    _report_failures(result.failures)
-    if not quiet:
-        click.echo(
-            f"{result.studies_found} studies in {pull_config.study_date}: {result.studies_fetched} fetched "
-            f"({result.instances_fetched} new instances, {result.instances_present} already here), "
-            f"{result.studies_up_to_date} unchanged since the last pull, {len(result.failures)} failed; "
-            f"wrote {output} (ledger {result.ledger})"
-        )
-    if result.exit_code != EXIT_OK:
-        sys.exit(result.exit_code)
+    _finish(result, quiet)
 
 
 @main.command("push", short_help="Send one DICOM SR per study and model back to a PACS.")
@@ -380,16 +376,7 @@ def push_command(predictions: Path, source, models, url, dimse, calling_ae, call
     conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
     push_config = PushConfig(predictions=predictions, connection=conn, source=source, ledger=ledger, models=models, retries=retries)
     result = run_push(push_config)
-    _report_failures(result.failures)
-    if not quiet:
-        click.echo(
-            f"{result.studies} SRs (study x model): {result.sent} sent and verified, "
-            f"{result.already_delivered} delivered before, {result.already_in_archive} already in the archive, "
-            f"{len(result.failures)} failed; {result.rows_without_uid} predicted rows without DICOM UIDs; "
-            f"ledger {result.ledger}"
-        )
-    if result.exit_code != EXIT_OK:
-        sys.exit(result.exit_code)
+    _finish(result, quiet)
 
 
 @main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -52,6 +53,22 @@ def _identity(ds: Dataset) -> str:
         if keyword in ds:
             return str(ds.get(keyword))
     return repr(ds)
+
+
+def with_retries(action: Callable[[], None], retries: int, wait: float) -> Optional[str]:
+    """Run ``action``; an :class:`ArchiveError` is retried ``retries`` times after waits
+    of ``wait``, 2 ``wait``, 4 ``wait``... (not when it says ``retriable = False``).
+    Returns None on success, else the last error's message."""
+    for attempt in range(retries + 1):
+        try:
+            action()
+            return None
+        except ArchiveError as exc:
+            if attempt == retries or not getattr(exc, "retriable", True):
+                log.error("%s", exc)
+                return str(exc)
+            time.sleep(wait * 2**attempt)
+    return None  # pragma: no cover - the loop always returns
 
 
 def valid_uid(value: object) -> str:

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 from pneumobatch.atomicfile import atomic_write
 from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError
-from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive
+from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive, with_retries
 from pneumobatch.pacs.connection import Connection
 from pneumobatch.pacs.ledger import Ledger
 
@@ -99,9 +99,19 @@ class PullResult:
     instances_not_wanted: int = 0  # other modality or body part
     failures: list[str] = field(default_factory=list)
 
+    study_date: str = ""
+
     @property
     def exit_code(self) -> int:
         return EXIT_FILE_ERRORS if self.failures else EXIT_OK
+
+    def summary(self) -> str:
+        return (
+            f"{self.studies_found} studies in {self.study_date}: {self.studies_fetched} fetched "
+            f"({self.instances_fetched} new instances, {self.instances_present} already here), "
+            f"{self.studies_up_to_date} unchanged since the last pull, {len(self.failures)} failed; "
+            f"wrote {self.output} (ledger {self.ledger})"
+        )
 
 
 def instance_path(output: Path, ref: InstanceRef) -> Path:
@@ -126,7 +136,7 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
     output = Path(config.output)
     ledger_path = Path(config.ledger or default_ledger(output))
     conn = config.connection
-    result = PullResult(archive=conn.name, output=output, ledger=ledger_path)
+    result = PullResult(archive=conn.name, output=output, ledger=ledger_path, study_date=config.study_date)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -143,17 +153,11 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
             if ledger.study_complete(conn.name, study.study_instance_uid, study.n_instances):
                 result.studies_up_to_date += 1
                 continue
-            for attempt in range(config.retries + 1):
-                try:
-                    _pull_study(archive, ledger, study, config, result, progress)
-                    result.studies_fetched += 1
-                    break
-                except ArchiveError as exc:
-                    if attempt == config.retries:
-                        result.failures.append(f"study {study.study_instance_uid}: {exc}")
-                        log.error("%s", exc)
-                    else:
-                        time.sleep(config.retry_wait * 2**attempt)
+            error = with_retries(partial(_pull_study, archive, ledger, study, config, result, progress), config.retries, config.retry_wait)
+            if error:
+                result.failures.append(f"study {study.study_instance_uid}: {error}")
+            else:
+                result.studies_fetched += 1
     return result
 
 

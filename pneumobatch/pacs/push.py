@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,7 +38,7 @@ from pneumobatch.card import ModelCard
 from pneumobatch.discovery import unescape_path
 from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, Status
 from pneumobatch.outputs import OutputPaths
-from pneumobatch.pacs.client import Archive, InstanceRef, open_archive, valid_uid
+from pneumobatch.pacs.client import Archive, InstanceRef, open_archive, valid_uid, with_retries
 from pneumobatch.pacs.connection import Connection
 from pneumobatch.pacs.ledger import Ledger
 from pneumobatch.pacs.sr import ImageResult, StudyResult, build_sr, evidence_dataset
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 class SRBuildError(ArchiveError):
     """The SR of one study cannot be built from its headers and results."""
+
+    retriable = False  # the same data would fail again
 
 
 def default_ledger(predictions: Path) -> Path:
@@ -82,6 +84,14 @@ class PushResult:
     @property
     def exit_code(self) -> int:
         return EXIT_FILE_ERRORS if self.failures else EXIT_OK
+
+    def summary(self) -> str:
+        return (
+            f"{self.studies} SRs (study x model): {self.sent} sent and verified, "
+            f"{self.already_delivered} delivered before, {self.already_in_archive} already in the archive, "
+            f"{len(self.failures)} failed; {self.rows_without_uid} predicted rows without DICOM UIDs; "
+            f"ledger {self.ledger}"
+        )
 
 
 def load_cards(predictions: Path, frame: pd.DataFrame) -> dict[str, ModelCard]:
@@ -178,19 +188,9 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
             if ledger.is_delivered(conn.name, result.sop_instance_uid):
                 outcome.already_delivered += 1
                 continue
-            for attempt in range(config.retries + 1):
-                try:
-                    _deliver(archive, ledger, result, config, outcome)
-                    break
-                except SRBuildError as exc:  # the same data would fail again: no retry
-                    outcome.failures.append(f"study {result.study_instance_uid}, model {result.card.name}: {exc}")
-                    break
-                except ArchiveError as exc:
-                    if attempt == config.retries:
-                        outcome.failures.append(f"study {result.study_instance_uid}, model {result.card.name}: {exc}")
-                        log.error("%s", exc)
-                    else:
-                        time.sleep(config.retry_wait * 2**attempt)
+            error = with_retries(partial(_deliver, archive, ledger, result, config, outcome), config.retries, config.retry_wait)
+            if error:
+                outcome.failures.append(f"study {result.study_instance_uid}, model {result.card.name}: {error}")
             if progress is not None:
                 progress(result)
     return outcome
