@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from pneumobatch.cli import main
 from pneumobatch.errors import OptionError
 from pneumobatch.pacs import connection as pacs_connection
-from pneumobatch.pacs.client import DicomWebArchive, valid_uid
+from pneumobatch.pacs.client import DicomWebArchive, InstanceRef, open_archive, valid_uid
 from pneumobatch.pacs.connection import Connection, Credentials, connect_options
 from pneumobatch.pacs.ledger import Ledger
 from pneumobatch.pacs.pull import PullConfig, date_window, run_pull
@@ -336,6 +336,11 @@ def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, 
     stale.write_bytes(b"DICM half")
 
     resumed = run_pull(config)
+    # push's fallback for headers not on disk: the archive's copy of the patient module
+    with open_archive(conn) as archive:
+        source = archive_studies["wanted"][0]
+        header = archive.header(InstanceRef(source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID))
+    assert (str(header.PatientName), header.PatientID, header.SOPClassUID) == (PATIENT["PatientName"], PATIENT["PatientID"], source.SOPClassUID)
     assert resumed.instances_fetched == total - 2  # nothing fetched twice
     assert _sop_uids(pulled) == {ds.SOPInstanceUID for ds in archive_studies["wanted"]}
     assert resumed.exit_code == 0 and not list(pulled.rglob(".*.tmp-*"))
@@ -358,6 +363,14 @@ def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, 
 
 
 # ------------------------------------------------------------------------ failures
+
+
+def test_missing_orthanc_fails_with_one_line_install_hint(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y orthanc orthanc-dicomweb"):
+        _orthanc_binary()
 
 
 def test_push_to_unreachable_archive_exits_1_and_records_nothing(tmp_path, weights_dir):

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from pneumobatch.errors import ArchiveError
@@ -277,7 +278,8 @@ class DicomWebArchive(Archive):
     def header(self, ref: InstanceRef) -> Dataset:
         with self._call("WADO-RS metadata"):
             meta = self._client.retrieve_instance_metadata(ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid)
-            return Dataset.from_json(meta)
+            keep = {f"{tag_for_keyword(k):08X}" for k in HEADER_KEYWORDS}  # nothing else, no bulk data
+            return Dataset.from_json({tag: value for tag, value in meta.items() if tag.upper() in keep})
 
     def store(self, ds: Dataset) -> None:
         with self._call("STOW-RS store"):

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
-from pneumobatch.errors import ArchiveError, OptionError
+from pneumobatch.errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,3 @@ def connect_options(
         timeout=timeout,
     )
 
-
-def check_secret_free(conn: Connection, *texts: str) -> None:
-    """Raise if a secret leaked into ``texts`` (used on what we write to disk)."""
-    for text in texts:
-        if any(s in text for s in conn.credentials.secrets()):
-            raise ArchiveError("refusing to write a credential to disk")
