@@ -362,6 +362,38 @@ def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, 
         assert ledger.counts()["fetched"] == total + 2
 
 
+def test_pull_killed_with_sigkill_resumes_without_fetching_twice(orthanc, tmp_path):
+    """A real kill -9 of ``pneumobatch pull`` in the middle of a 60-image study."""
+    import signal
+    import sys
+
+    rng = np.random.default_rng(5)
+    study, total = pydicom.uid.generate_uid(), 60
+    for i in range(total):
+        write_cxr(tmp_path / f"{i}.dcm", rng.integers(0, 255, (128, 128)).astype(np.uint8), modality="DX",
+                  study_instance_uid=study, extra={"StudyDate": DAY})
+        orthanc.upload(tmp_path / f"{i}.dcm")
+    pulled = tmp_path / "night"
+    args = ["pull", str(pulled), "--url", orthanc.dicomweb, "--date", DAY, "-q"]
+    env = {**os.environ, **_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "pneumobatch", *args], env=env)
+    deadline = time.monotonic() + 60
+    while len(list(pulled.rglob("*.dcm"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the pull ended before it could be killed"
+    at_kill = len(list(pulled.rglob("*.dcm")))
+    assert 3 <= at_kill < total, at_kill
+
+    result = CliRunner().invoke(main, args[:-1], env=_env())
+    assert result.exit_code == 0, result.output
+    assert f"({total - at_kill} new instances" in result.output  # each missing one fetched once, no other
+    assert len(_sop_uids(pulled)) == total and not list(pulled.rglob(".*.tmp-*"))
+    with Ledger(tmp_path / "night.ledger.sqlite") as ledger:
+        assert ledger.counts()["fetched"] == total
+
+
 # ------------------------------------------------------------------------ failures
 
 
