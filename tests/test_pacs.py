@@ -1,8 +1,8 @@
 """PACS pull and push against a real Orthanc (DICOMweb and DIMSE), and their rules.
 
-The ``orthanc`` fixture starts the Debian ``orthanc`` with its DICOMweb plugin on free
-ports of 127.0.0.1, with HTTP basic authentication, temporary storage and our AE
-registered as a modality, and always stops it. When Orthanc is not installed the tests
+The ``orthanc_server`` fixture starts the Debian ``orthanc`` with its DICOMweb plugin on
+free ports of 127.0.0.1, with HTTP basic authentication, temporary storage and our AE
+registered as a modality, and always stops it; ``orthanc`` hands it to each test empty. When Orthanc is not installed the tests
 FAIL (``make test`` installs it as root through scripts/install_orthanc.sh).
 """
 
@@ -91,9 +91,9 @@ def _bytes_io(data: bytes):
     return io.BytesIO(data)
 
 
-@pytest.fixture
-def orthanc(tmp_path_factory):
-    """A fresh Orthanc per test (a second or two to start): DICOMweb + DIMSE, auth on."""
+@pytest.fixture(scope="module")
+def orthanc_server(tmp_path_factory):
+    """One Orthanc for this module (stopping one takes seconds): DICOMweb + DIMSE, auth on."""
     binary, plugin = _orthanc_binary()
     folder = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = _free_port(), _free_port()
@@ -123,13 +123,22 @@ def orthanc(tmp_path_factory):
                 time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
+        proc.terminate()  # waits for the end: never left running
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def orthanc(orthanc_server):
+    """The module's Orthanc, emptied: each test starts with an empty archive."""
+    for patient in orthanc_server._rest("GET", "/patients").json():
+        orthanc_server._rest("DELETE", f"/patients/{patient}")
+    assert orthanc_server.find("Instance", {}) == []
+    return orthanc_server
 
 
 # ------------------------------------------------------------------------------ data
