@@ -22,9 +22,16 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from pneumobatch.errors import ArchiveError
 from pneumobatch.pacs.connection import Connection
+from pneumobatch.readers.dicom import CODECS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,10 @@ IMAGE_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+)
+#: Transfer syntaxes C-GET accepts: the uncompressed ones and every one predict decodes.
+RECEIVED_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, *CODECS,
 )
 #: Attributes of the patient and study modules that an SR copies from its source images.
 HEADER_KEYWORDS = (
@@ -326,7 +337,6 @@ class DimseArchive(Archive):
             assoc.release()
 
     def _find(self, level: str, keys: dict[str, Any], what: str) -> list[Dataset]:
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
         query = Dataset()
@@ -387,7 +397,6 @@ class DimseArchive(Archive):
         return found[0]
 
     def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[tuple[InstanceRef, Dataset]]:
-        from pydicom.uid import AllTransferSyntaxes
         from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
@@ -399,10 +408,10 @@ class DimseArchive(Archive):
             received.append(ds)
             return 0x0000
 
-        syntaxes = [ts for ts in AllTransferSyntaxes if ts.is_transfer_syntax and not ts.is_private]
-        # one context per (class, transfer syntax): the archive sends each image as stored
-        contexts = [(GET, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])]
-        contexts += [(cls, [ts]) for cls in IMAGE_STORAGE_CLASSES for ts in syntaxes][: 127]
+        # one context per (class, transfer syntax predict decodes): the archive sends each
+        # image as stored, without transcoding (4 classes x 16 syntaxes: within the 128 allowed)
+        contexts = [(GET, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+        contexts += [(cls, [ts]) for cls in IMAGE_STORAGE_CLASSES for ts in RECEIVED_SYNTAXES]
         roles = [build_role(cls, scp_role=True) for cls in IMAGE_STORAGE_CLASSES]
         if not refs:
             return

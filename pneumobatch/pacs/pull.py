@@ -35,10 +35,11 @@ from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionEr
 from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive, with_retries
 from pneumobatch.pacs.connection import Connection
 from pneumobatch.pacs.ledger import Ledger
+from pneumobatch.readers.dicom import CXR_MODALITIES
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("CR", "DX", "DR")
+MODALITIES = tuple(sorted(CXR_MODALITIES))  # what predict reads: CR, DR, DX
 _STALE_TEMP = re.compile(r"^\.[0-9.]+\.dcm\.tmp-[0-9]+$")
 
 
