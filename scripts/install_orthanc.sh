@@ -12,7 +12,9 @@ if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
     exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null; }; then
+    # the other tests still run; the PACS tests fail, saying how to install Orthanc
+    echo "note: apt-get could not install orthanc orthanc-dicomweb; the PACS tests will fail" >&2
+fi
 # the package starts a system Orthanc on 4242/8042 where a service manager runs; the tests
 # start their own on free ports and do not need it

@@ -77,8 +77,8 @@ def with_retries(action: Callable[[], None], retries: int, wait: float) -> Optio
             return None
         except ArchiveError as exc:
             if attempt == retries or not getattr(exc, "retriable", True):
-                log.error("%s", exc)
-                return str(exc)
+                return str(exc)  # the caller lists it (stderr, exit 1)
+            log.info("retrying in %gs: %s", wait * 2**attempt, exc)
             time.sleep(wait * 2**attempt)
     return None  # pragma: no cover - the loop always returns
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pneumobatch.atomicfile import atomic_write
-from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError
+from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, OutputError
 from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive, with_retries
 from pneumobatch.pacs.connection import Connection
 from pneumobatch.pacs.ledger import Ledger
@@ -141,7 +141,7 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArchiveError(f"cannot create {output}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot create {output}: {exc.strerror or exc}") from exc
     _remove_stale_temps(output)
     with Ledger(ledger_path) as ledger, open_archive(conn) as archive:
         studies: dict[str, StudyInfo] = {}
