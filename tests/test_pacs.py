@@ -33,7 +33,7 @@ from pneumobatch.pacs.client import DicomWebArchive, InstanceRef, open_archive, 
 from pneumobatch.pacs.connection import Connection, Credentials, connect_options
 from pneumobatch.pacs.ledger import Ledger
 from pneumobatch.pacs.pull import PullConfig, date_window, run_pull
-from pneumobatch.pacs.sr import ImageResult, StudyResult
+from pneumobatch.pacs.sr import FINDING_CODES, ImageResult, StudyResult
 from pneumobatch.predict import PredictConfig, run_predict
 from pneumobatch.synthetic import write_cxr
 
@@ -247,21 +247,23 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
 
     # predict reads the folder unchanged
     out = tmp_path / "night.csv"
-    run = run_predict(PredictConfig(inputs=[pulled], output=out, models=("tiny",), weights_dir=weights_dir, workers=0))
+    models = ("tiny", "tiny-etiology")  # binary (threshold) and multi-class (argmax)
+    run = run_predict(PredictConfig(inputs=[pulled], output=out, models=models, weights_dir=weights_dir, workers=0))
     frame = pd.read_csv(out, dtype=str, keep_default_na=False)
     lateral = {uid for uid, ds in wanted.items() if ds.get("ViewPosition") == "LL"}  # SAMPLE002's second image
     assert lateral and set(frame.loc[frame["status"] == "ok", "sop_instance_uid"]) == set(wanted) - lateral
     assert run.counts["ok"] == len(wanted) - len(lateral)
     assert set(frame.loc[frame["status"] == "skipped", "reason"]) == {"lateral"} | (set() if body else {"not-chest"})
 
-    # push: one SR per study with a predicted image, verified
+    # push: one SR per study (with a predicted image) and model, verified
     push = ["push", str(out), *_archive_args(orthanc, protocol), "--ledger", str(ledger), *(["--source", str(pulled)] if body else [])]
     result = runner.invoke(main, push, env=_env())
     assert result.exit_code == 0, result.output
     studies = {ds.StudyInstanceUID for ds in wanted.values()}
-    assert f"{len(studies)} sent and verified" in result.output
+    expected_srs = {(study, model) for study in studies for model in models}
+    assert f"{len(expected_srs)} sent and verified" in result.output
     srs = orthanc.srs()
-    assert sorted(sr.StudyInstanceUID for sr in srs) == sorted(studies)
+    assert sorted((sr.StudyInstanceUID, sr.ContributingEquipmentSequence[0].ManufacturerModelName) for sr in srs) == sorted(expected_srs)
     ok = frame[frame["status"] == "ok"]
     for sr in srs:
         source = next(ds for ds in wanted.values() if ds.StudyInstanceUID == sr.StudyInstanceUID)
@@ -269,30 +271,34 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
         assert sr.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in wanted.values()}
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate"):
             assert str(sr.get(keyword)) == str(source.get(keyword)), keyword
+        model = sr.ContributingEquipmentSequence[0].ManufacturerModelName
         assert sr.ContributingEquipmentSequence[0].Manufacturer == "pneumobatch"
-        assert sr.ContributingEquipmentSequence[0].ManufacturerModelName == "tiny"
         assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
-        rows = ok[ok["study_instance_uid"] == sr.StudyInstanceUID]
+        rows = ok[(ok["study_instance_uid"] == sr.StudyInstanceUID) & (ok["model"] == model)]
         items = _content_items(sr)
         referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"}
         assert referenced == set(rows["sop_instance_uid"])  # the images, by SOP Instance UID
+        # binary: the positive class is evaluated; multi-class: every class, the argmax Present
+        classes = ["pneumonia"] if model == "tiny" else ["normal", "bacterial", "viral", "covid-19"]
         probabilities = sorted(float(i.MeasuredValueSequence[0].NumericValue) for i in items if _meaning(i) == "Probability")
-        assert probabilities == pytest.approx(sorted(rows["prob_pneumonia"].astype(float)), abs=1e-6)
-        evaluations = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE" and _meaning(i) == "Pneumonia"]
-        assert sorted(evaluations) == sorted("Present" if label == "pneumonia" else "Absent" for label in rows["pred_label"])
+        assert probabilities == pytest.approx(sorted(rows[[f"prob_{c}" for c in classes]].astype(float).to_numpy().ravel()), abs=1e-6)
+        for cls in classes:
+            name = FINDING_CODES[cls].meaning
+            evaluations = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE" and _meaning(i) == name]
+            assert sorted(evaluations) == sorted("Present" if label == cls else "Absent" for label in rows["pred_label"]), cls
         texts = " ".join(str(i.get("TextValue", "")) for i in items)
-        assert f"weights_sha256={rows['weights_sha256'].iloc[0]}" in texts
-        assert "NOT FOR DIAGNOSTIC USE" in texts and "operating_point=pooled" in texts
+        assert f"weights_sha256={rows['weights_sha256'].iloc[0]}" in texts and "NOT FOR DIAGNOSTIC USE" in texts
+        assert f"operating_point={'pooled' if model == 'tiny' else 'argmax'}" in texts
 
     # pushing again: nothing sent (ledger), and with a lost ledger nothing duplicated
     again = runner.invoke(main, push, env=_env())
-    assert again.exit_code == 0 and "0 sent and verified" in again.output and f"{len(studies)} delivered before" in again.output
+    assert again.exit_code == 0 and "0 sent and verified" in again.output and f"{len(expected_srs)} delivered before" in again.output
     lost = runner.invoke(main, [*push, "--ledger", str(tmp_path / "new.sqlite")], env=_env())  # the last --ledger wins
     assert lost.exit_code == 0, lost.output
-    assert f"{len(studies)} already in the archive" in lost.output
-    per_study = Counter(sr.StudyInstanceUID for sr in orthanc.srs())
-    duplicates = sum(n - 1 for n in per_study.values())
-    assert set(per_study) == studies and duplicates == 0
+    assert f"{len(expected_srs)} already in the archive" in lost.output
+    per_study_model = Counter((sr.StudyInstanceUID, sr.ContributingEquipmentSequence[0].ManufacturerModelName) for sr in orthanc.srs())
+    duplicates = sum(n - 1 for n in per_study_model.values())
+    assert set(per_study_model) == expected_srs and duplicates == 0
 
     # a changed result gives a new SR (the old one stays: the archive keeps its history)
     changed = frame.copy()
@@ -301,7 +307,7 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
     changed.to_csv(out, index=False)
     result = runner.invoke(main, push, env=_env())
     assert result.exit_code == 0 and "1 sent and verified" in result.output
-    assert len(orthanc.srs()) == len(studies) + 1
+    assert len(orthanc.srs()) == len(expected_srs) + 1
 
     # credentials never reach a file or the output
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "upload" not in p.parts]
@@ -309,8 +315,8 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
         assert PASSWORD.encode() not in path.read_bytes(), path
     assert PASSWORD not in result.output
     with capsys.disabled():
-        print(f"\n[PACS {protocol}] studies pulled {studies_pulled}, SRs pushed {len(studies)}, "
-              f"duplicates after second push {duplicates}")
+        print(f"\n[PACS {protocol}] studies pulled {studies_pulled}, SRs pushed {len(expected_srs)} "
+              f"({len(studies)} studies x {len(models)} models), duplicates after second push {duplicates}")
 
 
 # --------------------------------------------------------------- resume and next night
