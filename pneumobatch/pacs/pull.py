@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pneumobatch.atomicfile import atomic_write
-from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, OutputError
-from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive, with_retries
+from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, OutputError
+from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive, valid_uid, with_retries
 from pneumobatch.pacs.connection import Connection
 from pneumobatch.pacs.ledger import Ledger
 from pneumobatch.readers.dicom import CXR_MODALITIES
@@ -178,9 +178,14 @@ def _pull_study(archive, ledger: Ledger, study: StudyInfo, config: PullConfig, r
             continue
         todo.append(ref)
     for ref, ds in archive.retrieve(todo):
+        if valid_uid(ds.get("SOPInstanceUID")) != ref.sop_instance_uid:
+            raise ArchiveError(f"{name}: asked for instance {ref.sop_instance_uid}, got another one")
         path = instance_path(output, ref)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        try:
+            atomic_write(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed data set from the archive
+            raise ArchiveError(f"{name}: instance {ref.sop_instance_uid} cannot be written as DICOM: {exc}") from exc
         ledger.mark_fetched(name, ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid, path)
         result.instances_fetched += 1
         if progress is not None:

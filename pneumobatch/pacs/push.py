@@ -128,7 +128,7 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> tuple[lis
         card = cards[str(model)]
         images = {}
         for _, row in rows.iterrows():
-            probs = tuple((c, _float(row.get(f"prob_{c}"))) for c in card.classes)
+            probs = tuple((c, _float(row.get(card.prob_column(c)))) for c in card.classes)
             if any(p is None for _, p in probs):
                 continue
             sop = valid_uid(row["sop_instance_uid"])
