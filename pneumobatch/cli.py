@@ -289,7 +289,7 @@ def _archive_options(command):
         click.option("--calling-ae", help="Our AE title for DIMSE. [default: PNEUMOBATCH]"),
         click.option("--called-ae", help="The archive's AE title for DIMSE. [default: ANY-SCP]"),
         click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="PACS config file (mode 0600) with url/dimse, AE titles and credentials. [default: $PNEUMOBATCH_PACS_CONFIG]"),
-        click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), help="CA certificates to verify the archive's TLS certificate with (verification is always on)."),
+        click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), help="CA certificates to verify the archive's TLS certificate with (verification is on unless the config file says tls_verify = false)."),
         click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Ledger of what was fetched and delivered (SQLite). Share one between pull and push in a nightly job."),
         click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True, help="Retries of a study that failed, with a growing wait."),
         click.option("-q", "--quiet", is_flag=True, help="No summary (for cron); failures still go to stderr."),

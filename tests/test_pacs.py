@@ -451,6 +451,9 @@ def test_credentials_come_from_env_or_a_private_config_never_shown(tmp_path):
     config.chmod(0o644)
     with pytest.raises(OptionError, match="chmod 600"):
         connect_options(config=config, environ={})
+    result = CliRunner().invoke(main, ["pull", str(tmp_path / "n"), "--config", str(config)], env={pacs_connection.ENV_PASSWORD: ""})
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and "chmod 600" in result.output
+    assert PASSWORD not in result.output and len(result.output.strip().splitlines()) == 1
     config.chmod(0o600)
     conn = connect_options(config=config, environ={})
     assert conn.credentials.password == PASSWORD and PASSWORD not in repr(conn)
