@@ -31,7 +31,9 @@ demo: $(STAMP)
 	@echo "      a site's operating point (calibrate warns) or to judge drift; they show the commands and files."
 	@echo "      The monitor compares the shipped run with the site-calibrated one, so it reports that change."
 
+# The PACS tests run against a real Orthanc; this installs it when missing (as root, apt).
 test: $(STAMP)
+	sh scripts/install_orthanc.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

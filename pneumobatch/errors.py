@@ -10,7 +10,7 @@ carries the exit code the CLI gives it, so the CLI translates errors in one plac
       --overwrite; a --device that this machine does not have (e.g. cuda without a GPU);
       a --site file that is not one or was fitted for another model or weights
 3     fatal error: model missing or corrupt, output not writable, training data unusable,
-      predictions or labels unusable
+      predictions or labels unusable, archive unreachable or refusing us (pull, push)
 ====  ==================================================================================
 """
 
@@ -129,6 +129,11 @@ class OutputExists(OutputError):
     """The output (or an interrupted run's journal) exists and no --resume/--overwrite was given."""
 
     exit_code = EXIT_USAGE
+
+
+class ArchiveError(PneumobatchError):
+    """A PACS/archive cannot be reached, refuses us, or its configuration is unusable
+    (``pull``, ``push``). Per-study failures are counted, not raised: they give exit 1."""
 
 
 class ReportError(PneumobatchError):
