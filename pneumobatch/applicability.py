@@ -44,6 +44,11 @@ HEAD = "head"  # the layer name for the input of the classifier layer (penultima
 DEFAULT_COMPONENTS = {HEAD: 64}  # principal directions per layer; other layers use STAGE_COMPONENTS
 STAGE_COMPONENTS = 32
 DEFAULT_PERCENTILE = 99.0
+#: A layer keeps a residual term only if its training residual is above this share of its variance.
+RESIDUAL_SHARE = 1e-6
+#: Residual scales at or below this mean "no residual term" (files written before
+#: RESIDUAL_SHARE stored a 1e-12 floor there).
+RESIDUAL_FLOOR = 1e-9
 
 Features = Union[Mapping[str, np.ndarray], np.ndarray]  # layer name -> (N, D); a bare array is the head
 
@@ -62,10 +67,17 @@ class LayerStats:
     maha_scale: float = 1.0
     resid_scale: float = 1.0
 
+    @property
+    def has_residual(self) -> bool:
+        """False when the PCA keeps (nearly) every dimension: the residual is rounding noise."""
+        return self.resid_scale > RESIDUAL_FLOOR
+
     def score(self, features: np.ndarray) -> np.ndarray:
         centred = np.asarray(features, dtype=np.float64) - self.mean
         z = centred @ self.components.T
         maha2 = (z**2 / self.variances).sum(1)
+        if not self.has_residual:
+            return 0.5 * maha2 / self.maha_scale
         resid2 = (centred**2).sum(1) - (z**2).sum(1)
         return 0.5 * (maha2 / self.maha_scale + np.maximum(resid2, 0) / self.resid_scale)
 
@@ -82,12 +94,16 @@ class LayerStats:
         stats = cls(mean, vt[:k], variances)
         z = centred @ stats.components.T
         stats.maha_scale = float(max((z**2 / variances).sum(1).mean(), 1e-12))
-        stats.resid_scale = float(max(((centred**2).sum(1) - (z**2).sum(1)).mean(), 1e-12))
+        resid = float(((centred**2).sum(1) - (z**2).sum(1)).mean())
+        total = float((centred**2).sum(1).mean())
+        # no residual term when the kept directions hold (nearly) all the variance: what is
+        # left is float rounding, which the float32 file would turn into huge scores
+        stats.resid_scale = resid if resid > RESIDUAL_SHARE * total else 0.0
         return stats
 
     def valid(self) -> bool:
         return bool(np.isfinite(self.variances).all() and (self.variances > 0).all()
-                    and self.maha_scale > 0 and self.resid_scale > 0)
+                    and self.maha_scale > 0 and self.resid_scale >= 0)
 
 
 @dataclass

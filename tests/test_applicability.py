@@ -112,3 +112,17 @@ def test_multilayer_round_trip_and_legacy_single_layer_files_load(tmp_path: Path
     old = ApplicabilityStats.load(legacy)
     assert old.layer_names == [HEAD] and old.threshold == 1.5
     np.testing.assert_allclose(old.score(x[HEAD]), head.score(x[HEAD]), rtol=1e-4)
+
+
+def test_a_layer_whose_pca_keeps_every_dimension_scores_stored_statistics_sanely(tmp_path: Path):
+    # 16 features, 32 components asked: no residual is left, and the float32 file's
+    # rounding must not turn into huge scores for ordinary images
+    rng = np.random.default_rng(0)
+    train, val, new = (rng.normal(size=(n, 16)) * np.linspace(0.1, 3, 16) for n in (500, 200, 200))
+    stats = fit({"stage": train}, n_components=32)
+    calibrate(stats, {"stage": val})
+    assert not stats.layers["stage"].has_residual
+    path = tmp_path / "s.applicability.safetensors"
+    stats.save(path, {})
+    scores = ApplicabilityStats.load(path).score({"stage": new})
+    assert np.median(scores) < 1.5 and (~stats.flag(scores)).mean() < 0.05
