@@ -9,6 +9,7 @@ identical whatever the batch size or worker count.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -88,6 +89,41 @@ def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[in
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode; the main process owns the cores for the CNN
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CoreSplit:
+    """How a run uses the machine: decoding processes, torch threads of the main process, batch."""
+
+    workers: int
+    threads: int
+    batch_size: int
+
+
+def default_split(device: torch.device, cores: Optional[int] = None) -> CoreSplit:
+    """The split of cores between decoding and the network that ``predict`` uses by default.
+
+    On the CPU, half the cores (at least one) decode in worker processes and the others
+    run the network as torch threads of the main process, so that the two stages run side
+    by side on their own cores instead of time-slicing the same ones: with the
+    reduced-resolution decode, decoding a mixed folder costs about what the forward pass
+    does. On 2 cores that is 1 worker + 1 thread; benchmarks/throughput.py compares it with
+    the other splits. On CUDA the GPU runs the network, so every core but one decodes, the
+    main process needs one thread to feed the GPU, and batches are larger (64) to keep it busy.
+    """
+    cores = cores or available_cores()
+    if device.type == "cuda":
+        return CoreSplit(workers=max(1, cores - 1), threads=1, batch_size=64)
+    workers = max(1, cores // 2)
+    return CoreSplit(workers=workers, threads=max(1, cores - workers), batch_size=16)
 
 
 def resolve_device(device: str) -> torch.device:

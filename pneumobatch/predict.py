@@ -43,8 +43,9 @@ class PredictConfig:
     weights_dir: Optional[Path] = None
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 16
-    workers: Optional[int] = None  # None: 2, or 8 with a GPU
+    batch_size: Optional[int] = None  # None: 16, or 64 on CUDA (inference.default_split)
+    workers: Optional[int] = None  # None: from the machine's cores (inference.default_split)
+    threads: Optional[int] = None  # torch threads of this process; None: from the machine's cores
     resume: bool = False
     overwrite: bool = False
     study_from: str = "file"
@@ -116,8 +117,10 @@ def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list
 
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
+    import torch
+
     from pneumobatch.bodyparts import BodyPartVocabulary
-    from pneumobatch.inference import Predictor, resolve_device, resolve_precision, run_inference
+    from pneumobatch.inference import Predictor, default_split, resolve_device, resolve_precision, run_inference
     from pneumobatch.models import DEFAULT_MODEL, load_model
     from pneumobatch.outputs import (
         OutputPaths,
@@ -136,7 +139,11 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     if len(set(names)) != len(names):
         raise OptionError("the same model was given twice")
     cards = [m.card for m in models]
-    workers = config.workers if config.workers is not None else (8 if torch_device.type == "cuda" else 2)
+    split = default_split(torch_device)
+    workers = config.workers if config.workers is not None else split.workers
+    batch_size = config.batch_size or split.batch_size
+    threads = config.threads or split.threads
+    torch.set_num_threads(threads)
 
     started = datetime.now(timezone.utc)
     paths = OutputPaths(Path(config.output))
@@ -157,13 +164,13 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         n_ok_now = 0
         if progress:
             progress(0, len(todo))
-        results = run_inference(todo, predictor, options, batch_size=config.batch_size, workers=workers)
+        results = run_inference(todo, predictor, options, batch_size=batch_size, workers=workers)
         for done, result in enumerate(results, 1):
             batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
             n_ok_now += result.status is Status.OK
             if progress:
                 progress(done, len(todo))
-            if len(batch) >= config.batch_size * len(cards):  # flush policy: every batch_size files
+            if len(batch) >= batch_size * len(cards):  # flush policy: every batch_size files
                 writer.append(batch)
                 batch = []
         writer.append(batch)
@@ -178,7 +185,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "roots": [str(p.resolve()) for p in roots], "device": str(torch_device), "precision": config.precision,
-        "batch_size": config.batch_size, "workers": workers, "resumed": config.resume,
+        "batch_size": batch_size, "workers": workers, "threads": threads, "resumed": config.resume,
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
                     "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
                     "input_size": c.input_size, "card": c.to_dict()} for c in cards],
