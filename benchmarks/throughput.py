@@ -6,8 +6,8 @@ writes) and prints, all from one run so that ratios hold on a noisy shared machi
 1. decode + resize images/s per transfer syntax, one process: full decode vs the
    reduced-resolution decode ``predict`` uses (``ReadOptions(min_side=input size)``);
 2. forward-only images/s per CPU backend option (eager contiguous, eager channels_last,
-   ``torch.jit.trace`` + ``freeze``; ``--compile`` adds ``torch.compile``), rounds
-   interleaved so that load changes hit every option alike;
+   ``torch.jit.trace`` + ``freeze``, dynamic int8; ``--compile`` adds ``torch.compile``),
+   rounds interleaved so that load changes hit every option alike;
 3. end-to-end ``run_predict`` images/s for several (workers, torch threads) splits, the
    default split first, and each one's ratio to the serial bound 1 / (1/decode + 1/forward)
    (decode: one process, reduced; forward: the default threads);
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import os
 import subprocess
 import sys
@@ -72,9 +73,30 @@ def forward_backends(net: torch.nn.Module, size: int, batch: int, compile_too: b
     with torch.inference_mode():
         frozen = torch.jit.freeze(torch.jit.trace(channels_last, xc))
     options["jit trace+freeze channels_last"] = (frozen, xc)
+    # dynamic int8 quantises nn.Linear only: in EfficientNet-Lite0 just the classifier
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(channels_last), {torch.nn.Linear}, dtype=torch.qint8)
+    options["dynamic int8 (Linear) channels_last"] = (dynamic, xc)
+    session = onnx_session(contiguous, x)
+    if session is not None:
+        options["onnxruntime fp32"] = (lambda t: torch.from_numpy(session.run(None, {"x": t.numpy()})[0]), x)
     if compile_too:
         options["torch.compile channels_last"] = (torch.compile(channels_last), xc)
     return options
+
+
+def onnx_session(net: torch.nn.Module, x: torch.Tensor):
+    """An ONNX Runtime session running ``net`` with this process's torch thread count; None if not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        print("  (onnxruntime not installed: pip install onnxruntime onnx)")
+        return None
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (x,), buffer, input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 def time_forward(options: dict, batch: int, rounds: int) -> dict[str, float]:
@@ -155,11 +177,12 @@ def main_() -> None:
         print(f"\n2. forward only, batch {split.batch_size}, {split.threads} torch threads, images/s")
         torch.set_num_threads(split.threads)
         precision = resolve_precision("auto", device)
-        net = Predictor([model], device, precision).models[0].net
-        rates = time_forward(forward_backends(net, size, split.batch_size, args.compile), split.batch_size, args.rounds)
+        predictor = Predictor([model], device, precision)
+        rates = time_forward(forward_backends(model.net, size, split.batch_size, args.compile), split.batch_size, args.rounds)
         for name, rate in rates.items():
-            print(f"  {name:<32} {rate:7.1f}")
-        forward = rates["eager fp32 channels_last"]  # what Predictor runs
+            print(f"  {name:<36} {rate:7.1f}")
+        forward = rates["onnxruntime fp32" if predictor.backend == "onnxruntime" else "eager fp32 channels_last"]
+        print(f"  predict runs: {predictor.backend}")
 
         bound = 1 / (1 / decode + 1 / forward)
         print(f"\n3. end-to-end run_predict (start-up of workers and CSV included); serial bound {bound:.1f} images/s")
