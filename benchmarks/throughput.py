@@ -11,11 +11,11 @@ writes) and prints, all from one run so that ratios hold on a noisy shared machi
 3. end-to-end ``run_predict`` images/s for several (workers, torch threads) splits, the
    default split first, and each one's ratio to the serial bound 1 / (1/decode + 1/forward)
    (decode: one process, reduced; forward: the default threads);
-4. with ``--baseline DIR`` (a checkout of an older pneumobatch, e.g. ``git archive main``),
-   ``pneumobatch predict`` on the folder as a fresh process with that code and with this
-   one, both at their defaults, and the speed-up.
+4. with ``--baseline DIR`` (a checkout of an older pneumobatch, e.g. ``git archive``), on a
+   larger folder (``--baseline-per-encoding``), ``pneumobatch predict`` as a fresh process
+   with that code and with this one, alternately, both at their defaults, and the speed-up.
 
-    python benchmarks/throughput.py [--size 2048] [--per-encoding 4] [--baseline DIR]
+    python benchmarks/throughput.py [--size 2048] [--per-encoding 4] [--baseline DIR [--baseline-only]]
 """
 
 from __future__ import annotations
@@ -138,6 +138,19 @@ def cli_rate(code: Path, folder: Path, model: str, out: Path) -> float:
                     "--overwrite", "--quiet"], env=env, check=True, cwd=code)
     return n / (time.perf_counter() - t0)
 
+def compare_with_baseline(baseline: Path, size: int, per_encoding: int, encodings: tuple[str, ...], model: str) -> None:
+    """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "studies"
+        folder.mkdir()
+        make_studies(folder, size, per_encoding, encodings)
+        n = sum(1 for _ in walk([folder]))
+        print(f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {n} DICOMs of {size}x{size}")
+        for round_ in (1, 2):
+            old = cli_rate(baseline.resolve(), folder, model, Path(tmp) / "old.csv")
+            new = cli_rate(ROOT, folder, model, Path(tmp) / "new.csv")
+            print(f"  round {round_}: baseline {baseline}: {old:6.2f} images/s; this tree: {new:6.2f} images/s; {new / old:.2f}x")
+
 
 def main_() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,13 +161,20 @@ def main_() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the forward timings")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     parser.add_argument("--baseline", type=Path, help="a checkout of older pneumobatch code to compare with")
+    parser.add_argument("--baseline-per-encoding", type=int, default=8, help="files per encoding for the baseline comparison")
+    parser.add_argument("--baseline-only", action="store_true", help="only the comparison with --baseline")
     args = parser.parse_args()
+    encodings = tuple(args.encodings.split(","))
+    if args.baseline_only:
+        if not args.baseline:
+            raise SystemExit("--baseline-only needs --baseline DIR")
+        compare_with_baseline(args.baseline, args.size, args.baseline_per_encoding, encodings, args.model)
+        return
 
     device = resolve_device("auto")
     split = default_split(device)
     model = load_model(args.model)
     size = model.card.input_size
-    encodings = tuple(args.encodings.split(","))
     print(f"{os.sched_getaffinity(0).__len__()} cores, CUDA: {torch.cuda.is_available()}; default split: "
           f"{split.workers} workers, {split.threads} torch threads, batch {split.batch_size}; model {model.card.name} "
           f"({model.card.architecture} @ {size}px) on {device}")
@@ -194,12 +214,9 @@ def main_() -> None:
             rate = end_to_end(folder, args.model, workers, threads, Path(tmp) / "p.csv")
             tag = "  (default)" if (workers, threads) == (split.workers, split.threads) else ""
             print(f"  workers {workers}, threads {threads}: {rate:6.1f} images/s, {rate / bound:5.2f} of the serial bound{tag}")
+    if args.baseline:
+        compare_with_baseline(args.baseline, args.size, args.baseline_per_encoding, encodings, args.model)
 
-        if args.baseline:
-            print("\n4. pneumobatch predict as a fresh process, defaults, start-up included")
-            old = cli_rate(args.baseline.resolve(), folder, args.model, Path(tmp) / "old.csv")
-            new = cli_rate(ROOT, folder, args.model, Path(tmp) / "new.csv")
-            print(f"  baseline {args.baseline}: {old:6.2f} images/s; this tree: {new:6.2f} images/s; {new / old:.1f}x")
 
 
 if __name__ == "__main__":
