@@ -1,17 +1,31 @@
-"""Throughput of predict on this machine: decode-only, model-forward-only, end to end.
+"""Throughput of predict on this machine: decode, forward pass, core splits, end to end.
 
-Generates a folder of chest-X-ray-sized DICOMs in several encodings, then prints
-images/s for (1) reading + resizing in the DataLoader workers alone, (2) the model
-forward pass alone on ready tensors, (3) ``run_predict`` (what ``pneumobatch predict`` calls) end to end (CSV
-included), and the ratio of (3) to the slower of (1) and (2). All in one run, so
-the ratios hold even on a noisy shared machine.
+Generates a mixed folder of chest-X-ray-sized DICOMs (every encoding pneumobatch.synthetic
+writes) and prints, all from one run so that ratios hold on a noisy shared machine:
 
-    python benchmarks/throughput.py [--size 1024] [--per-encoding 6] [--model pneumonia]
+1. decode + resize images/s per transfer syntax, one process: full decode vs the
+   reduced-resolution decode ``predict`` uses (``ReadOptions(min_side=input size)``);
+2. forward-only images/s per CPU backend option (eager contiguous, eager channels_last,
+   ``torch.jit.trace`` + ``freeze``, dynamic int8; ``--compile`` adds ``torch.compile``),
+   rounds interleaved so that load changes hit every option alike;
+3. end-to-end ``run_predict`` images/s for several (workers, torch threads) splits, the
+   default split first, and each one's ratio to the serial bound 1 / (1/decode + 1/forward)
+   (decode: one process, reduced; forward: the default threads);
+4. with ``--baseline DIR`` (a checkout of an older pneumobatch, e.g. ``git archive``), on a
+   larger folder (``--baseline-per-encoding``), ``pneumobatch predict`` as a fresh process
+   with that code and with this one, alternately, both at their defaults, and the speed-up.
+
+    python benchmarks/throughput.py [--size 2048] [--per-encoding 4] [--baseline DIR [--baseline-only]]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,92 +34,189 @@ import numpy as np
 import torch
 
 from pneumobatch.discovery import walk
-from pneumobatch.errors import PneumobatchError
-from pneumobatch.inference import Predictor, make_loader, resolve_device, resolve_precision
+from pneumobatch.inference import Predictor, default_split, make_loader, resolve_device, resolve_precision
 from pneumobatch.models import load_model
 from pneumobatch.predict import PredictConfig, run_predict
 from pneumobatch.readers import ReadOptions
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.synthetic import ENCODINGS, write_cxr
 
-ENCODINGS = ("explicit", "rle", "jpegls", "j2k-lossless", "jpeg-baseline", "deflate")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode import chest_like  # noqa: E402 - the benchmarks' shared test image
 
 
 def make_studies(folder: Path, size: int, per_encoding: int, encodings: tuple[str, ...]) -> None:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
     for encoding in encodings:
         for i in range(per_encoding):
-            body = 2400 + 1200 * np.sin(3 * xx + i) * np.cos(2 * yy) + rng.normal(0, 60, (size, size))
-            pixels = np.clip(body, 0, 4095).astype(np.uint16)
+            pixels = np.roll(chest_like(size, seed=i), i * size // 29, axis=1)
             if encoding == "jpeg-baseline":
-                write_cxr(folder / f"{encoding}_{i}", (pixels >> 4).astype(np.uint8), encoding)
+                write_cxr(folder / f"{encoding}_{i}.dcm", (pixels >> 4).astype(np.uint8), encoding)
             else:
-                write_cxr(folder / f"{encoding}_{i}", pixels, encoding, bits_stored=12)
+                write_cxr(folder / f"{encoding}_{i}.dcm", pixels, encoding, bits_stored=12, window=(2048.0, 3600.0))
 
 
-def decode_rate(entries, sizes, workers: int, batch_size: int) -> float:
-    loader = make_loader(entries, sizes, ReadOptions(min_side=max(sizes)), batch_size=batch_size, workers=workers)
+def decode_rate(entries, size, reduced: bool, workers: int = 0) -> float:
+    options = ReadOptions(min_side=size if reduced else None)
+    loader = make_loader(entries, [size], options, batch_size=8, workers=workers)
     t0 = time.perf_counter()
     n = sum(len(ok) for _, _, ok in loader)
     return n / (time.perf_counter() - t0)
 
 
-def forward_rate(predictor: Predictor, batch_size: int, n_batches: int) -> float:
-    inputs = {s: torch.randint(0, 255, (batch_size, 1, s, s), dtype=torch.uint8) for s in predictor.sizes}
-    predictor(inputs)  # warm-up
+def forward_backends(net: torch.nn.Module, size: int, batch: int, compile_too: bool) -> dict:
+    """Name -> (callable, input) for each CPU backend option of the same weights."""
+    x = torch.randn(batch, 3, size, size)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    contiguous = copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format)
+    channels_last = copy.deepcopy(net).eval().to(memory_format=torch.channels_last)
+    options = {"eager fp32": (contiguous, x), "eager fp32 channels_last": (channels_last, xc)}
+    with torch.inference_mode():
+        frozen = torch.jit.freeze(torch.jit.trace(channels_last, xc))
+    options["jit trace+freeze channels_last"] = (frozen, xc)
+    # dynamic int8 quantises nn.Linear only: in EfficientNet-Lite0 just the classifier
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(channels_last), {torch.nn.Linear}, dtype=torch.qint8)
+    options["dynamic int8 (Linear) channels_last"] = (dynamic, xc)
+    session = onnx_session(contiguous, x)
+    if session is not None:
+        options["onnxruntime fp32"] = (lambda t: torch.from_numpy(session.run(None, {"x": t.numpy()})[0]), x)
+    if compile_too:
+        options["torch.compile channels_last"] = (torch.compile(channels_last), xc)
+    return options
+
+
+def onnx_session(net: torch.nn.Module, x: torch.Tensor):
+    """An ONNX Runtime session running ``net`` with this process's torch thread count; None if not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        print("  (onnxruntime not installed: pip install onnxruntime onnx)")
+        return None
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (x,), buffer, input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def time_forward(options: dict, batch: int, rounds: int) -> dict[str, float]:
+    """images/s per option: median of ``rounds`` interleaved rounds of 2 batches each."""
+    reference = None
+    times: dict[str, list[float]] = {name: [] for name in options}
+    with torch.inference_mode():
+        for name, (fn, x) in options.items():
+            t0 = time.perf_counter()
+            out = fn(x)  # warm-up (and compilation)
+            print(f"  {name}: first call {time.perf_counter() - t0:.1f} s", end="")
+            reference = out if reference is None else reference
+            print(f", max |logit - eager| {float((out - reference).abs().max()):.2e}")
+        for _ in range(rounds):
+            for name, (fn, x) in options.items():
+                t0 = time.perf_counter()
+                fn(x)
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+    return {name: 2 * batch / float(np.median(t)) for name, t in times.items()}
+
+
+def end_to_end(folder: Path, model: str, workers: int, threads: int, out: Path) -> float:
+    n = sum(1 for _ in walk([folder]))
     t0 = time.perf_counter()
-    for _ in range(n_batches):
-        predictor(inputs)
-    return batch_size * n_batches / (time.perf_counter() - t0)
+    run = run_predict(PredictConfig(inputs=[folder], output=out, models=[model], workers=workers, threads=threads,
+                                    overwrite=True))
+    if run.exit_code != 0:
+        raise SystemExit(f"predict failed: {run.counts}")
+    return n / (time.perf_counter() - t0)
+
+
+def cli_rate(code: Path, folder: Path, model: str, out: Path) -> float:
+    """images/s of ``python -m pneumobatch predict`` with the code under ``code`` (start-up included)."""
+    n = sum(1 for _ in walk([folder]))
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pneumobatch", "predict", str(folder), "-m", model, "-o", str(out),
+                    "--overwrite", "--quiet"], env=env, check=True, cwd=code)
+    return n / (time.perf_counter() - t0)
+
+def compare_with_baseline(baseline: Path, size: int, per_encoding: int, encodings: tuple[str, ...], model: str) -> None:
+    """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "studies"
+        folder.mkdir()
+        make_studies(folder, size, per_encoding, encodings)
+        n = sum(1 for _ in walk([folder]))
+        print(f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {n} DICOMs of {size}x{size}")
+        for round_ in (1, 2):
+            old = cli_rate(baseline.resolve(), folder, model, Path(tmp) / "old.csv")
+            new = cli_rate(ROOT, folder, model, Path(tmp) / "new.csv")
+            print(f"  round {round_}: baseline {baseline}: {old:6.2f} images/s; this tree: {new:6.2f} images/s; {new / old:.2f}x")
 
 
 def main_() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
-    parser.add_argument("--per-encoding", type=int, default=6)
+    parser.add_argument("--size", type=int, default=2048, help="image side in pixels")
+    parser.add_argument("--per-encoding", type=int, default=4)
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--model", default="pneumonia")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the forward timings")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
+    parser.add_argument("--baseline", type=Path, help="a checkout of older pneumobatch code to compare with")
+    parser.add_argument("--baseline-per-encoding", type=int, default=8, help="files per encoding for the baseline comparison")
+    parser.add_argument("--baseline-only", action="store_true", help="only the comparison with --baseline")
     args = parser.parse_args()
-
-    device = resolve_device(args.device)
-    model = load_model(args.model)
-    predictor = Predictor([model], device, resolve_precision(args.precision, device))
     encodings = tuple(args.encodings.split(","))
+    if args.baseline_only:
+        if not args.baseline:
+            raise SystemExit("--baseline-only needs --baseline DIR")
+        compare_with_baseline(args.baseline, args.size, args.baseline_per_encoding, encodings, args.model)
+        return
+
+    device = resolve_device("auto")
+    split = default_split(device)
+    model = load_model(args.model)
+    size = model.card.input_size
+    print(f"{os.sched_getaffinity(0).__len__()} cores, CUDA: {torch.cuda.is_available()}; default split: "
+          f"{split.workers} workers, {split.threads} torch threads, batch {split.batch_size}; model {model.card.name} "
+          f"({model.card.architecture} @ {size}px) on {device}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "studies"
         folder.mkdir()
         make_studies(folder, args.size, args.per_encoding, encodings)
         entries = [e for _, e in walk([folder])]
-        print(f"{len(entries)} DICOMs of {args.size}x{args.size} ({', '.join(encodings)}); model {model.card.name} "
-              f"({model.card.architecture} @ {model.card.input_size}px) on {device}, batch {args.batch_size}, "
-              f"{args.workers} workers, torch threads {torch.get_num_threads()}")
+        print(f"{len(entries)} DICOMs of {args.size}x{args.size} ({', '.join(encodings)})")
+
+        print("\n1. decode + resize, one process, images/s")
+        print(f"  {'encoding':<14} {'full':>8} {'reduced':>8} {'ratio':>7}")
         for encoding in encodings:
             subset = [e for e in entries if e.path.name.startswith(encoding + "_")]
-            print(f"  decode+resize {encoding:>14}: {decode_rate(subset, predictor.sizes, 0, args.batch_size):7.1f} images/s (one process)")
-        decode = decode_rate(entries, predictor.sizes, args.workers, args.batch_size)
-        forward = forward_rate(predictor, args.batch_size, max(2, len(entries) // args.batch_size))
-        out = Path(tmp) / "p.csv"
-        t0 = time.perf_counter()
-        config = PredictConfig(inputs=[folder], output=out, models=[args.model], batch_size=args.batch_size,
-                               workers=args.workers, device=args.device, precision=args.precision)
-        try:
-            run = run_predict(config)
-        except PneumobatchError as exc:
-            raise SystemExit(f"predict failed: {exc}") from exc
-        end_to_end = len(entries) / (time.perf_counter() - t0)
-        if run.exit_code != 0:
-            raise SystemExit(f"predict failed: {run.counts}")
-    bound = min(decode, forward)
-    print(f"decode-only (all encodings, {args.workers} workers): {decode:7.1f} images/s")
-    print(f"model forward only:                       {forward:7.1f} images/s")
-    print(f"end-to-end predict (incl. start-up, CSV): {end_to_end:7.1f} images/s")
-    print(f"end-to-end / slower of the two:           {end_to_end / bound:7.2f}")
-    combined = 1 / (1 / decode + 1 / forward)
-    print(f"end-to-end / serial bound 1/(1/d+1/f):    {end_to_end / combined:7.2f}  (both stages share the same cores here)")
+            full, fast = decode_rate(subset, size, False), decode_rate(subset, size, True)
+            print(f"  {encoding:<14} {full:8.1f} {fast:8.1f} {fast / full:6.1f}x")
+        full_all, decode = decode_rate(entries, size, False), decode_rate(entries, size, True)
+        print(f"  {'all (mixed)':<14} {full_all:8.1f} {decode:8.1f} {decode / full_all:6.1f}x")
+
+        print(f"\n2. forward only, batch {split.batch_size}, {split.threads} torch threads, images/s")
+        torch.set_num_threads(split.threads)
+        precision = resolve_precision("auto", device)
+        predictor = Predictor([model], device, precision)
+        rates = time_forward(forward_backends(model.net, size, split.batch_size, args.compile), split.batch_size, args.rounds)
+        for name, rate in rates.items():
+            print(f"  {name:<36} {rate:7.1f}")
+        forward = rates["onnxruntime fp32" if predictor.backend == "onnxruntime" else "eager fp32 channels_last"]
+        print(f"  predict runs: {predictor.backend}")
+
+        bound = 1 / (1 / decode + 1 / forward)
+        print(f"\n3. end-to-end run_predict (start-up of workers and CSV included); serial bound {bound:.1f} images/s")
+        cores = len(os.sched_getaffinity(0))
+        splits = [(split.workers, split.threads)] + [
+            (w, t) for w in (0, 1, 2) for t in sorted({1, cores}) if (w, t) != (split.workers, split.threads)
+        ]
+        for workers, threads in splits:
+            rate = end_to_end(folder, args.model, workers, threads, Path(tmp) / "p.csv")
+            tag = "  (default)" if (workers, threads) == (split.workers, split.threads) else ""
+            print(f"  workers {workers}, threads {threads}: {rate:6.1f} images/s, {rate / bound:5.2f} of the serial bound{tag}")
+    if args.baseline:
+        compare_with_baseline(args.baseline, args.size, args.baseline_per_encoding, encodings, args.model)
+
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ class Engine(Protocol):
     device: str
     #: processes decoding on this machine (``None``: the engine scales them itself)
     workers: int | None
+    #: torch threads of this process (``None``: not this process's business)
+    threads: int | None
+    #: files per forward pass (and per journal flush)
+    batch_size: int
 
     def results(
         self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int
@@ -74,11 +78,17 @@ class LocalEngine:
     """This machine: ``workers`` DataLoader processes decode, the models run on one device."""
 
     def __init__(self, config: PredictConfig) -> None:
-        from pneumobatch.inference import resolve_device
+        import torch
+
+        from pneumobatch.inference import default_split, resolve_device
 
         self.torch_device = resolve_device(config.device)
         self.device = str(self.torch_device)
-        self.workers = config.workers if config.workers is not None else (8 if self.torch_device.type == "cuda" else 2)
+        split = default_split(self.torch_device)  # decode workers vs torch threads, from this machine's cores
+        self.workers = config.workers if config.workers is not None else split.workers
+        self.threads = config.threads or split.threads
+        self.batch_size = config.batch_size or split.batch_size
+        torch.set_num_threads(self.threads)
         self.precision = config.precision
 
     def results(

@@ -9,6 +9,8 @@ identical whatever the batch size or worker count.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -90,6 +92,41 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode; the main process owns the cores for the CNN
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CoreSplit:
+    """How a run uses the machine: decoding processes, torch threads of the main process, batch."""
+
+    workers: int
+    threads: int
+    batch_size: int
+
+
+def default_split(device: torch.device, cores: Optional[int] = None) -> CoreSplit:
+    """The split of cores between decoding and the network that ``predict`` uses by default.
+
+    On the CPU, half the cores (at least one) decode in worker processes and the others
+    run the network as torch threads of the main process, so that the two stages run side
+    by side on their own cores instead of time-slicing the same ones: with the
+    reduced-resolution decode, decoding a mixed folder costs about what the forward pass
+    does. On 2 cores that is 1 worker + 1 thread; benchmarks/throughput.py compares it with
+    the other splits. On CUDA the GPU runs the network, so every core but one decodes, the
+    main process needs one thread to feed the GPU, and batches are larger (64) to keep it busy.
+    """
+    cores = cores or available_cores()
+    if device.type == "cuda":
+        return CoreSplit(workers=max(1, cores - 1), threads=1, batch_size=64)
+    workers = max(1, cores // 2)
+    return CoreSplit(workers=workers, threads=max(1, cores - workers), batch_size=16)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks the first GPU when there is one."""
     if device == "auto":
@@ -127,8 +164,79 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+#: ``auto``: ONNX Runtime for fp32 on the CPU when it is installed (the ``onnx`` extra; about
+#: 2x the eager forward pass of EfficientNet-Lite0 on an AVX2 CPU, benchmarks/throughput.py),
+#: else PyTorch eager with channels_last.
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def resolve_backend(backend: str, device: torch.device, precision: Optional[torch.dtype]) -> str:
+    """``torch`` or ``onnxruntime`` for this device and precision."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend == "torch" or device.type != "cpu" or precision is not None:
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        if backend == "onnxruntime":
+            raise DeviceError("--backend onnxruntime: not installed (pip install 'pneumobatch[onnx]')") from exc
+        return "torch"
+    return "onnxruntime"
+
+
+class _WithFeatures(torch.nn.Module):
+    """A network returning (logits, the features of ``layers``) for export (see FeatureTap)."""
+
+    def __init__(self, net: torch.nn.Module, head: torch.nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.net, self.head, self.layers = net, head, list(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from pneumobatch.applicability import FeatureTap
+
+        tap = FeatureTap(self.net, self.head, self.layers)
+        try:
+            logits = self.net(x)
+        finally:
+            tap.close()
+        return (logits, *(tap.features[name] for name in self.layers))
+
+
+class _OnnxRunner:
+    """One model exported to ONNX (in memory) and run by ONNX Runtime with this process's torch threads."""
+
+    def __init__(self, net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> None:
+        import io
+
+        import onnxruntime
+
+        self.layers = list(layers)
+        buffer = io.BytesIO()
+        example = torch.zeros(2, 3, size, size)
+        with warnings.catch_warnings():  # the exporter's tracer and deprecation notices: not the user's business
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_WithFeatures(net, head, self.layers).eval(), (example,), buffer, input_names=["x"],
+                              output_names=["logits", *self.layers], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        logits, *features = self.session.run(None, {"x": x.contiguous().numpy()})
+        return torch.from_numpy(logits), dict(zip(self.layers, features))
+
+
 class Predictor:
-    """One or more loaded models on a device, ready for batches of (B, 1, S, S) uint8."""
+    """One or more loaded models on a device, ready for batches of (B, 1, S, S) uint8.
+
+    The forward pass runs in PyTorch (channels_last, autocast for ``precision``) or, for
+    fp32 on the CPU with ``backend`` auto and onnxruntime installed, in ONNX Runtime; both
+    give the same probabilities to ~1e-6 and the same penultimate features for
+    applicability scores.
+    """
 
     def __init__(
         self,
@@ -136,17 +244,31 @@ class Predictor:
         device: torch.device,
         precision: Optional[torch.dtype],
         applicability: Optional[dict[str, Any]] = None,
+        backend: str = "auto",
     ) -> None:
-        from pneumobatch.applicability import tap
+        from pneumobatch.applicability import HEAD, tap
+        from pneumobatch.models import ARCHITECTURES
 
         self.models = list(models)
         self.device = device
         self.precision = precision
         #: model name -> ApplicabilityStats; those models also yield applicability scores
         self.applicability = dict(applicability or {})
+        self.backend = resolve_backend(backend, device, precision)
         self._hooks = {}
+        self._onnx: dict[str, _OnnxRunner] = {}
         for model in self.models:
-            model.net.to(device).to(memory_format=torch.channels_last).eval()
+            head = ARCHITECTURES[model.card.architecture].head(model.net)
+            model.net.to(device).eval()
+            if self.backend == "onnxruntime":
+                try:
+                    stats = self.applicability.get(model.card.name)
+                    layers = stats.layer_names if stats is not None else [HEAD]
+                    self._onnx[model.card.name] = _OnnxRunner(model.net, head, model.card.input_size, layers)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle: run it in torch
+                    log.warning("model %s runs in PyTorch: ONNX export failed (%s)", model.card.name, str(exc)[:200])
+            model.net.to(memory_format=torch.channels_last)
             if model.card.name in self.applicability:
                 self._hooks[model.card.name] = tap(model, self.applicability[model.card.name].layer_names)
 
@@ -160,14 +282,18 @@ class Predictor:
         out = {}
         for model in self.models:
             card = model.card
-            x = inputs[card.input_size].to(self.device, non_blocking=True)
-            x = normalize(x, card.mean, card.std).contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.precision):
-                logits = model.net(x)
+            x = normalize(inputs[card.input_size].to(self.device, non_blocking=True), card.mean, card.std)
+            features = None
+            if card.name in self._onnx:
+                logits, features = self._onnx[card.name](x)
+            else:
+                with autocast(self.device, self.precision):
+                    logits = model.net(x.contiguous(memory_format=torch.channels_last))
+                if (hook := self._hooks.get(card.name)) is not None:
+                    features = hook.numpy()
             out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
-            hook = self._hooks.get(card.name)
-            if hook is not None and scores is not None:
-                scores[card.name] = self.applicability[card.name].score(hook.numpy())
+            if features is not None and scores is not None and card.name in self.applicability:
+                scores[card.name] = self.applicability[card.name].score(features)
         return out
 
 

@@ -47,8 +47,9 @@ class PredictConfig:
     weights_dir: Optional[Path] = None
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 16
-    workers: Optional[int] = None  # None: 2, or 8 with a GPU
+    batch_size: Optional[int] = None  # None: 16, or 64 on CUDA (inference.default_split)
+    workers: Optional[int] = None  # None: from the machine's cores (inference.default_split)
+    threads: Optional[int] = None  # torch threads of this process; None: from the machine's cores
     resume: bool = False
     overwrite: bool = False
     study_from: str = "file"
@@ -160,6 +161,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     if config.site is not None:
         _apply_site(models, config.site)
     cards = [m.card for m in models]
+    batch_size = engine.batch_size
 
     started = datetime.now(timezone.utc)
     paths = OutputPaths(Path(config.output))
@@ -178,13 +180,13 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         n_ok_now = 0
         if progress:
             progress(0, len(todo))
-        results = engine.results(todo, models, options, config.batch_size)
+        results = engine.results(todo, models, options, batch_size)
         for done, result in enumerate(results, 1):
             batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
             n_ok_now += result.status is Status.OK
             if progress:
                 progress(done, len(todo))
-            if len(batch) >= config.batch_size * len(cards):  # flush policy: every batch_size files
+            if len(batch) >= batch_size * len(cards):  # flush policy: every batch_size files
                 writer.append(batch)
                 batch = []
         writer.append(batch)
@@ -199,7 +201,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "roots": [str(p.resolve()) for p in roots], "device": engine.device, "precision": config.precision,
-        "batch_size": config.batch_size, "workers": engine.workers, "engine": engine.describe(), "resumed": config.resume,
+        "batch_size": batch_size, "workers": engine.workers, "threads": engine.threads, "engine": engine.describe(),
+        "resumed": config.resume,
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
                     "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
                     "input_size": c.input_size, "card": c.to_dict()} for c in cards],

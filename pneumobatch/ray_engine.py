@@ -195,6 +195,8 @@ class RayEngine:
             raise OptionError(f"--ray-actors {self.actors}: the Ray cluster has {what}")
         self.device = f"ray: {self.actors} {'cuda' if self.use_gpu else 'cpu'} actor{'s' if self.actors > 1 else ''}"
         self.workers = None  # Ray Data scales the read tasks to the cluster's CPUs
+        self.threads = None  # the actors' business, not the driver's
+        self.batch_size = config.batch_size or (64 if self.use_gpu else 16)
 
     def describe(self) -> dict[str, Any]:
         return {"name": "ray", "actors": self.actors, "gpus_per_actor": 1 if self.use_gpu else 0,

@@ -167,6 +167,30 @@ def _probs(frame: pd.DataFrame) -> np.ndarray:
     return frame[["prob_normal", "prob_pneumonia"]].replace("", "nan").astype(float).to_numpy()
 
 
+def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_path: Path, weights_dir: Path):
+    import json
+
+    from pneumobatch.inference import default_split
+
+    root = tmp_path / "in"
+    root.mkdir()
+    write_dicom(root / "x1", seed=1)
+    split = default_split(torch.device("cpu"))
+    threads_before = torch.get_num_threads()
+    try:
+        for extra, expected in [([], (split.workers, split.threads, split.batch_size)),
+                                (["--workers", "0", "--threads", "1", "--batch-size", "3"], (0, 1, 3))]:
+            out = tmp_path / "p.csv"
+            result = run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
+                          "--device", "cpu", "--overwrite", "--quiet", *extra])
+            assert result.exit_code == 0, result.output
+            info = json.loads(out.with_suffix(".run.json").read_text())
+            assert (info["workers"], info["threads"], info["batch_size"]) == expected
+            assert torch.get_num_threads() == expected[1]
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def test_results_do_not_depend_on_batch_size_or_workers(studies: Path, weights_dir: Path, tmp_path: Path):
     frames = []
     for i, (batch, workers) in enumerate([(1, 0), (3, 2), (16, 1)]):

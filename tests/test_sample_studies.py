@@ -2,7 +2,8 @@
 
 This is the check a user runs to verify an installation: same files, same statuses
 and reasons, same predicted labels, probabilities within 1e-3. Regenerate the
-reference only when the weights change on purpose:
+reference only when the weights or the decoding change on purpose (say why, with the
+largest change of a probability, in the commit):
 
     pneumobatch predict sample_studies -m pneumonia -m etiology \
         -o tests/data/sample_studies_expected.csv --overwrite

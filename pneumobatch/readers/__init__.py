@@ -8,6 +8,7 @@ predicted raises :class:`~pneumobatch.errors.FileRejected` with a reason code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,8 +30,9 @@ class ReadOptions:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     include_lateral: bool = False
-    #: Longest side the caller needs; readers may decode at a reduced scale
-    #: (JPEG DCT scaling) as long as both sides stay at or above it. ``None``: full size.
+    #: The model's input size (the largest, with several models): readers may decode at a
+    #: reduced scale (JPEG 2000 resolution levels, JPEG DCT scaling) as long as both sides
+    #: stay at or above :func:`decode_side`. ``None``: always decode at full size.
     min_side: Optional[int] = None
     #: Chest / non-chest words for the ``not-chest`` gate (see :mod:`pneumobatch.bodyparts`).
     body_parts: BodyPartVocabulary = DEFAULT_VOCABULARY
@@ -50,6 +52,20 @@ class Image:
 
     pixels: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+#: Reduced-resolution decoding keeps both sides at least this factor above the model's
+#: input size, so that the final antialiased resize still averages over >= 2 source pixels
+#: (a 2048 px image for a 192 px model decodes at 512 px, 1/4). Measured with the shipped
+#: models (benchmarks/reduced_decode.py): a margin of 1.25 (2048 px decoded at 256) moved a
+#: 512 px JPEG 2000 sample study by 0.16 and flipped its label; JPEG 2000's low-pass band
+#: aliases more than the final resize does.
+RESIZE_MARGIN = 2.0
+
+
+def decode_side(options: ReadOptions) -> Optional[int]:
+    """Smallest side a reduced-resolution decode may produce; ``None``: decode at full size."""
+    return math.ceil(options.min_side * RESIZE_MARGIN) if options.min_side else None
 
 
 def read_image(path: Path, kind: FileKind, options: ReadOptions | None = None) -> Image:
@@ -99,4 +115,4 @@ def check_content(pixels: np.ndarray) -> None:
         raise FileRejected(Reason.BLANK_IMAGE, "the image is (nearly) constant")
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Image", "ReadOptions", "read_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "RESIZE_MARGIN", "Image", "ReadOptions", "decode_side", "read_image"]

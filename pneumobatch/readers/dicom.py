@@ -11,6 +11,10 @@ transfer syntax no installed plugin decodes. Nothing but
 Pixel policy:
 
 * Only the first frame is decoded; ``meta["frames"]`` is *Number of Frames*.
+* With ``ReadOptions.min_side`` set, a monochrome JPEG 2000 or 8-bit JPEG frame is
+  decoded at a reduced scale (:mod:`pneumobatch.readers.reduced`) when the codec allows
+  it; pydicom decodes everything else, and those frames whenever the reduced decode
+  does not apply or fails. Both yield stored values that go through the same steps below.
 * Modality LUT: *Modality LUT Sequence* or *Rescale Slope/Intercept*.
 * VOI: the first *VOI LUT Sequence* item, else the first *Window Center/Width*
   (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the image. A window with an
@@ -46,14 +50,14 @@ import pydicom
 from pydicom import uid
 from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
+from pydicom.encaps import generate_fragments, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
 from pneumobatch.bodyparts import DESCRIPTION_KEYWORDS, examined_part
 from pneumobatch.errors import FileRejected, Reason
-from pneumobatch.readers import Image, ReadOptions
+from pneumobatch.readers import Image, ReadOptions, decode_side, reduced
 from pneumobatch.subgroups import age_band, age_years
 
 logger = logging.getLogger(__name__)
@@ -167,8 +171,11 @@ def _read(path: Path, options: ReadOptions, meta: dict[str, Any]) -> Image:
     _gate(ds, meta, options)
     plugins = _decoding_plugins(tsyntax)
     _check_codestream(ds, tsyntax, options)
-    array = _decode_first_frame(ds, plugins)
-    return Image(_to_display(array, ds, meta["photometric_interpretation"]), dict(meta))
+    photometric = meta["photometric_interpretation"]
+    array = _decode_reduced(ds, tsyntax, photometric, options)
+    if array is None:
+        array = _decode_first_frame(ds, plugins)
+    return Image(_to_display(array, ds, photometric), dict(meta))
 
 
 # --- header -------------------------------------------------------------------------
@@ -420,11 +427,30 @@ def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
 
 def _j2k_size(data: bytes) -> Optional[tuple[int, int]]:
     """(columns, rows) from the SIZ marker of a JPEG 2000 codestream (raw or in JP2)."""
-    pos = data.find(b"\xff\x4f\xff\x51", 0, 4096)
-    if pos < 0 or pos + 24 > len(data):
+    header = reduced.j2k_header(data)
+    return (header.columns, header.rows) if header else None
+
+
+def _decode_reduced(ds: Dataset, tsyntax: uid.UID, photometric: str, options: ReadOptions) -> Optional[np.ndarray]:
+    """Stored values of frame 0 at a reduced scale (:mod:`.reduced`), or ``None``: decode in full."""
+    side = decode_side(options)
+    if not side or tsyntax not in reduced.TRANSFER_SYNTAXES or photometric not in _MONOCHROME:
         return None
-    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(data[pos + off : pos + off + 4], "big") for off in (8, 12, 16, 20))
-    return max(xsiz - xosiz, 0), max(ysiz - yosiz, 0)
+    layout = reduced.Layout(
+        rows=_int(_get(ds, "Rows")) or 0,
+        columns=_int(_get(ds, "Columns")) or 0,
+        bits_allocated=_int(_get(ds, "BitsAllocated")) or 0,
+        bits_stored=_int(_get(ds, "BitsStored")) or 0,
+        signed=_int(_get(ds, "PixelRepresentation")) == 1,
+    )
+    if _int(_get(ds, "SamplesPerPixel")) not in (None, 1):
+        return None
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=_frames(ds))
+    except Exception as exc:  # pydicom will say what is wrong with the fragments
+        logger.debug("no frame for a reduced decode: %s", exc)
+        return None
+    return reduced.decode_reduced(frame, tsyntax, layout, side)
 
 
 def _decode_first_frame(ds: Dataset, plugins: tuple[str, ...]) -> np.ndarray:

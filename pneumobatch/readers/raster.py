@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 
 from pneumobatch.errors import FileRejected, Reason
-from pneumobatch.readers import Image, ReadOptions
+from pneumobatch.readers import Image, ReadOptions, decode_side
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -44,9 +44,9 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
                         f"{width}x{height} pixels exceeds the limit of {options.max_pixels}",
                     )
                 fmt = img.format
-                if fmt == "JPEG" and options.min_side:
+                if fmt == "JPEG" and (side := decode_side(options)):
                     # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when still big enough.
-                    img.draft("L", (options.min_side, options.min_side))
+                    img.draft("L", (side, side))
                 pixels = _to_gray(ImageOps.exif_transpose(img))  # a phone photo of a film may be rotated
     except FileRejected:
         raise
