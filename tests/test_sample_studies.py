@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_studies"
 EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
 STABLE = ["path", "status", "reason", "study", "study_instance_uid", "sop_instance_uid", "view_position",
-          "model", "weights_sha256", "pred_label", "threshold"]
+          "model", "weights_sha256", "pred_label", "threshold", "applicable"]
 
 
 def test_shipped_weights_reproduce_reference_output(tmp_path: Path):
@@ -38,6 +38,14 @@ def test_shipped_weights_reproduce_reference_output(tmp_path: Path):
         got[probs].replace("", "nan").astype(float), expected[probs].replace("", "nan").astype(float),
         atol=1e-3, equal_nan=True,
     )
+
+
+def test_the_ct_slice_exported_as_png_is_flagged_not_applicable():
+    expected = pd.read_csv(EXPECTED, dtype=str, keep_default_na=False)
+    ct = expected[expected.path == "exports/CT_slice_export.png"]
+    assert len(ct) == 2 and set(ct.applicable) == {"false"}  # no header to gate on: only the flag can tell
+    chest = expected[(expected.status == "ok") & (expected.path != "exports/CT_slice_export.png")]
+    assert (chest.applicable == "false").mean() < 0.1
 
 
 def test_every_labelled_sample_is_predicted():
