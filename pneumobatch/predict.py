@@ -114,6 +114,18 @@ def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list
     return entries
 
 
+def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether an output path names an image inside an input folder (never to be replaced)."""
+    from pneumobatch.discovery import FileKind, sniff
+
+    if not path.is_file() or not any(path.resolve().is_relative_to(Path(r).resolve()) for r in roots):
+        return False
+    try:
+        return sniff(path) in (FileKind.DICOM, FileKind.PNG, FileKind.JPEG)
+    except OSError:
+        return False
+
+
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
     from pneumobatch.bodyparts import BodyPartVocabulary
@@ -143,7 +155,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     roots = [Path(p) for p in config.inputs]
     entries = [e for e in _entries(roots, config.follow_external_links) if not paths.owns(e.path)]  # an output inside the input tree
     columns = columns_for(cards, config.include_patient_id)
-    with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite) as writer:
+    inputs = roots + [p for p in paths.replaced if _is_input_image(p, roots)]
+    with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite, cards=cards, inputs=inputs) as writer:
         todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
         applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}
         predictor = Predictor(models, torch_device, resolve_precision(config.precision, torch_device), applicability)

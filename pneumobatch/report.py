@@ -33,7 +33,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pandas as pd
 
-from pneumobatch.atomicfile import atomic_write
+from pneumobatch.atomicfile import atomic_write, check_replaceable
 from pneumobatch.card import ModelCard
 from pneumobatch.errors import LabelError, Reason, ReportError
 from pneumobatch.labels import (
@@ -49,7 +49,7 @@ from pneumobatch.labels import (
     threshold_notes,
 )
 from pneumobatch.metrics import evaluate, jsonable, subgroup_metrics, summarise
-from pneumobatch.outputs import file_counts
+from pneumobatch.outputs import file_counts, restore_formulas
 from pneumobatch.subgroups import add_subgroup_columns, parse_band_defaults
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def load_predictions(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise ReportError(f"predictions file not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace")
+        frame = restore_formulas(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace"))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReportError(f"cannot read predictions file {path}: {first}") from e
@@ -159,7 +159,7 @@ def _load_studies(path: Path, warnings: list[str]) -> Optional[pd.DataFrame]:
     if not path.is_file():
         return None
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
+        frame = restore_formulas(pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace"))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         warnings.append(f"{path.name} could not be read ({e}); study predictions aggregated here")
         return None
@@ -1203,13 +1203,6 @@ class _Pdf:
 # ---------------------------------------------------------------------------- write
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
 def _remove_stale(json_path: Path, folder: Path) -> None:
     """Delete figures a previous report at this path wrote (listed in its JSON)."""
     try:
@@ -1257,8 +1250,7 @@ def write_report(
     inputs = [predictions_csv, *(Path(p) for p in (labels_csv, run_json, studies_csv) if p is not None)]
     inputs += [_sidecar(predictions_csv, ".run.json"), _sidecar(predictions_csv, ".studies.csv")]
     for out in (out_pdf, json_path):
-        if any(_same(out, i) for i in inputs):
-            raise ReportError(f"output {out} would overwrite an input file; choose another -o")
+        check_replaceable(out, inputs)
     if folder.exists() and not folder.is_dir():
         raise ReportError(f"{folder} exists and is not a folder; choose another -o")
 
