@@ -186,7 +186,7 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     """
     frame = frame.copy()
     for col in frame.columns:
-        if frame[col].dtype == object:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
             mask = _needs_quote(frame[col])
             if mask.any():
                 frame.loc[mask, col] = "'" + frame.loc[mask, col].astype(str)
@@ -197,7 +197,7 @@ def restore_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     """Undo :func:`neutralise_formulas` on a CSV read back (resume, report)."""
     frame = frame.copy()
     for col in frame.columns:
-        if frame[col].dtype == object:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
             mask = frame[col].astype(str).str.startswith("'") & _needs_quote(frame[col])
             if mask.any():
                 frame.loc[mask, col] = frame.loc[mask, col].astype(str).str[1:]
