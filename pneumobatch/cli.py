@@ -4,7 +4,8 @@ Exit codes, the same for every command (defined with the errors in :mod:`pneumob
 0 success; 1 the run completed but some files could not be read (they are listed in the
 CSV); 2 usage error (bad option or argument; an existing output without --resume or
 --overwrite; a --device this machine does not have, e.g. cuda without a GPU); 3 fatal
-error (model missing or corrupt, output not writable, unusable data). The package's
+error (model missing or corrupt, output not writable, unusable data); 130/143 interrupted
+by SIGINT/SIGTERM (rows written so far are kept for --resume). The package's
 errors are turned into a one-line message and their exit code in one place,
 :class:`Group.invoke`. An empty input folder is not an error: a night without studies
 writes a CSV with only the header.
@@ -12,10 +13,13 @@ writes a CSV with only the header.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +30,10 @@ from pneumobatch.errors import (
     EXIT_FATAL,
     EXIT_FILE_ERRORS,
     EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
     EXIT_USAGE,
+    Interrupted,
     ModelError,
     OutputError,
     PneumobatchError,
@@ -35,7 +42,7 @@ from pneumobatch.outputs import STUDY_FROM
 from pneumobatch.predict import PredictConfig
 from pneumobatch.tasks import TASKS
 
-__all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL"]
+__all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL", "EXIT_SIGINT", "EXIT_SIGTERM"]
 
 
 class CommandError(click.ClickException):
@@ -51,13 +58,51 @@ class FatalError(CommandError):
 
 
 class Group(click.Group):
-    """Click group that translates the package's errors once for every command."""
+    """Click group that translates the package's errors once for every command.
+
+    SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's timeout) stop a command by an
+    :class:`~pneumobatch.errors.Interrupted` error raised where the program is: files are
+    closed, decoding workers shut down and the lock released on the way out, then one
+    line and exit code 130 or 143. A second signal during that shutdown is ignored.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _signals_stop_the_run():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # SIGINT arriving before the handler was set
+            raise CommandError(str(Interrupted(signal.SIGINT)), EXIT_SIGINT) from exc
         except PneumobatchError as exc:
             raise CommandError(str(exc), exc.exit_code) from exc
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run():
+    """SIGINT and SIGTERM raise :class:`Interrupted` (once) while the command runs."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    owner = os.getpid()
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked decoding worker: as without this handler
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the DataLoader's workers end quietly on it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for s in signals:  # the shutdown that follows is not to be interrupted again
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class LibraryChoice(click.Choice):

@@ -14,6 +14,7 @@ No Click here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -170,15 +171,16 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         n_ok_now = 0
         if progress:
             progress(0, len(todo))
-        results = run_inference(todo, predictor, options, batch_size=config.batch_size, workers=workers)
-        for done, result in enumerate(results, 1):
-            batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
-            n_ok_now += result.status is Status.OK
-            if progress:
-                progress(done, len(todo))
-            if len(batch) >= config.batch_size * len(cards):  # flush policy: every batch_size files
-                writer.append(batch)
-                batch = []
+        # closing: on an error or a signal the decoding workers are shut down before the lock is released
+        with contextlib.closing(run_inference(todo, predictor, options, batch_size=config.batch_size, workers=workers)) as results:
+            for done, result in enumerate(results, 1):
+                batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
+                n_ok_now += result.status is Status.OK
+                if progress:
+                    progress(done, len(todo))
+                if len(batch) >= config.batch_size * len(cards):  # flush policy: every batch_size files
+                    writer.append(batch)
+                    batch = []
         writer.append(batch)
         seconds = time.perf_counter() - t0
         frame = writer.finalize(entries, names)

@@ -1,0 +1,89 @@
+"""SIGINT and SIGTERM stop ``predict`` cleanly: one line, exit 130/143, no worker left, resume works.
+
+These run the real command in a subprocess and send it real signals.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumobatch.errors import EXIT_SIGINT, EXIT_SIGTERM
+from pneumobatch.synthetic import write_cxr
+
+N_FILES = 30
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def slow_studies(tmp_path_factory) -> Path:
+    """Lossless JPEG 2000 DICOMs of noise: slow enough to decode that a signal lands mid-run."""
+    folder = tmp_path_factory.mktemp("slow")
+    pixels = np.random.default_rng(0).integers(0, 4096, (512, 512)).astype(np.uint16)
+    write_cxr(folder / "00.dcm", pixels, bits_stored=12, encoding="j2k-lossless")
+    for i in range(1, N_FILES):
+        shutil.copyfile(folder / "00.dcm", folder / f"{i:02d}.dcm")
+    return folder
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def command(inputs: Path, out: Path, weights_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pneumobatch", "predict", str(inputs), "-o", str(out), "--weights-dir", str(weights_dir),
+            "-m", "tiny", "--device", "cpu", "--workers", "2", "--batch-size", "2", "--quiet", *extra]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])
+def test_a_signal_stops_the_run_cleanly_and_resume_finishes(slow_studies: Path, weights_dir: Path, tmp_path: Path, signum, code):
+    out = tmp_path / "p.csv"
+    journal = tmp_path / "p.csv.partial"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(command(slow_studies, out, weights_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for the first batch in the journal
+        if journal.exists() and len(journal.read_bytes().splitlines()) > 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    workers = children(proc.pid)
+    assert workers, "no decoding workers found"
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C in a terminal reaches the whole process group
+    else:
+        proc.send_signal(signum)  # kill PID, a scheduler's timeout: the main process only
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr.decode()
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: interrupted by") and "--resume" in lines[0], stderr.decode()
+    assert not (tmp_path / ".p.csv.lock").exists() and journal.exists() and not out.exists()
+    time.sleep(0.5)
+    assert not [w for w in workers if alive(w)], "decoding workers outlived the run"
+
+    done = subprocess.run(command(slow_studies, out, weights_dir, "--resume"), capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == [f"{i:02d}.dcm" for i in range(N_FILES)] and (frame["status"] == "ok").all()
