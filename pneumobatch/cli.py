@@ -126,6 +126,11 @@ class LibraryChoice(click.Choice):
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Warnings raised while reading one file (numpy overflow on a hostile rescale slope, a
+    # malformed DICOM value) are about that file, whose row says what happened: they go to
+    # logging and are shown only with -v, never with -q. Decoding workers inherit this.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.CRITICAL)
     # pydicom logs every failed decoder attempt at ERROR with a traceback; the reader turns
     # those failures into reason codes in the CSV, so its log is noise unless asked for.
     import pydicom.config  # noqa: F401 - pydicom sets its logger's level on import; import it first

@@ -1,6 +1,7 @@
-"""SIGINT and SIGTERM stop ``predict`` cleanly: one line, exit 130/143, no worker left, resume works.
+"""The real command in a subprocess: what reaches stderr and the exit code.
 
-These run the real command in a subprocess and send it real signals.
+SIGINT and SIGTERM (real signals) stop ``predict`` cleanly: one line, exit 130/143, no
+worker left, an immediate ``--resume`` finishes; with ``-q`` nothing but errors reaches stderr.
 """
 
 from __future__ import annotations
@@ -87,3 +88,22 @@ def test_a_signal_stops_the_run_cleanly_and_resume_finishes(slow_studies: Path, 
     assert done.returncode == 0, done.stderr.decode()
     frame = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert sorted(frame["path"]) == [f"{i:02d}.dcm" for i in range(N_FILES)] and (frame["status"] == "ok").all()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_quiet_keeps_warnings_about_file_contents_off_stderr(tmp_path: Path, weights_dir: Path):
+    """A rescale slope of 1e308 overflows in numpy and a 'nan' window upsets pydicom: rows, not stderr noise."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
+    write_cxr(folder / "slope.dcm", pixels, bits_stored=12, extra={"RescaleSlope": "1e308", "RescaleIntercept": "1e308"})
+    write_cxr(folder / "window.dcm", pixels, bits_stored=12, extra={"WindowCenter": "nan", "WindowWidth": "0"})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for workers in ("0", "1"):
+        out = tmp_path / f"p{workers}.csv"
+        args = command(folder, out, weights_dir)
+        args[args.index("--workers") + 1] = workers
+        done = subprocess.run(args, capture_output=True, env=env, timeout=300)
+        assert done.returncode == 1 and done.stderr == b"", done.stderr.decode()  # slope.dcm is an error row
+        rows = pd.read_csv(out, dtype=str, keep_default_na=False)
+        assert dict(zip(rows["path"], rows["status"])) == {"slope.dcm": "error", "window.dcm": "ok"}
