@@ -107,3 +107,37 @@ def test_quiet_keeps_warnings_about_file_contents_off_stderr(tmp_path: Path, wei
         assert done.returncode == 1 and done.stderr == b"", done.stderr.decode()  # slope.dcm is an error row
         rows = pd.read_csv(out, dtype=str, keep_default_na=False)
         assert dict(zip(rows["path"], rows["status"])) == {"slope.dcm": "error", "window.dcm": "ok"}
+
+
+def without_write_permission_override(args: list[str]) -> list[str]:
+    """``args`` run so that a folder's missing write permission holds (root would override it)."""
+    if os.geteuid() != 0:
+        return args
+    capsh = shutil.which("capsh")
+    if capsh is None:
+        pytest.skip("running as root without capsh: permissions cannot be enforced")
+    import shlex
+
+    return [capsh, "--drop=cap_dac_override", "--", "-c", shlex.join(args)]
+
+
+@pytest.mark.parametrize("command_name", ["predict", "report"])
+def test_an_unwritable_output_folder_is_one_line_exit_3(tmp_path: Path, weights_dir: Path, command_name: str):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
+    write_cxr(folder / "a.dcm", pixels, bits_stored=12)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    predictions = tmp_path / "p.csv"
+    assert subprocess.run(command(folder, predictions, weights_dir), env=env, capture_output=True).returncode == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if command_name == "predict":
+        args = command(folder, locked / "p.csv", weights_dir)
+    else:
+        args = [sys.executable, "-m", "pneumobatch", "report", str(predictions), "-o", str(locked / "r.pdf"), "-q"]
+    done = subprocess.run(without_write_permission_override(args), env=env, capture_output=True, timeout=300)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 3 and len(lines) == 1 and lines[0].startswith("Error: cannot write"), done.stderr.decode()
+    assert list(locked.iterdir()) == []
