@@ -170,18 +170,24 @@ def test_formula_cells_are_neutralised_and_read_back_exactly():
 def test_formula_file_names_are_quoted_in_the_csvs_and_resume_reads_them_back(tmp_path: Path, weights_dir: Path):
     names = ["=HYPERLINK(1).png", "+cmd.png", "-2+3.png", "@SUM(A1).png", "plain.png"]
     folder = write_pngs(tmp_path / "in", names)
+    pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
+    with pytest.warns(UserWarning, match="Invalid value for VR CS"):  # header values are untrusted input
+        write_cxr(folder / "v.dcm", pixels, bits_stored=12, view_position="@SUM(1)", patient_id="-1+2")
     out = tmp_path / "p.csv"
-    assert predict(folder, out, weights_dir).exit_code == EXIT_OK
+    assert predict(folder, out, weights_dir, "--include-patient-id").exit_code == EXIT_OK
     raw = csv_rows(out)
-    assert sorted(raw["path"]) == sorted(["'" + n for n in names[:4]] + ["plain.png"])
+    assert sorted(raw["path"]) == sorted(["'" + n for n in names[:4]] + ["plain.png", "v.dcm"])
+    assert list(raw.loc[raw["path"] == "v.dcm", ["view_position", "patient_id"]].iloc[0]) == ["'@SUM(1)", "'-1+2"]
     assert all(not v.startswith(("=", "+", "-", "@")) for col in raw.columns for v in raw[col])
     studies = csv_rows(tmp_path / "p.studies.csv")
     assert all(not v.startswith(("=", "+", "@")) for col in ("study", "key_image") for v in studies[col])
-    assert sorted(restore_formulas(raw)["path"]) == sorted(names)
+    restored = restore_formulas(raw)
+    assert sorted(restored["path"]) == sorted([*names, "v.dcm"])
+    assert restored.loc[restored["path"] == "v.dcm", "view_position"].item() == "@SUM(1)"
 
     before = out.read_bytes()
     result = CliRunner().invoke(main, ["predict", str(folder), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
-                                       "--workers", "0", "--device", "cpu", "--resume"])
+                                       "--workers", "0", "--device", "cpu", "--resume", "--include-patient-id"])
     assert result.exit_code == EXIT_OK and "0 read this run" in result.output, result.output
     assert out.read_bytes() == before
 
