@@ -281,7 +281,6 @@ class PredictionWriter:
         self.resume = resume
         self.cards = {c.name: c for c in cards}
         self.previous: dict[tuple[str, str, str, str], dict[str, str]] = {}
-        self.n_invalid_previous = 0
         self._journal: Optional[IO[str]] = None
         self._lock_fd: Optional[int] = None
         self._check(overwrite, inputs)
@@ -331,7 +330,7 @@ class PredictionWriter:
                 data = out.read_bytes()
             except OSError as exc:
                 raise OutputError(f"cannot resume from {out}: {exc.strerror or exc}") from exc
-            self._remember(*_read_rows(data, out))
+            self._remember(out, _read_rows(data, out)[1])
         fd = open_regular(journal, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         self._journal = open(fd, "a", newline="", encoding="utf-8")
         try:
@@ -353,13 +352,13 @@ class PredictionWriter:
                         "resume with the same --model and --include-patient-id options"
                     )
                 if self.resume:
-                    self._remember(columns, rows)
+                    self._remember(journal, rows)
         except OSError as exc:
             raise OutputError(f"cannot write {journal}: {exc.strerror or exc}") from exc
 
-    def _remember(self, columns: list[str], rows: list[dict[str, str]]) -> None:
+    def _remember(self, source: Path, rows: list[dict[str, str]]) -> None:
         """Keep rows to resume from, after checking they come from this run's models and weights."""
-        source = self.paths.predictions
+        invalid = 0
         for row in rows:
             card = self.cards.get(row["model"])
             if card is None:
@@ -374,12 +373,12 @@ class PredictionWriter:
                     "choose another -o, or --overwrite to predict everything again"
                 )
             if not _probabilities_valid(row, card):
-                self.n_invalid_previous += 1
+                invalid += 1
                 continue
             self.previous[row_key(row)] = row
-        if self.n_invalid_previous:
+        if invalid:
             log.warning("%d rows of %s have probabilities that are not numbers in [0, 1] (edited in a spreadsheet?); "
-                        "those files are predicted again", self.n_invalid_previous, source)
+                        "those files are predicted again", invalid, source)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._journal:
