@@ -293,8 +293,10 @@ def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quie
 
     \b
     Exit codes: 0 all files predicted or skipped by rule; 1 some files errored
-    (see the CSV); 2 usage error (also: --device cuda without a GPU); 3 fatal error
-    (e.g. model missing, output unwritable).
+    (see the CSV); 2 usage error (also: --device cuda without a GPU; --resume on an
+    output of other models or weights); 3 fatal error (e.g. model missing or its card
+    invalid, output unwritable, disk full); 130/143 stopped by SIGINT/SIGTERM
+    (rows so far kept: run again with --resume).
     """
     from tqdm import tqdm
 
