@@ -92,26 +92,37 @@ def open_regular(path: Path, flags: int) -> int:
     return fd
 
 
-def check_replaceable(path: Path, inputs: Iterable[Path] = ()) -> None:
+def _resolved(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except OSError:
+        return Path(os.path.abspath(path))
+
+
+def check_replaceable(path: Path, inputs: Iterable[Path] = (), error: type[Exception] = OutputError) -> None:
     """Refuse to replace something that is not a regular file, or an input file.
 
     Nothing at ``path`` is fine. A symbolic link, FIFO, socket, device or folder, or the
-    same file as one of ``inputs``, raises :class:`OutputError`.
+    same file as one of ``inputs``, raises ``error`` (the caller's documented type:
+    :class:`OutputError` for predict, ``ReportError`` for report; both exit with 3).
     """
+    inputs = list(inputs)
+    if any(_resolved(path) == _resolved(source) for source in inputs):  # named as an input, even one not there yet
+        raise error(f"output {path} would overwrite an input file; choose another -o")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {_reason(exc)}") from exc
+        raise error(f"cannot write {path}: {_reason(exc)}") from exc
     if stat.S_ISLNK(st.st_mode):
-        raise OutputError(f"{path} is a symbolic link; pneumobatch does not write through links, choose another -o")
+        raise error(f"{path} is a symbolic link; pneumobatch does not write through links, choose another -o")
     if not stat.S_ISREG(st.st_mode):
-        raise OutputError(f"{path} exists and is not a regular file; choose another -o")
+        raise error(f"{path} exists and is not a regular file; choose another -o")
     for source in inputs:
         try:
             same = os.path.samefile(path, source)
         except OSError:
             continue
         if same:
-            raise OutputError(f"output {path} would overwrite an input file; choose another -o")
+            raise error(f"output {path} would overwrite an input file; choose another -o")

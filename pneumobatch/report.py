@@ -1250,7 +1250,7 @@ def write_report(
     inputs = [predictions_csv, *(Path(p) for p in (labels_csv, run_json, studies_csv) if p is not None)]
     inputs += [_sidecar(predictions_csv, ".run.json"), _sidecar(predictions_csv, ".studies.csv")]
     for out in (out_pdf, json_path):
-        check_replaceable(out, inputs)
+        check_replaceable(out, inputs, ReportError)
     if folder.exists() and not folder.is_dir():
         raise ReportError(f"{folder} exists and is not a folder; choose another -o")
 
