@@ -39,6 +39,67 @@ NOT_THRESHOLDS = ("shipped", "target_recall")
 DEFAULT_THRESHOLD = 0.5
 PROB_PREFIX = "prob_"
 REQUIRED_FIELDS = ("name", "task", "classes", "architecture", "input_size", "mean", "std")
+#: Input sizes a card may ask for (``train --input-size`` allows 32 to 1024).
+INPUT_SIZE_RANGE = (16, 2048)
+
+_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
+_OPERATING_POINTS = {"type": "object", "properties": {k: _PROBABILITY for k in OPERATING_POINTS}}
+#: What a model card loaded for prediction must hold (JSON Schema; numbers must also be finite).
+CARD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": [*REQUIRED_FIELDS, "weights_sha256"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "task": {"type": "string", "minLength": 1},
+        "classes": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2, "uniqueItems": True},
+        "architecture": {"type": "string", "minLength": 1},
+        "input_size": {"type": "integer", "minimum": INPUT_SIZE_RANGE[0], "maximum": INPUT_SIZE_RANGE[1]},
+        "mean": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+        "std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 3, "maxItems": 3},
+        "positive": {"type": ["string", "null"]},
+        "threshold": {"anyOf": [_PROBABILITY, {"type": "null"}]},
+        "thresholds": {
+            "type": "object",
+            "properties": {**_OPERATING_POINTS["properties"], "by_age_band": {"type": "object", "additionalProperties": _OPERATING_POINTS}},
+        },
+        "temperature": {"type": "number", "exclusiveMinimum": 0},
+        "weights_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+        "data": {"type": "object"},
+        "metrics": {"type": "object"},
+        "training": {"type": "object"},
+        "applicability": {"type": "object"},
+    },
+}
+
+
+def validate_card(data: Any) -> None:
+    """Check a card read from disk before it is used: :data:`CARD_SCHEMA`, finite numbers,
+    ``positive`` one of the classes. Raises :class:`ModelError` with one line naming the field."""
+    import jsonschema
+
+    if not isinstance(data, dict):
+        raise ModelError("card: not a JSON object")
+    missing = [k for k in CARD_SCHEMA["required"] if k not in data]
+    if missing:
+        raise ModelError(f"{missing[0]}: missing (the card lacks {', '.join(missing)})")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(CARD_SCHEMA).iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "card"
+        message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+        raise ModelError(f"{where}: {message}")
+    thresholds = data.get("thresholds") or {}
+    decisive = {
+        "temperature": data.get("temperature", 1.0), "threshold": data.get("threshold"),
+        "mean": data["mean"], "std": data["std"],
+        **{f"thresholds/{k}": thresholds.get(k) for k in OPERATING_POINTS},
+        **{f"thresholds/by_age_band/{band}/{k}": v.get(k) for band, v in (thresholds.get("by_age_band") or {}).items()
+           for k in OPERATING_POINTS},
+    }
+    for where, value in decisive.items():
+        if value is not None and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
+            raise ModelError(f"{where}: must be a finite number, not {value!r}")
+    if data.get("positive") is not None and data["positive"] not in data["classes"]:
+        raise ModelError(f"positive: {data['positive']!r} is not one of the classes")
 
 
 def prob_column(cls: str) -> str:

@@ -4,7 +4,8 @@ Exit codes, the same for every command (defined with the errors in :mod:`pneumob
 0 success; 1 the run completed but some files could not be read (they are listed in the
 CSV); 2 usage error (bad option or argument; an existing output without --resume or
 --overwrite; a --device this machine does not have, e.g. cuda without a GPU); 3 fatal
-error (model missing or corrupt, output not writable, unusable data). The package's
+error (model missing or corrupt, output not writable, unusable data); 130/143 interrupted
+by SIGINT/SIGTERM (rows written so far are kept for --resume). The package's
 errors are turned into a one-line message and their exit code in one place,
 :class:`Group.invoke`. An empty input folder is not an error: a night without studies
 writes a CSV with only the header.
@@ -12,10 +13,13 @@ writes a CSV with only the header.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +31,10 @@ from pneumobatch.errors import (
     EXIT_FATAL,
     EXIT_FILE_ERRORS,
     EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
     EXIT_USAGE,
+    Interrupted,
     ModelError,
     OutputError,
     PneumobatchError,
@@ -39,7 +46,7 @@ from pneumobatch.report.options import ReportOptions
 from pneumobatch.tasks import TASKS
 from pneumobatch.train_config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainConfig
 
-__all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL"]
+__all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL", "EXIT_SIGINT", "EXIT_SIGTERM"]
 
 
 class CommandError(click.ClickException):
@@ -55,17 +62,55 @@ class FatalError(CommandError):
 
 
 class Group(click.Group):
-    """Click group that translates the package's errors once for every command."""
+    """Click group that translates the package's errors once for every command.
+
+    SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's timeout) stop a command by an
+    :class:`~pneumobatch.errors.Interrupted` error raised where the program is: files are
+    closed, decoding workers shut down and the lock released on the way out, then one
+    line and exit code 130 or 143. A second signal during that shutdown is ignored.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _signals_stop_the_run():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # SIGINT arriving before the handler was set
+            raise CommandError(str(Interrupted(signal.SIGINT)), EXIT_SIGINT) from exc
         except PneumobatchError as exc:
             raise CommandError(str(exc), exc.exit_code) from exc
 
 
 #: Target recalls an operating point may be asked for (train on validation data, report on the evaluated data).
 RECALL_RANGE = click.FloatRange(0.5, 1.0)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run():
+    """SIGINT and SIGTERM raise :class:`Interrupted` (once) while the command runs."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    owner = os.getpid()
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked decoding worker: as without this handler
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the DataLoader's workers end quietly on it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for s in signals:  # the shutdown that follows is not to be interrupted again
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class LibraryChoice(click.Choice):
@@ -89,6 +134,11 @@ class LibraryChoice(click.Choice):
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Warnings raised while reading one file (numpy overflow on a hostile rescale slope, a
+    # malformed DICOM value) are about that file, whose row says what happened: they go to
+    # logging and are shown only with -v, never with -q. Decoding workers inherit this.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.CRITICAL)
     # pydicom logs every failed decoder attempt at ERROR with a traceback; the reader turns
     # those failures into reason codes in the CSV, so its log is noise unless asked for.
     import pydicom.config  # noqa: F401 - pydicom sets its logger's level on import; import it first
@@ -267,8 +317,10 @@ def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quie
 
     \b
     Exit codes: 0 all files predicted or skipped by rule; 1 some files errored
-    (see the CSV); 2 usage error (also: --device cuda without a GPU); 3 fatal error
-    (e.g. model missing, output unwritable).
+    (see the CSV); 2 usage error (also: --device cuda without a GPU; --resume on an
+    output of other models or weights); 3 fatal error (e.g. model missing or its card
+    invalid, output unwritable, disk full); 130/143 stopped by SIGINT/SIGTERM
+    (rows so far kept: run again with --resume).
     """
     from tqdm import tqdm
 

@@ -9,8 +9,11 @@ carries the exit code the CLI gives it, so the CLI translates errors in one plac
 2     usage error: bad option or argument; an existing output without --resume or
       --overwrite; a --device that this machine does not have (e.g. cuda without a GPU);
       a --site file that is not one or was fitted for another model or weights
-3     fatal error: model missing or corrupt, output not writable, training data unusable,
-      predictions or labels unusable, archive unreachable or refusing us (pull, push)
+3     fatal error: model missing or corrupt, output not writable (disk full, a link or a
+      special file at -o), training data unusable, predictions or labels unusable,
+      archive unreachable or refusing us (pull, push)
+130   interrupted by SIGINT (Ctrl-C); 143 interrupted by SIGTERM: rows written so far
+      are kept, run again with --resume
 ====  ==================================================================================
 """
 
@@ -68,6 +71,7 @@ _SKIP_REASONS = {
 
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal's number, as shells report it
 
 
 class PneumobatchError(Exception):
@@ -134,6 +138,24 @@ class OutputExists(OutputError):
 class ArchiveError(PneumobatchError):
     """A PACS/archive cannot be reached, refuses us, or its configuration is unusable
     (``pull``, ``push``). Per-study failures are counted, not raised: they give exit 1."""
+
+
+class ResumeMismatch(OutputError):
+    """``--resume`` on an output this run did not write: another tool's file, other models or weights."""
+
+    exit_code = EXIT_USAGE
+
+
+class Interrupted(PneumobatchError):
+    """The run was stopped by SIGINT or SIGTERM; exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}; rows written so far are kept, run the same command with --resume to finish")
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class ReportError(PneumobatchError):

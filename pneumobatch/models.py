@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pneumobatch.atomicfile import atomic_write
-from pneumobatch.card import OPERATING_POINTS, ModelCard  # noqa: F401 - re-exported: the card lives in card.py (no torch)
+from pneumobatch.card import OPERATING_POINTS, ModelCard, validate_card  # noqa: F401 - re-exported: the card lives in card.py (no torch)
 from pneumobatch.errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -219,10 +219,18 @@ def resolve_model_paths(name_or_path: str, weights_dir: Optional[Path] = None) -
 
 
 def read_card(card_path: Path) -> ModelCard:
+    """A model card from disk, checked (:func:`~pneumobatch.card.validate_card`) before any use."""
     try:
-        return ModelCard.from_dict(json.loads(card_path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
+    try:
+        validate_card(data)
+        return ModelCard.from_dict(data)
+    except ModelError as exc:
+        raise ModelError(f"{card_path}: invalid model card: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{card_path}: invalid model card ({exc})") from exc
 
 
 def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify: bool = True) -> LoadedModel:
@@ -232,7 +240,7 @@ def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify:
 
     card_path, weights_path = resolve_model_paths(name_or_path, weights_dir)
     card = read_card(card_path)
-    if verify and card.weights_sha256:
+    if verify:
         actual = sha256_file(weights_path)
         if actual != str(card.weights_sha256).strip().lower():  # hex digests compare case-insensitively
             raise ModelError(
@@ -242,11 +250,27 @@ def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify:
     net = create_model(card.architecture, len(card.classes), pretrained=False, input_size=card.input_size)
     try:
         state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{weights_path}: unreadable weights: {exc}") from exc
+    _check_output_layer(net, card, state, weights_path)
+    try:
         net.load_state_dict(state, strict=True)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise ModelError(f"{weights_path}: weights do not load into {card.architecture}: {exc}") from exc
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ModelError(f"{weights_path}: weights do not load into {card.architecture}: {first}") from exc
     net.eval()
     return LoadedModel(card, net, weights_path, _load_applicability(card, weights_path, verify))
+
+
+def _check_output_layer(net: nn.Module, card: ModelCard, state: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """The card's class count must be the weights' output layer's (else probabilities mean other classes)."""
+    head = ARCHITECTURES[card.architecture].head(net)
+    name = next((n for n, m in net.named_modules() if m is head), None)
+    weight = state.get(f"{name}.weight") if name is not None else None
+    if weight is not None and weight.ndim >= 1 and weight.shape[0] != len(card.classes):
+        raise ModelError(
+            f"{weights_path}: the card lists {len(card.classes)} classes but the weights' output layer has {weight.shape[0]}"
+        )
 
 
 def _load_applicability(card: ModelCard, weights_path: Path, verify: bool) -> Optional[Any]:

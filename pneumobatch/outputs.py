@@ -16,22 +16,25 @@ import csv
 import fcntl
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Any, Optional, Sequence
 
 import pandas as pd
 
-from pneumobatch.atomicfile import atomic_write
+from pneumobatch.atomicfile import atomic_write, check_replaceable, open_regular, temp_prefix
 from pneumobatch.card import PROB_PREFIX, prob_column
 from pneumobatch.discovery import FileEntry
-from pneumobatch.errors import OutputError, OutputExists, Reason, Status  # noqa: F401 - re-exported
+from pneumobatch.errors import OutputError, OutputExists, Reason, ResumeMismatch, Status  # noqa: F401 - re-exported
 from pneumobatch.studies import STUDY_COLUMNS, aggregate_studies  # noqa: F401 - STUDY_COLUMNS re-exported
 
 if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
     from pneumobatch.card import ModelCard
     from pneumobatch.inference import FileResult
+
+log = logging.getLogger(__name__)
 
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
@@ -136,7 +139,7 @@ class OutputPaths:
         """Whether ``path`` is one of this output's own files (so never an input)."""
         resolved = path.resolve()
         mine = {p.resolve() for p in (self.predictions, self.journal, self.lock, self.studies, self.run)}
-        tmp_prefixes = tuple(f".{p.name}.tmp-" for p in (self.predictions, self.studies, self.run))
+        tmp_prefixes = tuple(temp_prefix(p) for p in (self.predictions, self.studies, self.run))
         return resolved in mine or (
             resolved.parent == self.predictions.resolve().parent and resolved.name.startswith(tmp_prefixes)
         )
@@ -157,130 +160,292 @@ class OutputPaths:
     def run(self) -> Path:
         return self.predictions.with_name(self.predictions.stem + ".run.json")
 
+    @property
+    def replaced(self) -> tuple[Path, Path, Path]:
+        """The files a run replaces at its end."""
+        return (self.predictions, self.studies, self.run)
 
-def _read_rows(path: Path, complete_lines_only: bool = False) -> list[dict[str, str]]:
-    data = path.read_bytes()
+
+# --- spreadsheet formula injection (OWASP CSV injection) -------------------------------
+#: A cell starting with one of these is run as a formula by Excel, LibreOffice, Sheets.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _needs_quote(column: pd.Series) -> pd.Series:
+    """Cells that start (after any leading single quotes) with a formula trigger and are no plain number."""
+    text = column.astype(str)
+    stripped = text.str.lstrip("'")
+    trigger = stripped.str[:1].isin(FORMULA_TRIGGERS)
+    number = pd.to_numeric(stripped.where(trigger, ""), errors="coerce").notna()
+    return trigger & ~number
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Prefix a single quote to every cell a spreadsheet would run as a formula (OWASP).
+
+    A cell starting with ``= + - @``, a tab or a carriage return (numbers such as ``-3``
+    excepted) gets a leading ``'``; so does such a cell that already starts with quotes,
+    so :func:`restore_formulas` gives back exactly the original text.
+    """
+    frame = frame.copy()
+    for col in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            mask = _needs_quote(frame[col])
+            if mask.any():
+                frame.loc[mask, col] = "'" + frame.loc[mask, col].astype(str)
+    return frame
+
+
+def restore_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Undo :func:`neutralise_formulas` on a CSV read back (resume, report)."""
+    frame = frame.copy()
+    for col in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            mask = frame[col].astype(str).str.startswith("'") & _needs_quote(frame[col])
+            if mask.any():
+                frame.loc[mask, col] = frame.loc[mask, col].astype(str).str[1:]
+    return frame
+
+
+def to_csv_text(frame: pd.DataFrame, header: bool = True) -> str:
+    """A frame as pneumobatch writes CSVs: formulas neutralised, ``\\n`` line ends."""
+    return neutralise_formulas(frame).to_csv(index=False, header=header, lineterminator="\n")
+
+
+def read_csv_text(text: str) -> pd.DataFrame:
+    """A pneumobatch CSV's text read back: strings as written, formulas restored."""
+    frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    return restore_formulas(frame)
+
+
+#: Columns that mark a CSV as written by ``pneumobatch predict``.
+SIGNATURE_COLUMNS = ("path", "status", "reason", "model", "weights_sha256", "file_size", "file_mtime_ns")
+
+
+def _read_rows(data: bytes, source: Path, complete_lines_only: bool = False) -> tuple[list[str], list[dict[str, str]]]:
+    """Columns and rows of a predictions CSV or journal; raises ResumeMismatch if it is not one."""
     if complete_lines_only and data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]  # a run killed mid-write leaves half a line
-    text = data.decode("utf-8")
-    return list(csv.DictReader(io.StringIO(text)))
+    try:
+        frame = read_csv_text(data.decode("utf-8"))
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
+        raise ResumeMismatch(
+            f"{source} is not a pneumobatch predictions CSV ({type(exc).__name__}); "
+            "it was left as it is: choose another -o"
+        ) from exc
+    missing = [c for c in SIGNATURE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ResumeMismatch(
+            f"{source} is not a pneumobatch predictions CSV (no column {', '.join(missing)}); "
+            "it was left as it is: choose another -o"
+        )
+    return list(frame.columns), frame.to_dict("records")
+
+
+def _probabilities_valid(row: dict[str, str], card: ModelCard) -> bool:
+    """An ok row's probabilities are numbers in [0, 1] (an Excel round trip can make them ``0,93``)."""
+    if row.get("status") != Status.OK.value:
+        return True
+    for cls in card.classes:
+        try:
+            p = float(row.get(prob_column(cls), ""))
+        except ValueError:
+            return False
+        if not 0.0 <= p <= 1.0:  # also False for NaN
+            return False
+    return True
 
 
 class PredictionWriter:
-    """Owns an output CSV for one run: lock, journal, resume and the final atomic write."""
+    """Owns an output CSV for one run: lock, journal, resume and the final atomic write.
 
-    def __init__(self, paths: OutputPaths, columns: list[str], *, resume: bool, overwrite: bool) -> None:
+    Files are written only where that is safe (:mod:`pneumobatch.atomicfile`): the lock
+    and the journal never through a symbolic link, ``OUT``, ``OUT.studies.csv`` and
+    ``OUT.run.json`` never over a special file or an input. ``--resume`` continues only
+    an output this run could have written: a pneumobatch CSV whose rows all come from this
+    run's models with the same weights (SHA-256); anything else is refused and left as it
+    is. Rows whose probabilities no longer read as numbers (a spreadsheet round trip) are
+    predicted again. Rows of files no longer found are dropped, so the CSV describes the
+    inputs as they are now.
+    """
+
+    def __init__(
+        self,
+        paths: OutputPaths,
+        columns: list[str],
+        *,
+        resume: bool,
+        overwrite: bool,
+        cards: Sequence[ModelCard] = (),
+        inputs: Sequence[Path] = (),
+    ) -> None:
         self.paths = paths
         self.columns = columns
         self.resume = resume
+        self.cards = {c.name: c for c in cards}
         self.previous: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._journal: Optional[IO[str]] = None
-        self._writer: Optional[csv.DictWriter] = None
-        self._lock_fh: Optional[IO[str]] = None
-        self._check(overwrite)
+        self._lock_fd: Optional[int] = None
+        self._check(overwrite, inputs)
 
-    def _check(self, overwrite: bool) -> None:
+    def _check(self, overwrite: bool, inputs: Sequence[Path]) -> None:
         out = self.paths.predictions
-        if not self.resume and not overwrite:
+        for path in self.paths.replaced:
+            check_replaceable(path, inputs)
+        if overwrite:
+            return
+        if not self.resume:
             if out.exists():
                 raise OutputExists(f"{out} exists; pass --resume to continue that job or --overwrite to replace it")
             if self.paths.journal.exists():
                 raise OutputExists(
                     f"{self.paths.journal} holds rows of an interrupted run; pass --resume to finish it or --overwrite to start again"
                 )
+        if not out.exists() and not self.paths.journal.exists():  # nothing to resume: the sidecars are another job's
+            for path in (self.paths.studies, self.paths.run):
+                if path.exists():
+                    raise OutputExists(f"{path} exists; pass --overwrite to replace it or choose another -o")
 
     def __enter__(self) -> PredictionWriter:
         out = self.paths.predictions
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fh = open(self.paths.lock, "w")
         except OSError as exc:
             raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc
+        self._lock_fd = open_regular(self.paths.lock, os.O_WRONLY | os.O_CREAT)
         try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
             raise OutputError(f"another pneumobatch run is writing {out}") from exc
-        if self.resume:
-            for source, partial in ((out, False), (self.paths.journal, True)):
-                if source.exists():
-                    try:
-                        rows = _read_rows(source, complete_lines_only=partial)
-                    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-                        raise OutputError(f"cannot resume from {source}: {exc}") from exc
-                    for row in rows:
-                        if row.get("path") is not None and row.get("model"):
-                            self.previous[row_key(row)] = row
         try:
-            self._journal = open(self.paths.journal, "a", newline="", encoding="utf-8")
-            if self.paths.journal.stat().st_size == 0:
-                self._journal.write(",".join(self.columns) + "\n")
-            else:  # continue a journal; make sure a torn last line is closed off
-                self._repair_journal()
-                if self._journal_columns() != self.columns:
-                    raise OutputError(
-                        f"{self.paths.journal} was written with other models or options; "
-                        "resume with the same --model and --include-patient-id options"
-                    )
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.paths.journal}: {exc.strerror or exc}") from exc
-        self._writer = csv.DictWriter(self._journal, fieldnames=self.columns, lineterminator="\n")
+            self._open_journal()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
-    def _journal_columns(self) -> list[str]:
-        with open(self.paths.journal, newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh), None)
-        return header or self.columns
+    def _open_journal(self) -> None:
+        out, journal = self.paths.predictions, self.paths.journal
+        if self.resume and out.exists():
+            try:
+                data = out.read_bytes()
+            except OSError as exc:
+                raise OutputError(f"cannot resume from {out}: {exc.strerror or exc}") from exc
+            self._remember(out, _read_rows(data, out)[1])
+        fd = open_regular(journal, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        self._journal = open(fd, "a", newline="", encoding="utf-8")
+        try:
+            data = _read_fd(fd)
+            if data and not self.resume:  # --overwrite: an interrupted run's rows are not kept
+                data = b""
+                os.ftruncate(fd, 0)
+            if data and not data.endswith(b"\n"):  # a torn last line is cut off
+                data = data[: data.rfind(b"\n") + 1]
+                os.ftruncate(fd, len(data))
+            if not data:
+                self._journal.write(",".join(self.columns) + "\n")
+                self._journal.flush()
+            else:
+                columns, rows = _read_rows(data, journal)
+                if columns != self.columns:
+                    raise ResumeMismatch(
+                        f"{journal} was written with other models or options; "
+                        "resume with the same --model and --include-patient-id options"
+                    )
+                if self.resume:
+                    self._remember(journal, rows)
+        except OSError as exc:
+            raise OutputError(f"cannot write {journal}: {exc.strerror or exc}") from exc
 
-    def _repair_journal(self) -> None:
-        data = self.paths.journal.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.paths.journal, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
+    def _remember(self, source: Path, rows: list[dict[str, str]]) -> None:
+        """Keep rows to resume from, after checking they come from this run's models and weights."""
+        invalid = 0
+        for row in rows:
+            card = self.cards.get(row["model"])
+            if card is None:
+                raise ResumeMismatch(
+                    f"{source} holds rows of model {row['model']!r}, which this run does not use; "
+                    "resume with the same --model options, or choose another -o"
+                )
+            if card.weights_sha256 and str(row["weights_sha256"]).lower() != card.weights_sha256.lower():
+                raise ResumeMismatch(
+                    f"{source} holds rows of model {card.name!r} made with other weights "
+                    f"(SHA-256 {str(row['weights_sha256'])[:12]}…, now {card.weights_sha256[:12]}…); "
+                    "choose another -o, or --overwrite to predict everything again"
+                )
+            if not _probabilities_valid(row, card):
+                invalid += 1
+                continue
+            self.previous[row_key(row)] = row
+        if invalid:
+            log.warning("%d rows of %s have probabilities that are not numbers in [0, 1] (edited in a spreadsheet?); "
+                        "those files are predicted again", invalid, source)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._journal:
-            self._journal.close()
-        if self._lock_fh:
+            try:
+                self._journal.close()
+            except OSError:  # e.g. the disk is full: rows not flushed are predicted again on --resume
+                pass
+            self._journal = None
+        if self._lock_fd is not None:
             try:
                 self.paths.lock.unlink()  # still held: nobody else can be inside
             except OSError:
                 pass
-            self._lock_fh.close()
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def done(self, entry: FileEntry, model: str) -> bool:
         return entry_key(entry, model) in self.previous
 
-    def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        assert self._writer is not None and self._journal is not None
-        self._writer.writerows(rows)
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Add rows to the journal, flushed and fsynced (disk full: :class:`OutputError`)."""
+        assert self._journal is not None
+        if not rows:
+            return
+        frame = pd.DataFrame(list(rows), columns=self.columns, dtype=object).fillna("")
+        try:
+            self._journal.write(to_csv_text(frame, header=False))
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.paths.journal}: {exc.strerror or exc}; "
+                              "free space and run again with --resume") from exc
 
     def finalize(self, entries: Sequence[FileEntry], models: Sequence[str]) -> pd.DataFrame:
-        """Merge previous rows and the journal in discovery order; atomic write; drop journal."""
+        """Merge previous rows and the journal in discovery order; atomic write; drop journal.
+
+        Only rows of files found in this run are kept (a deleted input loses its row), with
+        this run's columns (a ``patient_id`` column is not carried over without
+        ``--include-patient-id``).
+        """
         assert self._journal is not None
-        self._journal.close()
+        try:
+            self._journal.close()
+            data = self.paths.journal.read_bytes()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.paths.journal}: {exc.strerror or exc}") from exc
+        finally:
+            self._journal = None
         rows = dict(self.previous)
-        for row in _read_rows(self.paths.journal, complete_lines_only=True):
+        for row in _read_rows(data, self.paths.journal, complete_lines_only=True)[1]:
             rows[row_key(row)] = row
-        ordered = []
-        for entry in entries:
-            for model in models:
-                key = entry_key(entry, model)
-                if key in rows:
-                    ordered.append(rows.pop(key))
-        current = {e.relpath for e in entries}
-        # rows of files from earlier runs that were not found again (moved, or another root)
-        ordered += [r for k, r in rows.items() if k[0] not in current]
-        columns = list(self.columns) + [c for r in ordered for c in r if c not in self.columns]
-        frame = pd.DataFrame(ordered, columns=list(dict.fromkeys(columns))).fillna("")
-        atomic_write_text(self.paths.predictions, frame.to_csv(index=False, lineterminator="\n"))
+        ordered = [rows[key] for entry in entries for model in models if (key := entry_key(entry, model)) in rows]
+        frame = pd.DataFrame(ordered, columns=self.columns, dtype=object).fillna("")
+        atomic_write(self.paths.predictions, to_csv_text(frame))
         os.remove(self.paths.journal)
         return frame
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
+def _read_fd(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def file_counts(frame: pd.DataFrame) -> dict[str, Any]:
@@ -305,9 +470,9 @@ def write_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], path: Path) -
     for col in [c for c in studies.columns if c.startswith(PROB_PREFIX)] + ["threshold"]:
         studies[col] = [f"{v:.6f}" if pd.notna(v) else "" for v in studies[col]]
     studies = studies.fillna("")
-    atomic_write_text(path, studies.to_csv(index=False, lineterminator="\n"))
+    atomic_write(path, to_csv_text(studies))
     return studies
 
 
 def write_run_json(path: Path, info: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(info, indent=2, default=str) + "\n")

@@ -16,6 +16,7 @@ No Click here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,18 @@ def _apply_site(models: Sequence[Any], path: Path) -> None:
     model.card = apply_site(model.card, site)
 
 
+def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether an output path names an image inside an input folder (never to be replaced)."""
+    from pneumobatch.discovery import FileKind, sniff
+
+    if not path.is_file() or not any(path.resolve().is_relative_to(Path(r).resolve()) for r in roots):
+        return False
+    try:
+        return sniff(path) in (FileKind.DICOM, FileKind.PNG, FileKind.JPEG)
+    except OSError:
+        return False
+
+
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
     from pneumobatch.bodyparts import BodyPartVocabulary
@@ -168,7 +181,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     roots = [Path(p) for p in config.inputs]
     entries = [e for e in _entries(roots, config.follow_external_links) if not paths.owns(e.path)]  # an output inside the input tree
     columns = columns_for(cards, config.include_patient_id)
-    with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite) as writer:
+    inputs = roots + [p for p in paths.replaced if _is_input_image(p, roots)]
+    with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite, cards=cards, inputs=inputs) as writer:
         todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
         vocabulary = BodyPartVocabulary.with_site_terms(config.chest_terms, config.not_chest_terms)
         options = ReadOptions(
@@ -180,15 +194,16 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         n_ok_now = 0
         if progress:
             progress(0, len(todo))
-        results = engine.results(todo, models, options, batch_size)
-        for done, result in enumerate(results, 1):
-            batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
-            n_ok_now += result.status is Status.OK
-            if progress:
-                progress(done, len(todo))
-            if len(batch) >= batch_size * len(cards):  # flush policy: every batch_size files
-                writer.append(batch)
-                batch = []
+        # closing: on an error or a signal the decoding workers are shut down before the lock is released
+        with contextlib.closing(engine.results(todo, models, options, batch_size)) as results:
+            for done, result in enumerate(results, 1):
+                batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
+                n_ok_now += result.status is Status.OK
+                if progress:
+                    progress(done, len(todo))
+                if len(batch) >= batch_size * len(cards):  # flush policy: every batch_size files
+                    writer.append(batch)
+                    batch = []
         writer.append(batch)
         seconds = time.perf_counter() - t0
         frame = writer.finalize(entries, names)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumobatch import __version__, metrics
+from pneumobatch.atomicfile import atomic_write
 from pneumobatch.discovery import sniff
 from pneumobatch.errors import FileRejected, PneumobatchError, TrainingError  # noqa: F401 - TrainingError re-exported
 from pneumobatch.inference import autocast, resolve_device, resolve_precision
@@ -573,12 +574,13 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 stale = 0
             else:
                 stale += 1
-            torch.save(
-                {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "stage": stage_index, "epoch": epoch, "history": history.epochs, "best_auc": best["auc"],
-                 "best_state": best["state"], "best_epoch": best["epoch"], "generator": generator.get_state()},
-                ckpt_path,
-            )
+            checkpoint = {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "stage": stage_index, "epoch": epoch, "history": history.epochs, "best_auc": best["auc"],
+                "best_state": best["state"], "best_epoch": best["epoch"], "generator": generator.get_state(),
+            }
+            # the one atomic writer: a kill mid-save keeps the last checkpoint, a planted link is replaced, not followed
+            atomic_write(ckpt_path, lambda tmp, checkpoint=checkpoint: torch.save(checkpoint, tmp))
             if stage == "full" and stale >= config.patience:
                 progress(f"early stop: validation AUC has not improved for {config.patience} epochs")
                 break

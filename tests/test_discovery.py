@@ -253,3 +253,32 @@ def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path:
         assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "b\n"
     finally:
         os.umask(old)
+
+
+# --- a decompression bomb's message names --max-pixels, not Pillow's limit (item 17) -------
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` but whose data are a few bytes."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    PILImage.new("L", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("size", [(9000, 9000), (20000, 10000)])  # over --max-pixels; over Pillow's own bomb limit
+def test_a_bomb_is_too_large_with_a_message_naming_max_pixels(tmp_path: Path, size):
+    path = _png_declaring(tmp_path / "bomb.png", *size)
+    with pytest.raises(FileRejected) as info:
+        read_image(path, sniff(path), ReadOptions())
+    assert info.value.reason is Reason.TOO_LARGE
+    assert "--max-pixels" in info.value.detail and "bomb" not in info.value.detail.lower()

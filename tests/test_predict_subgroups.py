@@ -30,7 +30,7 @@ def banded_weights(weights_dir: Path, tmp_path: Path) -> Path:
     shutil.copytree(weights_dir, folder)
     card_path = folder / "tiny.json"
     card = json.loads(card_path.read_text())
-    card["thresholds"]["by_age_band"] = {"child": {"recall_target": 1.01}, "adult": {"recall_target": 0.0}}
+    card["thresholds"]["by_age_band"] = {"child": {"recall_target": 1.0}, "adult": {"recall_target": 0.0}}
     card["data"]["age_range_years"] = [18.0, 90.0]
     card_path.write_text(json.dumps(card))
     return folder
@@ -49,7 +49,7 @@ def test_the_age_band_picks_the_operating_point(banded_weights: Path, tmp_path: 
         "child.dcm": ("child", "child", "normal"), "adult.dcm": ("adult", "adult", "pneumonia"),
         "unknown.dcm": ("unknown", "pooled", rows["unknown.dcm"]["pred_label"]), "old.dcm": ("adult", "adult", "pneumonia"),
     }
-    assert rows["child.dcm"]["threshold"] == "1.010000" and rows["adult.dcm"]["threshold"] == "0.000000"
+    assert rows["child.dcm"]["threshold"] == "1.000000" and rows["adult.dcm"]["threshold"] == "0.000000"
     assert rows["old.dcm"]["warnings"] == "age-outside-training" and rows["adult.dcm"]["warnings"] == ""
     studies_rows = {r["study_instance_uid"]: r for r in rows_of(out.with_suffix(".studies.csv"))}
     by_key = {r["key_image"]: r["pred_label"] for r in studies_rows.values()}

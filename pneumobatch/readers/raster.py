@@ -41,7 +41,7 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
                 if width * height > options.max_pixels:
                     raise FileRejected(
                         Reason.TOO_LARGE,
-                        f"{width}x{height} pixels exceeds the limit of {options.max_pixels}",
+                        f"{width}x{height} pixels exceeds the limit of {options.max_pixels} (--max-pixels)",
                     )
                 fmt = img.format
                 if fmt == "JPEG" and (side := decode_side(options)):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from pneumobatch.card import PROB_PREFIX
 from pneumobatch.errors import LabelError, Reason, ReportError
+from pneumobatch.outputs import restore_formulas
 
 #: Columns a predictions CSV must have.
 REQUIRED_COLUMNS = ("path", "status")
@@ -48,7 +49,7 @@ def load_predictions(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise ReportError(f"predictions file not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace")
+        frame = restore_formulas(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace"))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReportError(f"cannot read predictions file {path}: {first}") from e
@@ -86,7 +87,7 @@ def load_studies(path: Path, warnings: list[str]) -> Optional[pd.DataFrame]:
     if not path.is_file():
         return None
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
+        frame = restore_formulas(pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace"))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         warnings.append(f"{path.name} could not be read ({e}); study predictions aggregated here")
         return None

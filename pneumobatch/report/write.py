@@ -6,19 +6,12 @@ import json
 import time
 from pathlib import Path
 
-from pneumobatch.atomicfile import atomic_write
+from pneumobatch.atomicfile import atomic_write, check_replaceable
 from pneumobatch.errors import ReportError
 from pneumobatch.report.build import build_report
 from pneumobatch.report.figures import render_figures
 from pneumobatch.report.options import SCHEMA, ReportOptions, ReportResult, output_paths, sidecar
 from pneumobatch.report.pdf import PdfDocument
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _remove_stale(json_path: Path, folder: Path) -> None:
@@ -52,8 +45,7 @@ def write_report(options: ReportOptions) -> ReportResult:
     inputs = [predictions_csv, *(p for p in given if p is not None)]
     inputs += [sidecar(predictions_csv, ".run.json"), sidecar(predictions_csv, ".studies.csv")]
     for out in (out_pdf, json_path):
-        if any(_same(out, i) for i in inputs):
-            raise ReportError(f"output {out} would overwrite an input file; choose another -o")
+        check_replaceable(out, inputs, ReportError)
     if folder.exists() and not folder.is_dir():
         raise ReportError(f"{folder} exists and is not a folder; choose another -o")
 

@@ -1,0 +1,144 @@
+"""The real command in a subprocess: what reaches stderr and the exit code.
+
+SIGINT and SIGTERM (real signals) stop ``predict`` cleanly: one line, exit 130/143, no
+worker left, an immediate ``--resume`` finishes; with ``-q`` nothing but errors reaches stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumobatch.errors import EXIT_SIGINT, EXIT_SIGTERM
+from pneumobatch.synthetic import write_cxr
+
+N_FILES = 30
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def slow_studies(tmp_path_factory) -> Path:
+    """Lossless JPEG 2000 DICOMs of noise: slow enough to decode that a signal lands mid-run."""
+    folder = tmp_path_factory.mktemp("slow")
+    pixels = np.random.default_rng(0).integers(0, 4096, (512, 512)).astype(np.uint16)
+    write_cxr(folder / "00.dcm", pixels, bits_stored=12, encoding="j2k-lossless")
+    for i in range(1, N_FILES):
+        shutil.copyfile(folder / "00.dcm", folder / f"{i:02d}.dcm")
+    return folder
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def command(inputs: Path, out: Path, weights_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pneumobatch", "predict", str(inputs), "-o", str(out), "--weights-dir", str(weights_dir),
+            "-m", "tiny", "--device", "cpu", "--workers", "2", "--batch-size", "2", "--quiet", *extra]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])
+def test_a_signal_stops_the_run_cleanly_and_resume_finishes(slow_studies: Path, weights_dir: Path, tmp_path: Path, signum, code):
+    out = tmp_path / "p.csv"
+    journal = tmp_path / "p.csv.partial"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(command(slow_studies, out, weights_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for the first batch in the journal
+        if journal.exists() and len(journal.read_bytes().splitlines()) > 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    workers = children(proc.pid)
+    if Path(f"/proc/{proc.pid}/task/{proc.pid}/children").exists():  # a kernel without it: workers not checked
+        assert workers, "no decoding workers found"
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C in a terminal reaches the whole process group
+    else:
+        proc.send_signal(signum)  # kill PID, a scheduler's timeout: the main process only
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr.decode()
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: interrupted by") and "--resume" in lines[0], stderr.decode()
+    assert not (tmp_path / ".p.csv.lock").exists() and journal.exists() and not out.exists()
+    time.sleep(0.5)
+    assert not [w for w in workers if alive(w)], "decoding workers outlived the run"
+
+    done = subprocess.run(command(slow_studies, out, weights_dir, "--resume"), capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == [f"{i:02d}.dcm" for i in range(N_FILES)] and (frame["status"] == "ok").all()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_quiet_keeps_warnings_about_file_contents_off_stderr(tmp_path: Path, weights_dir: Path):
+    """A rescale slope of 1e308 overflows in numpy and a 'nan' window upsets pydicom: rows, not stderr noise."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
+    write_cxr(folder / "slope.dcm", pixels, bits_stored=12, extra={"RescaleSlope": "1e308", "RescaleIntercept": "1e308"})
+    write_cxr(folder / "window.dcm", pixels, bits_stored=12, extra={"WindowCenter": "nan", "WindowWidth": "0"})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for workers in ("0", "1"):
+        out = tmp_path / f"p{workers}.csv"
+        args = command(folder, out, weights_dir)
+        args[args.index("--workers") + 1] = workers
+        done = subprocess.run(args, capture_output=True, env=env, timeout=300)
+        assert done.returncode == 1 and done.stderr == b"", done.stderr.decode()  # slope.dcm is an error row
+        rows = pd.read_csv(out, dtype=str, keep_default_na=False)
+        assert dict(zip(rows["path"], rows["status"])) == {"slope.dcm": "error", "window.dcm": "ok"}
+
+
+def without_write_permission_override(args: list[str]) -> list[str]:
+    """``args`` run so that a folder's missing write permission holds (root would override it)."""
+    if os.geteuid() != 0:
+        return args
+    capsh = shutil.which("capsh")
+    if capsh is None:
+        pytest.skip("running as root without capsh: permissions cannot be enforced")
+    import shlex
+
+    return [capsh, "--drop=cap_dac_override", "--", "-c", shlex.join(args)]
+
+
+@pytest.mark.parametrize("command_name", ["predict", "report"])
+def test_an_unwritable_output_folder_is_one_line_exit_3(tmp_path: Path, weights_dir: Path, command_name: str):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
+    write_cxr(folder / "a.dcm", pixels, bits_stored=12)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    predictions = tmp_path / "p.csv"
+    assert subprocess.run(command(folder, predictions, weights_dir), env=env, capture_output=True).returncode == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if command_name == "predict":
+        args = command(folder, locked / "p.csv", weights_dir)
+    else:
+        args = [sys.executable, "-m", "pneumobatch", "report", str(predictions), "-o", str(locked / "r.pdf"), "-q"]
+    done = subprocess.run(without_write_permission_override(args), env=env, capture_output=True, timeout=300)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 3 and len(lines) == 1 and lines[0].startswith("Error: cannot write"), done.stderr.decode()
+    assert list(locked.iterdir()) == []
