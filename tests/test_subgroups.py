@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pneumobatch.card import ModelCard
+from pneumobatch.metrics import band_thresholds
 from pneumobatch.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
 from pneumobatch.train import (
     TrainConfig,
@@ -18,7 +19,6 @@ from pneumobatch.train import (
     _epoch_order,
     _sample_weights,
     annotate_subgroups,
-    band_thresholds,
     load_labels,
     remove_leakage,
 )
