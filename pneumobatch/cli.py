@@ -30,6 +30,7 @@ from pneumobatch.engines import ENGINES
 from pneumobatch.errors import (
     EXIT_FATAL,
     EXIT_FILE_ERRORS,
+    EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -67,7 +68,8 @@ class Group(click.Group):
     SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's timeout) stop a command by an
     :class:`~pneumobatch.errors.Interrupted` error raised where the program is: files are
     closed, decoding workers shut down and the lock released on the way out, then one
-    line and exit code 130 or 143. A second signal during that shutdown is ignored.
+    line and exit code 130 or 143. A second signal during that shutdown is ignored. An
+    error the package did not anticipate (a bug) is one line and exit code 4.
     """
 
     def invoke(self, ctx: click.Context):
@@ -78,6 +80,16 @@ class Group(click.Group):
             raise CommandError(str(Interrupted(signal.SIGINT)), EXIT_SIGINT) from exc
         except PneumobatchError as exc:
             raise CommandError(str(exc), exc.exit_code) from exc
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # a bug: one line and its own code, not exit 1 ("some files errored")
+            if os.environ.get("PNEUMOBATCH_TRACEBACK"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CommandError(
+                f"internal error ({type(exc).__name__}{': ' + first if first else ''}); this is a bug in pneumobatch, "
+                "please report it with the traceback (run again with PNEUMOBATCH_TRACEBACK=1)", EXIT_INTERNAL,
+            ) from exc
 
 
 #: Target recalls an operating point may be asked for (train on validation data, report on the evaluated data).

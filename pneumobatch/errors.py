@@ -12,6 +12,8 @@ carries the exit code the CLI gives it, so the CLI translates errors in one plac
 3     fatal error: model missing or corrupt, output not writable (disk full, a link or a
       special file at -o), training data unusable, predictions or labels unusable,
       archive unreachable or refusing us (pull, push)
+4     internal error: a bug in pneumobatch, not a problem with your files (one line;
+      PNEUMOBATCH_TRACEBACK=1 shows the traceback for a bug report)
 130   interrupted by SIGINT (Ctrl-C); 143 interrupted by SIGTERM: rows written so far
       are kept, run again with --resume
 ====  ==================================================================================
@@ -71,6 +73,7 @@ _SKIP_REASONS = {
 
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+EXIT_INTERNAL = 4  # a bug in pneumobatch (an error it did not anticipate): please report it
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal's number, as shells report it
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pneumobatch.cli import EXIT_FATAL, EXIT_USAGE, main
+from pneumobatch.cli import EXIT_FATAL, EXIT_INTERNAL, EXIT_USAGE, main
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
 
@@ -141,3 +141,17 @@ def test_run_predict_is_a_library_call_without_click(tmp_path: Path, weights_dir
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "0", "False"]
     assert (tmp_path / "p.run.json").is_file() and (tmp_path / "p.studies.csv").is_file()
+
+
+def test_a_bug_is_one_line_and_exit_4_not_the_file_errors_code(images: Path, tmp_path: Path, weights_dir: Path, monkeypatch):
+    import pneumobatch.predict
+
+    def broken(config, progress=None):
+        raise KeyError("column that should be there")
+
+    monkeypatch.setattr(pneumobatch.predict, "run_predict", broken)
+    args = ["predict", str(images), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny"]
+    result = CliRunner().invoke(main, args)
+    one_line_error(result, EXIT_INTERNAL, "internal error (KeyError", "PNEUMOBATCH_TRACEBACK=1")
+    monkeypatch.setenv("PNEUMOBATCH_TRACEBACK", "1")  # for a bug report: the exception itself
+    assert isinstance(CliRunner().invoke(main, args).exception, KeyError)
