@@ -15,6 +15,7 @@ from pneumobatch.cli import main
 from pneumobatch.models import load_model
 from pneumobatch.train import (
     TrainConfig,
+    TrainingError,
     assign_splits,
     fit_temperature,
     load_labels,
@@ -93,7 +94,7 @@ def test_threshold_selection_meets_target_recall():
     t = select_threshold(np.array([1, 1, 1, 0, 0]), np.array([0.9, 0.8, 0.3, 0.5, 0.2]), 1.0)
     assert t["recall_target"] == pytest.approx(0.3) and t["recall_target_specificity"] == pytest.approx(0.5)
     assert t["youden"] == pytest.approx(0.8)
-    with pytest.raises(ValueError):
+    with pytest.raises(TrainingError, match="both classes"):
         select_threshold(np.ones(3), np.array([0.1, 0.2, 0.3]), 0.95)
 
 
