@@ -60,3 +60,13 @@ def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> 
     manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
+
+
+def one_line_error(result, code: int, *needles: str) -> None:
+    """A CliRunner result that failed with ``code`` and one ``Error: ...`` line naming every needle."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -13,17 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from pneumobatch.cli import EXIT_FATAL, EXIT_INTERNAL, EXIT_USAGE, main
+from tests.conftest import one_line_error
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
-
-
-def one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 @pytest.fixture()

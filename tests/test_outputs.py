@@ -25,15 +25,7 @@ from pneumobatch.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE, OutputError
 from pneumobatch.models import ModelCard, create_model, save_model
 from pneumobatch.outputs import neutralise_formulas, restore_formulas
 from pneumobatch.synthetic import write_cxr
-
-
-def one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.conftest import one_line_error
 
 
 def write_pngs(folder: Path, names: list[str]) -> Path:
