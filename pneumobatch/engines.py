@@ -41,10 +41,8 @@ class Engine(Protocol):
     #: files per forward pass (and per journal flush)
     batch_size: int
 
-    def results(
-        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int
-    ) -> Iterator[FileResult]:
-        """One result per entry, each exactly once, in any order."""
+    def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
+        """One result per entry, each exactly once, in any order (``batch_size`` files at a time)."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -91,13 +89,11 @@ class LocalEngine:
         torch.set_num_threads(self.threads)
         self.precision = config.precision
 
-    def results(
-        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int
-    ) -> Iterator[FileResult]:
+    def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
         from pneumobatch.inference import run_inference
 
         predictor = create_predictor(models, self.torch_device, self.precision)
-        return run_inference(entries, predictor, options, batch_size=batch_size, workers=self.workers)
+        return run_inference(entries, predictor, options, batch_size=self.batch_size, workers=self.workers)
 
     def describe(self) -> dict[str, Any]:
         return {"name": "local"}

@@ -195,7 +195,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         if progress:
             progress(0, len(todo))
         # closing: on an error or a signal the decoding workers are shut down before the lock is released
-        with contextlib.closing(engine.results(todo, models, options, batch_size)) as results:
+        with contextlib.closing(engine.results(todo, models, options)) as results:
             for done, result in enumerate(results, 1):
                 batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
                 n_ok_now += result.status is Status.OK

@@ -208,15 +208,13 @@ class RayEngine:
             import_ray().shutdown()
             self._owns_ray = False
 
-    def results(
-        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int
-    ) -> Iterator[FileResult]:
+    def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
         """Stream one result per entry, each once, in completion order."""
         ray = import_ray()
         try:
             if not entries:
                 return
-            dataset = self._dataset(ray, entries, models, options, batch_size)
+            dataset = self._dataset(ray, entries, models, options, self.batch_size)
             names = [m.card.name for m in models]
             seen: set[int] = set()
             batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
