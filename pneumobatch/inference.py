@@ -234,8 +234,8 @@ class Predictor:
 
     The forward pass runs in PyTorch (channels_last, autocast for ``precision``) or, for
     fp32 on the CPU with ``backend`` auto and onnxruntime installed, in ONNX Runtime; both
-    give the same probabilities to ~1e-6 and the same penultimate features for
-    applicability scores.
+    give the same probabilities to ~1e-6 and the same features (every layer a model's
+    applicability statistics use) for applicability scores.
     """
 
     def __init__(
@@ -246,7 +246,7 @@ class Predictor:
         applicability: Optional[dict[str, Any]] = None,
         backend: str = "auto",
     ) -> None:
-        from pneumobatch.applicability import HEAD, tap
+        from pneumobatch.applicability import tap
         from pneumobatch.models import ARCHITECTURES
 
         self.models = list(models)
@@ -263,7 +263,7 @@ class Predictor:
             if self.backend == "onnxruntime":
                 try:
                     stats = self.applicability.get(model.card.name)
-                    layers = stats.layer_names if stats is not None else [HEAD]
+                    layers = stats.layer_names if stats is not None else []  # no statistics: logits only
                     self._onnx[model.card.name] = _OnnxRunner(model.net, head, model.card.input_size, layers)
                     continue
                 except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle: run it in torch
