@@ -327,12 +327,12 @@ def attach(loaded: Any, stats: ApplicabilityStats, info: dict[str, Any]) -> Path
     every load), the threshold and how it was fitted. Returns the statistics' path.
     """
     from pneumobatch.atomicfile import atomic_write
-    from pneumobatch.models import sha256_file
+    from pneumobatch.models import sha256_file, write_card
 
     card = loaded.card
     path = loaded.weights_path.with_name(f"{card.name}.applicability.safetensors")
     atomic_write(path, lambda tmp: stats.save(tmp, info))  # also sets the mode (safetensors writes 0600)
     card.applicability = {**info, "file": path.name, "sha256": sha256_file(path), "threshold": stats.threshold}
     loaded.applicability = stats
-    atomic_write(loaded.weights_path.with_suffix(".json"), json.dumps(card.to_dict(), indent=2) + "\n")
+    write_card(card, loaded.weights_path.with_suffix(".json"))
     return path

@@ -195,10 +195,13 @@ def save_model(net: nn.Module, card: ModelCard, out_dir: Path) -> Path:
     weights = out_dir / f"{card.name}.safetensors"
     atomic_write(weights, save(state, metadata={"name": card.name, "task": card.task}))
     card.weights_sha256 = sha256_file(weights)
-    atomic_write(
-        out_dir / f"{card.name}.json", (json.dumps(card.to_dict(), indent=2) + "\n").encode()
-    )
+    write_card(card, out_dir / f"{card.name}.json")
     return weights
+
+
+def write_card(card: ModelCard, path: Path) -> None:
+    """Write a model card (``NAME.json``) atomically."""
+    atomic_write(path, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
 
 
 def resolve_model_paths(name_or_path: str, weights_dir: Optional[Path] = None) -> tuple[Path, Path]:
