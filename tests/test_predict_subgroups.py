@@ -86,6 +86,16 @@ def test_applicability_flags_and_skip_ood(weights_dir: Path, tmp_path: Path):
     assert rows["checker.png"]["applicable"] == "false" and rows["checker.png"]["status"] == "ok"
     assert rows["ramp.png"]["applicable"] == "true"
     assert float(rows["checker.png"]["ood_score"]) > float(rows["ramp.png"]["ood_score"])
+    # the report counts the flagged images apart (JSON and PDF)
+    report = tmp_path / "r.pdf"
+    assert CliRunner().invoke(main, ["report", str(out), "-o", str(report), "--quiet"]).exit_code == 0
+    flagged = sum(r["applicable"] == "false" for r in rows.values())
+    section = json.loads(report.with_suffix(".json").read_text())["models"][0]
+    assert section["applicability"] == {"scored": len(rows), "not_applicable": flagged} and flagged >= 1
+    from pypdf import PdfReader
+
+    text = " ".join(page.extract_text() for page in PdfReader(report).pages)
+    assert f"{flagged} of {len(rows)} predicted images are flagged not applicable" in " ".join(text.split())
     skipped = tmp_path / "q.csv"
     assert CliRunner().invoke(main, [*args, "-o", str(skipped), "--skip-ood"]).exit_code == 0
     rows = {r["path"]: r for r in rows_of(skipped)}

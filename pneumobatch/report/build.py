@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -77,6 +77,21 @@ def _pick_model(model: str, names: list[str], preds: pd.DataFrame, source: Path)
 
 #: ``--by`` columns derived from age, view and sex columns when absent (see :mod:`pneumobatch.subgroups`).
 DERIVED_SUBGROUPS = {REPORT_COLUMNS.age_band, REPORT_COLUMNS.view, REPORT_COLUMNS.sex}
+
+
+def applicability_counts(ok: pd.DataFrame) -> Optional[dict[str, int]]:
+    """Predicted images the applicability flag scored, and how many it marks not applicable.
+
+    ``None`` when the CSV has no flag (a model without applicability statistics, or a CSV
+    from before the flag existed).
+    """
+    if "applicable" not in ok.columns:
+        return None
+    flags = ok["applicable"].astype(str).str.lower()
+    scored = flags.isin(["true", "false"])
+    if not scored.any():
+        return None
+    return {"scored": int(scored.sum()), "not_applicable": int((flags == "false").sum())}
 
 
 def build_report(options: ReportOptions) -> dict[str, Any]:
@@ -180,6 +195,7 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             "card_thresholds": info.operating_points(),
             "notes": threshold_notes(rows),
             "counts": file_counts(rows),
+            "applicability": applicability_counts(ok),
             "summary": summarise(
                 rows["status"].tolist(),
                 rows["reason"].tolist(),

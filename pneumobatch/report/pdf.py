@@ -501,6 +501,9 @@ class PdfDocument:
         self.table(["predicted class", "images", "fraction", "mean probability"], rows, [2, 1, 1, 1.2])
         if s.get("near_threshold") is not None and n_pred:
             self.para(f"{s['near_threshold']:,} of {n_pred:,} predictions lie within 0.05 of the threshold.", "note")
+        if (a := m.get("applicability")) is not None:
+            self.para(f"{a['not_applicable']:,} of {a['scored']:,} predicted images are flagged not applicable "
+                      "(unlike the images the model was trained on; CSV column applicable).", "note")
         if figure:
             self.figure(m["figures"].get("summary"), max_height=260)
             reasons = s["reason_counts"]
