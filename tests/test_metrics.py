@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from pneumobatch.metrics import (
-    _bootstrap_draws,
-    _BootstrapAUC,
+    BootstrapAUC,
+    bootstrap_draws,
     evaluate,
     operating_point,
     subgroup_metrics,
@@ -195,8 +195,8 @@ def test_bootstrap_auc_matches_sklearn_per_resample():
         y = rng.integers(0, 2, n)
         s = rng.random(n)
         s = s.round(decimals) if decimals else s
-        draws = next(_bootstrap_draws(n, 25, seed=0))
-        fast = _BootstrapAUC(y, s)(draws)
+        draws = next(bootstrap_draws(n, 25, seed=0))
+        fast = BootstrapAUC(y, s)(draws)
         for row, value in zip(draws, fast):
             if 0 < y[row].sum() < n:
                 assert value == pytest.approx(roc_auc_score(y[row], s[row]), abs=1e-12)

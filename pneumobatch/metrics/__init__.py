@@ -51,14 +51,6 @@ from pneumobatch.metrics.operating_points import (
 
 #: Former name of :data:`TARGET_RECALL` (the report's operating point was ``recall_95``).
 TARGET_SENSITIVITY = TARGET_RECALL
-# Former private names of metrics.py, for code written against the single module.
-_BootstrapAUC = BootstrapAUC
-_bootstrap_draws = bootstrap_draws
-_row_counts = row_counts
-_percentile_ci = percentile_ci
-_reliability = reliability
-_blank_unsupported = blank_unsupported
-_threshold_points = threshold_points
 
 __all__ = [
     "CI_LEVEL",
