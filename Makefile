@@ -22,10 +22,12 @@ demo: $(STAMP)
 	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --label-column finding --model etiology -o demo_output/report_etiology.pdf
 	$(BIN)/pneumobatch calibrate demo_output/predictions.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/site.json --overwrite
 	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology --site demo_output/site.json -o demo_output/predictions_site.csv --overwrite --quiet; test $$? -le 1
+	$(BIN)/pneumobatch report demo_output/predictions_site.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/report_site.pdf --quiet
 	$(BIN)/pneumobatch monitor demo_output/predictions.run.json demo_output/predictions_site.run.json --baseline 1 -o demo_output/monitor.pdf
 	@echo "predictions: demo_output/predictions.csv (studies: demo_output/predictions.studies.csv)"
 	@echo "reports:     demo_output/report_pneumonia.pdf demo_output/report_etiology.pdf"
-	@echo "site file:   demo_output/site.json, applied in demo_output/predictions_site.csv"
+	@echo "site file:   demo_output/site.json, applied in demo_output/predictions_site.csv;"
+	@echo "             shipped vs site operating points: demo_output/report_site.pdf"
 	@echo "monitoring:  demo_output/monitor.pdf (.json, .prom)"
 	@echo "NOTE: calibrate and monitor ran on the 33 sample images of sample_studies/: far too few to fit"
 	@echo "      a site's operating point (calibrate warns) or to judge drift; they show the commands and files."

@@ -473,6 +473,7 @@ _R = ReportOptions  # option defaults are the library's, defined once
 @click.option("--where", multiple=True, metavar="COLUMN=VALUE", help="Use only label rows where COLUMN equals VALUE (e.g. --where split=test); repeatable.")
 @click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="For --by age_band: the band of rows without an age whose source matches PATTERN. Repeatable.")
 @click.option("--target-recall", type=RECALL_RANGE, default=_R.target_recall, show_default=True, help="Sensitivity the recall_target operating point must reach on these data.")
+@click.option("--site", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site file from `pneumobatch calibrate`: its operating points side by side with the shipped ones (predictions made with predict --site are compared without it).")
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(0), default=_R.n_bootstrap, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
 @click.option("--seed", type=int, default=_R.seed, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)

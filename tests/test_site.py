@@ -212,3 +212,74 @@ def test_predict_with_site_applies_its_threshold_and_says_where_it_came_from(wei
     assert not (tmp_path / "c.csv").exists()
     wrong_model = CliRunner().invoke(main, base[:3] + ["tiny-etiology"] + base[4:] + ["--site", str(tmp_path / "site.json"), "-o", str(tmp_path / "d.csv")])
     assert wrong_model.exit_code == 2 and "which this run does not predict" in wrong_model.output
+
+
+def _exact(k: int, n: int) -> list[float]:
+    ci = binomtest(k, n).proportion_ci(0.95, method="exact")
+    return [ci.low, ci.high]
+
+
+def test_report_shows_shipped_and_site_operating_points_side_by_side(tmp_path):
+    card = _card()
+    fit_frame, fit_labels = _sample(n_child=(40, 80), n_adult=(40, 80), seed=0)
+    site, _ = fit_site(fit_frame, fit_labels, card, n_bootstrap=0)
+    site_path = tmp_path / "site.json"
+    site_path.write_text(json.dumps(site))
+    # a later labelled sample the site file was not fitted on, predicted with the shipped card
+    frame, labels = _sample(n_child=(30, 50), n_adult=(60, 20), seed=1)
+    frame.to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    (tmp_path / "p.run.json").write_text(json.dumps({"models": [{"name": "pn", "card": card.to_dict()}]}))
+    args = ["report", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "labels.csv"), "--bootstrap", "0"]
+    result = CliRunner().invoke(main, args + ["--site", str(site_path), "-o", str(tmp_path / "r.pdf")])
+    assert result.exit_code == 0, result.output
+    compared = json.loads((tmp_path / "r.json").read_text())["models"][0]["site_comparison"]
+    shipped, local = compared["rules"]
+    assert [r["where"] for r in shipped["rows"]] == ["all", "adult", "child"] == [r["where"] for r in local["rows"]]
+
+    # what each rule decides, computed here from the file's probabilities and the two threshold sets
+    p = frame["prob_pneumonia"].to_numpy()
+    bands = frame["age_band"].to_numpy()
+    truth = labels["label"].to_numpy() == "pneumonia"
+    shipped_call = p >= np.where(bands == "child", 0.65, 0.55)
+    t_site = {b: site["operating_points"]["by_age_band"][b]["target"]["threshold"] for b in ("child", "adult")}
+    p_site = rescale_probabilities(frame[["prob_normal", "prob_pneumonia"]].to_numpy(), site["temperature"]["scale"])[:, 1]
+    site_call = p_site >= np.where(bands == "child", t_site["child"], t_site["adult"])
+    assert (shipped_call != site_call).any()  # the two rules differ on these images, so the table can tell them apart
+    for rule, call in ((shipped, shipped_call), (local, site_call)):
+        for row in rule["rows"]:
+            m = np.ones(len(bands), bool) if row["where"] == "all" else bands == row["where"]
+            tp, fn = int((call & truth & m).sum()), int((~call & truth & m).sum())
+            tn, fp = int((~call & ~truth & m).sum()), int((call & ~truth & m).sum())
+            assert (row["tp"], row["fn"], row["tn"], row["fp"]) == (tp, fn, tn, fp)
+            assert row["sensitivity_ci_exact"] == pytest.approx(_exact(tp, tp + fn))
+            assert row["specificity_ci_exact"] == pytest.approx(_exact(tn, tn + fp))
+    assert shipped["rows"][2]["thresholds"] == [{"threshold": 0.65, "operating_point": "child"}]
+    assert local["rows"][2]["thresholds"] == [{"threshold": pytest.approx(t_site["child"]), "operating_point": "site-child"}]
+    assert len(local["rows"][0]["thresholds"]) == 2  # all images: each band's own threshold
+    assert not any("in-sample" in n for n in compared["notes"])
+
+    # the same comparison from predictions made with predict --site (site probabilities, site card in run.json)
+    with_site = frame.assign(prob_pneumonia=np.round(p_site, 6), prob_normal=np.round(1 - p_site, 6))
+    with_site.to_csv(tmp_path / "q.csv", index=False)
+    site_run_card = apply_site(card, {**site, "_path": str(site_path)})
+    (tmp_path / "q.run.json").write_text(json.dumps({"models": [{"name": "pn", "card": site_run_card.to_dict()}]}))
+    args_q = ["report", str(tmp_path / "q.csv"), "--labels", str(tmp_path / "labels.csv"), "--bootstrap", "0", "-o", str(tmp_path / "q.pdf")]
+    assert CliRunner().invoke(main, args_q).exit_code == 0
+    again = json.loads((tmp_path / "q.json").read_text())["models"][0]["site_comparison"]
+    for a, b in zip(compared["rules"], again["rules"]):
+        assert [(r["tp"], r["fn"], r["tn"], r["fp"]) for r in a["rows"]] == [(r["tp"], r["fn"], r["tn"], r["fp"]) for r in b["rows"]]
+
+    # on the very sample it was fitted on, the report says the site figures are in-sample
+    fit_frame.to_csv(tmp_path / "f.csv", index=False)
+    fit_labels.to_csv(tmp_path / "fl.csv", index=False)
+    (tmp_path / "f.run.json").write_text((tmp_path / "p.run.json").read_text())
+    args_f = ["report", str(tmp_path / "f.csv"), "--labels", str(tmp_path / "fl.csv"), "--bootstrap", "0", "--site", str(site_path), "-o", str(tmp_path / "f.pdf")]
+    assert CliRunner().invoke(main, args_f).exit_code == 0
+    assert any("in-sample" in n for n in json.loads((tmp_path / "f.json").read_text())["models"][0]["site_comparison"]["notes"])
+
+    # a site file of other weights: one line, exit code 2, no report
+    site_path.write_text(json.dumps({**site, "model": {**site["model"], "weights_sha256": "cd" * 32}}))
+    refused = CliRunner().invoke(main, args + ["--site", str(site_path), "-o", str(tmp_path / "x.pdf")])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "fitted for model pn" in refused.output
+    assert not (tmp_path / "x.pdf").exists()

@@ -39,6 +39,7 @@ from pneumobatch.report.inputs import (
     select_labels,
 )
 from pneumobatch.report.options import RESEARCH_ONLY, SCHEMA, ReportOptions
+from pneumobatch.site import compare_operating_points, load_site
 from pneumobatch.subgroups import REPORT_COLUMNS, add_subgroup_columns, parse_band_defaults
 
 
@@ -134,6 +135,12 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
         names = list(run_models)
     if o.model is not None:
         names = [_pick_model(o.model, names, preds, predictions_csv)]
+    site = load_site(o.site) if o.site is not None else None
+    if site is not None and site["model"]["name"] not in names:
+        raise LabelError(
+            f"--site {o.site}: the site file is for model {site['model']['name']}, which is not among the reported "
+            f"models ({', '.join(names) or 'none'})"
+        )
 
     run = run or {}
     doc: dict[str, Any] = {
@@ -152,6 +159,7 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             "n_bootstrap": o.n_bootstrap,
             "seed": o.seed,
             "target_recall": o.target_recall,
+            "site": str(o.site) if o.site is not None else None,
         },
         "run": {
             "pneumobatch_version": run.get("pneumobatch_version"),
@@ -209,6 +217,7 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             ),
             "join": None,
             "evaluation": None,
+            "site_comparison": None,
             "study": None,
             "subgroups": {},
             "label_error": None,
@@ -240,6 +249,12 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             continue
         section["join"] = join.summary()
         section["evaluation"] = _evaluate(join, info, o)
+        own_site = site if site is not None and site["model"]["name"] == name else None
+        if own_site is not None or info.site:
+            bands = join.rows["age_band"] if "age_band" in join.rows.columns else pd.Series("", index=join.rows.index)
+            section["site_comparison"] = compare_operating_points(
+                join.y_true, join.proba, bands.fillna("").astype(str).to_numpy(), info, own_site
+            )
         if join.level == "file":
             study_join = study_level(join, studies, rows, max_examples=o.max_examples)
             if study_join is not None:

@@ -40,6 +40,7 @@ class ReportOptions:
     n_bootstrap: int = 1000
     seed: int = 0
     target_recall: float = TARGET_RECALL
+    site: Optional[Path] = None  # a site file (calibrate): its operating points beside the shipped ones
     run_json: Optional[Path] = None
     studies_csv: Optional[Path] = None
     max_examples: int = MAX_EXAMPLES
@@ -47,7 +48,7 @@ class ReportOptions:
     def __post_init__(self) -> None:
         self.predictions = Path(self.predictions)
         self.output = Path(self.output)
-        for name in ("labels", "run_json", "studies_csv"):
+        for name in ("labels", "site", "run_json", "studies_csv"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))

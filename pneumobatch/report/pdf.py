@@ -250,6 +250,8 @@ class PdfDocument:
             self.para(f"No evaluation: {m['label_error']}", "warn")
         if m.get("evaluation"):
             self.evaluation(m, m["evaluation"], m["join"], "image" if m["join"]["level"] == "file" else "study")
+            if m.get("site_comparison"):
+                self.site_comparison(m["site_comparison"])
             if m.get("study"):
                 self.study(m)
             for col, sg in m["subgroups"].items():
@@ -398,6 +400,42 @@ class PdfDocument:
                 f"{units}, seed {bs['seed']}.",
                 "note",
             )
+
+    def site_comparison(self, sc: dict[str, Any]) -> None:
+        """Shipped and site operating points on the same labelled images, side by side."""
+        self.heading(f"Shipped vs site operating points (site file {sc['site_file']})", "h2")
+        shipped, site = sc["rules"]
+
+        def threshold(row: dict[str, Any]) -> str:
+            applied = row["thresholds"]
+            if len(applied) > 1:
+                return "per age band (below)"
+            return f"{fmt(applied[0]['threshold'], 4)} ({applied[0]['operating_point']})"
+
+        rows = [
+            [
+                row["where"] if rule is shipped else "",
+                rule["rule"],
+                f"{row['n_positive']:,} / {row['n_negative']:,}",
+                threshold(row),
+                f"{fmt(row['sensitivity'])} {fmt_ci(row.get('sensitivity_ci_exact'))}",
+                f"{fmt(row['specificity'])} {fmt_ci(row.get('specificity_ci_exact'))}",
+                fmt(row["ppv"]),
+                fmt(row["npv"]),
+            ]
+            for pair in zip(shipped["rows"], site["rows"])
+            for rule, row in zip((shipped, site), pair)
+        ]
+        self.table(
+            ["images", "rule", "n pos / neg", "threshold (point)", "sensitivity (95% CI)", "specificity (95% CI)", "PPV", "NPV"],
+            rows,
+            [0.8, 0.7, 0.9, 1.5, 1.45, 1.45, 0.55, 0.55],
+        )
+        self.para(
+            f"Temperature: shipped {fmt(shipped['temperature'])}, site {fmt(site['temperature'])}; each threshold is on "
+            "the probability scale of its own rule. " + " ".join(n[0].upper() + n[1:] + "." for n in sc["notes"]),
+            "note",
+        )
 
     def study(self, m: dict[str, Any]) -> None:
         st = m["study"]
