@@ -302,6 +302,7 @@ _P = PredictConfig  # option defaults are the library's, defined once
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model names are looked up (default: the shipped weights/).")
 @click.option("--device", default=_P.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=LibraryChoice("pneumobatch.inference", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
+@click.option("--backend", type=LibraryChoice("pneumobatch.inference", "BACKENDS"), default=_P.backend, show_default=True, help="CPU forward pass: auto = ONNX Runtime when installed (fp32), else PyTorch.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=_P.batch_size, help="Images per forward pass. [default: 16, or 64 on CUDA]")
 @click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: on the CPU one per 4 cores (at least 1); with a GPU all cores but one]")
 @click.option("--threads", type=click.IntRange(1, 256), default=_P.threads, help="Torch threads of the main process. [default: every core on the CPU; 1 with a GPU]")

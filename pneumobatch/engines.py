@@ -64,12 +64,13 @@ def create_engine(config: PredictConfig) -> Engine:
     return LocalEngine(config)
 
 
-def create_predictor(models: Sequence[LoadedModel], device: torch.device, precision: str) -> Predictor:
-    """The models on ``device`` at ``precision`` (``auto``, ``fp32``...), with their applicability statistics."""
+def create_predictor(models: Sequence[LoadedModel], device: torch.device, precision: str, backend: str = "auto") -> Predictor:
+    """The models on ``device`` at ``precision`` (``auto``, ``fp32``...) run by ``backend``, with their
+    applicability statistics."""
     from pneumobatch.inference import Predictor, resolve_precision
 
     applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}
-    return Predictor(models, device, resolve_precision(precision, device), applicability)
+    return Predictor(models, device, resolve_precision(precision, device), applicability, backend)
 
 
 class LocalEngine:
@@ -88,11 +89,12 @@ class LocalEngine:
         self.batch_size = config.batch_size or split.batch_size
         torch.set_num_threads(self.threads)
         self.precision = config.precision
+        self.backend = config.backend
 
     def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
         from pneumobatch.inference import run_inference
 
-        predictor = create_predictor(models, self.torch_device, self.precision)
+        predictor = create_predictor(models, self.torch_device, self.precision, self.backend)
         return run_inference(entries, predictor, options, batch_size=self.batch_size, workers=self.workers)
 
     def describe(self) -> dict[str, Any]:

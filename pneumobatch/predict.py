@@ -48,6 +48,7 @@ class PredictConfig:
     weights_dir: Optional[Path] = None
     device: str = "auto"
     precision: str = "auto"
+    backend: str = "auto"  # CPU forward pass: auto (ONNX Runtime when installed, fp32), torch or onnxruntime
     batch_size: Optional[int] = None  # None: 16, or 64 on CUDA (inference.default_split)
     workers: Optional[int] = None  # None: from the machine's cores (inference.default_split)
     threads: Optional[int] = None  # torch threads of this process; None: from the machine's cores
@@ -215,7 +216,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         "schema_version": RUN_SCHEMA_VERSION, "pneumobatch_version": __version__,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "roots": [str(p.resolve()) for p in roots], "device": engine.device, "precision": config.precision,
+        "roots": [str(p.resolve()) for p in roots], "device": engine.device, "precision": config.precision, "backend": config.backend,
         "batch_size": batch_size, "workers": engine.workers, "threads": engine.threads, "engine": engine.describe(),
         "resumed": config.resume,
         "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,

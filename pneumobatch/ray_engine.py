@@ -106,7 +106,7 @@ class ModelActor:
     ``ood_<i>`` (n,) for model ``i``; NaN on rows that were not decoded.
     """
 
-    def __init__(self, models_ref: list[Any], use_gpu: bool, precision: str) -> None:
+    def __init__(self, models_ref: list[Any], use_gpu: bool, precision: str, backend: str = "auto") -> None:
         import ray
         import torch
 
@@ -115,7 +115,7 @@ class ModelActor:
         # the models travel once through the object store (the driver keeps the reference),
         # so a restarted actor finds them without weights files on every node
         models: list[LoadedModel] = ray.get(models_ref[0])
-        self.predictor = create_predictor(models, torch.device("cuda" if use_gpu else "cpu"), precision)
+        self.predictor = create_predictor(models, torch.device("cuda" if use_gpu else "cpu"), precision, backend)
         self.models = [(i, m.card.name, len(m.card.classes), m.applicability is not None) for i, m in enumerate(models)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,6 +167,7 @@ class RayEngine:
         if config.device not in ("auto", "cpu", "cuda"):
             raise DeviceError(f"--device {config.device}: with --engine ray use auto, cpu or cuda (Ray gives each actor one GPU)")
         self.precision = config.precision
+        self.backend = config.backend
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # else: a caller (a notebook, a test) has connected already
             address = config.ray_address or os.environ.get("RAY_ADDRESS")
@@ -265,7 +266,7 @@ class RayEngine:
             return dataset.map_batches(
                 ModelActor, batch_size=batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=self.actors),
-                fn_constructor_kwargs={"models_ref": [self._models_ref], "use_gpu": self.use_gpu, "precision": self.precision},
+                fn_constructor_kwargs={"models_ref": [self._models_ref], "use_gpu": self.use_gpu, "precision": self.precision, "backend": self.backend},
                 num_gpus=1 if self.use_gpu else 0, num_cpus=None if self.use_gpu else 1, max_task_retries=MAX_RETRIES,
             )
 

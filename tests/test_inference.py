@@ -57,3 +57,31 @@ def test_precision_or_gpu_keeps_pytorch():
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
     assert resolve_backend("auto", torch.device("cuda"), None) == "torch"
     assert resolve_backend("torch", torch.device("cpu"), None) == "torch"
+
+
+def test_backend_option_chooses_the_forward_pass_and_refuses_what_cannot_run(weights_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from pneumobatch.cli import main
+    from pneumobatch.synthetic import write_cxr
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        write_cxr(tmp_path / "in" / f"{i}.dcm", rng.integers(0, 4096, (96, 96)).astype(np.uint16), bits_stored=12)
+    base = ["predict", str(tmp_path / "in"), "-m", "tiny", "--weights-dir", str(weights_dir), "--quiet", "--device", "cpu"]
+    probs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.csv"
+        result = CliRunner().invoke(main, base + ["--backend", backend, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.with_suffix(".run.json").read_text())["backend"] == backend
+        probs[backend] = pd.read_csv(out).sort_values("path")["prob_pneumonia"].to_numpy()
+    np.testing.assert_allclose(probs["onnxruntime"], probs["torch"], atol=2e-6)
+    refused = CliRunner().invoke(main, base + ["--backend", "onnxruntime", "--precision", "bf16", "-o", str(tmp_path / "x.csv")])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "fp32 on the CPU only" in refused.output
+    assert not (tmp_path / "x.csv").exists()
