@@ -5,9 +5,13 @@
 In-distribution: the manifest's test split (never used to fit or to set the
 threshold). Out-of-distribution, from what is installed here (no downloads):
 CT/MR/ultrasound/secondary-capture images bundled with pydicom, matplotlib's
-sample photographs and pictures, and the test chest images rotated 90/180 degrees,
-inverted, or cropped to a corner. Prints one table row per set and model: n and
-the share flagged (score above the model's threshold).
+sample photographs and pictures, scikit-image's bundled sample images when it is
+installed (``pip install scikit-image``: photographs, textures, text, a fundus photo,
+microscopy, a CT phantom), and the test chest images rotated by 90, 180 or 270
+degrees, flipped upside down, grey-inverted, or cropped to a corner. Prints one
+table row per set and model: n and the share flagged (score above the model's
+threshold). ``--record`` writes the table into each model card
+(``applicability.measured``), with the command and the date.
 """
 
 from __future__ import annotations
@@ -75,12 +79,32 @@ def picture_images(size: int) -> list[np.ndarray]:
     return out
 
 
+def skimage_images(size: int) -> list[np.ndarray]:
+    try:
+        import skimage
+    except ImportError:
+        return []
+    folder = Path(skimage.__file__).parent / "data"
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            try:
+                image = read_raster(path, ReadOptions(min_side=size))
+            except Exception:
+                continue
+            if min(image.pixels.shape) >= 32:
+                out.append(to_uint8(resize(image.pixels, size)))
+    return out
+
+
 def transformed(images: torch.Tensor) -> dict[str, torch.Tensor]:
     s = images.shape[-1]
     corner = torch.nn.functional.interpolate(images[..., : s // 3, : s // 3].float(), size=(s, s), mode="bilinear")
     return {
         "test chest rotated 90°": torch.rot90(images, 1, (2, 3)),
-        "test chest upside down": torch.flip(images, (2,)),
+        "test chest rotated 180°": torch.rot90(images, 2, (2, 3)),
+        "test chest rotated 270°": torch.rot90(images, 3, (2, 3)),
+        "test chest upside down (flipped)": torch.flip(images, (2,)),
         "test chest inverted": 255 - images,
         "test chest, corner crop (1/9)": corner.round().clamp(0, 255).to(torch.uint8),
     }
@@ -92,11 +116,14 @@ def main() -> None:
     parser.add_argument("-m", "--model", action="append", default=None)
     parser.add_argument("--weights-dir", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--record", action="store_true", help="write the flag rates into each model card")
     args = parser.parse_args()
     rows = []
+    loaded_models = {}
     for name in args.model or ["pneumonia"]:
         loaded = load_model(name, args.weights_dir)
         card = loaded.card
+        loaded_models[card.name] = loaded
         stats = ApplicabilityStats.load(loaded.weights_path.with_name(f"{card.name}.applicability.safetensors"))
         config = TrainConfig(data=args.manifest, out_dir=args.manifest.parent, name=card.name, task=card.task)
         frame, task, _ = load_labels(config)
@@ -107,6 +134,8 @@ def main() -> None:
         sets.update(transformed(test.images))
         sets["pydicom CT/MR/US/SC images"] = torch.from_numpy(np.stack(dicom_images(size))[:, None])
         sets["photographs and pictures (matplotlib)"] = torch.from_numpy(np.stack(picture_images(size))[:, None])
+        if extra := skimage_images(size):
+            sets["scikit-image sample images"] = torch.from_numpy(np.stack(extra)[:, None])
         for label, images in sets.items():
             flagged = ~stats.flag(stats.score(extract_features(loaded, images)))
             parts = {label: flagged}
@@ -114,10 +143,32 @@ def main() -> None:
                 sources = test.frame["source"].astype(str).str.split(" \\(").str[0].to_numpy()
                 parts.update({f"  test chest, {src}": flagged[sources == src] for src in sorted(set(sources))})
             for name, part in parts.items():
-                rows.append({"model": card.name, "set": name, "n": len(part), "flagged": round(float(part.mean()), 3)})
+                rows.append({"model": card.name, "set": name, "n": len(part), "flagged": round(float(part.mean()), 4)})
                 print(f"{card.name:10s} {name:50s} n={len(part):4d} flagged {part.mean():6.1%}", flush=True)
     print()
-    print(pd.DataFrame(rows).pivot(index="set", columns="model", values="flagged").to_string())
+    table = pd.DataFrame(rows)
+    print(table.pivot(index="set", columns="model", values="flagged").to_string())
+    if args.record:
+        record(loaded_models, table, args)
+
+
+def record(loaded_models: dict, table: pd.DataFrame, args: argparse.Namespace) -> None:
+    """Write each model's rows into its card as ``applicability.measured``."""
+    import sys
+    from datetime import date
+
+    from pneumobatch.models import write_card
+
+    command = "python benchmarks/applicability.py " + " ".join(sys.argv[1:])
+    for name, loaded in loaded_models.items():
+        mine = table[table["model"] == name]
+        loaded.card.applicability["measured"] = {
+            "command": command.replace(" --record", ""), "date": date.today().isoformat(),
+            "test_split": "the manifest's test split (never used to fit the statistics or set the threshold)",
+            "flagged": {row.set.strip(): {"n": int(row.n), "share": float(row.flagged)} for row in mine.itertuples()},
+        }
+        write_card(loaded.card, loaded.weights_path.with_suffix(".json"))
+        print(f"recorded the flag rates in {loaded.weights_path.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

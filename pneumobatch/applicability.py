@@ -11,9 +11,21 @@ subspace and the residual outside it, each divided by its training mean:
     layer_score = (maha2_k / mean_train(maha2_k) + resid2 / mean_train(resid2)) / 2
 
 Each layer's score is divided by its own high percentile on the validation images and
-the image's score is the mean over layers, so no single depth dominates. The flag
-threshold is the same percentile (default 99th) of the validation images' scores:
-about 1% of in-distribution images are flagged by construction. Penultimate features
+the image's score is the mean over layers, so no single depth dominates.
+
+A chest film that is rotated, upside down or has inverted grey levels keeps much of a
+chest's texture statistics, so distances alone pass most of them. An orientation check
+adds what they miss: a logistic regression on the penultimate features, fitted on the
+training images against copies of them rotated by 90, 180 and 270 degrees, flipped
+upside down and grey-inverted (the model's own features tell these apart almost
+perfectly). Its log-odds ``o`` of "not upright" enter the score as
+``scale * exp(o - o_threshold)``, with ``o_threshold`` the 99.5th percentile on the
+(upright) validation images and ``scale`` the distance score's 99th percentile there;
+the image's score is the larger of the two terms, so it crosses the threshold when
+either does.
+
+The flag threshold is a high percentile (default 99th) of the validation images'
+scores: about 1% of in-distribution images are flagged by construction. Penultimate features
 alone miss most non-radiographs (they only encode what separates the classes); the
 intermediate layers catch CT/MR/ultrasound slices and photographs (README, measured by
 ``benchmarks/applicability.py``).
@@ -51,6 +63,58 @@ RESIDUAL_SHARE = 1e-6
 RESIDUAL_FLOOR = 1e-9
 
 Features = Union[Mapping[str, np.ndarray], np.ndarray]  # layer name -> (N, D); a bare array is the head
+
+#: Percentile of the validation images' orientation log-odds that sets the check's threshold.
+ORIENTATION_PERCENTILE = 99.5
+#: Training images per transformation the orientation check is fitted on (a random subset).
+ORIENTATION_IMAGES = 800
+
+
+def orientation_variants(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The wrongly presented copies of (N, 1, S, S) uint8 images the orientation check learns to catch."""
+    return {
+        "rotated 90": torch.rot90(images, 1, (2, 3)),
+        "rotated 180": torch.rot90(images, 2, (2, 3)),
+        "rotated 270": torch.rot90(images, 3, (2, 3)),
+        "upside down": torch.flip(images, (2,)),
+        "inverted": 255 - images,
+    }
+
+
+@dataclass
+class OrientationCheck:
+    """Logistic regression on the penultimate features: log-odds that an image is not upright."""
+
+    weight: np.ndarray  # (D,), on raw features (the standardisation is folded in)
+    bias: float
+    log_odds_threshold: float = float("inf")
+    scale: float = 1.0
+    transforms: tuple[str, ...] = ()
+
+    def log_odds(self, head: np.ndarray) -> np.ndarray:
+        return np.asarray(head, dtype=np.float64) @ self.weight + self.bias
+
+    def term(self, head: np.ndarray) -> np.ndarray:
+        """The check's part of the score: ``scale`` at the check's own threshold."""
+        return self.scale * np.exp(np.clip(self.log_odds(head) - self.log_odds_threshold, -50.0, 50.0))
+
+    @classmethod
+    def fit(cls, upright: np.ndarray, turned: Mapping[str, np.ndarray]) -> OrientationCheck:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        x = np.concatenate([upright, *turned.values()]).astype(np.float64)
+        y = np.concatenate([np.zeros(len(upright)), np.ones(sum(len(v) for v in turned.values()))])
+        scaler = StandardScaler().fit(x)
+        clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(scaler.transform(x), y)
+        sd = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+        weight = clf.coef_[0] / sd
+        bias = float(clf.intercept_[0] - (weight * scaler.mean_).sum())
+        return cls(weight, bias, transforms=tuple(turned))
+
+    def valid(self) -> bool:
+        return bool(np.isfinite(self.weight).all() and np.isfinite(self.bias)
+                    and np.isfinite(self.log_odds_threshold) and self.scale > 0)
 
 
 def _by_layer(features: Features) -> Mapping[str, np.ndarray]:
@@ -113,6 +177,7 @@ class ApplicabilityStats:
     layers: dict[str, LayerStats]
     scales: dict[str, float] = field(default_factory=dict)  # layer -> divisor (its validation percentile)
     threshold: float = float("inf")
+    orientation: Optional[OrientationCheck] = None  # files written before it have none
 
     @property
     def layer_names(self) -> list[str]:
@@ -120,6 +185,14 @@ class ApplicabilityStats:
 
     def score(self, features: Features) -> np.ndarray:
         """Applicability score per image (about 1 for a typical training image; higher is less alike)."""
+        by_layer = _by_layer(features)
+        distance = self.distance(by_layer)
+        if self.orientation is None:
+            return distance
+        return np.maximum(distance, self.orientation.term(by_layer[HEAD]))
+
+    def distance(self, features: Features) -> np.ndarray:
+        """The feature-distance part of the score: the mean over layers of the scaled layer scores."""
         by_layer = _by_layer(features)
         per_layer = [stats.score(by_layer[name]) / self.scales.get(name, 1.0) for name, stats in self.layers.items()]
         return np.mean(per_layer, axis=0)
@@ -136,11 +209,17 @@ class ApplicabilityStats:
             tensors[f"{name}/mean"] = stats.mean.astype(np.float32)
             tensors[f"{name}/components"] = stats.components.astype(np.float32)
             tensors[f"{name}/variances"] = stats.variances.astype(np.float32)
+        if self.orientation is not None:
+            tensors["orientation/weight"] = self.orientation.weight.astype(np.float32)[None]
         meta = {
             "method": METHOD, "threshold": repr(self.threshold), "info": json.dumps(info),
             "layers": json.dumps({name: {"maha_scale": s.maha_scale, "resid_scale": s.resid_scale,
                                          "scale": self.scales.get(name, 1.0)} for name, s in self.layers.items()}),
         }
+        if self.orientation is not None:
+            o = self.orientation
+            meta["orientation"] = json.dumps({"bias": o.bias, "log_odds_threshold": o.log_odds_threshold,
+                                              "scale": o.scale, "transforms": list(o.transforms)})
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -167,12 +246,19 @@ class ApplicabilityStats:
                     scales = {HEAD: 1.0}
                 else:
                     raise ModelError(f"{path}: not an applicability file (method {METHOD} or {LEGACY_METHOD})")
-                stats = cls(layers, scales, float(meta["threshold"]))
+                orientation = None
+                if "orientation" in meta:
+                    o = json.loads(meta["orientation"])
+                    orientation = OrientationCheck(
+                        fh.get_tensor("orientation/weight")[0].astype(np.float64), float(o["bias"]),
+                        float(o["log_odds_threshold"]), float(o["scale"]), tuple(o.get("transforms", ())),
+                    )
+                stats = cls(layers, scales, float(meta["threshold"]), orientation)
         except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as exc:
             raise ModelError(f"{path}: unreadable applicability statistics ({exc})") from exc
         if not stats.layers or not all(s.valid() for s in stats.layers.values()) or not all(
             np.isfinite(v) and v > 0 for v in stats.scales.values()
-        ):
+        ) or (stats.orientation is not None and not stats.orientation.valid()):
             raise ModelError(f"{path}: applicability statistics out of range")
         return stats
 
@@ -191,6 +277,9 @@ def calibrate(stats: ApplicabilityStats, val_features: Features, percentile: flo
     by_layer = _by_layer(val_features)
     for name, layer in stats.layers.items():
         stats.scales[name] = float(max(np.percentile(layer.score(by_layer[name]), percentile), 1e-12))
+    if stats.orientation is not None:
+        stats.orientation.scale = float(np.percentile(stats.distance(by_layer), percentile))
+        stats.orientation.log_odds_threshold = float(np.percentile(stats.orientation.log_odds(by_layer[HEAD]), ORIENTATION_PERCENTILE))
     stats.threshold = float(np.percentile(stats.score(by_layer), percentile))
     return stats.threshold
 
@@ -277,15 +366,32 @@ def fit_features(loaded: Any, train_images: torch.Tensor, val_images: torch.Tens
                  percentile: float = DEFAULT_PERCENTILE) -> ApplicabilityStats:
     """Fit on training images, scale and threshold on validation images (uint8, model input size)."""
     layers = default_layers(loaded.card.architecture, loaded.net)
-    stats = fit(extract_features(loaded, train_images, layers=layers))
+    train_features = extract_features(loaded, train_images, layers=layers)
+    stats = fit(train_features)
+    stats.orientation = fit_orientation(loaded, train_images, train_features[HEAD])
     calibrate(stats, extract_features(loaded, val_images, layers=layers), percentile)
     return stats
 
 
+def fit_orientation(loaded: Any, images: torch.Tensor, upright_head: np.ndarray, per_transform: int = ORIENTATION_IMAGES,
+                    seed: int = 0) -> OrientationCheck:
+    """The orientation check, fitted on ``images`` (upright) and turned copies of a random subset of them."""
+    pick = torch.from_numpy(np.random.default_rng(seed).permutation(len(images))[:per_transform])
+    turned = {name: extract_features(loaded, variant, layers=[HEAD])[HEAD]
+              for name, variant in orientation_variants(images[pick]).items()}
+    return OrientationCheck.fit(upright_head, turned)
+
+
 def summary(stats: ApplicabilityStats, percentile: float, **fitted: Any) -> dict[str, Any]:
     """What the card records about the statistics."""
-    return {"method": METHOD, "layers": stats.layer_names, "components": {n: int(len(s.variances)) for n, s in stats.layers.items()},
-            "percentile": percentile, "threshold": stats.threshold, **fitted}
+    out = {"method": METHOD, "layers": stats.layer_names, "components": {n: int(len(s.variances)) for n, s in stats.layers.items()},
+           "percentile": percentile, "threshold": stats.threshold, **fitted}
+    if stats.orientation is not None:
+        out["orientation_check"] = {
+            "transforms": list(stats.orientation.transforms), "layer": HEAD,
+            "log_odds_threshold": stats.orientation.log_odds_threshold, "percentile": ORIENTATION_PERCENTILE,
+        }
+    return out
 
 
 def fit_from_manifest(

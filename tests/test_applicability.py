@@ -126,3 +126,35 @@ def test_a_layer_whose_pca_keeps_every_dimension_scores_stored_statistics_sanely
     stats.save(path, {})
     scores = ApplicabilityStats.load(path).score({"stage": new})
     assert np.median(scores) < 1.5 and (~stats.flag(scores)).mean() < 0.05
+
+
+def test_orientation_check_catches_what_the_distance_passes_and_round_trips(tmp_path: Path):
+    from pneumobatch.applicability import OrientationCheck
+
+    # "turned" images: like the training images but for a small shift along one direction the
+    # distance barely notices (about the size of the residual noise); a linear probe sees it plainly
+    direction = np.zeros(32)
+    direction[5] = 0.35
+    train, val, new = features(2000, 0), features(1000, 1), features(1000, 2)
+    turned_train, turned_new = features(800, 3) + direction, features(500, 4) + direction
+    stats = fit(train, n_components=8)
+    calibrate(stats, val)
+    distance_only = (~stats.flag(stats.score(turned_new))).mean()
+    assert distance_only < 0.5
+
+    stats.orientation = OrientationCheck.fit(train, {"turned": turned_train})
+    calibrate(stats, val)
+    assert (~stats.flag(stats.score(turned_new))).mean() > 0.95
+    assert (~stats.flag(stats.score(new))).mean() < 0.03  # upright images still pass
+    # the check's term equals the distance score's scale at its own threshold
+    o = stats.orientation
+    at_threshold = np.zeros((1, 32))
+    at_threshold[0] = o.weight * (o.log_odds_threshold - o.bias) / (o.weight @ o.weight)
+    assert o.term(at_threshold)[0] == pytest.approx(o.scale)
+
+    path = tmp_path / "o.applicability.safetensors"
+    stats.save(path, {})
+    again = ApplicabilityStats.load(path)
+    assert again.orientation is not None and again.orientation.transforms == ("turned",)
+    np.testing.assert_allclose(again.score(turned_new), stats.score(turned_new), rtol=1e-3)
+    assert (again.flag(again.score(turned_new)) == stats.flag(stats.score(turned_new))).mean() > 0.99

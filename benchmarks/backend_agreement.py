@@ -1,0 +1,68 @@
+"""ONNX Runtime vs PyTorch on the test split: the same AUC, the same labels?
+
+Runs the shipped models (default: pneumonia and etiology) over the manifest's test
+split once with each CPU backend (fp32, the same decoded 192 px tensors) and prints,
+per model: test-split AUC (binary: the positive class; multi-class: macro one-vs-rest)
+with each backend and their difference, the largest |dp| of any class probability, and
+how many images change label at the card's operating point.
+
+    python benchmarks/backend_agreement.py ../shared/datasets/cxr/manifest.csv [-m pneumonia -m etiology]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from pneumobatch.inference import Predictor
+from pneumobatch.models import load_model
+from pneumobatch.train import TrainConfig, annotate_subgroups, decode_split, load_labels, remove_leakage
+
+
+def auc(card, targets: np.ndarray, proba: np.ndarray) -> float:
+    if card.binary:
+        return float(roc_auc_score(targets == card.positive_index, proba[:, card.positive_index]))
+    present = [k for k in range(len(card.classes)) if 0 < (targets == k).sum() < len(targets)]
+    return float(np.mean([roc_auc_score(targets == k, proba[:, k]) for k in present]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("-m", "--model", action="append", default=None)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    cpu = torch.device("cpu")
+    for name in args.model or ["pneumonia", "etiology"]:
+        loaded = load_model(name)
+        card = loaded.card
+        config = TrainConfig(data=args.manifest, out_dir=args.manifest.parent, name=card.name, task=card.task,
+                             default_age_band=tuple(card.data.get("age_band_defaults", ())))
+        frame, task, _ = load_labels(config)
+        frame, _ = remove_leakage(frame)
+        frame = annotate_subgroups(frame, config)
+        test, _ = decode_split(frame[frame["split"] == "test"], task, card.input_size, args.workers)
+        targets = test.targets.numpy()
+        proba = {}
+        for backend in ("torch", "onnxruntime"):
+            predictor = Predictor([loaded], cpu, None, backend=backend)
+            assert predictor.backend == backend, predictor.backend
+            parts = [predictor({card.input_size: test.images[i : i + args.batch_size]})[card.name]
+                     for i in range(0, len(test.images), args.batch_size)]
+            proba[backend] = np.concatenate(parts)
+        bands = test.frame["sg_age_band"].to_numpy()
+        labels = {b: card.decide_many(p, bands) for b, p in proba.items()}
+        flips = int((labels["torch"] != labels["onnxruntime"]).sum())
+        a_torch, a_onnx = auc(card, targets, proba["torch"]), auc(card, targets, proba["onnxruntime"])
+        dp = float(np.abs(proba["torch"] - proba["onnxruntime"]).max())
+        print(f"{card.name:10s} n={len(targets)}  AUC torch {a_torch:.5f}  onnxruntime {a_onnx:.5f}  "
+              f"difference {a_onnx - a_torch:+.5f}  max |dp| {dp:.1e}  label changes {flips}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
