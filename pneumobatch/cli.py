@@ -245,6 +245,7 @@ _T = TrainConfig  # option defaults are the library's, defined once
 @click.option("--sex-column", default=_T.sex_column, show_default=True, help="Manifest column with the sex, for per-sex metrics.")
 @click.option("--hflip/--no-hflip", default=_T.hflip, show_default=True, help="Random horizontal flips (off: the heart's side is anatomy).")
 @click.option("--target-recall", type=RECALL_RANGE, default=_T.target_recall, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
+@click.option("--band-target-recall", multiple=True, metavar="BAND=RECALL", help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.")
 @click.option("--seed", type=int, default=_T.seed, show_default=True)
 @click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images.")
@@ -275,6 +276,37 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
         if "sensitivity" in test:
             parts.append(f"sensitivity {test['sensitivity']:.3f} / specificity {test['specificity']:.3f} at threshold {card.threshold:.3f}")
         click.echo("; ".join(parts))
+
+
+@main.command("retune", short_help="Choose a trained model's temperature and operating points again (no training).")
+@click.argument("model")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where MODEL is looked up (default: the shipped weights/).")
+@click.option("--label-column", default=_T.label_column, show_default=True, help="Manifest column holding the label or hierarchical finding.")
+@click.option("--split-column", default=_T.split_column, show_default=True)
+@click.option("--patient-column", default=_T.patient_column, show_default=True)
+@click.option("--group-column", default=_T.group_column, show_default=True)
+@click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="As for train. Repeatable.")
+@click.option("--target-recall", type=RECALL_RANGE, default=_T.target_recall, show_default=True, help="Sensitivity the pooled threshold must reach on validation.")
+@click.option("--band-target-recall", multiple=True, metavar="BAND=RECALL", help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.")
+@click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images.")
+def retune_command(model: str, data: Path, weights_dir: Optional[Path], **options) -> None:
+    """Choose MODEL's temperature and operating points again on DATA's validation split.
+
+    DATA is the manifest the model was trained on (same splits, same leakage rules); the
+    test split is evaluated at the new points. The weights and applicability statistics
+    stay as they are; the model card is rewritten (metrics, thresholds, and a
+    training.retuned entry saying when and with which targets).
+    """
+    from pneumobatch.train import retune
+
+    _setup_logging(0, False)
+    config = TrainConfig(data=data, out_dir=weights_dir or Path("."), name=model, **options)
+    card = retune(model, config, weights_dir, progress=click.echo)
+    points = card.thresholds.get("by_age_band") or {}
+    bands = "; ".join(f"{b} {p['recall_target']:.4f} (target {p['target_recall']:g})" for b, p in points.items())
+    click.echo(f"rewrote the card of {card.name}: pooled threshold {card.threshold:.4f}" + (f"; {bands}" if bands else ""))
 
 
 def _check_train_inputs(out_dir: Path, init: str, device: str) -> None:

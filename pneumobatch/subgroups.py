@@ -77,6 +77,22 @@ def parse_band_defaults(specs: Iterable[str]) -> list[tuple[str, str]]:
     return parsed
 
 
+def parse_band_targets(specs: Iterable[str]) -> dict[str, float]:
+    """``["adult=0.90"]`` -> ``{"adult": 0.9}`` (a sensitivity between 0.5 and 1); raises ValueError."""
+    parsed = {}
+    for spec in specs:
+        band, sep, value = str(spec).partition("=")
+        band = band.strip().lower()
+        try:
+            target = float(value)
+        except ValueError:
+            target = float("nan")
+        if not sep or band not in AGE_BANDS or not 0.5 <= target <= 1.0:
+            raise ValueError(f"--band-target-recall wants child=R or adult=R with R between 0.5 and 1, not {spec!r}")
+        parsed[band] = target
+    return parsed
+
+
 def age_bands(ages: Sequence[Any], groups: Sequence[Any], defaults: Sequence[tuple[str, str]]) -> list[str]:
     """Band per row: from the age where known, else the first matching group pattern."""
     out = []

@@ -11,6 +11,7 @@ metrics (overall and per source) -> ``NAME.safetensors`` + ``NAME.json`` + curve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,8 +37,14 @@ from pneumobatch.metrics import fit_temperature
 from pneumobatch.models import ARCHITECTURES, LoadedModel, ModelCard, create_model, save_model
 from pneumobatch.preprocess import normalize, resize, to_uint8
 from pneumobatch.readers import ReadOptions, read_image
-from pneumobatch.subgroups import AGE_BANDS, TRAINING_COLUMNS, add_subgroup_columns, parse_band_defaults
-from pneumobatch.tasks import Task, custom_task, get_task
+from pneumobatch.subgroups import (
+    AGE_BANDS,
+    TRAINING_COLUMNS,
+    add_subgroup_columns,
+    parse_band_defaults,
+    parse_band_targets,
+)
+from pneumobatch.tasks import TASKS, Task, custom_task, get_task
 from pneumobatch.train_config import BALANCE_CHOICES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -457,6 +464,10 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         raise TrainingError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     if config.balance not in BALANCE_CHOICES:
         raise TrainingError(f"--balance must be one of {', '.join(BALANCE_CHOICES)}, not {config.balance!r}")
+    try:
+        parse_band_targets(config.band_target_recall)  # fail before hours of training, not after
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     started = time.time()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -587,33 +598,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         state = None
 
     net.load_state_dict(best["state"])
-    val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
-    temperature = fit_temperature(val_logits.numpy(), val_set.targets.numpy())
-    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
-    thresholds: dict[str, Any] = {}
-    threshold = None
-    by_band: dict[str, Any] = {}
-    val_bands = val_set.frame["sg_age_band"].to_numpy()
-    if task.positive is not None and len(task.classes) == 2:
-        pos = task.classes.index(task.positive)
-        val_pos = val_set.targets.numpy() == pos
-        if val_pos.all() or not val_pos.any():
-            raise TrainingError("threshold selection needs both classes in the validation split")
-        thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
-        thresholds["target_recall"] = config.target_recall
-        threshold = thresholds["recall_target"]
-        by_band = metrics.band_thresholds(val_pos, val_probs[:, pos], val_bands, config.target_recall)
-        if by_band:
-            thresholds["by_age_band"] = by_band
-            thresholds["age_band_rule"] = (
-                f"the band's recall_target threshold applies when the image's age is known (child < 18 years <= adult); "
-                f"otherwise the pooled threshold {threshold:.4f}"
-            )
-
     card = ModelCard(
         name=config.name, task=task.name, classes=list(task.classes), architecture=config.architecture,
         input_size=config.input_size, mean=list(mean), std=list(std), positive=task.positive,
-        threshold=threshold, thresholds=thresholds, temperature=temperature,
         data=_data_summary(config, splits, dropped, unreadable, split_source, leakage),
         training={
             "init": config.init, "balance": config.balance, "class_weights": weights.tolist() if weights is not None else None,
@@ -628,11 +615,59 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         },
         pneumobatch_version=__version__,
     )
+    choose_operating_points(card, net, val_set, test_set, config, task, device)
+    card.training["seconds"] = round(time.time() - started, 1)
+    weights_path = save_model(net.cpu(), card, config.out_dir)
+    _fit_applicability(LoadedModel(card, net.eval(), weights_path), splits["train"], val_set, progress)
+    _plot_curves(history, config.out_dir / f"{config.name}.curves.png", config.name)
+    if ckpt_path.exists():
+        os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it
+    return card
+
+
+def choose_operating_points(
+    card: ModelCard, net: nn.Module, val_set: Dataset, test_set: Dataset, config: TrainConfig, task: Task, device: torch.device,
+) -> None:
+    """Temperature, thresholds (pooled and per age band) on validation; metrics on validation and test.
+
+    Sets ``card.temperature``, ``threshold``, ``thresholds`` and ``metrics``. Only the
+    validation split chooses anything; the test split is evaluated at what was chosen.
+    """
+    try:
+        band_targets = parse_band_targets(config.band_target_recall)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    batch = config.batch_size * 2
+    val_logits = predict_logits(net, val_set.images, card.mean, card.std, device, batch)
+    temperature = fit_temperature(val_logits.numpy(), val_set.targets.numpy())
+    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
+    thresholds: dict[str, Any] = {}
+    threshold = None
+    val_bands = val_set.frame["sg_age_band"].to_numpy()
+    if task.positive is not None and len(task.classes) == 2:
+        pos = task.classes.index(task.positive)
+        val_pos = val_set.targets.numpy() == pos
+        if val_pos.all() or not val_pos.any():
+            raise TrainingError("threshold selection needs both classes in the validation split")
+        thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
+        thresholds["target_recall"] = config.target_recall
+        threshold = thresholds["recall_target"]
+        by_band = metrics.band_thresholds(val_pos, val_probs[:, pos], val_bands, config.target_recall, band_targets=band_targets)
+        if by_band:
+            thresholds["by_age_band"] = by_band
+            targets = ", ".join(f"{b} {p['target_recall']:g}" for b, p in by_band.items())
+            thresholds["age_band_rule"] = (
+                f"the band's recall_target threshold (sensitivity target on validation: {targets}) applies when the "
+                f"image's age is known (child < 18 years <= adult); otherwise the pooled threshold {threshold:.4f} "
+                f"(target {config.target_recall:g})"
+            )
+    card.temperature, card.threshold, card.thresholds = temperature, threshold, thresholds
+
     val_pred = _class_indices(card.decide_many(val_probs, val_bands), task)
     results: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
     results["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
     if len(test_set.targets):
-        test_logits = predict_logits(net, test_set.images, mean, std, device, config.batch_size * 2)
+        test_logits = predict_logits(net, test_set.images, card.mean, card.std, device, batch)
         test_probs = torch.softmax(test_logits / temperature, 1).numpy()
         targets = test_set.targets.numpy()
         test_bands = test_set.frame["sg_age_band"].to_numpy()
@@ -645,14 +680,48 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold)
                 for g in sorted(set(groups))
             }
-
     card.metrics = results
-    card.training["seconds"] = round(time.time() - started, 1)
-    weights_path = save_model(net.cpu(), card, config.out_dir)
-    _fit_applicability(LoadedModel(card, net.eval(), weights_path), splits["train"], val_set, progress)
-    _plot_curves(history, config.out_dir / f"{config.name}.curves.png", config.name)
-    if ckpt_path.exists():
-        os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it
+
+def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
+    """Choose a trained model's temperature and operating points again, without training.
+
+    Loads model ``name``, decodes ``config.data``'s validation and test splits (the same
+    splits, leakage rules and age bands as ``train``), runs
+    :func:`choose_operating_points` with ``config``'s targets and rewrites the model
+    card. The weights and applicability statistics are not touched; the card's
+    ``training`` section gains a ``retuned`` entry saying when and with which targets.
+    """
+    from pneumobatch.models import load_model, write_card
+
+    loaded = load_model(name, weights_dir)
+    card = loaded.card
+    if card.task not in TASKS:
+        raise TrainingError(f"model {card.name} has task {card.task!r}: retune knows the built-in tasks ({', '.join(TASKS)})")
+    task = get_task(card.task)
+    if task.positive is None:
+        raise TrainingError(f"model {card.name} ({card.task}) decides by the most probable class: it has no operating point to retune")
+    try:
+        parse_band_targets(config.band_target_recall)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    config = dataclasses.replace(config, task=card.task, name=card.name, input_size=card.input_size)
+    frame, task, _ = load_labels(config)
+    frame = assign_splits(frame, config)
+    frame, _ = remove_leakage(frame)
+    frame = annotate_subgroups(frame, config)
+    parts = {}
+    for split in ("val", "test"):
+        part = frame[frame["split"] == split]
+        progress(f"decoding {len(part)} {split} images")
+        parts[split], _ = decode_split(part, task, card.input_size, config.workers)
+    device = resolve_device(config.device)
+    choose_operating_points(card, loaded.net.to(device).eval(), parts["val"], parts["test"], config, task, device)
+    card.training["retuned"] = {
+        "date": time.strftime("%Y-%m-%d"), "command": "pneumobatch retune", "target_recall": config.target_recall,
+        "band_target_recall": parse_band_targets(config.band_target_recall), "data": str(config.data),
+        "note": "temperature and operating points chosen again on the validation split; weights unchanged",
+    }
+    write_card(card, loaded.weights_path.with_suffix(".json"))
     return card
 
 

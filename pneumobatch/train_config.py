@@ -47,6 +47,7 @@ class TrainConfig:
     default_age_band: tuple[str, ...] = ()  # PATTERN=child|adult for groups whose ages are not given
     hflip: bool = False
     target_recall: float = TARGET_RECALL
+    band_target_recall: tuple[str, ...] = ()  # BAND=RECALL: that age band's operating point aims at RECALL instead
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0

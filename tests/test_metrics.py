@@ -316,3 +316,24 @@ def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
     t = fit_temperature(3 * z, y)
     assert t == pytest.approx(3.0, rel=0.1)
     assert temperature_nll(3 * z, y, t) <= min(temperature_nll(3 * z, y, t * f) for f in (0.98, 1.02))
+
+
+def test_each_age_band_can_aim_at_its_own_sensitivity():
+    from pneumobatch.metrics import band_thresholds
+    from pneumobatch.subgroups import parse_band_targets
+
+    rng = np.random.default_rng(0)
+    y = np.tile([True, False], 200)
+    scores = np.clip(np.where(y, 0.65, 0.35) + rng.normal(0, 0.15, len(y)), 0, 1)
+    bands = np.repeat(["child", "adult"], 200)
+    points = band_thresholds(y, scores, bands, 0.95, band_targets=parse_band_targets(["adult=0.90"]))
+    assert points["child"]["target_recall"] == 0.95 and points["adult"]["target_recall"] == 0.90
+    for band, target in (("child", 0.95), ("adult", 0.90)):
+        m = bands == band
+        sensitivity = (scores[m & y] >= points[band]["recall_target"]).mean()
+        assert target <= sensitivity < target + 0.03  # the highest threshold that reaches the band's own target
+    assert points["adult"]["recall_target"] > band_thresholds(y, scores, bands, 0.95)["adult"]["recall_target"]
+    with pytest.raises(ValueError, match="child=R or adult=R"):
+        parse_band_targets(["elderly=0.9"])
+    with pytest.raises(ValueError, match="between 0.5 and 1"):
+        parse_band_targets(["adult=1.5"])

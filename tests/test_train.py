@@ -65,6 +65,31 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     predictions = pd.read_csv(tmp_path / "p.csv")
     assert len(predictions) == 48 and predictions.loc[predictions["status"] == "ok", "ood_score"].notna().all()
 
+    # retune: operating points chosen again on validation, weights untouched, and the test
+    # split never chooses anything (relabelling it changes only the test metrics)
+    weights_bytes = (out / "tiny.safetensors").read_bytes()
+    flipped = pd.read_csv(manifest)
+    test_rows = flipped["split"] == "test"
+    flipped.loc[test_rows, "finding"] = "No Finding"  # other test labels: only the test metrics may change
+    flipped.to_csv(tmp_path / "data" / "flipped.csv", index=False)
+    cards = {}
+    for name, data in (("same", manifest), ("flipped", tmp_path / "data" / "flipped.csv")):
+        folder = tmp_path / f"retune_{name}"
+        folder.mkdir()
+        for f in out.glob("tiny.*"):
+            (folder / f.name).write_bytes(f.read_bytes())
+        result = CliRunner().invoke(main, ["retune", "tiny", str(data), "--weights-dir", str(folder), "--target-recall", "0.6", "--workers", "1"])
+        assert result.exit_code == 0, result.output
+        assert (folder / "tiny.safetensors").read_bytes() == weights_bytes
+        cards[name] = json.loads((folder / "tiny.json").read_text())
+    same, other = cards["same"], cards["flipped"]
+    assert same["thresholds"]["target_recall"] == 0.6 and same["training"]["retuned"]["target_recall"] == 0.6
+    assert same["thresholds"]["recall_target"] >= saved["thresholds"]["recall_target"]  # a lower target: a higher threshold
+    assert same["training"]["history"] == saved["training"]["history"] and same["weights_sha256"] == saved["weights_sha256"]
+    assert (same["threshold"], same["temperature"], same["thresholds"]) == (other["threshold"], other["temperature"], other["thresholds"])
+    assert same["metrics"]["val"] == other["metrics"]["val"] and same["metrics"]["test"] != other["metrics"]["test"]
+    assert load_model("tiny", tmp_path / "retune_same").card.threshold == same["threshold"]
+
 
 def test_split_is_stratified_and_patient_disjoint(tmp_path: Path):
     manifest = make_dataset(tmp_path / "data", n_per_class=40, with_split=False)

@@ -135,9 +135,13 @@ MIN_PER_CLASS_PER_BAND = 10
 
 def band_thresholds(
     y_pos: np.ndarray, scores: np.ndarray, bands: np.ndarray, target_recall: float,
-    min_per_class: int = MIN_PER_CLASS_PER_BAND,
+    min_per_class: int = MIN_PER_CLASS_PER_BAND, band_targets: Optional[Mapping[str, float]] = None,
 ) -> dict[str, dict[str, Any]]:
-    """Operating points per age band, for bands with at least ``min_per_class`` images of each class."""
+    """Operating points per age band, for bands with at least ``min_per_class`` images of each class.
+
+    Each band's ``recall_target`` reaches ``band_targets[band]`` where given, else ``target_recall``;
+    the point records its ``target_recall``.
+    """
     from pneumobatch.subgroups import AGE_BANDS
 
     y_pos = np.asarray(y_pos).astype(bool)
@@ -145,7 +149,9 @@ def band_thresholds(
     for band in AGE_BANDS:
         mask = np.asarray(bands) == band
         if y_pos[mask].sum() >= min_per_class and (~y_pos[mask]).sum() >= min_per_class:
-            point = select_threshold(y_pos[mask], scores[mask], target_recall)
+            target = float((band_targets or {}).get(band, target_recall))
+            point = select_threshold(y_pos[mask], scores[mask], target)
+            point["target_recall"] = target
             point["n_positive"], point["n_negative"] = int(y_pos[mask].sum()), int((~y_pos[mask]).sum())
             out[band] = point
     return out

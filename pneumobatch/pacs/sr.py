@@ -120,7 +120,8 @@ def operating_point_meaning(card: ModelCard, operating_point: str, threshold: Op
     """What the operating point means, in one sentence (written into the SR)."""
     if operating_point == "argmax" or threshold is None:
         return "the most probable class is reported (no threshold)"
-    target = card.thresholds.get("target_recall")
+    band_point = (card.thresholds.get("by_age_band") or {}).get(operating_point.removeprefix("site-")) or {}
+    target = band_point.get("target_recall", card.thresholds.get("target_recall"))
     chosen = f"chosen on validation images for {float(target):.0%} sensitivity" if isinstance(target, (int, float)) else "the model's shipped threshold"
     where = f"for the {operating_point} age band (from PatientAge)" if operating_point not in ("pooled", "") else "for all ages"
     return f"{card.positive} is Present when its probability >= {threshold:.4f}, {where}; {chosen}"
