@@ -212,7 +212,7 @@ def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[
     from pneumobatch.applicability import attach, fit_from_manifest
     from pneumobatch.models import load_model
 
-    loaded = load_model(model, weights_dir)
+    loaded = load_model(model, weights_dir, statistics=False)  # the statistics are being replaced
     stats, info = fit_from_manifest(loaded, manifest, percentile=percentile, workers=workers, only_class=only_class, progress=click.echo)
     path = attach(loaded, stats, info)
     click.echo(f"wrote {path}; threshold {stats.threshold:.3f} ({percentile:g}th percentile of {info['n_val']} validation images)")

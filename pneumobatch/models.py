@@ -236,8 +236,12 @@ def read_card(card_path: Path) -> ModelCard:
         raise ModelError(f"{card_path}: invalid model card ({exc})") from exc
 
 
-def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify: bool = True) -> LoadedModel:
-    """Load a model for inference: card, verified weights, network in eval mode."""
+def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify: bool = True, statistics: bool = True) -> LoadedModel:
+    """Load a model for inference: card, verified weights, network in eval mode.
+
+    ``statistics=False`` leaves the applicability statistics unread (for refitting them:
+    a stale or damaged statistics file must not stop its own replacement).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -262,7 +266,7 @@ def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise ModelError(f"{weights_path}: weights do not load into {card.architecture}: {first}") from exc
     net.eval()
-    return LoadedModel(card, net, weights_path, _load_applicability(card, weights_path, verify))
+    return LoadedModel(card, net, weights_path, _load_applicability(card, weights_path, verify) if statistics else None)
 
 
 def _check_output_layer(net: nn.Module, card: ModelCard, state: dict[str, torch.Tensor], weights_path: Path) -> None:

@@ -20,7 +20,7 @@ DEFAULT_OUT_DIR = Path("weights")
 
 @dataclass
 class TrainConfig:
-    """Options of ``pneumobatch train``; the defaults produce the shipped weights."""
+    """Options of ``pneumobatch train`` (the README gives the options that produced the shipped weights)."""
 
     data: Path
     out_dir: Path

@@ -158,3 +158,35 @@ def test_orientation_check_catches_what_the_distance_passes_and_round_trips(tmp_
     assert again.orientation is not None and again.orientation.transforms == ("turned",)
     np.testing.assert_allclose(again.score(turned_new), stats.score(turned_new), rtol=1e-3)
     assert (again.flag(again.score(turned_new)) == stats.flag(stats.score(turned_new))).mean() > 0.99
+
+
+def test_fit_applicability_command_records_statistics_and_replaces_a_damaged_file(weights_dir: Path, tmp_path: Path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pneumobatch.cli import main
+    from tests.conftest import make_dataset
+
+    manifest = make_dataset(tmp_path / "data")
+    folder = tmp_path / "w"
+    folder.mkdir()
+    for f in weights_dir.glob("tiny.*"):
+        shutil.copy(f, folder / f.name)
+    fit_cmd = ["fit-applicability", "tiny", str(manifest), "--weights-dir", str(folder), "--workers", "1"]
+    predict = ["predict", str(tmp_path / "data" / "images"), "-m", "tiny", "--weights-dir", str(folder), "--quiet", "--overwrite",
+               "-o", str(tmp_path / "p.csv")]
+    result = CliRunner().invoke(main, fit_cmd)
+    assert result.exit_code == 0, result.output
+    card = json.loads((folder / "tiny.json").read_text())["applicability"]
+    assert card["file"] == "tiny.applicability.safetensors" and card["n_train"] == 30 and card["n_val"] == 10
+    assert card["orientation_check"]["transforms"] == ["rotated 90", "rotated 180", "rotated 270", "upside down", "inverted"]
+    assert CliRunner().invoke(main, predict).exit_code == 0
+
+    (folder / "tiny.applicability.safetensors").write_bytes(b"damaged")
+    refused = CliRunner().invoke(main, predict)
+    assert refused.exit_code == 3 and "SHA-256 does not match" in refused.output
+    again = CliRunner().invoke(main, fit_cmd)  # the damaged file does not stop its own replacement
+    assert again.exit_code == 0, again.output
+    assert CliRunner().invoke(main, predict).exit_code == 0
