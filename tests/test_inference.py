@@ -41,7 +41,8 @@ def test_onnxruntime_gives_the_shipped_models_probabilities_and_applicability_sc
     models = [load_model("pneumonia")]  # etiology has the same architecture
     applicability = {m.card.name: m.applicability for m in models}
     assert all(applicability.values())
-    inputs = {192: torch.randint(0, 256, (5, 1, 192, 192), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    s = models[0].card.input_size
+    inputs = {s: torch.randint(0, 256, (5, 1, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
     eager, onnx = Predictor(models, cpu, None, applicability, backend="torch"), Predictor(models, cpu, None, applicability)
     assert (eager.backend, onnx.backend) == ("torch", "onnxruntime")
     eager_scores: dict = {}
