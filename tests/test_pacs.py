@@ -510,3 +510,22 @@ def test_credentials_repr_hides_secrets():
     creds = Credentials(username="u", password="p4ss", token="")
     conn = Connection(url="https://x/dicom-web", credentials=creds)
     assert "p4ss" not in repr(conn) and "basic" in repr(creds)
+
+
+def test_a_killed_pulls_temporary_files_are_removed_and_nothing_else(tmp_path):
+    """The names atomic_write really makes (tempfile's random suffix), not a guess at them."""
+    import tempfile
+
+    from pneumobatch.atomicfile import temp_prefix
+    from pneumobatch.pacs.pull import _remove_stale_temps
+
+    series = tmp_path / "1.2.3" / "1.2.3.4"
+    series.mkdir(parents=True)
+    target = series / "1.2.3.4.5.dcm"
+    stale = [Path(tempfile.mkstemp(prefix=temp_prefix(target), dir=series)[1]) for _ in range(20)]
+    kept = [target, series / ".hidden_by_user.dcm", series / "notes.dcm.tmp-keep", tmp_path / ".1.2.dcm.tmp-abc"]
+    for path in kept:
+        path.write_bytes(b"x")
+    _remove_stale_temps(tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)

@@ -40,7 +40,8 @@ from pneumobatch.readers.dicom import CXR_MODALITIES
 log = logging.getLogger(__name__)
 
 MODALITIES = tuple(sorted(CXR_MODALITIES))  # what predict reads: CR, DR, DX
-_STALE_TEMP = re.compile(r"^\.[0-9.]+\.dcm\.tmp-[0-9]+$")
+#: atomic_write's temporary names: ``.<SOP UID>.dcm.tmp-`` and tempfile's random suffix (a-z, 0-9, _)
+_STALE_TEMP = re.compile(r"^\.[0-9.]+\.dcm\.tmp-[a-z0-9_]+$")
 
 
 def default_ledger(output: Path) -> Path:
