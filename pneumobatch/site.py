@@ -115,13 +115,26 @@ def _point(ev: dict[str, Any], name: str, n_pos: int, n_neg: int) -> dict[str, A
     }
 
 
+def _off_the_sample(threshold: Optional[float], scores: np.ndarray) -> Optional[float]:
+    """Halfway from ``threshold`` (one image's score) to the next lower score of the sample.
+
+    It makes the same decisions on the sample, but no longer sits on an image's
+    probability, which predict recomputes from the logits at the site temperature and the
+    CSV rounds to 6 decimals: on the threshold itself, that image could fall either side.
+    """
+    if threshold is None:
+        return None
+    lower = np.asarray(scores)[np.asarray(scores) < threshold]
+    return float((threshold + lower.max()) / 2) if len(lower) else float(threshold)
+
+
 def _fit_points(
     y_true: np.ndarray, proba: np.ndarray, card: ModelCard, target: float, n_bootstrap: int, seed: int
 ) -> dict[str, Any]:
     """Target-sensitivity and Youden thresholds on these rows, with bootstrap intervals."""
     pos = card.positive_index
     y_pos = y_true == card.positive
-    chosen = select_threshold(y_pos, proba[:, pos], target)
+    chosen = {k: _off_the_sample(v, proba[:, pos]) for k, v in select_threshold(y_pos, proba[:, pos], target).items()}
     ev = evaluate(
         list(y_true), proba, card.classes, positive=card.positive, threshold=chosen["recall_target"],
         card_thresholds={"youden": chosen["youden"]}, n_bootstrap=n_bootstrap, seed=seed,

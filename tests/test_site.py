@@ -283,3 +283,25 @@ def test_report_shows_shipped_and_site_operating_points_side_by_side(tmp_path):
     refused = CliRunner().invoke(main, args + ["--site", str(site_path), "-o", str(tmp_path / "x.pdf")])
     assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "fitted for model pn" in refused.output
     assert not (tmp_path / "x.pdf").exists()
+
+
+def test_site_thresholds_keep_their_decisions_when_predict_rounds_the_probabilities(reference, tmp_path):
+    """predict --site recomputes the probabilities and writes 6 decimals: the site's counts must survive that."""
+    out = tmp_path / "site.json"
+    args = ["calibrate", str(reference), "--labels", str(ROOT / "sample_studies" / "labels.csv"), "--model", "pneumonia",
+            "-o", str(out), "--bootstrap", "0"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    site = json.loads(out.read_text())
+    frame = pd.read_csv(reference)
+    frame = frame[(frame.model == "pneumonia") & (frame.status == "ok")]
+    labels = pd.read_csv(ROOT / "sample_studies" / "labels.csv")
+    joined = frame.merge(labels, on="path")
+    p = rescale_probabilities(joined[["prob_normal", "prob_pneumonia"]].to_numpy(), site["temperature"]["scale"])[:, 1]
+    truth = (joined["label"] == "pneumonia").to_numpy()
+    for key in ("target", "youden"):
+        point = site["operating_points"]["pooled"][key]
+        assert np.abs(p - point["threshold"]).min() > 1e-4  # not on any image's probability
+        for shown in (p, np.round(p, 6)):  # as calibrate saw them, and as predict --site writes them
+            called = shown >= point["threshold"]
+            assert (int((called & truth).sum()), int((~called & truth).sum())) == (point["tp"], point["fn"])
+            assert (int((~called & ~truth).sum()), int((called & ~truth).sum())) == (point["tn"], point["fp"])
