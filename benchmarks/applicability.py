@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,14 @@ import pandas as pd
 import pydicom
 import torch
 
-from pneumobatch.applicability import ApplicabilityStats, extract_features
+from pneumobatch.applicability import extract_features
 from pneumobatch.models import load_model
 from pneumobatch.preprocess import resize, to_uint8
 from pneumobatch.readers import ReadOptions
 from pneumobatch.readers.raster import read_raster
-from pneumobatch.train import TrainConfig, decode_split, load_labels, remove_leakage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backend_agreement import decoded_split  # noqa: E402 - the benchmarks' shared split loader
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
@@ -58,19 +61,25 @@ def dicom_images(size: int) -> list[np.ndarray]:
     return out
 
 
-def picture_images(size: int) -> list[np.ndarray]:
-    import matplotlib
-
-    folder = Path(matplotlib.__file__).parent / "mpl-data"
+def raster_images(paths, size: int) -> list[np.ndarray]:
+    """The PNG/JPEG files among ``paths`` that read and are at least 32 px, at ``size``."""
     out = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg") and path.stat().st_size > 2000:
+    for path in sorted(paths):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
             try:
                 image = read_raster(path, ReadOptions(min_side=size))
             except Exception:
                 continue
             if min(image.pixels.shape) >= 32:
                 out.append(to_uint8(resize(image.pixels, size)))
+    return out
+
+
+def picture_images(size: int) -> list[np.ndarray]:
+    import matplotlib
+
+    folder = Path(matplotlib.__file__).parent / "mpl-data"
+    out = raster_images((p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 2000), size)
     ima = folder / "sample_data" / "s1045.ima.gz"
     if ima.exists():
         raw = np.frombuffer(gzip.decompress(ima.read_bytes()), np.uint16)
@@ -84,17 +93,7 @@ def skimage_images(size: int) -> list[np.ndarray]:
         import skimage
     except ImportError:
         return []
-    folder = Path(skimage.__file__).parent / "data"
-    out = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            try:
-                image = read_raster(path, ReadOptions(min_side=size))
-            except Exception:
-                continue
-            if min(image.pixels.shape) >= 32:
-                out.append(to_uint8(resize(image.pixels, size)))
-    return out
+    return raster_images((Path(skimage.__file__).parent / "data").iterdir(), size)
 
 
 def transformed(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,11 +123,10 @@ def main() -> None:
         loaded = load_model(name, args.weights_dir)
         card = loaded.card
         loaded_models[card.name] = loaded
-        stats = ApplicabilityStats.load(loaded.weights_path.with_name(f"{card.name}.applicability.safetensors"))
-        config = TrainConfig(data=args.manifest, out_dir=args.manifest.parent, name=card.name, task=card.task)
-        frame, task, _ = load_labels(config)
-        frame, _ = remove_leakage(frame)
-        test, _ = decode_split(frame[frame["split"] == "test"], task, card.input_size, args.workers)
+        stats = loaded.applicability  # verified against the card's SHA-256 when the model loaded
+        if stats is None:
+            raise SystemExit(f"model {card.name} has no applicability statistics (pneumobatch fit-applicability)")
+        test = decoded_split(card, args.manifest, "test", args.workers)
         size = card.input_size
         sets = {"test chest X-rays (in distribution)": test.images}
         sets.update(transformed(test.images))
@@ -154,7 +152,6 @@ def main() -> None:
 
 def record(loaded_models: dict, table: pd.DataFrame, args: argparse.Namespace) -> None:
     """Write each model's rows into its card as ``applicability.measured``."""
-    import sys
     from datetime import date
 
     from pneumobatch.models import write_card

@@ -20,7 +20,15 @@ from sklearn.metrics import roc_auc_score
 
 from pneumobatch.inference import Predictor
 from pneumobatch.models import load_model
-from pneumobatch.train import TrainConfig, annotate_subgroups, decode_split, load_labels, remove_leakage
+from pneumobatch.train import Dataset, TrainConfig, decode_split, labelled_splits
+
+
+def decoded_split(card, manifest: Path, split: str, workers: int) -> Dataset:
+    """``split`` of ``manifest`` as ``train`` sees it (age bands from the card's defaults), at the card's input size."""
+    config = TrainConfig(data=manifest, out_dir=manifest.parent, name=card.name, task=card.task,
+                         default_age_band=tuple(card.data.get("age_band_defaults", ())))
+    frame, task, _, _, _ = labelled_splits(config)
+    return decode_split(frame[frame["split"] == split], task, card.input_size, workers)[0]
 
 
 def auc(card, targets: np.ndarray, proba: np.ndarray) -> float:
@@ -41,12 +49,7 @@ def main() -> None:
     for name in args.model or ["pneumonia", "etiology"]:
         loaded = load_model(name)
         card = loaded.card
-        config = TrainConfig(data=args.manifest, out_dir=args.manifest.parent, name=card.name, task=card.task,
-                             default_age_band=tuple(card.data.get("age_band_defaults", ())))
-        frame, task, _ = load_labels(config)
-        frame, _ = remove_leakage(frame)
-        frame = annotate_subgroups(frame, config)
-        test, _ = decode_split(frame[frame["split"] == "test"], task, card.input_size, args.workers)
+        test = decoded_split(card, args.manifest, "test", args.workers)
         targets = test.targets.numpy()
         proba = {}
         for backend in ("torch", "onnxruntime"):

@@ -12,6 +12,7 @@ test split is for reporting.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +21,15 @@ from sklearn.metrics import roc_auc_score
 
 from pneumobatch.inference import Predictor
 from pneumobatch.models import load_model
-from pneumobatch.train import TrainConfig, annotate_subgroups, decode_split, load_labels, remove_leakage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backend_agreement import decoded_split  # noqa: E402 - the benchmarks' shared split loader
 
 
 def split_scores(model: str, manifest: Path, split: str, workers: int):
     loaded = load_model(model)
     card = loaded.card
-    config = TrainConfig(data=manifest, out_dir=Path("."), name=card.name, task=card.task,
-                         default_age_band=tuple(card.data.get("age_band_defaults", ())))
-    frame, task, _ = load_labels(config)
-    frame, _ = remove_leakage(frame)
-    frame = annotate_subgroups(frame, config)
-    data, _ = decode_split(frame[frame["split"] == split], task, card.input_size, workers)
+    data = decoded_split(card, manifest, split, workers)
     predictor = Predictor([loaded], torch.device("cpu"), None, backend="torch")
     proba = np.concatenate([predictor({card.input_size: data.images[i : i + 32]})[card.name]
                             for i in range(0, len(data.images), 32)])

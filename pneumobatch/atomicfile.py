@@ -22,7 +22,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 from pneumobatch.errors import OutputError
 
@@ -32,6 +32,21 @@ Content = Union[str, bytes, Callable[[Path], None]]
 def temp_prefix(path: Path) -> str:
     """Name prefix of :func:`atomic_write`'s temporary files for ``path`` (outputs never read as inputs)."""
     return f".{Path(path).name}.tmp-"
+
+
+#: The characters of ``tempfile``'s random name suffixes (``tempfile._RandomNameSequence``).
+_TEMP_SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The file name an :func:`atomic_write` temporary file called ``name`` was for, else None.
+
+    Lets a writer killed mid-write (SIGKILL leaves the temporary file) clean up after itself.
+    """
+    head, sep, suffix = name.rpartition(".tmp-")
+    if not sep or len(head) < 2 or not head.startswith(".") or not suffix or not set(suffix) <= _TEMP_SUFFIX_CHARS:
+        return None
+    return head[1:]
 
 
 def _mode_for(path: Path) -> int:

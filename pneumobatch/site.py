@@ -59,6 +59,7 @@ from pneumobatch.metrics import (
     rescale_threshold,
     select_threshold,
 )
+from pneumobatch.subgroups import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,18 @@ def _exact_ci(k: int, n: int) -> Optional[list[float]]:
     return [float(ci.low), float(ci.high)]
 
 
+def _exact_intervals(counts: dict[str, Any]) -> dict[str, Optional[list[float]]]:
+    """Exact intervals of the sensitivity and specificity of a point's tp/fn/tn/fp."""
+    return {
+        "sensitivity_ci_exact": _exact_ci(counts["tp"], counts["tp"] + counts["fn"]),
+        "specificity_ci_exact": _exact_ci(counts["tn"], counts["tn"] + counts["fp"]),
+    }
+
+
 def _point(ev: dict[str, Any], name: str, n_pos: int, n_neg: int) -> dict[str, Any]:
     p = next(p for p in ev["operating_points"] if p["name"] == name)
     keep = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "ppv", "npv", "tp", "fp", "tn", "fn")
-    return {
-        **{k: p.get(k) for k in keep}, "n_positive": n_pos, "n_negative": n_neg,
-        "sensitivity_ci_exact": _exact_ci(p["tp"], p["tp"] + p["fn"]),
-        "specificity_ci_exact": _exact_ci(p["tn"], p["tn"] + p["fp"]),
-    }
+    return {**{k: p.get(k) for k in keep}, "n_positive": n_pos, "n_negative": n_neg, **_exact_intervals(p)}
 
 
 def _off_the_sample(threshold: Optional[float], scores: np.ndarray) -> Optional[float]:
@@ -192,7 +197,7 @@ def fit_site(
     if card_bands:
         if join.level != "file" or "age_band" not in join.rows.columns:
             warnings.append("age bands: the labels join at study level or the CSV has no age_band; bands keep the shipped thresholds")
-            bands = np.full(len(y_true), "unknown", dtype=object)
+            bands = np.full(len(y_true), UNKNOWN, dtype=object)
         else:
             bands = join.rows["age_band"].fillna("").astype(str).to_numpy()
         fitted = band_thresholds(y_pos, site_proba[:, card.positive_index], bands, target_sensitivity)
@@ -434,8 +439,8 @@ def compare_operating_points(
     else:
         return None
     y_pos = np.asarray(y_true) == run_card.positive
-    bands = np.asarray(["unknown" if str(b) in ("", "nan", "None") else str(b) for b in age_bands], dtype=object)
-    present = sorted(set(bands), key=lambda b: (b == "unknown", b))
+    bands = np.asarray([str(b) if str(b) not in ("", "nan", "None") else UNKNOWN for b in age_bands], dtype=object)
+    present = sorted(set(bands), key=lambda b: (b == UNKNOWN, b))
     rules = []
     for name, card in (("shipped", shipped), ("site", local)):
         own = rescale_probabilities(proba, card.temperature / run_card.temperature)
@@ -448,8 +453,7 @@ def compare_operating_points(
             rows.append({
                 "where": where, "n_positive": int(y_pos[mask].sum()), "n_negative": int((~y_pos[mask]).sum()), **rates,
                 "thresholds": [{"threshold": t, "operating_point": op} for t, op in sorted(applied)],
-                "sensitivity_ci_exact": _exact_ci(rates["tp"], rates["tp"] + rates["fn"]),
-                "specificity_ci_exact": _exact_ci(rates["tn"], rates["tn"] + rates["fp"]),
+                **_exact_intervals(rates),
             })
         rules.append({"rule": name, "temperature": float(card.temperature), "rows": rows})
     notes = [

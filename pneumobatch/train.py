@@ -172,6 +172,20 @@ def assign_splits(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
     return frame
 
 
+def labelled_splits(config: TrainConfig) -> tuple[pd.DataFrame, Task, dict[str, int], dict[str, int], str]:
+    """The labelled images of ``config.data`` with their split and subgroups, as training sees them.
+
+    Returns the frame, the task, the labels dropped, what was left out to keep the splits
+    disjoint, and where the split came from. ``train`` and ``retune`` (and the
+    benchmarks) all start here, so they see the same splits.
+    """
+    frame, task, dropped = load_labels(config)
+    split_source = "manifest" if frame["split"].isin(SPLITS).all() else "stratified, grouped by patient"
+    frame = assign_splits(frame, config)
+    frame, leakage = remove_leakage(frame)
+    return annotate_subgroups(frame, config), task, dropped, leakage, split_source
+
+
 def annotate_subgroups(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
     """Add the reporting subgroups ``sg_source``, ``sg_age_band``, ``sg_view``, ``sg_sex`` (and ``sg_age``)."""
     try:
@@ -474,13 +488,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     device = resolve_device(config.device)
     amp_dtype = resolve_precision("auto", device)  # mixed precision on CUDA, fp32 on the CPU
 
-    frame, task, dropped = load_labels(config)
-    split_source = "manifest" if frame["split"].isin(SPLITS).all() else "stratified, grouped by patient"
-    frame = assign_splits(frame, config)
-    frame, leakage = remove_leakage(frame)
+    frame, task, dropped, leakage, split_source = labelled_splits(config)
     if sum(leakage.values()):
         progress(f"left out to keep splits disjoint: {leakage}")
-    frame = annotate_subgroups(frame, config)
     if config.max_images:
         frame = frame.groupby("split").head(config.max_images)
     splits: dict[str, Dataset] = {}
@@ -701,14 +711,11 @@ def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, p
     if task.positive is None:
         raise TrainingError(f"model {card.name} ({card.task}) decides by the most probable class: it has no operating point to retune")
     try:
-        parse_band_targets(config.band_target_recall)
+        band_targets = parse_band_targets(config.band_target_recall)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     config = dataclasses.replace(config, task=card.task, name=card.name, input_size=card.input_size)
-    frame, task, _ = load_labels(config)
-    frame = assign_splits(frame, config)
-    frame, _ = remove_leakage(frame)
-    frame = annotate_subgroups(frame, config)
+    frame, task, _, _, _ = labelled_splits(config)
     parts = {}
     for split in ("val", "test"):
         part = frame[frame["split"] == split]
@@ -718,7 +725,7 @@ def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, p
     choose_operating_points(card, loaded.net.to(device).eval(), parts["val"], parts["test"], config, task, device)
     card.training["retuned"] = {
         "date": time.strftime("%Y-%m-%d"), "command": "pneumobatch retune", "target_recall": config.target_recall,
-        "band_target_recall": parse_band_targets(config.band_target_recall), "data": str(config.data),
+        "band_target_recall": band_targets, "data": str(config.data),
         "note": "temperature and operating points chosen again on the validation split; weights unchanged",
     }
     write_card(card, loaded.weights_path.with_suffix(".json"))

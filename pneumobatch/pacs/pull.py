@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from pneumobatch.atomicfile import atomic_write
+from pneumobatch.atomicfile import atomic_write, temp_target
 from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, OutputError
 from pneumobatch.pacs.client import InstanceRef, StudyInfo, open_archive, valid_uid, with_retries
 from pneumobatch.pacs.connection import Connection
@@ -40,8 +40,8 @@ from pneumobatch.readers.dicom import CXR_MODALITIES
 log = logging.getLogger(__name__)
 
 MODALITIES = tuple(sorted(CXR_MODALITIES))  # what predict reads: CR, DR, DX
-#: atomic_write's temporary names: ``.<SOP UID>.dcm.tmp-`` and tempfile's random suffix (a-z, 0-9, _)
-_STALE_TEMP = re.compile(r"^\.[0-9.]+\.dcm\.tmp-[a-z0-9_]+$")
+#: The files a pull writes: ``<SOP Instance UID>.dcm``
+_INSTANCE_FILE = re.compile(r"^[0-9.]+\.dcm$")
 
 
 def default_ledger(output: Path) -> Path:
@@ -129,7 +129,8 @@ def wanted(ref: InstanceRef, modalities: tuple[str, ...], body_parts: tuple[str,
 def _remove_stale_temps(output: Path) -> None:
     """Temporary files of a pull killed mid-write (ours by name and place); predict must not read them."""
     for path in output.glob("*/*/.*.dcm.tmp-*"):
-        if _STALE_TEMP.match(path.name) and path.is_file():
+        target = temp_target(path.name)
+        if target is not None and _INSTANCE_FILE.match(target) and path.is_file():
             path.unlink(missing_ok=True)
 
 
