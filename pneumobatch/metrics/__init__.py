@@ -15,42 +15,60 @@ same functions, with scikit-learn underneath:
 No torch anywhere here: the report imports this package.
 """
 
-from pneumobatch.metrics.bootstrap import BOOTSTRAP_CELLS, BootstrapAUC, bootstrap_draws, percentile_ci, row_counts
-from pneumobatch.metrics.calibration import (
-    MIN_PROBABILITY,
-    TEMPERATURE_RANGE,
-    fit_temperature,
-    probability_logits,
-    reliability,
-    rescale_probabilities,
-    rescale_threshold,
-    temperature_nll,
-)
-from pneumobatch.metrics.classification import (
-    MIN_PER_CLASS,
-    blank_unsupported,
-    card_metrics,
-    evaluate,
-    subgroup_metrics,
-    summarise,
-)
-from pneumobatch.metrics.common import MAX_CURVE_POINTS, jsonable
-from pneumobatch.metrics.operating_points import (
-    CI_LEVEL,
-    MIN_PER_CLASS_PER_BAND,
-    RECALL_TARGET,
-    TARGET_RECALL,
-    YOUDEN,
-    band_thresholds,
-    confusion_rates,
-    min_positives_for,
-    operating_point,
-    select_threshold,
-    threshold_points,
-)
+#: name -> submodule; the submodules are imported on first use (PEP 562), so that importing
+#: ``pneumobatch.metrics.common`` (``predict``'s run.json) does not import scikit-learn, which
+#: takes about a second.
+_SUBMODULE = {
+    "BOOTSTRAP_CELLS": "bootstrap",
+    "BootstrapAUC": "bootstrap",
+    "bootstrap_draws": "bootstrap",
+    "percentile_ci": "bootstrap",
+    "row_counts": "bootstrap",
+    "MIN_PROBABILITY": "calibration",
+    "TEMPERATURE_RANGE": "calibration",
+    "fit_temperature": "calibration",
+    "probability_logits": "calibration",
+    "reliability": "calibration",
+    "rescale_probabilities": "calibration",
+    "rescale_threshold": "calibration",
+    "temperature_nll": "calibration",
+    "MIN_PER_CLASS": "classification",
+    "blank_unsupported": "classification",
+    "card_metrics": "classification",
+    "evaluate": "classification",
+    "subgroup_metrics": "classification",
+    "summarise": "classification",
+    "MAX_CURVE_POINTS": "common",
+    "jsonable": "common",
+    "CI_LEVEL": "operating_points",
+    "MIN_PER_CLASS_PER_BAND": "operating_points",
+    "RECALL_TARGET": "operating_points",
+    "TARGET_RECALL": "operating_points",
+    "YOUDEN": "operating_points",
+    "band_thresholds": "operating_points",
+    "confusion_rates": "operating_points",
+    "min_positives_for": "operating_points",
+    "operating_point": "operating_points",
+    "select_threshold": "operating_points",
+    "threshold_points": "operating_points",
+}
 
-#: Former name of :data:`TARGET_RECALL` (the report's operating point was ``recall_95``).
-TARGET_SENSITIVITY = TARGET_RECALL
+
+def __getattr__(name: str):
+    if name == "TARGET_SENSITIVITY":  # former name of TARGET_RECALL (the report's operating point was recall_95)
+        return __getattr__("TARGET_RECALL")
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "CI_LEVEL",
