@@ -584,6 +584,32 @@ def test_deflate_bomb_is_refused_before_inflating(tmp_path: Path, monkeypatch: p
     assert rejected(path, ReadOptions(max_pixels=1000)).reason is Reason.TOO_LARGE
 
 
+def test_deflated_file_is_inflated_once_and_read_as_pydicom_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The zip-bomb check's inflated bytes are the ones parsed: pydicom does not inflate the
+    file a second time, and the image is the one pydicom's own reading gives."""
+    pixels = reference_pixels(12, False)
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.WindowCenter, ds.WindowWidth = 1500, 2000
+    path = write(encode(ds, pixels, "deflated"), tmp_path / "x.dcm")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid.DeflatedExplicitVRLittleEndian
+    expected = read_dicom(path, ReadOptions()).pixels
+    stored = pydicom.dcmread(path).pixel_array
+    inflations = []
+    real = zlib.decompressobj
+    monkeypatch.setattr(dicom_reader.zlib, "decompressobj", lambda *a: inflations.append(a) or real(*a))
+
+    def no_dcmread(*args, **kwargs):
+        raise AssertionError("pydicom inflated the file again")
+
+    monkeypatch.setattr(dicom_reader.pydicom, "dcmread", no_dcmread)
+    image = read_dicom(path, ReadOptions())
+    assert len(inflations) == 1
+    np.testing.assert_array_equal(image.pixels, expected)
+    window = np.clip((stored.astype(np.float32) - (1500 - 0.5 - 999.5)) / 1999, 0, 1)  # PS3.3 C.11.2.1.2.1
+    np.testing.assert_allclose(image.pixels, 1 - window, atol=2e-3)
+
+
 def test_deflated_uid_elsewhere_in_the_header_is_not_inflated(tmp_path: Path):
     ds = make_dataset(reference_pixels(12, False), bits_stored=12)
     ds.add_new(0x00090010, "LO", "ACME")

@@ -183,7 +183,9 @@ def _read(path: Path, options: ReadOptions, meta: dict[str, Any]) -> Image:
 
 def _read_header(path: Path, options: ReadOptions) -> Dataset:
     try:
-        _check_deflate(path, options)
+        inflated = _inflate_deflated(path, options)
+        if inflated is not None:
+            return _deflated_dataset(path, inflated)
         return pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
     except FileRejected:
         raise
@@ -195,28 +197,50 @@ def _read_header(path: Path, options: ReadOptions) -> Dataset:
         raise FileRejected(Reason.CORRUPT, f"unreadable DICOM header: {_short(exc)}") from exc
 
 
-def _check_deflate(path: Path, options: ReadOptions) -> None:
-    """Refuse a Deflated data set that would inflate past the pixel limit (zip bomb)."""
+def _inflate_deflated(path: Path, options: ReadOptions) -> Optional[bytes]:
+    """The inflated data set of a Deflated Explicit VR file (``None`` for any other file, or
+    when the stream is damaged: pydicom then reads it and says why), refusing one that would
+    inflate past the pixel limit (a zip bomb) before it does. pydicom inflates the whole
+    stream at once and without a limit, so the file is inflated here, once."""
     with open(path, "rb") as fh:
         if _DEFLATED_UID not in fh.read(4096):  # cheap pre-filter, confirmed below
-            return
+            return None
         fh.seek(0)
         start, tsyntax = _scan_file_meta(fh)
         if start is None or tsyntax != _DEFLATED_UID:
-            return
+            return None
         fh.seek(start)
         limit = options.max_pixels * _DEFLATE_BYTES_PER_PIXEL + _DEFLATE_SLACK
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        parts: list[bytes] = []
         total = 0
         try:
             while not inflater.eof and (data := fh.read(1 << 20)):
                 while data:
-                    total += len(inflater.decompress(data, 1 << 24))
+                    parts.append(inflater.decompress(data, 1 << 24))
+                    total += len(parts[-1])
                     if total > limit:
                         raise FileRejected(Reason.TOO_LARGE, f"deflated data set inflates to over {limit} bytes")
                     data = inflater.unconsumed_tail
         except zlib.error:
-            return  # pydicom will fail on it too, and say why
+            return None
+        return b"".join(parts)
+
+
+def _deflated_dataset(path: Path, inflated: bytes) -> Dataset:
+    """What ``pydicom.dcmread`` makes of a deflated file (its file meta, the data set read from
+    the inflated bytes as explicit VR little endian), from bytes already inflated."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset, read_file_meta_info
+
+    file_meta = read_file_meta_info(path)
+    buffer = DicomBytesIO(inflated)
+    buffer.name = str(path)
+    dataset = read_dataset(buffer, is_implicit_VR=False, is_little_endian=True)
+    ds = FileDataset(buffer, dataset, None, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds
 
 
 def _scan_file_meta(fh: Any) -> tuple[Optional[int], bytes]:
