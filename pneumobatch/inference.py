@@ -8,10 +8,13 @@ identical whatever the batch size or worker count.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -112,19 +115,21 @@ class CoreSplit:
 def default_split(device: torch.device, cores: Optional[int] = None) -> CoreSplit:
     """The split of cores between decoding and the network that ``predict`` uses by default.
 
-    On the CPU, half the cores (at least one) decode in worker processes and the others
-    run the network as torch threads of the main process, so that the two stages run side
-    by side on their own cores instead of time-slicing the same ones: with the
-    reduced-resolution decode, decoding a mixed folder costs about what the forward pass
-    does. On 2 cores that is 1 worker + 1 thread; benchmarks/throughput.py compares it with
-    the other splits. On CUDA the GPU runs the network, so every core but one decodes, the
-    main process needs one thread to feed the GPU, and batches are larger (64) to keep it busy.
+    On the CPU every core decodes (one worker process each) and the network runs in the
+    main process on a quarter of the cores (at least one thread). Decoding is the larger
+    cost: on a mixed folder of 2048 px DICOMs it takes about 3x the forward pass's CPU
+    time per image (44 vs 15 ms of a core here, EfficientNet-Lite0 at 256 px in ONNX
+    Runtime), and the main process waits for decoded files part of the time, so the
+    network's threads are added on top of the workers rather than taken from them. On 2
+    cores that is 2 workers + 1 thread, which benchmarks/throughput.py measured fastest of
+    the splits it tries (README, Throughput). On CUDA the GPU runs the network, so every
+    core but one decodes, the main process needs one thread to feed the GPU, and batches
+    are larger (64) to keep it busy.
     """
     cores = cores or available_cores()
     if device.type == "cuda":
         return CoreSplit(workers=max(1, cores - 1), threads=1, batch_size=64)
-    workers = max(1, cores // 2)
-    return CoreSplit(workers=workers, threads=max(1, cores - workers), batch_size=16)
+    return CoreSplit(workers=cores, threads=max(1, cores // 4), batch_size=16)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -205,26 +210,86 @@ class _WithFeatures(torch.nn.Module):
         return (logits, *(tap.features[name] for name in self.layers))
 
 
+#: bump when the export below changes what it writes, so that older cached files are not used
+_ONNX_EXPORT_VERSION = 1
+
+
+def cache_dir() -> Optional[Path]:
+    """Where exported ONNX models are kept between runs: ``$PNEUMOBATCH_CACHE``, else
+    ``$XDG_CACHE_HOME/pneumobatch``, else ``~/.cache/pneumobatch``; ``None`` when
+    ``PNEUMOBATCH_CACHE`` is ``off``. Deleting it is always safe (the next run exports again)."""
+    env = os.environ.get("PNEUMOBATCH_CACHE")
+    if env:
+        return None if env.strip().lower() == "off" else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pneumobatch"
+
+
+def _onnx_cache_path(net: torch.nn.Module, size: int, layers: Sequence[str]) -> Optional[Path]:
+    """The cache file of this exact network (every parameter and buffer, hashed), input size,
+    feature layers and torch version; ``None`` without a cache folder."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(repr((_ONNX_EXPORT_VERSION, torch.__version__, type(net).__module__, type(net).__qualname__,
+                                  size, list(layers))).encode())
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return folder / "onnx" / f"{digest.hexdigest()}.onnx"
+
+
+def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings():  # the exporter's tracer and deprecation notices: not the user's business
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_WithFeatures(net, head, layers).eval(), (example,), buffer, input_names=["x"],
+                          output_names=["logits", *layers], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return buffer.getvalue()
+
+
 class _OnnxRunner:
-    """One model exported to ONNX (in memory) and run by ONNX Runtime with this process's torch threads."""
+    """One model exported to ONNX and run by ONNX Runtime with this process's torch threads.
+
+    The export (about half a second per model on a 2-core CPU) is kept in :func:`cache_dir`,
+    keyed by a hash of the network's weights, so later runs load it; a cache file that
+    cannot be loaded is exported again and replaced, and a cache folder that cannot be
+    written only means exporting every run.
+    """
 
     def __init__(self, net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> None:
-        import io
-
         import onnxruntime
 
+        from pneumobatch.atomicfile import atomic_write
+
         self.layers = list(layers)
-        buffer = io.BytesIO()
-        example = torch.zeros(2, 3, size, size)
-        with warnings.catch_warnings():  # the exporter's tracer and deprecation notices: not the user's business
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_WithFeatures(net, head, self.layers).eval(), (example,), buffer, input_names=["x"],
-                              output_names=["logits", *self.layers], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+        def session(model: str | bytes):
+            return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+        cached = _onnx_cache_path(net, size, self.layers)
+        if cached is not None and cached.is_file():
+            try:
+                self.session = session(str(cached))
+                return
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again
+                log.info("exporting %s again: the cached export cannot be loaded (%s)", cached.name, str(exc)[:200])
+        exported = _export_onnx(net, head, size, self.layers)
+        self.session = session(exported)
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cached, exported)
+            except Exception as exc:  # noqa: BLE001 - a read-only home: export every run
+                log.debug("cannot cache the ONNX export in %s: %s", cached.parent, exc)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         logits, *features = self.session.run(None, {"x": x.contiguous().numpy()})
@@ -248,9 +313,6 @@ class Predictor:
         applicability: Optional[dict[str, Any]] = None,
         backend: str = "auto",
     ) -> None:
-        from pneumobatch.applicability import tap
-        from pneumobatch.models import ARCHITECTURES
-
         self.models = list(models)
         self.device = device
         self.precision = precision
@@ -259,13 +321,26 @@ class Predictor:
         self.backend = resolve_backend(backend, device, precision)
         self._hooks = {}
         self._onnx: dict[str, _OnnxRunner] = {}
+        self._prepared = False
         for model in self.models:
-            head = ARCHITECTURES[model.card.architecture].head(model.net)
             model.net.to(device).eval()
+
+    def prepare(self) -> None:
+        """Export the models for ONNX Runtime (about half a second each) or set up the
+        PyTorch path; the first call does it, later calls return at once. ``run_inference``
+        calls it after the decoding workers have started, so that it overlaps their work."""
+        from pneumobatch.applicability import tap
+        from pneumobatch.models import ARCHITECTURES
+
+        if self._prepared:
+            return
+        self._prepared = True
+        for model in self.models:
             if self.backend == "onnxruntime":
                 try:
                     stats = self.applicability.get(model.card.name)
                     layers = stats.layer_names if stats is not None else []  # no statistics: logits only
+                    head = ARCHITECTURES[model.card.architecture].head(model.net)
                     self._onnx[model.card.name] = _OnnxRunner(model.net, head, model.card.input_size, layers)
                     continue
                 except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle: run it in torch
@@ -281,6 +356,7 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, inputs: dict[int, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
         """Probabilities per model; with ``scores``, also fills it with applicability scores."""
+        self.prepare()
         out = {}
         for model in self.models:
             card = model.card
@@ -299,6 +375,14 @@ class Predictor:
         return out
 
 
+#: Files one decoding task reads. Small, so that the workers share a folder's slow files
+#: evenly (a study's files usually share one encoding, and a whole batch of JPEG-LS or
+#: deflated files takes a worker several times as long as one of JPEG) and the first forward
+#: pass waits for a few files, not a whole batch; the main process gathers the decoded
+#: files into batches of ``batch_size`` for the network.
+DECODE_CHUNK = 4
+
+
 def make_loader(
     entries: Sequence[FileEntry],
     sizes: Sequence[int],
@@ -307,9 +391,14 @@ def make_loader(
     batch_size: int = 16,
     workers: int = 2,
     pin_memory: bool = False,
+    in_flight: Optional[int] = None,
 ) -> DataLoader:
     """The DataLoader that reads and resizes files in ``workers`` processes: batches of
-    ``(items, inputs by size, indices of decoded items)``."""
+    ``(items, inputs by size, indices of decoded items)``; with workers, about ``in_flight``
+    files (default: two batches per worker) are decoded ahead of the consumer."""
+    prefetch = {}
+    if workers:
+        prefetch["prefetch_factor"] = max(2, -(-(in_flight or 2 * batch_size * workers) // (batch_size * workers)))
     return DataLoader(
         StudyFiles(entries, sizes, options),
         batch_size=batch_size,
@@ -319,6 +408,7 @@ def make_loader(
         worker_init_fn=_worker_init if workers else None,
         pin_memory=pin_memory,
         persistent_workers=False,
+        **prefetch,
     )
 
 
@@ -330,16 +420,46 @@ def run_inference(
     batch_size: int = 16,
     workers: int = 2,
 ) -> Iterator[FileResult]:
-    """Yield a :class:`FileResult` for every entry, in order."""
-    loader = make_loader(entries, predictor.sizes, options, batch_size=batch_size, workers=workers, pin_memory=predictor.device.type == "cuda")
+    """Yield a :class:`FileResult` for every entry, in order.
+
+    Workers decode :data:`DECODE_CHUNK` files per task, about two forward batches ahead;
+    the models see batches of exactly ``batch_size`` decoded files (the last one fewer).
+    """
+    cuda = predictor.device.type == "cuda"
+    chunk = max(1, min(DECODE_CHUNK, batch_size))
+    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers, pin_memory=cuda,
+                         in_flight=2 * batch_size)
     dataset = loader.dataset
-    for items, inputs, ok in loader:
+    chunks = iter(loader)  # starts the workers: the export below overlaps their first files
+    predictor.prepare()
+    pending: deque[tuple[dict[str, Any], bool]] = deque()  # (item, decoded), in order, not yet yielded
+    gathered: dict[int, list[torch.Tensor]] = {}  # size -> decoded inputs of the pending items, in order
+    rows = 0
+
+    def forward(n: int) -> Iterator[FileResult]:
+        """Run the first ``n`` gathered rows; yield the pending items up to the last of them."""
+        nonlocal gathered, rows
+        inputs = {size: torch.cat(parts) for size, parts in gathered.items()}
         scores: dict[str, np.ndarray] = {}
-        probs = predictor(inputs, scores) if ok else {}
-        position = {item_index: row for row, item_index in enumerate(ok)}
-        for i, item in enumerate(items):
+        probs = predictor({size: x[:n] for size, x in inputs.items()}, scores) if n else {}
+        gathered = {size: [x[n:]] for size, x in inputs.items()} if rows > n else {}
+        rows -= n
+        row = 0
+        while pending and (not pending[0][1] or row < n):
+            item, decoded = pending.popleft()
             result = FileResult(dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"])
-            if i in position:
-                result.probs = {name: p[position[i]] for name, p in probs.items()}
-                result.ood_scores = {name: float(s[position[i]]) for name, s in scores.items()}
+            if decoded:
+                result.probs = {name: p[row] for name, p in probs.items()}
+                result.ood_scores = {name: float(s[row]) for name, s in scores.items()}
+                row += 1
             yield result
+
+    for items, inputs, ok in chunks:
+        decoded = set(ok)
+        pending.extend((item, i in decoded) for i, item in enumerate(items))
+        for size, x in inputs.items():  # on CUDA each pinned chunk is copied as it arrives
+            gathered.setdefault(size, []).append(x.to(predictor.device, non_blocking=True) if cuda else x)
+        rows += len(ok)
+        while rows >= batch_size:
+            yield from forward(batch_size)
+    yield from forward(rows)

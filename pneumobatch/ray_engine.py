@@ -116,6 +116,7 @@ class ModelActor:
         # so a restarted actor finds them without weights files on every node
         models: list[LoadedModel] = ray.get(models_ref[0])
         self.predictor = create_predictor(models, torch.device("cuda" if use_gpu else "cpu"), precision, backend)
+        self.predictor.prepare()  # the ONNX export once per actor, before its first batch
         self.models = [(i, m.card.name, len(m.card.classes), m.applicability is not None) for i, m in enumerate(models)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,6 +17,22 @@ from PIL import Image
 from pneumobatch.models import ModelCard, create_model, save_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """The tests' own cache of ONNX exports (inference.cache_dir), never the user's ~/.cache;
+    subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("PNEUMOBATCH_CACHE")
+    os.environ["PNEUMOBATCH_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("PNEUMOBATCH_CACHE", None)
+    else:
+        os.environ["PNEUMOBATCH_CACHE"] = previous
+
+
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised pneumonia model (the shipped ones come from `train`)."""
