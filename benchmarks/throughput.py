@@ -8,12 +8,14 @@ writes) and prints, all from one run so that ratios hold on a noisy shared machi
 2. forward-only images/s per CPU backend option (eager contiguous, eager channels_last,
    ``torch.jit.trace`` + ``freeze``, dynamic int8; ``--compile`` adds ``torch.compile``),
    rounds interleaved so that load changes hit every option alike;
-3. end-to-end ``run_predict`` images/s for several (workers, torch threads) splits, the
-   default split first, and each one's ratio to the serial bound 1 / (1/decode + 1/forward)
-   (decode: one process, reduced; forward: the default threads);
-4. with ``--baseline DIR`` (a checkout of an older pneumobatch, e.g. ``git archive``), on a
-   larger folder (``--baseline-per-encoding``), ``pneumobatch predict`` as a fresh process
-   with that code and with this one, alternately, both at their defaults, and the speed-up.
+3. end-to-end ``run_predict`` images/s on a larger folder (``--e2e-per-encoding``) for
+   several (workers, torch threads) splits, the default split first, and each one's ratio to
+   the serial bound 1 / (1/decode + 1/forward) (decode: one process, reduced; forward: the
+   default threads) and to that bound times the cores (every core busy, no overhead);
+4. with ``--baseline DIR`` (a checkout of an older pneumobatch, e.g. ``git archive``), on
+   folders of two sizes (``--baseline-per-encoding``), ``pneumobatch predict`` as a fresh
+   process with that code and with this one, alternately, both at their defaults, the
+   speed-up per folder and the marginal speed-up (start-up excluded: a long night).
 
     python benchmarks/throughput.py [--size 2048] [--per-encoding 4] [--baseline DIR [--baseline-only]]
 """
@@ -138,18 +140,35 @@ def cli_rate(code: Path, folder: Path, model: str, out: Path) -> float:
                     "--overwrite", "--quiet"], env=env, check=True, cwd=code)
     return n / (time.perf_counter() - t0)
 
-def compare_with_baseline(baseline: Path, size: int, per_encoding: int, encodings: tuple[str, ...], model: str) -> None:
-    """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each."""
+def compare_with_baseline(baseline: Path, size: int, per_encoding: list[int], encodings: tuple[str, ...], model: str) -> None:
+    """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each,
+    on folders of each size; the marginal rate (time of the larger folder minus the smaller's)
+    is what a night of thousands of files sees, start-up excluded."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "studies"
-        folder.mkdir()
-        make_studies(folder, size, per_encoding, encodings)
-        n = sum(1 for _ in walk([folder]))
-        print(f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {n} DICOMs of {size}x{size}")
+        folders = []
+        for per in sorted(set(per_encoding)):
+            folder = Path(tmp) / f"studies{per}"
+            folder.mkdir()
+            make_studies(folder, size, per, encodings)
+            folders.append((sum(1 for _ in walk([folder])), folder))
+        print(f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {size}x{size} DICOMs, "
+              f"folders of {', '.join(str(n) for n, _ in folders)}")
         for round_ in (1, 2):
-            old = cli_rate(baseline.resolve(), folder, model, Path(tmp) / "old.csv")
-            new = cli_rate(ROOT, folder, model, Path(tmp) / "new.csv")
-            print(f"  round {round_}: baseline {baseline}: {old:6.2f} images/s; this tree: {new:6.2f} images/s; {new / old:.2f}x")
+            seconds: dict[str, list[float]] = {"baseline": [], "this tree": []}
+            for n, folder in folders:
+                for name, code in (("baseline", baseline.resolve()), ("this tree", ROOT)):
+                    seconds[name].append(n / cli_rate(code, folder, model, Path(tmp) / f"{name[:4]}.csv"))
+                old, new = n / seconds["baseline"][-1], n / seconds["this tree"][-1]
+                print(f"  round {round_}, {n:4d} files: baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x")
+            if len(folders) > 1:
+                extra = folders[-1][0] - folders[0][0]
+                old, new = (extra / (t[-1] - t[0]) for t in (seconds["baseline"], seconds["this tree"]))
+                print(f"  round {round_}, marginal ({folders[-1][0]} - {folders[0][0]} files, start-up excluded): "
+                      f"baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def main_() -> None:
@@ -161,14 +180,17 @@ def main_() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the forward timings")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     parser.add_argument("--baseline", type=Path, help="a checkout of older pneumobatch code to compare with")
-    parser.add_argument("--baseline-per-encoding", type=int, default=8, help="files per encoding for the baseline comparison")
+    parser.add_argument("--baseline-per-encoding", default="8,32",
+                        help="files per encoding of the folders of the baseline comparison (comma-separated)")
+    parser.add_argument("--e2e-per-encoding", type=int, default=16, help="files per encoding of the end-to-end splits")
+    parser.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds of the end-to-end splits")
     parser.add_argument("--baseline-only", action="store_true", help="only the comparison with --baseline")
     args = parser.parse_args()
     encodings = tuple(args.encodings.split(","))
     if args.baseline_only:
         if not args.baseline:
             raise SystemExit("--baseline-only needs --baseline DIR")
-        compare_with_baseline(args.baseline, args.size, args.baseline_per_encoding, encodings, args.model)
+        compare_with_baseline(args.baseline, args.size, _ints(args.baseline_per_encoding), encodings, args.model)
         return
 
     device = resolve_device("auto")
@@ -193,6 +215,9 @@ def main_() -> None:
             print(f"  {encoding:<14} {full:8.1f} {fast:8.1f} {fast / full:6.1f}x")
         full_all, decode = decode_rate(entries, size, False), decode_rate(entries, size, True)
         print(f"  {'all (mixed)':<14} {full_all:8.1f} {decode:8.1f} {decode / full_all:6.1f}x")
+        cores = len(os.sched_getaffinity(0))
+        parallel = decode_rate(entries, size, True, workers=cores)
+        print(f"  all (mixed), reduced, {cores} worker processes: {parallel:.1f} images/s ({parallel / decode:.2f}x one process)")
 
         print(f"\n2. forward only, batch {split.batch_size}, {split.threads} torch threads, images/s")
         torch.set_num_threads(split.threads)
@@ -205,17 +230,26 @@ def main_() -> None:
         print(f"  predict runs: {predictor.backend}")
 
         bound = 1 / (1 / decode + 1 / forward)
-        print(f"\n3. end-to-end run_predict (start-up of workers and CSV included); serial bound {bound:.1f} images/s")
-        cores = len(os.sched_getaffinity(0))
+        folder = Path(tmp) / "e2e"
+        folder.mkdir()
+        make_studies(folder, args.size, args.e2e_per_encoding, encodings)
+        print(f"\n3. end-to-end run_predict on {args.e2e_per_encoding * len(encodings)} DICOMs (model load, export, workers "
+              f"and CSV included); serial bound {bound:.1f} images/s, all {cores} cores busy {cores * bound:.1f}")
         splits = [(split.workers, split.threads)] + [
-            (w, t) for w in (0, 1, 2) for t in sorted({1, cores}) if (w, t) != (split.workers, split.threads)
+            (w, t) for w in sorted({0, 1, 2, cores}) for t in sorted({1, 2, cores}) if (w, t) != (split.workers, split.threads)
         ]
-        for workers, threads in splits:
-            rate = end_to_end(folder, args.model, workers, threads, Path(tmp) / "p.csv")
+        rates: dict[tuple[int, int], list[float]] = {split_: [] for split_ in splits}
+        end_to_end(folder, args.model, split.workers, split.threads, Path(tmp) / "p.csv")  # warm-up: caches, export
+        for _ in range(args.e2e_rounds):  # interleaved, so that a change of load hits every split alike
+            for workers, threads in splits:
+                rates[(workers, threads)].append(end_to_end(folder, args.model, workers, threads, Path(tmp) / "p.csv"))
+        for (workers, threads), values in rates.items():
+            rate = float(np.median(values))
             tag = "  (default)" if (workers, threads) == (split.workers, split.threads) else ""
-            print(f"  workers {workers}, threads {threads}: {rate:6.1f} images/s, {rate / bound:5.2f} of the serial bound{tag}")
+            print(f"  workers {workers}, threads {threads}: median {rate:6.1f} images/s ({', '.join(f'{v:.1f}' for v in values)}), "
+                  f"{rate / bound:5.2f} of the serial bound, {rate / bound / cores:5.2f} of all cores busy{tag}")
     if args.baseline:
-        compare_with_baseline(args.baseline, args.size, args.baseline_per_encoding, encodings, args.model)
+        compare_with_baseline(args.baseline, args.size, _ints(args.baseline_per_encoding), encodings, args.model)
 
 
 
