@@ -117,12 +117,12 @@ def default_split(device: torch.device, cores: Optional[int] = None) -> CoreSpli
 
     On the CPU every core decodes (one worker process each) and the network runs in the
     main process on a quarter of the cores (at least one thread). Decoding is the larger
-    cost: on a mixed folder of 2048 px DICOMs it takes about 3x the forward pass's CPU
-    time per image (44 vs 15 ms of a core here, EfficientNet-Lite0 at 256 px in ONNX
-    Runtime), and the main process waits for decoded files part of the time, so the
-    network's threads are added on top of the workers rather than taken from them. On 2
-    cores that is 2 workers + 1 thread, which benchmarks/throughput.py measured fastest of
-    the splits it tries (README, Throughput). On CUDA the GPU runs the network, so every
+    cost: on a mixed folder of 2048 px DICOMs it takes 2-3x the forward pass's CPU time
+    per image (35 ms of a core in one process, 49 ms in two, vs 14 ms for EfficientNet-Lite0
+    at 256 px in ONNX Runtime), and the main process waits for decoded files part of the
+    time, so the network's threads are added on top of the workers rather than taken from
+    them. On 2 cores that is 2 workers + 1 thread, which benchmarks/throughput.py measured
+    fastest of the splits it tries (README, Throughput). On CUDA the GPU runs the network, so every
     core but one decodes, the main process needs one thread to feed the GPU, and batches
     are larger (64) to keep it busy.
     """
