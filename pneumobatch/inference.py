@@ -256,9 +256,10 @@ class _OnnxRunner:
     """One model exported to ONNX and run by ONNX Runtime with this process's torch threads.
 
     The export (about half a second per model on a 2-core CPU) is kept in :func:`cache_dir`,
-    keyed by a hash of the network's weights, so later runs load it; a cache file that
-    cannot be loaded is exported again and replaced, and a cache folder that cannot be
-    written only means exporting every run.
+    keyed by a hash of the network's weights, so later runs load it after checking that it
+    computes what the network does on one image; a cache file that cannot be loaded or
+    disagrees is exported again and replaced, and a cache folder that cannot be written
+    only means exporting every run.
     """
 
     def __init__(self, net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> None:
@@ -279,7 +280,9 @@ class _OnnxRunner:
         if cached is not None and cached.is_file():
             try:
                 self.session = session(str(cached))
-                return
+                if self._agrees_with(net, head, size):
+                    return
+                log.warning("exporting %s again: the cached export does not compute what the weights do", cached.name)
             except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again
                 log.info("exporting %s again: the cached export cannot be loaded (%s)", cached.name, str(exc)[:200])
         exported = _export_onnx(net, head, size, self.layers)
@@ -290,6 +293,18 @@ class _OnnxRunner:
                 atomic_write(cached, exported)
             except Exception as exc:  # noqa: BLE001 - a read-only home: export every run
                 log.debug("cannot cache the ONNX export in %s: %s", cached.parent, exc)
+
+    def _agrees_with(self, net: torch.nn.Module, head: torch.nn.Module, size: int) -> bool:
+        """Whether the loaded session gives the network's logits and features on one random
+        image (a cache file is a file anyone with access to the folder could have replaced;
+        this costs one forward pass)."""
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = _WithFeatures(net, head, self.layers).eval()(x)
+        got = self.session.run(None, {"x": x.numpy()})
+        return len(got) == len(expected) and all(
+            g.shape == tuple(e.shape) and np.allclose(g, e.numpy(), rtol=1e-3, atol=1e-4) for g, e in zip(got, expected)
+        )
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         logits, *features = self.session.run(None, {"x": x.contiguous().numpy()})

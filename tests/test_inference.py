@@ -130,8 +130,8 @@ def test_forward_batches_are_full_and_results_keep_discovery_order_whatever_fail
 
 def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replaced(weights_dir, tmp_path, monkeypatch):
     """A second run loads the export instead of exporting again and gives the same numbers;
-    other weights get their own file; a damaged file is exported again; an unwritable cache
-    folder costs only the export."""
+    other weights get their own file; a damaged file, or an export of other weights put in
+    its place, is exported again; an unwritable cache folder costs only the export."""
     pytest.importorskip("onnxruntime")
     from pneumobatch.inference import Predictor, cache_dir
     from pneumobatch.models import load_model
@@ -153,13 +153,18 @@ def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replac
 
     changed = load_model("tiny", weights_dir)
     with torch.no_grad():
-        next(changed.net.parameters()).add_(1.0)
-    Predictor([changed], cpu, None)(inputs)
+        list(changed.net.parameters())[-1].add_(torch.tensor([1.0, -1.0]))  # the classifier's bias
+    assert np.abs(Predictor([changed], cpu, None)(inputs)["tiny"] - expected).max() > 0.1
     assert exports == [1] and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2
+
+    other = next(f for f in (tmp_path / "cache" / "onnx").glob("*.onnx") if f != files[0])
+    files[0].write_bytes(other.read_bytes())  # a valid export of other weights under this name
+    np.testing.assert_allclose(Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6)
+    assert exports == [1, 1] and files[0].read_bytes() != other.read_bytes()
 
     files[0].write_bytes(b"not an onnx model")
     np.testing.assert_allclose(Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6)
-    assert exports == [1, 1] and files[0].stat().st_size > 100
+    assert exports == [1, 1, 1] and files[0].stat().st_size > 100
 
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")
