@@ -309,3 +309,36 @@ def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
     with pytest.raises(OutputError, match="No space left on device"):
         atomic_write(target, fail)
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+
+
+def test_study_rows_take_the_most_abnormal_predicted_image_and_count_what_they_hold():
+    """aggregate_studies by hand: files that failed or have no number are counted but never
+    chosen; the key image's band decides; a model without a card keeps its first threshold."""
+    from pneumobatch.card import ModelCard
+    from pneumobatch.studies import aggregate_studies
+
+    card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="x", input_size=8,
+                     mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5,
+                     thresholds={"applied": "recall_target", "by_age_band": {"child": {"recall_target": 0.9}}})
+    rows = [  # study, status, prob_pneumonia, age_band, applicable
+        ("A", "ok", "0.30", "adult", "True"),
+        ("B", "ok", "0.80", "child", "False"),
+        ("A", "error", "", "adult", ""),
+        ("A", "ok", "0.70", "adult", "False"),
+        ("B", "ok", "not a number", "child", "True"),
+        ("A", "ok", "0.70", "child", "True"),  # a tie: the first in file order wins
+        ("", "ok", "0.99", "adult", "True"),  # no study: not aggregated
+    ]
+    frame = pd.DataFrame(
+        [{"path": f"f{i}", "study": s, "model": "m", "status": st, "prob_normal": "" if p == "" or not p[0].isdigit() else f"{1 - float(p):.2f}",
+          "prob_pneumonia": p, "age_band": band, "applicable": ap, "threshold": "0.5"} for i, (s, st, p, band, ap) in enumerate(rows)]
+        + [{"path": "g", "study": "A", "model": "ghost", "status": "ok", "prob_normal": "0.1", "prob_pneumonia": "0.9",
+            "age_band": "", "applicable": "", "threshold": "0.25"}]
+    )
+    studies = aggregate_studies(frame, [card]).set_index(["study", "model"])
+    a, b = studies.loc[("A", "m")], studies.loc[("B", "m")]
+    assert (a.n_files, a.n_images, a.key_image, a.pred_label, a.threshold, a.n_not_applicable) == (4, 3, "f3", "pneumonia", 0.5, 1)
+    assert a.prob_pneumonia == pytest.approx(0.70)
+    assert (b.n_files, b.n_images, b.key_image, b.pred_label, b.threshold, b.n_not_applicable) == (2, 1, "f1", "normal", 0.9, 1)
+    assert studies.loc[("A", "ghost")].threshold == 0.25 and studies.loc[("A", "ghost")].n_images == 0
+    assert list(studies.index) == [("A", "m"), ("B", "m"), ("A", "ghost")]
