@@ -77,8 +77,6 @@ class LocalEngine:
     """This machine: ``workers`` DataLoader processes decode, the models run on one device."""
 
     def __init__(self, config: PredictConfig) -> None:
-        import torch
-
         from pneumobatch.inference import default_split, resolve_device
 
         self.torch_device = resolve_device(config.device)
@@ -87,15 +85,24 @@ class LocalEngine:
         self.workers = config.workers if config.workers is not None else split.workers
         self.threads = config.threads or split.threads
         self.batch_size = config.batch_size or split.batch_size
-        torch.set_num_threads(self.threads)
         self.precision = config.precision
         self.backend = config.backend
 
     def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
+        """The results of :func:`~pneumobatch.inference.run_inference`, with this process's torch
+        threads set to ``threads`` while they are produced and given back afterwards (a library
+        caller's own setting survives the run)."""
+        import torch
+
         from pneumobatch.inference import run_inference
 
-        predictor = create_predictor(models, self.torch_device, self.precision, self.backend)
-        return run_inference(entries, predictor, options, batch_size=self.batch_size, workers=self.workers)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            predictor = create_predictor(models, self.torch_device, self.precision, self.backend)
+            yield from run_inference(entries, predictor, options, batch_size=self.batch_size, workers=self.workers)
+        finally:
+            torch.set_num_threads(previous)
 
     def describe(self) -> dict[str, Any]:
         return {"name": "local"}

@@ -172,3 +172,22 @@ def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replac
     np.testing.assert_allclose(Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6)
     monkeypatch.setenv("PNEUMOBATCH_CACHE", "off")
     assert cache_dir() is None
+
+
+def test_predict_gives_the_callers_torch_threads_back(weights_dir, tmp_path):
+    """A library caller's thread setting survives a run that used --threads 1."""
+    from PIL import Image
+
+    from pneumobatch.predict import PredictConfig, run_predict
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48), dtype=np.uint8)).save(tmp_path / "a.png")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        run = run_predict(PredictConfig(inputs=[tmp_path], output=tmp_path / "out" / "p.csv", models=["tiny"],
+                                        weights_dir=weights_dir, workers=0, threads=1))
+        assert run.exit_code == 0 and torch.get_num_threads() == 3
+        json_path = tmp_path / "out" / "p.run.json"
+        assert '"threads": 1' in json_path.read_text()
+    finally:
+        torch.set_num_threads(previous)

@@ -167,7 +167,7 @@ def _probs(frame: pd.DataFrame) -> np.ndarray:
     return frame[["prob_normal", "prob_pneumonia"]].replace("", "nan").astype(float).to_numpy()
 
 
-def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_path: Path, weights_dir: Path):
+def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_path: Path, weights_dir: Path, monkeypatch):
     import json
 
     from pneumobatch.inference import default_split
@@ -177,6 +177,9 @@ def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_pa
     write_dicom(root / "x1", seed=1)
     split = default_split(torch.device("cpu"))
     threads_before = torch.get_num_threads()
+    during: list[int] = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: during.append(n) or real_set(n))
     try:
         for extra, expected in [([], (split.workers, split.threads, split.batch_size)),
                                 (["--workers", "0", "--threads", "1", "--batch-size", "3"], (0, 1, 3))]:
@@ -186,9 +189,10 @@ def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_pa
             assert result.exit_code == 0, result.output
             info = json.loads(out.with_suffix(".run.json").read_text())
             assert (info["workers"], info["threads"], info["batch_size"]) == expected
-            assert torch.get_num_threads() == expected[1]
+            assert during[0] == expected[1] and torch.get_num_threads() == threads_before  # used, then given back
+            during.clear()
     finally:
-        torch.set_num_threads(threads_before)
+        real_set(threads_before)
 
 
 def test_results_do_not_depend_on_batch_size_or_workers(studies: Path, weights_dir: Path, tmp_path: Path):
