@@ -131,14 +131,13 @@ def end_to_end(folder: Path, model: str, workers: int, threads: int, out: Path) 
     return n / (time.perf_counter() - t0)
 
 
-def cli_rate(code: Path, folder: Path, model: str, out: Path) -> float:
-    """images/s of ``python -m pneumobatch predict`` with the code under ``code`` (start-up included)."""
-    n = sum(1 for _ in walk([folder]))
+def cli_seconds(code: Path, folder: Path, model: str, out: Path) -> float:
+    """Seconds of ``python -m pneumobatch predict`` with the code under ``code`` (start-up included)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pneumobatch", "predict", str(folder), "-m", model, "-o", str(out),
                     "--overwrite", "--quiet"], env=env, check=True, cwd=code)
-    return n / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 def compare_with_baseline(baseline: Path, size: int, per_encoding: list[int], encodings: tuple[str, ...], model: str) -> None:
     """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each,
@@ -157,7 +156,7 @@ def compare_with_baseline(baseline: Path, size: int, per_encoding: list[int], en
             seconds: dict[str, list[float]] = {"baseline": [], "this tree": []}
             for n, folder in folders:
                 for name, code in (("baseline", baseline.resolve()), ("this tree", ROOT)):
-                    seconds[name].append(n / cli_rate(code, folder, model, Path(tmp) / f"{name[:4]}.csv"))
+                    seconds[name].append(cli_seconds(code, folder, model, Path(tmp) / f"{name[:4]}.csv"))
                 old, new = n / seconds["baseline"][-1], n / seconds["this tree"][-1]
                 print(f"  round {round_}, {n:4d} files: baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x")
             if len(folders) > 1:

@@ -129,7 +129,8 @@ def _off_the_sample(threshold: Optional[float], scores: np.ndarray) -> Optional[
     """
     if threshold is None:
         return None
-    lower = np.asarray(scores)[np.asarray(scores) < threshold]
+    scores = np.asarray(scores)
+    lower = scores[scores < threshold]
     return float((threshold + lower.max()) / 2) if len(lower) else float(threshold)
 
 

@@ -70,9 +70,9 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
         card = by_name.get(model)
         row: dict[str, Any] = {
             "study": study,
-            "study_instance_uid": _first_filled(uids[index]) if "study_instance_uid" in sub.columns else "",
+            "study_instance_uid": _first_filled(uids[index]),  # "" where the column is absent
             "model": model,
-            "task": card.task if card is not None else _first_filled(tasks[index]) if "task" in sub.columns else "",
+            "task": card.task if card is not None else _first_filled(tasks[index]),
             "n_images": 0,
             "n_files": len(index),
             "key_image": "",

@@ -478,10 +478,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         raise TrainingError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     if config.balance not in BALANCE_CHOICES:
         raise TrainingError(f"--balance must be one of {', '.join(BALANCE_CHOICES)}, not {config.balance!r}")
-    try:
-        parse_band_targets(config.band_target_recall)  # fail before hours of training, not after
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
+    _band_targets(config)  # fail before hours of training, not after
     started = time.time()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -635,6 +632,14 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     return card
 
 
+def _band_targets(config: TrainConfig) -> dict[str, float]:
+    """``--band-target-recall`` parsed; a malformed one is a :class:`TrainingError`."""
+    try:
+        return parse_band_targets(config.band_target_recall)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+
+
 def choose_operating_points(
     card: ModelCard, net: nn.Module, val_set: Dataset, test_set: Dataset, config: TrainConfig, task: Task, device: torch.device,
 ) -> None:
@@ -643,10 +648,7 @@ def choose_operating_points(
     Sets ``card.temperature``, ``threshold``, ``thresholds`` and ``metrics``. Only the
     validation split chooses anything; the test split is evaluated at what was chosen.
     """
-    try:
-        band_targets = parse_band_targets(config.band_target_recall)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
+    band_targets = _band_targets(config)
     batch = config.batch_size * 2
     val_logits = predict_logits(net, val_set.images, card.mean, card.std, device, batch)
     temperature = fit_temperature(val_logits.numpy(), val_set.targets.numpy())
@@ -710,10 +712,7 @@ def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, p
     task = get_task(card.task)
     if task.positive is None:
         raise TrainingError(f"model {card.name} ({card.task}) decides by the most probable class: it has no operating point to retune")
-    try:
-        band_targets = parse_band_targets(config.band_target_recall)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
+    band_targets = _band_targets(config)
     config = dataclasses.replace(config, task=card.task, name=card.name, input_size=card.input_size)
     frame, task, _, _, _ = labelled_splits(config)
     parts = {}
