@@ -255,7 +255,7 @@ def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers:
 class _OnnxRunner:
     """One model exported to ONNX and run by ONNX Runtime with this process's torch threads.
 
-    The export (about half a second per model on a 2-core CPU) is kept in :func:`cache_dir`,
+    The export (0.5-0.7 s per model for EfficientNet-Lite0 on this 2-core CPU) is kept in :func:`cache_dir`,
     keyed by a hash of the network's weights, so later runs load it after checking that it
     computes what the network does on one image; a cache file that cannot be loaded or
     disagrees is exported again and replaced, and a cache folder that cannot be written
