@@ -1,9 +1,12 @@
 """Batched inference: a DataLoader decodes in worker processes while the models run.
 
-Files are read and resized in workers (one torch thread each) and travel as uint8;
-normalisation, the forward pass and softmax run in the main process on the chosen
-device. Results come back in discovery order, one :class:`FileResult` per file,
-identical whatever the batch size or worker count.
+Files are read and resized in workers (one torch thread each) and travel as uint8 numpy
+arrays pickled through the worker's pipe, not as shared-memory tensors: those a worker
+hands over as file descriptors on a side connection, and a signal that ends the main
+process mid-handshake made the worker print a traceback. Normalisation, the forward pass
+and softmax run in the main process on the chosen device (on CUDA each decoded chunk is
+pinned and copied without blocking). Results come back in discovery order, one
+:class:`FileResult` per file, identical whatever the batch size or worker count.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class StudyFiles(Dataset):
         try:
             image = read_image(entry.path, sniff(entry.path), self.options)
             item["meta"] = image.meta
-            item["inputs"] = {s: torch.from_numpy(to_uint8(resize(image.pixels, s)))[None] for s in self.sizes}
+            item["inputs"] = {s: to_uint8(resize(image.pixels, s))[None] for s in self.sizes}
         except FileRejected as exc:
             item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
         except PermissionError:
@@ -80,12 +83,12 @@ class StudyFiles(Dataset):
         return item
 
 
-def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor], list[int]]:
+def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, np.ndarray], list[int]]:
     ok = [i for i, item in enumerate(items) if item["inputs"] is not None]
     stacked = {}
     if ok:
         for size in items[ok[0]]["inputs"]:
-            stacked[size] = torch.stack([items[i]["inputs"][size] for i in ok])
+            stacked[size] = np.stack([items[i]["inputs"][size] for i in ok])
     for item in items:
         item["inputs"] = None
     return items, stacked, ok
@@ -405,12 +408,11 @@ def make_loader(
     *,
     batch_size: int = 16,
     workers: int = 2,
-    pin_memory: bool = False,
     in_flight: Optional[int] = None,
 ) -> DataLoader:
     """The DataLoader that reads and resizes files in ``workers`` processes: batches of
-    ``(items, inputs by size, indices of decoded items)``; with workers, about ``in_flight``
-    files (default: two batches per worker) are decoded ahead of the consumer."""
+    ``(items, uint8 numpy inputs by size, indices of decoded items)``; with workers, about
+    ``in_flight`` files (default: two batches per worker) are decoded ahead of the consumer."""
     prefetch = {}
     if workers:
         prefetch["prefetch_factor"] = max(2, -(-(in_flight or 2 * batch_size * workers) // (batch_size * workers)))
@@ -421,7 +423,6 @@ def make_loader(
         num_workers=workers,
         collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None,
-        pin_memory=pin_memory,
         persistent_workers=False,
         **prefetch,
     )
@@ -442,7 +443,7 @@ def run_inference(
     """
     cuda = predictor.device.type == "cuda"
     chunk = max(1, min(DECODE_CHUNK, batch_size))
-    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers, pin_memory=cuda,
+    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers,
                          in_flight=2 * batch_size)
     dataset = loader.dataset
     chunks = iter(loader)  # starts the workers: the export below overlaps their first files
@@ -472,8 +473,9 @@ def run_inference(
     for items, inputs, ok in chunks:
         decoded = set(ok)
         pending.extend((item, i in decoded) for i, item in enumerate(items))
-        for size, x in inputs.items():  # on CUDA each pinned chunk is copied as it arrives
-            gathered.setdefault(size, []).append(x.to(predictor.device, non_blocking=True) if cuda else x)
+        for size, x in inputs.items():  # on CUDA each chunk is pinned and copied as it arrives
+            t = torch.from_numpy(x)
+            gathered.setdefault(size, []).append(t.pin_memory().to(predictor.device, non_blocking=True) if cuda else t)
         rows += len(ok)
         while rows >= batch_size:
             yield from forward(batch_size)

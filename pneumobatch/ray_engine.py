@@ -94,7 +94,7 @@ def read_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], options: Read
         pixels = np.zeros((len(items), 1, size, size), dtype=np.uint8)
         for row, item in enumerate(items):
             if item["inputs"] is not None:
-                pixels[row] = item["inputs"][size].numpy()
+                pixels[row] = item["inputs"][size]
         out[_input_column(size)] = pixels
     return out
 

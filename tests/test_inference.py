@@ -128,6 +128,39 @@ def test_forward_batches_are_full_and_results_keep_discovery_order_whatever_fail
             np.testing.assert_allclose(r.probs["tiny"], one_by_one[r.entry.path.name], atol=1e-5)
 
 
+def test_workers_never_hand_the_main_process_file_descriptors(tmp_path, monkeypatch):
+    """Decoded pixels come back through the worker's pipe. Shared-memory tensors made each
+    worker serve file descriptors on a side connection; a SIGTERM to the main process in the
+    middle of that handshake made the worker print a traceback to the user's terminal (seen
+    in CI). A worker records, before each file, whether it has started such a server."""
+    from multiprocessing import resource_sharer
+
+    from PIL import Image
+
+    from pneumobatch.discovery import walk
+    from pneumobatch.inference import StudyFiles, make_loader
+    from pneumobatch.readers import ReadOptions
+
+    ramp = np.add.outer(np.arange(40), np.arange(48)).astype(np.uint8)  # 0..86
+    for i in range(16):
+        Image.fromarray(ramp + 10 * i).save(tmp_path / f"{i:02d}.png")
+    entries = [e for _, e in walk([tmp_path])]
+    read = StudyFiles.__getitem__
+
+    def recording(self, index):
+        item = read(self, index)
+        item["meta"]["fd_server"] = getattr(resource_sharer._resource_sharer, "_listener", None) is not None
+        return item
+
+    monkeypatch.setattr(StudyFiles, "__getitem__", recording)  # workers fork after this
+    seen, pixels = [], []
+    for items, inputs, ok in make_loader(entries, [32], ReadOptions(), batch_size=2, workers=2):
+        seen += [item["meta"]["fd_server"] for item in items]
+        pixels += [int(x[0, 0, 0]) for x in inputs[32]]
+    assert len(seen) == 16 and not any(seen)
+    assert len(pixels) == 16 and all(b - a == 10 for a, b in zip(pixels, pixels[1:]))  # each file's own pixels, in order
+
+
 def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replaced(weights_dir, tmp_path, monkeypatch):
     """A second run loads the export instead of exporting again and gives the same numbers;
     other weights get their own file; a damaged file, or an export of other weights put in
