@@ -172,6 +172,8 @@ class RayEngine:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # else: a caller (a notebook, a test) has connected already
             address = config.ray_address or os.environ.get("RAY_ADDRESS")
+            if not log.isEnabledFor(logging.INFO):  # how to opt out of the token the local instance gets: -v only
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             try:
                 ray.init(
                     address=address, include_dashboard=False, log_to_driver=log.isEnabledFor(logging.DEBUG),
@@ -249,6 +251,7 @@ class RayEngine:
         context.enable_progress_bars = False  # predict shows its own
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(log.getEffectiveLevel())  # its INFO lines with --verbose only
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did that
         rows = [
             {"index": i, "path": os.fsencode(e.path), "problem": e.problem[0].value if e.problem else "",
              "problem_detail": e.problem[1] if e.problem else ""}
