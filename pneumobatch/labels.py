@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -416,6 +416,22 @@ def check_label_column(labels: pd.DataFrame, label_column: str) -> None:
     raise LabelError(f"labels file {source} has no label column {label_column!r} (columns: {_cols(labels)}){hint}")
 
 
+def _columns_that_map_more(labels: pd.DataFrame, exclude: Sequence[str], task: Task, than: int) -> list[tuple[str, int]]:
+    """Other columns of ``labels`` whose values map to more of ``task``'s classes than ``than``
+    rows, most first: a labels file often has one column per task (``label``, ``etiology``)."""
+    found = []
+    for column in labels.columns:
+        if column in exclude or str(column).startswith("_"):
+            continue
+        values = labels[column].fillna("").astype(str)
+        if values.nunique() > 200:  # ids, paths, dates: not labels
+            continue
+        n = int(_map_classes(values, task).notna().sum())
+        if n > than:
+            found.append((str(column), n))
+    return sorted(found, key=lambda cn: -cn[1])
+
+
 def _map_classes(values: pd.Series, task: Task) -> pd.Series:
     mapping = {v: task.map_label(v) for v in values.unique()}
     return values.map(mapping)
@@ -513,6 +529,13 @@ def join_labels(
     p.breakdown = {(v if v else "(empty)"): int(n) for v, n in unmapped["_label"].value_counts().head(20).items()}
     p.examples = _examples((f"{k}: {v!r}" for k, v in zip(unmapped["_key"], unmapped["_label"])), max_examples)
     mapped = lab[lab["y_true"].notna()]
+    better = _columns_that_map_more(lab, [key, label_column], card_task(model), len(mapped)) if len(unmapped) else []
+    if better:
+        notes.append(
+            f"{len(unmapped)} of {len(lab)} labels in column {label_column!r} map to no class of task {model.task}; "
+            + ", ".join(f"column {c!r} maps {n}" for c, n in better)
+            + f" (--label-column {better[0][0]})"
+        )
 
     # ---- duplicate keys
     n_classes = mapped.groupby("_key")["y_true"].nunique()
@@ -561,6 +584,7 @@ def join_labels(
                 f"none of the labels in column {label_column!r} maps to the classes of task "
                 f"{model.task} ({', '.join(model.classes)}); values seen: "
                 + ", ".join(f"{v!r} ({n})" for v, n in seen)
+                + (f"; column {better[0][0]!r} maps {better[0][1]}: try --label-column {better[0][0]}" if better else "")
             )
         elif problems["labelled_not_ok"].count:
             why = f"all {problems['labelled_not_ok'].count} labelled files were skipped or failed"

@@ -268,6 +268,29 @@ def test_all_labels_unmapped_is_an_error_showing_values():
         join_labels(preds, labels, describe_model(preds))
 
 
+def test_a_column_that_holds_the_models_labels_is_named_when_the_chosen_one_does_not():
+    """A labels file with one column per task (the sample studies' `label` and `etiology`):
+    evaluating the etiology model on `label` would keep only the normals; the join says
+    which column maps more, in the report's notes, or in the error when nothing maps."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), size=6)
+    preds = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "status": "ok", "model": "eti", "task": "etiology",
+                          "pred_label": np.array(ETIOLOGY)[p.argmax(axis=1)],
+                          **{f"prob_{c}": p[:, j] for j, c in enumerate(ETIOLOGY)}})
+    etiology = ["normal", "normal", "bacterial", "viral", "covid-19", "bacterial"]
+    labels = labels_frame({"path": [f"{i}.png" for i in range(6)],
+                           "label": ["normal" if e == "normal" else "pneumonia" for e in etiology],
+                           "etiology": etiology, "site": ["A", "B"] * 3})
+    join = join_labels(preds, labels, describe_model(preds))
+    assert len(join.rows) == 2 and join.problems["unmapped_labels"].count == 4
+    assert any("4 of 6 labels in column 'label'" in n and "column 'etiology' maps 6" in n and "--label-column etiology" in n
+               for n in join.notes), join.notes
+    assert not any("site" in n for n in join.notes)
+    assert join_labels(preds, labels, describe_model(preds), label_column="etiology").notes == []
+    with pytest.raises(LabelError, match="try --label-column etiology"):
+        join_labels(preds, labels.assign(label="pneumonia"), describe_model(preds))
+
+
 def test_missing_label_column_suggests_alternative():
     preds = predictions(["a.png"], [0.9])
     labels = labels_frame({"path": ["a.png"], "finding": ["No Finding"]})
