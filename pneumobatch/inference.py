@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -243,6 +244,29 @@ def _onnx_cache_path(net: torch.nn.Module, size: int, layers: Sequence[str]) -> 
     return folder / "onnx" / f"{digest.hexdigest()}.onnx"
 
 
+#: cached exports kept (the most recently used): one per set of weights, about 13 MB each for
+#: EfficientNet-Lite0; older ones are deleted when a new export is written
+ONNX_CACHE_KEEP = 8
+_CACHE_NAME = re.compile(r"[0-9a-f]{64}\.onnx")
+
+
+def _prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
+    """Delete all but the ``keep`` most recently used exports in ``folder`` (only files named
+    as this cache names them: whatever else someone put there is left alone)."""
+    files = []
+    for path in folder.iterdir():
+        if _CACHE_NAME.fullmatch(path.name):
+            try:
+                files.append((path.stat().st_mtime, path))
+            except OSError:
+                continue
+    for _, path in sorted(files, reverse=True)[keep:]:
+        try:
+            path.unlink()
+        except OSError as exc:  # another run deleted it, or a read-only folder
+            log.debug("cannot prune %s: %s", path, exc)
+
+
 def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> bytes:
     import io
 
@@ -258,11 +282,12 @@ def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers:
 class _OnnxRunner:
     """One model exported to ONNX and run by ONNX Runtime with this process's torch threads.
 
-    The export (0.5-0.7 s per model for EfficientNet-Lite0 on this 2-core CPU) is kept in :func:`cache_dir`,
-    keyed by a hash of the network's weights, so later runs load it after checking that it
-    computes what the network does on one image; a cache file that cannot be loaded or
-    disagrees is exported again and replaced, and a cache folder that cannot be written
-    only means exporting every run.
+    The export (0.5-0.7 s per model for EfficientNet-Lite0 on this 2-core CPU) is kept in
+    :func:`cache_dir`, keyed by a hash of the network's weights, so later runs load it after
+    checking that it computes what the network does on one image; a cache file that cannot be
+    loaded or disagrees is exported again and replaced, and a cache folder that cannot be
+    written only means exporting every run. The :data:`ONNX_CACHE_KEEP` most recently used
+    exports are kept.
     """
 
     def __init__(self, net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> None:
@@ -284,6 +309,10 @@ class _OnnxRunner:
             try:
                 self.session = session(str(cached))
                 if self._agrees_with(net, head, size):
+                    try:
+                        os.utime(cached)  # recently used: kept by the pruning below
+                    except OSError:
+                        pass
                     return
                 log.warning("exporting %s again: the cached export does not compute what the weights do", cached.name)
             except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again
@@ -294,6 +323,7 @@ class _OnnxRunner:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(cached, exported)
+                _prune_onnx_cache(cached.parent)
             except Exception as exc:  # noqa: BLE001 - a read-only home: export every run
                 log.debug("cannot cache the ONNX export in %s: %s", cached.parent, exc)
 

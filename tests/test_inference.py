@@ -207,6 +207,44 @@ def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replac
     assert cache_dir() is None
 
 
+def test_the_onnx_cache_keeps_the_most_recently_used_exports_and_nothing_else_is_touched(weights_dir, tmp_path, monkeypatch):
+    """A site that retrains monthly must not fill its disk with exports: writing a new one
+    deletes all but the ONNX_CACHE_KEEP most recently used (a cache hit counts as a use);
+    files the cache did not name are left alone."""
+    pytest.importorskip("onnxruntime")
+    import os
+
+    from pneumobatch.inference import ONNX_CACHE_KEEP, Predictor
+    from pneumobatch.models import load_model
+
+    folder = tmp_path / "cache" / "onnx"
+    monkeypatch.setenv("PNEUMOBATCH_CACHE", str(tmp_path / "cache"))
+    cpu = torch.device("cpu")
+    Predictor([load_model("tiny", weights_dir)], cpu, None).prepare()
+    (used,) = folder.glob("*.onnx")
+    old = []
+    for i in range(ONNX_CACHE_KEEP + 2):  # exports of other weights, used 1..10 days ago
+        path = folder / f"{i:064x}.onnx"
+        path.write_bytes(b"an old export")
+        os.utime(path, (0, 1e9 - 86400 * (i + 1)))
+        old.append(path)
+    mine = folder / "notes.onnx"
+    mine.write_text("not the cache's")
+    os.utime(mine, (0, 1))
+    os.utime(used, (0, 1))  # used long ago ...
+    Predictor([load_model("tiny", weights_dir)], cpu, None).prepare()  # ... and now: a hit
+    assert used.stat().st_mtime > 1e9
+
+    changed = load_model("tiny", weights_dir)
+    with torch.no_grad():
+        list(changed.net.parameters())[-1].add_(1.0)
+    Predictor([changed], cpu, None).prepare()  # a new export: the cache is pruned
+    left = set(folder.iterdir())
+    new = left - set(old) - {used, mine}
+    assert len(new) == 1 and used in left and mine in left
+    assert left & set(old) == set(old[:ONNX_CACHE_KEEP - 2])  # the most recently used of the old ones
+
+
 def test_predict_gives_the_callers_torch_threads_back(weights_dir, tmp_path):
     """A library caller's thread setting survives a run that used --threads 1."""
     from PIL import Image
