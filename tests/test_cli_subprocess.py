@@ -126,9 +126,14 @@ def test_quiet_ray_run_leaves_stderr_to_errors(tmp_path: Path, weights_dir: Path
     del args[args.index("--workers"):args.index("--workers") + 2]  # Ray scales its read tasks itself
     done = subprocess.run(args, capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
-    foreign = [line for line in done.stderr.decode().splitlines()
-               if line.strip() and not ("core_worker.cc" in line and "constructor arguments in the object store" in line)]
-    assert foreign == [], done.stderr.decode()
+    stderr = done.stderr.decode()
+    assert "Token authentication" not in stderr and "Progress bars disabled" not in stderr, stderr
+    assert "Traceback" not in stderr and "pneumobatch" not in stderr, stderr
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if shutil.disk_usage("/dev/shm").free > 0.31 * memory:  # else Ray warns that its object store (30% of memory) uses /tmp
+        foreign = [line for line in stderr.splitlines()
+                   if line.strip() and not ("core_worker.cc" in line and "constructor arguments in the object store" in line)]
+        assert foreign == [], stderr
     rows = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
     assert sorted(rows["path"]) == ["0.dcm", "1.dcm", "2.dcm"] and (rows["status"] == "ok").all()
 
