@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from throughput import ENCODINGS, decode_rate, forward_rate, make_studies
+from throughput import ENCODINGS, decode_rate, make_studies
 
 from pneumobatch.discovery import walk
 from pneumobatch.engines import create_predictor
@@ -42,6 +42,17 @@ def timed_predict(folder: Path, out: Path, args: argparse.Namespace, **options) 
     if run.counts["ok"] != run.counts["files"]:
         raise SystemExit(f"predict failed: {run.counts}")
     return seconds, run.counts["files"]
+
+
+def forward_rate(predictor, size: int, batch_size: int, batches: int) -> float:
+    """Images/s of the model call predict makes (normalisation, forward pass, softmax) on
+    uint8 batches, after one warm-up batch (which also loads or exports the ONNX model)."""
+    x = {size: torch.randint(0, 256, (batch_size, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    predictor(x)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        predictor(x)
+    return batches * batch_size / (time.perf_counter() - t0)
 
 
 def driver_rate(entries, model, n_results: int, batch_size: int, folder: Path) -> float:
@@ -69,7 +80,7 @@ def main_() -> None:
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--model", default="pneumonia")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="local engine's decoding processes")
+    parser.add_argument("--workers", type=int, default=None, help="local engine's decoding processes (default: predict's)")
     parser.add_argument("--repeat", type=int, default=3, help="local and Ray runs, interleaved; the fastest of each counts")
     parser.add_argument("--gpu-rate", type=float, default=1000.0,
                         help="model forward images/s on one GPU for the estimate (an assumption unless measured)")
@@ -103,15 +114,16 @@ def main_() -> None:
             ray_s = min(ray_s, timed_predict(folder, Path(tmp) / "ray.csv", args, engine="ray")[0])
         ray.shutdown()
 
-        decode_core = decode_rate(entries, [model.card.input_size], 0, args.batch_size)
+        decode_core = decode_rate(entries, model.card.input_size, reduced=True, workers=0)
         predictor = create_predictor([model], torch.device("cpu"), "fp32")
-        forward_cpu = forward_rate(predictor, args.batch_size, max(2, n // args.batch_size))
+        forward_cpu = forward_rate(predictor, model.card.input_size, args.batch_size, max(2, n // args.batch_size))
         driver = driver_rate(entries, model, 20_000, args.batch_size, Path(tmp))
 
     local_rate, ray_rate = n / local_s, n / ray_s
     marginal = f"{(n - 1) / (ray_s - single_s):7.1f} images/s" if ray_s > single_s else "not measurable (noise)"
     print(f"fastest of {args.repeat} interleaved runs each (start-up once):")
-    print(f"local engine ({args.workers} workers):            {local_rate:7.1f} images/s ({local_s:.1f} s)")
+    workers = f"{args.workers} workers" if args.workers is not None else "default split"
+    print(f"local engine ({workers}):{' ' * max(1, 26 - len(workers))}{local_rate:7.1f} images/s ({local_s:.1f} s)")
     print(f"Ray engine (local Ray, {cpus} CPUs, 1 CPU actor): {ray_rate:7.1f} images/s ({ray_s:.1f} s)")
     print(f"local / Ray (Ray's overhead on this machine):  {local_rate / ray_rate:7.2f}x")
     print(f"Ray start-up (ray.init, once per job):         {start_s:7.1f} s")
@@ -119,7 +131,7 @@ def main_() -> None:
     print(f"Ray marginal rate beyond the fixed cost:       {marginal}")
     print("per-stage rates on this machine:")
     print(f"  decode + resize, one process (per core):     {decode_core:7.1f} images/s")
-    print(f"  model forward on this CPU:                   {forward_cpu:7.1f} images/s")
+    print(f"  model forward on this CPU ({torch.get_num_threads()} threads):       {forward_cpu:7.1f} images/s")
     print(f"  driver: results -> journal rows:             {driver:7.0f} results/s")
     per_node = min(args.cores_per_node * decode_core, args.gpus_per_node * args.gpu_rate)
     print(f"estimate, nodes of {args.cores_per_node} cores + {args.gpus_per_node} GPU(s) at an assumed "
