@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch/torchvision wheels: see README "Install" (CUDA wheels also run on a CPU-only machine).
+# torch/torchvision wheels: see README "Quick start" (CUDA wheels also run on a CPU-only machine).
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint benchmark sample-studies clean
