@@ -421,7 +421,7 @@ def _columns_that_map_more(labels: pd.DataFrame, exclude: Sequence[str], task: T
     rows, most first: a labels file often has one column per task (``label``, ``etiology``)."""
     found = []
     for column in labels.columns:
-        if column in exclude or str(column).startswith("_"):
+        if column in exclude:
             continue
         values = labels[column].fillna("").astype(str)
         if values.nunique() > 200:  # ids, paths, dates: not labels
@@ -529,7 +529,7 @@ def join_labels(
     p.breakdown = {(v if v else "(empty)"): int(n) for v, n in unmapped["_label"].value_counts().head(20).items()}
     p.examples = _examples((f"{k}: {v!r}" for k, v in zip(unmapped["_key"], unmapped["_label"])), max_examples)
     mapped = lab[lab["y_true"].notna()]
-    better = _columns_that_map_more(lab, [key, label_column], card_task(model), len(mapped)) if len(unmapped) else []
+    better = _columns_that_map_more(lab[list(labels.columns)], [key, label_column], card_task(model), len(mapped)) if len(unmapped) else []
     if better:
         notes.append(
             f"{len(unmapped)} of {len(lab)} labels in column {label_column!r} map to no class of task {model.task}; "

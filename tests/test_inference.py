@@ -154,7 +154,7 @@ def test_workers_never_hand_the_main_process_file_descriptors(tmp_path, monkeypa
 
     monkeypatch.setattr(StudyFiles, "__getitem__", recording)  # workers fork after this
     seen, pixels = [], []
-    for items, inputs, ok in make_loader(entries, [32], ReadOptions(), batch_size=2, workers=2):
+    for items, inputs, _ in make_loader(entries, [32], ReadOptions(), batch_size=2, workers=2):
         seen += [item["meta"]["fd_server"] for item in items]
         pixels += [int(x[0, 0, 0]) for x in inputs[32]]
     assert len(seen) == 16 and not any(seen)
