@@ -76,6 +76,8 @@ class Group(click.Group):
         try:
             with _signals_stop_the_run():
                 return super().invoke(ctx)
+        except Interrupted as exc:
+            raise CommandError(str(exc), exc.exit_code) from exc
         except KeyboardInterrupt as exc:  # SIGINT arriving before the handler was set
             raise CommandError(str(Interrupted(signal.SIGINT)), EXIT_SIGINT) from exc
         except PneumobatchError as exc:
@@ -336,7 +338,7 @@ _P = PredictConfig  # option defaults are the library's, defined once
 @click.option("--precision", type=LibraryChoice("pneumobatch.inference", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
 @click.option("--backend", type=LibraryChoice("pneumobatch.inference", "BACKENDS"), default=_P.backend, show_default=True, help="CPU forward pass: auto = ONNX Runtime when installed (fp32), else PyTorch.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=_P.batch_size, help="Images per forward pass. [default: 16, or 64 on CUDA]")
-@click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: one per core on the CPU; with a GPU all cores but one]")
+@click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: one per core on the CPU (0 on a single core: the main process decodes); with a GPU all cores but one]")
 @click.option("--threads", type=click.IntRange(1, 256), default=_P.threads, help="Torch threads of the main process. [default: a quarter of the cores on the CPU (at least 1); 1 with a GPU]")
 @click.option("--resume", is_flag=True, help="Skip files already in OUT (same path, size and mtime) and add the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")

@@ -149,8 +149,13 @@ class ResumeMismatch(OutputError):
     exit_code = EXIT_USAGE
 
 
-class Interrupted(PneumobatchError):
-    """The run was stopped by SIGINT or SIGTERM; exits with 128 + the signal number."""
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM; exits with 128 + the signal number.
+
+    A :class:`KeyboardInterrupt`, not an :class:`Exception`: the signal handler raises it
+    wherever the main process is, and there an ``except Exception`` meant for one bad file
+    (a reader, a decoder's fallback) must not turn the stop into that file's error row.
+    """
 
     def __init__(self, signum: int) -> None:
         import signal

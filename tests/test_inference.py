@@ -15,8 +15,9 @@ def test_available_cores_is_the_affinity_mask():
     assert available_cores() == len(os.sched_getaffinity(0)) >= 1
 
 
-@pytest.mark.parametrize("cores, workers, threads", [(1, 1, 1), (2, 2, 1), (3, 3, 1), (4, 4, 1), (16, 16, 4)])
+@pytest.mark.parametrize("cores, workers, threads", [(1, 0, 1), (2, 2, 1), (3, 3, 1), (4, 4, 1), (16, 16, 4)])
 def test_cpu_decodes_on_every_core_and_gives_the_network_a_quarter(cores: int, workers: int, threads: int):
+    """One worker per core; a single core decodes in the main process (no hand-over)."""
     split = default_split(torch.device("cpu"), cores)
     assert (split.workers, split.threads, split.batch_size) == (workers, threads, 16)
 
