@@ -25,10 +25,13 @@ Ray is imported only here, and only when ``--engine ray`` is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pickle
+import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -175,10 +178,11 @@ class RayEngine:
             if not log.isEnabledFor(logging.INFO):  # how to opt out of the token the local instance gets: -v only
                 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             try:
-                ray.init(
-                    address=address, include_dashboard=False, log_to_driver=log.isEnabledFor(logging.DEBUG),
-                    logging_level=logging.WARNING,
-                )
+                with _keeping_signal_handlers():
+                    ray.init(
+                        address=address, include_dashboard=False, log_to_driver=log.isEnabledFor(logging.DEBUG),
+                        logging_level=logging.WARNING,
+                    )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"--ray-address {address}" if address else "a local Ray instance"
                 raise EngineUnavailable(f"cannot start {where}: {_first_line(exc)}") from exc
@@ -273,6 +277,23 @@ class RayEngine:
                 fn_constructor_kwargs={"models_ref": [self._models_ref], "use_gpu": self.use_gpu, "precision": self.precision, "backend": self.backend},
                 num_gpus=1 if self.use_gpu else 0, num_cpus=None if self.use_gpu else 1, max_task_retries=MAX_RETRIES,
             )
+
+
+@contextlib.contextmanager
+def _keeping_signal_handlers():
+    """Give SIGTERM and SIGINT back to the handlers they had before ``ray.init``: it sets its
+    own (SIGTERM: ``sys.exit(15)``, and its C++ core a crash reporter that prints a stack),
+    which would end a run without the journal's one line, exit code 143 and --resume hint."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -141,6 +141,44 @@ def test_quiet_ray_run_leaves_stderr_to_errors(tmp_path: Path, weights_dir: Path
     assert sorted(rows["path"]) == ["0.dcm", "1.dcm", "2.dcm"] and (rows["status"] == "ok").all()
 
 
+def test_sigterm_stops_a_ray_run_cleanly_and_resume_finishes(tmp_path: Path, weights_dir: Path):
+    """ray.init sets its own SIGTERM handler (sys.exit(15), and Ray's C++ core a crash
+    reporter that prints a stack): predict puts its own back, so a scheduler's timeout ends a
+    Ray run as it ends a local one: one line, exit 143, rows kept, ``--resume`` finishes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = (np.add.outer(np.arange(1024), np.arange(1024)) + rng.integers(0, 64, (1024, 1024))).astype(np.uint16)
+    write_cxr(folder / "000.dcm", pixels, bits_stored=12, encoding="jpegls")  # no reduced decode for JPEG-LS
+    for i in range(1, 100):
+        shutil.copyfile(folder / "000.dcm", folder / f"{i:03d}.dcm")
+    out, journal = tmp_path / "p.csv", tmp_path / "p.csv.partial"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    args = command(folder, out, weights_dir, "--engine", "ray")
+    del args[args.index("--workers"):args.index("--workers") + 2]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_bytes().splitlines()) > 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    text = stderr.decode()
+    lines = [line for line in text.splitlines()
+             if line.strip() and not ("core_worker.cc" in line and "constructor arguments in the object store" in line)]
+    assert proc.returncode == EXIT_SIGTERM, text
+    assert len(lines) == 1 and lines[0].startswith("Error: interrupted by SIGTERM") and "--resume" in lines[0], text
+    assert journal.exists() and not out.exists() and not (tmp_path / ".p.csv.lock").exists()
+
+    done = subprocess.run([*command(folder, out, weights_dir), "--resume"], capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == [f"{i:03d}.dcm" for i in range(100)] and (frame["status"] == "ok").all()
+
+
 def without_write_permission_override(args: list[str]) -> list[str]:
     """``args`` run so that a folder's missing write permission holds (root would override it)."""
     if os.geteuid() != 0:
