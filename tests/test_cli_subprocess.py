@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -51,9 +52,33 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def command(inputs: Path, out: Path, weights_dir: Path, *extra: str) -> list[str]:
+def command(inputs: Path, out: Path, weights_dir: Path, *extra: str, workers: Optional[str] = "2") -> list[str]:
+    """``predict`` with the tiny model; ``workers=None`` leaves ``--workers`` out (Ray scales its read tasks itself)."""
     return [sys.executable, "-m", "pneumobatch", "predict", str(inputs), "-o", str(out), "--weights-dir", str(weights_dir),
-            "-m", "tiny", "--device", "cpu", "--workers", "2", "--batch-size", "2", "--quiet", *extra]
+            "-m", "tiny", "--device", "cpu", *(["--workers", workers] if workers is not None else []), "--batch-size", "2",
+            "--quiet", *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This checkout on the path; no ``RAY_ADDRESS``, so a Ray run starts its own local instance."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def wait_for_rows(proc: subprocess.Popen, journal: Path, timeout: float) -> None:
+    """Until the journal holds a row after its header; the run must still be going."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_bytes().splitlines()) > 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+
+
+def is_ray_core_actor_line(line: str) -> bool:
+    """The line Ray's C++ core prints for every Ray Data actor pool (ray-project/ray#57733)."""
+    return "core_worker.cc" in line and "constructor arguments in the object store" in line
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc")
@@ -63,16 +88,10 @@ def test_a_signal_stops_the_run_cleanly_and_resume_finishes(slow_studies: Path, 
                                                             workers: str):
     out = tmp_path / "p.csv"
     journal = tmp_path / "p.csv.partial"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    args = command(slow_studies, out, weights_dir)
-    args[args.index("--workers") + 1] = workers
+    env = subprocess_env()
+    args = command(slow_studies, out, weights_dir, workers=workers)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:  # wait for the first batch in the journal
-        if journal.exists() and len(journal.read_bytes().splitlines()) > 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    wait_for_rows(proc, journal, 120)
     worker_pids = children(proc.pid)
     if workers != "0" and Path(f"/proc/{proc.pid}/task/{proc.pid}/children").exists():  # a kernel without it: not checked
         assert worker_pids, "no decoding workers found"
@@ -102,11 +121,10 @@ def test_quiet_keeps_warnings_about_file_contents_off_stderr(tmp_path: Path, wei
     pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
     write_cxr(folder / "slope.dcm", pixels, bits_stored=12, extra={"RescaleSlope": "1e308", "RescaleIntercept": "1e308"})
     write_cxr(folder / "window.dcm", pixels, bits_stored=12, extra={"WindowCenter": "nan", "WindowWidth": "0"})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     for workers in ("0", "1"):
         out = tmp_path / f"p{workers}.csv"
-        args = command(folder, out, weights_dir)
-        args[args.index("--workers") + 1] = workers
+        args = command(folder, out, weights_dir, workers=workers)
         done = subprocess.run(args, capture_output=True, env=env, timeout=300)
         assert done.returncode == 1 and done.stderr == b"", done.stderr.decode()  # slope.dcm is an error row
         rows = pd.read_csv(out, dtype=str, keep_default_na=False)
@@ -123,19 +141,15 @@ def test_quiet_ray_run_leaves_stderr_to_errors(tmp_path: Path, weights_dir: Path
     pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
     for i in range(3):
         write_cxr(folder / f"{i}.dcm", pixels + i, bits_stored=12)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RAY_ADDRESS", None)
-    args = command(folder, tmp_path / "p.csv", weights_dir, "--engine", "ray")
-    del args[args.index("--workers"):args.index("--workers") + 2]  # Ray scales its read tasks itself
-    done = subprocess.run(args, capture_output=True, env=env, timeout=300)
+    args = command(folder, tmp_path / "p.csv", weights_dir, "--engine", "ray", workers=None)
+    done = subprocess.run(args, capture_output=True, env=subprocess_env(), timeout=300)
     assert done.returncode == 0, done.stderr.decode()
     stderr = done.stderr.decode()
     assert "Token authentication" not in stderr and "Progress bars disabled" not in stderr, stderr
     assert "Traceback" not in stderr and "pneumobatch" not in stderr, stderr
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if shutil.disk_usage("/dev/shm").free > 0.31 * memory:  # else Ray warns that its object store (30% of memory) uses /tmp
-        foreign = [line for line in stderr.splitlines()
-                   if line.strip() and not ("core_worker.cc" in line and "constructor arguments in the object store" in line)]
+        foreign = [line for line in stderr.splitlines() if line.strip() and not is_ray_core_actor_line(line)]
         assert foreign == [], stderr
     rows = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
     assert sorted(rows["path"]) == ["0.dcm", "1.dcm", "2.dcm"] and (rows["status"] == "ok").all()
@@ -153,22 +167,14 @@ def test_sigterm_stops_a_ray_run_cleanly_and_resume_finishes(tmp_path: Path, wei
     for i in range(1, 100):
         shutil.copyfile(folder / "000.dcm", folder / f"{i:03d}.dcm")
     out, journal = tmp_path / "p.csv", tmp_path / "p.csv.partial"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RAY_ADDRESS", None)
-    args = command(folder, out, weights_dir, "--engine", "ray")
-    del args[args.index("--workers"):args.index("--workers") + 2]
+    env = subprocess_env()
+    args = command(folder, out, weights_dir, "--engine", "ray", workers=None)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and len(journal.read_bytes().splitlines()) > 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    wait_for_rows(proc, journal, 180)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     text = stderr.decode()
-    lines = [line for line in text.splitlines()
-             if line.strip() and not ("core_worker.cc" in line and "constructor arguments in the object store" in line)]
+    lines = [line for line in text.splitlines() if line.strip() and not is_ray_core_actor_line(line)]
     assert proc.returncode == EXIT_SIGTERM, text
     assert len(lines) == 1 and lines[0].startswith("Error: interrupted by SIGTERM") and "--resume" in lines[0], text
     assert journal.exists() and not out.exists() and not (tmp_path / ".p.csv.lock").exists()
@@ -197,7 +203,7 @@ def test_an_unwritable_output_folder_is_one_line_exit_3(tmp_path: Path, weights_
     folder.mkdir()
     pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
     write_cxr(folder / "a.dcm", pixels, bits_stored=12)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     predictions = tmp_path / "p.csv"
     assert subprocess.run(command(folder, predictions, weights_dir), env=env, capture_output=True).returncode == 0
     locked = tmp_path / "locked"
