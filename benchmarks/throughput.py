@@ -36,7 +36,14 @@ import numpy as np
 import torch
 
 from pneumobatch.discovery import walk
-from pneumobatch.inference import Predictor, default_split, make_loader, resolve_device, resolve_precision
+from pneumobatch.inference import (
+    Predictor,
+    available_cores,
+    default_split,
+    make_loader,
+    resolve_device,
+    resolve_precision,
+)
 from pneumobatch.models import load_model
 from pneumobatch.predict import PredictConfig, run_predict
 from pneumobatch.readers import ReadOptions
@@ -196,7 +203,7 @@ def main_() -> None:
     split = default_split(device)
     model = load_model(args.model)
     size = model.card.input_size
-    print(f"{os.sched_getaffinity(0).__len__()} cores, CUDA: {torch.cuda.is_available()}; default split: "
+    print(f"{available_cores()} cores, CUDA: {torch.cuda.is_available()}; default split: "
           f"{split.workers} workers, {split.threads} torch threads, batch {split.batch_size}; model {model.card.name} "
           f"({model.card.architecture} @ {size}px) on {device}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +221,7 @@ def main_() -> None:
             print(f"  {encoding:<14} {full:8.1f} {fast:8.1f} {fast / full:6.1f}x")
         full_all, decode = decode_rate(entries, size, False), decode_rate(entries, size, True)
         print(f"  {'all (mixed)':<14} {full_all:8.1f} {decode:8.1f} {decode / full_all:6.1f}x")
-        cores = len(os.sched_getaffinity(0))
+        cores = available_cores()
         parallel = decode_rate(entries, size, True, workers=cores)
         print(f"  all (mixed), reduced, {cores} worker processes: {parallel:.1f} images/s ({parallel / decode:.2f}x one process)")
 

@@ -11,6 +11,7 @@ pinned and copied without blocking). Results come back in discovery order, one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -310,10 +311,8 @@ class _OnnxRunner:
             try:
                 self.session = session(str(cached))
                 if self._agrees_with(net, head, size):
-                    try:
+                    with contextlib.suppress(OSError):
                         os.utime(cached)  # recently used: kept by the pruning below
-                    except OSError:
-                        pass
                     return
                 log.warning("exporting %s again: the cached export does not compute what the weights do", cached.name)
             except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again

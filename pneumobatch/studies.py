@@ -60,7 +60,7 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
     grouped = sub.groupby([keys[filled], "model"], sort=False).indices
     status_ok = _texts(sub, "status") == Status.OK.value
     paths, uids, tasks = _texts(sub, "path"), _texts(sub, "study_instance_uid"), _texts(sub, "task")
-    bands = _texts(sub, "age_band") if "age_band" in sub.columns else None
+    bands = _texts(sub, "age_band")  # "" where unknown or absent: the card's pooled point
     not_applicable = np.char.lower(_texts(sub, "applicable").astype(str)) == "false"
     thresholds = pd.to_numeric(sub["threshold"], errors="coerce").to_numpy() if "threshold" in sub.columns else None
     numeric: dict[str, np.ndarray] = {}  # model -> its probability columns as floats (NaN: not a number)
@@ -92,8 +92,7 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
                 if len(ok):
                     best = int(np.argmax(abnormality(proba, card)))
                     row["key_image"] = paths[ok[best]]
-                    band = bands[ok[best]] if bands is not None else None
-                    decision = card.decide(proba[best], band or None)
+                    decision = card.decide(proba[best], bands[ok[best]] or None)
                     row["pred_label"] = decision.label
                     if decision.threshold is not None:
                         row["threshold"] = decision.threshold
