@@ -26,11 +26,11 @@ import pandas as pd
 import pydicom
 import torch
 
-from pneumobatch.applicability import extract_features
-from pneumobatch.models import load_model
-from pneumobatch.preprocess import resize, to_uint8
-from pneumobatch.readers import ReadOptions
-from pneumobatch.readers.raster import read_raster
+from pneumobatch.io.readers import ReadOptions
+from pneumobatch.io.readers.raster import read_raster
+from pneumobatch.model.applicability.features import extract_features
+from pneumobatch.model.preprocess import resize, to_uint8
+from pneumobatch.model.registry import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backend_agreement import decoded_split  # noqa: E402 - the benchmarks' shared split loader
@@ -154,7 +154,7 @@ def record(loaded_models: dict, table: pd.DataFrame, args: argparse.Namespace) -
     """Write each model's rows into its card as ``applicability.measured``."""
     from datetime import date
 
-    from pneumobatch.models import write_card
+    from pneumobatch.model.registry import write_card
 
     command = "python benchmarks/applicability.py " + " ".join(sys.argv[1:])
     for name, loaded in loaded_models.items():

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pneumobatch.inference import Predictor
-from pneumobatch.models import load_model
-from pneumobatch.train import Dataset, TrainConfig, decode_split, labelled_splits
+from pneumobatch.model.inference import Predictor
+from pneumobatch.model.registry import load_model
+from pneumobatch.training.config import TrainConfig
+from pneumobatch.training.train import Dataset, decode_split, labelled_splits
 
 
 def decoded_split(card, manifest: Path, split: str, workers: int) -> Dataset:

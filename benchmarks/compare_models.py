@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pneumobatch.inference import Predictor
-from pneumobatch.models import load_model
+from pneumobatch.model.inference import Predictor
+from pneumobatch.model.registry import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backend_agreement import decoded_split  # noqa: E402 - the benchmarks' shared split loader

@@ -70,8 +70,8 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("test_readers", ROOT / "tests" / "test_readers.py")
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
-    from pneumobatch.readers import ReadOptions
-    from pneumobatch.readers import dicom as reader
+    from pneumobatch.io.readers import ReadOptions
+    from pneumobatch.io.readers import dicom as reader
 
     pixels12 = chest_like(args.size)
     print(f"{args.size}x{args.size}, one core; ms per image (images/s)")

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from throughput import ENCODINGS, decode_rate, make_studies
 
-from pneumobatch.discovery import walk
-from pneumobatch.engines import create_predictor
-from pneumobatch.errors import Status
-from pneumobatch.inference import FileResult
-from pneumobatch.models import load_model
-from pneumobatch.outputs import OutputPaths, PredictionWriter, columns_for, result_rows
-from pneumobatch.predict import PredictConfig, run_predict
+from pneumobatch.core.errors import Status
+from pneumobatch.io.discovery import walk
+from pneumobatch.io.predictions import OutputPaths, PredictionWriter, columns_for, result_rows
+from pneumobatch.io.results import FileResult
+from pneumobatch.model.inference import create_predictor
+from pneumobatch.model.registry import load_model
+from pneumobatch.predict import run_predict
+from pneumobatch.predict_config import PredictConfig
 
 
 def timed_predict(folder: Path, out: Path, args: argparse.Namespace, **options) -> tuple[float, int]:

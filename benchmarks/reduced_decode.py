@@ -6,7 +6,7 @@ decoding every file in full (``ReadOptions(min_side=None)``) and once as ``predi
 encoding: files, how many were decoded reduced, the largest |dp| of any class
 probability, and the files whose predicted label differs. The folders are
 ``sample_studies/`` and a generated set of chest-X-ray-like DICOMs in every encoding
-``pneumobatch.synthetic`` writes (MONOCHROME1 and VOI windows included).
+``pneumobatch.testing.synthetic`` writes (MONOCHROME1 and VOI windows included).
 
     python benchmarks/reduced_decode.py [--size 2048] [--per-encoding 4] [FOLDER ...]
 """
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumobatch.discovery import walk
-from pneumobatch.inference import Predictor, resolve_device, run_inference
-from pneumobatch.models import load_model
-from pneumobatch.readers import ReadOptions
-from pneumobatch.synthetic import ENCODINGS, write_cxr
+from pneumobatch.io.discovery import walk
+from pneumobatch.io.readers import ReadOptions
+from pneumobatch.model.device import resolve_device
+from pneumobatch.model.inference import Predictor, run_inference
+from pneumobatch.model.registry import load_model
+from pneumobatch.testing.synthetic import ENCODINGS, write_cxr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,6 +1,6 @@
 """Throughput of predict on this machine: decode, forward pass, core splits, end to end.
 
-Generates a mixed folder of chest-X-ray-sized DICOMs (every encoding pneumobatch.synthetic
+Generates a mixed folder of chest-X-ray-sized DICOMs (every encoding pneumobatch.testing.synthetic
 writes) and prints, all from one run so that ratios hold on a noisy shared machine:
 
 1. decode + resize images/s per transfer syntax, one process: full decode vs the
@@ -35,19 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumobatch.discovery import walk
-from pneumobatch.inference import (
-    Predictor,
-    available_cores,
-    default_split,
-    make_loader,
-    resolve_device,
-    resolve_precision,
-)
-from pneumobatch.models import load_model
-from pneumobatch.predict import PredictConfig, run_predict
-from pneumobatch.readers import ReadOptions
-from pneumobatch.synthetic import ENCODINGS, write_cxr
+from pneumobatch.io.discovery import walk
+from pneumobatch.io.readers import ReadOptions
+from pneumobatch.model.device import available_cores, default_split, resolve_device, resolve_precision
+from pneumobatch.model.inference import Predictor, make_loader
+from pneumobatch.model.registry import load_model
+from pneumobatch.predict import run_predict
+from pneumobatch.predict_config import PredictConfig
+from pneumobatch.testing.synthetic import ENCODINGS, write_cxr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,6 +1,6 @@
 """Command-line interface: parses options, wires library calls, reports, sets exit codes.
 
-Exit codes, the same for every command (defined with the errors in :mod:`pneumobatch.errors`):
+Exit codes, the same for every command (defined with the errors in :mod:`pneumobatch.core.errors`):
 0 success; 1 the run completed but some files could not be read (they are listed in the
 CSV); 2 usage error (bad option or argument; an existing output without --resume or
 --overwrite; a --device this machine does not have, e.g. cuda without a GPU); 3 fatal
@@ -26,8 +26,7 @@ from typing import Optional
 import click
 
 from pneumobatch import __version__
-from pneumobatch.engines import ENGINES
-from pneumobatch.errors import (
+from pneumobatch.core.errors import (
     EXIT_FATAL,
     EXIT_FILE_ERRORS,
     EXIT_INTERNAL,
@@ -40,12 +39,13 @@ from pneumobatch.errors import (
     OutputError,
     PneumobatchError,
 )
-from pneumobatch.labels import KEY_COLUMNS
-from pneumobatch.outputs import STUDY_FROM
-from pneumobatch.predict import PredictConfig
-from pneumobatch.report.options import ReportOptions
-from pneumobatch.tasks import TASKS
-from pneumobatch.train_config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainConfig
+from pneumobatch.core.tasks import TASKS
+from pneumobatch.engines import ENGINES
+from pneumobatch.evaluation.labels import KEY_COLUMNS
+from pneumobatch.evaluation.report.options import ReportOptions
+from pneumobatch.io.predictions import STUDY_FROM
+from pneumobatch.predict_config import PredictConfig
+from pneumobatch.training.config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainConfig
 
 __all__ = ["main", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_USAGE", "EXIT_FATAL", "EXIT_SIGINT", "EXIT_SIGTERM"]
 
@@ -66,7 +66,7 @@ class Group(click.Group):
     """Click group that translates the package's errors once for every command.
 
     SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's timeout) stop a command by an
-    :class:`~pneumobatch.errors.Interrupted` error raised where the program is: files are
+    :class:`~pneumobatch.core.errors.Interrupted` error raised where the program is: files are
     closed, decoding workers shut down and the lock released on the way out, then one
     line and exit code 130 or 143. A second signal during that shutdown is ignored. An
     error the package did not anticipate (a bug) is one line and exit code 4.
@@ -186,7 +186,7 @@ def main() -> None:
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of NAME.safetensors + NAME.json (default: the shipped weights/).")
 def models_command(weights_dir: Optional[Path]) -> None:
     """List the installed models with their task, classes and test metrics."""
-    from pneumobatch.models import DEFAULT_MODEL, default_weights_dir, list_models
+    from pneumobatch.model.registry import DEFAULT_MODEL, default_weights_dir, list_models
 
     cards = list_models(weights_dir)
     if not cards:
@@ -211,8 +211,9 @@ def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[
     Writes NAME.applicability.safetensors beside the weights and records it (SHA-256,
     threshold) in NAME.json; predict then adds ood_score and applicable to every row.
     """
-    from pneumobatch.applicability import attach, fit_from_manifest
-    from pneumobatch.models import load_model
+    from pneumobatch.model.applicability.features import attach
+    from pneumobatch.model.registry import load_model
+    from pneumobatch.training.applicability import fit_from_manifest
 
     loaded = load_model(model, weights_dir, statistics=False)  # the statistics are being replaced
     stats, info = fit_from_manifest(loaded, manifest, percentile=percentile, workers=workers, only_class=only_class, progress=click.echo)
@@ -262,7 +263,7 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     hierarchical finding such as Pneumonia/Viral/COVID-19), optional split and
     patient id. Folder tree: DATA/CLASS/* or DATA/{train,val,test}/CLASS/*.
     """
-    from pneumobatch.train import train
+    from pneumobatch.training.train import train
 
     _setup_logging(verbose, False)
     name = name or options["task"]
@@ -301,7 +302,7 @@ def retune_command(model: str, data: Path, weights_dir: Optional[Path], **option
     stay as they are; the model card is rewritten (metrics, thresholds, and a
     training.retuned entry saying when and with which targets).
     """
-    from pneumobatch.train import retune
+    from pneumobatch.training.train import retune
 
     _setup_logging(0, False)
     config = TrainConfig(data=data, out_dir=weights_dir or Path("."), name=model, **options)
@@ -313,7 +314,7 @@ def retune_command(model: str, data: Path, weights_dir: Optional[Path], **option
 
 def _check_train_inputs(out_dir: Path, init: str, device: str) -> None:
     """Fail in seconds, before images are decoded: device, --init weights, output folder."""
-    from pneumobatch.inference import resolve_device
+    from pneumobatch.model.device import resolve_device
 
     resolve_device(device)
     if init not in ("imagenet", "random") and not Path(init).is_file():
@@ -335,8 +336,8 @@ _P = PredictConfig  # option defaults are the library's, defined once
 @click.option("-m", "--model", "model_names", multiple=True, help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model names are looked up (default: the shipped weights/).")
 @click.option("--device", default=_P.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=LibraryChoice("pneumobatch.inference", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
-@click.option("--backend", type=LibraryChoice("pneumobatch.inference", "BACKENDS"), default=_P.backend, show_default=True, help="CPU forward pass: auto = ONNX Runtime when installed (fp32), else PyTorch.")
+@click.option("--precision", type=LibraryChoice("pneumobatch.model.device", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
+@click.option("--backend", type=LibraryChoice("pneumobatch.model.device", "BACKENDS"), default=_P.backend, show_default=True, help="CPU forward pass: auto = ONNX Runtime when installed (fp32), else PyTorch.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=_P.batch_size, help="Images per forward pass. [default: 16, or 64 on CUDA]")
 @click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: one per core on the CPU (0 on a single core: the main process decodes); with a GPU all cores but one]")
 @click.option("--threads", type=click.IntRange(1, 256), default=_P.threads, help="Torch threads of the main process. [default: a quarter of the cores on the CPU (at least 1); 1 with a GPU]")
@@ -416,7 +417,7 @@ def _archive_options(command):
 
 
 def _connection(url, dimse, calling_ae, called_ae, config, ca_bundle):
-    from pneumobatch.pacs.connection import connect_options
+    from pneumobatch.operations.pacs.connection import connect_options
 
     return connect_options(url=url, dimse=dimse, calling_ae=calling_ae, called_ae=called_ae, config=config, ca_bundle=ca_bundle)
 
@@ -453,7 +454,7 @@ def pull_command(output: Path, on, since, until, modalities, body_parts, url, di
     Exit codes: 0 everything fetched; 1 some studies failed after retries (listed on
     stderr); 2 usage error; 3 the archive cannot be searched (unreachable, refused).
     """
-    from pneumobatch.pacs.pull import MODALITIES, PullConfig, date_window, run_pull
+    from pneumobatch.operations.pacs.pull import MODALITIES, PullConfig, date_window, run_pull
 
     _setup_logging(verbose, quiet)
     conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
@@ -485,7 +486,7 @@ def push_command(predictions: Path, source, models, url, dimse, calling_ae, call
     Exit codes: 0 every SR delivered; 1 some failed after retries (listed on stderr);
     2 usage error; 3 predictions unreadable or archive unusable.
     """
-    from pneumobatch.pacs.push import PushConfig, run_push
+    from pneumobatch.operations.pacs.push import PushConfig, run_push
 
     _setup_logging(verbose, quiet)
     conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
@@ -523,7 +524,7 @@ def report_command(predictions: Path, quiet: bool, **options) -> None:
     prediction, and predictions without a label, are counted and listed, never
     silently dropped.
     """
-    from pneumobatch.report import write_report
+    from pneumobatch.evaluation.report import write_report
 
     _setup_logging(0, quiet)
     result = write_report(ReportOptions(predictions=predictions, **options))
@@ -553,7 +554,7 @@ def calibrate_command(predictions: Path, labels_csv: Path, output: Path, model: 
     Then: pneumobatch predict FOLDER --site site.json ...
     The site file is refused for another model or other weights (exit code 2).
     """
-    from pneumobatch.site import CalibrateConfig, calibrate
+    from pneumobatch.operations.calibrate import CalibrateConfig, calibrate
 
     _setup_logging(0, quiet)
     result = calibrate(CalibrateConfig(
@@ -619,7 +620,7 @@ def monitor_command(run_jsons: tuple[Path, ...], limits: tuple[str, ...], labels
     error rate per run. Alerts are printed, listed in the PDF and JSON, and counted in
     the Prometheus file.
     """
-    from pneumobatch.monitor import MonitorConfig, parse_limits, run_monitor
+    from pneumobatch.operations.monitor.analysis import MonitorConfig, parse_limits, run_monitor
 
     _setup_logging(0, quiet)
     result = run_monitor(MonitorConfig(run_jsons=list(run_jsons), limits=parse_limits(limits), labels=labels_csv, **options))

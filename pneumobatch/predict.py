@@ -8,9 +8,9 @@ shows progress and sets the exit code): it walks the inputs (names prefixed by t
 when there are several), leaves out this run's own output files, hands the files still to
 do to an engine (:mod:`pneumobatch.engines`: this machine, or a Ray cluster) and writes the
 results it yields, whatever their order, through
-:class:`~pneumobatch.outputs.PredictionWriter` (journal flushed every ``batch_size`` files,
+:class:`~pneumobatch.io.predictions.PredictionWriter` (journal flushed every ``batch_size`` files,
 resume, atomic final write), then ``OUT.studies.csv`` and ``OUT.run.json``. Errors are
-the package's own (:mod:`pneumobatch.errors`); per-file failures are rows, not errors.
+the package's own (:mod:`pneumobatch.core.errors`); per-file failures are rows, not errors.
 No Click here.
 """
 
@@ -25,47 +25,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from pneumobatch import __version__
-from pneumobatch.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, Status
+from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, Status
+from pneumobatch.predict_config import PredictConfig
 
 log = logging.getLogger(__name__)
 
 #: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``;
 #: 3: the CSV gained operating_point, age_band, ood_score, applicable, warnings;
-#: 4: ``monitoring`` (:func:`pneumobatch.monitor.monitoring_block`), the CSV gained manufacturer,
+#: 4: ``monitoring`` (:func:`pneumobatch.operations.monitor.analysis.monitoring_block`), the CSV gained manufacturer,
 #: manufacturer_model_name, station_name).
 RUN_SCHEMA_VERSION = 4
 #: ``progress(done, total)``: called once before the first file and after every file.
 Progress = Callable[[int, int], None]
-
-
-@dataclass
-class PredictConfig:
-    """Options of ``pneumobatch predict``; the CLI's defaults are these."""
-
-    inputs: Sequence[Path]
-    output: Path = Path("predictions.csv")
-    models: Sequence[str] = ()  # names or paths; empty: the default model
-    weights_dir: Optional[Path] = None
-    device: str = "auto"
-    precision: str = "auto"
-    backend: str = "auto"  # CPU forward pass: auto (ONNX Runtime when installed, fp32), torch or onnxruntime
-    batch_size: Optional[int] = None  # None: 16, or 64 on CUDA (inference.default_split)
-    workers: Optional[int] = None  # None: from the machine's cores (inference.default_split)
-    threads: Optional[int] = None  # torch threads of this process; None: from the machine's cores
-    resume: bool = False
-    overwrite: bool = False
-    study_from: str = "file"
-    include_lateral: bool = False
-    max_pixels: int = 64_000_000
-    include_patient_id: bool = False
-    chest_terms: Sequence[str] = ()  # a site's extra words for the chest (body-part gate)
-    not_chest_terms: Sequence[str] = ()  # a site's extra words for other body parts
-    follow_external_links: bool = False  # follow links leading outside the input folders
-    skip_ood: bool = False  # inapplicable images become skipped rows (out-of-distribution)
-    site: Optional[Path] = None  # a site file from ``calibrate``: its model decides with the site's operating points
-    engine: str = "local"  # local: this machine; ray: a Ray cluster (pneumobatch.engines)
-    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a Ray started for this run
-    ray_actors: Optional[int] = None  # model actors; None: one per GPU of the cluster, else 1
 
 
 @dataclass
@@ -94,7 +65,7 @@ def root_prefixes(roots: Sequence[Path]) -> dict[Path, str]:
     ``/a/studies`` and ``/b/studies`` become ``a/studies`` and ``b/studies``; folders with
     different names keep just their name. One root: no prefix.
     """
-    from pneumobatch.discovery import escape_path
+    from pneumobatch.io.discovery import escape_path
 
     resolved = [Path(r).resolve() for r in roots]
     if len(resolved) < 2:
@@ -112,7 +83,7 @@ def root_prefixes(roots: Sequence[Path]) -> dict[Path, str]:
 def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list:
     import dataclasses
 
-    from pneumobatch.discovery import walk
+    from pneumobatch.io.discovery import walk
 
     unique = list(dict.fromkeys(Path(r).resolve() for r in roots))  # the same folder given twice: once
     prefixes = root_prefixes(unique)
@@ -126,9 +97,9 @@ def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list
 
 
 def _apply_site(models: Sequence[Any], path: Path) -> None:
-    """Give the site file's model its site card (:func:`pneumobatch.site.site_card`)."""
-    from pneumobatch.errors import SiteError
-    from pneumobatch.site import apply_site, load_site
+    """Give the site file's model its site card (:func:`pneumobatch.core.site.site_card`)."""
+    from pneumobatch.core.errors import SiteError
+    from pneumobatch.core.site import apply_site, load_site
 
     site = load_site(path)
     wanted = (site.get("model") or {}).get("name")
@@ -140,7 +111,7 @@ def _apply_site(models: Sequence[Any], path: Path) -> None:
 
 def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
     """Whether an output path names an image inside an input folder (never to be replaced)."""
-    from pneumobatch.discovery import FileKind, sniff
+    from pneumobatch.io.discovery import FileKind, sniff
 
     if not path.is_file() or not any(path.resolve().is_relative_to(Path(r).resolve()) for r in roots):
         return False
@@ -152,11 +123,8 @@ def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
 
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
-    from pneumobatch.bodyparts import BodyPartVocabulary
     from pneumobatch.engines import create_engine
-    from pneumobatch.models import DEFAULT_MODEL, load_model
-    from pneumobatch.monitor import monitoring_block
-    from pneumobatch.outputs import (
+    from pneumobatch.io.predictions import (
         OutputPaths,
         PredictionWriter,
         columns_for,
@@ -165,7 +133,10 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         write_run_json,
         write_studies,
     )
-    from pneumobatch.readers import ReadOptions
+    from pneumobatch.io.readers import ReadOptions
+    from pneumobatch.io.readers.bodyparts import BodyPartVocabulary
+    from pneumobatch.model.registry import DEFAULT_MODEL, load_model
+    from pneumobatch.operations.monitor.analysis import monitoring_block
 
     engine = create_engine(config)  # fails fast on a device or cluster this run cannot have
     models = [load_model(name, config.weights_dir) for name in (config.models or (DEFAULT_MODEL,))]

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.testing.synthetic import write_cxr
 
 # (finding coarse class, how many) from the test split; adults and children both.
 PICKS = {"normal": 10, "bacterial": 8, "viral": 7, "covid-19": 8}
@@ -87,7 +87,7 @@ def build(data: Path, out: Path) -> None:
                       patient_id=patient)
     _junk(out, picked)
     frame = pd.DataFrame(labels)
-    from pneumobatch.tasks import get_task
+    from pneumobatch.core.tasks import get_task
 
     frame["label"] = [get_task("pneumonia").map_label(f) or "" for f in frame["finding"]]
     frame["etiology"] = [get_task("etiology").map_label(f) or "" for f in frame["finding"]]

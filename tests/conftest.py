@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumobatch.models import ModelCard, create_model, save_model
+from pneumobatch.core.card import ModelCard
+from pneumobatch.model.registry import create_model, save_model
 
 
 @pytest.fixture(scope="session", autouse=True)

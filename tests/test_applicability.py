@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pneumobatch.applicability import HEAD, LEGACY_METHOD, ApplicabilityStats, FeatureTap, calibrate, fit
-from pneumobatch.errors import ModelError
+from pneumobatch.core.errors import ModelError
+from pneumobatch.model.applicability.features import FeatureTap
+from pneumobatch.model.applicability.stats import HEAD, LEGACY_METHOD, ApplicabilityStats, calibrate, fit
 
 
 def features(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -129,7 +130,7 @@ def test_a_layer_whose_pca_keeps_every_dimension_scores_stored_statistics_sanely
 
 
 def test_orientation_check_catches_what_the_distance_passes_and_round_trips(tmp_path: Path):
-    from pneumobatch.applicability import OrientationCheck
+    from pneumobatch.model.applicability.stats import OrientationCheck
 
     # "turned" images: like the training images but for a small shift along one direction the
     # distance barely notices (about the size of the residual noise); a linear probe sees it plainly

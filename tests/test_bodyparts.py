@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pneumobatch.bodyparts import BodyPartVocabulary, examined_part
 from pneumobatch.cli import main
-from pneumobatch.errors import FileRejected, Reason
-from pneumobatch.readers import Image, ReadOptions
-from pneumobatch.readers.dicom import read_dicom
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.io.readers import Image, ReadOptions
+from pneumobatch.io.readers.bodyparts import BodyPartVocabulary, examined_part
+from pneumobatch.io.readers.dicom import read_dicom
+from pneumobatch.testing.synthetic import write_cxr
 
 PIXELS = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7 % 4096).astype(np.uint16)
 

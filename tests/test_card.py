@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pneumobatch.card import Decision, ModelCard, decide_indices
-from pneumobatch.errors import ModelError
+from pneumobatch.core.card import Decision, ModelCard, decide_indices
+from pneumobatch.core.errors import ModelError
 
 
 def card(**kw) -> ModelCard:
@@ -54,6 +54,6 @@ def test_round_trip_and_missing_fields():
 
 
 def test_card_imports_without_torch():
-    code = "import sys, pneumobatch.card, pneumobatch.labels; print('torch' in sys.modules)"
+    code = "import sys, pneumobatch.core.card, pneumobatch.evaluation.labels; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

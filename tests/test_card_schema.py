@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pneumobatch.cli import main
-from pneumobatch.errors import EXIT_FATAL, ModelError
-from pneumobatch.models import default_weights_dir, load_model, read_card
+from pneumobatch.core.errors import EXIT_FATAL, ModelError
+from pneumobatch.model.registry import default_weights_dir, load_model, read_card
 
 
 @pytest.fixture()

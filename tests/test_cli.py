@@ -1,6 +1,6 @@
 """Every command: a one-line error on stderr and its documented exit code.
 
-Exit codes (pneumobatch.errors): 0 ok, 1 completed with file errors, 2 usage (including a
+Exit codes (pneumobatch.core.errors): 0 ok, 1 completed with file errors, 2 usage (including a
 --device this machine lacks), 3 fatal (model missing or corrupt, output not writable).
 """
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pneumobatch.cli import EXIT_FATAL, EXIT_INTERNAL, EXIT_USAGE, main
+from pneumobatch.cli import main
+from pneumobatch.core.errors import EXIT_FATAL, EXIT_INTERNAL, EXIT_USAGE
 from tests.conftest import one_line_error
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
@@ -99,10 +100,10 @@ def test_train_unwritable_output(images: Path, blocked: Path):
 
 
 def test_choices_come_from_the_library():
-    from pneumobatch.inference import PRECISIONS
-    from pneumobatch.outputs import STUDY_FROM
-    from pneumobatch.tasks import TASKS
-    from pneumobatch.train import BALANCE_CHOICES
+    from pneumobatch.core.tasks import TASKS
+    from pneumobatch.io.predictions import STUDY_FROM
+    from pneumobatch.model.device import PRECISIONS
+    from pneumobatch.training.config import BALANCE_CHOICES
 
     params = {c: {p.name: p for p in main.commands[c].params} for c in ("predict", "train")}
     assert tuple(params["predict"]["precision"].type.choices) == PRECISIONS
@@ -115,7 +116,7 @@ def test_cli_and_report_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, pneumobatch.cli, pneumobatch.report; print('torch' in sys.modules)"
+    code = "import sys, pneumobatch.cli, pneumobatch.evaluation.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -125,7 +126,7 @@ def test_run_predict_is_a_library_call_without_click(tmp_path: Path, weights_dir
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from pneumobatch.predict import PredictConfig, run_predict; "
+        "import sys; from pathlib import Path; from pneumobatch.predict import run_predict; from pneumobatch.predict_config import PredictConfig; "
         f"run = run_predict(PredictConfig(inputs=[Path({str(tmp_path)!r})], output=Path({str(tmp_path / 'p.csv')!r}), "
         f"models=['tiny'], weights_dir=Path({str(weights_dir)!r}), workers=0, device='cpu')); "
         "print(run.counts['files'], run.exit_code, 'click' in sys.modules)"

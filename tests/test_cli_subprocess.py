@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumobatch.errors import EXIT_SIGINT, EXIT_SIGTERM
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.core.errors import EXIT_SIGINT, EXIT_SIGTERM
+from pneumobatch.testing.synthetic import write_cxr
 
 N_FILES = 30
 REPO = Path(__file__).resolve().parent.parent

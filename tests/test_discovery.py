@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pneumobatch import discovery
 from pneumobatch.cli import main
-from pneumobatch.discovery import walk
-from pneumobatch.errors import Reason
+from pneumobatch.core.errors import Reason
+from pneumobatch.io import discovery
+from pneumobatch.io.discovery import walk
 
 
 def problems(roots, **kw) -> dict[str, object]:
@@ -84,10 +84,10 @@ def test_predict_writes_rows_for_them_and_exits_1_for_the_unreadable(tmp_path: P
 
 from PIL import Image as PILImage  # noqa: E402
 
-from pneumobatch.discovery import sniff  # noqa: E402
-from pneumobatch.errors import FileRejected  # noqa: E402
-from pneumobatch.readers import ReadOptions, read_image  # noqa: E402
-from pneumobatch.synthetic import write_cxr  # noqa: E402
+from pneumobatch.core.errors import FileRejected  # noqa: E402
+from pneumobatch.io.discovery import sniff  # noqa: E402
+from pneumobatch.io.readers import ReadOptions, read_image  # noqa: E402
+from pneumobatch.testing.synthetic import write_cxr  # noqa: E402
 
 
 def _reason(path: Path) -> str:
@@ -128,7 +128,7 @@ def test_blank_and_degenerate_images_are_refused(tmp_path: Path):
 def test_float_pixels_that_are_not_finite_are_refused():
     import numpy as np
 
-    from pneumobatch.readers import check_content
+    from pneumobatch.io.readers import check_content
 
     pixels = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     check_content(pixels)
@@ -142,7 +142,7 @@ def test_the_decode_guard_counts_bytes_not_only_pixels(tmp_path: Path):
     import numpy as np
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from pneumobatch.readers.dicom import read_dicom
+    from pneumobatch.io.readers.dicom import read_dicom
 
     path = tmp_path / "rgb.dcm"
     ds = write_cxr(path, np.zeros((64, 64), np.uint8))
@@ -163,7 +163,7 @@ def test_the_decode_guard_counts_bytes_not_only_pixels(tmp_path: Path):
 def test_details_name_only_defined_terms_and_overlong_uids_are_blanked(tmp_path: Path):
     import numpy as np
 
-    from pneumobatch.readers.dicom import read_dicom
+    from pneumobatch.io.readers.dicom import read_dicom
 
     pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
     ct, odd = tmp_path / "ct.dcm", tmp_path / "odd.dcm"
@@ -204,7 +204,7 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     "raw", [b"caf\xe9.dcm", b"a\rb.dcm", b"line\nbreak.png", b"back\\slash.dcm", b"tab\tand \xff\xfe.jpg", "tōrax.dcm".encode()]
 )
 def test_escaped_names_are_one_printable_line_and_lossless(raw: bytes):
-    from pneumobatch.discovery import escape_path, unescape_path
+    from pneumobatch.io.discovery import escape_path, unescape_path
 
     text = escape_path(os.fsdecode(raw))
     assert text.isprintable() and text.encode("utf-8")
@@ -239,7 +239,7 @@ def test_predict_and_resume_with_hostile_file_names(tmp_path: Path):
 
 
 def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path: Path):
-    from pneumobatch.atomicfile import atomic_write
+    from pneumobatch.io.atomicfile import atomic_write
 
     old = os.umask(0o022)
     try:

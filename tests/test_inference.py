@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumobatch.inference import available_cores, default_split
+from pneumobatch.model.device import available_cores, default_split
 
 
 def test_available_cores_is_the_affinity_mask():
@@ -34,8 +34,8 @@ def test_default_is_taken_from_this_machine():
 
 def test_onnxruntime_gives_the_shipped_models_probabilities_and_applicability_scores():
     pytest.importorskip("onnxruntime")
-    from pneumobatch.inference import Predictor
-    from pneumobatch.models import load_model
+    from pneumobatch.model.inference import Predictor
+    from pneumobatch.model.registry import load_model
 
     cpu = torch.device("cpu")
     models = [load_model("pneumonia")]  # etiology has the same architecture
@@ -53,7 +53,7 @@ def test_onnxruntime_gives_the_shipped_models_probabilities_and_applicability_sc
 
 
 def test_precision_or_gpu_keeps_pytorch():
-    from pneumobatch.inference import resolve_backend
+    from pneumobatch.model.device import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
     assert resolve_backend("auto", torch.device("cuda"), None) == "torch"
@@ -68,7 +68,7 @@ def test_backend_option_chooses_the_forward_pass_and_refuses_what_cannot_run(wei
     from click.testing import CliRunner
 
     from pneumobatch.cli import main
-    from pneumobatch.synthetic import write_cxr
+    from pneumobatch.testing.synthetic import write_cxr
 
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
@@ -95,10 +95,10 @@ def test_forward_batches_are_full_and_results_keep_discovery_order_whatever_fail
     own probabilities."""
     from PIL import Image
 
-    from pneumobatch.discovery import walk
-    from pneumobatch.inference import DECODE_CHUNK, Predictor, run_inference
-    from pneumobatch.models import load_model
-    from pneumobatch.readers import ReadOptions
+    from pneumobatch.io.discovery import walk
+    from pneumobatch.io.readers import ReadOptions
+    from pneumobatch.model.inference import DECODE_CHUNK, Predictor, run_inference
+    from pneumobatch.model.registry import load_model
 
     rng = np.random.default_rng(1)
     broken = {2, 3, 9, 17, 18, 19, 20, 21, 30}  # a run of broken files longer than a decoding task
@@ -138,9 +138,9 @@ def test_workers_never_hand_the_main_process_file_descriptors(tmp_path, monkeypa
 
     from PIL import Image
 
-    from pneumobatch.discovery import walk
-    from pneumobatch.inference import StudyFiles, make_loader
-    from pneumobatch.readers import ReadOptions
+    from pneumobatch.io.discovery import walk
+    from pneumobatch.io.readers import ReadOptions
+    from pneumobatch.model.inference import StudyFiles, make_loader
 
     ramp = np.add.outer(np.arange(40), np.arange(48)).astype(np.uint8)  # 0..86
     for i in range(16):
@@ -167,8 +167,9 @@ def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replac
     other weights get their own file; a damaged file, or an export of other weights put in
     its place, is exported again; an unwritable cache folder costs only the export."""
     pytest.importorskip("onnxruntime")
-    from pneumobatch.inference import Predictor, cache_dir
-    from pneumobatch.models import load_model
+    from pneumobatch.model.inference import Predictor
+    from pneumobatch.model.onnx import cache_dir
+    from pneumobatch.model.registry import load_model
 
     monkeypatch.setenv("PNEUMOBATCH_CACHE", str(tmp_path / "cache"))
     assert cache_dir() == tmp_path / "cache"
@@ -215,8 +216,9 @@ def test_the_onnx_cache_keeps_the_most_recently_used_exports_and_nothing_else_is
     pytest.importorskip("onnxruntime")
     import os
 
-    from pneumobatch.inference import ONNX_CACHE_KEEP, Predictor
-    from pneumobatch.models import load_model
+    from pneumobatch.model.inference import Predictor
+    from pneumobatch.model.onnx import ONNX_CACHE_KEEP
+    from pneumobatch.model.registry import load_model
 
     folder = tmp_path / "cache" / "onnx"
     monkeypatch.setenv("PNEUMOBATCH_CACHE", str(tmp_path / "cache"))
@@ -250,7 +252,8 @@ def test_predict_gives_the_callers_torch_threads_back(weights_dir, tmp_path):
     """A library caller's thread setting survives a run that used --threads 1."""
     from PIL import Image
 
-    from pneumobatch.predict import PredictConfig, run_predict
+    from pneumobatch.predict import run_predict
+    from pneumobatch.predict_config import PredictConfig
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48), dtype=np.uint8)).save(tmp_path / "a.png")
     previous = torch.get_num_threads()

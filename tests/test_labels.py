@@ -1,4 +1,4 @@
-"""Tests for pneumobatch.labels: reading label files, key detection, joining, counting."""
+"""Tests for pneumobatch.evaluation.labels: reading label files, key detection, joining, counting."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumobatch.errors import LabelError
-from pneumobatch.labels import (
+from pneumobatch.core.errors import LabelError
+from pneumobatch.evaluation.labels import (
     describe_model,
     detect_key,
     join_labels,

@@ -1,4 +1,4 @@
-"""Tests for pneumobatch.metrics: hand-checked small cases, edge cases, bootstrap, speed."""
+"""Tests for pneumobatch.evaluation.metrics: hand-checked small cases, edge cases, bootstrap, speed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pneumobatch.metrics import (
+from pneumobatch.evaluation.metrics import (
     BootstrapAUC,
     bootstrap_draws,
     evaluate,
@@ -283,7 +283,7 @@ def test_ten_thousand_predictions_evaluate_in_seconds():
 @pytest.mark.parametrize("target", [0.8, 0.95, 1.0])
 def test_card_and_report_choose_thresholds_by_one_rule(target):
     """The thresholds training writes into the card are the report's recall_target and youden points."""
-    from pneumobatch.metrics import select_threshold
+    from pneumobatch.evaluation.metrics import select_threshold
 
     rng = np.random.default_rng(11)
     y = rng.integers(0, 2, 500).astype(bool)
@@ -307,7 +307,7 @@ def test_card_and_report_choose_thresholds_by_one_rule(target):
 
 def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
     """Labels drawn from softmax(z): logits 3z are fitted with T about 3, numpy in, no torch."""
-    from pneumobatch.metrics import fit_temperature, temperature_nll
+    from pneumobatch.evaluation.metrics import fit_temperature, temperature_nll
 
     rng = np.random.default_rng(5)
     z = rng.normal(0, 2, size=(4000, 3))
@@ -319,8 +319,8 @@ def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
 
 
 def test_each_age_band_can_aim_at_its_own_sensitivity():
-    from pneumobatch.metrics import band_thresholds
-    from pneumobatch.subgroups import parse_band_targets
+    from pneumobatch.core.subgroups import parse_band_targets
+    from pneumobatch.evaluation.metrics import band_thresholds
 
     rng = np.random.default_rng(0)
     y = np.tile([True, False], 200)

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from pneumobatch.errors import ModelError
-from pneumobatch.models import ModelCard, create_model, list_models, load_model, save_model
+from pneumobatch.core.card import ModelCard
+from pneumobatch.core.errors import ModelError
+from pneumobatch.model.registry import create_model, list_models, load_model, save_model
 
 
 def _card(name="m"):

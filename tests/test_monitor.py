@@ -5,7 +5,7 @@ its committed reference output on ``sample_studies/`` (``tests/data/
 sample_studies_expected.csv``, which ``test_sample_studies`` checks the weights still
 reproduce). Each night draws, with replacement, 40 predicted images per scanner from
 the labelled ones, plus the export's skipped and failed files, and gets its run.json
-from :func:`pneumobatch.monitor.monitoring_block` (what predict calls). On night 3
+from :func:`pneumobatch.operations.monitor.analysis.monitoring_block` (what predict calls). On night 3
 scanner C sends only normal radiographs (a different prevalence, as when a screening
 clinic's images arrive through a ward's station).
 """
@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pneumobatch.card import ModelCard
 from pneumobatch.cli import main
-from pneumobatch.monitor import NO_HEADER, analyse, load_nights, monitoring_block, prometheus_text
-from pneumobatch.outputs import file_counts
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.core.card import ModelCard
+from pneumobatch.io.predictions import file_counts
+from pneumobatch.operations.monitor.analysis import NO_HEADER, analyse, load_nights, monitoring_block, prometheus_text
+from pneumobatch.testing.synthetic import write_cxr
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_studies"
@@ -81,7 +81,8 @@ def nights(tmp_path_factory) -> list[Path]:
 
 def test_run_json_records_monitoring_by_scanner_from_dicom_headers(weights_dir, tmp_path):
     """predict itself: Manufacturer / model / station from the DICOM headers, PNG without a header."""
-    from pneumobatch.predict import PredictConfig, run_predict
+    from pneumobatch.predict import run_predict
+    from pneumobatch.predict_config import PredictConfig
 
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()

@@ -18,13 +18,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pneumobatch import outputs
-from pneumobatch.atomicfile import atomic_write, temp_prefix
 from pneumobatch.cli import main
-from pneumobatch.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE, OutputError
-from pneumobatch.models import ModelCard, create_model, save_model
-from pneumobatch.outputs import neutralise_formulas, restore_formulas
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.core.card import ModelCard
+from pneumobatch.core.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE, OutputError
+from pneumobatch.io import predictions as outputs
+from pneumobatch.io.atomicfile import atomic_write, temp_prefix
+from pneumobatch.io.predictions import neutralise_formulas, restore_formulas
+from pneumobatch.model.registry import create_model, save_model
+from pneumobatch.testing.synthetic import write_cxr
 from tests.conftest import one_line_error
 
 
@@ -314,8 +315,8 @@ def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
 def test_study_rows_take_the_most_abnormal_predicted_image_and_count_what_they_hold():
     """aggregate_studies by hand: files that failed or have no number are counted but never
     chosen; the key image's band decides; a model without a card keeps its first threshold."""
-    from pneumobatch.card import ModelCard
-    from pneumobatch.studies import aggregate_studies
+    from pneumobatch.core.card import ModelCard
+    from pneumobatch.core.studies import aggregate_studies
 
     card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="x", input_size=8,
                      mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5,

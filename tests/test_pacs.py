@@ -27,15 +27,16 @@ import requests
 from click.testing import CliRunner
 
 from pneumobatch.cli import main
-from pneumobatch.errors import OptionError
-from pneumobatch.pacs import connection as pacs_connection
-from pneumobatch.pacs.client import DicomWebArchive, InstanceRef, open_archive, valid_uid
-from pneumobatch.pacs.connection import Connection, Credentials, connect_options
-from pneumobatch.pacs.ledger import Ledger
-from pneumobatch.pacs.pull import PullConfig, date_window, run_pull
-from pneumobatch.pacs.sr import FINDING_CODES, ImageResult, StudyResult
-from pneumobatch.predict import PredictConfig, run_predict
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.core.errors import OptionError
+from pneumobatch.operations.pacs import connection as pacs_connection
+from pneumobatch.operations.pacs.client import DicomWebArchive, InstanceRef, open_archive, valid_uid
+from pneumobatch.operations.pacs.connection import Connection, Credentials, connect_options
+from pneumobatch.operations.pacs.ledger import Ledger
+from pneumobatch.operations.pacs.pull import PullConfig, date_window, run_pull
+from pneumobatch.operations.pacs.sr import FINDING_CODES, ImageResult, StudyResult
+from pneumobatch.predict import run_predict
+from pneumobatch.predict_config import PredictConfig
+from pneumobatch.testing.synthetic import write_cxr
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_studies"
@@ -492,7 +493,7 @@ def test_uids_from_an_archive_are_checked_before_use_as_file_names():
 
 
 def test_sr_uids_are_deterministic_per_study_model_and_result():
-    from pneumobatch.card import ModelCard
+    from pneumobatch.core.card import ModelCard
 
     card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="a", input_size=8,
                      mean=[], std=[], positive="pneumonia", threshold=0.5, weights_sha256="ab" * 32)
@@ -516,8 +517,8 @@ def test_a_killed_pulls_temporary_files_are_removed_and_nothing_else(tmp_path):
     """The names atomic_write really makes (tempfile's random suffix), not a guess at them."""
     import tempfile
 
-    from pneumobatch.atomicfile import temp_prefix
-    from pneumobatch.pacs.pull import _remove_stale_temps
+    from pneumobatch.io.atomicfile import temp_prefix
+    from pneumobatch.operations.pacs.pull import _remove_stale_temps
 
     series = tmp_path / "1.2.3" / "1.2.3.4"
     series.mkdir(parents=True)

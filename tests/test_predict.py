@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from pneumobatch.cli import main
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.testing.synthetic import write_cxr
 
 SPEC_COLUMNS = [
     "path", "status", "reason", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
@@ -170,7 +170,7 @@ def _probs(frame: pd.DataFrame) -> np.ndarray:
 def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_path: Path, weights_dir: Path, monkeypatch):
     import json
 
-    from pneumobatch.inference import default_split
+    from pneumobatch.model.device import default_split
 
     root = tmp_path / "in"
     root.mkdir()

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pneumobatch.applicability import attach, fit_features
 from pneumobatch.cli import main
-from pneumobatch.models import load_model
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.model.applicability.features import attach, fit_features
+from pneumobatch.model.registry import load_model
+from pneumobatch.testing.synthetic import write_cxr
 
 PIXELS = (np.add.outer(np.arange(96), np.arange(80)) * 23 % 4096).astype(np.uint16)
 
@@ -131,7 +131,7 @@ def test_an_uppercase_sha256_in_the_card_is_accepted(weights_dir: Path, tmp_path
     assert load_model("tiny", folder).card.name == "tiny"
     card["weights_sha256"] = "0" * 64
     card_path.write_text(json.dumps(card))
-    from pneumobatch.errors import ModelError
+    from pneumobatch.core.errors import ModelError
 
     with pytest.raises(ModelError, match="SHA-256"):
         load_model("tiny", folder)

@@ -21,10 +21,11 @@ from click.testing import CliRunner
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from pneumobatch.cli import EXIT_FILE_ERRORS, EXIT_USAGE, main
-from pneumobatch.errors import Status
-from pneumobatch.predict import PredictConfig, run_predict
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.cli import main
+from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_USAGE, Status
+from pneumobatch.predict import run_predict
+from pneumobatch.predict_config import PredictConfig
+from pneumobatch.testing.synthetic import write_cxr
 
 CRASH_DIR = "PNEUMOBATCH_TEST_CRASH_DIR"  # where the armed/fired markers live (set for Ray workers)
 BATCH = 3
@@ -32,7 +33,7 @@ BATCH = 3
 
 def _die_once_when_armed() -> None:
     """Ray worker setup hook: a reader or model call dies once per armed marker."""
-    import pneumobatch.inference as inference
+    import pneumobatch.model.inference as inference
 
     folder = Path(os.environ[CRASH_DIR])
 

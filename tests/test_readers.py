@@ -28,13 +28,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 
-from pneumobatch import discovery
-from pneumobatch.discovery import FileKind, sniff, walk
-from pneumobatch.errors import FileRejected, Reason
-from pneumobatch.readers import Image, ReadOptions, read_image
-from pneumobatch.readers import dicom as dicom_reader
-from pneumobatch.readers.dicom import read_dicom
-from pneumobatch.readers.raster import read_raster
+from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.io import discovery
+from pneumobatch.io.discovery import FileKind, sniff, walk
+from pneumobatch.io.readers import Image, ReadOptions, read_image
+from pneumobatch.io.readers import dicom as dicom_reader
+from pneumobatch.io.readers.dicom import read_dicom
+from pneumobatch.io.readers.raster import read_raster
 
 ROWS, COLS = 40, 48  # JPEG 2000 needs 32+ pixels a side; not square, to catch transposes
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.1.2", "1.2.826.0.1.3680043.2.1.2.3"

@@ -1,6 +1,6 @@
 """Reduced-resolution decoding (readers/reduced.py): the model sees the same picture, faster.
 
-Every file is a real DICOM written by pneumobatch.synthetic (or pydicom for signed data).
+Every file is a real DICOM written by pneumobatch.testing.synthetic (or pydicom for signed data).
 Each test reads a file twice, in full (``ReadOptions()``) and for a 192 px model
 (``ReadOptions(min_side=192)``), and compares the two after the model's own resize.
 """
@@ -18,12 +18,12 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from pneumobatch.errors import FileRejected, Reason
-from pneumobatch.preprocess import resize
-from pneumobatch.readers import ReadOptions, decode_side
-from pneumobatch.readers.dicom import read_dicom
-from pneumobatch.readers.reduced import TRANSFER_SYNTAXES, j2k_header, reduction
-from pneumobatch.synthetic import ENCODINGS, write_cxr
+from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.io.readers import ReadOptions, decode_side
+from pneumobatch.io.readers.dicom import read_dicom
+from pneumobatch.io.readers.reduced import TRANSFER_SYNTAXES, j2k_header, reduction
+from pneumobatch.model.preprocess import resize
+from pneumobatch.testing.synthetic import ENCODINGS, write_cxr
 
 SIZE = 192  # the shipped models' input size
 ROWS, COLS = 1200, 1000  # not square (catches transposes); J2K and JPEG reduce to 1/2

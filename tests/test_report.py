@@ -1,4 +1,4 @@
-"""Tests for pneumobatch.report: PDF, figures and metrics JSON from built predictions."""
+"""Tests for pneumobatch.evaluation.report: PDF, figures and metrics JSON from built predictions."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from pypdf import PdfReader
 
-from pneumobatch.errors import LabelError
-from pneumobatch.report import RESEARCH_ONLY, ReportError, ReportOptions, output_paths, write_report
+from pneumobatch.core.errors import LabelError, ReportError
+from pneumobatch.evaluation.report import write_report
+from pneumobatch.evaluation.report.options import RESEARCH_ONLY, ReportOptions, output_paths
 
 ETIOLOGY = ("normal", "bacterial", "viral", "covid-19")
 FINDINGS = {
@@ -356,8 +357,8 @@ def test_where_restricts_labels_to_a_subset():
     import pandas as pd
     import pytest
 
-    from pneumobatch.errors import LabelError
-    from pneumobatch.report import select_labels
+    from pneumobatch.core.errors import LabelError
+    from pneumobatch.evaluation.report import select_labels
 
     labels = pd.DataFrame({"path": ["a", "b", "c"], "split": ["train", "Test", "test"], "label": ["normal"] * 3})
     assert list(select_labels(labels, ["split=test"]).path) == ["b", "c"]
@@ -394,13 +395,13 @@ def test_target_recall_moves_the_recall_target_point(tmp_path):
 
 
 def test_report_import_graph_has_no_torch():
-    """Every report module (loaded lazily by pneumobatch.report) and the metrics stay torch-free."""
+    """Every report module (loaded lazily by pneumobatch.evaluation.report) and the metrics stay torch-free."""
     import subprocess
     import sys
 
     modules = "options, inputs, build, figures, pdf, write"
     code = (
-        f"import sys; from pneumobatch.report import {modules}; import pneumobatch.metrics; "
+        f"import sys; from pneumobatch.evaluation.report import {modules}; import pneumobatch.evaluation.metrics; "
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,12 +12,13 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import binomtest
 
-from pneumobatch.card import ModelCard
 from pneumobatch.cli import main
-from pneumobatch.errors import EXIT_USAGE, SiteError
-from pneumobatch.metrics import min_positives_for, rescale_probabilities
-from pneumobatch.site import apply_site, fit_site, load_site
-from pneumobatch.synthetic import write_cxr
+from pneumobatch.core.card import ModelCard
+from pneumobatch.core.errors import EXIT_USAGE, SiteError
+from pneumobatch.core.site import apply_site, load_site
+from pneumobatch.evaluation.metrics import min_positives_for, rescale_probabilities
+from pneumobatch.operations.calibrate import fit_site
+from pneumobatch.testing.synthetic import write_cxr
 
 ROOT = Path(__file__).resolve().parent.parent
 SHA = "ab" * 32

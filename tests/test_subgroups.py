@@ -10,18 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumobatch.card import ModelCard
-from pneumobatch.metrics import band_thresholds
-from pneumobatch.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
-from pneumobatch.train import (
-    TrainConfig,
-    TrainingError,
-    _epoch_order,
-    _sample_weights,
-    annotate_subgroups,
-    load_labels,
-    remove_leakage,
-)
+from pneumobatch.core.card import ModelCard
+from pneumobatch.core.errors import TrainingError
+from pneumobatch.core.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
+from pneumobatch.evaluation.metrics import band_thresholds
+from pneumobatch.training.config import TrainConfig
+from pneumobatch.training.train import _epoch_order, _sample_weights, annotate_subgroups, load_labels, remove_leakage
 from tests.conftest import make_dataset
 
 
@@ -136,7 +130,7 @@ def test_annotate_subgroups_uses_manifest_columns(tmp_path):
 
 
 def test_subgroups_too_small_for_a_number_say_so():
-    from pneumobatch.metrics import subgroup_metrics
+    from pneumobatch.evaluation.metrics import subgroup_metrics
 
     groups = ["big"] * 40 + ["tiny"] * 4
     y = (["normal", "pneumonia"] * 20) + ["normal", "normal", "normal", "pneumonia"]
@@ -150,7 +144,8 @@ def test_subgroups_too_small_for_a_number_say_so():
 
 
 def test_report_by_age_band_derives_bands_from_age_and_source_defaults(tmp_path):
-    from pneumobatch.report import ReportOptions, build_report
+    from pneumobatch.evaluation.report import build_report
+    from pneumobatch.evaluation.report.options import ReportOptions
 
     preds = pd.DataFrame({
         "path": [f"{i}.png" for i in range(24)], "status": "ok", "reason": "", "model": "m", "task": "pneumonia",
@@ -170,7 +165,7 @@ def test_report_by_age_band_derives_bands_from_age_and_source_defaults(tmp_path)
 
 def test_training_and_report_derive_the_same_subgroups():
     """One derivation, two sets of column names: train's sg_* columns equal report --by's."""
-    from pneumobatch.subgroups import REPORT_COLUMNS, TRAINING_COLUMNS, add_subgroup_columns
+    from pneumobatch.core.subgroups import REPORT_COLUMNS, TRAINING_COLUMNS, add_subgroup_columns
 
     frame = pd.DataFrame(
         {"source": ["kermany", "nih", ""], "age": ["", "070Y", "9"], "view": ["PA", "AP Supine", "LL"], "sex": ["", "F", "m"]}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pneumobatch.tasks import get_task, task_from_card
+from pneumobatch.core.tasks import get_task, task_from_card
 
 
 @pytest.mark.parametrize(

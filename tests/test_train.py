@@ -12,16 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from pneumobatch.cli import main
-from pneumobatch.models import load_model
-from pneumobatch.train import (
-    TrainConfig,
-    TrainingError,
-    assign_splits,
-    fit_temperature,
-    load_labels,
-    select_threshold,
-    train,
-)
+from pneumobatch.core.errors import TrainingError
+from pneumobatch.evaluation.metrics.calibration import fit_temperature
+from pneumobatch.model.registry import load_model
+from pneumobatch.training.config import TrainConfig
+from pneumobatch.training.train import assign_splits, load_labels, select_threshold, train
 from tests.conftest import make_dataset
 
 
@@ -136,7 +131,7 @@ def test_temperature_scaling_softens_overconfident_logits():
 def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "w"
-    import pneumobatch.train as train_module
+    import pneumobatch.training.train as train_module
 
     calls = {"n": 0}
     original = train_module.predict_logits

@@ -1,0 +1,245 @@
+"""The model card and the one decision rule (no torch: the report side uses it too).
+
+A card says what a model predicts and how its probabilities become a class:
+
+- multiclass (or no positive class): the argmax;
+- binary: the positive class when ``p(positive) >= threshold``; a card without a
+  threshold uses :data:`DEFAULT_THRESHOLD`. When an age band is given and the card has
+  an operating point for that band (``thresholds["by_age_band"][band]["recall_target"]``),
+  that threshold is used instead.
+
+A site calibration (:mod:`pneumobatch.operations.calibrate`) gives a card its own temperature and
+thresholds; such an operating point is named ``site-pooled`` or ``site-<band>``, and
+``thresholds["applied"]`` says which named threshold of a band applies (default
+``recall_target``).
+
+Everything that turns probabilities into classes (predict's CSV, study aggregation,
+the report, training's validation metrics) goes through :func:`is_positive`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from pneumobatch.core.errors import ModelError
+
+#: Names of the chosen operating points (keys of ``ModelCard.thresholds``, report rows).
+RECALL_TARGET, YOUDEN = "recall_target", "youden"
+#: Keys of ``ModelCard.thresholds`` that training writes as thresholds; the others describe them.
+OPERATING_POINTS = (RECALL_TARGET, YOUDEN)
+#: Sensitivity the ``recall_target`` operating point reaches unless told otherwise
+#: (``train --target-recall`` on validation data, ``report --target-recall`` on the evaluated data).
+TARGET_RECALL = 0.95
+#: Numeric keys of ``ModelCard.thresholds`` that are not thresholds.
+NOT_THRESHOLDS = ("shipped", "target_recall")
+#: Threshold of a binary card that ships none.
+DEFAULT_THRESHOLD = 0.5
+PROB_PREFIX = "prob_"
+REQUIRED_FIELDS = ("name", "task", "classes", "architecture", "input_size", "mean", "std")
+#: Input sizes a card may ask for (``train --input-size`` allows 32 to 1024).
+INPUT_SIZE_RANGE = (16, 2048)
+
+_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
+_OPERATING_POINTS = {"type": "object", "properties": {k: _PROBABILITY for k in OPERATING_POINTS}}
+#: What a model card loaded for prediction must hold (JSON Schema; numbers must also be finite).
+CARD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": [*REQUIRED_FIELDS, "weights_sha256"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "task": {"type": "string", "minLength": 1},
+        "classes": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2, "uniqueItems": True},
+        "architecture": {"type": "string", "minLength": 1},
+        "input_size": {"type": "integer", "minimum": INPUT_SIZE_RANGE[0], "maximum": INPUT_SIZE_RANGE[1]},
+        "mean": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+        "std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 3, "maxItems": 3},
+        "positive": {"type": ["string", "null"]},
+        "threshold": {"anyOf": [_PROBABILITY, {"type": "null"}]},
+        "thresholds": {
+            "type": "object",
+            "properties": {**_OPERATING_POINTS["properties"], "by_age_band": {"type": "object", "additionalProperties": _OPERATING_POINTS}},
+        },
+        "temperature": {"type": "number", "exclusiveMinimum": 0},
+        "weights_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+        "data": {"type": "object"},
+        "metrics": {"type": "object"},
+        "training": {"type": "object"},
+        "applicability": {"type": "object"},
+    },
+}
+
+
+def validate_card(data: Any) -> None:
+    """Check a card read from disk before it is used: :data:`CARD_SCHEMA`, finite numbers,
+    ``positive`` one of the classes. Raises :class:`ModelError` with one line naming the field."""
+    import jsonschema
+
+    if not isinstance(data, dict):
+        raise ModelError("card: not a JSON object")
+    missing = [k for k in CARD_SCHEMA["required"] if k not in data]
+    if missing:
+        raise ModelError(f"{missing[0]}: missing (the card lacks {', '.join(missing)})")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(CARD_SCHEMA).iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "card"
+        message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+        raise ModelError(f"{where}: {message}")
+    thresholds = data.get("thresholds") or {}
+    decisive = {
+        "temperature": data.get("temperature", 1.0), "threshold": data.get("threshold"),
+        "mean": data["mean"], "std": data["std"],
+        **{f"thresholds/{k}": thresholds.get(k) for k in OPERATING_POINTS},
+        **{f"thresholds/by_age_band/{band}/{k}": v.get(k) for band, v in (thresholds.get("by_age_band") or {}).items()
+           for k in OPERATING_POINTS},
+    }
+    for where, value in decisive.items():
+        if value is not None and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
+            raise ModelError(f"{where}: must be a finite number, not {value!r}")
+    if data.get("positive") is not None and data["positive"] not in data["classes"]:
+        raise ModelError(f"positive: {data['positive']!r} is not one of the classes")
+
+
+def prob_column(cls: str) -> str:
+    """CSV column holding the probability of class ``cls``."""
+    return f"{PROB_PREFIX}{cls}"
+
+
+def resolve_threshold(threshold: Any) -> Any:
+    """``threshold``, or :data:`DEFAULT_THRESHOLD` where it is None (scalar or per-row array)."""
+    if threshold is None:
+        return DEFAULT_THRESHOLD
+    if isinstance(threshold, np.ndarray):
+        return threshold
+    return float(threshold)
+
+
+def is_positive(p_positive: Any, threshold: Any) -> np.ndarray:
+    """The decision rule: positive when ``p(positive) >= threshold`` (None: 0.5)."""
+    return np.asarray(p_positive, dtype=np.float64) >= resolve_threshold(threshold)
+
+
+def decide_indices(
+    proba: np.ndarray, classes: Sequence[str], positive: Optional[str], threshold: Any = None
+) -> np.ndarray:
+    """Predicted class index per row of ``proba`` (n, len(classes)) by the card's rule."""
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(classes))
+    if len(classes) == 2 and positive in classes:
+        pos = list(classes).index(positive)
+        return np.where(is_positive(proba[:, pos], threshold), pos, 1 - pos)
+    return np.argmax(np.nan_to_num(proba, nan=-np.inf), axis=1)  # missing probabilities never win
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A predicted class and the operating point that produced it."""
+
+    label: str
+    threshold: Optional[float]  # None for argmax decisions
+    operating_point: str  # "pooled", "argmax" or an age band name; "site-" in front for a site's point
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly and to judge it."""
+
+    name: str
+    task: str
+    classes: list[str]
+    architecture: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    positive: Optional[str] = None  # class whose probability ``threshold`` applies to
+    threshold: Optional[float] = None  # shipped decision threshold (binary tasks)
+    thresholds: dict[str, Any] = field(default_factory=dict)  # named operating points
+    temperature: float = 1.0  # logits are divided by this before softmax
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    pneumobatch_version: str = ""
+    weights_sha256: str = ""
+    #: applicability statistics: file (beside the weights), sha256, threshold, flag rates
+    applicability: dict[str, Any] = field(default_factory=dict)
+    #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
+    site: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = (
+        "Research and quality-assurance use on frontal (PA/AP) chest radiographs. "
+        "Not a medical device; not for diagnosis."
+    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in fields(cls)}
+        missing = set(REQUIRED_FIELDS) - set(data)
+        if missing:
+            raise ModelError(f"model card lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def binary(self) -> bool:
+        """Two classes and a positive one: decided by a threshold."""
+        return len(self.classes) == 2 and self.positive in self.classes
+
+    @property
+    def positive_index(self) -> Optional[int]:
+        return self.classes.index(self.positive) if self.binary else None
+
+    def prob_column(self, cls: str) -> str:
+        return prob_column(cls)
+
+    def prob_columns(self) -> list[str]:
+        return [prob_column(c) for c in self.classes]
+
+    def operating_points(self) -> dict[str, float]:
+        """Named thresholds chosen on validation (``thresholds`` also holds their sensitivity,
+        specificity and the target recall, which are not thresholds)."""
+        return {
+            str(k): float(v)
+            for k, v in self.thresholds.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_THRESHOLDS
+            and not str(k).endswith(("_sensitivity", "_specificity"))
+        }
+
+    def threshold_for(self, age_band: Optional[str] = None) -> tuple[Optional[float], str]:
+        """The threshold a binary decision uses and the name of its operating point."""
+        by_band = self.thresholds.get("by_age_band") or {}
+        if age_band is not None and age_band in by_band:
+            point = by_band[age_band]
+            name = f"site-{age_band}" if point.get("source") == "site" else str(age_band)
+            return float(point[self.thresholds.get("applied") or "recall_target"]), name
+        name = "site-pooled" if self.thresholds.get("source") == "site" else "pooled"
+        return float(resolve_threshold(self.threshold)), name
+
+    def decide(self, probs: Sequence[float], age_band: Optional[str] = None) -> Decision:
+        """The predicted class of one image's probabilities (in the order of ``classes``)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        if not self.binary:
+            return Decision(self.classes[int(np.argmax(probs))], None, "argmax")
+        threshold, point = self.threshold_for(age_band)
+        pos = self.classes.index(self.positive)
+        label = self.classes[pos] if is_positive(probs[pos], threshold) else self.classes[1 - pos]
+        return Decision(label, threshold, point)
+
+    def age_warnings(self, age_years: Optional[float]) -> list[str]:
+        """``age-outside-training`` when a known age lies outside the training images' ages."""
+        known = (self.data or {}).get("age_range_years")
+        if age_years is None or not known:
+            return []
+        return ["age-outside-training"] if not known[0] <= age_years <= known[1] else []
+
+    def decide_many(self, proba: np.ndarray, age_bands: Optional[Sequence[Any]] = None) -> np.ndarray:
+        """Class names for rows of probabilities: each row's age-band operating point where
+        ``age_bands`` is given and the card has one (as :meth:`decide`), else the pooled one."""
+        if len(proba) == 0:
+            return np.asarray([], dtype=object)
+        threshold: Any = self.threshold if self.binary else None
+        if self.binary and age_bands is not None:
+            threshold = np.array([self.threshold_for(b)[0] for b in age_bands], dtype=np.float64)
+        idx = decide_indices(proba, self.classes, self.positive, threshold)
+        return np.asarray(self.classes, dtype=object)[idx]

@@ -1,0 +1,583 @@
+"""The report's PDF (reportlab platypus), laid out from the document model (:mod:`.build`).
+
+Headings are kept on the page of what follows them; figures come from the PNG files
+:mod:`.figures` wrote; every page carries the research-use-only footer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+from xml.sax.saxutils import escape
+
+from pneumobatch.core.card import RECALL_TARGET
+from pneumobatch.evaluation.report.figures import DPI, fmt, fmt_ci
+from pneumobatch.evaluation.report.inputs import reasons_by_status
+from pneumobatch.evaluation.report.options import RESEARCH_ONLY
+
+
+def _styles():
+    from reportlab.lib import colors
+    from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+
+    base = getSampleStyleSheet()
+    return {
+        "title": base["Title"],
+        "h1": ParagraphStyle("h1", parent=base["Heading1"], fontSize=15, spaceBefore=4, spaceAfter=6),
+        "h2": ParagraphStyle("h2", parent=base["Heading2"], fontSize=12, spaceBefore=10, spaceAfter=4),
+        "h3": ParagraphStyle("h3", parent=base["Heading3"], fontSize=10, spaceBefore=6, spaceAfter=3),
+        "body": ParagraphStyle("body", parent=base["BodyText"], fontSize=9, leading=11.5, spaceAfter=4),
+        "note": ParagraphStyle(
+            "note", parent=base["BodyText"], fontSize=8, leading=10, textColor=colors.HexColor("#444444")
+        ),
+        "warn": ParagraphStyle(
+            "warn",
+            parent=base["BodyText"],
+            fontSize=10,
+            leading=13,
+            textColor=colors.HexColor("#a01010"),
+            fontName="Helvetica-Bold",
+        ),
+        "td": ParagraphStyle("td", parent=base["BodyText"], fontSize=7.5, leading=9),
+        "th": ParagraphStyle("th", parent=base["BodyText"], fontSize=7.5, leading=9, fontName="Helvetica-Bold"),
+        "mono": ParagraphStyle("mono", parent=base["BodyText"], fontSize=7, leading=9, fontName="Courier"),
+    }
+
+
+def _esc(value: Any) -> str:
+    return escape(str(value))
+
+
+class PdfDocument:
+    """Builds the platypus story for one report document."""
+
+    def __init__(self, doc: dict[str, Any], figure_root: Path) -> None:
+        from reportlab.lib.pagesizes import A4
+        from reportlab.lib.units import cm
+
+        self.doc = doc
+        self.root = figure_root
+        self.styles = _styles()
+        self.story: list[Any] = []
+        self.pending: list[Any] = []
+        self.width = A4[0] - 3.6 * cm
+        self.page = A4
+        self.margin = 1.8 * cm
+
+    # --- primitives: headings are held back and kept on the page of what follows
+    def _add(self, *flowables: Any) -> None:
+        from reportlab.platypus import KeepTogether
+
+        if self.pending:
+            self.story.append(KeepTogether([*self.pending, flowables[0]]))
+            self.story.extend(flowables[1:])
+            self.pending = []
+        else:
+            self.story.extend(flowables)
+
+    def para(self, text: str, style: str = "body", raw: bool = False, keep: bool = False) -> None:
+        """A paragraph; ``keep`` holds it on the page of what follows (an intro line)."""
+        from reportlab.platypus import Paragraph
+
+        flowable = Paragraph(text if raw else _esc(text), self.styles[style])
+        if keep:
+            self.pending.append(flowable)
+        else:
+            self._add(flowable)
+
+    def heading(self, text: str, style: str = "h2") -> None:
+        from reportlab.platypus import Paragraph
+
+        self.pending.append(Paragraph(_esc(text), self.styles[style]))
+
+    def table(
+        self,
+        header: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        widths: Sequence[float],
+        mono: Sequence[int] = (),
+    ) -> None:
+        from reportlab.lib import colors
+        from reportlab.platypus import Paragraph, Spacer, Table, TableStyle
+
+        total = sum(widths)
+        widths = [w / total * self.width for w in widths]
+        data = []
+        if header:
+            data.append([Paragraph(_esc(h), self.styles["th"]) for h in header])
+        for row in rows:
+            data.append([Paragraph(_esc(c), self.styles["mono" if j in mono else "td"]) for j, c in enumerate(row)])
+        if not data:
+            return
+        t = Table(data, colWidths=widths, repeatRows=1 if header else 0, hAlign="LEFT")
+        style = [
+            ("GRID", (0, 0), (-1, -1), 0.3, colors.HexColor("#bbbbbb")),
+            ("VALIGN", (0, 0), (-1, -1), "TOP"),
+            ("TOPPADDING", (0, 0), (-1, -1), 2),
+            ("BOTTOMPADDING", (0, 0), (-1, -1), 2),
+        ]
+        if header:
+            style.append(("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e8eef6")))
+        t.setStyle(TableStyle(style))
+        self._add(t, Spacer(1, 6))
+
+    def kv(self, pairs: Sequence[tuple[str, Any]]) -> None:
+        self.table([], [[k, v] for k, v in pairs], [1, 3.2])
+
+    def _image(self, rel: str, max_width: float, max_height: float) -> Any:
+        from reportlab.lib.utils import ImageReader
+        from reportlab.platypus import Image
+
+        path = self.root / rel
+        w, h = ImageReader(str(path)).getSize()
+        width = min(max_width, w * 72.0 / DPI)
+        height = width * h / w
+        if height > max_height:
+            height = max_height
+            width = height * w / h
+        return Image(str(path), width=width, height=height)
+
+    def figure(self, rel: Optional[str], max_height: float = 330) -> None:
+        from reportlab.platypus import Spacer
+
+        if rel:
+            self._add(self._image(rel, self.width, max_height), Spacer(1, 6))
+
+    def figures(self, rels: Sequence[Optional[str]], max_height: float = 300) -> None:
+        """Figures side by side, each in an equal share of the text width."""
+        from reportlab.platypus import Spacer, Table, TableStyle
+
+        rels = [r for r in rels if r]
+        if not rels:
+            return
+        cell = self.width / len(rels)
+        t = Table([[self._image(r, cell - 4, max_height) for r in rels]], colWidths=[cell] * len(rels))
+        t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0)]))
+        self._add(t, Spacer(1, 6))
+
+    def notes(self, notes: Sequence[str]) -> None:
+        for n in notes:
+            self.para(f"Note: {n}", "note")
+
+    # --- sections
+    def header(self) -> None:
+        d = self.doc
+        run = d["run"]
+        inputs = d["inputs"]
+        self.para("pneumobatch report", "title")
+        self.para(RESEARCH_ONLY + " Results describe these data only and must not guide patient care.", "warn")
+        kind = "evaluation against labels" if d["labelled"] else "summary of predictions (no labels given)"
+        roots = run.get("roots") or ["unknown (no run.json)"]
+        elapsed = run.get("elapsed_s")
+        ips = run.get("images_per_second")
+        self.heading("Run", "h2")
+        self.kv(
+            [
+                ("report", kind),
+                ("generated", d["generated"]),
+                ("predictions file", inputs["predictions"]),
+                ("labels file", inputs["labels"] or "none"),
+                ("dataset roots", "; ".join(str(r) for r in roots)),
+                ("predictions made by", f"pneumobatch {run.get('pneumobatch_version') or 'unknown'}"),
+                ("report made by", f"pneumobatch {d['report_pneumobatch_version']}"),
+                ("run started / finished", f"{run.get('started') or 'unknown'} / {run.get('finished') or 'unknown'}"),
+                ("device", run.get("device") or "unknown"),
+                (
+                    "throughput",
+                    (f"{ips:.1f} images/s" if ips else "unknown") + (f" ({elapsed:,.0f} s in all)" if elapsed else ""),
+                ),
+            ]
+        )
+        counts = run["counts"]
+        self.heading(f"Files (from {run['counts_source']})", "h3")
+        rows = [["files", fmt(counts.get("files")), ""], ["ok (predicted)", fmt(counts.get("ok")), ""]]
+        by_status = reasons_by_status(counts.get("by_reason"))
+        for status in ("skipped", "error", "other"):
+            reasons = by_status.get(status, {})
+            if status == "other" and not reasons:
+                continue
+            detail = ", ".join(f"{r}: {fmt(n)}" for r, n in reasons.items())
+            rows.append([status, fmt(counts.get(status, "")) if status != "other" else "", detail])
+        self.table(["outcome", "files", "by reason"], rows, [1.2, 0.8, 4])
+        self.heading("Models", "h3")
+        self.table(
+            ["model", "task", "classes", "threshold", "weights sha256"],
+            [
+                [
+                    m["name"],
+                    m["task"],
+                    ", ".join(m["classes"]),
+                    fmt(m["threshold"]),
+                    (m["weights_sha256"] or "unknown")[:12],
+                ]
+                for m in d["models"]
+            ],
+            [1.6, 0.9, 2.0, 0.8, 1.2],
+        )
+        if len(d["models"]) > 1:
+            self.para("Each model has its own section below.", "note")
+        self.notes(d.get("warnings", []))
+
+    def model_section(self, m: dict[str, Any]) -> None:
+        from reportlab.platypus import PageBreak
+
+        self.story.append(PageBreak())
+        self.heading(f"Model {m['name']}", "h1")
+        cards = ", ".join(f"{k} {v:.3g}" for k, v in m["card_thresholds"].items()) or "none recorded"
+        self.kv(
+            [
+                ("task", f"{m['task']} (classes: {', '.join(m['classes'])})"),
+                ("positive class", m["positive"] or "none (multiclass: argmax)"),
+                ("shipped threshold", fmt(m["threshold"])),
+                ("validation thresholds", cards),
+                (
+                    "weights sha256",
+                    f"{(m['weights_sha256'] or 'unknown')[:12]}  (full: {m['weights_sha256'] or 'unknown'})",
+                ),
+            ]
+        )
+        c = m["counts"]
+        reasons = "; ".join(
+            f"{s} {', '.join(f'{r}: {n:,}' for r, n in rs.items())}" for s, rs in c["by_reason"].items()
+        )
+        self.para(
+            f"Files for this model: {c['files']:,}; ok {c['ok']:,}; skipped {c['skipped']:,}; "
+            f"errors {c['error']:,}" + (f" ({reasons})" if reasons else "") + ".",
+        )
+        self.notes(m.get("notes", []))
+        if m.get("label_error"):
+            self.para(f"No evaluation: {m['label_error']}", "warn")
+        if m.get("evaluation"):
+            self.evaluation(m, m["evaluation"], m["join"], "image" if m["join"]["level"] == "file" else "study")
+            if m.get("site_comparison"):
+                self.site_comparison(m["site_comparison"])
+            if m.get("study"):
+                self.study(m)
+            for col, sg in m["subgroups"].items():
+                self.subgroups(m, col, sg)
+            self.join_problems(m["join"], m.get("study"))
+            self.heading("Predictions", "h2")
+            self.summary(m, figure=False)
+        else:
+            self.summary(m, figure=True)
+            for col, sg in m["subgroups"].items():
+                self.unlabelled_subgroups(m, col, sg)
+
+    def evaluation(
+        self, m: dict[str, Any], ev: dict[str, Any], join: dict[str, Any], level: str, compact: bool = False
+    ) -> None:
+        """Metrics of one join; ``compact`` (study level) shows fewer figures."""
+        units = "studies" if level == "study" else "images"
+        if not compact:
+            self.heading(f"Evaluation ({level} level)", "h2")
+        counts = ", ".join(f"{c} {n:,}" for c, n in ev["class_counts"].items())
+        self.para(
+            f"{ev['n']:,} labelled {units} joined on <b>{_esc(join['key'])}</b>, label column "
+            f"<b>{_esc(join['label_column'])}</b>; true classes: {_esc(counts)}.",
+            raw=True,
+        )
+        auc_name = "AUC" if ev["positive"] else "macro AUC (one-vs-rest)"
+        self.para(
+            f"<b>Accuracy {fmt(ev['accuracy'])}, balanced accuracy {fmt(ev['balanced_accuracy'])}, "
+            f"{auc_name} {fmt(ev['macro_auc'])} {fmt_ci(ev['macro_auc_ci'])}</b>",
+            raw=True,
+            keep=True,
+        )
+        rows = []
+        for pc in ev["per_class"]:
+            cls = pc["class"]
+            roc = ev["roc"].get(cls)
+            pr = ev["pr"].get(cls)
+            auc = f"{fmt(roc['auc'])} {fmt_ci(roc.get('auc_ci'))}" if roc else f"as {ev['positive']}"
+            rows.append(
+                [
+                    cls,
+                    fmt(pc["support"]),
+                    fmt(pc["n_predicted"]),
+                    fmt(pc["precision"]),
+                    fmt(pc["recall"]),
+                    fmt(pc["specificity"]),
+                    fmt(pc["f1"]),
+                    auc,
+                    fmt(pr["average_precision"]) if pr else "",
+                ]
+            )
+        for name, avg in (("macro avg", ev["macro_avg"]), ("weighted avg", ev["weighted_avg"])):
+            rows.append(
+                [
+                    name,
+                    fmt(ev["n"]),
+                    "",
+                    fmt(avg["precision"]),
+                    fmt(avg["recall"]),
+                    fmt(avg["specificity"]),
+                    fmt(avg["f1"]),
+                    "",
+                    "",
+                ]
+            )
+        self.table(
+            [
+                "class",
+                "n true",
+                "n pred",
+                "precision (PPV)",
+                "sensitivity (recall)",
+                "specificity",
+                "F1",
+                "AUC (95% CI)",
+                "AP",
+            ],
+            rows,
+            [1.3, 0.7, 0.7, 0.85, 0.9, 0.85, 0.6, 1.45, 0.6],
+        )
+        figs = m["figures"]
+        if compact:
+            cm = ev["confusion_matrix"]
+            rows = [
+                [cls, *(f"{c:,} ({f:.2f})" if f is not None else f"{c:,}" for c, f in zip(counts_row, norm_row))]
+                for cls, counts_row, norm_row in zip(cm["labels"], cm["counts"], cm["row_normalised"])
+            ]
+            self.heading("Confusion matrix: count (fraction of true class)", "h3")
+            self.table(["true \\ predicted", *cm["labels"]], rows, [1.4, *([1.0] * len(cm["labels"]))])
+            self.figures([figs.get("study_roc"), None])
+        else:
+            self.figure(figs.get("confusion"), max_height=260)
+            self.figures([figs.get("roc"), figs.get("pr")])
+        if ev["operating_points"]:
+            self.heading(f"Operating points ({ev['positive']} = positive)", "h3")
+            rows = [
+                [
+                    p["name"],
+                    fmt(p["threshold"], 4),
+                    f"{fmt(p['sensitivity'])} {fmt_ci(p.get('sensitivity_ci'))}",
+                    f"{fmt(p['specificity'])} {fmt_ci(p.get('specificity_ci'))}",
+                    fmt(p["ppv"]),
+                    fmt(p["npv"]),
+                    fmt(p["f1"]),
+                    f"{p['tp']:,} / {p['fp']:,} / {p['tn']:,} / {p['fn']:,}",
+                ]
+                for p in ev["operating_points"]
+            ]
+            self.table(
+                [
+                    "point",
+                    "threshold",
+                    "sensitivity (95% CI)",
+                    "specificity (95% CI)",
+                    "PPV",
+                    "NPV",
+                    "F1",
+                    "TP / FP / TN / FN",
+                ],
+                rows,
+                [1.3, 0.75, 1.45, 1.45, 0.55, 0.55, 0.5, 1.25],  # point: room for card_recall_target
+            )
+            self.para(
+                f"shipped: the model's threshold; {RECALL_TARGET}: highest threshold reaching sensitivity "
+                f"{self.doc['inputs']['target_recall']:g} on these data (chosen on the evaluated data, so "
+                "optimistic); youden: maximises sensitivity + specificity - 1 here; card_*: thresholds chosen "
+                "on the model's validation data. A case is called positive when its probability is at or above "
+                "the threshold.",
+                "note",
+            )
+        if not compact:
+            cal = ev["calibration"]
+            self.heading("Calibration", "h3")
+            self.figure(figs.get("calibration"), max_height=300)
+            rows = [[cls, fmt(c["ece"]), fmt(c["brier"])] for cls, c in cal["classes"].items()]
+            if "top_label" in cal:
+                rows.append(["top label (confidence)", fmt(cal["top_label"]["ece"]), ""])
+                rows.append(["all classes (multiclass Brier)", "", fmt(cal.get("brier_multiclass"))])
+            rows.append(["log loss", "", fmt(cal.get("log_loss"))])
+            self.table(["probability of", f"ECE ({cal['n_bins']} bins)", "Brier score"], rows, [2.5, 1.2, 1.2])
+        self.notes(ev.get("notes", []) + join.get("notes", []))
+        bs = ev.get("bootstrap", {})
+        if bs.get("n_resamples"):
+            self.para(
+                f"95% confidence intervals: percentile bootstrap, {bs['n_resamples']:,} resamples of the "
+                f"{units}, seed {bs['seed']}.",
+                "note",
+            )
+
+    def site_comparison(self, sc: dict[str, Any]) -> None:
+        """Shipped and site operating points on the same labelled images, side by side."""
+        self.heading(f"Shipped vs site operating points (site file {sc['site_file']})", "h2")
+        shipped, site = sc["rules"]
+
+        def threshold(row: dict[str, Any]) -> str:
+            applied = row["thresholds"]
+            if len(applied) > 1:
+                return "per age band (below)"
+            return f"{fmt(applied[0]['threshold'], 4)} ({applied[0]['operating_point']})"
+
+        rows = [
+            [
+                row["where"] if rule is shipped else "",
+                rule["rule"],
+                f"{row['n_positive']:,} / {row['n_negative']:,}",
+                threshold(row),
+                f"{fmt(row['sensitivity'])} {fmt_ci(row.get('sensitivity_ci_exact'))}",
+                f"{fmt(row['specificity'])} {fmt_ci(row.get('specificity_ci_exact'))}",
+                fmt(row["ppv"]),
+                fmt(row["npv"]),
+            ]
+            for pair in zip(shipped["rows"], site["rows"])
+            for rule, row in zip((shipped, site), pair)
+        ]
+        self.table(
+            ["images", "rule", "n pos / neg", "threshold (point)", "sensitivity (95% CI)", "specificity (95% CI)", "PPV", "NPV"],
+            rows,
+            [0.8, 0.7, 0.9, 1.5, 1.45, 1.45, 0.55, 0.55],
+        )
+        self.para(
+            f"Temperature: shipped {fmt(shipped['temperature'])}, site {fmt(site['temperature'])}; each threshold is on "
+            "the probability scale of its own rule. " + " ".join(n[0].upper() + n[1:] + "." for n in sc["notes"]),
+            "note",
+        )
+
+    def study(self, m: dict[str, Any]) -> None:
+        st = m["study"]
+        self.heading("Study level", "h2")
+        self.para(
+            "Each study carries the class its labelled images agree on; its prediction is the study "
+            "prediction of predict (that of its most abnormal image).",
+            "note",
+        )
+        self.evaluation(m, st["evaluation"], st["join"], "study", compact=True)
+        conflict = st["join"]["problems"].get("conflicting_study_labels", {})
+        if conflict.get("count"):
+            self.para(
+                f"{conflict['count']:,} studies left out: their images carry different classes "
+                f"(e.g. {', '.join(conflict['examples'][:3])}).",
+                "note",
+            )
+
+    def subgroups(self, m: dict[str, Any], col: str, sg: dict[str, Any]) -> None:
+        self.heading(f"Subgroups by {col}", "h2")
+        binary = m["positive"] is not None
+        rows = []
+        for g in sg["groups"]:
+            flag = " *" if g["small"] else ""
+            if binary:
+                rows.append(
+                    [
+                        g["value"] + flag,
+                        fmt(g["n"]),
+                        fmt(g.get("n_positive")),
+                        f"{fmt(g['auc'])} {fmt_ci(g['auc_ci'])}",
+                        fmt(g.get("sensitivity")),
+                        fmt(g.get("specificity")),
+                        fmt(g.get("ppv")),
+                        fmt(g.get("npv")),
+                    ]
+                )
+            else:
+                rows.append(
+                    [
+                        g["value"] + flag,
+                        fmt(g["n"]),
+                        f"{fmt(g['auc'])} {fmt_ci(g['auc_ci'])}",
+                        fmt(g["accuracy"]),
+                        fmt(g["balanced_accuracy"]),
+                    ]
+                )
+        if binary:
+            header = [col, "n", "n positive", "AUC (95% CI)", "sensitivity", "specificity", "PPV", "NPV"]
+            widths = [1.6, 0.7, 0.8, 1.6, 0.9, 0.9, 0.6, 0.6]
+        else:
+            header = [col, "n", "macro AUC (95% CI)", "accuracy", "balanced accuracy"]
+            widths = [2.0, 0.8, 1.8, 1.0, 1.2]
+        self.table(header, rows, widths)
+        extra = "Sensitivity and specificity at the shipped threshold. " if binary else ""
+        omitted = (
+            f" {sg['omitted_groups']} smaller groups ({sg['omitted_n']:,} rows) not shown."
+            if sg["omitted_groups"]
+            else ""
+        )
+        self.para(f"{extra}* fewer than 30 samples: interpret with care.{omitted}", "note")
+
+    def unlabelled_subgroups(self, m: dict[str, Any], col: str, sg: dict[str, Any]) -> None:
+        self.heading(f"Predictions by {col}", "h2")
+        classes = m["classes"]
+        rows = [
+            [g["value"], fmt(g["n"]), *(fmt(g["prediction_counts"].get(c, 0)) for c in classes)] for g in sg["groups"]
+        ]
+        self.table([col, "n", *(f"pred {c}" for c in classes)], rows, [2.0, 0.8, *([1.0] * len(classes))])
+
+    def join_problems(self, join: dict[str, Any], study: Optional[dict[str, Any]]) -> None:
+        self.heading("Join problems", "h2")
+        self.para(
+            f"Labels file: {join['n_label_rows']:,} rows; predictions with status ok: {join['n_prediction_rows']:,}; "
+            f"matched: {join['n_matched']:,}.",
+            keep=True,
+        )
+        rows = []
+        problems = dict(join["problems"])
+        if study:
+            problems.update(study["join"]["problems"])
+        for p in problems.values():
+            if not p["count"]:
+                continue
+            breakdown = ", ".join(f"{k} ({v:,})" for k, v in list(p["breakdown"].items())[:6])
+            rows.append([p["title"], fmt(p["count"]), "; ".join(p["examples"][:4]), breakdown])
+        if rows:
+            self.table(["problem", "count", "examples", "by value / reason"], rows, [2.0, 0.6, 2.6, 1.6])
+        else:
+            self.para("None: every label matched a prediction and every prediction has a label.", "note")
+
+    def summary(self, m: dict[str, Any], figure: bool) -> None:
+        s = m["summary"]
+        if figure:
+            self.heading("Predictions (no labels)", "h2")
+        n_pred = sum(s["prediction_counts"].values())
+        rows = [
+            [c, fmt(n), fmt(s["prediction_fractions"].get(c)), fmt(s["mean_probability"].get(c))]
+            for c, n in s["prediction_counts"].items()
+        ]
+        self.table(["predicted class", "images", "fraction", "mean probability"], rows, [2, 1, 1, 1.2])
+        if s.get("near_threshold") is not None and n_pred:
+            self.para(f"{s['near_threshold']:,} of {n_pred:,} predictions lie within 0.05 of the threshold.", "note")
+        if (a := m.get("applicability")) is not None:
+            self.para(f"{a['not_applicable']:,} of {a['scored']:,} predicted images are flagged not applicable "
+                      "(unlike the images the model was trained on; CSV column applicable).", "note")
+        if figure:
+            self.figure(m["figures"].get("summary"), max_height=260)
+            reasons = s["reason_counts"]
+            rows = [[status, r, fmt(n)] for status, rs in reasons.items() for r, n in rs.items()]
+            if rows:
+                self.heading("Skipped and failed files", "h3")
+                self.table(["status", "reason", "files"], rows, [1, 2, 1])
+            ips = s.get("images_per_second")
+            self.para(f"Throughput: {ips:.1f} images/s." if ips else "Throughput: unknown (no run.json).", "body")
+
+    def build(self, out: Path) -> None:
+        from reportlab.platypus import SimpleDocTemplate, Spacer
+
+        def footer(canvas, doc) -> None:
+            canvas.saveState()
+            canvas.setFont("Helvetica", 7)
+            canvas.setFillGray(0.35)
+            canvas.drawString(self.margin, 0.9 * 28.35, f"pneumobatch report \u00b7 {RESEARCH_ONLY}")
+            canvas.drawRightString(self.page[0] - self.margin, 0.9 * 28.35, f"page {doc.page}")
+            canvas.restoreState()
+
+        self.header()
+        for m in self.doc["models"]:
+            self.model_section(m)
+        if self.pending:
+            self._add(Spacer(1, 1))
+        names = ", ".join(m["name"] for m in self.doc["models"])
+        template = SimpleDocTemplate(
+            str(out),
+            pagesize=self.page,
+            leftMargin=self.margin,
+            rightMargin=self.margin,
+            topMargin=1.5 * 28.35,
+            bottomMargin=1.6 * 28.35,
+            title=f"pneumobatch report: {names}",
+            author="pneumobatch",
+            subject=RESEARCH_ONLY,
+        )
+        template.build(self.story, onFirstPage=footer, onLaterPages=footer)

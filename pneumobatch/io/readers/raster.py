@@ -1,0 +1,78 @@
+"""PNG and JPEG reader (Pillow).
+
+8-bit images are scaled by 1/255. 16-bit grayscale PNG exports rarely use the
+full 16 bits (12-bit detectors are common), so they are min-max scaled, the same
+policy as a DICOM without a VOI window. Colour, alpha and palette images are
+converted to luminance (ITU-R 601-2), the alpha channel is ignored.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageOps, UnidentifiedImageError
+
+from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def minmax(array: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] by the image's own range; a constant image becomes all zeros."""
+    array = array.astype(np.float32, copy=False)
+    lo, hi = float(array.min()), float(array.max())
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros(array.shape, dtype=np.float32)
+    return (array - lo) / (hi - lo)
+
+
+def read_raster(path: Path, options: ReadOptions) -> Image:
+    """Read a PNG or JPEG file as a float32 grayscale image in [0, 1]."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and past 2x raises) for decompression bombs; we check ourselves.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(path) as img:
+                width, height = img.size
+                if width * height > options.max_pixels:
+                    raise FileRejected(
+                        Reason.TOO_LARGE,
+                        f"{width}x{height} pixels exceeds the limit of {options.max_pixels} (--max-pixels)",
+                    )
+                fmt = img.format
+                if fmt == "JPEG" and (side := decode_side(options)):
+                    # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when still big enough.
+                    img.draft("L", (side, side))
+                pixels = _to_gray(ImageOps.exif_transpose(img))  # a phone photo of a film may be rotated
+    except FileRejected:
+        raise
+    except PILImage.DecompressionBombError as exc:
+        raise FileRejected(Reason.TOO_LARGE, f"more pixels than the limit of {options.max_pixels} (--max-pixels)") from exc
+    except UnidentifiedImageError as exc:
+        raise FileRejected(Reason.CORRUPT, "not a decodable PNG/JPEG") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, PermissionError):
+            raise FileRejected(Reason.UNREADABLE, "permission denied") from exc
+        raise FileRejected(Reason.CORRUPT, _short(exc)) from exc
+    return Image(pixels, {"format": fmt.lower() if fmt else "", "frames": 1})
+
+
+def _to_gray(img: PILImage.Image) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return minmax(np.asarray(img))
+    if img.mode == "F":
+        return minmax(np.asarray(img))
+    if img.mode in ("LA", "RGBA", "PA", "P", "RGBa", "La"):
+        img = img.convert("RGBA").convert("RGB")
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

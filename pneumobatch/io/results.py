@@ -1,0 +1,28 @@
+"""FileResult: what happened to one file in a run (its status and reason, or its probabilities)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pneumobatch.core.errors import Status
+from pneumobatch.io.discovery import FileEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FileResult:
+    """What happened to one file; ``probs`` maps model name -> class probabilities."""
+
+    entry: FileEntry
+    status: Status
+    reason: str = ""
+    detail: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: model name -> applicability score (models with applicability statistics only)
+    ood_scores: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,255 @@
+"""Batched inference: a DataLoader decodes in worker processes while the models run.
+
+Files are read and resized in workers (one torch thread each) and travel as uint8 numpy
+arrays pickled through the worker's pipe, not as shared-memory tensors: those a worker
+hands over as file descriptors on a side connection, and a signal that ends the main
+process mid-handshake made the worker print a traceback. Normalisation, the forward pass
+and softmax run in the main process on the chosen device (on CUDA each decoded chunk is
+pinned and copied without blocking). Results come back in discovery order, one
+:class:`FileResult` per file, identical whatever the batch size or worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pneumobatch.core.errors import FileRejected, Reason, Status
+from pneumobatch.io.discovery import FileEntry, sniff
+from pneumobatch.io.readers import ReadOptions, read_image
+from pneumobatch.io.results import FileResult
+from pneumobatch.model.device import autocast, resolve_backend, resolve_precision
+from pneumobatch.model.onnx import OnnxRunner
+from pneumobatch.model.preprocess import normalize, resize, to_uint8
+from pneumobatch.model.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class StudyFiles(Dataset):
+    """Reads and resizes one file per item; never raises for bad input."""
+
+    def __init__(self, entries: Sequence[FileEntry], sizes: Sequence[int], options: ReadOptions) -> None:
+        self.entries = list(entries)
+        self.sizes = sorted(set(sizes))
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry = self.entries[index]
+        item: dict[str, Any] = {"index": index, "status": Status.OK, "reason": "", "detail": "", "meta": {}, "inputs": None}
+        if entry.problem is not None:
+            reason, detail = entry.problem
+            item.update(status=reason.status, reason=reason.value, detail=detail)
+            return item
+        try:
+            image = read_image(entry.path, sniff(entry.path), self.options)
+            item["meta"] = image.meta
+            item["inputs"] = {s: to_uint8(resize(image.pixels, s))[None] for s in self.sizes}
+        except FileRejected as exc:
+            item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
+        except PermissionError:
+            item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail="permission denied")
+        except OSError as exc:
+            item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail=(exc.strerror or type(exc).__name__)[:200])
+        except Exception as exc:  # noqa: BLE001 - one bad file must never stop a night's batch
+            log.debug("unexpected error reading %s", entry.path, exc_info=True)
+            item.update(status=Status.ERROR, reason=Reason.READ_FAILED.value, detail=f"{type(exc).__name__}: {exc}"[:200])
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, np.ndarray], list[int]]:
+    ok = [i for i, item in enumerate(items) if item["inputs"] is not None]
+    stacked = {}
+    if ok:
+        for size in items[ok[0]]["inputs"]:
+            stacked[size] = np.stack([items[i]["inputs"][size] for i in ok])
+    for item in items:
+        item["inputs"] = None
+    return items, stacked, ok
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode; the main process owns the cores for the CNN
+
+
+class Predictor:
+    """One or more loaded models on a device, ready for batches of (B, 1, S, S) uint8.
+
+    The forward pass runs in PyTorch (channels_last, autocast for ``precision``) or, for
+    fp32 on the CPU with ``backend`` auto and onnxruntime installed, in ONNX Runtime; both
+    give the same probabilities to ~1e-6 and the same features (every layer a model's
+    applicability statistics use) for applicability scores.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[LoadedModel],
+        device: torch.device,
+        precision: Optional[torch.dtype],
+        applicability: Optional[dict[str, Any]] = None,
+        backend: str = "auto",
+    ) -> None:
+        self.models = list(models)
+        self.device = device
+        self.precision = precision
+        #: model name -> ApplicabilityStats; those models also yield applicability scores
+        self.applicability = dict(applicability or {})
+        self.backend = resolve_backend(backend, device, precision)
+        self._hooks = {}
+        self._onnx: dict[str, OnnxRunner] = {}
+        self._prepared = False
+        for model in self.models:
+            model.net.to(device).eval()
+
+    def prepare(self) -> None:
+        """Export the models for ONNX Runtime (about half a second each) or set up the
+        PyTorch path; the first call does it, later calls return at once. ``run_inference``
+        calls it after the decoding workers have started, so that it overlaps their work."""
+        from pneumobatch.model.applicability.features import tap
+        from pneumobatch.model.registry import ARCHITECTURES
+
+        if self._prepared:
+            return
+        self._prepared = True
+        for model in self.models:
+            if self.backend == "onnxruntime":
+                try:
+                    stats = self.applicability.get(model.card.name)
+                    layers = stats.layer_names if stats is not None else []  # no statistics: logits only
+                    head = ARCHITECTURES[model.card.architecture].head(model.net)
+                    self._onnx[model.card.name] = OnnxRunner(model.net, head, model.card.input_size, layers)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle: run it in torch
+                    log.warning("model %s runs in PyTorch: ONNX export failed (%s)", model.card.name, str(exc)[:200])
+            model.net.to(memory_format=torch.channels_last)
+            if model.card.name in self.applicability:
+                self._hooks[model.card.name] = tap(model, self.applicability[model.card.name].layer_names)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({m.card.input_size for m in self.models})
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[int, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+        """Probabilities per model; with ``scores``, also fills it with applicability scores."""
+        self.prepare()
+        out = {}
+        for model in self.models:
+            card = model.card
+            x = normalize(inputs[card.input_size].to(self.device, non_blocking=True), card.mean, card.std)
+            features = None
+            if card.name in self._onnx:
+                logits, features = self._onnx[card.name](x)
+            else:
+                with autocast(self.device, self.precision):
+                    logits = model.net(x.contiguous(memory_format=torch.channels_last))
+                if (hook := self._hooks.get(card.name)) is not None:
+                    features = hook.numpy()
+            out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
+            if features is not None and scores is not None and card.name in self.applicability:
+                scores[card.name] = self.applicability[card.name].score(features)
+        return out
+
+
+#: Files one decoding task reads. Small, so that the workers share a folder's slow files
+#: evenly (a study's files usually share one encoding, and a whole batch of JPEG-LS or
+#: deflated files takes a worker several times as long as one of JPEG) and the first forward
+#: pass waits for a few files, not a whole batch; the main process gathers the decoded
+#: files into batches of ``batch_size`` for the network.
+DECODE_CHUNK = 4
+
+
+def make_loader(
+    entries: Sequence[FileEntry],
+    sizes: Sequence[int],
+    options: ReadOptions,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    in_flight: Optional[int] = None,
+) -> DataLoader:
+    """The DataLoader that reads and resizes files in ``workers`` processes: batches of
+    ``(items, uint8 numpy inputs by size, indices of decoded items)``; with workers, about
+    ``in_flight`` files (default: two batches per worker) are decoded ahead of the consumer."""
+    prefetch = {}
+    if workers:
+        prefetch["prefetch_factor"] = max(2, -(-(in_flight or 2 * batch_size * workers) // (batch_size * workers)))
+    return DataLoader(
+        StudyFiles(entries, sizes, options),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=False,
+        **prefetch,
+    )
+
+
+def run_inference(
+    entries: Sequence[FileEntry],
+    predictor: Predictor,
+    options: ReadOptions,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+) -> Iterator[FileResult]:
+    """Yield a :class:`FileResult` for every entry, in order.
+
+    Workers decode :data:`DECODE_CHUNK` files per task, about two forward batches ahead;
+    the models see batches of exactly ``batch_size`` decoded files (the last one fewer).
+    """
+    cuda = predictor.device.type == "cuda"
+    chunk = max(1, min(DECODE_CHUNK, batch_size))
+    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers,
+                         in_flight=2 * batch_size)
+    dataset = loader.dataset
+    chunks = iter(loader)  # starts the workers: the export below overlaps their first files
+    predictor.prepare()
+    pending: deque[tuple[dict[str, Any], bool]] = deque()  # (item, decoded), in order, not yet yielded
+    gathered: dict[int, list[torch.Tensor]] = {}  # size -> decoded inputs of the pending items, in order
+    rows = 0
+
+    def forward(n: int) -> Iterator[FileResult]:
+        """Run the first ``n`` gathered rows; yield the pending items up to the last of them."""
+        nonlocal gathered, rows
+        inputs = {size: torch.cat(parts) for size, parts in gathered.items()}
+        scores: dict[str, np.ndarray] = {}
+        probs = predictor({size: x[:n] for size, x in inputs.items()}, scores) if n else {}
+        gathered = {size: [x[n:]] for size, x in inputs.items()} if rows > n else {}
+        rows -= n
+        row = 0
+        while pending and (not pending[0][1] or row < n):
+            item, decoded = pending.popleft()
+            result = FileResult(dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"])
+            if decoded:
+                result.probs = {name: p[row] for name, p in probs.items()}
+                result.ood_scores = {name: float(s[row]) for name, s in scores.items()}
+                row += 1
+            yield result
+
+    for items, inputs, ok in chunks:
+        decoded = set(ok)
+        pending.extend((item, i in decoded) for i, item in enumerate(items))
+        for size, x in inputs.items():  # on CUDA each chunk is pinned and copied as it arrives
+            t = torch.from_numpy(x)
+            gathered.setdefault(size, []).append(t.pin_memory().to(predictor.device, non_blocking=True) if cuda else t)
+        rows += len(ok)
+        while rows >= batch_size:
+            yield from forward(batch_size)
+    yield from forward(rows)
+
+
+def create_predictor(models: Sequence[LoadedModel], device: torch.device, precision: str, backend: str = "auto") -> Predictor:
+    """The models on ``device`` at ``precision`` (``auto``, ``fp32``...) run by ``backend``, with their
+    applicability statistics."""
+    applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}
+    return Predictor(models, device, resolve_precision(precision, device), applicability, backend)

@@ -1,0 +1,165 @@
+"""The ONNX Runtime forward pass: each network exported once with its feature layers, cached by a hash of its weights."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class WithFeatures(torch.nn.Module):
+    """A network returning (logits, the features of ``layers``) for export (see FeatureTap)."""
+
+    def __init__(self, net: torch.nn.Module, head: torch.nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.net, self.head, self.layers = net, head, list(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from pneumobatch.model.applicability.features import FeatureTap
+
+        tap = FeatureTap(self.net, self.head, self.layers)
+        try:
+            logits = self.net(x)
+        finally:
+            tap.close()
+        return (logits, *(tap.features[name] for name in self.layers))
+
+
+#: bump when the export below changes what it writes, so that older cached files are not used
+_ONNX_EXPORT_VERSION = 1
+
+
+def cache_dir() -> Optional[Path]:
+    """Where exported ONNX models are kept between runs: ``$PNEUMOBATCH_CACHE``, else
+    ``$XDG_CACHE_HOME/pneumobatch``, else ``~/.cache/pneumobatch``; ``None`` when
+    ``PNEUMOBATCH_CACHE`` is ``off``. Deleting it is always safe (the next run exports again)."""
+    env = os.environ.get("PNEUMOBATCH_CACHE")
+    if env:
+        return None if env.strip().lower() == "off" else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pneumobatch"
+
+
+def _onnx_cache_path(net: torch.nn.Module, size: int, layers: Sequence[str]) -> Optional[Path]:
+    """The cache file of this exact network (every parameter and buffer, hashed), input size,
+    feature layers and torch version; ``None`` without a cache folder."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(repr((_ONNX_EXPORT_VERSION, torch.__version__, type(net).__module__, type(net).__qualname__,
+                                  size, list(layers))).encode())
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return folder / "onnx" / f"{digest.hexdigest()}.onnx"
+
+
+#: cached exports kept (the most recently used): one per set of weights, about 13 MB each for
+#: EfficientNet-Lite0; older ones are deleted when a new export is written
+ONNX_CACHE_KEEP = 8
+
+
+_CACHE_NAME = re.compile(r"[0-9a-f]{64}\.onnx")
+
+
+def _prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
+    """Delete all but the ``keep`` most recently used exports in ``folder`` (only files named
+    as this cache names them: whatever else someone put there is left alone)."""
+    files = []
+    for path in folder.iterdir():
+        if _CACHE_NAME.fullmatch(path.name):
+            try:
+                files.append((path.stat().st_mtime, path))
+            except OSError:
+                continue
+    for _, path in sorted(files, reverse=True)[keep:]:
+        try:
+            path.unlink()
+        except OSError as exc:  # another run deleted it, or a read-only folder
+            log.debug("cannot prune %s: %s", path, exc)
+
+
+def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings():  # the exporter's tracer and deprecation notices: not the user's business
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithFeatures(net, head, layers).eval(), (example,), buffer, input_names=["x"],
+                          output_names=["logits", *layers], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return buffer.getvalue()
+
+
+class OnnxRunner:
+    """One model exported to ONNX and run by ONNX Runtime with this process's torch threads.
+
+    The export (0.5-0.7 s per model for EfficientNet-Lite0 on this 2-core CPU) is kept in
+    :func:`cache_dir`, keyed by a hash of the network's weights, so later runs load it after
+    checking that it computes what the network does on one image; a cache file that cannot be
+    loaded or disagrees is exported again and replaced, and a cache folder that cannot be
+    written only means exporting every run. The :data:`ONNX_CACHE_KEEP` most recently used
+    exports are kept.
+    """
+
+    def __init__(self, net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> None:
+        import onnxruntime
+
+        from pneumobatch.io.atomicfile import atomic_write
+
+        self.layers = list(layers)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+
+        def session(model: str | bytes):
+            return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+        cached = _onnx_cache_path(net, size, self.layers)
+        if cached is not None and cached.is_file():
+            try:
+                self.session = session(str(cached))
+                if self._agrees_with(net, head, size):
+                    with contextlib.suppress(OSError):
+                        os.utime(cached)  # recently used: kept by the pruning below
+                    return
+                log.warning("exporting %s again: the cached export does not compute what the weights do", cached.name)
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again
+                log.info("exporting %s again: the cached export cannot be loaded (%s)", cached.name, str(exc)[:200])
+        exported = _export_onnx(net, head, size, self.layers)
+        self.session = session(exported)
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cached, exported)
+                _prune_onnx_cache(cached.parent)
+            except Exception as exc:  # noqa: BLE001 - a read-only home: export every run
+                log.debug("cannot cache the ONNX export in %s: %s", cached.parent, exc)
+
+    def _agrees_with(self, net: torch.nn.Module, head: torch.nn.Module, size: int) -> bool:
+        """Whether the loaded session gives the network's logits and features on one random
+        image (a cache file is a file anyone with access to the folder could have replaced;
+        this costs one forward pass)."""
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = WithFeatures(net, head, self.layers).eval()(x)
+        got = self.session.run(None, {"x": x.numpy()})
+        return len(got) == len(expected) and all(
+            g.shape == tuple(e.shape) and np.allclose(g, e.numpy(), rtol=1e-3, atol=1e-4) for g, e in zip(got, expected)
+        )
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        logits, *features = self.session.run(None, {"x": x.contiguous().numpy()})
+        return torch.from_numpy(logits), dict(zip(self.layers, features))

@@ -1,0 +1,2 @@
+"""Nightly drift monitoring: the run record predict writes, drift statistics and alerts, the PDF.
+"""

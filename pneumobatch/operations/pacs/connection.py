@@ -1,0 +1,197 @@
+"""Where the archive is and how to log in.
+
+Policy:
+
+- An archive is either a DICOMweb base URL (``https://pacs/dicom-web``) or a DIMSE
+  address (``host:port`` with calling and called AE titles).
+- Credentials (HTTP basic user and password, or a bearer token) come from the
+  environment (``PNEUMOBATCH_PACS_USERNAME``, ``PNEUMOBATCH_PACS_PASSWORD``,
+  ``PNEUMOBATCH_PACS_TOKEN``) or from a config file readable by its owner only
+  (mode 0600; ``--config`` or ``PNEUMOBATCH_PACS_CONFIG``). They are never options, a
+  URL with ``user:password@`` is refused, and they never appear in a ``repr``, a log
+  line or an error message.
+- TLS certificates are verified by default; ``ca_bundle`` names a site CA, and only the
+  config file can turn verification off (``tls_verify = false``, logged as a warning).
+
+Config file (INI), every key optional; the environment wins over the file::
+
+    [pacs]
+    url = https://pacs.example.org/dicom-web
+    username = pneumobatch
+    password = ...
+    # token = ...           (bearer token instead of username/password)
+    # ca_bundle = /etc/ssl/site-ca.pem
+    # dimse = pacs.example.org:104
+    # calling_ae = PNEUMOBATCH
+    # called_ae = PACS
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+from pneumobatch.core.errors import OptionError
+
+log = logging.getLogger(__name__)
+
+ENV_USERNAME = "PNEUMOBATCH_PACS_USERNAME"
+ENV_PASSWORD = "PNEUMOBATCH_PACS_PASSWORD"
+ENV_TOKEN = "PNEUMOBATCH_PACS_TOKEN"
+ENV_CONFIG = "PNEUMOBATCH_PACS_CONFIG"
+CONFIG_SECTION = "pacs"
+DEFAULT_CALLING_AE = "PNEUMOBATCH"
+DEFAULT_CALLED_AE = "ANY-SCP"
+_AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e](?:[\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """HTTP credentials; never shown (``repr`` names only which kind is set)."""
+
+    username: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+
+    def __repr__(self) -> str:
+        kind = "token" if self.token else "basic" if self.username else "none"
+        return f"Credentials({kind})"
+
+    def __bool__(self) -> bool:
+        return bool(self.token or self.username)
+
+    def secrets(self) -> list[str]:
+        """The values that must never be printed (for scrubbing messages)."""
+        return [s for s in (self.password, self.token) if s]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One archive: DICOMweb (``url``) or DIMSE (``host``, ``port``, AE titles)."""
+
+    url: str = ""
+    host: str = ""
+    port: int = 0
+    calling_ae: str = DEFAULT_CALLING_AE
+    called_ae: str = DEFAULT_CALLED_AE
+    credentials: Credentials = field(default_factory=Credentials)
+    tls_verify: bool = True
+    ca_bundle: str = ""
+    timeout: float = 60.0
+
+    @property
+    def protocol(self) -> str:
+        return "dicomweb" if self.url else "dimse"
+
+    @property
+    def name(self) -> str:
+        """How the archive is named in the ledger and in messages (no credentials)."""
+        if self.url:
+            return self.url.rstrip("/")
+        return f"dimse://{self.called_ae}@{self.host}:{self.port}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of this connection replaced by ``***``."""
+        for secret in self.credentials.secrets():
+            text = text.replace(secret, "***")
+        return text
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """The ``[pacs]`` section of a config file that only its owner can read."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise OptionError(f"PACS config {path}: {exc.strerror or exc}") from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise OptionError(
+            f"PACS config {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"it may hold passwords: chmod 600 {path}"
+        )
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise OptionError(f"PACS config {path} cannot be read: {type(exc).__name__}") from exc
+    if not parser.has_section(CONFIG_SECTION):
+        raise OptionError(f"PACS config {path} has no [{CONFIG_SECTION}] section")
+    return dict(parser.items(CONFIG_SECTION))
+
+
+def _bool(value: str, key: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise OptionError(f"PACS config: {key} must be true or false")
+
+
+def _ae_title(value: str, what: str) -> str:
+    if not _AE_TITLE.match(value):
+        raise OptionError(f"{what} must be 1 to 16 printable ASCII characters without backslash: {value!r}")
+    return value
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(f"--dimse takes HOST:PORT, e.g. pacs.example.org:104, not {value!r}")
+    return host, int(port)
+
+
+def connect_options(
+    *,
+    url: Optional[str] = None,
+    dimse: Optional[str] = None,
+    calling_ae: Optional[str] = None,
+    called_ae: Optional[str] = None,
+    ca_bundle: Optional[str] = None,
+    config: Optional[Path] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    timeout: float = 60.0,
+) -> Connection:
+    """A :class:`Connection` from options, the environment and the config file (in that order)."""
+    env = os.environ if environ is None else environ
+    config = config or (Path(env[ENV_CONFIG]) if env.get(ENV_CONFIG) else None)
+    file = read_config(config) if config else {}
+    url = url or file.get("url", "")
+    dimse = dimse or file.get("dimse", "")
+    if bool(url) == bool(dimse):
+        raise OptionError("give the archive as --url (DICOMweb) or --dimse HOST:PORT (DIMSE), one of them")
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OptionError("--url must be an http(s) DICOMweb base URL, e.g. https://pacs.example.org/dicom-web")
+        if parts.username or parts.password:
+            raise OptionError(
+                f"--url must not hold credentials; set {ENV_USERNAME}/{ENV_PASSWORD} or {ENV_TOKEN}, or use a 0600 config file"
+            )
+    credentials = Credentials(
+        username=env.get(ENV_USERNAME) or file.get("username", ""),
+        password=env.get(ENV_PASSWORD) or file.get("password", ""),
+        token=env.get(ENV_TOKEN) or file.get("token", ""),
+    )
+    tls_verify = _bool(file["tls_verify"], "tls_verify") if "tls_verify" in file else True
+    if not tls_verify:
+        log.warning("TLS certificate verification is OFF for %s (tls_verify = false in the PACS config)", url or dimse)
+    host, port = _host_port(dimse) if dimse else ("", 0)
+    return Connection(
+        url=url,
+        host=host,
+        port=port,
+        calling_ae=_ae_title(calling_ae or file.get("calling_ae") or DEFAULT_CALLING_AE, "--calling-ae"),
+        called_ae=_ae_title(called_ae or file.get("called_ae") or DEFAULT_CALLED_AE, "--called-ae"),
+        credentials=credentials,
+        tls_verify=tls_verify,
+        ca_bundle=ca_bundle or file.get("ca_bundle", ""),
+        timeout=timeout,
+    )
+

@@ -1,0 +1,230 @@
+"""One DICOM Structured Report per study and model (TID 1500, built with ``highdicom``).
+
+Document: a Comprehensive 3D SR (the SOP class highdicom writes TID 1500 in) holding an
+Imaging Measurement Report whose observer is the algorithm (a device). For every
+predicted image of the study there is one Measurement Group (TID 1501) per evaluated
+finding: the positive class of a binary model (``pneumonia``), every class of a
+multi-class model. Each group has
+
+- Finding: the finding's code (SNOMED CT where one exists, see :data:`FINDING_CODES`;
+  else ``99PNEUMOBATCH``, the class name);
+- a qualitative evaluation *finding = Present / Absent* (SCT 52101004 / 2667000): the
+  model's decision at the operating point used;
+- measurements *Probability* and, for binary models, *Decision threshold* (unit ``1``;
+  local codes ``99PNEUMOBATCH PROBABILITY / THRESHOLD``);
+- Algorithm Identification: model name, pneumobatch version, and parameters
+  ``weights_sha256=...``, ``operating_point=...``, the operating point's meaning and
+  ``NOT FOR DIAGNOSTIC USE``;
+- Source: the image, by SOP Class and SOP Instance UID.
+
+The SR has the source study's Study Instance UID and copies its patient and study
+modules from the source headers (only those attributes, see
+:data:`~pneumobatch.operations.pacs.client.HEADER_KEYWORDS`); it goes into a new series described
+as "not for diagnostic use", is flagged PRELIMINARY and UNVERIFIED, and names
+pneumobatch and the model in the Contributing Equipment Sequence.
+
+UIDs are deterministic (pydicom ``generate_uid(entropy_srcs=...)``): the series from the
+study, the model name and the weights' SHA-256; the SR from the study, the weights'
+SHA-256 and the result itself. Pushing the same results again yields the same SOP
+Instance UID (the archive keeps one object); a changed model or result yields a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from pneumobatch import __version__
+from pneumobatch.core.card import ModelCard
+
+MANUFACTURER = "pneumobatch"
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE: research and quality assurance only"
+SERIES_NUMBER = 9900
+LOCAL_SCHEME = "99PNEUMOBATCH"
+
+#: Codes of the findings our tasks predict; other class names get a local code.
+FINDING_CODES = {
+    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "normal": Code("17621005", "SCT", "Normal"),
+    "bacterial": Code("53084003", "SCT", "Bacterial pneumonia"),
+    "viral": Code("75570004", "SCT", "Viral pneumonia"),
+    "covid-19": Code("840539006", "SCT", "COVID-19"),
+}
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")
+PROBABILITY = Code("PROBABILITY", LOCAL_SCHEME, "Probability")
+THRESHOLD = Code("THRESHOLD", LOCAL_SCHEME, "Decision threshold")
+NO_UNITS = Code("1", "UCUM", "no units")
+CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+
+
+def finding_code(cls: str) -> Code:
+    return FINDING_CODES.get(cls.lower()) or Code(cls[:16].upper(), LOCAL_SCHEME, cls[:64])
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One predicted image of a study, as predict wrote it in the CSV."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    probs: tuple[tuple[str, float], ...]  # (class, probability) in the card's order
+    pred_label: str
+    threshold: Optional[float]
+    operating_point: str
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What one model said about one study: the content of one SR."""
+
+    study_instance_uid: str
+    card: ModelCard
+    images: tuple[ImageResult, ...]
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.card.weights_sha256
+
+    def fingerprint(self) -> str:
+        """The result as canonical text: what makes the SR new when it changes."""
+        return json.dumps(
+            {
+                "model": self.card.name,
+                "images": sorted(
+                    [i.sop_instance_uid, i.pred_label, [[c, round(p, 6)] for c, p in i.probs], i.threshold, i.operating_point]
+                    for i in self.images
+                ),
+            },
+            sort_keys=True,
+        )
+
+    @property
+    def series_instance_uid(self) -> str:
+        return generate_uid(entropy_srcs=["pneumobatch-sr-series", self.study_instance_uid, self.card.name, self.weights_sha256])
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return generate_uid(entropy_srcs=["pneumobatch-sr", self.study_instance_uid, self.weights_sha256, self.fingerprint()])
+
+
+def operating_point_meaning(card: ModelCard, operating_point: str, threshold: Optional[float]) -> str:
+    """What the operating point means, in one sentence (written into the SR)."""
+    if operating_point == "argmax" or threshold is None:
+        return "the most probable class is reported (no threshold)"
+    band_point = (card.thresholds.get("by_age_band") or {}).get(operating_point.removeprefix("site-")) or {}
+    target = band_point.get("target_recall", card.thresholds.get("target_recall"))
+    chosen = f"chosen on validation images for {float(target):.0%} sensitivity" if isinstance(target, (int, float)) else "the model's shipped threshold"
+    where = f"for the {operating_point} age band (from PatientAge)" if operating_point not in ("pooled", "") else "for all ages"
+    return f"{card.positive} is Present when its probability >= {threshold:.4f}, {where}; {chosen}"
+
+
+def _algorithm(card: ModelCard, image: ImageResult):
+    import highdicom as hd
+
+    parameters = [
+        f"weights_sha256={card.weights_sha256}",
+        f"operating_point={image.operating_point}",
+        operating_point_meaning(card, image.operating_point, image.threshold),
+        NOT_FOR_DIAGNOSIS,
+    ]
+    return hd.sr.AlgorithmIdentification(name=card.name[:64], version=f"pneumobatch {__version__}"[:64], parameters=parameters)
+
+
+def _groups(result: StudyResult, evidence: dict[str, Dataset]) -> list:
+    import highdicom as hd
+
+    card = result.card
+    evaluated = [card.positive] if card.binary else list(card.classes)
+    groups = []
+    for n, image in enumerate(sorted(result.images, key=lambda i: i.sop_instance_uid), start=1):
+        source = hd.sr.SourceImageForMeasurementGroup(evidence[image.sop_instance_uid].SOPClassUID, image.sop_instance_uid)
+        probs = dict(image.probs)
+        for cls in evaluated:
+            code = finding_code(cls)
+            measurements = [hd.sr.Measurement(name=PROBABILITY, value=float(probs[cls]), unit=NO_UNITS)]
+            if card.binary and image.threshold is not None:
+                measurements.append(hd.sr.Measurement(name=THRESHOLD, value=float(image.threshold), unit=NO_UNITS))
+            tracking = hd.sr.TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[result.sop_instance_uid, image.sop_instance_uid, cls]),
+                identifier=f"image {n} {cls}"[:64],
+            )
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=code,
+                    algorithm_id=_algorithm(card, image),
+                    measurements=measurements,
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=code, value=PRESENT if image.pred_label == cls else ABSENT)],
+                    source_images=[source],
+                )
+            )
+    return groups
+
+
+def evidence_dataset(header: Dataset, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """A clean copy of what the SR takes from a source image: its UIDs and SOP class, and
+    the patient and study modules (absent attributes empty, nothing else copied)."""
+    from pneumobatch.operations.pacs.client import HEADER_KEYWORDS
+
+    ds = Dataset()
+    for keyword in HEADER_KEYWORDS:
+        if keyword in header and header[keyword].value is not None:
+            setattr(ds, keyword, header[keyword].value)
+        elif keyword != "SpecificCharacterSet":
+            setattr(ds, keyword, "")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_instance_uid, series_instance_uid, sop_instance_uid
+    return ds
+
+
+def build_sr(result: StudyResult, evidence: dict[str, Dataset]) -> Dataset:
+    """The SR of ``result``; ``evidence`` maps each image's SOP Instance UID to
+    :func:`evidence_dataset` of its header."""
+    import highdicom as hd
+
+    card = result.card
+    ordered = [evidence[i.sop_instance_uid] for i in sorted(result.images, key=lambda i: i.sop_instance_uid)]
+    device_uid = generate_uid(entropy_srcs=["pneumobatch-device", card.name, card.weights_sha256])
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=card.name[:64]
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=_groups(result, evidence),
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=card.name[:64],
+        software_versions=[f"pneumobatch {__version__}"[:64], card.weights_sha256[:64] or "unknown weights"],
+        contribution_description=f"Automated chest X-ray classification by model {card.name}. {NOT_FOR_DIAGNOSIS}",
+    )
+    with warnings.catch_warnings():
+        # highdicom warns about odd person names, quoting them: no patient name on stderr
+        warnings.simplefilter("ignore", UserWarning)
+        return hd.sr.Comprehensive3DSR(
+            evidence=ordered,
+            content=report,
+            series_instance_uid=result.series_instance_uid,
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=result.sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            contributing_equipment=[equipment],
+            series_description=f"{card.name} AI result - NOT FOR DIAGNOSTIC USE"[:64],
+        )
