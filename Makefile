@@ -40,6 +40,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pneumobatch tests benchmarks scripts
+	$(BIN)/ruff format --check pneumobatch tests benchmarks scripts
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -160,7 +160,8 @@ def record(loaded_models: dict, table: pd.DataFrame, args: argparse.Namespace) -
     for name, loaded in loaded_models.items():
         mine = table[table["model"] == name]
         loaded.card.applicability["measured"] = {
-            "command": command.replace(" --record", ""), "date": date.today().isoformat(),
+            "command": command.replace(" --record", ""),
+            "date": date.today().isoformat(),
             "test_split": "the manifest's test split (never used to fit the statistics or set the threshold)",
             "flagged": {row.set.strip(): {"n": int(row.n), "share": float(row.flagged)} for row in mine.itertuples()},
         }

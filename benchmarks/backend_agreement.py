@@ -26,8 +26,13 @@ from pneumobatch.training.train import Dataset, decode_split, labelled_splits
 
 def decoded_split(card, manifest: Path, split: str, workers: int) -> Dataset:
     """``split`` of ``manifest`` as ``train`` sees it (age bands from the card's defaults), at the card's input size."""
-    config = TrainConfig(data=manifest, out_dir=manifest.parent, name=card.name, task=card.task,
-                         default_age_band=tuple(card.data.get("age_band_defaults", ())))
+    config = TrainConfig(
+        data=manifest,
+        out_dir=manifest.parent,
+        name=card.name,
+        task=card.task,
+        default_age_band=tuple(card.data.get("age_band_defaults", ())),
+    )
     frame, task, _, _, _ = labelled_splits(config)
     return decode_split(frame[frame["split"] == split], task, card.input_size, workers)[0]
 
@@ -56,16 +61,21 @@ def main() -> None:
         for backend in ("torch", "onnxruntime"):
             predictor = Predictor([loaded], cpu, None, backend=backend)
             assert predictor.backend == backend, predictor.backend
-            parts = [predictor({card.input_size: test.images[i : i + args.batch_size]})[card.name]
-                     for i in range(0, len(test.images), args.batch_size)]
+            parts = [
+                predictor({card.input_size: test.images[i : i + args.batch_size]})[card.name]
+                for i in range(0, len(test.images), args.batch_size)
+            ]
             proba[backend] = np.concatenate(parts)
         bands = test.frame["sg_age_band"].to_numpy()
         labels = {b: card.decide_many(p, bands) for b, p in proba.items()}
         flips = int((labels["torch"] != labels["onnxruntime"]).sum())
         a_torch, a_onnx = auc(card, targets, proba["torch"]), auc(card, targets, proba["onnxruntime"])
         dp = float(np.abs(proba["torch"] - proba["onnxruntime"]).max())
-        print(f"{card.name:10s} n={len(targets)}  AUC torch {a_torch:.5f}  onnxruntime {a_onnx:.5f}  "
-              f"difference {a_onnx - a_torch:+.5f}  max |dp| {dp:.1e}  label changes {flips}", flush=True)
+        print(
+            f"{card.name:10s} n={len(targets)}  AUC torch {a_torch:.5f}  onnxruntime {a_onnx:.5f}  "
+            f"difference {a_onnx - a_torch:+.5f}  max |dp| {dp:.1e}  label changes {flips}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

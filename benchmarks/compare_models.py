@@ -31,8 +31,9 @@ def split_scores(model: str, manifest: Path, split: str, workers: int):
     card = loaded.card
     data = decoded_split(card, manifest, split, workers)
     predictor = Predictor([loaded], torch.device("cpu"), None, backend="torch")
-    proba = np.concatenate([predictor({card.input_size: data.images[i : i + 32]})[card.name]
-                            for i in range(0, len(data.images), 32)])
+    proba = np.concatenate(
+        [predictor({card.input_size: data.images[i : i + 32]})[card.name] for i in range(0, len(data.images), 32)]
+    )
     return proba[:, card.positive_index], data.targets.numpy() == card.positive_index, data.frame
 
 
@@ -50,8 +51,12 @@ def main() -> None:
     assert (frame["path"].to_numpy() == frame_b["path"].to_numpy()).all() and (y == y_b).all(), "not the same images"
     bands = frame["sg_age_band"].to_numpy()
     source = frame["source"].astype(str).to_numpy()
-    groups = {"pooled": np.ones(len(y), bool), "adult": bands == "adult", "child": bands == "child",
-              "NIH": np.array([s.startswith("NIH") for s in source])}
+    groups = {
+        "pooled": np.ones(len(y), bool),
+        "adult": bands == "adult",
+        "child": bands == "child",
+        "NIH": np.array([s.startswith("NIH") for s in source]),
+    }
     rng = np.random.default_rng(0)
     print(f"{args.split} split: A = {args.model_a}, B = {args.model_b}")
     for name, m in groups.items():
@@ -66,7 +71,10 @@ def main() -> None:
             diffs.append(roc_auc_score(ya[s], sb[s]) - roc_auc_score(ya[s], sa[s]))
         lo, hi = np.percentile(diffs, [2.5, 97.5])
         a, b = roc_auc_score(ya, sa), roc_auc_score(ya, sb)
-        print(f"{name:7s} n={m.sum():4d}  AUC A {a:.4f}  B {b:.4f}  B - A {b - a:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]", flush=True)
+        print(
+            f"{name:7s} n={m.sum():4d}  AUC A {a:.4f}  B {b:.4f}  B - A {b - a:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

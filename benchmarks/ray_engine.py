@@ -35,8 +35,15 @@ from pneumobatch.predict_config import PredictConfig
 
 def timed_predict(folder: Path, out: Path, args: argparse.Namespace, **options) -> tuple[float, int]:
     """Seconds of one ``run_predict`` and the files it predicted."""
-    config = PredictConfig(inputs=[folder], output=out, models=[args.model], batch_size=args.batch_size,
-                           workers=args.workers, overwrite=True, **options)
+    config = PredictConfig(
+        inputs=[folder],
+        output=out,
+        models=[args.model],
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overwrite=True,
+        **options,
+    )
     t0 = time.perf_counter()
     run = run_predict(config)
     seconds = time.perf_counter() - t0
@@ -48,7 +55,11 @@ def timed_predict(folder: Path, out: Path, args: argparse.Namespace, **options) 
 def forward_rate(predictor, size: int, batch_size: int, batches: int) -> float:
     """Images/s of the model call predict makes (normalisation, forward pass, softmax) on
     uint8 batches, after one warm-up batch (which also loads or exports the ONNX model)."""
-    x = {size: torch.randint(0, 256, (batch_size, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    x = {
+        size: torch.randint(
+            0, 256, (batch_size, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+    }
     predictor(x)
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -81,10 +92,18 @@ def main_() -> None:
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--model", default="pneumonia")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=None, help="local engine's decoding processes (default: predict's)")
-    parser.add_argument("--repeat", type=int, default=3, help="local and Ray runs, interleaved; the fastest of each counts")
-    parser.add_argument("--gpu-rate", type=float, default=1000.0,
-                        help="model forward images/s on one GPU for the estimate (an assumption unless measured)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="local engine's decoding processes (default: predict's)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="local and Ray runs, interleaved; the fastest of each counts"
+    )
+    parser.add_argument(
+        "--gpu-rate",
+        type=float,
+        default=1000.0,
+        help="model forward images/s on one GPU for the estimate (an assumption unless measured)",
+    )
     parser.add_argument("--cores-per-node", type=int, default=16)
     parser.add_argument("--gpus-per-node", type=int, default=1)
     args = parser.parse_args()
@@ -101,8 +120,10 @@ def main_() -> None:
         single.mkdir()
         (single / entries[0].path.name).write_bytes(entries[0].path.read_bytes())
         n = len(entries)
-        print(f"{n} DICOMs of {args.size}x{args.size} ({args.encodings}); model {model.card.name} "
-              f"({model.card.architecture} @ {model.card.input_size}px), batch {args.batch_size}")
+        print(
+            f"{n} DICOMs of {args.size}x{args.size} ({args.encodings}); model {model.card.name} "
+            f"({model.card.architecture} @ {model.card.input_size}px), batch {args.batch_size}"
+        )
 
         t0 = time.perf_counter()
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -135,17 +156,23 @@ def main_() -> None:
     print(f"  model forward on this CPU ({torch.get_num_threads()} threads):       {forward_cpu:7.1f} images/s")
     print(f"  driver: results -> journal rows:             {driver:7.0f} results/s")
     per_node = min(args.cores_per_node * decode_core, args.gpus_per_node * args.gpu_rate)
-    print(f"estimate, nodes of {args.cores_per_node} cores + {args.gpus_per_node} GPU(s) at an assumed "
-          f"{args.gpu_rate:.0f} images/s each:")
+    print(
+        f"estimate, nodes of {args.cores_per_node} cores + {args.gpus_per_node} GPU(s) at an assumed "
+        f"{args.gpu_rate:.0f} images/s each:"
+    )
     for nodes in (1, 2, 4, 8, 16, 32):
-        print(f"  {nodes:>2} node(s): {min(nodes * per_node, driver):8.0f} images/s"
-              f"{'  (driver-bound)' if nodes * per_node > driver else ''}")
+        print(
+            f"  {nodes:>2} node(s): {min(nodes * per_node, driver):8.0f} images/s"
+            f"{'  (driver-bound)' if nodes * per_node > driver else ''}"
+        )
     fixed = start_s + single_s
     print(f"pays off (fixed cost {fixed:.0f} s: start-up + a one-file run) once a job has more images than:")
     for nodes in (2, 4, 16):
         cluster = min(nodes * per_node, driver)
-        print(f"  {nodes:>2} nodes vs one such node on the local engine (at best {per_node:.0f} images/s): "
-              f"{fixed / (1 / per_node - 1 / cluster):8,.0f}")
+        print(
+            f"  {nodes:>2} nodes vs one such node on the local engine (at best {per_node:.0f} images/s): "
+            f"{fixed / (1 / per_node - 1 / cluster):8,.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,14 @@ def make_every_encoding(folder: Path, size: int, per_encoding: int) -> None:
             pixels = np.roll(chest_like(size, seed=i), (i * size // 37, -i * size // 23), axis=(0, 1))
             eight_bit = encoding == "jpeg-baseline"
             window = ((128.0, 220.0) if eight_bit else (2048.0, 3600.0)) if i % 2 else None
-            write_cxr(folder / f"{encoding}_{i}.dcm", (pixels >> 4).astype(np.uint8) if eight_bit else pixels, encoding,
-                      bits_stored=None if eight_bit else 12, monochrome1=i % 4 == 2, window=window)
+            write_cxr(
+                folder / f"{encoding}_{i}.dcm",
+                (pixels >> 4).astype(np.uint8) if eight_bit else pixels,
+                encoding,
+                bits_stored=None if eight_bit else 12,
+                monochrome1=i % 4 == 2,
+                window=window,
+            )
 
 
 def predictions(folder: Path, predictor: Predictor, min_side) -> dict[str, tuple]:
@@ -51,8 +57,10 @@ def predictions(folder: Path, predictor: Predictor, min_side) -> dict[str, tuple
     for result in run_inference(entries, predictor, ReadOptions(min_side=min_side), batch_size=16, workers=1):
         if not result.probs:
             continue
-        labels = {m.card.name: m.card.decide(result.probs[m.card.name], result.meta.get("age_band")).label
-                  for m in predictor.models}
+        labels = {
+            m.card.name: m.card.decide(result.probs[m.card.name], result.meta.get("age_band")).label
+            for m in predictor.models
+        }
         kind = result.meta.get("transfer_syntax") or result.meta.get("format", "")
         out[result.entry.relpath] = (str(kind), result.probs, labels)
     return out

@@ -126,8 +126,9 @@ def time_forward(options: dict, batch: int, rounds: int) -> dict[str, float]:
 def end_to_end(folder: Path, model: str, workers: int, threads: int, out: Path) -> float:
     n = sum(1 for _ in walk([folder]))
     t0 = time.perf_counter()
-    run = run_predict(PredictConfig(inputs=[folder], output=out, models=[model], workers=workers, threads=threads,
-                                    overwrite=True))
+    run = run_predict(
+        PredictConfig(inputs=[folder], output=out, models=[model], workers=workers, threads=threads, overwrite=True)
+    )
     if run.exit_code != 0:
         raise SystemExit(f"predict failed: {run.counts}")
     return n / (time.perf_counter() - t0)
@@ -137,11 +138,30 @@ def cli_seconds(code: Path, folder: Path, model: str, out: Path) -> float:
     """Seconds of ``python -m pneumobatch predict`` with the code under ``code`` (start-up included)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pneumobatch", "predict", str(folder), "-m", model, "-o", str(out),
-                    "--overwrite", "--quiet"], env=env, check=True, cwd=code)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pneumobatch",
+            "predict",
+            str(folder),
+            "-m",
+            model,
+            "-o",
+            str(out),
+            "--overwrite",
+            "--quiet",
+        ],
+        env=env,
+        check=True,
+        cwd=code,
+    )
     return time.perf_counter() - t0
 
-def compare_with_baseline(baseline: Path, size: int, per_encoding: list[int], encodings: tuple[str, ...], model: str) -> None:
+
+def compare_with_baseline(
+    baseline: Path, size: int, per_encoding: list[int], encodings: tuple[str, ...], model: str
+) -> None:
     """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each,
     on folders of each size; the marginal rate (time of the larger folder minus the smaller's)
     is what a night of thousands of files sees, start-up excluded."""
@@ -152,20 +172,26 @@ def compare_with_baseline(baseline: Path, size: int, per_encoding: list[int], en
             folder.mkdir()
             make_studies(folder, size, per, encodings)
             folders.append((sum(1 for _ in walk([folder])), folder))
-        print(f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {size}x{size} DICOMs, "
-              f"folders of {', '.join(str(n) for n, _ in folders)}")
+        print(
+            f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {size}x{size} DICOMs, "
+            f"folders of {', '.join(str(n) for n, _ in folders)}"
+        )
         for round_ in (1, 2):
             seconds: dict[str, list[float]] = {"baseline": [], "this tree": []}
             for n, folder in folders:
                 for name, code in (("baseline", baseline.resolve()), ("this tree", ROOT)):
                     seconds[name].append(cli_seconds(code, folder, model, Path(tmp) / f"{name[:4]}.csv"))
                 old, new = n / seconds["baseline"][-1], n / seconds["this tree"][-1]
-                print(f"  round {round_}, {n:4d} files: baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x")
+                print(
+                    f"  round {round_}, {n:4d} files: baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x"
+                )
             if len(folders) > 1:
                 extra = folders[-1][0] - folders[0][0]
                 old, new = (extra / (t[-1] - t[0]) for t in (seconds["baseline"], seconds["this tree"]))
-                print(f"  round {round_}, marginal ({folders[-1][0]} - {folders[0][0]} files, start-up excluded): "
-                      f"baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x")
+                print(
+                    f"  round {round_}, marginal ({folders[-1][0]} - {folders[0][0]} files, start-up excluded): "
+                    f"baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x"
+                )
 
 
 def _ints(text: str) -> list[int]:
@@ -181,8 +207,11 @@ def main_() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the forward timings")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     parser.add_argument("--baseline", type=Path, help="a checkout of older pneumobatch code to compare with")
-    parser.add_argument("--baseline-per-encoding", default="8,32",
-                        help="files per encoding of the folders of the baseline comparison (comma-separated)")
+    parser.add_argument(
+        "--baseline-per-encoding",
+        default="8,32",
+        help="files per encoding of the folders of the baseline comparison (comma-separated)",
+    )
     parser.add_argument("--e2e-per-encoding", type=int, default=16, help="files per encoding of the end-to-end splits")
     parser.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds of the end-to-end splits")
     parser.add_argument("--baseline-only", action="store_true", help="only the comparison with --baseline")
@@ -198,9 +227,11 @@ def main_() -> None:
     split = default_split(device)
     model = load_model(args.model)
     size = model.card.input_size
-    print(f"{available_cores()} cores, CUDA: {torch.cuda.is_available()}; default split: "
-          f"{split.workers} workers, {split.threads} torch threads, batch {split.batch_size}; model {model.card.name} "
-          f"({model.card.architecture} @ {size}px) on {device}")
+    print(
+        f"{available_cores()} cores, CUDA: {torch.cuda.is_available()}; default split: "
+        f"{split.workers} workers, {split.threads} torch threads, batch {split.batch_size}; model {model.card.name} "
+        f"({model.card.architecture} @ {size}px) on {device}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "studies"
         folder.mkdir()
@@ -218,13 +249,17 @@ def main_() -> None:
         print(f"  {'all (mixed)':<14} {full_all:8.1f} {decode:8.1f} {decode / full_all:6.1f}x")
         cores = available_cores()
         parallel = decode_rate(entries, size, True, workers=cores)
-        print(f"  all (mixed), reduced, {cores} worker processes: {parallel:.1f} images/s ({parallel / decode:.2f}x one process)")
+        print(
+            f"  all (mixed), reduced, {cores} worker processes: {parallel:.1f} images/s ({parallel / decode:.2f}x one process)"
+        )
 
         print(f"\n2. forward only, batch {split.batch_size}, {split.threads} torch threads, images/s")
         torch.set_num_threads(split.threads)
         precision = resolve_precision("auto", device)
         predictor = Predictor([model], device, precision)
-        rates = time_forward(forward_backends(model.net, size, split.batch_size, args.compile), split.batch_size, args.rounds)
+        rates = time_forward(
+            forward_backends(model.net, size, split.batch_size, args.compile), split.batch_size, args.rounds
+        )
         for name, rate in rates.items():
             print(f"  {name:<36} {rate:7.1f}")
         forward = rates["onnxruntime fp32" if predictor.backend == "onnxruntime" else "eager fp32 channels_last"]
@@ -234,10 +269,15 @@ def main_() -> None:
         folder = Path(tmp) / "e2e"
         folder.mkdir()
         make_studies(folder, args.size, args.e2e_per_encoding, encodings)
-        print(f"\n3. end-to-end run_predict on {args.e2e_per_encoding * len(encodings)} DICOMs (model load, export, workers "
-              f"and CSV included); serial bound {bound:.1f} images/s, all {cores} cores busy {cores * bound:.1f}")
+        print(
+            f"\n3. end-to-end run_predict on {args.e2e_per_encoding * len(encodings)} DICOMs (model load, export, workers "
+            f"and CSV included); serial bound {bound:.1f} images/s, all {cores} cores busy {cores * bound:.1f}"
+        )
         splits = [(split.workers, split.threads)] + [
-            (w, t) for w in sorted({0, 1, 2, cores}) for t in sorted({1, 2, cores}) if (w, t) != (split.workers, split.threads)
+            (w, t)
+            for w in sorted({0, 1, 2, cores})
+            for t in sorted({1, 2, cores})
+            if (w, t) != (split.workers, split.threads)
         ]
         rates: dict[tuple[int, int], list[float]] = {split_: [] for split_ in splits}
         end_to_end(folder, args.model, split.workers, split.threads, Path(tmp) / "p.csv")  # warm-up: caches, export
@@ -247,11 +287,12 @@ def main_() -> None:
         for (workers, threads), values in rates.items():
             rate = float(np.median(values))
             tag = "  (default)" if (workers, threads) == (split.workers, split.threads) else ""
-            print(f"  workers {workers}, threads {threads}: median {rate:6.1f} images/s ({', '.join(f'{v:.1f}' for v in values)}), "
-                  f"{rate / bound:5.2f} of the serial bound, {rate / bound / cores:5.2f} of all cores busy{tag}")
+            print(
+                f"  workers {workers}, threads {threads}: median {rate:6.1f} images/s ({', '.join(f'{v:.1f}' for v in values)}), "
+                f"{rate / bound:5.2f} of the serial bound, {rate / bound / cores:5.2f} of all cores busy{tag}"
+            )
     if args.baseline:
         compare_with_baseline(args.baseline, args.size, _ints(args.baseline_per_encoding), encodings, args.model)
-
 
 
 if __name__ == "__main__":

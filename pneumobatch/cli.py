@@ -90,7 +90,8 @@ class Group(click.Group):
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise CommandError(
                 f"internal error ({type(exc).__name__}{': ' + first if first else ''}); this is a bug in pneumobatch, "
-                "please report it with the traceback (run again with PNEUMOBATCH_TRACEBACK=1)", EXIT_INTERNAL,
+                "please report it with the traceback (run again with PNEUMOBATCH_TRACEBACK=1)",
+                EXIT_INTERNAL,
             ) from exc
 
 
@@ -146,7 +147,9 @@ class LibraryChoice(click.Choice):
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    level = (
+        logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Warnings raised while reading one file (numpy overflow on a hostile rescale slope, a
     # malformed DICOM value) are about that file, whose row says what happened: they go to
@@ -183,7 +186,11 @@ def main() -> None:
 
 
 @main.command("models", short_help="List installed models with task, classes and test AUC.")
-@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of NAME.safetensors + NAME.json (default: the shipped weights/).")
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of NAME.safetensors + NAME.json (default: the shipped weights/).",
+)
 def models_command(weights_dir: Optional[Path]) -> None:
     """List the installed models with their task, classes and test metrics."""
     from pneumobatch.model.registry import DEFAULT_MODEL, default_weights_dir, list_models
@@ -195,17 +202,33 @@ def models_command(weights_dir: Optional[Path]) -> None:
         test = card.metrics.get("test", {})
         auc = f"test AUC {test['auc']:.3f}" if "auc" in test else "no test metrics"
         default = " (default)" if card.name == DEFAULT_MODEL else ""
-        click.echo(f"{card.name}{default}: task {card.task}, classes {', '.join(card.classes)}; {card.architecture} @ {card.input_size}px; {auc}")
+        click.echo(
+            f"{card.name}{default}: task {card.task}, classes {', '.join(card.classes)}; {card.architecture} @ {card.input_size}px; {auc}"
+        )
 
 
 @main.command("fit-applicability", short_help="Fit a model's applicability (out-of-distribution) statistics.")
 @click.argument("model")
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where MODEL is looked up (default: the shipped weights/).")
-@click.option("--class", "only_class", help="Fit on images of this class only (e.g. normal: a site's normal radiographs).")
-@click.option("--percentile", type=click.FloatRange(50, 100), default=99.0, show_default=True, help="Validation-score percentile used as the flag threshold.")
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where MODEL is looked up (default: the shipped weights/).",
+)
+@click.option(
+    "--class", "only_class", help="Fit on images of this class only (e.g. normal: a site's normal radiographs)."
+)
+@click.option(
+    "--percentile",
+    type=click.FloatRange(50, 100),
+    default=99.0,
+    show_default=True,
+    help="Validation-score percentile used as the flag threshold.",
+)
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
-def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[Path], only_class: Optional[str], percentile: float, workers: int) -> None:
+def fit_applicability_command(
+    model: str, manifest: Path, weights_dir: Optional[Path], only_class: Optional[str], percentile: float, workers: int
+) -> None:
     """Fit MODEL's applicability statistics on MANIFEST's train split; threshold on its val split.
 
     Writes NAME.applicability.safetensors beside the weights and records it (SHA-256,
@@ -216,9 +239,13 @@ def fit_applicability_command(model: str, manifest: Path, weights_dir: Optional[
     from pneumobatch.training.applicability import fit_from_manifest
 
     loaded = load_model(model, weights_dir, statistics=False)  # the statistics are being replaced
-    stats, info = fit_from_manifest(loaded, manifest, percentile=percentile, workers=workers, only_class=only_class, progress=click.echo)
+    stats, info = fit_from_manifest(
+        loaded, manifest, percentile=percentile, workers=workers, only_class=only_class, progress=click.echo
+    )
     path = attach(loaded, stats, info)
-    click.echo(f"wrote {path}; threshold {stats.threshold:.3f} ({percentile:g}th percentile of {info['n_val']} validation images)")
+    click.echo(
+        f"wrote {path}; threshold {stats.threshold:.3f} ({percentile:g}th percentile of {info['n_val']} validation images)"
+    )
 
 
 _T = TrainConfig  # option defaults are the library's, defined once
@@ -226,32 +253,127 @@ _T = TrainConfig  # option defaults are the library's, defined once
 
 @main.command("train", short_help="Train a model from a manifest CSV or class folders.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--task", type=click.Choice([*TASKS, "custom"]), default=_T.task, show_default=True, help="Which classes to learn; findings map to them by rule.")
+@click.option(
+    "--task",
+    type=click.Choice([*TASKS, "custom"]),
+    default=_T.task,
+    show_default=True,
+    help="Which classes to learn; findings map to them by rule.",
+)
 @click.option("--name", help="Model name (files NAME.safetensors/NAME.json). Default: the task name.")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT_DIR, show_default=True)
-@click.option("--label-column", default=_T.label_column, show_default=True, help="Manifest column holding the label or hierarchical finding.")
-@click.option("--split-column", default=_T.split_column, show_default=True, help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.")
-@click.option("--patient-column", default=_T.patient_column, show_default=True, help="Manifest column grouping images of one patient (no patient on two sides of a split).")
-@click.option("--group-column", default=_T.group_column, show_default=True, help="Manifest column to report test metrics by (e.g. source, site).")
-@click.option("--arch", "architecture", default=_T.architecture, show_default=True, help="Architecture (see --help for the list in the README).")
-@click.option("--init", default=_T.init, show_default=True, help="imagenet, random, or a .safetensors of the same architecture.")
+@click.option(
+    "-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT_DIR, show_default=True
+)
+@click.option(
+    "--label-column",
+    default=_T.label_column,
+    show_default=True,
+    help="Manifest column holding the label or hierarchical finding.",
+)
+@click.option(
+    "--split-column",
+    default=_T.split_column,
+    show_default=True,
+    help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.",
+)
+@click.option(
+    "--patient-column",
+    default=_T.patient_column,
+    show_default=True,
+    help="Manifest column grouping images of one patient (no patient on two sides of a split).",
+)
+@click.option(
+    "--group-column",
+    default=_T.group_column,
+    show_default=True,
+    help="Manifest column to report test metrics by (e.g. source, site).",
+)
+@click.option(
+    "--arch",
+    "architecture",
+    default=_T.architecture,
+    show_default=True,
+    help="Architecture (see --help for the list in the README).",
+)
+@click.option(
+    "--init", default=_T.init, show_default=True, help="imagenet, random, or a .safetensors of the same architecture."
+)
 @click.option("--input-size", type=click.IntRange(32, 1024), default=_T.input_size, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2, 4096), default=_T.batch_size, show_default=True)
-@click.option("--head-epochs", type=click.IntRange(0), default=_T.head_epochs, show_default=True, help="Stage 1: epochs training the classifier head alone (pretrained init only).")
-@click.option("--epochs", type=click.IntRange(1), default=_T.epochs, show_default=True, help="Stage 2: epochs fine-tuning the whole network (at most).")
-@click.option("--patience", type=click.IntRange(1), default=_T.patience, show_default=True, help="Early stopping: epochs without validation-AUC gain.")
+@click.option(
+    "--head-epochs",
+    type=click.IntRange(0),
+    default=_T.head_epochs,
+    show_default=True,
+    help="Stage 1: epochs training the classifier head alone (pretrained init only).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(1),
+    default=_T.epochs,
+    show_default=True,
+    help="Stage 2: epochs fine-tuning the whole network (at most).",
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(1),
+    default=_T.patience,
+    show_default=True,
+    help="Early stopping: epochs without validation-AUC gain.",
+)
 @click.option("--lr", type=float, default=_T.lr, show_default=True)
-@click.option("--balance", type=click.Choice(BALANCE_CHOICES), default=_T.balance, show_default=True, help="Imbalance handling: source = sample classes equally and sources within a class by the square root of their size; weights = class-weighted loss.")
-@click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="Age band for images without an age whose --group-column value matches PATTERN (glob, case-insensitive). Repeatable.")
-@click.option("--age-column", default=_T.age_column, show_default=True, help="Manifest column with the age in years (age bands: child < 18 <= adult).")
-@click.option("--view-column", default=_T.view_column, show_default=True, help="Manifest column with the view (AP/PA), for per-view metrics.")
-@click.option("--sex-column", default=_T.sex_column, show_default=True, help="Manifest column with the sex, for per-sex metrics.")
-@click.option("--hflip/--no-hflip", default=_T.hflip, show_default=True, help="Random horizontal flips (off: the heart's side is anatomy).")
-@click.option("--target-recall", type=RECALL_RANGE, default=_T.target_recall, show_default=True, help="Sensitivity the shipped threshold must reach on validation.")
-@click.option("--band-target-recall", multiple=True, metavar="BAND=RECALL", help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.")
+@click.option(
+    "--balance",
+    type=click.Choice(BALANCE_CHOICES),
+    default=_T.balance,
+    show_default=True,
+    help="Imbalance handling: source = sample classes equally and sources within a class by the square root of their size; weights = class-weighted loss.",
+)
+@click.option(
+    "--default-age-band",
+    multiple=True,
+    metavar="PATTERN=child|adult",
+    help="Age band for images without an age whose --group-column value matches PATTERN (glob, case-insensitive). Repeatable.",
+)
+@click.option(
+    "--age-column",
+    default=_T.age_column,
+    show_default=True,
+    help="Manifest column with the age in years (age bands: child < 18 <= adult).",
+)
+@click.option(
+    "--view-column",
+    default=_T.view_column,
+    show_default=True,
+    help="Manifest column with the view (AP/PA), for per-view metrics.",
+)
+@click.option(
+    "--sex-column", default=_T.sex_column, show_default=True, help="Manifest column with the sex, for per-sex metrics."
+)
+@click.option(
+    "--hflip/--no-hflip",
+    default=_T.hflip,
+    show_default=True,
+    help="Random horizontal flips (off: the heart's side is anatomy).",
+)
+@click.option(
+    "--target-recall",
+    type=RECALL_RANGE,
+    default=_T.target_recall,
+    show_default=True,
+    help="Sensitivity the shipped threshold must reach on validation.",
+)
+@click.option(
+    "--band-target-recall",
+    multiple=True,
+    metavar="BAND=RECALL",
+    help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.",
+)
 @click.option("--seed", type=int, default=_T.seed, show_default=True)
 @click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images.")
+@click.option(
+    "--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images."
+)
 @click.option("--resume", is_flag=True, help="Continue from NAME.checkpoint.pt in the output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model of the same name.")
 @click.option("-v", "--verbose", count=True)
@@ -268,7 +390,9 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     _setup_logging(verbose, False)
     name = name or options["task"]
     if (out_dir / f"{name}.safetensors").exists() and not overwrite and not options["resume"]:
-        raise click.UsageError(f"{out_dir / name}.safetensors exists; pass --overwrite to replace it or --name for another name")
+        raise click.UsageError(
+            f"{out_dir / name}.safetensors exists; pass --overwrite to replace it or --name for another name"
+        )
     _check_train_inputs(out_dir, options["init"], options["device"])
     config = TrainConfig(data=data, out_dir=out_dir, name=name, **options)
     card = train(config, progress=click.echo)
@@ -277,23 +401,47 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     if test:
         parts = [f"test AUC {test.get('auc', float('nan')):.4f}"]
         if "sensitivity" in test:
-            parts.append(f"sensitivity {test['sensitivity']:.3f} / specificity {test['specificity']:.3f} at threshold {card.threshold:.3f}")
+            parts.append(
+                f"sensitivity {test['sensitivity']:.3f} / specificity {test['specificity']:.3f} at threshold {card.threshold:.3f}"
+            )
         click.echo("; ".join(parts))
 
 
 @main.command("retune", short_help="Choose a trained model's temperature and operating points again (no training).")
 @click.argument("model")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where MODEL is looked up (default: the shipped weights/).")
-@click.option("--label-column", default=_T.label_column, show_default=True, help="Manifest column holding the label or hierarchical finding.")
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where MODEL is looked up (default: the shipped weights/).",
+)
+@click.option(
+    "--label-column",
+    default=_T.label_column,
+    show_default=True,
+    help="Manifest column holding the label or hierarchical finding.",
+)
 @click.option("--split-column", default=_T.split_column, show_default=True)
 @click.option("--patient-column", default=_T.patient_column, show_default=True)
 @click.option("--group-column", default=_T.group_column, show_default=True)
 @click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="As for train. Repeatable.")
-@click.option("--target-recall", type=RECALL_RANGE, default=_T.target_recall, show_default=True, help="Sensitivity the pooled threshold must reach on validation.")
-@click.option("--band-target-recall", multiple=True, metavar="BAND=RECALL", help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.")
+@click.option(
+    "--target-recall",
+    type=RECALL_RANGE,
+    default=_T.target_recall,
+    show_default=True,
+    help="Sensitivity the pooled threshold must reach on validation.",
+)
+@click.option(
+    "--band-target-recall",
+    multiple=True,
+    metavar="BAND=RECALL",
+    help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.",
+)
 @click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images.")
+@click.option(
+    "--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images."
+)
 def retune_command(model: str, data: Path, weights_dir: Optional[Path], **options) -> None:
     """Choose MODEL's temperature and operating points again on DATA's validation split.
 
@@ -309,7 +457,9 @@ def retune_command(model: str, data: Path, weights_dir: Optional[Path], **option
     card = retune(model, config, weights_dir, progress=click.echo)
     points = card.thresholds.get("by_age_band") or {}
     bands = "; ".join(f"{b} {p['recall_target']:.4f} (target {p['target_recall']:g})" for b, p in points.items())
-    click.echo(f"rewrote the card of {card.name}: pooled threshold {card.threshold:.4f}" + (f"; {bands}" if bands else ""))
+    click.echo(
+        f"rewrote the card of {card.name}: pooled threshold {card.threshold:.4f}" + (f"; {bands}" if bands else "")
+    )
 
 
 def _check_train_inputs(out_dir: Path, init: str, device: str) -> None:
@@ -332,32 +482,132 @@ _P = PredictConfig  # option defaults are the library's, defined once
 
 @main.command("predict", short_help="Predict every file under folders; write CSV predictions.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_P.output, show_default=True, help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.")
-@click.option("-m", "--model", "model_names", multiple=True, help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]")
-@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model names are looked up (default: the shipped weights/).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=_P.output,
+    show_default=True,
+    help="File-level CSV; OUT.studies.csv and OUT.run.json are written beside it.",
+)
+@click.option(
+    "-m",
+    "--model",
+    "model_names",
+    multiple=True,
+    help="Model name in the weights folder or path to NAME.json/NAME.safetensors; repeat for several. [default: pneumonia]",
+)
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where model names are looked up (default: the shipped weights/).",
+)
 @click.option("--device", default=_P.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=LibraryChoice("pneumobatch.model.device", "PRECISIONS"), default=_P.precision, show_default=True, help="auto: fp16/bf16 on CUDA, fp32 on CPU.")
-@click.option("--backend", type=LibraryChoice("pneumobatch.model.device", "BACKENDS"), default=_P.backend, show_default=True, help="CPU forward pass: auto = ONNX Runtime when installed (fp32), else PyTorch.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=_P.batch_size, help="Images per forward pass. [default: 16, or 64 on CUDA]")
-@click.option("--workers", type=click.IntRange(0, 64), default=_P.workers, help="Decoding processes. [default: one per core on the CPU (0 on a single core: the main process decodes); with a GPU all cores but one]")
-@click.option("--threads", type=click.IntRange(1, 256), default=_P.threads, help="Torch threads of the main process. [default: a quarter of the cores on the CPU (at least 1); 1 with a GPU]")
+@click.option(
+    "--precision",
+    type=LibraryChoice("pneumobatch.model.device", "PRECISIONS"),
+    default=_P.precision,
+    show_default=True,
+    help="auto: fp16/bf16 on CUDA, fp32 on CPU.",
+)
+@click.option(
+    "--backend",
+    type=LibraryChoice("pneumobatch.model.device", "BACKENDS"),
+    default=_P.backend,
+    show_default=True,
+    help="CPU forward pass: auto = ONNX Runtime when installed (fp32), else PyTorch.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=_P.batch_size,
+    help="Images per forward pass. [default: 16, or 64 on CUDA]",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 64),
+    default=_P.workers,
+    help="Decoding processes. [default: one per core on the CPU (0 on a single core: the main process decodes); with a GPU all cores but one]",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=_P.threads,
+    help="Torch threads of the main process. [default: a quarter of the cores on the CPU (at least 1); 1 with a GPU]",
+)
 @click.option("--resume", is_flag=True, help="Skip files already in OUT (same path, size and mtime) and add the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--study-from", type=click.Choice(STUDY_FROM), default=_P.study_from, show_default=True, help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).")
-@click.option("--include-lateral", is_flag=True, help="Predict lateral views too (skipped with reason lateral by default).")
-@click.option("--max-pixels", type=click.IntRange(1), default=_P.max_pixels, show_default=True, help="Refuse larger images (reason too-large).")
+@click.option(
+    "--study-from",
+    type=click.Choice(STUDY_FROM),
+    default=_P.study_from,
+    show_default=True,
+    help="How PNG/JPEG files group into studies (DICOM uses StudyInstanceUID).",
+)
+@click.option(
+    "--include-lateral", is_flag=True, help="Predict lateral views too (skipped with reason lateral by default)."
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=_P.max_pixels,
+    show_default=True,
+    help="Refuse larger images (reason too-large).",
+)
 @click.option("--include-patient-id", is_flag=True, help="Add a patient_id column (patient names are never written).")
-@click.option("--chest-term", "chest_terms", multiple=True, metavar="WORD", help="A site's word for the chest in BodyPartExamined or descriptions. Repeatable.")
-@click.option("--not-chest-term", "not_chest_terms", multiple=True, metavar="WORD", help="A site's word for another body part: such DICOMs are skipped (not-chest). Repeatable.")
-@click.option("--follow-external-links", is_flag=True, help="Follow symbolic links that lead outside the input folders (skipped as external-link by default).")
-@click.option("--skip-ood", is_flag=True, help="Turn images flagged not applicable into skipped rows (out-of-distribution) instead of predicting and flagging them.")
-@click.option("--site", type=click.Path(dir_okay=False, path_type=Path), help="Site file from `pneumobatch calibrate`: its model uses the site's temperature and operating points.")
-@click.option("--engine", type=click.Choice(ENGINES), default=_P.engine, show_default=True, help="local: this machine; ray: a Ray cluster, decoding on CPU tasks and models on GPU actors (pip install 'pneumobatch[ray]').")
-@click.option("--ray-address", metavar="auto|ray://HOST:PORT", help="With --engine ray: the cluster to join (auto: the one started on this node with 'ray start'). [default: $RAY_ADDRESS, else a Ray started for this run]")
-@click.option("--ray-actors", type=click.IntRange(1), help="With --engine ray: model actors. [default: one per GPU of the cluster, else 1 CPU actor]")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr.")
+@click.option(
+    "--chest-term",
+    "chest_terms",
+    multiple=True,
+    metavar="WORD",
+    help="A site's word for the chest in BodyPartExamined or descriptions. Repeatable.",
+)
+@click.option(
+    "--not-chest-term",
+    "not_chest_terms",
+    multiple=True,
+    metavar="WORD",
+    help="A site's word for another body part: such DICOMs are skipped (not-chest). Repeatable.",
+)
+@click.option(
+    "--follow-external-links",
+    is_flag=True,
+    help="Follow symbolic links that lead outside the input folders (skipped as external-link by default).",
+)
+@click.option(
+    "--skip-ood",
+    is_flag=True,
+    help="Turn images flagged not applicable into skipped rows (out-of-distribution) instead of predicting and flagging them.",
+)
+@click.option(
+    "--site",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Site file from `pneumobatch calibrate`: its model uses the site's temperature and operating points.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=_P.engine,
+    show_default=True,
+    help="local: this machine; ray: a Ray cluster, decoding on CPU tasks and models on GPU actors (pip install 'pneumobatch[ray]').",
+)
+@click.option(
+    "--ray-address",
+    metavar="auto|ray://HOST:PORT",
+    help="With --engine ray: the cluster to join (auto: the one started on this node with 'ray start'). [default: $RAY_ADDRESS, else a Ray started for this run]",
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(1),
+    help="With --engine ray: model actors. [default: one per GPU of the cluster, else 1 CPU actor]",
+)
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar and no summary (for cron); errors still go to stderr."
+)
 @click.option("-v", "--verbose", count=True)
-def predict_command(inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options) -> None:
+def predict_command(
+    inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options
+) -> None:
     """Predict every image under INPUTS (folders or files) and write CSV predictions.
 
     Every file found gets a row: status ok, skipped (by rule, with a reason such as
@@ -401,13 +651,33 @@ def _archive_options(command):
     """The options naming an archive, shared by pull and push (credentials are never options)."""
     options = [
         click.option("--url", help="DICOMweb base URL, e.g. https://pacs.example.org/dicom-web."),
-        click.option("--dimse", metavar="HOST:PORT", help="DIMSE archive address (C-FIND, C-GET, C-STORE) instead of --url."),
+        click.option(
+            "--dimse", metavar="HOST:PORT", help="DIMSE archive address (C-FIND, C-GET, C-STORE) instead of --url."
+        ),
         click.option("--calling-ae", help="Our AE title for DIMSE. [default: PNEUMOBATCH]"),
         click.option("--called-ae", help="The archive's AE title for DIMSE. [default: ANY-SCP]"),
-        click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="PACS config file (mode 0600) with url/dimse, AE titles and credentials. [default: $PNEUMOBATCH_PACS_CONFIG]"),
-        click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), help="CA certificates to verify the archive's TLS certificate with (verification is on unless the config file says tls_verify = false)."),
-        click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help="Ledger of what was fetched and delivered (SQLite). Share one between pull and push in a nightly job."),
-        click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True, help="Retries of a study that failed, with a growing wait."),
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="PACS config file (mode 0600) with url/dimse, AE titles and credentials. [default: $PNEUMOBATCH_PACS_CONFIG]",
+        ),
+        click.option(
+            "--ca-bundle",
+            type=click.Path(exists=True, dir_okay=False),
+            help="CA certificates to verify the archive's TLS certificate with (verification is on unless the config file says tls_verify = false).",
+        ),
+        click.option(
+            "--ledger",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Ledger of what was fetched and delivered (SQLite). Share one between pull and push in a nightly job.",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(0, 10),
+            default=2,
+            show_default=True,
+            help="Retries of a study that failed, with a growing wait.",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No summary (for cron); failures still go to stderr."),
         click.option("-v", "--verbose", count=True),
     ]
@@ -419,7 +689,9 @@ def _archive_options(command):
 def _connection(url, dimse, calling_ae, called_ae, config, ca_bundle):
     from pneumobatch.operations.pacs.connection import connect_options
 
-    return connect_options(url=url, dimse=dimse, calling_ae=calling_ae, called_ae=called_ae, config=config, ca_bundle=ca_bundle)
+    return connect_options(
+        url=url, dimse=dimse, calling_ae=calling_ae, called_ae=called_ae, config=config, ca_bundle=ca_bundle
+    )
 
 
 def _finish(result, quiet: bool) -> None:
@@ -435,12 +707,40 @@ def _finish(result, quiet: bool) -> None:
 @main.command("pull", short_help="Fetch new chest radiograph studies from a PACS into a folder.")
 @click.argument("output", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--date", "on", metavar="YYYYMMDD", help="Studies of this one day (also: today, yesterday, Nd).")
-@click.option("--since", metavar="YYYYMMDD", help="Studies from this day on (also: today, yesterday, Nd for N days ago). [default: yesterday]")
+@click.option(
+    "--since",
+    metavar="YYYYMMDD",
+    help="Studies from this day on (also: today, yesterday, Nd for N days ago). [default: yesterday]",
+)
 @click.option("--until", metavar="YYYYMMDD", help="Studies up to this day. [default: today]")
-@click.option("--modality", "modalities", multiple=True, help="ModalitiesInStudy to search for; repeatable. [default: CR, DX, DR]")
-@click.option("--body-part", "body_parts", multiple=True, help="Fetch only series whose BodyPartExamined is this (or empty); repeatable.")
+@click.option(
+    "--modality", "modalities", multiple=True, help="ModalitiesInStudy to search for; repeatable. [default: CR, DX, DR]"
+)
+@click.option(
+    "--body-part",
+    "body_parts",
+    multiple=True,
+    help="Fetch only series whose BodyPartExamined is this (or empty); repeatable.",
+)
 @_archive_options
-def pull_command(output: Path, on, since, until, modalities, body_parts, url, dimse, calling_ae, called_ae, config, ca_bundle, ledger, retries, quiet, verbose) -> None:
+def pull_command(
+    output: Path,
+    on,
+    since,
+    until,
+    modalities,
+    body_parts,
+    url,
+    dimse,
+    calling_ae,
+    called_ae,
+    config,
+    ca_bundle,
+    ledger,
+    retries,
+    quiet,
+    verbose,
+) -> None:
     """Fetch the studies of a date window from a PACS into OUTPUT, for predict.
 
     \b
@@ -459,8 +759,13 @@ def pull_command(output: Path, on, since, until, modalities, body_parts, url, di
     _setup_logging(verbose, quiet)
     conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
     pull_config = PullConfig(
-        connection=conn, output=output, study_date=date_window(on, since, until),
-        modalities=tuple(m.upper() for m in modalities) or MODALITIES, body_parts=body_parts, ledger=ledger, retries=retries,
+        connection=conn,
+        output=output,
+        study_date=date_window(on, since, until),
+        modalities=tuple(m.upper() for m in modalities) or MODALITIES,
+        body_parts=body_parts,
+        ledger=ledger,
+        retries=retries,
     )
     result = run_pull(pull_config)
     _finish(result, quiet)
@@ -468,10 +773,34 @@ def pull_command(output: Path, on, since, until, modalities, body_parts, url, di
 
 @main.command("push", short_help="Send one DICOM SR per study and model back to a PACS.")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The folder predict read (headers are copied from its files; otherwise fetched from the archive).")
-@click.option("-m", "--model", "models", multiple=True, help="Push only this model's results; repeatable. [default: every model in the CSV]")
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The folder predict read (headers are copied from its files; otherwise fetched from the archive).",
+)
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    help="Push only this model's results; repeatable. [default: every model in the CSV]",
+)
 @_archive_options
-def push_command(predictions: Path, source, models, url, dimse, calling_ae, called_ae, config, ca_bundle, ledger, retries, quiet, verbose) -> None:
+def push_command(
+    predictions: Path,
+    source,
+    models,
+    url,
+    dimse,
+    calling_ae,
+    called_ae,
+    config,
+    ca_bundle,
+    ledger,
+    retries,
+    quiet,
+    verbose,
+) -> None:
     """Send PREDICTIONS back to a PACS: one DICOM SR per study and model.
 
     \b
@@ -490,7 +819,9 @@ def push_command(predictions: Path, source, models, url, dimse, calling_ae, call
 
     _setup_logging(verbose, quiet)
     conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
-    push_config = PushConfig(predictions=predictions, connection=conn, source=source, ledger=ledger, models=models, retries=retries)
+    push_config = PushConfig(
+        predictions=predictions, connection=conn, source=source, ledger=ledger, models=models, retries=retries
+    )
     result = run_push(push_config)
     _finish(result, quiet)
 
@@ -500,17 +831,62 @@ _R = ReportOptions  # option defaults are the library's, defined once
 
 @main.command("report", short_help="Evaluate predictions against labels: PDF + JSON.")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels CSV; without it a summary report (distribution, reasons, throughput).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=_R.output, show_default=True, help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labels CSV; without it a summary report (distribution, reasons, throughput).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=_R.output,
+    show_default=True,
+    help="PDF to write; REPORT.json and REPORT_files/*.png are written beside it.",
+)
 @click.option("--key", type=click.Choice(KEY_COLUMNS), help="Column joining labels to predictions. [default: detected]")
-@click.option("--label-column", default=_R.label_column, show_default=True, help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).")
-@click.option("-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]")
+@click.option(
+    "--label-column",
+    default=_R.label_column,
+    show_default=True,
+    help="Labels column: class names or hierarchical findings (e.g. Pneumonia/Viral/COVID-19).",
+)
+@click.option(
+    "-m", "--model", help="Report on this model (name, or task when one model has it). [default: each model in turn]"
+)
 @click.option("--by", multiple=True, help="Subgroup table by this labels column (e.g. --by view --by sex); repeatable.")
-@click.option("--where", multiple=True, metavar="COLUMN=VALUE", help="Use only label rows where COLUMN equals VALUE (e.g. --where split=test); repeatable.")
-@click.option("--default-age-band", multiple=True, metavar="PATTERN=child|adult", help="For --by age_band: the band of rows without an age whose source matches PATTERN. Repeatable.")
-@click.option("--target-recall", type=RECALL_RANGE, default=_R.target_recall, show_default=True, help="Sensitivity the recall_target operating point must reach on these data.")
-@click.option("--site", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site file from `pneumobatch calibrate`: its operating points side by side with the shipped ones (predictions made with predict --site are compared without it).")
-@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(0), default=_R.n_bootstrap, show_default=True, help="Bootstrap resamples for 95% confidence intervals (0: none).")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COLUMN=VALUE",
+    help="Use only label rows where COLUMN equals VALUE (e.g. --where split=test); repeatable.",
+)
+@click.option(
+    "--default-age-band",
+    multiple=True,
+    metavar="PATTERN=child|adult",
+    help="For --by age_band: the band of rows without an age whose source matches PATTERN. Repeatable.",
+)
+@click.option(
+    "--target-recall",
+    type=RECALL_RANGE,
+    default=_R.target_recall,
+    show_default=True,
+    help="Sensitivity the recall_target operating point must reach on these data.",
+)
+@click.option(
+    "--site",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Site file from `pneumobatch calibrate`: its operating points side by side with the shipped ones (predictions made with predict --site are compared without it).",
+)
+@click.option(
+    "--bootstrap",
+    "n_bootstrap",
+    type=click.IntRange(0),
+    default=_R.n_bootstrap,
+    show_default=True,
+    help="Bootstrap resamples for 95% confidence intervals (0: none).",
+)
 @click.option("--seed", type=int, default=_R.seed, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def report_command(predictions: Path, quiet: bool, **options) -> None:
@@ -531,23 +907,74 @@ def report_command(predictions: Path, quiet: bool, **options) -> None:
     if not quiet:
         for warning in result.warnings:
             click.echo(f"note: {warning}", err=True)
-        click.echo(f"wrote {result.pdf} and {result.metrics_json} ({len(result.figures)} figures) in {result.seconds:.1f}s")
+        click.echo(
+            f"wrote {result.pdf} and {result.metrics_json} ({len(result.figures)} figures) in {result.seconds:.1f}s"
+        )
 
 
 @main.command("calibrate", short_help="Fit temperature and operating points to a site's labelled sample.")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The site's labels CSV (same format as for report).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("site.json"), show_default=True, help="Site file to write.")
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The site's labels CSV (same format as for report).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("site.json"),
+    show_default=True,
+    help="Site file to write.",
+)
 @click.option("-m", "--model", help="Model to calibrate. [default: the only one in the CSV]")
-@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
+@click.option(
+    "--key",
+    type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]),
+    help="Column joining labels to predictions. [default: detected]",
+)
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--target-sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.95, show_default=True, help="Sensitivity the site threshold must reach on the sample.")
-@click.option("--apply", "apply", type=click.Choice(["target", "youden"]), default="target", show_default=True, help="Operating point predict --site applies: the target-sensitivity threshold or Youden's J.")
-@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples for the 95% intervals.")
+@click.option(
+    "--target-sensitivity",
+    type=click.FloatRange(0.5, 1.0, max_open=True),
+    default=0.95,
+    show_default=True,
+    help="Sensitivity the site threshold must reach on the sample.",
+)
+@click.option(
+    "--apply",
+    "apply",
+    type=click.Choice(["target", "youden"]),
+    default="target",
+    show_default=True,
+    help="Operating point predict --site applies: the target-sensitivity threshold or Youden's J.",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(0),
+    default=1000,
+    show_default=True,
+    help="Bootstrap resamples for the 95% intervals.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing site file.")
 @click.option("-q", "--quiet", is_flag=True)
-def calibrate_command(predictions: Path, labels_csv: Path, output: Path, model: Optional[str], key: Optional[str], label_column: str, target_sensitivity: float, apply: str, bootstrap: int, seed: int, overwrite: bool, quiet: bool) -> None:
+def calibrate_command(
+    predictions: Path,
+    labels_csv: Path,
+    output: Path,
+    model: Optional[str],
+    key: Optional[str],
+    label_column: str,
+    target_sensitivity: float,
+    apply: str,
+    bootstrap: int,
+    seed: int,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Fit MODEL's temperature and thresholds to a site's labelled PREDICTIONS; write a site file.
 
     \b
@@ -557,10 +984,21 @@ def calibrate_command(predictions: Path, labels_csv: Path, output: Path, model: 
     from pneumobatch.operations.calibrate import CalibrateConfig, calibrate
 
     _setup_logging(0, quiet)
-    result = calibrate(CalibrateConfig(
-        predictions=predictions, labels=labels_csv, output=output, model=model, key=key, label_column=label_column,
-        target_sensitivity=target_sensitivity, apply=apply, n_bootstrap=bootstrap, seed=seed, overwrite=overwrite,
-    ))
+    result = calibrate(
+        CalibrateConfig(
+            predictions=predictions,
+            labels=labels_csv,
+            output=output,
+            model=model,
+            key=key,
+            label_column=label_column,
+            target_sensitivity=target_sensitivity,
+            apply=apply,
+            n_bootstrap=bootstrap,
+            seed=seed,
+            overwrite=overwrite,
+        )
+    )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if not quiet:
@@ -574,23 +1012,33 @@ def site_summary(site: dict) -> str:
     def point(p: dict) -> str:
         if p.get("sensitivity") is None:
             return f"threshold {p['threshold']:.4f}"
+
         def ci(what: str) -> str:
             boot, exact = p.get(f"{what}_ci"), p.get(f"{what}_ci_exact")
-            parts = [f"bootstrap {boot[0]:.3f}-{boot[1]:.3f}" if boot else "", f"exact {exact[0]:.3f}-{exact[1]:.3f}" if exact else ""]
+            parts = [
+                f"bootstrap {boot[0]:.3f}-{boot[1]:.3f}" if boot else "",
+                f"exact {exact[0]:.3f}-{exact[1]:.3f}" if exact else "",
+            ]
             return f" ({'; '.join(x for x in parts if x)})" if any(parts) else ""
 
-        return (f"threshold {p['threshold']:.4f}: sensitivity {p['sensitivity']:.3f}{ci('sensitivity')}, "
-                f"specificity {p['specificity']:.3f}{ci('specificity')}")
+        return (
+            f"threshold {p['threshold']:.4f}: sensitivity {p['sensitivity']:.3f}{ci('sensitivity')}, "
+            f"specificity {p['specificity']:.3f}{ci('specificity')}"
+        )
 
     t = site["temperature"]
     counts = ", ".join(f"{c} {n}" for c, n in site["fitted_on"]["counts"].items())
-    lines = [f"{site['model']['name']}: {site['fitted_on']['n']} labelled images ({counts}); "
-             f"temperature {t['shipped']:.3f} -> {t['site']:.3f} (log loss {t['log_loss_before']:.3f} -> {t['log_loss_after']:.3f}, "
-             f"ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f})"]
+    lines = [
+        f"{site['model']['name']}: {site['fitted_on']['n']} labelled images ({counts}); "
+        f"temperature {t['shipped']:.3f} -> {t['site']:.3f} (log loss {t['log_loss_before']:.3f} -> {t['log_loss_after']:.3f}, "
+        f"ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f})"
+    ]
     shipped = site["shipped_on_site_data"]
     if shipped.get("sensitivity") is not None:
-        lines.append(f"  shipped pooled threshold {shipped['threshold']:.4f} at temperature {t['shipped']:.3f}: "
-                     f"sensitivity {shipped['sensitivity']:.3f}, specificity {shipped['specificity']:.3f}")
+        lines.append(
+            f"  shipped pooled threshold {shipped['threshold']:.4f} at temperature {t['shipped']:.3f}: "
+            f"sensitivity {shipped['sensitivity']:.3f}, specificity {shipped['specificity']:.3f}"
+        )
     points = site["operating_points"]
     for where, p in [("pooled", points["pooled"]), *points["by_age_band"].items()]:
         label = f"{where} ({p['source']})"
@@ -602,16 +1050,56 @@ def site_summary(site: dict) -> str:
 
 @main.command("monitor", short_help="Drift and alerts across nightly runs: PDF, JSON, Prometheus textfile.")
 @click.argument("run_jsons", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("monitor.pdf"), show_default=True, help="PDF to write; OUT.json and OUT.prom are written beside it.")
-@click.option("--baseline", type=click.IntRange(1), default=7, show_default=True, help="The first N runs form the baseline every later run is compared with.")
-@click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE", help="Override an alert limit (psi, ks_d, positive_rate_change, flag_rate_change, error_rate, alpha, min_images). Repeatable.")
-@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels of past nights (keyed by sop_instance_uid or study_instance_uid): adds rolling sensitivity, specificity and PPV.")
-@click.option("--key", type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]), help="Column joining labels to predictions. [default: detected]")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("monitor.pdf"),
+    show_default=True,
+    help="PDF to write; OUT.json and OUT.prom are written beside it.",
+)
+@click.option(
+    "--baseline",
+    type=click.IntRange(1),
+    default=7,
+    show_default=True,
+    help="The first N runs form the baseline every later run is compared with.",
+)
+@click.option(
+    "--limit",
+    "limits",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override an alert limit (psi, ks_d, positive_rate_change, flag_rate_change, error_rate, alpha, min_images). Repeatable.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labels of past nights (keyed by sop_instance_uid or study_instance_uid): adds rolling sensitivity, specificity and PPV.",
+)
+@click.option(
+    "--key",
+    type=click.Choice(["path", "sop_instance_uid", "study_instance_uid", "study"]),
+    help="Column joining labels to predictions. [default: detected]",
+)
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--window", type=click.IntRange(1), default=7, show_default=True, help="Runs pooled for the rolling labelled metrics.")
-@click.option("--prometheus", type=click.Path(dir_okay=False, path_type=Path), help="Prometheus textfile to write (e.g. in node_exporter's textfile directory). [default: OUT.prom]")
+@click.option(
+    "--window",
+    type=click.IntRange(1),
+    default=7,
+    show_default=True,
+    help="Runs pooled for the rolling labelled metrics.",
+)
+@click.option(
+    "--prometheus",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Prometheus textfile to write (e.g. in node_exporter's textfile directory). [default: OUT.prom]",
+)
 @click.option("-q", "--quiet", is_flag=True)
-def monitor_command(run_jsons: tuple[Path, ...], limits: tuple[str, ...], labels_csv: Optional[Path], quiet: bool, **options) -> None:
+def monitor_command(
+    run_jsons: tuple[Path, ...], limits: tuple[str, ...], labels_csv: Optional[Path], quiet: bool, **options
+) -> None:
     """Compare nightly RUN_JSONS (OUT.run.json files of predict) with a baseline; alert on drift.
 
     \b
@@ -623,7 +1111,9 @@ def monitor_command(run_jsons: tuple[Path, ...], limits: tuple[str, ...], labels
     from pneumobatch.operations.monitor.analysis import MonitorConfig, parse_limits, run_monitor
 
     _setup_logging(0, quiet)
-    result = run_monitor(MonitorConfig(run_jsons=list(run_jsons), limits=parse_limits(limits), labels=labels_csv, **options))
+    result = run_monitor(
+        MonitorConfig(run_jsons=list(run_jsons), limits=parse_limits(limits), labels=labels_csv, **options)
+    )
     for note in result.document["notes"]:
         click.echo(f"note: {note}", err=True)
     if not quiet:

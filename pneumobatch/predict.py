@@ -151,14 +151,20 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     started = datetime.now(timezone.utc)
     paths = OutputPaths(Path(config.output))
     roots = [Path(p) for p in config.inputs]
-    entries = [e for e in _entries(roots, config.follow_external_links) if not paths.owns(e.path)]  # an output inside the input tree
+    entries = [
+        e for e in _entries(roots, config.follow_external_links) if not paths.owns(e.path)
+    ]  # an output inside the input tree
     columns = columns_for(cards, config.include_patient_id)
     inputs = roots + [p for p in paths.replaced if _is_input_image(p, roots)]
-    with PredictionWriter(paths, columns, resume=config.resume, overwrite=config.overwrite, cards=cards, inputs=inputs) as writer:
+    with PredictionWriter(
+        paths, columns, resume=config.resume, overwrite=config.overwrite, cards=cards, inputs=inputs
+    ) as writer:
         todo = [e for e in entries if not all(writer.done(e, n) for n in names)]
         vocabulary = BodyPartVocabulary.with_site_terms(config.chest_terms, config.not_chest_terms)
         options = ReadOptions(
-            max_pixels=config.max_pixels, include_lateral=config.include_lateral, min_side=max(c.input_size for c in cards),
+            max_pixels=config.max_pixels,
+            include_lateral=config.include_lateral,
+            min_side=max(c.input_size for c in cards),
             body_parts=vocabulary,
         )
         t0 = time.perf_counter()
@@ -184,17 +190,41 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     counts = file_counts(frame)
     rate = n_ok_now / seconds if seconds > 0 else 0.0
     info = {
-        "schema_version": RUN_SCHEMA_VERSION, "pneumobatch_version": __version__,
+        "schema_version": RUN_SCHEMA_VERSION,
+        "pneumobatch_version": __version__,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "roots": [str(p.resolve()) for p in roots], "device": engine.device, "precision": config.precision, "backend": config.backend,
-        "batch_size": batch_size, "workers": engine.workers, "threads": engine.threads, "engine": engine.describe(),
+        "roots": [str(p.resolve()) for p in roots],
+        "device": engine.device,
+        "precision": config.precision,
+        "backend": config.backend,
+        "batch_size": batch_size,
+        "workers": engine.workers,
+        "threads": engine.threads,
+        "engine": engine.describe(),
         "resumed": config.resume,
-        "models": [{"name": c.name, "task": c.task, "classes": c.classes, "positive": c.positive, "threshold": c.threshold,
-                    "thresholds": c.operating_points(), "weights_sha256": c.weights_sha256, "architecture": c.architecture,
-                    "input_size": c.input_size, "card": c.to_dict()} for c in cards],
-        "counts": counts, "files_processed_this_run": len(todo), "seconds": round(seconds, 2), "images_per_second": round(rate, 2),
+        "models": [
+            {
+                "name": c.name,
+                "task": c.task,
+                "classes": c.classes,
+                "positive": c.positive,
+                "threshold": c.threshold,
+                "thresholds": c.operating_points(),
+                "weights_sha256": c.weights_sha256,
+                "architecture": c.architecture,
+                "input_size": c.input_size,
+                "card": c.to_dict(),
+            }
+            for c in cards
+        ],
+        "counts": counts,
+        "files_processed_this_run": len(todo),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(rate, 2),
     }
     info["monitoring"] = monitoring_block(frame, cards, round(rate, 2))
     write_run_json(paths.run, info)
-    return PredictRun(paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, engine.device, info)
+    return PredictRun(
+        paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, engine.device, info
+    )

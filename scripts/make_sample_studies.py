@@ -24,9 +24,14 @@ from pneumobatch.testing.synthetic import write_cxr
 PICKS = {"normal": 10, "bacterial": 8, "viral": 7, "covid-19": 8}
 # Encodings in turn; each tuple: (encoding, monochrome1, keep extension)
 DICOM_STYLES = [
-    ("explicit", False, False), ("j2k-lossless", False, True), ("jpegls", False, False),
-    ("rle", False, True), ("explicit", True, True), ("jpeg-baseline", False, False),
-    ("deflate", False, True), ("j2k", False, False),
+    ("explicit", False, False),
+    ("j2k-lossless", False, True),
+    ("jpegls", False, False),
+    ("rle", False, True),
+    ("explicit", True, True),
+    ("jpeg-baseline", False, False),
+    ("deflate", False, True),
+    ("j2k", False, False),
 ]
 
 
@@ -76,15 +81,31 @@ def build(data: Path, out: Path) -> None:
         rel_path = f"{patient}/ST{i:03d}/IM0001" + (".dcm" if ext else "")
         pixels = gray if encoding == "jpeg-baseline" else gray.astype(np.uint16) * 16 + 8
         write_cxr(
-            out / rel_path, pixels, encoding, bits_stored=None if encoding == "jpeg-baseline" else 12,
-            monochrome1=mono1, modality="CR" if i % 2 else "DX", view_position=row["view"].split(" ")[0] or "PA",
-            study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop, patient_id=patient,
+            out / rel_path,
+            pixels,
+            encoding,
+            bits_stored=None if encoding == "jpeg-baseline" else 12,
+            monochrome1=mono1,
+            modality="CR" if i % 2 else "DX",
+            view_position=row["view"].split(" ")[0] or "PA",
+            study_instance_uid=study,
+            series_instance_uid=series,
+            sop_instance_uid=sop,
+            patient_id=patient,
         )
         labels.append({"path": rel_path, "study_instance_uid": study, "sop_instance_uid": sop, **label})
         if i == 2:  # a lateral view in the same study: skipped by rule
-            write_cxr(folder / "IM0002", pixels.T.copy(), "explicit", bits_stored=12, view_position="LL",
-                      study_instance_uid=study, series_instance_uid=uid(name, "lat"), sop_instance_uid=uid(name, "lat-sop"),
-                      patient_id=patient)
+            write_cxr(
+                folder / "IM0002",
+                pixels.T.copy(),
+                "explicit",
+                bits_stored=12,
+                view_position="LL",
+                study_instance_uid=study,
+                series_instance_uid=uid(name, "lat"),
+                sop_instance_uid=uid(name, "lat-sop"),
+                patient_id=patient,
+            )
     _junk(out, picked)
     frame = pd.DataFrame(labels)
     from pneumobatch.core.tasks import get_task
@@ -100,14 +121,31 @@ def _junk(out: Path, picked: pd.DataFrame) -> None:
     rng = np.random.default_rng(0)
     scan = out / "SAMPLE900" / "CT_CHEST"
     scan.mkdir(parents=True)
-    write_cxr(scan / "CT000001", rng.integers(0, 4096, (64, 64)).astype(np.uint16), "explicit", bits_stored=12, series_instance_uid=uid("ct-series"),
-              modality="CT", study_instance_uid=uid("ct"), sop_instance_uid=uid("ct-sop"), patient_id="SAMPLE900")
+    write_cxr(
+        scan / "CT000001",
+        rng.integers(0, 4096, (64, 64)).astype(np.uint16),
+        "explicit",
+        bits_stored=12,
+        series_instance_uid=uid("ct-series"),
+        modality="CT",
+        study_instance_uid=uid("ct"),
+        sop_instance_uid=uid("ct-sop"),
+        patient_id="SAMPLE900",
+    )
     knee = out / "SAMPLE901" / "XR_KNEE"  # a CR study of another body part: skipped not-chest
     knee.mkdir(parents=True)
-    write_cxr(knee / "IM0001", (np.random.default_rng(1).integers(0, 4096, (96, 80)) // 16 * 16).astype(np.uint16), "explicit", bits_stored=12,
-              modality="CR", study_instance_uid=uid("knee"), series_instance_uid=uid("knee-series"),
-              sop_instance_uid=uid("knee-sop"), patient_id="SAMPLE901",
-              extra={"BodyPartExamined": "KNEE", "StudyDescription": "XR KNEE 2 VIEWS"})
+    write_cxr(
+        knee / "IM0001",
+        (np.random.default_rng(1).integers(0, 4096, (96, 80)) // 16 * 16).astype(np.uint16),
+        "explicit",
+        bits_stored=12,
+        modality="CR",
+        study_instance_uid=uid("knee"),
+        series_instance_uid=uid("knee-series"),
+        sop_instance_uid=uid("knee-sop"),
+        patient_id="SAMPLE901",
+        extra={"BodyPartExamined": "KNEE", "StudyDescription": "XR KNEE 2 VIEWS"},
+    )
     _ct_slice_png(out / "exports" / "CT_slice_export.png")
     from pydicom.dataset import Dataset, FileMetaDataset
 
@@ -116,7 +154,11 @@ def _junk(out: Path, picked: pd.DataFrame) -> None:
     meta.MediaStorageSOPInstanceUID = uid("sr")
     meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
     sr = Dataset()
-    sr.file_meta, sr.SOPClassUID, sr.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    sr.file_meta, sr.SOPClassUID, sr.SOPInstanceUID = (
+        meta,
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     sr.Modality, sr.StudyInstanceUID, sr.PatientID = "SR", uid("ct"), "SAMPLE900"
     sr.save_as(scan / "SR000001", enforce_file_format=True)
     dicomdir_meta = FileMetaDataset()

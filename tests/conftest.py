@@ -41,18 +41,29 @@ def weights_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
     card = ModelCard(
-        name="tiny", task="pneumonia", classes=["normal", "pneumonia"], architecture="mobilenet_v3_small",
-        input_size=32, mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5,
+        name="tiny",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="mobilenet_v3_small",
+        input_size=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.5,
     )
     save_model(net.eval(), card, folder)
     net3 = create_model("mobilenet_v3_small", 4, pretrained=False, input_size=40)
     card3 = ModelCard(
-        name="tiny-etiology", task="etiology", classes=["normal", "bacterial", "viral", "covid-19"],
-        architecture="mobilenet_v3_small", input_size=40, mean=[0.5] * 3, std=[0.25] * 3,
+        name="tiny-etiology",
+        task="etiology",
+        classes=["normal", "bacterial", "viral", "covid-19"],
+        architecture="mobilenet_v3_small",
+        input_size=40,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
     )
     save_model(net3.eval(), card3, folder)
     return folder
-
 
 
 def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> Path:
@@ -71,9 +82,18 @@ def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> 
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name)
         patient = f"p{i // 2}"  # two images per patient, of different classes
         split = ("train", "train", "train", "val", "test")[(i // 2) % 5]
-        rows.append({"path": name, "finding": "Pneumonia/Bacterial" if pneumonia else "No Finding",
-                     "split": split if with_split else "", "patient_id": patient, "source": "synthetic"})
-    rows.append({"path": "images/000.png", "finding": "ARDS", "split": "train", "patient_id": "p0", "source": "synthetic"})
+        rows.append(
+            {
+                "path": name,
+                "finding": "Pneumonia/Bacterial" if pneumonia else "No Finding",
+                "split": split if with_split else "",
+                "patient_id": patient,
+                "source": "synthetic",
+            }
+        )
+    rows.append(
+        {"path": "images/000.png", "finding": "ARDS", "split": "train", "patient_id": "p0", "source": "synthetic"}
+    )
     manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest

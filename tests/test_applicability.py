@@ -67,7 +67,9 @@ def test_feature_tap_captures_the_classifier_input_and_stage_statistics():
     net(x)
     conv = net[0](x)
     torch.testing.assert_close(tap.features[HEAD], net[2](net[1](conv)).detach())
-    torch.testing.assert_close(tap.features["0"], torch.cat([conv.mean((2, 3)), conv.std((2, 3), correction=0)], 1).detach())
+    torch.testing.assert_close(
+        tap.features["0"], torch.cat([conv.mean((2, 3)), conv.std((2, 3), correction=0)], 1).detach()
+    )
     tap.close()
     tap.features = {}
     net(x)
@@ -106,10 +108,21 @@ def test_multilayer_round_trip_and_legacy_single_layer_files_load(tmp_path: Path
 
     head = stats.layers[HEAD]  # a file written by pneumobatch before the multi-layer method
     legacy = tmp_path / "old.applicability.safetensors"
-    save_file({"mean": head.mean.astype(np.float32), "components": head.components.astype(np.float32),
-               "variances": head.variances.astype(np.float32)}, str(legacy),
-              metadata={"method": LEGACY_METHOD, "maha_scale": repr(head.maha_scale), "resid_scale": repr(head.resid_scale),
-                        "threshold": "1.5", "info": "{}"})
+    save_file(
+        {
+            "mean": head.mean.astype(np.float32),
+            "components": head.components.astype(np.float32),
+            "variances": head.variances.astype(np.float32),
+        },
+        str(legacy),
+        metadata={
+            "method": LEGACY_METHOD,
+            "maha_scale": repr(head.maha_scale),
+            "resid_scale": repr(head.resid_scale),
+            "threshold": "1.5",
+            "info": "{}",
+        },
+    )
     old = ApplicabilityStats.load(legacy)
     assert old.layer_names == [HEAD] and old.threshold == 1.5
     np.testing.assert_allclose(old.score(x[HEAD]), head.score(x[HEAD]), rtol=1e-4)
@@ -176,13 +189,29 @@ def test_fit_applicability_command_records_statistics_and_replaces_a_damaged_fil
     for f in weights_dir.glob("tiny.*"):
         shutil.copy(f, folder / f.name)
     fit_cmd = ["fit-applicability", "tiny", str(manifest), "--weights-dir", str(folder), "--workers", "1"]
-    predict = ["predict", str(tmp_path / "data" / "images"), "-m", "tiny", "--weights-dir", str(folder), "--quiet", "--overwrite",
-               "-o", str(tmp_path / "p.csv")]
+    predict = [
+        "predict",
+        str(tmp_path / "data" / "images"),
+        "-m",
+        "tiny",
+        "--weights-dir",
+        str(folder),
+        "--quiet",
+        "--overwrite",
+        "-o",
+        str(tmp_path / "p.csv"),
+    ]
     result = CliRunner().invoke(main, fit_cmd)
     assert result.exit_code == 0, result.output
     card = json.loads((folder / "tiny.json").read_text())["applicability"]
     assert card["file"] == "tiny.applicability.safetensors" and card["n_train"] == 30 and card["n_val"] == 10
-    assert card["orientation_check"]["transforms"] == ["rotated 90", "rotated 180", "rotated 270", "upside down", "inverted"]
+    assert card["orientation_check"]["transforms"] == [
+        "rotated 90",
+        "rotated 180",
+        "rotated 270",
+        "upside down",
+        "inverted",
+    ]
     assert CliRunner().invoke(main, predict).exit_code == 0
 
     (folder / "tiny.applicability.safetensors").write_bytes(b"damaged")

@@ -25,6 +25,7 @@ def test_every_benchmark_named_in_the_readme_exists():
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
 def test_benchmark_script_starts(script: Path):
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120,
-                          cwd=script.parent.parent)
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=script.parent.parent
+    )
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]

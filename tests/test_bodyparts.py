@@ -21,8 +21,13 @@ PIXELS = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7 % 4096).astype
 
 def write(path: Path, **headers) -> Path:
     body_part = headers.pop("BodyPartExamined", "CHEST")
-    write_cxr(path, PIXELS, modality=headers.pop("modality", "CR"), bits_stored=12,
-              extra={"BodyPartExamined": body_part, **headers})
+    write_cxr(
+        path,
+        PIXELS,
+        modality=headers.pop("modality", "CR"),
+        bits_stored=12,
+        extra={"BodyPartExamined": body_part, **headers},
+    )
     return path
 
 
@@ -39,13 +44,21 @@ def outcome(path: Path, options: ReadOptions | None = None) -> str:
     "headers, expected",
     [
         ({"BodyPartExamined": "EXTREMITY"}, "not-chest: BodyPartExamined names EXTREMITY, not the chest"),
-        ({"BodyPartExamined": "", "StudyDescription": "OPG Panoramic", "SeriesDescription": "Dental"},
-         "not-chest: StudyDescription names OPG, not the chest"),
+        (
+            {"BodyPartExamined": "", "StudyDescription": "OPG Panoramic", "SeriesDescription": "Dental"},
+            "not-chest: StudyDescription names OPG, not the chest",
+        ),
         ({"BodyPartExamined": "TEETH"}, "not-chest: BodyPartExamined names TEETH, not the chest"),
         ({"BodyPartExamined": "l-spine"}, "not-chest: BodyPartExamined names SPINE, not the chest"),
-        ({"BodyPartExamined": "", "ProtocolName": "KNIE li. 2 Eb."}, "not-chest: ProtocolName names KNIE, not the chest"),
+        (
+            {"BodyPartExamined": "", "ProtocolName": "KNIE li. 2 Eb."},
+            "not-chest: ProtocolName names KNIE, not the chest",
+        ),
         # the body part decides over descriptions
-        ({"BodyPartExamined": "KNEE", "StudyDescription": "CHEST PA"}, "not-chest: BodyPartExamined names KNEE, not the chest"),
+        (
+            {"BodyPartExamined": "KNEE", "StudyDescription": "CHEST PA"},
+            "not-chest: BodyPartExamined names KNEE, not the chest",
+        ),
         ({"BodyPartExamined": "CHEST", "StudyDescription": "Chest and abdomen"}, "ok"),
         ({"BodyPartExamined": "Thorax"}, "ok"),
         ({"BodyPartExamined": "", "StudyDescription": "Rx Tórax PA", "SpecificCharacterSet": "ISO_IR 100"}, "ok"),
@@ -72,7 +85,7 @@ def test_site_terms_extend_the_vocabulary(tmp_path: Path):
 
 
 def test_examined_part_never_returns_header_text():
-    part, keyword = examined_part({"BodyPartExamined": "=HYPERLINK(\"x\") KNEE"})
+    part, keyword = examined_part({"BodyPartExamined": '=HYPERLINK("x") KNEE'})
     assert (part, keyword) == ("KNEE", "BodyPartExamined")
 
 
@@ -93,7 +106,9 @@ def test_predict_skips_a_leg_and_a_dental_panoramic(tmp_path: Path):
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
-@pytest.mark.parametrize("age, band", [("045Y", "adult"), ("017Y", "child"), ("006M", "child"), ("", "unknown"), ("abc", "unknown")])
+@pytest.mark.parametrize(
+    "age, band", [("045Y", "adult"), ("017Y", "child"), ("006M", "child"), ("", "unknown"), ("abc", "unknown")]
+)
 def test_patient_age_becomes_an_age_band(tmp_path: Path, age: str, band: str):
     image = read_dicom(write(tmp_path / "a.dcm", PatientAge=age), ReadOptions())
     assert image.meta["age_band"] == band

@@ -13,8 +13,16 @@ from pneumobatch.core.errors import ModelError
 
 
 def card(**kw) -> ModelCard:
-    base = dict(name="pneu", task="pneumonia", classes=["normal", "pneumonia"], architecture="a", input_size=32,
-                mean=[0.5], std=[0.5], positive="pneumonia")
+    base = dict(
+        name="pneu",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="a",
+        input_size=32,
+        mean=[0.5],
+        std=[0.5],
+        positive="pneumonia",
+    )
     return ModelCard(**{**base, **kw})
 
 
@@ -27,8 +35,15 @@ def test_binary_without_threshold_uses_half_inclusive():
 
 
 def test_binary_threshold_and_age_band():
-    c = card(threshold=0.2, thresholds={"recall_target": 0.2, "youden": 0.3, "recall_target_sensitivity": 0.9,
-                                        "by_age_band": {"child": {"recall_target": 0.6}}})
+    c = card(
+        threshold=0.2,
+        thresholds={
+            "recall_target": 0.2,
+            "youden": 0.3,
+            "recall_target_sensitivity": 0.9,
+            "by_age_band": {"child": {"recall_target": 0.6}},
+        },
+    )
     assert c.decide([0.8, 0.2]) == Decision("pneumonia", 0.2, "pooled")
     assert c.decide([0.5, 0.5], age_band="child") == Decision("normal", 0.6, "child")
     assert c.decide([0.3, 0.7], age_band="child").label == "pneumonia"

@@ -43,7 +43,10 @@ def edit_card(folder: Path, change) -> None:
         (lambda c: c.update(threshold=1.5), "threshold"),
         (lambda c: c.update(threshold=-0.1), "threshold"),
         (lambda c: c.update(threshold=float("nan")), "threshold"),
-        (lambda c: c.update(thresholds={"by_age_band": {"child": {"recall_target": 7}}}), "thresholds/by_age_band/child/recall_target"),
+        (
+            lambda c: c.update(thresholds={"by_age_band": {"child": {"recall_target": 7}}}),
+            "thresholds/by_age_band/child/recall_target",
+        ),
         (lambda c: c.update(input_size=100000), "input_size"),
         (lambda c: c.update(input_size=0), "input_size"),
         (lambda c: c.update(input_size="32"), "input_size"),
@@ -75,8 +78,22 @@ def test_predict_with_a_bad_card_is_one_line_exit_3(card_folder: Path, tmp_path:
     folder.mkdir()
     Image.fromarray((np.add.outer(np.arange(64), np.arange(64)) * 3 % 256).astype(np.uint8)).save(folder / "a.png")
     edit_card(card_folder, lambda c: c.update(temperature=0))
-    result = CliRunner().invoke(main, ["predict", str(folder), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(card_folder),
-                                       "-m", "tiny", "--workers", "0", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(folder),
+            "-o",
+            str(tmp_path / "p.csv"),
+            "--weights-dir",
+            str(card_folder),
+            "-m",
+            "tiny",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == EXIT_FATAL and "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "temperature" in lines[0], result.stderr

@@ -39,17 +39,47 @@ def blocked(tmp_path: Path) -> Path:
 
 @needs_no_gpu
 def test_predict_without_gpu(images: Path, tmp_path: Path, weights_dir: Path):
-    result = CliRunner().invoke(main, ["predict", str(images), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny", "--device", "cuda"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(images),
+            "-o",
+            str(tmp_path / "p.csv"),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--device",
+            "cuda",
+        ],
+    )
     one_line_error(result, EXIT_USAGE, "--device cuda", "no CUDA GPU")
 
 
 def test_predict_missing_model(images: Path, tmp_path: Path, weights_dir: Path):
-    result = CliRunner().invoke(main, ["predict", str(images), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "nope"])
+    result = CliRunner().invoke(
+        main, ["predict", str(images), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "nope"]
+    )
     one_line_error(result, EXIT_FATAL, "'nope' not found")
 
 
 def test_predict_unwritable_output(images: Path, blocked: Path, weights_dir: Path):
-    result = CliRunner().invoke(main, ["predict", str(images), "-o", str(blocked / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(images),
+            "-o",
+            str(blocked / "p.csv"),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--device",
+            "cpu",
+        ],
+    )
     one_line_error(result, EXIT_FATAL, "cannot write")
 
 
@@ -59,7 +89,24 @@ def test_predict_unwritable_output(images: Path, blocked: Path, weights_dir: Pat
 @pytest.fixture()
 def predictions(images: Path, tmp_path: Path, weights_dir: Path) -> Path:
     out = tmp_path / "p.csv"
-    result = CliRunner().invoke(main, ["predict", str(images), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "-q", "--device", "cpu", "--workers", "0"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(images),
+            "-o",
+            str(out),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "-q",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -90,7 +137,19 @@ def test_train_without_gpu(images: Path, tmp_path: Path):
 
 
 def test_train_missing_init_model(images: Path, tmp_path: Path):
-    result = CliRunner().invoke(main, ["train", str(images), "-o", str(tmp_path / "w"), "--device", "cpu", "--init", str(tmp_path / "missing.safetensors")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(images),
+            "-o",
+            str(tmp_path / "w"),
+            "--device",
+            "cpu",
+            "--init",
+            str(tmp_path / "missing.safetensors"),
+        ],
+    )
     one_line_error(result, EXIT_FATAL, "missing.safetensors")
 
 
@@ -136,7 +195,9 @@ def test_run_predict_is_a_library_call_without_click(tmp_path: Path, weights_dir
     assert (tmp_path / "p.run.json").is_file() and (tmp_path / "p.studies.csv").is_file()
 
 
-def test_a_bug_is_one_line_and_exit_4_not_the_file_errors_code(images: Path, tmp_path: Path, weights_dir: Path, monkeypatch):
+def test_a_bug_is_one_line_and_exit_4_not_the_file_errors_code(
+    images: Path, tmp_path: Path, weights_dir: Path, monkeypatch
+):
     import pneumobatch.predict
 
     def broken(config, progress=None):

@@ -54,9 +54,26 @@ def alive(pid: int) -> bool:
 
 def command(inputs: Path, out: Path, weights_dir: Path, *extra: str, workers: Optional[str] = "2") -> list[str]:
     """``predict`` with the tiny model; ``workers=None`` leaves ``--workers`` out (Ray scales its read tasks itself)."""
-    return [sys.executable, "-m", "pneumobatch", "predict", str(inputs), "-o", str(out), "--weights-dir", str(weights_dir),
-            "-m", "tiny", "--device", "cpu", *(["--workers", workers] if workers is not None else []), "--batch-size", "2",
-            "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pneumobatch",
+        "predict",
+        str(inputs),
+        "-o",
+        str(out),
+        "--weights-dir",
+        str(weights_dir),
+        "-m",
+        "tiny",
+        "--device",
+        "cpu",
+        *(["--workers", workers] if workers is not None else []),
+        "--batch-size",
+        "2",
+        "--quiet",
+        *extra,
+    ]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -84,8 +101,9 @@ def is_ray_core_actor_line(line: str) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc")
 @pytest.mark.parametrize("workers", ["2", "0"])  # 0: a single core's default, decoding in the main process
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])
-def test_a_signal_stops_the_run_cleanly_and_resume_finishes(slow_studies: Path, weights_dir: Path, tmp_path: Path, signum, code,
-                                                            workers: str):
+def test_a_signal_stops_the_run_cleanly_and_resume_finishes(
+    slow_studies: Path, weights_dir: Path, tmp_path: Path, signum, code, workers: str
+):
     out = tmp_path / "p.csv"
     journal = tmp_path / "p.csv.partial"
     env = subprocess_env()
@@ -93,7 +111,9 @@ def test_a_signal_stops_the_run_cleanly_and_resume_finishes(slow_studies: Path, 
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     wait_for_rows(proc, journal, 120)
     worker_pids = children(proc.pid)
-    if workers != "0" and Path(f"/proc/{proc.pid}/task/{proc.pid}/children").exists():  # a kernel without it: not checked
+    if (
+        workers != "0" and Path(f"/proc/{proc.pid}/task/{proc.pid}/children").exists()
+    ):  # a kernel without it: not checked
         assert worker_pids, "no decoding workers found"
     if signum == signal.SIGINT:
         os.killpg(proc.pid, signum)  # Ctrl-C in a terminal reaches the whole process group
@@ -119,7 +139,9 @@ def test_quiet_keeps_warnings_about_file_contents_off_stderr(tmp_path: Path, wei
     folder = tmp_path / "in"
     folder.mkdir()
     pixels = (np.add.outer(np.arange(64), np.arange(64)) * 37 % 4096).astype(np.uint16)
-    write_cxr(folder / "slope.dcm", pixels, bits_stored=12, extra={"RescaleSlope": "1e308", "RescaleIntercept": "1e308"})
+    write_cxr(
+        folder / "slope.dcm", pixels, bits_stored=12, extra={"RescaleSlope": "1e308", "RescaleIntercept": "1e308"}
+    )
     write_cxr(folder / "window.dcm", pixels, bits_stored=12, extra={"WindowCenter": "nan", "WindowWidth": "0"})
     env = subprocess_env()
     for workers in ("0", "1"):
@@ -148,7 +170,9 @@ def test_quiet_ray_run_leaves_stderr_to_errors(tmp_path: Path, weights_dir: Path
     assert "Token authentication" not in stderr and "Progress bars disabled" not in stderr, stderr
     assert "Traceback" not in stderr and "pneumobatch" not in stderr, stderr
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if shutil.disk_usage("/dev/shm").free > 0.31 * memory:  # else Ray warns that its object store (30% of memory) uses /tmp
+    if (
+        shutil.disk_usage("/dev/shm").free > 0.31 * memory
+    ):  # else Ray warns that its object store (30% of memory) uses /tmp
         foreign = [line for line in stderr.splitlines() if line.strip() and not is_ray_core_actor_line(line)]
         assert foreign == [], stderr
     rows = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)

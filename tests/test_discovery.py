@@ -32,8 +32,12 @@ def test_dangling_link_fifo_and_external_link_each_get_an_entry(tmp_path: Path):
     (root / "inner").symlink_to(root / "sub" / "ok.dcm")  # a link inside the root is followed
     os.mkfifo(root / "pipe")
     assert problems([root]) == {
-        "dangling": Reason.BROKEN_LINK, "ext_dir": Reason.EXTERNAL_LINK, "ext_file": Reason.EXTERNAL_LINK,
-        "inner": None, "pipe": Reason.SPECIAL_FILE, "sub/ok.dcm": None,
+        "dangling": Reason.BROKEN_LINK,
+        "ext_dir": Reason.EXTERNAL_LINK,
+        "ext_file": Reason.EXTERNAL_LINK,
+        "inner": None,
+        "pipe": Reason.SPECIAL_FILE,
+        "sub/ok.dcm": None,
     }
     followed = problems([root], follow_external_links=True)
     assert followed["ext_file"] is None and followed["ext_dir/secret.png"] is None
@@ -68,7 +72,8 @@ def test_predict_writes_rows_for_them_and_exits_1_for_the_unreadable(tmp_path: P
     os.mkfifo(root / "pipe")
     real_scandir = os.scandir
     monkeypatch.setattr(
-        discovery.os, "scandir",
+        discovery.os,
+        "scandir",
         lambda p: (_ for _ in ()).throw(PermissionError(13, "denied")) if Path(p).name == "locked" else real_scandir(p),
     )
     out = tmp_path / "p.csv"
@@ -76,7 +81,9 @@ def test_predict_writes_rows_for_them_and_exits_1_for_the_unreadable(tmp_path: P
     assert result.exit_code == 1, result.output
     rows = {r["path"]: (r["status"], r["reason"]) for r in csv.DictReader(out.open())}
     assert rows == {
-        "dangling": ("skipped", "broken-link"), "locked/": ("error", "unreadable"), "pipe": ("skipped", "special-file"),
+        "dangling": ("skipped", "broken-link"),
+        "locked/": ("error", "unreadable"),
+        "pipe": ("skipped", "special-file"),
     }
 
 
@@ -119,8 +126,12 @@ def test_blank_and_degenerate_images_are_refused(tmp_path: Path):
     hollow.write_bytes(buffer.getvalue()[:700])  # declares 2000x2000, holds almost nothing
     real = _png(tmp_path / "real.png", (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8))
     assert {p.name: _reason(p) for p in (black, white, tiny, flat, hollow, real)} == {
-        "black.png": "blank-image", "white.png": "blank-image", "tiny.png": "blank-image",
-        "flat.dcm": "blank-image", "hollow.jpg": _reason(hollow), "real.png": "ok",
+        "black.png": "blank-image",
+        "white.png": "blank-image",
+        "tiny.png": "blank-image",
+        "flat.dcm": "blank-image",
+        "hollow.jpg": _reason(hollow),
+        "real.png": "ok",
     }
     assert _reason(hollow) in ("blank-image", "corrupt")
 
@@ -201,7 +212,15 @@ def test_exif_orientation_is_applied(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"caf\xe9.dcm", b"a\rb.dcm", b"line\nbreak.png", b"back\\slash.dcm", b"tab\tand \xff\xfe.jpg", "tōrax.dcm".encode()]
+    "raw",
+    [
+        b"caf\xe9.dcm",
+        b"a\rb.dcm",
+        b"line\nbreak.png",
+        b"back\\slash.dcm",
+        b"tab\tand \xff\xfe.jpg",
+        "tōrax.dcm".encode(),
+    ],
 )
 def test_escaped_names_are_one_printable_line_and_lossless(raw: bytes):
     from pneumobatch.io.discovery import escape_path, unescape_path
@@ -231,7 +250,9 @@ def test_predict_and_resume_with_hostile_file_names(tmp_path: Path):
     before = out.read_bytes()
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
-    assert sorted(r["path"] for r in csv.DictReader(out.open(encoding="utf-8", newline=""))) == sorted(r["path"] for r in rows)
+    assert sorted(r["path"] for r in csv.DictReader(out.open(encoding="utf-8", newline=""))) == sorted(
+        r["path"] for r in rows
+    )
     assert out.read_bytes() == before
 
 

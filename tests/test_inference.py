@@ -43,7 +43,10 @@ def test_onnxruntime_gives_the_shipped_models_probabilities_and_applicability_sc
     assert all(applicability.values())
     s = models[0].card.input_size
     inputs = {s: torch.randint(0, 256, (5, 1, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
-    eager, onnx = Predictor(models, cpu, None, applicability, backend="torch"), Predictor(models, cpu, None, applicability)
+    eager, onnx = (
+        Predictor(models, cpu, None, applicability, backend="torch"),
+        Predictor(models, cpu, None, applicability),
+    )
     assert (eager.backend, onnx.backend) == ("torch", "onnxruntime")
     eager_scores: dict = {}
     onnx_scores: dict = {}
@@ -74,7 +77,17 @@ def test_backend_option_chooses_the_forward_pass_and_refuses_what_cannot_run(wei
     (tmp_path / "in").mkdir()
     for i in range(4):
         write_cxr(tmp_path / "in" / f"{i}.dcm", rng.integers(0, 4096, (96, 96)).astype(np.uint16), bits_stored=12)
-    base = ["predict", str(tmp_path / "in"), "-m", "tiny", "--weights-dir", str(weights_dir), "--quiet", "--device", "cpu"]
+    base = [
+        "predict",
+        str(tmp_path / "in"),
+        "-m",
+        "tiny",
+        "--weights-dir",
+        str(weights_dir),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     probs = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"{backend}.csv"
@@ -83,7 +96,9 @@ def test_backend_option_chooses_the_forward_pass_and_refuses_what_cannot_run(wei
         assert json.loads(out.with_suffix(".run.json").read_text())["backend"] == backend
         probs[backend] = pd.read_csv(out).sort_values("path")["prob_pneumonia"].to_numpy()
     np.testing.assert_allclose(probs["onnxruntime"], probs["torch"], atol=2e-6)
-    refused = CliRunner().invoke(main, base + ["--backend", "onnxruntime", "--precision", "bf16", "-o", str(tmp_path / "x.csv")])
+    refused = CliRunner().invoke(
+        main, base + ["--backend", "onnxruntime", "--precision", "bf16", "-o", str(tmp_path / "x.csv")]
+    )
     assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "fp32 on the CPU only" in refused.output
     assert not (tmp_path / "x.csv").exists()
 
@@ -117,13 +132,22 @@ def test_forward_batches_are_full_and_results_keep_discovery_order_whatever_fail
             return super().__call__(inputs, scores)
 
     cpu = torch.device("cpu")
-    results = list(run_inference(entries, Recording([model], cpu, None, backend="torch"), ReadOptions(), batch_size=7, workers=workers))
+    results = list(
+        run_inference(
+            entries, Recording([model], cpu, None, backend="torch"), ReadOptions(), batch_size=7, workers=workers
+        )
+    )
     assert DECODE_CHUNK < 7
     assert [r.entry.path.name for r in results] == [f"{i:03d}.png" for i in range(33)]
     assert [i for i, r in enumerate(results) if not r.probs] == sorted(broken)
     assert batches == [7, 7, 7, 3]  # 24 decoded files
-    one_by_one = {r.entry.path.name: r.probs["tiny"] for r in run_inference(entries, Predictor([model], cpu, None, backend="torch"),
-                                                                           ReadOptions(), batch_size=1, workers=0) if r.probs}
+    one_by_one = {
+        r.entry.path.name: r.probs["tiny"]
+        for r in run_inference(
+            entries, Predictor([model], cpu, None, backend="torch"), ReadOptions(), batch_size=1, workers=0
+        )
+        if r.probs
+    }
     for r in results:
         if r.probs:
             np.testing.assert_allclose(r.probs["tiny"], one_by_one[r.entry.path.name], atol=1e-5)
@@ -159,7 +183,9 @@ def test_workers_never_hand_the_main_process_file_descriptors(tmp_path, monkeypa
         seen += [item["meta"]["fd_server"] for item in items]
         pixels += [int(x[0, 0, 0]) for x in inputs[32]]
     assert len(seen) == 16 and not any(seen)
-    assert len(pixels) == 16 and all(b - a == 10 for a, b in zip(pixels, pixels[1:]))  # each file's own pixels, in order
+    assert len(pixels) == 16 and all(
+        b - a == 10 for a, b in zip(pixels, pixels[1:])
+    )  # each file's own pixels, in order
 
 
 def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replaced(weights_dir, tmp_path, monkeypatch):
@@ -194,22 +220,30 @@ def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replac
 
     other = next(f for f in (tmp_path / "cache" / "onnx").glob("*.onnx") if f != files[0])
     files[0].write_bytes(other.read_bytes())  # a valid export of other weights under this name
-    np.testing.assert_allclose(Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6)
+    np.testing.assert_allclose(
+        Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6
+    )
     assert exports == [1, 1] and files[0].read_bytes() != other.read_bytes()
 
     files[0].write_bytes(b"not an onnx model")
-    np.testing.assert_allclose(Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6)
+    np.testing.assert_allclose(
+        Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6
+    )
     assert exports == [1, 1, 1] and files[0].stat().st_size > 100
 
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")
     monkeypatch.setenv("PNEUMOBATCH_CACHE", str(blocked))
-    np.testing.assert_allclose(Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6)
+    np.testing.assert_allclose(
+        Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-6
+    )
     monkeypatch.setenv("PNEUMOBATCH_CACHE", "off")
     assert cache_dir() is None
 
 
-def test_the_onnx_cache_keeps_the_most_recently_used_exports_and_nothing_else_is_touched(weights_dir, tmp_path, monkeypatch):
+def test_the_onnx_cache_keeps_the_most_recently_used_exports_and_nothing_else_is_touched(
+    weights_dir, tmp_path, monkeypatch
+):
     """A site that retrains monthly must not fill its disk with exports: writing a new one
     deletes all but the ONNX_CACHE_KEEP most recently used (a cache hit counts as a use);
     files the cache did not name are left alone."""
@@ -245,7 +279,7 @@ def test_the_onnx_cache_keeps_the_most_recently_used_exports_and_nothing_else_is
     left = set(folder.iterdir())
     new = left - set(old) - {used, mine}
     assert len(new) == 1 and used in left and mine in left
-    assert left & set(old) == set(old[:ONNX_CACHE_KEEP - 2])  # the most recently used of the old ones
+    assert left & set(old) == set(old[: ONNX_CACHE_KEEP - 2])  # the most recently used of the old ones
 
 
 def test_predict_gives_the_callers_torch_threads_back(weights_dir, tmp_path):
@@ -259,8 +293,16 @@ def test_predict_gives_the_callers_torch_threads_back(weights_dir, tmp_path):
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        run = run_predict(PredictConfig(inputs=[tmp_path], output=tmp_path / "out" / "p.csv", models=["tiny"],
-                                        weights_dir=weights_dir, workers=0, threads=1))
+        run = run_predict(
+            PredictConfig(
+                inputs=[tmp_path],
+                output=tmp_path / "out" / "p.csv",
+                models=["tiny"],
+                weights_dir=weights_dir,
+                workers=0,
+                threads=1,
+            )
+        )
         assert run.exit_code == 0 and torch.get_num_threads() == 3
         json_path = tmp_path / "out" / "p.run.json"
         assert '"threads": 1' in json_path.read_text()

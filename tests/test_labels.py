@@ -274,17 +274,31 @@ def test_a_column_that_holds_the_models_labels_is_named_when_the_chosen_one_does
     which column maps more, in the report's notes, or in the error when nothing maps."""
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(4), size=6)
-    preds = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "status": "ok", "model": "eti", "task": "etiology",
-                          "pred_label": np.array(ETIOLOGY)[p.argmax(axis=1)],
-                          **{f"prob_{c}": p[:, j] for j, c in enumerate(ETIOLOGY)}})
+    preds = pd.DataFrame(
+        {
+            "path": [f"{i}.png" for i in range(6)],
+            "status": "ok",
+            "model": "eti",
+            "task": "etiology",
+            "pred_label": np.array(ETIOLOGY)[p.argmax(axis=1)],
+            **{f"prob_{c}": p[:, j] for j, c in enumerate(ETIOLOGY)},
+        }
+    )
     etiology = ["normal", "normal", "bacterial", "viral", "covid-19", "bacterial"]
-    labels = labels_frame({"path": [f"{i}.png" for i in range(6)],
-                           "label": ["normal" if e == "normal" else "pneumonia" for e in etiology],
-                           "etiology": etiology, "site": ["A", "B"] * 3})
+    labels = labels_frame(
+        {
+            "path": [f"{i}.png" for i in range(6)],
+            "label": ["normal" if e == "normal" else "pneumonia" for e in etiology],
+            "etiology": etiology,
+            "site": ["A", "B"] * 3,
+        }
+    )
     join = join_labels(preds, labels, describe_model(preds))
     assert len(join.rows) == 2 and join.problems["unmapped_labels"].count == 4
-    assert any("4 of 6 labels in column 'label'" in n and "column 'etiology' maps 6" in n and "--label-column etiology" in n
-               for n in join.notes), join.notes
+    assert any(
+        "4 of 6 labels in column 'label'" in n and "column 'etiology' maps 6" in n and "--label-column etiology" in n
+        for n in join.notes
+    ), join.notes
     assert not any("site" in n for n in join.notes)
     assert join_labels(preds, labels, describe_model(preds), label_column="etiology").notes == []
     with pytest.raises(LabelError, match="try --label-column etiology"):

@@ -139,9 +139,13 @@ def test_torch_free_parts_never_import_torch(part: str):
     prefix = f"pneumobatch.{part}"
     found = modules(PACKAGE)
     offenders = [
-        name for name, path in found.items()
+        name
+        for name, path in found.items()
         if (name == prefix or name.startswith(prefix + "."))
-        and any(m == "torch" or m.startswith("torch.") or m.startswith("torchvision") for m in imports(path, name, set(found)))
+        and any(
+            m == "torch" or m.startswith("torch.") or m.startswith("torchvision")
+            for m in imports(path, name, set(found))
+        )
     ]
     assert offenders == []
 

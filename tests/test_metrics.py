@@ -290,7 +290,13 @@ def test_card_and_report_choose_thresholds_by_one_rule(target):
     score = np.clip(0.3 * y + rng.normal(0.35, 0.2, 500), 0, 1).round(2)  # ties on purpose
     labels = np.where(y, "pneumonia", "normal")
     res = evaluate(
-        labels, np.c_[1 - score, score], BINARY, positive="pneumonia", threshold=0.5, target_recall=target, n_bootstrap=0
+        labels,
+        np.c_[1 - score, score],
+        BINARY,
+        positive="pneumonia",
+        threshold=0.5,
+        target_recall=target,
+        n_bootstrap=0,
     )
     points = {p["name"]: p for p in res["operating_points"]}
     card = select_threshold(y, score, target)

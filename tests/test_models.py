@@ -11,8 +11,17 @@ from pneumobatch.model.registry import create_model, list_models, load_model, sa
 
 
 def _card(name="m"):
-    return ModelCard(name=name, task="pneumonia", classes=["normal", "pneumonia"], architecture="mobilenet_v3_small",
-                     input_size=32, mean=[0.5] * 3, std=[0.5] * 3, positive="pneumonia", threshold=0.3)
+    return ModelCard(
+        name=name,
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="mobilenet_v3_small",
+        input_size=32,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        positive="pneumonia",
+        threshold=0.3,
+    )
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
@@ -51,6 +60,11 @@ def test_pretrained_lite0_loads_offline_and_unknown_architectures_fail():
 
 def test_operating_points_are_only_thresholds():
     card = _card()
-    card.thresholds = {"recall_target": 0.12, "recall_target_sensitivity": 0.98, "youden": 0.3,
-                       "youden_specificity": 0.9, "target_recall": 0.95}
+    card.thresholds = {
+        "recall_target": 0.12,
+        "recall_target_sensitivity": 0.98,
+        "youden": 0.3,
+        "youden_specificity": 0.9,
+        "target_recall": 0.95,
+    }
     assert card.operating_points() == {"recall_target": 0.12, "youden": 0.3}

@@ -66,10 +66,15 @@ def nights(tmp_path_factory) -> list[Path]:
             parts.append(rows)
         frame = pd.concat([*parts, other.assign(label="")], ignore_index=True).fillna("")
         frame.drop(columns="label").to_csv(root / f"night{night}.csv", index=False)
-        frame[frame["label"] != ""][["sop_instance_uid", "label"]].to_csv(root / f"night{night}.labels.csv", index=False)
+        frame[frame["label"] != ""][["sop_instance_uid", "label"]].to_csv(
+            root / f"night{night}.labels.csv", index=False
+        )
         run = {
-            "schema_version": 4, "started": f"2026-01-0{night + 1}T02:00:00+00:00",
-            "finished": f"2026-01-0{night + 1}T02:10:00+00:00", "counts": file_counts(frame), "images_per_second": 20.0,
+            "schema_version": 4,
+            "started": f"2026-01-0{night + 1}T02:00:00+00:00",
+            "finished": f"2026-01-0{night + 1}T02:10:00+00:00",
+            "counts": file_counts(frame),
+            "images_per_second": 20.0,
             "models": [{"name": card.name, "card": card.to_dict()}],
             "monitoring": monitoring_block(frame, [card], 20.0),
         }
@@ -89,19 +94,31 @@ def test_run_json_records_monitoring_by_scanner_from_dicom_headers(weights_dir, 
     for i, scanner in enumerate("AABBB"):
         maker, model, station = SCANNERS[scanner]
         pixels = rng.integers(0, 4096, (64, 64)).astype(np.uint16)
-        write_cxr(tmp_path / "in" / f"{scanner}{i}.dcm", pixels, bits_stored=12, view_position="AP" if i else "PA",
-                  extra={"Manufacturer": maker, "ManufacturerModelName": model, "StationName": station})
+        write_cxr(
+            tmp_path / "in" / f"{scanner}{i}.dcm",
+            pixels,
+            bits_stored=12,
+            view_position="AP" if i else "PA",
+            extra={"Manufacturer": maker, "ManufacturerModelName": model, "StationName": station},
+        )
     write_cxr(tmp_path / "in" / "noinfo.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8))
     (tmp_path / "in" / "export.png").write_bytes((SAMPLES / "exports" / "SAMPLE005.png").read_bytes())
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    run = run_predict(PredictConfig(inputs=[tmp_path / "in"], output=tmp_path / "p.csv", models=["tiny"],
-                                    weights_dir=weights_dir, workers=0))
+    run = run_predict(
+        PredictConfig(
+            inputs=[tmp_path / "in"], output=tmp_path / "p.csv", models=["tiny"], weights_dir=weights_dir, workers=0
+        )
+    )
     info = json.loads(run.run_json.read_text())
     assert info["schema_version"] == 4
     block = info["monitoring"]["models"]["tiny"]
     scanners = block["by"]["scanner"]
     assert {g: s["files"] for g, s in scanners.items()} == {
-        "ACME / Rad 1000 / ER_ROOM_1": 2, "Globex / DR-9 / WARD_7": 3, "? / ? / ?": 1, NO_HEADER: 2}
+        "ACME / Rad 1000 / ER_ROOM_1": 2,
+        "Globex / DR-9 / WARD_7": 3,
+        "? / ? / ?": 1,
+        NO_HEADER: 2,
+    }
     assert scanners[NO_HEADER]["by_reason"] == {"not-image": 1}
     assert block["by"]["view"]["AP"]["ok"] == 4 and block["by"]["view"]["PA"]["ok"] == 2
     overall = block["overall"]
@@ -148,8 +165,22 @@ def test_monitor_command_writes_pdf_json_and_prometheus_and_takes_limits(nights,
     assert f"pneumobatch_last_success_timestamp_seconds {finished!r}\n" in prom
     assert 'pneumobatch_positive_rate{model="pneumonia"}' in prom and "pneumobatch_drift_score" in prom
     # limits no night can cross: no alerts
-    quiet = CliRunner().invoke(main, args + ["--limit", "psi=100", "--limit", "ks_d=2", "--limit", "positive_rate_change=2",
-                                            "--limit", "flag_rate_change=2", "--limit", "error_rate=2"])
+    quiet = CliRunner().invoke(
+        main,
+        args
+        + [
+            "--limit",
+            "psi=100",
+            "--limit",
+            "ks_d=2",
+            "--limit",
+            "positive_rate_change=2",
+            "--limit",
+            "flag_rate_change=2",
+            "--limit",
+            "error_rate=2",
+        ],
+    )
     assert quiet.exit_code == 0 and "0 alerts" in quiet.output, quiet.output
     bad = CliRunner().invoke(main, args + ["--limit", "nonsense=1"])
     assert bad.exit_code == 2 and "psi" in bad.output
@@ -157,13 +188,41 @@ def test_monitor_command_writes_pdf_json_and_prometheus_and_takes_limits(nights,
 
 def test_monitor_adds_rolling_labelled_metrics(nights, tmp_path):
     labels = tmp_path / "past.csv"  # labels arrive for the two oldest nights only
-    pd.concat([pd.read_csv(p.with_name(p.name.replace(".run.json", ".labels.csv")), dtype=str) for p in nights[:2]]).to_csv(labels, index=False)
+    pd.concat(
+        [pd.read_csv(p.with_name(p.name.replace(".run.json", ".labels.csv")), dtype=str) for p in nights[:2]]
+    ).to_csv(labels, index=False)
     out = tmp_path / "m.pdf"
-    result = CliRunner().invoke(main, ["monitor", *map(str, nights), "--baseline", "2", "--labels", str(labels),
-                                       "--key", "sop_instance_uid", "-o", str(out), "--window", "2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "monitor",
+            *map(str, nights),
+            "--baseline",
+            "2",
+            "--labels",
+            str(labels),
+            "--key",
+            "sop_instance_uid",
+            "-o",
+            str(out),
+            "--window",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    wrong = CliRunner().invoke(main, ["monitor", *map(str, nights), "--labels", str(labels), "--label-column", "finding",
-                                      "-o", str(tmp_path / "w.pdf")])
+    wrong = CliRunner().invoke(
+        main,
+        [
+            "monitor",
+            *map(str, nights),
+            "--labels",
+            str(labels),
+            "--label-column",
+            "finding",
+            "-o",
+            str(tmp_path / "w.pdf"),
+        ],
+    )
     assert wrong.exit_code == 3 and "no label column 'finding'" in wrong.output
     perf = json.loads(out.with_suffix(".json").read_text())["labelled"]["models"]["pneumonia"]
     assert [r["labelled"] > 0 for r in perf] == [True, True, False, False]

@@ -43,8 +43,22 @@ def images(tmp_path: Path) -> Path:
 
 
 def predict(inputs: Path, out: Path, weights_dir: Path, *extra: str, model: str = "tiny"):
-    args = ["predict", str(inputs), "-o", str(out), "--weights-dir", str(weights_dir), "-m", model,
-            "--quiet", "--workers", "0", "--device", "cpu", *extra]
+    args = [
+        "predict",
+        str(inputs),
+        "-o",
+        str(out),
+        "--weights-dir",
+        str(weights_dir),
+        "-m",
+        model,
+        "--quiet",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return CliRunner().invoke(main, args)
 
 
@@ -61,8 +75,17 @@ def other_weights(weights_dir: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "other-weights"
     torch.manual_seed(1)
     net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
-    card = ModelCard(name="tiny", task="pneumonia", classes=["normal", "pneumonia"], architecture="mobilenet_v3_small",
-                     input_size=32, mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5)
+    card = ModelCard(
+        name="tiny",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="mobilenet_v3_small",
+        input_size=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.5,
+    )
     save_model(net.eval(), card, folder)
     return folder
 
@@ -115,7 +138,9 @@ def test_report_and_predict_share_the_refusal(images: Path, tmp_path: Path, weig
     assert predict(images, out, weights_dir).exit_code == EXIT_OK
     labels = tmp_path / "labels.pdf"  # a labels file that happens to be named like the report
     labels.write_text("path,label\n0.png,normal\n")
-    result = CliRunner().invoke(main, ["report", str(out), "--labels", str(labels), "-o", str(labels), "-q", "--bootstrap", "0"])
+    result = CliRunner().invoke(
+        main, ["report", str(out), "--labels", str(labels), "-o", str(labels), "-q", "--bootstrap", "0"]
+    )
     one_line_error(result, EXIT_FATAL, "would overwrite an input file")
     assert labels.read_text() == "path,label\n0.png,normal\n"
 
@@ -152,11 +177,36 @@ def test_planted_links_at_the_lock_journal_and_temporary_names_are_not_followed(
 
 
 def test_formula_cells_are_neutralised_and_read_back_exactly():
-    values = ["=1+1", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\tx", "'=quoted", "''@", "-3", "-0.5e3", "plain", "'plain", ""]
+    values = [
+        "=1+1",
+        "+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(A1)",
+        "\tx",
+        "'=quoted",
+        "''@",
+        "-3",
+        "-0.5e3",
+        "plain",
+        "'plain",
+        "",
+    ]
     frame = pd.DataFrame({"path": values})
     written = neutralise_formulas(frame)["path"].tolist()
-    assert written == ["'=1+1", "'+cmd|' /C calc'!A0", "'-2+3", "'@SUM(A1)", "'\tx", "''=quoted", "'''@",
-                       "-3", "-0.5e3", "plain", "'plain", ""]
+    assert written == [
+        "'=1+1",
+        "'+cmd|' /C calc'!A0",
+        "'-2+3",
+        "'@SUM(A1)",
+        "'\tx",
+        "''=quoted",
+        "'''@",
+        "-3",
+        "-0.5e3",
+        "plain",
+        "'plain",
+        "",
+    ]
     assert restore_formulas(neutralise_formulas(frame))["path"].tolist() == values
 
 
@@ -179,15 +229,34 @@ def test_formula_file_names_are_quoted_in_the_csvs_and_resume_reads_them_back(tm
     assert restored.loc[restored["path"] == "v.dcm", "view_position"].item() == "@SUM(1)"
 
     before = out.read_bytes()
-    result = CliRunner().invoke(main, ["predict", str(folder), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
-                                       "--workers", "0", "--device", "cpu", "--resume", "--include-patient-id"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(folder),
+            "-o",
+            str(out),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--resume",
+            "--include-patient-id",
+        ],
+    )
     assert result.exit_code == EXIT_OK and "0 read this run" in result.output, result.output
     assert out.read_bytes() == before
 
     report = tmp_path / "r.pdf"
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"path": names, "label": ["normal"] * 5}).to_csv(labels, index=False)
-    result = CliRunner().invoke(main, ["report", str(out), "--labels", str(labels), "-o", str(report), "-q", "--bootstrap", "0"])
+    result = CliRunner().invoke(
+        main, ["report", str(out), "--labels", str(labels), "-o", str(report), "-q", "--bootstrap", "0"]
+    )
     assert result.exit_code == EXIT_OK, result.output
     doc = json.loads(report.with_suffix(".json").read_text())
     assert doc["models"][0]["join"]["n_matched"] == 5  # the report reads the names back as they are
@@ -262,8 +331,24 @@ def test_resume_repredicts_rows_a_spreadsheet_spoilt(images: Path, tmp_path: Pat
     frame.loc[0, "prob_pneumonia"] = frame.loc[0, "prob_pneumonia"].replace(".", ",")  # decimal comma
     frame.loc[1, "prob_normal"] = "#VALUE!"
     frame.to_csv(out, index=False)
-    result = CliRunner().invoke(main, ["predict", str(images), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
-                                       "--workers", "0", "--device", "cpu", "--resume"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(images),
+            "-o",
+            str(out),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--resume",
+        ],
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert "2 read this run" in result.output
     again = csv_rows(out)
@@ -318,9 +403,18 @@ def test_study_rows_take_the_most_abnormal_predicted_image_and_count_what_they_h
     from pneumobatch.core.card import ModelCard
     from pneumobatch.core.studies import aggregate_studies
 
-    card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="x", input_size=8,
-                     mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.5,
-                     thresholds={"applied": "recall_target", "by_age_band": {"child": {"recall_target": 0.9}}})
+    card = ModelCard(
+        name="m",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="x",
+        input_size=8,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.5,
+        thresholds={"applied": "recall_target", "by_age_band": {"child": {"recall_target": 0.9}}},
+    )
     rows = [  # study, status, prob_pneumonia, age_band, applicable
         ("A", "ok", "0.30", "adult", "True"),
         ("B", "ok", "0.80", "child", "False"),
@@ -331,15 +425,52 @@ def test_study_rows_take_the_most_abnormal_predicted_image_and_count_what_they_h
         ("", "ok", "0.99", "adult", "True"),  # no study: not aggregated
     ]
     frame = pd.DataFrame(
-        [{"path": f"f{i}", "study": s, "model": "m", "status": st, "prob_normal": "" if p == "" or not p[0].isdigit() else f"{1 - float(p):.2f}",
-          "prob_pneumonia": p, "age_band": band, "applicable": ap, "threshold": "0.5"} for i, (s, st, p, band, ap) in enumerate(rows)]
-        + [{"path": "g", "study": "A", "model": "ghost", "status": "ok", "prob_normal": "0.1", "prob_pneumonia": "0.9",
-            "age_band": "", "applicable": "", "threshold": "0.25"}]
+        [
+            {
+                "path": f"f{i}",
+                "study": s,
+                "model": "m",
+                "status": st,
+                "prob_normal": "" if p == "" or not p[0].isdigit() else f"{1 - float(p):.2f}",
+                "prob_pneumonia": p,
+                "age_band": band,
+                "applicable": ap,
+                "threshold": "0.5",
+            }
+            for i, (s, st, p, band, ap) in enumerate(rows)
+        ]
+        + [
+            {
+                "path": "g",
+                "study": "A",
+                "model": "ghost",
+                "status": "ok",
+                "prob_normal": "0.1",
+                "prob_pneumonia": "0.9",
+                "age_band": "",
+                "applicable": "",
+                "threshold": "0.25",
+            }
+        ]
     )
     studies = aggregate_studies(frame, [card]).set_index(["study", "model"])
     a, b = studies.loc[("A", "m")], studies.loc[("B", "m")]
-    assert (a.n_files, a.n_images, a.key_image, a.pred_label, a.threshold, a.n_not_applicable) == (4, 3, "f3", "pneumonia", 0.5, 1)
+    assert (a.n_files, a.n_images, a.key_image, a.pred_label, a.threshold, a.n_not_applicable) == (
+        4,
+        3,
+        "f3",
+        "pneumonia",
+        0.5,
+        1,
+    )
     assert a.prob_pneumonia == pytest.approx(0.70)
-    assert (b.n_files, b.n_images, b.key_image, b.pred_label, b.threshold, b.n_not_applicable) == (2, 1, "f1", "normal", 0.9, 1)
+    assert (b.n_files, b.n_images, b.key_image, b.pred_label, b.threshold, b.n_not_applicable) == (
+        2,
+        1,
+        "f1",
+        "normal",
+        0.9,
+        1,
+    )
     assert studies.loc[("A", "ghost")].threshold == 0.25 and studies.loc[("A", "ghost")].n_images == 0
     assert list(studies.index) == [("A", "m"), ("B", "m"), ("A", "ghost")]

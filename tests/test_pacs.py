@@ -55,7 +55,10 @@ def _free_port() -> int:
 
 def _orthanc_binary() -> tuple[str, str]:
     binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else "")
-    plugins = sorted(glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*") + glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*"))
+    plugins = sorted(
+        glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*")
+        + glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*")
+    )
     if not binary or not plugins:
         pytest.fail(INSTALL_HINT, pytrace=False)
     return binary, plugins[0]
@@ -71,7 +74,9 @@ class Orthanc:
         return f"{self.http}/dicom-web"
 
     def _rest(self, method: str, path: str, **kwargs) -> requests.Response:
-        response = requests.request(method, f"{self.http}{path}", auth=(USER.encode(), PASSWORD.encode()), timeout=30, **kwargs)
+        response = requests.request(
+            method, f"{self.http}{path}", auth=(USER.encode(), PASSWORD.encode()), timeout=30, **kwargs
+        )
         response.raise_for_status()
         return response
 
@@ -83,7 +88,10 @@ class Orthanc:
 
     def srs(self) -> list[pydicom.Dataset]:
         """Every SR instance in the archive, read back with pydicom."""
-        return [pydicom.dcmread(_bytes_io(self._rest("GET", f"/instances/{i}/file").content)) for i in self.find("Instance", {"Modality": "SR"})]
+        return [
+            pydicom.dcmread(_bytes_io(self._rest("GET", f"/instances/{i}/file").content))
+            for i in self.find("Instance", {"Modality": "SR"})
+        ]
 
 
 def _bytes_io(data: bytes):
@@ -99,13 +107,32 @@ def orthanc_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = _free_port(), _free_port()
     config = {
-        "Name": "pneumobatch-tests", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}, "Plugins": [plugin],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "DicomCheckCalledAet": True,
-        "DicomModalities": {"pneumobatch": {"AET": AET, "Host": "127.0.0.1", "Port": _free_port(), "AllowEcho": True,
-                                            "AllowFind": True, "AllowGet": True, "AllowMove": True, "AllowStore": True}},
-        "StableAge": 1, "HttpTimeout": 30,
+        "Name": "pneumobatch-tests",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: PASSWORD},
+        "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {
+            "pneumobatch": {
+                "AET": AET,
+                "Host": "127.0.0.1",
+                "Port": _free_port(),
+                "AllowEcho": True,
+                "AllowFind": True,
+                "AllowGet": True,
+                "AllowMove": True,
+                "AllowStore": True,
+            }
+        },
+        "StableAge": 1,
+        "HttpTimeout": 30,
     }
     (folder / "orthanc.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     log = open(folder / "orthanc.log", "wb")
@@ -145,8 +172,15 @@ def orthanc(orthanc_server):
 # ------------------------------------------------------------------------------ data
 
 
-PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-0042", "PatientBirthDate": "19600101", "PatientSex": "F",
-           "AccessionNumber": "ACC-17", "StudyID": "S17", "StudyTime": "101500"}
+PATIENT = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "PID-0042",
+    "PatientBirthDate": "19600101",
+    "PatientSex": "F",
+    "AccessionNumber": "ACC-17",
+    "StudyID": "S17",
+    "StudyTime": "101500",
+}
 
 
 def _copy(src: Path, dest: Path, study_date: str, **changes) -> pydicom.Dataset:
@@ -173,12 +207,22 @@ def archive_studies(tmp_path) -> dict[str, list[pydicom.Dataset]]:
     ]
     study = pydicom.uid.generate_uid()
     for i in range(2):  # synthetic CR study, RLE, two series
-        write_cxr(out / f"s{i}.dcm", rng.integers(0, 4095, (96, 96)).astype(np.uint16), "rle", bits_stored=12,
-                  modality="CR", study_instance_uid=study, patient_id="PID-0043", extra={**PATIENT, "PatientID": "PID-0043", "StudyDate": DAY})
+        write_cxr(
+            out / f"s{i}.dcm",
+            rng.integers(0, 4095, (96, 96)).astype(np.uint16),
+            "rle",
+            bits_stored=12,
+            modality="CR",
+            study_instance_uid=study,
+            patient_id="PID-0043",
+            extra={**PATIENT, "PatientID": "PID-0043", "StudyDate": DAY},
+        )
         wanted.append(pydicom.dcmread(out / f"s{i}.dcm"))
     knee = [_copy(SAMPLES / "SAMPLE901/XR_KNEE/IM0001", out / "knee.dcm", DAY)]
     other = [_copy(SAMPLES / "SAMPLE900/CT_CHEST/CT000001", out / "ct.dcm", DAY)]
-    write_cxr(out / "old.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8), modality="DX", extra={"StudyDate": "20261115"})
+    write_cxr(
+        out / "old.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8), modality="DX", extra={"StudyDate": "20261115"}
+    )
     other.append(pydicom.dcmread(out / "old.dcm"))
     return {"wanted": wanted, "knee": knee, "other": other, "folder": out}  # type: ignore[dict-item]
 
@@ -239,7 +283,11 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
     assert _sop_uids(pulled) == expected
     for path in pulled.rglob("*.dcm"):
         got = pydicom.dcmread(path)
-        assert path.relative_to(pulled).parts == (got.StudyInstanceUID, got.SeriesInstanceUID, f"{got.SOPInstanceUID}.dcm")
+        assert path.relative_to(pulled).parts == (
+            got.StudyInstanceUID,
+            got.SeriesInstanceUID,
+            f"{got.SOPInstanceUID}.dcm",
+        )
         if got.SOPInstanceUID in wanted:
             source = wanted[got.SOPInstanceUID]
             assert got.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
@@ -257,20 +305,37 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
     assert set(frame.loc[frame["status"] == "skipped", "reason"]) == {"lateral"} | (set() if body else {"not-chest"})
 
     # push: one SR per study (with a predicted image) and model, verified
-    push = ["push", str(out), *_archive_args(orthanc, protocol), "--ledger", str(ledger), *(["--source", str(pulled)] if body else [])]
+    push = [
+        "push",
+        str(out),
+        *_archive_args(orthanc, protocol),
+        "--ledger",
+        str(ledger),
+        *(["--source", str(pulled)] if body else []),
+    ]
     result = runner.invoke(main, push, env=_env())
     assert result.exit_code == 0, result.output
     studies = {ds.StudyInstanceUID for ds in wanted.values()}
     expected_srs = {(study, model) for study in studies for model in models}
     assert f"{len(expected_srs)} sent and verified" in result.output
     srs = orthanc.srs()
-    assert sorted((sr.StudyInstanceUID, sr.ContributingEquipmentSequence[0].ManufacturerModelName) for sr in srs) == sorted(expected_srs)
+    assert sorted(
+        (sr.StudyInstanceUID, sr.ContributingEquipmentSequence[0].ManufacturerModelName) for sr in srs
+    ) == sorted(expected_srs)
     ok = frame[frame["status"] == "ok"]
     for sr in srs:
         source = next(ds for ds in wanted.values() if ds.StudyInstanceUID == sr.StudyInstanceUID)
         assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
         assert sr.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in wanted.values()}
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "AccessionNumber",
+            "StudyID",
+            "StudyDate",
+        ):
             assert str(sr.get(keyword)) == str(source.get(keyword)), keyword
         model = sr.ContributingEquipmentSequence[0].ManufacturerModelName
         assert sr.ContributingEquipmentSequence[0].Manufacturer == "pneumobatch"
@@ -281,23 +346,37 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
         assert referenced == set(rows["sop_instance_uid"])  # the images, by SOP Instance UID
         # binary: the positive class is evaluated; multi-class: every class, the argmax Present
         classes = ["pneumonia"] if model == "tiny" else ["normal", "bacterial", "viral", "covid-19"]
-        probabilities = sorted(float(i.MeasuredValueSequence[0].NumericValue) for i in items if _meaning(i) == "Probability")
-        assert probabilities == pytest.approx(sorted(rows[[f"prob_{c}" for c in classes]].astype(float).to_numpy().ravel()), abs=1e-6)
+        probabilities = sorted(
+            float(i.MeasuredValueSequence[0].NumericValue) for i in items if _meaning(i) == "Probability"
+        )
+        assert probabilities == pytest.approx(
+            sorted(rows[[f"prob_{c}" for c in classes]].astype(float).to_numpy().ravel()), abs=1e-6
+        )
         for cls in classes:
             name = FINDING_CODES[cls].meaning
-            evaluations = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE" and _meaning(i) == name]
-            assert sorted(evaluations) == sorted("Present" if label == cls else "Absent" for label in rows["pred_label"]), cls
+            evaluations = [
+                i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE" and _meaning(i) == name
+            ]
+            assert sorted(evaluations) == sorted(
+                "Present" if label == cls else "Absent" for label in rows["pred_label"]
+            ), cls
         texts = " ".join(str(i.get("TextValue", "")) for i in items)
         assert f"weights_sha256={rows['weights_sha256'].iloc[0]}" in texts and "NOT FOR DIAGNOSTIC USE" in texts
         assert f"operating_point={'pooled' if model == 'tiny' else 'argmax'}" in texts
 
     # pushing again: nothing sent (ledger), and with a lost ledger nothing duplicated
     again = runner.invoke(main, push, env=_env())
-    assert again.exit_code == 0 and "0 sent and verified" in again.output and f"{len(expected_srs)} delivered before" in again.output
+    assert (
+        again.exit_code == 0
+        and "0 sent and verified" in again.output
+        and f"{len(expected_srs)} delivered before" in again.output
+    )
     lost = runner.invoke(main, [*push, "--ledger", str(tmp_path / "new.sqlite")], env=_env())  # the last --ledger wins
     assert lost.exit_code == 0, lost.output
     assert f"{len(expected_srs)} already in the archive" in lost.output
-    per_study_model = Counter((sr.StudyInstanceUID, sr.ContributingEquipmentSequence[0].ManufacturerModelName) for sr in orthanc.srs())
+    per_study_model = Counter(
+        (sr.StudyInstanceUID, sr.ContributingEquipmentSequence[0].ManufacturerModelName) for sr in orthanc.srs()
+    )
     duplicates = sum(n - 1 for n in per_study_model.values())
     assert set(per_study_model) == expected_srs and duplicates == 0
 
@@ -316,8 +395,10 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
         assert PASSWORD.encode() not in path.read_bytes(), path
     assert PASSWORD not in result.output
     with capsys.disabled():
-        print(f"\n[PACS {protocol}] studies pulled {studies_pulled}, SRs pushed {len(expected_srs)} "
-              f"({len(studies)} studies x {len(models)} models), duplicates after second push {duplicates}")
+        print(
+            f"\n[PACS {protocol}] studies pulled {studies_pulled}, SRs pushed {len(expected_srs)} "
+            f"({len(studies)} studies x {len(models)} models), duplicates after second push {duplicates}"
+        )
 
 
 # --------------------------------------------------------------- resume and next night
@@ -326,7 +407,11 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
 def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, archive_studies, tmp_path):
     _upload_all(orthanc, archive_studies)
-    args = dict(url=orthanc.dicomweb) if protocol == "dicomweb" else dict(dimse=f"127.0.0.1:{orthanc.dicom_port}", calling_ae=AET, called_ae="ORTHANC")
+    args = (
+        dict(url=orthanc.dicomweb)
+        if protocol == "dicomweb"
+        else dict(dimse=f"127.0.0.1:{orthanc.dicom_port}", calling_ae=AET, called_ae="ORTHANC")
+    )
     conn = connect_options(environ=_env(), **args)
     pulled = tmp_path / "night"
     config = PullConfig(conn, pulled, f"{DAY}-{DAY}", body_parts=("CHEST",), retry_wait=0.01)
@@ -356,7 +441,11 @@ def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, 
     with open_archive(conn) as archive:
         source = archive_studies["wanted"][0]
         header = archive.header(InstanceRef(source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID))
-    assert (str(header.PatientName), header.PatientID, header.SOPClassUID) == (PATIENT["PatientName"], PATIENT["PatientID"], source.SOPClassUID)
+    assert (str(header.PatientName), header.PatientID, header.SOPClassUID) == (
+        PATIENT["PatientName"],
+        PATIENT["PatientID"],
+        source.SOPClassUID,
+    )
     assert resumed.instances_fetched == total - 2  # nothing fetched twice
     assert _sop_uids(pulled) == {ds.SOPInstanceUID for ds in archive_studies["wanted"]}
     assert resumed.exit_code == 0 and not list(pulled.rglob(".*.tmp-*"))
@@ -367,9 +456,16 @@ def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, 
     # a late image in a known study, and a new study
     late = archive_studies["wanted"][0]
     rng = np.random.default_rng(9)
-    write_cxr(tmp_path / "late.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8), modality="DX",
-              study_instance_uid=late.StudyInstanceUID, extra={**PATIENT, "StudyDate": DAY})
-    write_cxr(tmp_path / "new.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8), modality="CR", extra={"StudyDate": DAY})
+    write_cxr(
+        tmp_path / "late.dcm",
+        rng.integers(0, 255, (64, 64)).astype(np.uint8),
+        modality="DX",
+        study_instance_uid=late.StudyInstanceUID,
+        extra={**PATIENT, "StudyDate": DAY},
+    )
+    write_cxr(
+        tmp_path / "new.dcm", rng.integers(0, 255, (64, 64)).astype(np.uint8), modality="CR", extra={"StudyDate": DAY}
+    )
     orthanc.upload(tmp_path / "late.dcm")
     orthanc.upload(tmp_path / "new.dcm")
     night2 = run_pull(config)
@@ -386,8 +482,13 @@ def test_pull_killed_with_sigkill_resumes_without_fetching_twice(orthanc, tmp_pa
     rng = np.random.default_rng(5)
     study, total = pydicom.uid.generate_uid(), 60
     for i in range(total):
-        write_cxr(tmp_path / f"{i}.dcm", rng.integers(0, 255, (128, 128)).astype(np.uint8), modality="DX",
-                  study_instance_uid=study, extra={"StudyDate": DAY})
+        write_cxr(
+            tmp_path / f"{i}.dcm",
+            rng.integers(0, 255, (128, 128)).astype(np.uint8),
+            modality="DX",
+            study_instance_uid=study,
+            extra={"StudyDate": DAY},
+        )
         orthanc.upload(tmp_path / f"{i}.dcm")
     pulled = tmp_path / "night"
     args = ["pull", str(pulled), "--url", orthanc.dicomweb, "--date", DAY, "-q"]
@@ -428,7 +529,9 @@ def test_push_to_unreachable_archive_exits_1_and_records_nothing(tmp_path, weigh
     out = tmp_path / "p.csv"
     run_predict(PredictConfig(inputs=[folder], output=out, models=("tiny",), weights_dir=weights_dir, workers=0))
     url = f"http://127.0.0.1:{_free_port()}/dicom-web"  # nothing listens there
-    result = CliRunner().invoke(main, ["push", str(out), "--url", url, "--source", str(folder), "--retries", "1"], env=_env())
+    result = CliRunner().invoke(
+        main, ["push", str(out), "--url", url, "--source", str(folder), "--retries", "1"], env=_env()
+    )
     assert result.exit_code == 1
     assert "failed: study" in result.output and PASSWORD not in result.output
     with Ledger(tmp_path / "p.ledger.sqlite") as ledger:
@@ -448,11 +551,15 @@ def test_pull_from_unreachable_archive_is_one_line_exit_3(tmp_path):
 
 def test_credentials_come_from_env_or_a_private_config_never_shown(tmp_path):
     config = tmp_path / "pacs.ini"
-    config.write_text(f"[pacs]\nurl = https://pacs.example.org/dicom-web\nusername = u\npassword = {PASSWORD}\n", encoding="utf-8")
+    config.write_text(
+        f"[pacs]\nurl = https://pacs.example.org/dicom-web\nusername = u\npassword = {PASSWORD}\n", encoding="utf-8"
+    )
     config.chmod(0o644)
     with pytest.raises(OptionError, match="chmod 600"):
         connect_options(config=config, environ={})
-    result = CliRunner().invoke(main, ["pull", str(tmp_path / "n"), "--config", str(config)], env={pacs_connection.ENV_PASSWORD: ""})
+    result = CliRunner().invoke(
+        main, ["pull", str(tmp_path / "n"), "--config", str(config)], env={pacs_connection.ENV_PASSWORD: ""}
+    )
     assert result.exit_code == 2 and result.output.startswith("Error: ") and "chmod 600" in result.output
     assert PASSWORD not in result.output and len(result.output.strip().splitlines()) == 1
     config.chmod(0o600)
@@ -495,12 +602,26 @@ def test_uids_from_an_archive_are_checked_before_use_as_file_names():
 def test_sr_uids_are_deterministic_per_study_model_and_result():
     from pneumobatch.core.card import ModelCard
 
-    card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="a", input_size=8,
-                     mean=[], std=[], positive="pneumonia", threshold=0.5, weights_sha256="ab" * 32)
+    card = ModelCard(
+        name="m",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="a",
+        input_size=8,
+        mean=[],
+        std=[],
+        positive="pneumonia",
+        threshold=0.5,
+        weights_sha256="ab" * 32,
+    )
     image = ImageResult("1.2.3.4", "1.2.3", (("normal", 0.3), ("pneumonia", 0.7)), "pneumonia", 0.5, "pooled")
     one = StudyResult("1.2.3", card, (image,))
     assert one.sop_instance_uid == StudyResult("1.2.3", card, (image,)).sop_instance_uid
-    changed = StudyResult("1.2.3", card, (ImageResult("1.2.3.4", "1.2.3", (("normal", 0.4), ("pneumonia", 0.6)), "pneumonia", 0.5, "pooled"),))
+    changed = StudyResult(
+        "1.2.3",
+        card,
+        (ImageResult("1.2.3.4", "1.2.3", (("normal", 0.4), ("pneumonia", 0.6)), "pneumonia", 0.5, "pooled"),),
+    )
     other_model = StudyResult("1.2.3", ModelCard(**{**card.to_dict(), "weights_sha256": "cd" * 32}), (image,))
     assert len({one.sop_instance_uid, changed.sop_instance_uid, other_model.sop_instance_uid}) == 3
     assert one.series_instance_uid == changed.series_instance_uid != other_model.series_instance_uid

@@ -18,16 +18,37 @@ from pneumobatch.cli import main
 from pneumobatch.testing.synthetic import write_cxr
 
 SPEC_COLUMNS = [
-    "path", "status", "reason", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
-    "view_position", "model", "weights_sha256", "pred_label", "prob_normal", "prob_pneumonia", "threshold",
+    "path",
+    "status",
+    "reason",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "view_position",
+    "model",
+    "weights_sha256",
+    "pred_label",
+    "prob_normal",
+    "prob_pneumonia",
+    "threshold",
 ]
 
 
-def write_dicom(path: Path, *, modality="DX", view="PA", study=None, name="Doe^Jane", patient_id="PID123", seed=0, pixels=True):
+def write_dicom(
+    path: Path, *, modality="DX", view="PA", study=None, name="Doe^Jane", patient_id="PID123", seed=0, pixels=True
+):
     """A 12-bit DX image (or, with ``pixels=False``, an image-less object) with a patient name."""
     image = np.random.default_rng(seed).integers(0, 4096, (48, 40), dtype=np.uint16)
-    ds = write_cxr(path, image, bits_stored=12, modality=modality, view_position=view, study_instance_uid=study,
-                   patient_id=patient_id, extra={"PatientName": name})
+    ds = write_cxr(
+        path,
+        image,
+        bits_stored=12,
+        modality=modality,
+        view_position=view,
+        study_instance_uid=study,
+        patient_id=patient_id,
+        extra={"PatientName": name},
+    )
     if not pixels:
         for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
             delattr(ds, keyword)
@@ -69,7 +90,9 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 def test_every_file_gets_a_row_with_reason(studies: Path, weights_dir: Path, tmp_path: Path):
     out = tmp_path / "out" / "predictions.csv"
-    result = run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--workers", "0"])
+    result = run(
+        ["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--workers", "0"]
+    )
     assert result.exit_code == 1, result.output  # some files could not be read
     frame = read_csv(out)
     for column in SPEC_COLUMNS:
@@ -109,8 +132,22 @@ def test_every_file_gets_a_row_with_reason(studies: Path, weights_dir: Path, tmp
 
 def test_patient_names_never_written(studies: Path, weights_dir: Path, tmp_path: Path):
     out = tmp_path / "p.csv"
-    run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--workers", "0",
-         "--include-patient-id", "--quiet"])
+    run(
+        [
+            "predict",
+            str(studies),
+            "-o",
+            str(out),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--workers",
+            "0",
+            "--include-patient-id",
+            "--quiet",
+        ]
+    )
     assert "PID123" in set(read_csv(out).patient_id)
     for written in tmp_path.glob("p*"):
         assert "Doe" not in written.read_text(), written
@@ -122,7 +159,9 @@ def test_clean_run_exits_zero_and_multi_model_rows(tmp_path: Path, weights_dir: 
     write_dicom(root / "x1", seed=1)
     (root / "readme.txt").write_text("x")
     out = tmp_path / "p.csv"
-    result = run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "-m", "tiny-etiology"])
+    result = run(
+        ["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "-m", "tiny-etiology"]
+    )
     assert result.exit_code == 0, result.output
     frame = read_csv(out)
     assert len(frame) == 4  # 2 files x 2 models
@@ -134,19 +173,25 @@ def test_clean_run_exits_zero_and_multi_model_rows(tmp_path: Path, weights_dir: 
 def test_existing_output_needs_resume_or_overwrite(tmp_path: Path, weights_dir: Path, studies: Path):
     out = tmp_path / "p.csv"
     out.write_text("precious\n")
-    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny"])
+    result = CliRunner().invoke(
+        main, ["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny"]
+    )
     assert result.exit_code == 2
     assert "--resume" in result.output and "Traceback" not in result.output
     assert out.read_text() == "precious\n"
 
 
 def test_fatal_errors_are_one_line_exit_3(tmp_path: Path, weights_dir: Path, studies: Path):
-    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "nope"])
+    result = CliRunner().invoke(
+        main, ["predict", str(studies), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(weights_dir), "-m", "nope"]
+    )
     assert result.exit_code == 3
     assert "not found" in result.output and "tiny" in result.output
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(blocker / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny"])
+    result = CliRunner().invoke(
+        main, ["predict", str(studies), "-o", str(blocker / "p.csv"), "--weights-dir", str(weights_dir), "-m", "tiny"]
+    )
     assert result.exit_code == 3 and "cannot write" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
@@ -159,7 +204,9 @@ def test_corrupted_weights_refused(tmp_path: Path, weights_dir: Path, studies: P
     data = bytearray((copy / "tiny.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (copy / "tiny.safetensors").write_bytes(bytes(data))
-    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(copy), "-m", "tiny"])
+    result = CliRunner().invoke(
+        main, ["predict", str(studies), "-o", str(tmp_path / "p.csv"), "--weights-dir", str(copy), "-m", "tiny"]
+    )
     assert result.exit_code == 3 and "SHA-256" in result.output
 
 
@@ -167,7 +214,9 @@ def _probs(frame: pd.DataFrame) -> np.ndarray:
     return frame[["prob_normal", "prob_pneumonia"]].replace("", "nan").astype(float).to_numpy()
 
 
-def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_path: Path, weights_dir: Path, monkeypatch):
+def test_defaults_split_this_machines_cores_and_the_options_override_them(
+    tmp_path: Path, weights_dir: Path, monkeypatch
+):
     import json
 
     from pneumobatch.model.device import default_split
@@ -181,11 +230,28 @@ def test_defaults_split_this_machines_cores_and_the_options_override_them(tmp_pa
     real_set = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: during.append(n) or real_set(n))
     try:
-        for extra, expected in [([], (split.workers, split.threads, split.batch_size)),
-                                (["--workers", "0", "--threads", "1", "--batch-size", "3"], (0, 1, 3))]:
+        for extra, expected in [
+            ([], (split.workers, split.threads, split.batch_size)),
+            (["--workers", "0", "--threads", "1", "--batch-size", "3"], (0, 1, 3)),
+        ]:
             out = tmp_path / "p.csv"
-            result = run(["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
-                          "--device", "cpu", "--overwrite", "--quiet", *extra])
+            result = run(
+                [
+                    "predict",
+                    str(root),
+                    "-o",
+                    str(out),
+                    "--weights-dir",
+                    str(weights_dir),
+                    "-m",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                    "--overwrite",
+                    "--quiet",
+                    *extra,
+                ]
+            )
             assert result.exit_code == 0, result.output
             info = json.loads(out.with_suffix(".run.json").read_text())
             assert (info["workers"], info["threads"], info["batch_size"]) == expected
@@ -199,8 +265,23 @@ def test_results_do_not_depend_on_batch_size_or_workers(studies: Path, weights_d
     frames = []
     for i, (batch, workers) in enumerate([(1, 0), (3, 2), (16, 1)]):
         out = tmp_path / f"p{i}.csv"
-        run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny",
-             "--batch-size", str(batch), "--workers", str(workers), "--quiet"])
+        run(
+            [
+                "predict",
+                str(studies),
+                "-o",
+                str(out),
+                "--weights-dir",
+                str(weights_dir),
+                "-m",
+                "tiny",
+                "--batch-size",
+                str(batch),
+                "--workers",
+                str(workers),
+                "--quiet",
+            ]
+        )
         frames.append(read_csv(out))
     for other in frames[1:]:
         assert list(other.path) == list(frames[0].path)
@@ -270,14 +351,32 @@ def test_bad_arguments_are_one_line_usage_errors(tmp_path: Path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = CliRunner().invoke(main, ["predict", str(tmp_path), "--batch-size", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["predict", str(tmp_path), "--device", "cuda:7"]) if not torch.cuda.is_available() else None
+    result = (
+        CliRunner().invoke(main, ["predict", str(tmp_path), "--device", "cuda:7"])
+        if not torch.cuda.is_available()
+        else None
+    )
     if result is not None:
         assert result.exit_code == 2 and "no CUDA GPU" in result.output
 
 
 def test_report_command_end_to_end(studies: Path, weights_dir: Path, tmp_path: Path):
     out = tmp_path / "p.csv"
-    run(["predict", str(studies), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet", "--workers", "0"])
+    run(
+        [
+            "predict",
+            str(studies),
+            "-o",
+            str(out),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--quiet",
+            "--workers",
+            "0",
+        ]
+    )
     labels = tmp_path / "labels.csv"
     labels.write_text(
         "path,label,view\n"

@@ -42,12 +42,16 @@ def test_the_age_band_picks_the_operating_point(banded_weights: Path, tmp_path: 
     for name, age in (("child.dcm", "006Y"), ("adult.dcm", "054Y"), ("unknown.dcm", ""), ("old.dcm", "095Y")):
         write_cxr(studies / name, PIXELS, bits_stored=12, extra={"PatientAge": age})
     out = tmp_path / "p.csv"
-    result = CliRunner().invoke(main, ["predict", str(studies), "-o", str(out), "--weights-dir", str(banded_weights), "-m", "tiny", "--quiet"])
+    result = CliRunner().invoke(
+        main, ["predict", str(studies), "-o", str(out), "--weights-dir", str(banded_weights), "-m", "tiny", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     rows = {r["path"]: r for r in rows_of(out)}
     assert {p: (r["age_band"], r["operating_point"], r["pred_label"]) for p, r in rows.items()} == {
-        "child.dcm": ("child", "child", "normal"), "adult.dcm": ("adult", "adult", "pneumonia"),
-        "unknown.dcm": ("unknown", "pooled", rows["unknown.dcm"]["pred_label"]), "old.dcm": ("adult", "adult", "pneumonia"),
+        "child.dcm": ("child", "child", "normal"),
+        "adult.dcm": ("adult", "adult", "pneumonia"),
+        "unknown.dcm": ("unknown", "pooled", rows["unknown.dcm"]["pred_label"]),
+        "old.dcm": ("adult", "adult", "pneumonia"),
     }
     assert rows["child.dcm"]["threshold"] == "1.000000" and rows["adult.dcm"]["threshold"] == "0.000000"
     assert rows["old.dcm"]["warnings"] == "age-outside-training" and rows["adult.dcm"]["warnings"] == ""
@@ -64,8 +68,12 @@ def test_applicability_flags_and_skip_ood(weights_dir: Path, tmp_path: Path):
     loaded = load_model("tiny", folder)
     # "training" images: smooth ramps; a checkerboard is unlike them all
     rng = np.random.default_rng(0)
-    ramps = np.stack([np.clip(np.add.outer(np.arange(32), np.arange(32)) * rng.uniform(2, 4) + rng.normal(0, 3, (32, 32)), 0, 255)
-                      for _ in range(120)]).astype(np.uint8)
+    ramps = np.stack(
+        [
+            np.clip(np.add.outer(np.arange(32), np.arange(32)) * rng.uniform(2, 4) + rng.normal(0, 3, (32, 32)), 0, 255)
+            for _ in range(120)
+        ]
+    ).astype(np.uint8)
     images = torch.from_numpy(ramps[:, None])
     stats = fit_features(loaded, images[:80], images[80:], 99.0)
     assert len(stats.layer_names) > 1  # intermediate stages as well as the head
@@ -100,7 +108,10 @@ def test_applicability_flags_and_skip_ood(weights_dir: Path, tmp_path: Path):
     assert CliRunner().invoke(main, [*args, "-o", str(skipped), "--skip-ood"]).exit_code == 0
     rows = {r["path"]: r for r in rows_of(skipped)}
     assert (rows["checker.png"]["status"], rows["checker.png"]["reason"], rows["checker.png"]["pred_label"]) == (
-        "skipped", "out-of-distribution", "")
+        "skipped",
+        "out-of-distribution",
+        "",
+    )
     assert rows["ramp.png"]["status"] == "ok"
 
     # tampered statistics are refused like tampered weights
@@ -115,8 +126,21 @@ def test_two_inputs_with_the_same_name_keep_distinct_paths(weights_dir: Path, tm
         (tmp_path / parent / "studies").mkdir(parents=True)
         write_cxr(tmp_path / parent / "studies" / "x.dcm", PIXELS, bits_stored=12)
     out = tmp_path / "p.csv"
-    result = CliRunner().invoke(main, ["predict", str(tmp_path / "a" / "studies"), str(tmp_path / "b" / "studies"),
-                                       "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(tmp_path / "a" / "studies"),
+            str(tmp_path / "b" / "studies"),
+            "-o",
+            str(out),
+            "--weights-dir",
+            str(weights_dir),
+            "-m",
+            "tiny",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(r["path"] for r in rows_of(out)) == ["a/studies/x.dcm", "b/studies/x.dcm"]
 

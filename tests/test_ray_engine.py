@@ -57,7 +57,10 @@ def crash_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("crash")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     ray.init(
-        address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 1024**2,
         runtime_env={"worker_process_setup_hook": _die_once_when_armed, "env_vars": {CRASH_DIR: str(folder)}},
     )
     yield folder
@@ -72,8 +75,13 @@ def studies(tmp_path_factory) -> Path:
     study = generate_uid()
     (root / "p1" / "s1").mkdir(parents=True)
     for i, view in enumerate(["PA", "AP", "LL"]):
-        write_cxr(root / "p1" / "s1" / f"IM{i}", rng.integers(0, 4096, (64, 56), dtype=np.uint16), bits_stored=12,
-                  view_position=view, study_instance_uid=study)
+        write_cxr(
+            root / "p1" / "s1" / f"IM{i}",
+            rng.integers(0, 4096, (64, 56), dtype=np.uint16),
+            bits_stored=12,
+            view_position=view,
+            study_instance_uid=study,
+        )
     write_cxr(root / "p1" / "ct.dcm", rng.integers(0, 4096, (40, 40), dtype=np.uint16), bits_stored=12, modality="CT")
     (root / "exports").mkdir()
     for i in range(4):
@@ -117,11 +125,26 @@ def assert_same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
 
 
 def ray_args(studies: Path, out: Path, weights_dir: Path) -> list[str]:
-    return ["predict", str(studies), "-o", str(out), "-m", "pneumonia", "-m", str(weights_dir / "tiny-etiology.json"),
-            "--batch-size", str(BATCH), "--engine", "ray", "--quiet"]
+    return [
+        "predict",
+        str(studies),
+        "-o",
+        str(out),
+        "-m",
+        "pneumonia",
+        "-m",
+        str(weights_dir / "tiny-etiology.json"),
+        "--batch-size",
+        str(BATCH),
+        "--engine",
+        "ray",
+        "--quiet",
+    ]
 
 
-def test_ray_engine_writes_the_local_engines_rows(crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path):
+def test_ray_engine_writes_the_local_engines_rows(
+    crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path
+):
     out = tmp_path / "ray.csv"
     result = CliRunner().invoke(main, ray_args(studies, out, weights_dir))
     assert result.exit_code == EXIT_FILE_ERRORS, result.output
@@ -138,7 +161,9 @@ def test_ray_engine_writes_the_local_engines_rows(crash_dir: Path, studies: Path
     assert info["engine"]["name"] == "ray" and info["engine"]["actors"] == 1 and info["device"] == "ray: 1 cpu actor"
 
 
-def test_killed_ray_run_resumes_to_the_same_rows_though_workers_die(crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path):
+def test_killed_ray_run_resumes_to_the_same_rows_though_workers_die(
+    crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path
+):
     """A killed run, resumed while a read task and the model actor each die once mid-batch
     (one Ray run less than two tests: Ray's start-up is what makes these tests slow)."""
     out = tmp_path / "ray.csv"
@@ -165,7 +190,9 @@ def test_killed_ray_run_resumes_to_the_same_rows_though_workers_die(crash_dir: P
     assert info["counts"]["ok"] == (got.drop_duplicates("path").status == Status.OK.value).sum()
 
 
-def test_device_or_actors_the_cluster_lacks_are_usage_errors(crash_dir: Path, studies: Path, weights_dir: Path, tmp_path: Path):
+def test_device_or_actors_the_cluster_lacks_are_usage_errors(
+    crash_dir: Path, studies: Path, weights_dir: Path, tmp_path: Path
+):
     if ray.cluster_resources().get("GPU"):
         pytest.skip("checks the error for a cluster without a GPU")
     result = CliRunner().invoke(main, [*ray_args(studies, tmp_path / "o.csv", weights_dir), "--device", "cuda"])

@@ -70,7 +70,9 @@ def test_every_codec_that_can_reduces_and_the_others_do_not():
 @pytest.mark.parametrize("windowed", [False, True], ids=["min-max", "window"])
 @pytest.mark.parametrize("monochrome1", [False, True], ids=["MONOCHROME2", "MONOCHROME1"])
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
-def test_reduced_decode_gives_the_model_the_same_image(tmp_path: Path, encoding: str, monochrome1: bool, windowed: bool):
+def test_reduced_decode_gives_the_model_the_same_image(
+    tmp_path: Path, encoding: str, monochrome1: bool, windowed: bool
+):
     eight_bit = encoding == "jpeg-baseline"
     pixels = anatomy(8 if eight_bit else 12)
     window = ((120.0, 200.0) if eight_bit else (1900.0, 3000.0)) if windowed else None
@@ -97,14 +99,26 @@ def test_rescale_and_voi_lut_apply_to_the_reduced_image(tmp_path: Path):
     lut.LUTDescriptor = [4096, 0, 16]
     lut.add_new(0x00283006, "US", [int(v) for v in np.sqrt(np.arange(4096) / 4095) * 4000])  # LUT Data
     path = tmp_path / "x.dcm"
-    write_cxr(path, pixels, "j2k-lossless", bits_stored=12, window=(100.0, 50.0),  # the LUT must win
-              extra={"VOILUTSequence": Sequence([lut]), "RescaleSlope": 1, "RescaleIntercept": 0})
+    write_cxr(
+        path,
+        pixels,
+        "j2k-lossless",
+        bits_stored=12,
+        window=(100.0, 50.0),  # the LUT must win
+        extra={"VOILUTSequence": Sequence([lut]), "RescaleSlope": 1, "RescaleIntercept": 0},
+    )
     full, fast, shape = model_inputs(path)
     assert shape == (ROWS // 2, COLS // 2)
     assert_close(full, fast)
 
-    write_cxr(path, pixels, "j2k", bits_stored=12, window=(-500.0, 3000.0),
-              extra={"RescaleSlope": 0.5, "RescaleIntercept": -1500})
+    write_cxr(
+        path,
+        pixels,
+        "j2k",
+        bits_stored=12,
+        window=(-500.0, 3000.0),
+        extra={"RescaleSlope": 0.5, "RescaleIntercept": -1500},
+    )
     full, fast, shape = model_inputs(path)
     assert shape == (ROWS // 2, COLS // 2)
     assert_close(full, fast)

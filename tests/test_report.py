@@ -180,14 +180,16 @@ def binary_report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("binary")
     paths = make_run(folder, n=400)
     out = folder / "out" / "report.pdf"
-    result = write_report(ReportOptions(
-        paths["predictions"],
-        out,
-        paths["labels"],
-        label_column="finding",
-        by=["sex", "view_position"],
-        n_bootstrap=200,
-    ))
+    result = write_report(
+        ReportOptions(
+            paths["predictions"],
+            out,
+            paths["labels"],
+            label_column="finding",
+            by=["sex", "view_position"],
+            n_bootstrap=200,
+        )
+    )
     return paths, result
 
 
@@ -247,7 +249,9 @@ def test_binary_report_numbers(binary_report):
 def test_rerun_replaces_outputs_without_leftovers(tmp_path):
     paths = make_run(tmp_path, n=120)
     out = tmp_path / "r.pdf"
-    first = write_report(ReportOptions(paths["predictions"], out, paths["labels"], label_column="finding", n_bootstrap=50))
+    first = write_report(
+        ReportOptions(paths["predictions"], out, paths["labels"], label_column="finding", n_bootstrap=50)
+    )
     stray = tmp_path / "r_files" / "mine.png"
     stray.write_bytes(b"user file")
     second = write_report(ReportOptions(paths["predictions"], out, None, n_bootstrap=50))  # no labels: fewer figures
@@ -258,9 +262,11 @@ def test_rerun_replaces_outputs_without_leftovers(tmp_path):
 
 def test_multiclass_two_models_and_no_run_json(tmp_path):
     paths = make_run(tmp_path, n=300, models=("pneumonia", "etiology"), run_json=False, studies_csv=False)
-    result = write_report(ReportOptions(
-        paths["predictions"], tmp_path / "both.pdf", paths["labels"], label_column="finding", n_bootstrap=100
-    ))
+    result = write_report(
+        ReportOptions(
+            paths["predictions"], tmp_path / "both.pdf", paths["labels"], label_column="finding", n_bootstrap=100
+        )
+    )
     assert result.models == ["pneumonia-densenet121", "etiology-densenet121"]
     doc = json.loads(result.metrics_json.read_text())
     eti = doc["models"][1]
@@ -278,14 +284,16 @@ def test_multiclass_two_models_and_no_run_json(tmp_path):
 
 def test_model_option_and_unknown_model(tmp_path):
     paths = make_run(tmp_path, n=100, models=("pneumonia", "etiology"))
-    result = write_report(ReportOptions(
-        paths["predictions"],
-        tmp_path / "e.pdf",
-        paths["labels"],
-        label_column="finding",
-        model="etiology-densenet121",
-        n_bootstrap=0,
-    ))
+    result = write_report(
+        ReportOptions(
+            paths["predictions"],
+            tmp_path / "e.pdf",
+            paths["labels"],
+            label_column="finding",
+            model="etiology-densenet121",
+            n_bootstrap=0,
+        )
+    )
     assert result.models == ["etiology-densenet121"]
     by_task = write_report(ReportOptions(paths["predictions"], tmp_path / "p.pdf", model="pneumonia"))  # unique task
     assert by_task.models == ["pneumonia-densenet121"]
@@ -310,7 +318,9 @@ def test_summary_report_without_labels(tmp_path):
 def test_errors(tmp_path):
     paths = make_run(tmp_path, n=60)
     with pytest.raises(ReportError, match="overwrite an input"):
-        write_report(ReportOptions(paths["predictions"], tmp_path / "predictions.pdf", run_json=tmp_path / "predictions.json"))
+        write_report(
+            ReportOptions(paths["predictions"], tmp_path / "predictions.pdf", run_json=tmp_path / "predictions.json")
+        )
     with pytest.raises(ReportError, match=r"\.pdf"):
         write_report(ReportOptions(paths["predictions"], tmp_path / "report.txt"))
     with pytest.raises(ReportError, match="not found"):
@@ -318,7 +328,11 @@ def test_errors(tmp_path):
     with pytest.raises(LabelError, match="--label-column finding"):
         write_report(ReportOptions(paths["predictions"], tmp_path / "r.pdf", paths["labels"]))
     with pytest.raises(LabelError, match="--by ward"):
-        write_report(ReportOptions(paths["predictions"], tmp_path / "r.pdf", paths["labels"], label_column="finding", by=["ward"]))
+        write_report(
+            ReportOptions(
+                paths["predictions"], tmp_path / "r.pdf", paths["labels"], label_column="finding", by=["ward"]
+            )
+        )
     assert not (tmp_path / "r.pdf").exists()
 
 
@@ -327,22 +341,24 @@ def test_awkward_strings_render(tmp_path):
     labels = pd.read_csv(paths["labels"])
     labels["source"] = np.where(labels.index % 2, "São Paulo <b>&</b>", "北京 hospital")
     labels.to_csv(paths["labels"], index=False)
-    result = write_report(ReportOptions(
-        paths["predictions"],
-        tmp_path / "odd.pdf",
-        paths["labels"],
-        label_column="finding",
-        by=["source"],
-        n_bootstrap=20,
-    ))
+    result = write_report(
+        ReportOptions(
+            paths["predictions"],
+            tmp_path / "odd.pdf",
+            paths["labels"],
+            label_column="finding",
+            by=["source"],
+            n_bootstrap=20,
+        )
+    )
     assert "São Paulo <b>&</b>" in pdf_text(result.pdf)
 
 
 def test_ten_thousand_predictions_are_fast(tmp_path):
     paths = make_run(tmp_path, n=10_000)
-    result = write_report(ReportOptions(
-        paths["predictions"], tmp_path / "big.pdf", paths["labels"], label_column="finding", by=["sex"]
-    ))
+    result = write_report(
+        ReportOptions(paths["predictions"], tmp_path / "big.pdf", paths["labels"], label_column="finding", by=["sex"])
+    )
     print(f"\n10,000 predictions, labelled, 1,000 bootstrap resamples: report in {result.seconds:.1f} s")
     doc = json.loads(result.metrics_json.read_text())
     assert doc["models"][0]["evaluation"]["n"] > 9000

@@ -22,21 +22,37 @@ from pneumobatch.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_studies"
 EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
-STABLE = ["path", "status", "reason", "study", "study_instance_uid", "sop_instance_uid", "view_position",
-          "model", "weights_sha256", "pred_label", "threshold", "applicable"]
+STABLE = [
+    "path",
+    "status",
+    "reason",
+    "study",
+    "study_instance_uid",
+    "sop_instance_uid",
+    "view_position",
+    "model",
+    "weights_sha256",
+    "pred_label",
+    "threshold",
+    "applicable",
+]
 
 
 def test_shipped_weights_reproduce_reference_output(tmp_path: Path):
     out = tmp_path / "predictions.csv"
-    result = CliRunner().invoke(main, ["predict", str(SAMPLES), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["predict", str(SAMPLES), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"]
+    )
     assert result.exit_code == 1, result.output  # the sample export holds an empty and a truncated file
     got = pd.read_csv(out, dtype=str, keep_default_na=False)
     expected = pd.read_csv(EXPECTED, dtype=str, keep_default_na=False)
     assert got[STABLE].equals(expected[STABLE])
     probs = [c for c in expected.columns if c.startswith("prob_")]
     np.testing.assert_allclose(
-        got[probs].replace("", "nan").astype(float), expected[probs].replace("", "nan").astype(float),
-        atol=1e-3, equal_nan=True,
+        got[probs].replace("", "nan").astype(float),
+        expected[probs].replace("", "nan").astype(float),
+        atol=1e-3,
+        equal_nan=True,
     )
 
 
@@ -77,7 +93,9 @@ def test_chest_films_turned_or_inverted_are_flagged_and_upright_ones_are_not(tmp
         for name, turn in variants.items():
             Image.fromarray(np.ascontiguousarray(turn(pixels))).save(tmp_path / "in" / f"{src.stem}_{name}.png")
     out = tmp_path / "p.csv"
-    result = CliRunner().invoke(main, ["predict", str(tmp_path / "in"), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["predict", str(tmp_path / "in"), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     got = pd.read_csv(out, dtype=str, keep_default_na=False)
     got["variant"] = got.path.str.split("_").str[1].str.removesuffix(".png")

@@ -26,10 +26,25 @@ SHA = "ab" * 32
 
 def _card(**changes) -> ModelCard:
     card = ModelCard(
-        name="pn", task="pneumonia", classes=["normal", "pneumonia"], architecture="resnet18", input_size=64,
-        mean=[0.5] * 3, std=[0.25] * 3, positive="pneumonia", threshold=0.6, temperature=1.5, weights_sha256=SHA,
-        thresholds={"recall_target": 0.6, "youden": 0.7, "by_age_band": {
-            "child": {"recall_target": 0.65, "youden": 0.8}, "adult": {"recall_target": 0.55, "youden": 0.75}}},
+        name="pn",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="resnet18",
+        input_size=64,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.6,
+        temperature=1.5,
+        weights_sha256=SHA,
+        thresholds={
+            "recall_target": 0.6,
+            "youden": 0.7,
+            "by_age_band": {
+                "child": {"recall_target": 0.65, "youden": 0.8},
+                "adult": {"recall_target": 0.55, "youden": 0.75},
+            },
+        },
     )
     for k, v in changes.items():
         setattr(card, k, v)
@@ -45,9 +60,19 @@ def _sample(n_child: tuple[int, int], n_adult: tuple[int, int], seed: int = 0, o
             margin = rng.normal(1.2 if y else -1.2, 1.0) * overconfident
             p = 1 / (1 + np.exp(-margin))
             path = f"{band}/{i:04d}.dcm"
-            rows.append({"path": path, "status": "ok", "reason": "", "model": "pn", "pred_label": "",
-                         "prob_normal": round(1 - p, 6), "prob_pneumonia": round(p, 6), "age_band": band,
-                         "file_mtime_ns": str(1_700_000_000_000_000_000 + i)})
+            rows.append(
+                {
+                    "path": path,
+                    "status": "ok",
+                    "reason": "",
+                    "model": "pn",
+                    "pred_label": "",
+                    "prob_normal": round(1 - p, 6),
+                    "prob_pneumonia": round(p, 6),
+                    "age_band": band,
+                    "file_mtime_ns": str(1_700_000_000_000_000_000 + i),
+                }
+            )
             labels.append({"path": path, "label": "pneumonia" if y else "normal"})
     labels = pd.DataFrame(labels)
     labels.attrs["source"] = "labels.csv"
@@ -66,8 +91,13 @@ def test_fit_site_meets_the_target_per_band_recalibrates_and_keeps_thin_bands_sh
     frame, labels = _sample(n_child=(60, 90), n_adult=(40, 5))
     card = _card()
     site, warnings = fit_site(frame, labels, card, target_sensitivity=0.95, n_bootstrap=200)
-    assert site["model"] == {"name": "pn", "task": "pneumonia", "classes": ["normal", "pneumonia"],
-                             "positive": "pneumonia", "weights_sha256": SHA}
+    assert site["model"] == {
+        "name": "pn",
+        "task": "pneumonia",
+        "classes": ["normal", "pneumonia"],
+        "positive": "pneumonia",
+        "weights_sha256": SHA,
+    }
     assert site["fitted_on"]["counts"] == {"normal": 100, "pneumonia": 95}
     assert site["fitted_on"]["date_range"]["first"] == "2023-11-14"
     # margins x ~ N(+-1.2, 1) have true log-odds 2.4 x; the sample's are 4 x: 4 / 2.4 times too confident
@@ -82,7 +112,9 @@ def test_fit_site_meets_the_target_per_band_recalibrates_and_keeps_thin_bands_sh
     decided = site_card.decide_many(rescale_probabilities(proba, scale), bands)
     truth = labels["label"].to_numpy()
     child = bands == "child"
-    sens_child = ((decided == "pneumonia") & (truth == "pneumonia") & child).sum() / ((truth == "pneumonia") & child).sum()
+    sens_child = ((decided == "pneumonia") & (truth == "pneumonia") & child).sum() / (
+        (truth == "pneumonia") & child
+    ).sum()
     sens_all = site["operating_points"]["pooled"]["target"]["sensitivity"]
     assert sens_child >= 0.95 and sens_all >= 0.95
     point = site["operating_points"]["by_age_band"]["child"]["target"]
@@ -153,8 +185,18 @@ def reference(tmp_path) -> Path:
 
 def test_calibrate_command_writes_a_site_file_and_never_overwrites(reference, tmp_path):
     out = tmp_path / "site.json"
-    args = ["calibrate", str(reference), "--labels", str(ROOT / "sample_studies" / "labels.csv"), "--model", "pneumonia",
-            "-o", str(out), "--bootstrap", "100"]
+    args = [
+        "calibrate",
+        str(reference),
+        "--labels",
+        str(ROOT / "sample_studies" / "labels.csv"),
+        "--model",
+        "pneumonia",
+        "-o",
+        str(out),
+        "--bootstrap",
+        "100",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     site = json.loads(out.read_text())
@@ -211,7 +253,13 @@ def test_predict_with_site_applies_its_threshold_and_says_where_it_came_from(wei
     assert refused.exit_code == 2
     assert refused.output.count("\n") == 1 and "fitted for model tiny (weights cdcdcdcdcdcd" in refused.output
     assert not (tmp_path / "c.csv").exists()
-    wrong_model = CliRunner().invoke(main, base[:3] + ["tiny-etiology"] + base[4:] + ["--site", str(tmp_path / "site.json"), "-o", str(tmp_path / "d.csv")])
+    wrong_model = CliRunner().invoke(
+        main,
+        base[:3]
+        + ["tiny-etiology"]
+        + base[4:]
+        + ["--site", str(tmp_path / "site.json"), "-o", str(tmp_path / "d.csv")],
+    )
     assert wrong_model.exit_code == 2 and "which this run does not predict" in wrong_model.output
 
 
@@ -244,7 +292,9 @@ def test_report_shows_shipped_and_site_operating_points_side_by_side(tmp_path):
     truth = labels["label"].to_numpy() == "pneumonia"
     shipped_call = p >= np.where(bands == "child", 0.65, 0.55)
     t_site = {b: site["operating_points"]["by_age_band"][b]["target"]["threshold"] for b in ("child", "adult")}
-    p_site = rescale_probabilities(frame[["prob_normal", "prob_pneumonia"]].to_numpy(), site["temperature"]["scale"])[:, 1]
+    p_site = rescale_probabilities(frame[["prob_normal", "prob_pneumonia"]].to_numpy(), site["temperature"]["scale"])[
+        :, 1
+    ]
     site_call = p_site >= np.where(bands == "child", t_site["child"], t_site["adult"])
     assert (shipped_call != site_call).any()  # the two rules differ on these images, so the table can tell them apart
     for rule, call in ((shipped, shipped_call), (local, site_call)):
@@ -256,7 +306,9 @@ def test_report_shows_shipped_and_site_operating_points_side_by_side(tmp_path):
             assert row["sensitivity_ci_exact"] == pytest.approx(_exact(tp, tp + fn))
             assert row["specificity_ci_exact"] == pytest.approx(_exact(tn, tn + fp))
     assert shipped["rows"][2]["thresholds"] == [{"threshold": 0.65, "operating_point": "child"}]
-    assert local["rows"][2]["thresholds"] == [{"threshold": pytest.approx(t_site["child"]), "operating_point": "site-child"}]
+    assert local["rows"][2]["thresholds"] == [
+        {"threshold": pytest.approx(t_site["child"]), "operating_point": "site-child"}
+    ]
     assert len(local["rows"][0]["thresholds"]) == 2  # all images: each band's own threshold
     assert not any("in-sample" in n for n in compared["notes"])
 
@@ -265,19 +317,43 @@ def test_report_shows_shipped_and_site_operating_points_side_by_side(tmp_path):
     with_site.to_csv(tmp_path / "q.csv", index=False)
     site_run_card = apply_site(card, {**site, "_path": str(site_path)})
     (tmp_path / "q.run.json").write_text(json.dumps({"models": [{"name": "pn", "card": site_run_card.to_dict()}]}))
-    args_q = ["report", str(tmp_path / "q.csv"), "--labels", str(tmp_path / "labels.csv"), "--bootstrap", "0", "-o", str(tmp_path / "q.pdf")]
+    args_q = [
+        "report",
+        str(tmp_path / "q.csv"),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--bootstrap",
+        "0",
+        "-o",
+        str(tmp_path / "q.pdf"),
+    ]
     assert CliRunner().invoke(main, args_q).exit_code == 0
     again = json.loads((tmp_path / "q.json").read_text())["models"][0]["site_comparison"]
     for a, b in zip(compared["rules"], again["rules"]):
-        assert [(r["tp"], r["fn"], r["tn"], r["fp"]) for r in a["rows"]] == [(r["tp"], r["fn"], r["tn"], r["fp"]) for r in b["rows"]]
+        assert [(r["tp"], r["fn"], r["tn"], r["fp"]) for r in a["rows"]] == [
+            (r["tp"], r["fn"], r["tn"], r["fp"]) for r in b["rows"]
+        ]
 
     # on the very sample it was fitted on, the report says the site figures are in-sample
     fit_frame.to_csv(tmp_path / "f.csv", index=False)
     fit_labels.to_csv(tmp_path / "fl.csv", index=False)
     (tmp_path / "f.run.json").write_text((tmp_path / "p.run.json").read_text())
-    args_f = ["report", str(tmp_path / "f.csv"), "--labels", str(tmp_path / "fl.csv"), "--bootstrap", "0", "--site", str(site_path), "-o", str(tmp_path / "f.pdf")]
+    args_f = [
+        "report",
+        str(tmp_path / "f.csv"),
+        "--labels",
+        str(tmp_path / "fl.csv"),
+        "--bootstrap",
+        "0",
+        "--site",
+        str(site_path),
+        "-o",
+        str(tmp_path / "f.pdf"),
+    ]
     assert CliRunner().invoke(main, args_f).exit_code == 0
-    assert any("in-sample" in n for n in json.loads((tmp_path / "f.json").read_text())["models"][0]["site_comparison"]["notes"])
+    assert any(
+        "in-sample" in n for n in json.loads((tmp_path / "f.json").read_text())["models"][0]["site_comparison"]["notes"]
+    )
 
     # a site file of other weights: one line, exit code 2, no report
     site_path.write_text(json.dumps({**site, "model": {**site["model"], "weights_sha256": "cd" * 32}}))
@@ -289,8 +365,18 @@ def test_report_shows_shipped_and_site_operating_points_side_by_side(tmp_path):
 def test_site_thresholds_keep_their_decisions_when_predict_rounds_the_probabilities(reference, tmp_path):
     """predict --site recomputes the probabilities and writes 6 decimals: the site's counts must survive that."""
     out = tmp_path / "site.json"
-    args = ["calibrate", str(reference), "--labels", str(ROOT / "sample_studies" / "labels.csv"), "--model", "pneumonia",
-            "-o", str(out), "--bootstrap", "0"]
+    args = [
+        "calibrate",
+        str(reference),
+        "--labels",
+        str(ROOT / "sample_studies" / "labels.csv"),
+        "--model",
+        "pneumonia",
+        "-o",
+        str(out),
+        "--bootstrap",
+        "0",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
     site = json.loads(out.read_text())
     frame = pd.read_csv(reference)

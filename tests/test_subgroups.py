@@ -21,8 +21,18 @@ from tests.conftest import make_dataset
 
 @pytest.mark.parametrize(
     "value, years",
-    [("045Y", 45.0), ("006M", 0.5), ("017Y", 17.0), (" 18 ", 18.0), (62, 62.0), ("", None), ("abc", None),
-     ("999Y", None), (float("nan"), None), (None, None)],
+    [
+        ("045Y", 45.0),
+        ("006M", 0.5),
+        ("017Y", 17.0),
+        (" 18 ", 18.0),
+        (62, 62.0),
+        ("", None),
+        ("abc", None),
+        ("999Y", None),
+        (float("nan"), None),
+        (None, None),
+    ],
 )
 def test_age_years_reads_dicom_ages_and_numbers(value, years):
     assert age_years(value) == years
@@ -52,14 +62,22 @@ def test_a_test_image_listed_again_in_validation_is_removed_from_validation(tmp_
     for name in ("a.png", "b.png", "c.png"):
         (tmp_path / name).write_bytes(name.encode())
     shutil.copy(tmp_path / "a.png", tmp_path / "a_copy.png")  # same bytes, another name
-    frame = _frame([
-        (str(tmp_path / "a.png"), "test", ""), (str(tmp_path / "a.png"), "val", ""),
-        (str(tmp_path / "a_copy.png"), "train", ""), (str(tmp_path / "b.png"), "train", ""),
-        (str(tmp_path / "b.png"), "train", ""), (str(tmp_path / "c.png"), "val", ""),
-    ])
+    frame = _frame(
+        [
+            (str(tmp_path / "a.png"), "test", ""),
+            (str(tmp_path / "a.png"), "val", ""),
+            (str(tmp_path / "a_copy.png"), "train", ""),
+            (str(tmp_path / "b.png"), "train", ""),
+            (str(tmp_path / "b.png"), "train", ""),
+            (str(tmp_path / "c.png"), "val", ""),
+        ]
+    )
     kept, removed = remove_leakage(frame)
     assert sorted(zip(kept["path"].map(lambda p: Path(p).name), kept["split"])) == [
-        ("a.png", "test"), ("b.png", "train"), ("c.png", "val")]
+        ("a.png", "test"),
+        ("b.png", "train"),
+        ("c.png", "val"),
+    ]
     assert removed == {"duplicate_rows": 1, "same_file_in_two_splits": 2}
 
 
@@ -106,13 +124,24 @@ def test_operating_points_per_age_band_and_their_use():
         mask = bands == band
         assert (scores[mask & y] >= by_band[band]["recall_target"]).mean() >= 0.95
     probs = np.c_[1 - scores, scores]
-    card = ModelCard(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="a", input_size=8,
-                     mean=[0.5], std=[0.5], positive="pneumonia", threshold=0.5, thresholds={"by_age_band": by_band})
+    card = ModelCard(
+        name="m",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="a",
+        input_size=8,
+        mean=[0.5],
+        std=[0.5],
+        positive="pneumonia",
+        threshold=0.5,
+        thresholds={"by_age_band": by_band},
+    )
     pred = card.decide_many(probs, np.array(["adult", "unknown"] * 200)) == "pneumonia"
     thr = np.where(np.arange(400) % 2 == 0, by_band["adult"]["recall_target"], 0.5)
     assert (pred == (scores >= thr)).all()
     assert [card.decide(p, b).label for p, b in zip(probs, ["adult", "unknown"] * 200)] == list(
-        card.decide_many(probs, np.array(["adult", "unknown"] * 200)))
+        card.decide_many(probs, np.array(["adult", "unknown"] * 200))
+    )
 
 
 def test_bands_without_enough_validation_images_get_no_own_threshold():
@@ -122,11 +151,15 @@ def test_bands_without_enough_validation_images_get_no_own_threshold():
 
 
 def test_annotate_subgroups_uses_manifest_columns(tmp_path):
-    frame = pd.DataFrame({"source": ["kermany", "nih"], "age": ["", "70"], "view": ["PA", "AP Supine"], "sex": ["", "F"]})
+    frame = pd.DataFrame(
+        {"source": ["kermany", "nih"], "age": ["", "70"], "view": ["PA", "AP Supine"], "sex": ["", "F"]}
+    )
     config = TrainConfig(data=tmp_path, out_dir=tmp_path, name="t", default_age_band=("kermany=child",))
     out = annotate_subgroups(frame, config)
     assert out[["sg_source", "sg_age_band", "sg_view", "sg_sex"]].values.tolist() == [
-        ["kermany", "child", "PA", "unknown"], ["nih", "adult", "AP", "F"]]
+        ["kermany", "child", "PA", "unknown"],
+        ["nih", "adult", "AP", "F"],
+    ]
 
 
 def test_subgroups_too_small_for_a_number_say_so():
@@ -136,7 +169,9 @@ def test_subgroups_too_small_for_a_number_say_so():
     y = (["normal", "pneumonia"] * 20) + ["normal", "normal", "normal", "pneumonia"]
     p = np.linspace(0.05, 0.95, 44)
     proba = np.c_[1 - p, p]
-    table = subgroup_metrics(groups, y, proba, ["normal", "pneumonia"], positive="pneumonia", threshold=0.5, n_bootstrap=50)
+    table = subgroup_metrics(
+        groups, y, proba, ["normal", "pneumonia"], positive="pneumonia", threshold=0.5, n_bootstrap=50
+    )
     rows = {r["value"]: r for r in table["groups"]}
     assert rows["big"]["auc"] is not None and rows["big"]["sensitivity"] is not None
     assert rows["tiny"]["auc"] is None and rows["tiny"]["sensitivity"] is None and rows["tiny"]["specificity"] is None
@@ -147,18 +182,38 @@ def test_report_by_age_band_derives_bands_from_age_and_source_defaults(tmp_path)
     from pneumobatch.evaluation.report import build_report
     from pneumobatch.evaluation.report.options import ReportOptions
 
-    preds = pd.DataFrame({
-        "path": [f"{i}.png" for i in range(24)], "status": "ok", "reason": "", "model": "m", "task": "pneumonia",
-        "pred_label": ["normal", "pneumonia"] * 12, "prob_normal": [0.8, 0.2] * 12, "prob_pneumonia": [0.2, 0.8] * 12,
-        "threshold": "0.5",
-    })
-    labels = pd.DataFrame({
-        "path": preds["path"], "label": ["normal", "pneumonia"] * 12,
-        "age": ["70"] * 12 + [""] * 12, "source": ["nih"] * 12 + ["kermany-pediatric"] * 12,
-    })
+    preds = pd.DataFrame(
+        {
+            "path": [f"{i}.png" for i in range(24)],
+            "status": "ok",
+            "reason": "",
+            "model": "m",
+            "task": "pneumonia",
+            "pred_label": ["normal", "pneumonia"] * 12,
+            "prob_normal": [0.8, 0.2] * 12,
+            "prob_pneumonia": [0.2, 0.8] * 12,
+            "threshold": "0.5",
+        }
+    )
+    labels = pd.DataFrame(
+        {
+            "path": preds["path"],
+            "label": ["normal", "pneumonia"] * 12,
+            "age": ["70"] * 12 + [""] * 12,
+            "source": ["nih"] * 12 + ["kermany-pediatric"] * 12,
+        }
+    )
     preds.to_csv(tmp_path / "p.csv", index=False)
     labels.to_csv(tmp_path / "l.csv", index=False)
-    doc = build_report(ReportOptions(tmp_path / "p.csv", labels=tmp_path / "l.csv", by=["age_band"], default_age_band=["kermany*=child"], n_bootstrap=20))
+    doc = build_report(
+        ReportOptions(
+            tmp_path / "p.csv",
+            labels=tmp_path / "l.csv",
+            by=["age_band"],
+            default_age_band=["kermany*=child"],
+            n_bootstrap=20,
+        )
+    )
     groups = {g["value"]: g["n"] for g in doc["models"][0]["subgroups"]["age_band"]["groups"]}
     assert groups == {"adult": 12, "child": 12}
 
@@ -168,12 +223,21 @@ def test_training_and_report_derive_the_same_subgroups():
     from pneumobatch.core.subgroups import REPORT_COLUMNS, TRAINING_COLUMNS, add_subgroup_columns
 
     frame = pd.DataFrame(
-        {"source": ["kermany", "nih", ""], "age": ["", "070Y", "9"], "view": ["PA", "AP Supine", "LL"], "sex": ["", "F", "m"]}
+        {
+            "source": ["kermany", "nih", ""],
+            "age": ["", "070Y", "9"],
+            "view": ["PA", "AP Supine", "LL"],
+            "sex": ["", "F", "m"],
+        }
     )
     defaults = [("kermany", "child")]
     report = add_subgroup_columns(frame, defaults)
     train = add_subgroup_columns(frame, defaults, names=TRAINING_COLUMNS)
-    for r, t in ((REPORT_COLUMNS.age_band, "sg_age_band"), (REPORT_COLUMNS.view, "sg_view"), (REPORT_COLUMNS.sex, "sg_sex")):
+    for r, t in (
+        (REPORT_COLUMNS.age_band, "sg_age_band"),
+        (REPORT_COLUMNS.view, "sg_view"),
+        (REPORT_COLUMNS.sex, "sg_sex"),
+    ):
         assert report[r].tolist() == train[t].tolist()
     assert report["age_band"].tolist() == ["child", "adult", "child"]
     assert train["sg_source"].tolist() == ["kermany", "nih", "unknown"]

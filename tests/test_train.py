@@ -22,8 +22,19 @@ from tests.conftest import make_dataset
 
 def small_config(manifest: Path, out: Path, **kw) -> TrainConfig:
     defaults = dict(
-        data=manifest, out_dir=out, name="tiny", task="pneumonia", architecture="mobilenet_v3_small",
-        init="random", input_size=32, batch_size=8, head_epochs=0, epochs=2, patience=5, lr=3e-3, workers=1,
+        data=manifest,
+        out_dir=out,
+        name="tiny",
+        task="pneumonia",
+        architecture="mobilenet_v3_small",
+        init="random",
+        input_size=32,
+        batch_size=8,
+        head_epochs=0,
+        epochs=2,
+        patience=5,
+        lr=3e-3,
+        workers=1,
     )
     defaults.update(kw)
     return TrainConfig(**defaults)
@@ -37,8 +48,22 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     assert (out / "tiny.safetensors").exists() and (out / "tiny.curves.png").exists()
     assert not (out / "tiny.checkpoint.pt").exists()
     saved = json.loads((out / "tiny.json").read_text())
-    for key in ("task", "classes", "architecture", "input_size", "mean", "std", "threshold", "thresholds",
-                "temperature", "data", "metrics", "training", "pneumobatch_version", "weights_sha256"):
+    for key in (
+        "task",
+        "classes",
+        "architecture",
+        "input_size",
+        "mean",
+        "std",
+        "threshold",
+        "thresholds",
+        "temperature",
+        "data",
+        "metrics",
+        "training",
+        "pneumobatch_version",
+        "weights_sha256",
+    ):
         assert saved[key] not in (None, "", {}), key
     assert saved["classes"] == ["normal", "pneumonia"] and saved["positive"] == "pneumonia"
     assert saved["data"]["dropped_unmapped_labels"] == {"ARDS": 1}
@@ -51,11 +76,23 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     loaded = load_model(str(out / "tiny.json"))
     assert loaded.card.weights_sha256 == saved["weights_sha256"]
     # train fits the applicability statistics itself (several depths), threshold on validation
-    assert saved["applicability"]["file"] == "tiny.applicability.safetensors" and len(saved["applicability"]["layers"]) > 1
+    assert (
+        saved["applicability"]["file"] == "tiny.applicability.safetensors" and len(saved["applicability"]["layers"]) > 1
+    )
     assert loaded.applicability is not None and loaded.applicability.threshold == saved["applicability"]["threshold"]
 
-    result = CliRunner().invoke(main, ["predict", str(tmp_path / "data" / "images"), "-o", str(tmp_path / "p.csv"),
-                                       "-m", str(out / "tiny.json"), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(tmp_path / "data" / "images"),
+            "-o",
+            str(tmp_path / "p.csv"),
+            "-m",
+            str(out / "tiny.json"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     predictions = pd.read_csv(tmp_path / "p.csv")
     assert len(predictions) == 48 and predictions.loc[predictions["status"] == "ok", "ood_score"].notna().all()
@@ -73,15 +110,27 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
         folder.mkdir()
         for f in out.glob("tiny.*"):
             (folder / f.name).write_bytes(f.read_bytes())
-        result = CliRunner().invoke(main, ["retune", "tiny", str(data), "--weights-dir", str(folder), "--target-recall", "0.6", "--workers", "1"])
+        result = CliRunner().invoke(
+            main,
+            ["retune", "tiny", str(data), "--weights-dir", str(folder), "--target-recall", "0.6", "--workers", "1"],
+        )
         assert result.exit_code == 0, result.output
         assert (folder / "tiny.safetensors").read_bytes() == weights_bytes
         cards[name] = json.loads((folder / "tiny.json").read_text())
     same, other = cards["same"], cards["flipped"]
     assert same["thresholds"]["target_recall"] == 0.6 and same["training"]["retuned"]["target_recall"] == 0.6
-    assert same["thresholds"]["recall_target"] >= saved["thresholds"]["recall_target"]  # a lower target: a higher threshold
-    assert same["training"]["history"] == saved["training"]["history"] and same["weights_sha256"] == saved["weights_sha256"]
-    assert (same["threshold"], same["temperature"], same["thresholds"]) == (other["threshold"], other["temperature"], other["thresholds"])
+    assert (
+        same["thresholds"]["recall_target"] >= saved["thresholds"]["recall_target"]
+    )  # a lower target: a higher threshold
+    assert (
+        same["training"]["history"] == saved["training"]["history"]
+        and same["weights_sha256"] == saved["weights_sha256"]
+    )
+    assert (same["threshold"], same["temperature"], same["thresholds"]) == (
+        other["threshold"],
+        other["temperature"],
+        other["thresholds"],
+    )
     assert same["metrics"]["val"] == other["metrics"]["val"] and same["metrics"]["test"] != other["metrics"]["test"]
     assert load_model("tiny", tmp_path / "retune_same").card.threshold == same["threshold"]
 

@@ -60,7 +60,10 @@ CARD_SCHEMA: dict[str, Any] = {
         "threshold": {"anyOf": [_PROBABILITY, {"type": "null"}]},
         "thresholds": {
             "type": "object",
-            "properties": {**_OPERATING_POINTS["properties"], "by_age_band": {"type": "object", "additionalProperties": _OPERATING_POINTS}},
+            "properties": {
+                **_OPERATING_POINTS["properties"],
+                "by_age_band": {"type": "object", "additionalProperties": _OPERATING_POINTS},
+            },
         },
         "temperature": {"type": "number", "exclusiveMinimum": 0},
         "weights_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
@@ -89,11 +92,16 @@ def validate_card(data: Any) -> None:
         raise ModelError(f"{where}: {message}")
     thresholds = data.get("thresholds") or {}
     decisive = {
-        "temperature": data.get("temperature", 1.0), "threshold": data.get("threshold"),
-        "mean": data["mean"], "std": data["std"],
+        "temperature": data.get("temperature", 1.0),
+        "threshold": data.get("threshold"),
+        "mean": data["mean"],
+        "std": data["std"],
         **{f"thresholds/{k}": thresholds.get(k) for k in OPERATING_POINTS},
-        **{f"thresholds/by_age_band/{band}/{k}": v.get(k) for band, v in (thresholds.get("by_age_band") or {}).items()
-           for k in OPERATING_POINTS},
+        **{
+            f"thresholds/by_age_band/{band}/{k}": v.get(k)
+            for band, v in (thresholds.get("by_age_band") or {}).items()
+            for k in OPERATING_POINTS
+        },
     }
     for where, value in decisive.items():
         if value is not None and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
@@ -202,7 +210,9 @@ class ModelCard:
         return {
             str(k): float(v)
             for k, v in self.thresholds.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_THRESHOLDS
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and k not in NOT_THRESHOLDS
             and not str(k).endswith(("_sensitivity", "_specificity"))
         }
 

@@ -67,8 +67,15 @@ class Reason(str, Enum):
 
 
 _SKIP_REASONS = {
-    Reason.NOT_IMAGE, Reason.NOT_CXR, Reason.NO_PIXELS, Reason.LATERAL, Reason.NOT_CHEST,
-    Reason.BROKEN_LINK, Reason.EXTERNAL_LINK, Reason.SPECIAL_FILE, Reason.OUT_OF_DISTRIBUTION,
+    Reason.NOT_IMAGE,
+    Reason.NOT_CXR,
+    Reason.NO_PIXELS,
+    Reason.LATERAL,
+    Reason.NOT_CHEST,
+    Reason.BROKEN_LINK,
+    Reason.EXTERNAL_LINK,
+    Reason.SPECIAL_FILE,
+    Reason.OUT_OF_DISTRIBUTION,
 }
 
 
@@ -161,7 +168,9 @@ class Interrupted(KeyboardInterrupt):
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}; rows written so far are kept, run the same command with --resume to finish")
+        super().__init__(
+            f"interrupted by {name}; rows written so far are kept, run the same command with --resume to finish"
+        )
         self.signum = signum
         self.exit_code = 128 + signum
 

@@ -39,11 +39,15 @@ def load_site(path: Path | str) -> dict[str, Any]:
     except FileNotFoundError:
         raise SiteError(f"site file not found: {path}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SiteError(f"site file {path} is not readable JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise SiteError(
+            f"site file {path} is not readable JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     if not isinstance(site, dict) or site.get("format") != SITE_FORMAT:
         raise SiteError(f"{path} is not a pneumobatch site file (made by pneumobatch calibrate)")
     if site.get("schema_version") != SITE_SCHEMA_VERSION:
-        raise SiteError(f"site file {path} has schema version {site.get('schema_version')!r}; this pneumobatch reads {SITE_SCHEMA_VERSION}")
+        raise SiteError(
+            f"site file {path} has schema version {site.get('schema_version')!r}; this pneumobatch reads {SITE_SCHEMA_VERSION}"
+        )
     try:
         site["model"]["name"], site["temperature"]["site"], site["operating_points"]["pooled"]  # noqa: B018 - presence check
     except (KeyError, TypeError):
@@ -90,12 +94,18 @@ def apply_site(card: ModelCard, site: dict[str, Any]) -> ModelCard:
         "target_sensitivity": site.get("target_sensitivity"),
         "fitted_on": site.get("fitted_on"),
         "temperature": site["temperature"]["site"],
-        "thresholds": {"pooled": thresholds[key], **{b: {"threshold": v[key], "source": v["source"]} for b, v in bands.items()}},
+        "thresholds": {
+            "pooled": thresholds[key],
+            **{b: {"threshold": v[key], "source": v["source"]} for b, v in bands.items()},
+        },
         "shipped": {"threshold": card.threshold, "temperature": card.temperature, "thresholds": card.thresholds},
     }
     return dataclasses.replace(
-        card, threshold=float(thresholds[key]), thresholds=thresholds,
-        temperature=float(site["temperature"]["site"]), site=provenance,
+        card,
+        threshold=float(thresholds[key]),
+        thresholds=thresholds,
+        temperature=float(site["temperature"]["site"]),
+        site=provenance,
     )
 
 
@@ -114,6 +124,9 @@ def shipped_card(card: ModelCard) -> ModelCard:
         return card
     shipped = card.site.get("shipped") or {}
     return dataclasses.replace(
-        card, threshold=shipped.get("threshold", card.threshold), thresholds=dict(shipped.get("thresholds") or {}),
-        temperature=float(shipped.get("temperature") or card.temperature), site={},
+        card,
+        threshold=shipped.get("threshold", card.threshold),
+        thresholds=dict(shipped.get("thresholds") or {}),
+        temperature=float(shipped.get("temperature") or card.temperature),
+        site={},
     )

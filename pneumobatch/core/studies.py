@@ -66,7 +66,9 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
     numeric: dict[str, np.ndarray] = {}  # model -> its probability columns as floats (NaN: not a number)
 
     rows: list[dict[str, Any]] = []
-    for (study, model), index in sorted(grouped.items(), key=lambda item: item[1][0]):  # first appearance, as sort=False
+    for (study, model), index in sorted(
+        grouped.items(), key=lambda item: item[1][0]
+    ):  # first appearance, as sort=False
         card = by_name.get(model)
         row: dict[str, Any] = {
             "study": study,
@@ -102,7 +104,9 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
         elif thresholds is not None:
             row["threshold"] = thresholds[index[0]]
         rows.append(row)
-    columns = STUDY_COLUMNS + prob_cols + ["threshold"] + (["n_not_applicable"] if "applicable" in frame.columns else [])
+    columns = (
+        STUDY_COLUMNS + prob_cols + ["threshold"] + (["n_not_applicable"] if "applicable" in frame.columns else [])
+    )
     out = pd.DataFrame(rows, columns=columns)
     for col in prob_cols + ["threshold"]:
         out[col] = pd.to_numeric(out[col], errors="coerce")

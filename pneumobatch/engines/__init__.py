@@ -39,7 +39,9 @@ class Engine(Protocol):
     #: files per forward pass (and per journal flush)
     batch_size: int
 
-    def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
+    def results(
+        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions
+    ) -> Iterator[FileResult]:
         """One result per entry, each exactly once, in any order (``batch_size`` files at a time)."""
         ...
 
@@ -62,5 +64,3 @@ def create_engine(config: PredictConfig) -> Engine:
     from pneumobatch.engines.local import LocalEngine
 
     return LocalEngine(config)
-
-

@@ -12,7 +12,6 @@ if TYPE_CHECKING:  # torch stays out of imports that only need the names
     from pneumobatch.predict_config import PredictConfig
 
 
-
 class LocalEngine:
     """This machine: ``workers`` DataLoader processes decode, the models run on one device."""
 
@@ -28,7 +27,9 @@ class LocalEngine:
         self.precision = config.precision
         self.backend = config.backend
 
-    def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
+    def results(
+        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions
+    ) -> Iterator[FileResult]:
         """The results of :func:`~pneumobatch.model.inference.run_inference`, with this process's torch
         threads set to ``threads`` while they are produced and given back afterwards (a library
         caller's own setting survives the run)."""

@@ -152,7 +152,10 @@ def file_results(
 
     for row, index in enumerate(batch["index"]):
         result = FileResult(
-            entries[int(index)], Status(batch["status"][row]), str(batch["reason"][row]), str(batch["detail"][row]),
+            entries[int(index)],
+            Status(batch["status"][row]),
+            str(batch["reason"][row]),
+            str(batch["detail"][row]),
             pickle.loads(batch["meta"][row]),
         )
         if batch["decoded"][row]:
@@ -169,7 +172,9 @@ class RayEngine:
     def __init__(self, config: PredictConfig) -> None:
         ray = import_ray()
         if config.device not in ("auto", "cpu", "cuda"):
-            raise DeviceError(f"--device {config.device}: with --engine ray use auto, cpu or cuda (Ray gives each actor one GPU)")
+            raise DeviceError(
+                f"--device {config.device}: with --engine ray use auto, cpu or cuda (Ray gives each actor one GPU)"
+            )
         self.precision = config.precision
         self.backend = config.backend
         self._owns_ray = not ray.is_initialized()
@@ -180,15 +185,20 @@ class RayEngine:
             try:
                 with _keeping_signal_handlers():
                     ray.init(
-                        address=address, include_dashboard=False, log_to_driver=log.isEnabledFor(logging.DEBUG),
+                        address=address,
+                        include_dashboard=False,
+                        log_to_driver=log.isEnabledFor(logging.DEBUG),
                         logging_level=logging.WARNING,
                     )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"--ray-address {address}" if address else "a local Ray instance"
                 raise EngineUnavailable(f"cannot start {where}: {_first_line(exc)}") from exc
         resources = ray.cluster_resources()
-        self.cluster = {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0),
-                        "gpus": resources.get("GPU", 0)}
+        self.cluster = {
+            "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+            "cpus": resources.get("CPU", 0),
+            "gpus": resources.get("GPU", 0),
+        }
         gpus = int(self.cluster["gpus"])
         if config.device == "cuda" and not gpus:
             self.close()
@@ -207,8 +217,12 @@ class RayEngine:
         self.batch_size = config.batch_size or (64 if self.use_gpu else 16)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "ray", "actors": self.actors, "gpus_per_actor": 1 if self.use_gpu else 0,
-                "cluster": self.cluster}
+        return {
+            "name": "ray",
+            "actors": self.actors,
+            "gpus_per_actor": 1 if self.use_gpu else 0,
+            "cluster": self.cluster,
+        }
 
     def close(self) -> None:
         """Shut down the Ray instance this engine started (never one a caller started)."""
@@ -216,7 +230,9 @@ class RayEngine:
             import_ray().shutdown()
             self._owns_ray = False
 
-    def results(self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions) -> Iterator[FileResult]:
+    def results(
+        self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions
+    ) -> Iterator[FileResult]:
         """Stream one result per entry, each once, in completion order."""
         ray = import_ray()
         try:
@@ -243,22 +259,37 @@ class RayEngine:
                     f"Ray returned {len(seen)} of {len(entries)} files; the rows so far are kept, run again with --resume"
                 )
         except ray.exceptions.RayError as exc:
-            raise EngineError(f"the Ray cluster stopped the run: {_first_line(exc)}; the rows so far are kept, run again with --resume") from exc
+            raise EngineError(
+                f"the Ray cluster stopped the run: {_first_line(exc)}; the rows so far are kept, run again with --resume"
+            ) from exc
         finally:
             self._models_ref = None
             self.close()
 
-    def _dataset(self, ray: Any, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions, batch_size: int) -> Any:
+    def _dataset(
+        self,
+        ray: Any,
+        entries: Sequence[FileEntry],
+        models: Sequence[LoadedModel],
+        options: ReadOptions,
+        batch_size: int,
+    ) -> Any:
         import warnings
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # predict shows its own
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(log.getEffectiveLevel())  # its INFO lines with --verbose only
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did that
+        logging.getLogger("ray.data._internal.progress").setLevel(
+            logging.ERROR
+        )  # "progress bars disabled": we did that
         rows = [
-            {"index": i, "path": os.fsencode(e.path), "problem": e.problem[0].value if e.problem else "",
-             "problem_detail": e.problem[1] if e.problem else ""}
+            {
+                "index": i,
+                "path": os.fsencode(e.path),
+                "problem": e.problem[0].value if e.problem else "",
+                "problem_detail": e.problem[1] if e.problem else "",
+            }
             for i, e in enumerate(entries)
         ]
         sizes = sorted({m.card.input_size for m in models})
@@ -268,14 +299,27 @@ class RayEngine:
             # bounded retries have no other spelling than the "ray_remote_args" Ray 2.5x deprecates
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
             dataset = dataset.map_batches(
-                read_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"sizes": sizes, "options": options},
-                num_cpus=1, max_retries=MAX_RETRIES,
+                read_batch,
+                batch_size=batch_size,
+                batch_format="numpy",
+                fn_kwargs={"sizes": sizes, "options": options},
+                num_cpus=1,
+                max_retries=MAX_RETRIES,
             )
             return dataset.map_batches(
-                ModelActor, batch_size=batch_size, batch_format="numpy",
+                ModelActor,
+                batch_size=batch_size,
+                batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=self.actors),
-                fn_constructor_kwargs={"models_ref": [self._models_ref], "use_gpu": self.use_gpu, "precision": self.precision, "backend": self.backend},
-                num_gpus=1 if self.use_gpu else 0, num_cpus=None if self.use_gpu else 1, max_task_retries=MAX_RETRIES,
+                fn_constructor_kwargs={
+                    "models_ref": [self._models_ref],
+                    "use_gpu": self.use_gpu,
+                    "precision": self.precision,
+                    "backend": self.backend,
+                },
+                num_gpus=1 if self.use_gpu else 0,
+                num_cpus=None if self.use_gpu else 1,
+                max_task_retries=MAX_RETRIES,
             )
 
 

@@ -416,7 +416,9 @@ def check_label_column(labels: pd.DataFrame, label_column: str) -> None:
     raise LabelError(f"labels file {source} has no label column {label_column!r} (columns: {_cols(labels)}){hint}")
 
 
-def _columns_that_map_more(labels: pd.DataFrame, exclude: Sequence[str], task: Task, than: int) -> list[tuple[str, int]]:
+def _columns_that_map_more(
+    labels: pd.DataFrame, exclude: Sequence[str], task: Task, than: int
+) -> list[tuple[str, int]]:
     """Other columns of ``labels`` whose values map to more of ``task``'s classes than ``than``
     rows, most first: a labels file often has one column per task (``label``, ``etiology``)."""
     found = []
@@ -529,7 +531,11 @@ def join_labels(
     p.breakdown = {(v if v else "(empty)"): int(n) for v, n in unmapped["_label"].value_counts().head(20).items()}
     p.examples = _examples((f"{k}: {v!r}" for k, v in zip(unmapped["_key"], unmapped["_label"])), max_examples)
     mapped = lab[lab["y_true"].notna()]
-    better = _columns_that_map_more(lab[list(labels.columns)], [key, label_column], card_task(model), len(mapped)) if len(unmapped) else []
+    better = (
+        _columns_that_map_more(lab[list(labels.columns)], [key, label_column], card_task(model), len(mapped))
+        if len(unmapped)
+        else []
+    )
     if better:
         notes.append(
             f"{len(unmapped)} of {len(lab)} labels in column {label_column!r} map to no class of task {model.task}; "
@@ -573,7 +579,9 @@ def join_labels(
     extra = [c for c in labels.columns if c != key]
     keep = mapped[["_key", "y_true", *extra]].rename(columns={c: LABEL_PREFIX + c for c in extra})
     rows = ok.merge(keep, on="_key", how="inner")
-    no_prob = rows[model.prob_columns()].isna().any(axis=1) if model.prob_columns() else pd.Series(True, index=rows.index)
+    no_prob = (
+        rows[model.prob_columns()].isna().any(axis=1) if model.prob_columns() else pd.Series(True, index=rows.index)
+    )
     problems["missing_probabilities"].count = int(no_prob.sum())
     problems["missing_probabilities"].examples = _examples(rows.loc[no_prob, "_key"], max_examples)
     rows = rows[~no_prob].reset_index(drop=True)
@@ -584,7 +592,11 @@ def join_labels(
                 f"none of the labels in column {label_column!r} maps to the classes of task "
                 f"{model.task} ({', '.join(model.classes)}); values seen: "
                 + ", ".join(f"{v!r} ({n})" for v, n in seen)
-                + (f"; column {better[0][0]!r} maps {better[0][1]}: try --label-column {better[0][0]}" if better else "")
+                + (
+                    f"; column {better[0][0]!r} maps {better[0][1]}: try --label-column {better[0][0]}"
+                    if better
+                    else ""
+                )
             )
         elif problems["labelled_not_ok"].count:
             why = f"all {problems['labelled_not_ok'].count} labelled files were skipped or failed"

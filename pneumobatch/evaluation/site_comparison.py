@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def compare_operating_points(
-    y_true: np.ndarray, proba: np.ndarray, age_bands: np.ndarray, run_card: ModelCard, site: Optional[dict[str, Any]] = None,
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    age_bands: np.ndarray,
+    run_card: ModelCard,
+    site: Optional[dict[str, Any]] = None,
 ) -> Optional[dict[str, Any]]:
     """The shipped and the site decision rules side by side on the same labelled images.
 
@@ -54,11 +58,16 @@ def compare_operating_points(
             mask = np.ones(len(bands), bool) if where == "all" else bands == where
             rates = confusion_rates(y_pos[mask], pred[mask])
             applied = {card.threshold_for(b) for b in (present if where == "all" else [where])}
-            rows.append({
-                "where": where, "n_positive": int(y_pos[mask].sum()), "n_negative": int((~y_pos[mask]).sum()), **rates,
-                "thresholds": [{"threshold": t, "operating_point": op} for t, op in sorted(applied)],
-                **exact_intervals(rates),
-            })
+            rows.append(
+                {
+                    "where": where,
+                    "n_positive": int(y_pos[mask].sum()),
+                    "n_negative": int((~y_pos[mask]).sum()),
+                    **rates,
+                    "thresholds": [{"threshold": t, "operating_point": op} for t, op in sorted(applied)],
+                    **exact_intervals(rates),
+                }
+            )
         rules.append({"rule": name, "temperature": float(card.temperature), "rows": rows})
     notes = [
         "each rule applies its age band's threshold where the image's band is known and it has one, else its pooled "

@@ -38,11 +38,29 @@ log = logging.getLogger(__name__)
 
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
-    "path", "status", "reason", "detail", "study", "study_instance_uid", "series_instance_uid",
-    "sop_instance_uid", "view_position", "task", "model", "weights_sha256", "pred_label",
+    "path",
+    "status",
+    "reason",
+    "detail",
+    "study",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "view_position",
+    "task",
+    "model",
+    "weights_sha256",
+    "pred_label",
 ]
 TRAILING_COLUMNS = [
-    "threshold", "operating_point", "age_band", "ood_score", "applicable", "warnings", "file_size", "file_mtime_ns",
+    "threshold",
+    "operating_point",
+    "age_band",
+    "ood_score",
+    "applicable",
+    "warnings",
+    "file_size",
+    "file_mtime_ns",
 ]
 PATIENT_COLUMN = "patient_id"
 #: DICOM acquisition fields (devices, not people) after the trailing columns, for monitoring by scanner.
@@ -55,7 +73,13 @@ def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[st
     probs: list[str] = []
     for card in cards:
         probs += [prob_column(c) for c in card.classes if prob_column(c) not in probs]
-    return LEADING_COLUMNS + probs + TRAILING_COLUMNS + ACQUISITION_COLUMNS + ([PATIENT_COLUMN] if include_patient_id else [])
+    return (
+        LEADING_COLUMNS
+        + probs
+        + TRAILING_COLUMNS
+        + ACQUISITION_COLUMNS
+        + ([PATIENT_COLUMN] if include_patient_id else [])
+    )
 
 
 def study_key(result: FileResult, study_from: str) -> str:
@@ -116,9 +140,14 @@ def result_rows(
                 applicable = bool(score <= float(card.applicability["threshold"]))
                 row["ood_score"], row["applicable"] = f"{score:.4f}", "true" if applicable else "false"
                 if skip_ood and not applicable:
-                    row.update(status=Status.SKIPPED.value, reason=Reason.OUT_OF_DISTRIBUTION.value,
-                               detail="unlike the model's training images (applicability score over its threshold)",
-                               pred_label="", operating_point="", **{prob_column(c): "" for c in card.classes})
+                    row.update(
+                        status=Status.SKIPPED.value,
+                        reason=Reason.OUT_OF_DISTRIBUTION.value,
+                        detail="unlike the model's training images (applicability score over its threshold)",
+                        pred_label="",
+                        operating_point="",
+                        **{prob_column(c): "" for c in card.classes},
+                    )
         rows.append(row)
     return rows
 
@@ -389,8 +418,12 @@ class PredictionWriter:
                 continue
             self.previous[row_key(row)] = row
         if invalid:
-            log.warning("%d rows of %s have probabilities that are not numbers in [0, 1] (edited in a spreadsheet?); "
-                        "those files are predicted again", invalid, source)
+            log.warning(
+                "%d rows of %s have probabilities that are not numbers in [0, 1] (edited in a spreadsheet?); "
+                "those files are predicted again",
+                invalid,
+                source,
+            )
 
     def __exit__(self, *exc_info: object) -> None:
         if self._journal:
@@ -421,8 +454,9 @@ class PredictionWriter:
             self._journal.flush()
             os.fsync(self._journal.fileno())
         except OSError as exc:
-            raise OutputError(f"cannot write {self.paths.journal}: {exc.strerror or exc}; "
-                              "free space and run again with --resume") from exc
+            raise OutputError(
+                f"cannot write {self.paths.journal}: {exc.strerror or exc}; free space and run again with --resume"
+            ) from exc
 
     def finalize(self, entries: Sequence[FileEntry], models: Sequence[str]) -> pd.DataFrame:
         """Merge previous rows and the journal in discovery order; atomic write; drop journal.
@@ -497,7 +531,9 @@ def load_predictions(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise ReportError(f"predictions file not found: {path}")
     try:
-        frame = restore_formulas(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace"))
+        frame = restore_formulas(
+            pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace")
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReportError(f"cannot read predictions file {path}: {first}") from e

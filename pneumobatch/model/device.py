@@ -103,7 +103,9 @@ def resolve_backend(backend: str, device: torch.device, precision: Optional[torc
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "onnxruntime" and (device.type != "cpu" or precision is not None):
-        raise DeviceError("--backend onnxruntime runs fp32 on the CPU only: use --device cpu and --precision fp32 or auto")
+        raise DeviceError(
+            "--backend onnxruntime runs fp32 on the CPU only: use --device cpu and --precision fp32 or auto"
+        )
     if backend == "torch" or device.type != "cpu" or precision is not None:
         return "torch"
     try:

@@ -44,7 +44,14 @@ class StudyFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        item: dict[str, Any] = {"index": index, "status": Status.OK, "reason": "", "detail": "", "meta": {}, "inputs": None}
+        item: dict[str, Any] = {
+            "index": index,
+            "status": Status.OK,
+            "reason": "",
+            "detail": "",
+            "meta": {},
+            "inputs": None,
+        }
         if entry.problem is not None:
             reason, detail = entry.problem
             item.update(status=reason.status, reason=reason.value, detail=detail)
@@ -58,10 +65,14 @@ class StudyFiles(Dataset):
         except PermissionError:
             item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail="permission denied")
         except OSError as exc:
-            item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail=(exc.strerror or type(exc).__name__)[:200])
+            item.update(
+                status=Status.ERROR, reason=Reason.UNREADABLE.value, detail=(exc.strerror or type(exc).__name__)[:200]
+            )
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop a night's batch
             log.debug("unexpected error reading %s", entry.path, exc_info=True)
-            item.update(status=Status.ERROR, reason=Reason.READ_FAILED.value, detail=f"{type(exc).__name__}: {exc}"[:200])
+            item.update(
+                status=Status.ERROR, reason=Reason.READ_FAILED.value, detail=f"{type(exc).__name__}: {exc}"[:200]
+            )
         return item
 
 
@@ -138,7 +149,9 @@ class Predictor:
         return sorted({m.card.input_size for m in self.models})
 
     @torch.inference_mode()
-    def __call__(self, inputs: dict[int, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self, inputs: dict[int, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None
+    ) -> dict[str, np.ndarray]:
         """Probabilities per model; with ``scores``, also fills it with applicability scores."""
         self.prepare()
         out = {}
@@ -209,8 +222,7 @@ def run_inference(
     """
     cuda = predictor.device.type == "cuda"
     chunk = max(1, min(DECODE_CHUNK, batch_size))
-    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers,
-                         in_flight=2 * batch_size)
+    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers, in_flight=2 * batch_size)
     dataset = loader.dataset
     chunks = iter(loader)  # starts the workers: the export below overlaps their first files
     predictor.prepare()
@@ -229,7 +241,9 @@ def run_inference(
         row = 0
         while pending and (not pending[0][1] or row < n):
             item, decoded = pending.popleft()
-            result = FileResult(dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"])
+            result = FileResult(
+                dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"]
+            )
             if decoded:
                 result.probs = {name: p[row] for name, p in probs.items()}
                 result.ood_scores = {name: float(s[row]) for name, s in scores.items()}
@@ -248,7 +262,9 @@ def run_inference(
     yield from forward(rows)
 
 
-def create_predictor(models: Sequence[LoadedModel], device: torch.device, precision: str, backend: str = "auto") -> Predictor:
+def create_predictor(
+    models: Sequence[LoadedModel], device: torch.device, precision: str, backend: str = "auto"
+) -> Predictor:
     """The models on ``device`` at ``precision`` (``auto``, ``fp32``...) run by ``backend``, with their
     applicability statistics."""
     applicability = {m.card.name: m.applicability for m in models if m.applicability is not None}

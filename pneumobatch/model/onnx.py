@@ -56,8 +56,11 @@ def _onnx_cache_path(net: torch.nn.Module, size: int, layers: Sequence[str]) -> 
     folder = cache_dir()
     if folder is None:
         return None
-    digest = hashlib.sha256(repr((_ONNX_EXPORT_VERSION, torch.__version__, type(net).__module__, type(net).__qualname__,
-                                  size, list(layers))).encode())
+    digest = hashlib.sha256(
+        repr(
+            (_ONNX_EXPORT_VERSION, torch.__version__, type(net).__module__, type(net).__qualname__, size, list(layers))
+        ).encode()
+    )
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
@@ -97,8 +100,15 @@ def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers:
     example = torch.zeros(2, 3, size, size)
     with warnings.catch_warnings():  # the exporter's tracer and deprecation notices: not the user's business
         warnings.simplefilter("ignore")
-        torch.onnx.export(WithFeatures(net, head, layers).eval(), (example,), buffer, input_names=["x"],
-                          output_names=["logits", *layers], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            WithFeatures(net, head, layers).eval(),
+            (example,),
+            buffer,
+            input_names=["x"],
+            output_names=["logits", *layers],
+            dynamic_axes={"x": {0: "batch"}},
+            dynamo=False,
+        )
     return buffer.getvalue()
 
 

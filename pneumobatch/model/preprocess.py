@@ -31,9 +31,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round(pixels * 255.0).astype(np.uint8)
 
 
-def normalize(
-    batch: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int = 3
-) -> torch.Tensor:
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int = 3) -> torch.Tensor:
     """uint8 or float batch (B, 1, H, W) -> float (B, channels, H, W) standardised."""
     x = batch.float()
     if batch.dtype == torch.uint8:

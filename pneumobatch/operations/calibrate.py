@@ -91,7 +91,19 @@ class CalibrateResult:
 
 def _point(ev: dict[str, Any], name: str, n_pos: int, n_neg: int) -> dict[str, Any]:
     p = next(p for p in ev["operating_points"] if p["name"] == name)
-    keep = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "ppv", "npv", "tp", "fp", "tn", "fn")
+    keep = (
+        "threshold",
+        "sensitivity",
+        "sensitivity_ci",
+        "specificity",
+        "specificity_ci",
+        "ppv",
+        "npv",
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+    )
     return {**{k: p.get(k) for k in keep}, "n_positive": n_pos, "n_negative": n_neg, **exact_intervals(p)}
 
 
@@ -117,8 +129,14 @@ def _fit_points(
     y_pos = y_true == card.positive
     chosen = {k: _off_the_sample(v, proba[:, pos]) for k, v in select_threshold(y_pos, proba[:, pos], target).items()}
     ev = evaluate(
-        list(y_true), proba, card.classes, positive=card.positive, threshold=chosen["recall_target"],
-        card_thresholds={"youden": chosen["youden"]}, n_bootstrap=n_bootstrap, seed=seed,
+        list(y_true),
+        proba,
+        card.classes,
+        positive=card.positive,
+        threshold=chosen["recall_target"],
+        card_thresholds={"youden": chosen["youden"]},
+        n_bootstrap=n_bootstrap,
+        seed=seed,
     )
     n_pos, n_neg = int(y_pos.sum()), int((~y_pos).sum())
     return {"target": _point(ev, "shipped", n_pos, n_neg), "youden": _point(ev, "card_youden", n_pos, n_neg)}
@@ -148,23 +166,31 @@ def fit_site(
 ) -> tuple[dict[str, Any], list[str]]:
     """The site document for one binary model's predictions ``rows`` and ``labels``, and warnings."""
     if not card.binary:
-        raise LabelError(f"calibrate chooses thresholds for binary models; {card.name} ({card.task}) predicts the most probable class")
+        raise LabelError(
+            f"calibrate chooses thresholds for binary models; {card.name} ({card.task}) predicts the most probable class"
+        )
     if apply not in APPLY_CHOICES:
         raise SiteError(f"unknown operating point {apply!r}: choose {' or '.join(APPLY_CHOICES)}")
     join = join_labels(rows, labels, card, key=key, label_column=label_column)
     y_true = join.y_true
     y_pos = y_true == card.positive
     if y_pos.all() or not y_pos.any():
-        raise LabelError(f"calibrate needs labelled images of both classes; the {join.n_matched} matched are all {y_true[0]}")
+        raise LabelError(
+            f"calibrate needs labelled images of both classes; the {join.n_matched} matched are all {y_true[0]}"
+        )
     warnings: list[str] = []
     proba = join.proba
     targets = np.asarray([card.classes.index(c) for c in y_true])
     scale = fit_temperature(probability_logits(proba), targets)
     site_proba = rescale_probabilities(proba, scale)
-    before = evaluate(list(y_true), proba, card.classes, positive=card.positive, threshold=card.threshold, n_bootstrap=0)
+    before = evaluate(
+        list(y_true), proba, card.classes, positive=card.positive, threshold=card.threshold, n_bootstrap=0
+    )
     pooled = _fit_points(y_true, site_proba, card, target_sensitivity, n_bootstrap, seed)
     after = evaluate(list(y_true), site_proba, card.classes, positive=card.positive, n_bootstrap=0)
-    shipped = {k: before["operating_points"][0].get(k) for k in ("threshold", "sensitivity", "specificity", "ppv", "npv")}
+    shipped = {
+        k: before["operating_points"][0].get(k) for k in ("threshold", "sensitivity", "specificity", "ppv", "npv")
+    }
     if (w := _small_sample(int(y_pos.sum()), target_sensitivity, "pooled")) is not None:
         warnings.append(w)
 
@@ -172,7 +198,9 @@ def fit_site(
     card_bands = (card.thresholds or {}).get("by_age_band") or {}
     if card_bands:
         if join.level != "file" or "age_band" not in join.rows.columns:
-            warnings.append("age bands: the labels join at study level or the CSV has no age_band; bands keep the shipped thresholds")
+            warnings.append(
+                "age bands: the labels join at study level or the CSV has no age_band; bands keep the shipped thresholds"
+            )
             bands = np.full(len(y_true), UNKNOWN, dtype=object)
         else:
             bands = join.rows["age_band"].fillna("").astype(str).to_numpy()
@@ -186,15 +214,22 @@ def fit_site(
                 if (w := _small_sample(n_pos, target_sensitivity, f"age band {band}")) is not None:
                     warnings.append(w)
             else:
-                kept = {name: shipped_point.get(k, shipped_point.get("recall_target")) for name, k in APPLY_CHOICES.items()}
+                kept = {
+                    name: shipped_point.get(k, shipped_point.get("recall_target")) for name, k in APPLY_CHOICES.items()
+                }
                 carried = {name: rescale_threshold(float(t), scale) for name, t in kept.items() if t is not None}
                 by_band[band] = {
-                    "source": "shipped", "n_positive": n_pos, "n_negative": n_neg,
-                    "target": {"threshold": carried.get("target")}, "youden": {"threshold": carried.get("youden")},
+                    "source": "shipped",
+                    "n_positive": n_pos,
+                    "n_negative": n_neg,
+                    "target": {"threshold": carried.get("target")},
+                    "youden": {"threshold": carried.get("youden")},
                     "note": f"fewer than {MIN_PER_CLASS} labelled images of each class: the shipped threshold, "
                     "carried over to the site temperature (same decisions as before)",
                 }
-                warnings.append(f"age band {band}: {n_pos} positives / {n_neg} negatives, fewer than {MIN_PER_CLASS} of each: shipped threshold kept")
+                warnings.append(
+                    f"age band {band}: {n_pos} positives / {n_neg} negatives, fewer than {MIN_PER_CLASS} of each: shipped threshold kept"
+                )
 
     if card.site:
         warnings.append(
@@ -209,21 +244,37 @@ def fit_site(
         "schema_version": SITE_SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pneumobatch_version": __version__,
-        "model": {"name": card.name, "task": card.task, "classes": list(card.classes), "positive": card.positive,
-                  "weights_sha256": card.weights_sha256},
+        "model": {
+            "name": card.name,
+            "task": card.task,
+            "classes": list(card.classes),
+            "positive": card.positive,
+            "weights_sha256": card.weights_sha256,
+        },
         "fitted_on": {
             "n": int(join.n_matched),
             "counts": counts,
-            "by_age_band": {str(b): int(n) for b, n in pd.Series(rows_used.get("age_band", pd.Series(dtype=str))).fillna("").astype(str).value_counts().items()},
+            "by_age_band": {
+                str(b): int(n)
+                for b, n in pd.Series(rows_used.get("age_band", pd.Series(dtype=str)))
+                .fillna("")
+                .astype(str)
+                .value_counts()
+                .items()
+            },
             "date_range": {
                 "source": "modification times of the labelled files",
                 "first": _iso(mtimes.min()) if len(mtimes) else None,
                 "last": _iso(mtimes.max()) if len(mtimes) else None,
             },
             "previous_site_sha256": card.site.get("sha256") if card.site else None,
-            "label_source": {"key": join.key, "level": join.level, "label_column": join.label_column,
-                             "n_label_rows": int(join.n_label_rows),
-                             "problems": {k: v["count"] for k, v in join.problems_dict().items() if v["count"]}},
+            "label_source": {
+                "key": join.key,
+                "level": join.level,
+                "label_column": join.label_column,
+                "n_label_rows": int(join.n_label_rows),
+                "problems": {k: v["count"] for k, v in join.problems_dict().items() if v["count"]},
+            },
         },
         "target_sensitivity": float(target_sensitivity),
         "apply": apply,
@@ -287,11 +338,20 @@ def calibrate(config: CalibrateConfig) -> CalibrateResult:
     rows = frame[frame["model"] == name]
     shas = {s for s in rows.get("weights_sha256", pd.Series(dtype=str)).astype(str) if s}
     if shas - {card.weights_sha256}:
-        raise LabelError(f"{config.predictions} holds rows of {name} from other weights than its run.json; predict again")
+        raise LabelError(
+            f"{config.predictions} holds rows of {name} from other weights than its run.json; predict again"
+        )
     labels = read_labels(config.labels)
     site, warnings = fit_site(
-        rows, labels, card, key=config.key, label_column=config.label_column,
-        target_sensitivity=config.target_sensitivity, apply=config.apply, n_bootstrap=config.n_bootstrap, seed=config.seed,
+        rows,
+        labels,
+        card,
+        key=config.key,
+        label_column=config.label_column,
+        target_sensitivity=config.target_sensitivity,
+        apply=config.apply,
+        n_bootstrap=config.n_bootstrap,
+        seed=config.seed,
     )
     site["fitted_on"]["label_source"]["file"] = Path(config.labels).name
     site["fitted_on"]["label_source"]["sha256"] = hashlib.sha256(Path(config.labels).read_bytes()).hexdigest()
@@ -301,5 +361,3 @@ def calibrate(config: CalibrateConfig) -> CalibrateResult:
 
 
 # ------------------------------------------------------------------------ applying
-
-

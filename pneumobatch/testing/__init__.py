@@ -1,2 +1,1 @@
-"""Synthetic DICOMs in every supported encoding, for the tests, the sample studies and the benchmarks.
-"""
+"""Synthetic DICOMs in every supported encoding, for the tests, the sample studies and the benchmarks."""

@@ -11,8 +11,13 @@ from pneumobatch.model.applicability.stats import DEFAULT_PERCENTILE, Applicabil
 
 
 def fit_from_manifest(
-    loaded: Any, manifest: Path, *, percentile: float = DEFAULT_PERCENTILE,
-    workers: int = 2, only_class: Optional[str] = None, progress=lambda s: None,
+    loaded: Any,
+    manifest: Path,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    workers: int = 2,
+    only_class: Optional[str] = None,
+    progress=lambda s: None,
 ) -> tuple[ApplicabilityStats, dict[str, Any]]:
     """Fit on the manifest's train split, set the threshold on its validation split.
 
@@ -38,6 +43,12 @@ def fit_from_manifest(
         parts[split] = dataset.images
     progress("fitting the statistics (features of every image at several depths)")
     stats = fit_features(loaded, parts["train"], parts["val"], percentile)
-    info = summary(stats, percentile, fitted_on=str(manifest), **{"class": only_class or "all"},
-                   n_train=int(len(parts["train"])), n_val=int(len(parts["val"])))
+    info = summary(
+        stats,
+        percentile,
+        fitted_on=str(manifest),
+        **{"class": only_class or "all"},
+        n_train=int(len(parts["train"])),
+        n_val=int(len(parts["val"])),
+    )
     return stats, info

@@ -110,9 +110,7 @@ def _read_manifest(path: Path, config: TrainConfig) -> pd.DataFrame:
         raise TrainingError(f"{path}: cannot read manifest ({exc})") from exc
     for column in ("path", config.label_column):
         if column not in frame.columns:
-            raise TrainingError(
-                f"{path}: manifest has no {column!r} column (columns: {', '.join(frame.columns)})"
-            )
+            raise TrainingError(f"{path}: manifest has no {column!r} column (columns: {', '.join(frame.columns)})")
     frame = frame.rename(columns={config.label_column: "label"}).copy()
     frame["path"] = [str((path.parent / p).resolve()) for p in frame["path"]]
     frame["split"] = (
@@ -266,7 +264,11 @@ def decode_split(frame: pd.DataFrame, task: Task, size: int, workers: int) -> tu
     if failed:
         log.warning("%d images could not be read and were left out", failed)
     frame = frame.iloc[keep].reset_index(drop=True)
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep])[:, None]) if keep else torch.zeros(0, 1, size, size, dtype=torch.uint8)
+    images = (
+        torch.from_numpy(np.stack([arrays[i] for i in keep])[:, None])
+        if keep
+        else torch.zeros(0, 1, size, size, dtype=torch.uint8)
+    )
     index = {c: i for i, c in enumerate(task.classes)}
     targets = torch.tensor([index[c] for c in frame["cls"]], dtype=torch.long)
     return Dataset(images, targets, frame), failed
@@ -319,7 +321,9 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, task: Task, threshold
 
 
 @torch.no_grad()
-def predict_logits(net: nn.Module, images: torch.Tensor, mean, std, device: torch.device, batch_size: int) -> torch.Tensor:
+def predict_logits(
+    net: nn.Module, images: torch.Tensor, mean, std, device: torch.device, batch_size: int
+) -> torch.Tensor:
     net.eval()
     out = []
     dtype = resolve_precision("auto", device)
@@ -358,7 +362,11 @@ def _epoch_order(
     chunks = []
     for c in torch.nonzero(counts).flatten().tolist():
         members = torch.nonzero(targets == c).flatten()
-        draw = torch.randint(len(members), (per_class,), generator=generator) if balance == "oversample" else torch.randperm(len(members), generator=generator)[:per_class]
+        draw = (
+            torch.randint(len(members), (per_class,), generator=generator)
+            if balance == "oversample"
+            else torch.randperm(len(members), generator=generator)[:per_class]
+        )
         chunks.append(members[draw])
     order = torch.cat(chunks)
     return order[torch.randperm(len(order), generator=generator)]
@@ -411,7 +419,9 @@ def _within_auc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> flo
     return float(np.mean(aucs)) if len(np.unique(y)) > 1 else float("nan")
 
 
-def selection_score(probs: np.ndarray, targets: np.ndarray, subsets: dict[str, np.ndarray]) -> tuple[float, dict[str, float]]:
+def selection_score(
+    probs: np.ndarray, targets: np.ndarray, subsets: dict[str, np.ndarray]
+) -> tuple[float, dict[str, float]]:
     """Mean of the pooled AUC and the within-source / within-age-band AUCs.
 
     The pooled AUC alone rewards telling sources apart (children from adults); the
@@ -438,8 +448,14 @@ def evaluate_subgroups(
     out: dict[str, Any] = {}
     for column in ("sg_source", "sg_age_band", "sg_view", "sg_sex"):
         table = metrics.subgroup_metrics(
-            frame[column].tolist(), y_true, probs, classes, y_pred=y_pred,
-            positive=task.positive if binary else None, n_bootstrap=500, seed=0,
+            frame[column].tolist(),
+            y_true,
+            probs,
+            classes,
+            y_pred=y_pred,
+            positive=task.positive if binary else None,
+            n_bootstrap=500,
+            seed=0,
         )
         if binary:  # at the operating point actually applied to each row (per age band)
             pos = classes.index(task.positive)
@@ -449,7 +465,8 @@ def evaluate_subgroups(
                 rates = metrics.confusion_rates(targets[mask] == pos, pred[mask] == pos)
                 row.update({k: rates[k] for k in ("sensitivity", "specificity", "ppv", "npv")})
                 row["notes"] = [n for n in row.get("notes", []) if not n.startswith("no shipped threshold")] + [
-                    "sensitivity, specificity, PPV, NPV at the card's operating point (its age band's when known)"]
+                    "sensitivity, specificity, PPV, NPV at the card's operating point (its age band's when known)"
+                ]
                 metrics.blank_unsupported(row, task.positive, metrics.MIN_PER_CLASS)
         out[column[3:]] = table
     pairs: dict[str, Any] = {}
@@ -514,13 +531,17 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     mean, std = arch.mean, arch.std
 
     weights = _class_weights(train_set.targets, len(task.classes)) if config.balance == "weights" else None
-    sample_weights = _sample_weights(train_set.frame, train_set.targets, len(task.classes)) if config.balance == "source" else None
+    sample_weights = (
+        _sample_weights(train_set.frame, train_set.targets, len(task.classes)) if config.balance == "source" else None
+    )
     val_subsets = _scored_subsets(val_set.frame, val_set.targets.numpy(), len(task.classes))
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
     generator = torch.Generator().manual_seed(config.seed)
     head_params = list(arch.head(net).parameters())
     head_ids = {id(p) for p in head_params}
-    stages = ([("head", config.head_epochs)] if pretrained and config.head_epochs > 0 else []) + [("full", config.epochs)]
+    stages = ([("head", config.head_epochs)] if pretrained and config.head_epochs > 0 else []) + [
+        ("full", config.epochs)
+    ]
 
     ckpt_path = config.out_dir / f"{config.name}.checkpoint.pt"
     history = History()
@@ -544,8 +565,16 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         params = [p for p in net.parameters() if p.requires_grad]
         lr = config.head_lr if stage == "head" else config.lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-        steps_per_epoch = max(1, math.ceil(len(_epoch_order(train_set.targets, config.balance, torch.Generator().manual_seed(0), sample_weights)) / config.batch_size))
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.15)
+        steps_per_epoch = max(
+            1,
+            math.ceil(
+                len(_epoch_order(train_set.targets, config.balance, torch.Generator().manual_seed(0), sample_weights))
+                / config.batch_size
+            ),
+        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.15
+        )
         first_epoch = start_epoch if stage_index == start_stage else 0
         if state is not None and stage_index == start_stage and first_epoch > 0:
             optimizer.load_state_dict(state["optimizer"])
@@ -579,8 +608,14 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             val_auc = _auc_of(val_logits, val_set.targets, task)
             score, parts = selection_score(torch.softmax(val_logits, 1).numpy(), val_set.targets.numpy(), val_subsets)
             record = {
-                "stage": stage, "epoch": epoch + 1, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "val_loss": val_loss, "val_auc": val_auc, "val_selection": score, "val_auc_within": parts,
+                "stage": stage,
+                "epoch": epoch + 1,
+                "train_loss": total / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss,
+                "val_auc": val_auc,
+                "val_selection": score,
+                "val_auc_within": parts,
                 "seconds": time.time() - t0,
             }
             history.epochs.append(record)
@@ -590,14 +625,25 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 f"val AUC {val_auc:.4f}, selection {score:.4f} ({within}) ({record['seconds']:.0f}s)"
             )
             if score > best["auc"]:
-                best = {"auc": score, "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "epoch": len(history.epochs)}
+                best = {
+                    "auc": score,
+                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                    "epoch": len(history.epochs),
+                }
                 stale = 0
             else:
                 stale += 1
             checkpoint = {
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "stage": stage_index, "epoch": epoch, "history": history.epochs, "best_auc": best["auc"],
-                "best_state": best["state"], "best_epoch": best["epoch"], "generator": generator.get_state(),
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "stage": stage_index,
+                "epoch": epoch,
+                "history": history.epochs,
+                "best_auc": best["auc"],
+                "best_state": best["state"],
+                "best_epoch": best["epoch"],
+                "generator": generator.get_state(),
             }
             # the one atomic writer: a kill mid-save keeps the last checkpoint, a planted link is replaced, not followed
             atomic_write(ckpt_path, lambda tmp, checkpoint=checkpoint: torch.save(checkpoint, tmp))
@@ -608,19 +654,37 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
 
     net.load_state_dict(best["state"])
     card = ModelCard(
-        name=config.name, task=task.name, classes=list(task.classes), architecture=config.architecture,
-        input_size=config.input_size, mean=list(mean), std=list(std), positive=task.positive,
+        name=config.name,
+        task=task.name,
+        classes=list(task.classes),
+        architecture=config.architecture,
+        input_size=config.input_size,
+        mean=list(mean),
+        std=list(std),
+        positive=task.positive,
         data=_data_summary(config, splits, dropped, unreadable, split_source, leakage),
         training={
-            "init": config.init, "balance": config.balance, "class_weights": weights.tolist() if weights is not None else None,
+            "init": config.init,
+            "balance": config.balance,
+            "class_weights": weights.tolist() if weights is not None else None,
             "model_selection": "mean of pooled and within-source / within-age-band validation AUCs (groups with >= "
             f"{MIN_PER_CLASS} images of two classes or more)",
-            "augmentation": "rotation ±15°, zoom ±10%, shift ±5%, brightness/contrast ±20%" + (", horizontal flip" if config.hflip else ""),
-            "stages": [{"stage": s, "epochs": n} for s, n in stages], "batch_size": config.batch_size, "lr": config.lr,
-            "head_lr": config.head_lr, "weight_decay": config.weight_decay, "optimizer": "AdamW + one-cycle",
-            "early_stopping": f"validation AUC, patience {config.patience}", "best_epoch": best["epoch"],
-            "seed": config.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "seconds": round(time.time() - started, 1), "history": history.epochs,
+            "augmentation": "rotation ±15°, zoom ±10%, shift ±5%, brightness/contrast ±20%"
+            + (", horizontal flip" if config.hflip else ""),
+            "stages": [{"stage": s, "epochs": n} for s, n in stages],
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "head_lr": config.head_lr,
+            "weight_decay": config.weight_decay,
+            "optimizer": "AdamW + one-cycle",
+            "early_stopping": f"validation AUC, patience {config.patience}",
+            "best_epoch": best["epoch"],
+            "seed": config.seed,
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "seconds": round(time.time() - started, 1),
+            "history": history.epochs,
         },
         pneumobatch_version=__version__,
     )
@@ -643,7 +707,13 @@ def _band_targets(config: TrainConfig) -> dict[str, float]:
 
 
 def choose_operating_points(
-    card: ModelCard, net: nn.Module, val_set: Dataset, test_set: Dataset, config: TrainConfig, task: Task, device: torch.device,
+    card: ModelCard,
+    net: nn.Module,
+    val_set: Dataset,
+    test_set: Dataset,
+    config: TrainConfig,
+    task: Task,
+    device: torch.device,
 ) -> None:
     """Temperature, thresholds (pooled and per age band) on validation; metrics on validation and test.
 
@@ -666,7 +736,9 @@ def choose_operating_points(
         thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
         thresholds["target_recall"] = config.target_recall
         threshold = thresholds["recall_target"]
-        by_band = metrics.band_thresholds(val_pos, val_probs[:, pos], val_bands, config.target_recall, band_targets=band_targets)
+        by_band = metrics.band_thresholds(
+            val_pos, val_probs[:, pos], val_bands, config.target_recall, band_targets=band_targets
+        )
         if by_band:
             thresholds["by_age_band"] = by_band
             targets = ", ".join(f"{b} {p['target_recall']:g}" for b, p in by_band.items())
@@ -696,7 +768,10 @@ def choose_operating_points(
             }
     card.metrics = results
 
-def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
+
+def retune(
+    name: str, config: TrainConfig, weights_dir: Optional[Path] = None, progress: Callable[[str], None] = lambda s: None
+) -> ModelCard:
     """Choose a trained model's temperature and operating points again, without training.
 
     Loads model ``name``, decodes ``config.data``'s validation and test splits (the same
@@ -710,10 +785,14 @@ def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, p
     loaded = load_model(name, weights_dir)
     card = loaded.card
     if card.task not in TASKS:
-        raise TrainingError(f"model {card.name} has task {card.task!r}: retune knows the built-in tasks ({', '.join(TASKS)})")
+        raise TrainingError(
+            f"model {card.name} has task {card.task!r}: retune knows the built-in tasks ({', '.join(TASKS)})"
+        )
     task = get_task(card.task)
     if task.positive is None:
-        raise TrainingError(f"model {card.name} ({card.task}) decides by the most probable class: it has no operating point to retune")
+        raise TrainingError(
+            f"model {card.name} ({card.task}) decides by the most probable class: it has no operating point to retune"
+        )
     band_targets = _band_targets(config)
     config = dataclasses.replace(config, task=card.task, name=card.name, input_size=card.input_size)
     frame, task, _, _, _ = labelled_splits(config)
@@ -725,40 +804,60 @@ def retune(name: str, config: TrainConfig, weights_dir: Optional[Path] = None, p
     device = resolve_device(config.device)
     choose_operating_points(card, loaded.net.to(device).eval(), parts["val"], parts["test"], config, task, device)
     card.training["retuned"] = {
-        "date": time.strftime("%Y-%m-%d"), "command": "pneumobatch retune", "target_recall": config.target_recall,
-        "band_target_recall": band_targets, "data": str(config.data),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "pneumobatch retune",
+        "target_recall": config.target_recall,
+        "band_target_recall": band_targets,
+        "data": str(config.data),
         "note": "temperature and operating points chosen again on the validation split; weights unchanged",
     }
     write_card(card, loaded.weights_path.with_suffix(".json"))
     return card
 
 
-def _fit_applicability(loaded: LoadedModel, train_set: Dataset, val_set: Dataset, progress: Callable[[str], None]) -> None:
+def _fit_applicability(
+    loaded: LoadedModel, train_set: Dataset, val_set: Dataset, progress: Callable[[str], None]
+) -> None:
     """Applicability statistics on the train split, threshold on validation; recorded in the card."""
     from pneumobatch.model.applicability import features, stats
 
     progress("fitting applicability statistics (train split; threshold on validation)")
     fitted = features.fit_features(loaded, train_set.images, val_set.images)
-    info = stats.summary(fitted, stats.DEFAULT_PERCENTILE, fitted_on="train split (threshold: val split)",
-                                 **{"class": "all"}, n_train=len(train_set.images), n_val=len(val_set.images))
+    info = stats.summary(
+        fitted,
+        stats.DEFAULT_PERCENTILE,
+        fitted_on="train split (threshold: val split)",
+        **{"class": "all"},
+        n_train=len(train_set.images),
+        n_val=len(val_set.images),
+    )
     features.attach(loaded, fitted, info)
 
 
 def _data_summary(
-    config: TrainConfig, splits: dict[str, Dataset], dropped: dict[str, int], unreadable: int, split_source: str,
+    config: TrainConfig,
+    splits: dict[str, Dataset],
+    dropped: dict[str, int],
+    unreadable: int,
+    split_source: str,
     leakage: dict[str, int],
 ) -> dict[str, Any]:
     train_ages = [a for a in splits["train"].frame["sg_age"] if a is not None and a == a]
     summary: dict[str, Any] = {
-        "source": str(config.data), "label_column": config.label_column,
-        "counts": {s: {str(k): int(v) for k, v in d.frame["cls"].value_counts().sort_index().items()} for s, d in splits.items()},
+        "source": str(config.data),
+        "label_column": config.label_column,
+        "counts": {
+            s: {str(k): int(v) for k, v in d.frame["cls"].value_counts().sort_index().items()}
+            for s, d in splits.items()
+        },
         "counts_by_age_band": {
             s: {f"{b} / {c}": int(n) for (b, c), n in d.frame.groupby(["sg_age_band", "cls"]).size().items()}
             for s, d in splits.items()
         },
         "age_band_defaults": list(config.default_age_band),
         "age_range_years": [round(min(train_ages), 1), round(max(train_ages), 1)] if train_ages else None,
-        "dropped_unmapped_labels": dropped, "unreadable_images": unreadable,
+        "dropped_unmapped_labels": dropped,
+        "unreadable_images": unreadable,
         "left_out_for_disjoint_splits": leakage,
         "split": split_source,
     }

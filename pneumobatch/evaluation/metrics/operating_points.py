@@ -119,9 +119,7 @@ def threshold_points(
                 f"highest threshold with sensitivity >= {target_recall:g} here",
             )
         )
-    points.append(
-        operating_point(y_pos, score, chosen[YOUDEN], YOUDEN, "maximises sensitivity + specificity - 1 here")
-    )
+    points.append(operating_point(y_pos, score, chosen[YOUDEN], YOUDEN, "maximises sensitivity + specificity - 1 here"))
     for name, t in card_thresholds.items():
         if t is None or not math.isfinite(float(t)):
             continue
@@ -134,8 +132,12 @@ MIN_PER_CLASS_PER_BAND = 10
 
 
 def band_thresholds(
-    y_pos: np.ndarray, scores: np.ndarray, bands: np.ndarray, target_recall: float,
-    min_per_class: int = MIN_PER_CLASS_PER_BAND, band_targets: Optional[Mapping[str, float]] = None,
+    y_pos: np.ndarray,
+    scores: np.ndarray,
+    bands: np.ndarray,
+    target_recall: float,
+    min_per_class: int = MIN_PER_CLASS_PER_BAND,
+    band_targets: Optional[Mapping[str, float]] = None,
 ) -> dict[str, dict[str, Any]]:
     """Operating points per age band, for bands with at least ``min_per_class`` images of each class.
 

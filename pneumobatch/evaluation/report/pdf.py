@@ -427,7 +427,16 @@ class PdfDocument:
             for rule, row in zip((shipped, site), pair)
         ]
         self.table(
-            ["images", "rule", "n pos / neg", "threshold (point)", "sensitivity (95% CI)", "specificity (95% CI)", "PPV", "NPV"],
+            [
+                "images",
+                "rule",
+                "n pos / neg",
+                "threshold (point)",
+                "sensitivity (95% CI)",
+                "specificity (95% CI)",
+                "PPV",
+                "NPV",
+            ],
             rows,
             [0.8, 0.7, 0.9, 1.5, 1.45, 1.45, 0.55, 0.55],
         )
@@ -540,8 +549,11 @@ class PdfDocument:
         if s.get("near_threshold") is not None and n_pred:
             self.para(f"{s['near_threshold']:,} of {n_pred:,} predictions lie within 0.05 of the threshold.", "note")
         if (a := m.get("applicability")) is not None:
-            self.para(f"{a['not_applicable']:,} of {a['scored']:,} predicted images are flagged not applicable "
-                      "(unlike the images the model was trained on; CSV column applicable).", "note")
+            self.para(
+                f"{a['not_applicable']:,} of {a['scored']:,} predicted images are flagged not applicable "
+                "(unlike the images the model was trained on; CSV column applicable).",
+                "note",
+            )
         if figure:
             self.figure(m["figures"].get("summary"), max_height=260)
             reasons = s["reason_counts"]

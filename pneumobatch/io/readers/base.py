@@ -1,7 +1,6 @@
 """What every reader shares: :class:`ReadOptions`, the :class:`Image` it returns, the reduced-decode
 side and the one blank-image rule (:func:`check_content`)."""
 
-
 from __future__ import annotations
 
 import math
@@ -61,6 +60,7 @@ def decode_side(options: ReadOptions) -> Optional[int]:
     """Smallest side a reduced-resolution decode may produce; ``None``: decode at full size."""
     return math.ceil(options.min_side * RESIZE_MARGIN) if options.min_side else None
 
+
 #: Smallest side a radiograph can have and still be predicted (the models see ~200 px).
 MIN_SIDE = 32
 #: A displayed image whose 1st-99th percentile spread is below this is blank.
@@ -76,7 +76,9 @@ def check_content(pixels: np.ndarray) -> None:
     image would otherwise get a confident prediction of nothing.
     """
     if pixels.ndim != 2 or min(pixels.shape) < MIN_SIDE:
-        raise FileRejected(Reason.BLANK_IMAGE, f"{pixels.shape[-1]}x{pixels.shape[0]} pixels: too small for a radiograph")
+        raise FileRejected(
+            Reason.BLANK_IMAGE, f"{pixels.shape[-1]}x{pixels.shape[0]} pixels: too small for a radiograph"
+        )
     if not np.isfinite(pixels).all():
         raise FileRejected(Reason.BLANK_IMAGE, "pixel values that are not finite numbers")
     step = max(1, int(np.sqrt(pixels.size / 65536)))  # percentiles of a subsample: fast on 3000x3000

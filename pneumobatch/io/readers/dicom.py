@@ -329,7 +329,9 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
     modality = meta["modality"][:16]
     if modality and modality not in CXR_MODALITIES:
         # name it only when it is a DICOM defined term: details never echo header text
-        raise FileRejected(Reason.NOT_CXR, f"modality {modality}" if modality in DICOM_MODALITIES else "modality other than CR/DX/DR")
+        raise FileRejected(
+            Reason.NOT_CXR, f"modality {modality}" if modality in DICOM_MODALITIES else "modality other than CR/DX/DR"
+        )
     part, keyword = examined_part({k: _text(_get(ds, k), 256) for k in _BODY_PART_KEYWORDS}, options.body_parts)
     if part is not None and part != "CHEST":
         # ``part`` is a word of our own vocabulary, never raw header text
@@ -368,7 +370,9 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
         logger.debug("no Photometric Interpretation; assuming MONOCHROME2")
     if photometric not in _MONOCHROME | _COLOUR | {"PALETTE COLOR"}:
         known = photometric in _KNOWN_PHOTOMETRIC
-        raise FileRejected(Reason.UNSUPPORTED_PIXELS, f"photometric interpretation {photometric if known else 'not a defined term'}")
+        raise FileRejected(
+            Reason.UNSUPPORTED_PIXELS, f"photometric interpretation {photometric if known else 'not a defined term'}"
+        )
 
 
 def _sop_class(ds: Dataset) -> str:

@@ -51,7 +51,9 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
     except FileRejected:
         raise
     except PILImage.DecompressionBombError as exc:
-        raise FileRejected(Reason.TOO_LARGE, f"more pixels than the limit of {options.max_pixels} (--max-pixels)") from exc
+        raise FileRejected(
+            Reason.TOO_LARGE, f"more pixels than the limit of {options.max_pixels} (--max-pixels)"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise FileRejected(Reason.CORRUPT, "not a decodable PNG/JPEG") from exc
     except (OSError, SyntaxError, ValueError) as exc:

@@ -89,13 +89,18 @@ def tap(loaded: Any, layers: Optional[Sequence[str]] = None) -> FeatureTap:
 
     card, net = loaded.card, loaded.net
     if layers is None:
-        layers = loaded.applicability.layer_names if loaded.applicability is not None else default_layers(card.architecture, net)
+        layers = (
+            loaded.applicability.layer_names
+            if loaded.applicability is not None
+            else default_layers(card.architecture, net)
+        )
     return FeatureTap(net, ARCHITECTURES[card.architecture].head(net), layers)
 
 
 @torch.no_grad()
-def extract_features(loaded: Any, images: torch.Tensor, batch_size: int = 64,
-                     layers: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+def extract_features(
+    loaded: Any, images: torch.Tensor, batch_size: int = 64, layers: Optional[Sequence[str]] = None
+) -> dict[str, np.ndarray]:
     """Per-layer features of uint8 images (N, 1, S, S) already at the model's input size."""
     from pneumobatch.model.preprocess import normalize
 
@@ -113,8 +118,9 @@ def extract_features(loaded: Any, images: torch.Tensor, batch_size: int = 64,
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def fit_features(loaded: Any, train_images: torch.Tensor, val_images: torch.Tensor,
-                 percentile: float = DEFAULT_PERCENTILE) -> ApplicabilityStats:
+def fit_features(
+    loaded: Any, train_images: torch.Tensor, val_images: torch.Tensor, percentile: float = DEFAULT_PERCENTILE
+) -> ApplicabilityStats:
     """Fit on training images, scale and threshold on validation images (uint8, model input size)."""
     layers = default_layers(loaded.card.architecture, loaded.net)
     train_features = extract_features(loaded, train_images, layers=layers)
@@ -124,12 +130,15 @@ def fit_features(loaded: Any, train_images: torch.Tensor, val_images: torch.Tens
     return stats
 
 
-def fit_orientation(loaded: Any, images: torch.Tensor, upright_head: np.ndarray, per_transform: int = ORIENTATION_IMAGES,
-                    seed: int = 0) -> OrientationCheck:
+def fit_orientation(
+    loaded: Any, images: torch.Tensor, upright_head: np.ndarray, per_transform: int = ORIENTATION_IMAGES, seed: int = 0
+) -> OrientationCheck:
     """The orientation check, fitted on ``images`` (upright) and turned copies of a random subset of them."""
     pick = torch.from_numpy(np.random.default_rng(seed).permutation(len(images))[:per_transform])
-    turned = {name: extract_features(loaded, variant, layers=[HEAD])[HEAD]
-              for name, variant in orientation_variants(images[pick]).items()}
+    turned = {
+        name: extract_features(loaded, variant, layers=[HEAD])[HEAD]
+        for name, variant in orientation_variants(images[pick]).items()
+    }
     return OrientationCheck.fit(upright_head, turned)
 
 

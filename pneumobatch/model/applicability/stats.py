@@ -100,8 +100,12 @@ class OrientationCheck:
         return cls(weight, bias, transforms=tuple(turned))
 
     def valid(self) -> bool:
-        return bool(np.isfinite(self.weight).all() and np.isfinite(self.bias)
-                    and np.isfinite(self.log_odds_threshold) and self.scale > 0)
+        return bool(
+            np.isfinite(self.weight).all()
+            and np.isfinite(self.bias)
+            and np.isfinite(self.log_odds_threshold)
+            and self.scale > 0
+        )
 
 
 def _by_layer(features: Features) -> Mapping[str, np.ndarray]:
@@ -153,8 +157,12 @@ class LayerStats:
         return stats
 
     def valid(self) -> bool:
-        return bool(np.isfinite(self.variances).all() and (self.variances > 0).all()
-                    and self.maha_scale > 0 and self.resid_scale >= 0)
+        return bool(
+            np.isfinite(self.variances).all()
+            and (self.variances > 0).all()
+            and self.maha_scale > 0
+            and self.resid_scale >= 0
+        )
 
 
 @dataclass
@@ -199,14 +207,30 @@ class ApplicabilityStats:
         if self.orientation is not None:
             tensors["orientation/weight"] = self.orientation.weight.astype(np.float32)[None]
         meta = {
-            "method": METHOD, "threshold": repr(self.threshold), "info": json.dumps(info),
-            "layers": json.dumps({name: {"maha_scale": s.maha_scale, "resid_scale": s.resid_scale,
-                                         "scale": self.scales.get(name, 1.0)} for name, s in self.layers.items()}),
+            "method": METHOD,
+            "threshold": repr(self.threshold),
+            "info": json.dumps(info),
+            "layers": json.dumps(
+                {
+                    name: {
+                        "maha_scale": s.maha_scale,
+                        "resid_scale": s.resid_scale,
+                        "scale": self.scales.get(name, 1.0),
+                    }
+                    for name, s in self.layers.items()
+                }
+            ),
         }
         if self.orientation is not None:
             o = self.orientation
-            meta["orientation"] = json.dumps({"bias": o.bias, "log_odds_threshold": o.log_odds_threshold,
-                                              "scale": o.scale, "transforms": list(o.transforms)})
+            meta["orientation"] = json.dumps(
+                {
+                    "bias": o.bias,
+                    "log_odds_threshold": o.log_odds_threshold,
+                    "scale": o.scale,
+                    "transforms": list(o.transforms),
+                }
+            )
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -221,15 +245,22 @@ class ApplicabilityStats:
                     layers, scales = {}, {}
                     for name, scalars in json.loads(meta["layers"]).items():
                         layers[name] = LayerStats(
-                            *(fh.get_tensor(f"{name}/{key}").astype(np.float64) for key in ("mean", "components", "variances")),
-                            maha_scale=float(scalars["maha_scale"]), resid_scale=float(scalars["resid_scale"]),
+                            *(
+                                fh.get_tensor(f"{name}/{key}").astype(np.float64)
+                                for key in ("mean", "components", "variances")
+                            ),
+                            maha_scale=float(scalars["maha_scale"]),
+                            resid_scale=float(scalars["resid_scale"]),
                         )
                         scales[name] = float(scalars["scale"])
                 elif method == LEGACY_METHOD:
-                    layers = {HEAD: LayerStats(
-                        *(fh.get_tensor(key).astype(np.float64) for key in ("mean", "components", "variances")),
-                        maha_scale=float(meta["maha_scale"]), resid_scale=float(meta["resid_scale"]),
-                    )}
+                    layers = {
+                        HEAD: LayerStats(
+                            *(fh.get_tensor(key).astype(np.float64) for key in ("mean", "components", "variances")),
+                            maha_scale=float(meta["maha_scale"]),
+                            resid_scale=float(meta["resid_scale"]),
+                        )
+                    }
                     scales = {HEAD: 1.0}
                 else:
                     raise ModelError(f"{path}: not an applicability file (method {METHOD} or {LEGACY_METHOD})")
@@ -237,15 +268,21 @@ class ApplicabilityStats:
                 if "orientation" in meta:
                     o = json.loads(meta["orientation"])
                     orientation = OrientationCheck(
-                        fh.get_tensor("orientation/weight")[0].astype(np.float64), float(o["bias"]),
-                        float(o["log_odds_threshold"]), float(o["scale"]), tuple(o.get("transforms", ())),
+                        fh.get_tensor("orientation/weight")[0].astype(np.float64),
+                        float(o["bias"]),
+                        float(o["log_odds_threshold"]),
+                        float(o["scale"]),
+                        tuple(o.get("transforms", ())),
                     )
                 stats = cls(layers, scales, float(meta["threshold"]), orientation)
         except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as exc:
             raise ModelError(f"{path}: unreadable applicability statistics ({exc})") from exc
-        if not stats.layers or not all(s.valid() for s in stats.layers.values()) or not all(
-            np.isfinite(v) and v > 0 for v in stats.scales.values()
-        ) or (stats.orientation is not None and not stats.orientation.valid()):
+        if (
+            not stats.layers
+            or not all(s.valid() for s in stats.layers.values())
+            or not all(np.isfinite(v) and v > 0 for v in stats.scales.values())
+            or (stats.orientation is not None and not stats.orientation.valid())
+        ):
             raise ModelError(f"{path}: applicability statistics out of range")
         return stats
 
@@ -266,20 +303,28 @@ def calibrate(stats: ApplicabilityStats, val_features: Features, percentile: flo
         stats.scales[name] = float(max(np.percentile(layer.score(by_layer[name]), percentile), 1e-12))
     if stats.orientation is not None:
         stats.orientation.scale = float(np.percentile(stats.distance(by_layer), percentile))
-        stats.orientation.log_odds_threshold = float(np.percentile(stats.orientation.log_odds(by_layer[HEAD]), ORIENTATION_PERCENTILE))
+        stats.orientation.log_odds_threshold = float(
+            np.percentile(stats.orientation.log_odds(by_layer[HEAD]), ORIENTATION_PERCENTILE)
+        )
     stats.threshold = float(np.percentile(stats.score(by_layer), percentile))
     return stats.threshold
 
 
 def summary(stats: ApplicabilityStats, percentile: float, **fitted: Any) -> dict[str, Any]:
     """What the card records about the statistics."""
-    out = {"method": METHOD, "layers": stats.layer_names, "components": {n: int(len(s.variances)) for n, s in stats.layers.items()},
-           "percentile": percentile, "threshold": stats.threshold, **fitted}
+    out = {
+        "method": METHOD,
+        "layers": stats.layer_names,
+        "components": {n: int(len(s.variances)) for n, s in stats.layers.items()},
+        "percentile": percentile,
+        "threshold": stats.threshold,
+        **fitted,
+    }
     if stats.orientation is not None:
         out["orientation_check"] = {
-            "transforms": list(stats.orientation.transforms), "layer": HEAD,
-            "log_odds_threshold": stats.orientation.log_odds_threshold, "percentile": ORIENTATION_PERCENTILE,
+            "transforms": list(stats.orientation.transforms),
+            "layer": HEAD,
+            "log_odds_threshold": stats.orientation.log_odds_threshold,
+            "percentile": ORIENTATION_PERCENTILE,
         }
     return out
-
-

@@ -1,2 +1,1 @@
-"""Nightly drift monitoring: the run record predict writes, drift statistics and alerts, the PDF.
-"""
+"""Nightly drift monitoring: the run record predict writes, drift statistics and alerts, the PDF."""

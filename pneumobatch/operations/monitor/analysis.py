@@ -81,22 +81,39 @@ DEFAULT_BASELINE = 7
 def scanner_names(frame: pd.DataFrame) -> pd.Series:
     """``Manufacturer / Model / Station`` per row ("?" for an empty part); :data:`NO_HEADER` for rows
     without any of them and without a SOP Instance UID (PNG/JPEG, files whose header could not be read)."""
-    parts = [frame[c].fillna("").astype(str) if c in frame.columns else pd.Series("", index=frame.index)
-             for c in ("manufacturer", "manufacturer_model_name", "station_name")]
-    joined = parts[0].where(parts[0] != "", "?") + " / " + parts[1].where(parts[1] != "", "?") + " / " + parts[2].where(parts[2] != "", "?")
-    uid = frame["sop_instance_uid"].fillna("").astype(str) if "sop_instance_uid" in frame.columns else pd.Series("", index=frame.index)
+    parts = [
+        frame[c].fillna("").astype(str) if c in frame.columns else pd.Series("", index=frame.index)
+        for c in ("manufacturer", "manufacturer_model_name", "station_name")
+    ]
+    joined = (
+        parts[0].where(parts[0] != "", "?")
+        + " / "
+        + parts[1].where(parts[1] != "", "?")
+        + " / "
+        + parts[2].where(parts[2] != "", "?")
+    )
+    uid = (
+        frame["sop_instance_uid"].fillna("").astype(str)
+        if "sop_instance_uid" in frame.columns
+        else pd.Series("", index=frame.index)
+    )
     return joined.where((parts[0] + parts[1] + parts[2] + uid) != "", NO_HEADER)
 
 
 def group_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """The acquisition group of every row, one column per :data:`DIMENSIONS` entry."""
     views = frame["view_position"] if "view_position" in frame.columns else pd.Series("", index=frame.index)
-    bands = frame["age_band"].fillna("").astype(str) if "age_band" in frame.columns else pd.Series("", index=frame.index)
-    return pd.DataFrame({
-        "scanner": scanner_names(frame),
-        "view": [view_group(v) for v in views.fillna("")],
-        "age_band": bands.where(bands != "", UNKNOWN),
-    }, index=frame.index)
+    bands = (
+        frame["age_band"].fillna("").astype(str) if "age_band" in frame.columns else pd.Series("", index=frame.index)
+    )
+    return pd.DataFrame(
+        {
+            "scanner": scanner_names(frame),
+            "view": [view_group(v) for v in views.fillna("")],
+            "age_band": bands.where(bands != "", UNKNOWN),
+        },
+        index=frame.index,
+    )
 
 
 def _positive(labels: pd.Series, card: ModelCard) -> Optional[pd.Series]:
@@ -142,11 +159,20 @@ def _stats(rows: pd.DataFrame, score: pd.Series, positive: Optional[pd.Series]) 
 def operating_point_source(card: ModelCard) -> dict[str, Any]:
     """Where a card's thresholds came from: the shipped card or a site file (with its SHA-256)."""
     if card.site:
-        return {"source": "site", "file": card.site.get("file"), "sha256": card.site.get("sha256"),
-                "apply": card.site.get("apply"), "created": card.site.get("created"), "thresholds": card.site.get("thresholds")}
+        return {
+            "source": "site",
+            "file": card.site.get("file"),
+            "sha256": card.site.get("sha256"),
+            "apply": card.site.get("apply"),
+            "created": card.site.get("created"),
+            "thresholds": card.site.get("thresholds"),
+        }
     by_band = (card.thresholds or {}).get("by_age_band") or {}
-    return {"source": "shipped", "threshold": card.threshold if card.binary else None,
-            "thresholds": {band: point.get("recall_target") for band, point in by_band.items()}}
+    return {
+        "source": "shipped",
+        "threshold": card.threshold if card.binary else None,
+        "thresholds": {band: point.get("recall_target") for band, point in by_band.items()},
+    }
 
 
 def monitoring_block(frame: pd.DataFrame, cards: Sequence[ModelCard], images_per_second: float) -> dict[str, Any]:
@@ -160,7 +186,9 @@ def monitoring_block(frame: pd.DataFrame, cards: Sequence[ModelCard], images_per
         score = pd.Series(abnormality(proba, card) if len(rows) else [], index=rows.index, dtype=np.float64)
         positive = _positive(rows["pred_label"].fillna("").astype(str), card)
         entry = {
-            "score": f"1 - {card.prob_column('normal')}" if "normal" in card.classes else card.prob_column(card.positive or ""),
+            "score": f"1 - {card.prob_column('normal')}"
+            if "normal" in card.classes
+            else card.prob_column(card.positive or ""),
             "positive": card.positive if card.binary else ("not normal" if positive is not None else None),
             "operating_point": operating_point_source(card),
             "images_per_second": images_per_second,
@@ -174,13 +202,15 @@ def monitoring_block(frame: pd.DataFrame, cards: Sequence[ModelCard], images_per
                 for g in sorted(keys.unique())
             }
         models[card.name] = entry
-    return jsonable({
-        "schema_version": MONITORING_SCHEMA_VERSION,
-        "quantile_levels": "0, 0.01, ..., 1",
-        "histogram_edges": HISTOGRAM_EDGES,
-        "dimensions": list(DIMENSIONS),
-        "models": models,
-    })
+    return jsonable(
+        {
+            "schema_version": MONITORING_SCHEMA_VERSION,
+            "quantile_levels": "0, 0.01, ..., 1",
+            "histogram_edges": HISTOGRAM_EDGES,
+            "dimensions": list(DIMENSIONS),
+            "models": models,
+        }
+    )
 
 
 # ------------------------------------------------------------------ drift statistics
@@ -251,7 +281,13 @@ def rate_change(k: int, n: int, k0: int, n0: int) -> dict[str, Any]:
     p0 = k0 / n0
     test = binomtest(k, n, min(max(p0, 1e-12), 1 - 1e-12))
     ci = test.proportion_ci(confidence_level=0.95, method="exact")
-    return {"rate": k / n, "baseline_rate": p0, "change": k / n - p0, "ci": [float(ci.low), float(ci.high)], "p_value": float(test.pvalue)}
+    return {
+        "rate": k / n,
+        "baseline_rate": p0,
+        "change": k / n - p0,
+        "ci": [float(ci.low), float(ci.high)],
+        "p_value": float(test.pvalue),
+    }
 
 
 # --------------------------------------------------------------------------- nights
@@ -304,7 +340,9 @@ def _sum(stats: Sequence[Mapping[str, Any]], key: str) -> int:
     return int(sum(s.get(key) or 0 for s in stats))
 
 
-def _compare(night_stats: Mapping[str, Any], base_stats: Sequence[Mapping[str, Any]], limits: Mapping[str, float]) -> dict[str, Any]:
+def _compare(
+    night_stats: Mapping[str, Any], base_stats: Sequence[Mapping[str, Any]], limits: Mapping[str, float]
+) -> dict[str, Any]:
     """Drift numbers of one group tonight against its baseline, and which limits they cross."""
     night, base = Distribution(), Distribution()
     night.add(night_stats)
@@ -324,8 +362,10 @@ def _compare(night_stats: Mapping[str, Any], base_stats: Sequence[Mapping[str, A
     out["ks_d"], out["ks_p"] = d, p
     if d >= limits["ks_d"] and p < alpha:
         out["alerts"].append(("ks", d, limits["ks_d"]))
-    for what, k_key, n_key, limit in (("positive-rate", "n_positive", "ok", "positive_rate_change"),
-                                      ("flag-rate", "n_flagged", "ok", "flag_rate_change")):
+    for what, k_key, n_key, limit in (
+        ("positive-rate", "n_positive", "ok", "positive_rate_change"),
+        ("flag-rate", "n_flagged", "ok", "flag_rate_change"),
+    ):
         if k_key not in night_stats or not any(k_key in s for s in base_stats):
             continue
         k, n = int(night_stats[k_key]), int(night_stats[n_key])
@@ -348,11 +388,22 @@ def _alert(night: Night, model: str, dim: str, group: str, kind: str, value: flo
         what = f"no files tonight (baseline: {value:.1f} per run)"
     else:
         what = f"{kind} {value:+.3f} (limit {limit:.3f})"
-    return {"night": night.label, "run_json": str(night.path), "model": model, "dimension": dim, "group": group,
-            "kind": kind, "value": value, "limit": limit, "message": f"{night.label} {model} {where}: {what}"}
+    return {
+        "night": night.label,
+        "run_json": str(night.path),
+        "model": model,
+        "dimension": dim,
+        "group": group,
+        "kind": kind,
+        "value": value,
+        "limit": limit,
+        "message": f"{night.label} {model} {where}: {what}",
+    }
 
 
-def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: Optional[Mapping[str, float]] = None) -> dict[str, Any]:
+def analyse(
+    nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: Optional[Mapping[str, float]] = None
+) -> dict[str, Any]:
     """Time series, drift against the baseline and alerts for run.json files (oldest first)."""
     limits = {**DEFAULT_LIMITS, **(limits or {})}
     if len(nights) < 2:
@@ -360,8 +411,14 @@ def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: O
     baseline = max(1, min(int(baseline), len(nights) - 1))
     base_nights, later = nights[:baseline], nights[baseline:]
     models = list(dict.fromkeys(m for n in nights for m in n.monitoring.get("models", {})))
-    series: dict[str, Any] = {"nights": [n.label for n in nights], "run_json": [str(n.path) for n in nights],
-                              "files": [], "errors": [], "images_per_second": [], "models": {}}
+    series: dict[str, Any] = {
+        "nights": [n.label for n in nights],
+        "run_json": [str(n.path) for n in nights],
+        "files": [],
+        "errors": [],
+        "images_per_second": [],
+        "models": {},
+    }
     for n in nights:
         counts = n.run.get("counts") or {}
         series["files"].append(counts.get("files"))
@@ -374,7 +431,9 @@ def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: O
         series["models"][model] = {
             "positive_rate": [m["overall"].get("positive_rate") if m else None for m in per_night],
             "flag_rate": [m["overall"].get("flag_rate") if m else None for m in per_night],
-            "median_score": [m["overall"]["quantiles"][50] if m and m["overall"].get("quantiles") else None for m in per_night],
+            "median_score": [
+                m["overall"]["quantiles"][50] if m and m["overall"].get("quantiles") else None for m in per_night
+            ],
             "by_scanner_positive_rate": {},
         }
         base_models = [m for m in per_night[:baseline] if m]
@@ -386,7 +445,14 @@ def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: O
             tested = [("overall", "all", m["overall"], [b["overall"] for b in base_models])]
             for dim in DIMENSIONS:
                 for group, stats in (m.get("by", {}).get(dim) or {}).items():
-                    tested.append((dim, group, stats, [b["by"][dim][group] for b in base_models if group in b.get("by", {}).get(dim, {})]))
+                    tested.append(
+                        (
+                            dim,
+                            group,
+                            stats,
+                            [b["by"][dim][group] for b in base_models if group in b.get("by", {}).get(dim, {})],
+                        )
+                    )
             for dim, group, stats, base_stats in tested:
                 result = _compare(stats, base_stats, limits)
                 night_drift["groups"].setdefault(dim, {})[group] = result
@@ -394,13 +460,16 @@ def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: O
             alerts += _scanner_changes(n, model, m, base_models, limits)
             if base_models and m.get("operating_point") != base_models[-1].get("operating_point"):
                 alerts.append(_alert(n, model, "overall", "all", "operating-point-changed", 1, 0))
-            scores = [g.get("psi") for d in night_drift["groups"].values() for g in d.values() if g.get("psi") is not None]
+            scores = [
+                g.get("psi") for d in night_drift["groups"].values() for g in d.values() if g.get("psi") is not None
+            ]
             night_drift["drift_score"] = max(scores) if scores else None
             drift[model].append(night_drift)
         scanners = sorted({s for m in per_night if m for s in m.get("by", {}).get("scanner", {})})
         for s in scanners:
             series["models"][model]["by_scanner_positive_rate"][s] = [
-                (m["by"]["scanner"].get(s) or {}).get("positive_rate") if m else None for m in per_night]
+                (m["by"]["scanner"].get(s) or {}).get("positive_rate") if m else None for m in per_night
+            ]
     for n in later:
         counts = n.run.get("counts") or {}
         files, errors = counts.get("files") or 0, counts.get("error") or 0
@@ -409,17 +478,24 @@ def analyse(nights: Sequence[Night], baseline: int = DEFAULT_BASELINE, limits: O
     for a in alerts:
         for k in ("value", "limit"):
             a[k] = float(a[k])
-    return jsonable({
-        "baseline": {"nights": [n.label for n in base_nights], "run_json": [str(n.path) for n in base_nights]},
-        "limits": limits,
-        "series": series,
-        "drift": drift,
-        "alerts": alerts,
-    })
+    return jsonable(
+        {
+            "baseline": {"nights": [n.label for n in base_nights], "run_json": [str(n.path) for n in base_nights]},
+            "limits": limits,
+            "series": series,
+            "drift": drift,
+            "alerts": alerts,
+        }
+    )
 
 
-def _scanner_changes(night: Night, model: str, m: Mapping[str, Any], base_models: Sequence[Mapping[str, Any]],
-                     limits: Mapping[str, float]) -> list[dict[str, Any]]:
+def _scanner_changes(
+    night: Night,
+    model: str,
+    m: Mapping[str, Any],
+    base_models: Sequence[Mapping[str, Any]],
+    limits: Mapping[str, float],
+) -> list[dict[str, Any]]:
     min_n = int(limits["min_images"])
     tonight = m.get("by", {}).get("scanner", {})
     seen: dict[str, int] = {}
@@ -439,8 +515,14 @@ def _scanner_changes(night: Night, model: str, m: Mapping[str, Any], base_models
 # ---------------------------------------------------------------- labelled nights
 
 
-def labelled_performance(nights: Sequence[Night], labels: pd.DataFrame, *, key: Optional[str] = None,
-                         label_column: str = "label", window: int = 7) -> dict[str, Any]:
+def labelled_performance(
+    nights: Sequence[Night],
+    labels: pd.DataFrame,
+    *,
+    key: Optional[str] = None,
+    label_column: str = "label",
+    window: int = 7,
+) -> dict[str, Any]:
     """Sensitivity, specificity and PPV with exact 95% intervals, per night and over the last
     ``window`` nights, for every model with a positive class, from each night's predictions CSV."""
     from scipy.stats import binomtest
@@ -479,19 +561,27 @@ def labelled_performance(nights: Sequence[Night], labels: pd.DataFrame, *, key: 
             t, p = truth.to_numpy(), pred.to_numpy()
             c[nights.index(night)] = np.array([(t & p).sum(), (~t & p).sum(), (~t & ~p).sum(), (t & ~p).sum()])
     if not any(x is not None for per_night in counts.values() for x in per_night):
-        out["notes"].append(f"no label of {labels.attrs.get('source', 'the labels file')} matched a prediction of these runs")
+        out["notes"].append(
+            f"no label of {labels.attrs.get('source', 'the labels file')} matched a prediction of these runs"
+        )
     for model, per_night in counts.items():
         rows = []
         for i, night in enumerate(nights):
-            recent = [x for x in per_night[max(0, i - window + 1): i + 1] if x is not None]
+            recent = [x for x in per_night[max(0, i - window + 1) : i + 1] if x is not None]
             if per_night[i] is None:
                 rows.append({"night": night.label, "labelled": 0})
                 continue
             tp, fp, tn, fn = (int(v) for v in np.sum(recent, axis=0))
-            rows.append({
-                "night": night.label, "labelled": int(per_night[i].sum()), "window_labelled": tp + fp + tn + fn,
-                "sensitivity": proportion(tp, tp + fn), "specificity": proportion(tn, tn + fp), "ppv": proportion(tp, tp + fp),
-            })
+            rows.append(
+                {
+                    "night": night.label,
+                    "labelled": int(per_night[i].sum()),
+                    "window_labelled": tp + fp + tn + fn,
+                    "sensitivity": proportion(tp, tp + fn),
+                    "specificity": proportion(tn, tn + fp),
+                    "ppv": proportion(tp, tp + fp),
+                }
+            )
         out["models"][model] = rows
     return jsonable(out)
 
@@ -523,17 +613,41 @@ def prometheus_text(nights: Sequence[Night], analysis: Mapping[str, Any]) -> str
     finished = last.run.get("finished")
     ts = datetime.fromisoformat(finished).timestamp() if finished else None
     counts = last.run.get("counts") or {}
-    metric("pneumobatch_last_success_timestamp_seconds", "gauge", "End of the latest completed predict run (Unix time).", [({}, ts)])
-    metric("pneumobatch_files", "gauge", "Files in the latest run by status.",
-           [({"status": s}, counts.get(s)) for s in ("ok", "skipped", "error")])
-    metric("pneumobatch_errors", "gauge", "Files that could not be read in the latest run.", [({}, counts.get("error"))])
-    metric("pneumobatch_images_per_second", "gauge", "Throughput of the latest run.", [({}, last.run.get("images_per_second"))])
+    metric(
+        "pneumobatch_last_success_timestamp_seconds",
+        "gauge",
+        "End of the latest completed predict run (Unix time).",
+        [({}, ts)],
+    )
+    metric(
+        "pneumobatch_files",
+        "gauge",
+        "Files in the latest run by status.",
+        [({"status": s}, counts.get(s)) for s in ("ok", "skipped", "error")],
+    )
+    metric(
+        "pneumobatch_errors", "gauge", "Files that could not be read in the latest run.", [({}, counts.get("error"))]
+    )
+    metric(
+        "pneumobatch_images_per_second",
+        "gauge",
+        "Throughput of the latest run.",
+        [({}, last.run.get("images_per_second"))],
+    )
     models = last.monitoring.get("models", {})
-    metric("pneumobatch_positive_rate", "gauge", "Share of predicted images called positive at the operating point.",
-           [({"model": m}, v["overall"].get("positive_rate")) for m, v in models.items()])
+    metric(
+        "pneumobatch_positive_rate",
+        "gauge",
+        "Share of predicted images called positive at the operating point.",
+        [({"model": m}, v["overall"].get("positive_rate")) for m, v in models.items()],
+    )
     drift = {m: (d[-1] if d and d[-1]["run_json"] == str(last.path) else None) for m, d in analysis["drift"].items()}
-    metric("pneumobatch_drift_score", "gauge", "Largest PSI of any group of the latest run against the baseline.",
-           [({"model": m}, d.get("drift_score") if d else None) for m, d in drift.items()])
+    metric(
+        "pneumobatch_drift_score",
+        "gauge",
+        "Largest PSI of any group of the latest run against the baseline.",
+        [({"model": m}, d.get("drift_score") if d else None) for m, d in drift.items()],
+    )
     tonight = [a for a in analysis["alerts"] if a["run_json"] == str(last.path)]
     metric("pneumobatch_alerts", "gauge", "Monitoring alerts raised for the latest run.", [({}, len(tonight))])
     return "\n".join(lines) + "\n"
@@ -555,7 +669,9 @@ def parse_limits(specs: Sequence[str]) -> dict[str, float]:
                 raise ValueError
             out[name] = float(value)
         except ValueError:
-            raise OptionError(f"--limit wants NAME=NUMBER with NAME one of {', '.join(DEFAULT_LIMITS)}, not {spec!r}") from None
+            raise OptionError(
+                f"--limit wants NAME=NUMBER with NAME one of {', '.join(DEFAULT_LIMITS)}, not {spec!r}"
+            ) from None
     return out
 
 
@@ -600,7 +716,8 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     document["notes"] = notes
     if config.labels is not None:
         document["labelled"] = labelled_performance(
-            nights, read_labels(config.labels), key=config.key, label_column=config.label_column, window=config.window)
+            nights, read_labels(config.labels), key=config.key, label_column=config.label_column, window=config.window
+        )
         document["notes"] += document["labelled"]["notes"]
     pdf = Path(config.output)
     out_json = pdf.with_suffix(".json")

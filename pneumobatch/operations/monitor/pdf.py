@@ -15,8 +15,14 @@ from xml.sax.saxutils import escape
 DPI = 110
 
 
-def _figure(series: Sequence[Optional[float]] | Mapping[str, Sequence[Optional[float]]], nights: Sequence[str],
-            n_baseline: int, title: str, ylabel: str, alert_nights: Sequence[str] = ()) -> io.BytesIO:
+def _figure(
+    series: Sequence[Optional[float]] | Mapping[str, Sequence[Optional[float]]],
+    nights: Sequence[str],
+    n_baseline: int,
+    title: str,
+    ylabel: str,
+    alert_nights: Sequence[str] = (),
+) -> io.BytesIO:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.2, 2.6), dpi=DPI, layout="constrained")
@@ -55,20 +61,39 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
     series = doc["series"]
     nights = series["nights"]
     n_base = len(doc["baseline"]["nights"])
-    story.append(Paragraph(escape(
-        f"{len(nights)} runs from {nights[0]} to {nights[-1]}; baseline: the first {n_base}. "
-        "Limits: " + ", ".join(f"{k} {v:g}" for k, v in doc["limits"].items()) + "."), body))
+    story.append(
+        Paragraph(
+            escape(
+                f"{len(nights)} runs from {nights[0]} to {nights[-1]}; baseline: the first {n_base}. "
+                "Limits: " + ", ".join(f"{k} {v:g}" for k, v in doc["limits"].items()) + "."
+            ),
+            body,
+        )
+    )
     for note in doc.get("notes", []):
         story.append(Paragraph(escape(note), small))
     alerts = doc["alerts"]
     story.append(Paragraph(f"Alerts ({len(alerts)})", styles["Heading2"]))
     if alerts:
         rows = [["night", "model", "group", "alert", "value", "limit"]] + [
-            [a["night"], a["model"], a["group"] if a["dimension"] == "overall" else f"{a['dimension']}: {a['group']}",
-             a["kind"], f"{a['value']:.3f}", f"{a['limit']:.3f}"] for a in alerts[:200]]
-        table = Table([[Paragraph(escape(str(c)), small) for c in r] for r in rows],
-                      colWidths=[2.6 * cm, 2.2 * cm, 6.4 * cm, 2.4 * cm, 1.5 * cm, 1.5 * cm], repeatRows=1)
-        table.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.25, "#999999"), ("BACKGROUND", (0, 0), (-1, 0), "#eeeeee")]))
+            [
+                a["night"],
+                a["model"],
+                a["group"] if a["dimension"] == "overall" else f"{a['dimension']}: {a['group']}",
+                a["kind"],
+                f"{a['value']:.3f}",
+                f"{a['limit']:.3f}",
+            ]
+            for a in alerts[:200]
+        ]
+        table = Table(
+            [[Paragraph(escape(str(c)), small) for c in r] for r in rows],
+            colWidths=[2.6 * cm, 2.2 * cm, 6.4 * cm, 2.4 * cm, 1.5 * cm, 1.5 * cm],
+            repeatRows=1,
+        )
+        table.setStyle(
+            TableStyle([("GRID", (0, 0), (-1, -1), 0.25, "#999999"), ("BACKGROUND", (0, 0), (-1, 0), "#eeeeee")])
+        )
         story.append(table)
     else:
         story.append(Paragraph("No limit was crossed.", body))
@@ -79,30 +104,58 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
         story.append(Image(_figure(*args, **kwargs), width=width, height=width * 2.6 / 7.2))
 
     story.append(Paragraph("Runs", styles["Heading2"]))
-    figure({"files": series["files"], "errors": series["errors"]}, nights, n_base, "Files and errors per run", "files", alert_nights)
+    figure(
+        {"files": series["files"], "errors": series["errors"]},
+        nights,
+        n_base,
+        "Files and errors per run",
+        "files",
+        alert_nights,
+    )
     figure(series["images_per_second"], nights, n_base, "Throughput", "images/s")
     for model, s in series["models"].items():
         story.append(Paragraph(escape(f"Model {model}"), styles["Heading2"]))
-        figure(s["positive_rate"], nights, n_base, f"{model}: positive rate at the operating point", "positive rate", alert_nights)
+        figure(
+            s["positive_rate"],
+            nights,
+            n_base,
+            f"{model}: positive rate at the operating point",
+            "positive rate",
+            alert_nights,
+        )
         figure(s["median_score"], nights, n_base, f"{model}: median score", "score")
         if s["by_scanner_positive_rate"]:
-            figure(s["by_scanner_positive_rate"], nights, n_base, f"{model}: positive rate per scanner", "positive rate", alert_nights)
+            figure(
+                s["by_scanner_positive_rate"],
+                nights,
+                n_base,
+                f"{model}: positive rate per scanner",
+                "positive rate",
+                alert_nights,
+            )
         scores = [None] * n_base + [d.get("drift_score") for d in doc["drift"].get(model, [])]
         figure(scores, nights, n_base, f"{model}: drift score (largest PSI of any group)", "PSI", alert_nights)
         perf = (doc.get("labelled") or {}).get("models", {}).get(model)
         if perf:
             story.append(Spacer(1, 6))
-            story.append(Paragraph(escape(f"Labelled nights (rolling window of {doc['labelled']['window']} runs)"), styles["Heading3"]))
+            story.append(
+                Paragraph(
+                    escape(f"Labelled nights (rolling window of {doc['labelled']['window']} runs)"), styles["Heading3"]
+                )
+            )
             rows = [["night", "labelled", "sensitivity (95% CI)", "specificity (95% CI)", "PPV (95% CI)"]]
             for r in perf:
                 if not r.get("labelled"):
                     continue
-                rows.append([r["night"], str(r["window_labelled"]), *(_ci(r[k]) for k in ("sensitivity", "specificity", "ppv"))])
+                rows.append(
+                    [r["night"], str(r["window_labelled"]), *(_ci(r[k]) for k in ("sensitivity", "specificity", "ppv"))]
+                )
             table = Table([[Paragraph(escape(str(c)), small) for c in r] for r in rows], repeatRows=1)
             table.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.25, "#999999")]))
             story.append(table)
-    SimpleDocTemplate(str(path), pagesize=A4, leftMargin=1.8 * cm, rightMargin=1.8 * cm,
-                      title="pneumobatch monitoring").build(story)
+    SimpleDocTemplate(
+        str(path), pagesize=A4, leftMargin=1.8 * cm, rightMargin=1.8 * cm, title="pneumobatch monitoring"
+    ).build(story)
 
 
 def _ci(p: Mapping[str, Any]) -> str:

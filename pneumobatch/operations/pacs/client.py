@@ -46,12 +46,25 @@ IMAGE_STORAGE_CLASSES = (
 )
 #: Transfer syntaxes C-GET accepts: the uncompressed ones and every one predict decodes.
 RECEIVED_SYNTAXES = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, *CODECS,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    *CODECS,
 )
 #: Attributes of the patient and study modules that an SR copies from its source images.
 HEADER_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "AccessionNumber", "ReferringPhysicianName", "StudyID", "SOPClassUID", "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "SOPClassUID",
+    "SpecificCharacterSet",
 )
 
 
@@ -202,7 +215,10 @@ class DicomWebArchive(Archive):
         if creds.token:
             session.headers["Authorization"] = f"Bearer {creds.token}"
         elif creds.username:
-            session.auth = (creds.username.encode("utf-8"), creds.password.encode("utf-8"))  # requests would try latin-1
+            session.auth = (
+                creds.username.encode("utf-8"),
+                creds.password.encode("utf-8"),
+            )  # requests would try latin-1
         self._session = session
         self._client = DICOMwebClient(conn.url.rstrip("/"), session=session)
         self._client.set_http_retry_params(retry=False)  # ours are bounded and counted (pull, push)
@@ -214,7 +230,9 @@ class DicomWebArchive(Archive):
         try:
             yield
         except rq.exceptions.SSLError:
-            raise ArchiveError(f"{self.conn.name}: {what} failed: TLS certificate not verified (a site CA goes in --ca-bundle)") from None
+            raise ArchiveError(
+                f"{self.conn.name}: {what} failed: TLS certificate not verified (a site CA goes in --ca-bundle)"
+            ) from None
         except rq.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
             reason = exc.response.reason if exc.response is not None else ""
@@ -243,7 +261,8 @@ class DicomWebArchive(Archive):
 
     def find_studies(self, study_date: str, modality: str) -> list[StudyInfo]:
         found = self._search(
-            "QIDO-RS study search", self._client.search_for_studies,
+            "QIDO-RS study search",
+            self._client.search_for_studies,
             search_filters={"StudyDate": study_date, "ModalitiesInStudy": modality},
             fields=["NumberOfStudyRelatedInstances"],
         )
@@ -252,7 +271,9 @@ class DicomWebArchive(Archive):
     def find_instances(self, study_instance_uid: str) -> list[InstanceRef]:
         refs = []
         series = self._search(
-            "QIDO-RS series search", self._client.search_for_series, study_instance_uid=study_instance_uid,
+            "QIDO-RS series search",
+            self._client.search_for_series,
+            study_instance_uid=study_instance_uid,
             fields=["Modality", "BodyPartExamined"],
         )
         for s in series:
@@ -260,19 +281,31 @@ class DicomWebArchive(Archive):
             if not series_uid:
                 continue
             instances = self._search(
-                "QIDO-RS instance search", self._client.search_for_instances,
-                study_instance_uid=study_instance_uid, series_instance_uid=series_uid,
+                "QIDO-RS instance search",
+                self._client.search_for_instances,
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_uid,
             )
             for i in instances:
                 sop = valid_uid(i.get("SOPInstanceUID"))
                 if sop:
-                    refs.append(InstanceRef(study_instance_uid, series_uid, sop, _ds_value(s, "Modality"), _ds_value(s, "BodyPartExamined")))
+                    refs.append(
+                        InstanceRef(
+                            study_instance_uid,
+                            series_uid,
+                            sop,
+                            _ds_value(s, "Modality"),
+                            _ds_value(s, "BodyPartExamined"),
+                        )
+                    )
         return refs
 
     def has_instance(self, ref: InstanceRef) -> bool:
         found = self._search(
-            "QIDO-RS instance search", self._client.search_for_instances,
-            study_instance_uid=ref.study_instance_uid, series_instance_uid=ref.series_instance_uid,
+            "QIDO-RS instance search",
+            self._client.search_for_instances,
+            study_instance_uid=ref.study_instance_uid,
+            series_instance_uid=ref.series_instance_uid,
             search_filters={"SOPInstanceUID": ref.sop_instance_uid},
         )
         return any(valid_uid(d.get("SOPInstanceUID")) == ref.sop_instance_uid for d in found)
@@ -281,14 +314,18 @@ class DicomWebArchive(Archive):
         for ref in refs:
             with self._call("WADO-RS retrieve"):
                 ds = self._client.retrieve_instance(
-                    ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid,
+                    ref.study_instance_uid,
+                    ref.series_instance_uid,
+                    ref.sop_instance_uid,
                     media_types=(("application/dicom", "*"),),  # as stored: no transcoding
                 )
             yield ref, ds
 
     def header(self, ref: InstanceRef) -> Dataset:
         with self._call("WADO-RS metadata"):
-            meta = self._client.retrieve_instance_metadata(ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid)
+            meta = self._client.retrieve_instance_metadata(
+                ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid
+            )
             keep = {f"{tag_for_keyword(k):08X}" for k in HEADER_KEYWORDS}  # nothing else, no bulk data
             return Dataset.from_json({tag: value for tag, value in meta.items() if tag.upper() in keep})
 
@@ -316,13 +353,21 @@ class DimseArchive(Archive):
         self._AE = AE
 
     @contextmanager
-    def _association(self, what: str, contexts: Sequence[tuple[str, Sequence[str]]], roles=(), handlers=()) -> Iterator[Any]:
+    def _association(
+        self, what: str, contexts: Sequence[tuple[str, Sequence[str]]], roles=(), handlers=()
+    ) -> Iterator[Any]:
         ae = self._AE(ae_title=self.conn.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.conn.timeout
         for abstract, syntaxes in contexts:
             ae.add_requested_context(abstract, list(syntaxes))
         try:
-            assoc = ae.associate(self.conn.host, self.conn.port, ae_title=self.conn.called_ae, ext_neg=list(roles), evt_handlers=list(handlers))
+            assoc = ae.associate(
+                self.conn.host,
+                self.conn.port,
+                ae_title=self.conn.called_ae,
+                ext_neg=list(roles),
+                evt_handlers=list(handlers),
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             raise self._fail(what, exc) from None
         if not assoc.is_established:
@@ -357,7 +402,13 @@ class DimseArchive(Archive):
 
     def find_studies(self, study_date: str, modality: str) -> list[StudyInfo]:
         found = self._find(
-            "STUDY", {"StudyDate": study_date, "ModalitiesInStudy": modality, "StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""},
+            "STUDY",
+            {
+                "StudyDate": study_date,
+                "ModalitiesInStudy": modality,
+                "StudyInstanceUID": "",
+                "NumberOfStudyRelatedInstances": "",
+            },
             "C-FIND studies",
         )
         return [s for s in map(self._study, found) if s is not None]
@@ -365,7 +416,8 @@ class DimseArchive(Archive):
     def find_instances(self, study_instance_uid: str) -> list[InstanceRef]:
         refs = []
         series = self._find(
-            "SERIES", {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": "", "Modality": "", "BodyPartExamined": ""},
+            "SERIES",
+            {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": "", "Modality": "", "BodyPartExamined": ""},
             "C-FIND series",
         )
         for s in series:
@@ -373,17 +425,30 @@ class DimseArchive(Archive):
             if not series_uid:
                 continue
             instances = self._find(
-                "IMAGE", {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""},
+                "IMAGE",
+                {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""},
                 "C-FIND instances",
             )
             for i in instances:
                 sop = valid_uid(i.get("SOPInstanceUID"))
                 if sop:
-                    refs.append(InstanceRef(study_instance_uid, series_uid, sop, _ds_value(s, "Modality"), _ds_value(s, "BodyPartExamined")))
+                    refs.append(
+                        InstanceRef(
+                            study_instance_uid,
+                            series_uid,
+                            sop,
+                            _ds_value(s, "Modality"),
+                            _ds_value(s, "BodyPartExamined"),
+                        )
+                    )
         return refs
 
     def _image_keys(self, ref: InstanceRef) -> dict[str, Any]:
-        return {"StudyInstanceUID": ref.study_instance_uid, "SeriesInstanceUID": ref.series_instance_uid, "SOPInstanceUID": ref.sop_instance_uid}
+        return {
+            "StudyInstanceUID": ref.study_instance_uid,
+            "SeriesInstanceUID": ref.series_instance_uid,
+            "SOPInstanceUID": ref.sop_instance_uid,
+        }
 
     def has_instance(self, ref: InstanceRef) -> bool:
         found = self._find("IMAGE", self._image_keys(ref), "C-FIND instance")
@@ -429,7 +494,9 @@ class DimseArchive(Archive):
                         raise ArchiveError(f"{self.conn.name}: C-GET failed: no answer (timeout or aborted)")
                 got = [d for d in received if valid_uid(d.get("SOPInstanceUID")) == ref.sop_instance_uid]
                 if final not in (0x0000,) or not got:
-                    raise ArchiveError(f"{self.conn.name}: C-GET of {ref.sop_instance_uid} failed: status 0x{final or 0:04X}")
+                    raise ArchiveError(
+                        f"{self.conn.name}: C-GET of {ref.sop_instance_uid} failed: status 0x{final or 0:04X}"
+                    )
                 yield ref, got[0]
 
     def store(self, ds: Dataset) -> None:

@@ -194,4 +194,3 @@ def connect_options(
         ca_bundle=ca_bundle or file.get("ca_bundle", ""),
         timeout=timeout,
     )
-

@@ -82,7 +82,9 @@ class Ledger:
         ).fetchone()
         return bool(row and row[1] and n_instances is not None and row[0] == n_instances)
 
-    def mark_study_complete(self, archive: str, study_instance_uid: str, study_date: str, n_instances: Optional[int]) -> None:
+    def mark_study_complete(
+        self, archive: str, study_instance_uid: str, study_date: str, n_instances: Optional[int]
+    ) -> None:
         self._write(
             "INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?)",
             (archive, study_instance_uid, study_date, n_instances, _now()),
@@ -91,11 +93,14 @@ class Ledger:
     def fetched(self, archive: str, study_instance_uid: str) -> set[str]:
         """SOP Instance UIDs of the study already fetched from ``archive``."""
         rows = self._db.execute(
-            "SELECT sop_instance_uid FROM fetched WHERE archive = ? AND study_instance_uid = ?", (archive, study_instance_uid)
+            "SELECT sop_instance_uid FROM fetched WHERE archive = ? AND study_instance_uid = ?",
+            (archive, study_instance_uid),
         )
         return {r[0] for r in rows}
 
-    def mark_fetched(self, archive: str, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, path: Path) -> None:
+    def mark_fetched(
+        self, archive: str, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, path: Path
+    ) -> None:
         self._write(
             "INSERT OR REPLACE INTO fetched VALUES (?, ?, ?, ?, ?, ?)",
             (archive, sop_instance_uid, study_instance_uid, series_instance_uid, str(path), _now()),
@@ -109,7 +114,13 @@ class Ledger:
         return row is not None
 
     def mark_delivered(
-        self, archive: str, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, model: str, weights_sha256: str
+        self,
+        archive: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        model: str,
+        weights_sha256: str,
     ) -> None:
         self._write(
             "INSERT OR REPLACE INTO delivered VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -118,4 +129,7 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for summaries and tests)."""
-        return {t: int(self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in ("studies", "fetched", "delivered")}
+        return {
+            t: int(self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+            for t in ("studies", "fetched", "delivered")
+        }

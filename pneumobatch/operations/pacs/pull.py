@@ -63,7 +63,9 @@ def _day(text: str, today: date) -> date:
         raise OptionError(f"a date must be YYYYMMDD, today, yesterday or Nd (N days ago), not {text!r}") from None
 
 
-def date_window(on: Optional[str] = None, since: Optional[str] = None, until: Optional[str] = None, today: Optional[date] = None) -> str:
+def date_window(
+    on: Optional[str] = None, since: Optional[str] = None, until: Optional[str] = None, today: Optional[date] = None
+) -> str:
     """A DICOM date range ``YYYYMMDD-YYYYMMDD``: ``on`` one day, else ``since``..``until``
     (default yesterday..today)."""
     today = today or date.today()
@@ -156,7 +158,11 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
             if ledger.study_complete(conn.name, study.study_instance_uid, study.n_instances):
                 result.studies_up_to_date += 1
                 continue
-            error = with_retries(partial(_pull_study, archive, ledger, study, config, result, progress), config.retries, config.retry_wait)
+            error = with_retries(
+                partial(_pull_study, archive, ledger, study, config, result, progress),
+                config.retries,
+                config.retry_wait,
+            )
             if error:
                 result.failures.append(f"study {study.study_instance_uid}: {error}")
             else:

@@ -121,8 +121,13 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> tuple[lis
     """One :class:`StudyResult` per (study, model) with predicted DICOM images, and the
     number of predicted rows that have no UIDs."""
     ok = frame[frame["status"].astype(str) == Status.OK.value]
-    uids = {c: ok[c].map(valid_uid) if c in ok else pd.Series("", index=ok.index) for c in ("study_instance_uid", "series_instance_uid", "sop_instance_uid")}
-    has_uids = (uids["study_instance_uid"] != "") & (uids["sop_instance_uid"] != "") & (uids["series_instance_uid"] != "")
+    uids = {
+        c: ok[c].map(valid_uid) if c in ok else pd.Series("", index=ok.index)
+        for c in ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+    }
+    has_uids = (
+        (uids["study_instance_uid"] != "") & (uids["sop_instance_uid"] != "") & (uids["series_instance_uid"] != "")
+    )
     results = []
     for (study, model), rows in ok[has_uids].groupby([uids["study_instance_uid"][has_uids], "model"], sort=True):
         card = cards[str(model)]
@@ -162,8 +167,12 @@ def _evidence(archive: Archive, result: StudyResult, source: Optional[Path]) -> 
     for image in result.images:
         header = _source_header(source, image)
         if header is None:
-            header = archive.header(InstanceRef(result.study_instance_uid, image.series_instance_uid, image.sop_instance_uid))
-        evidence[image.sop_instance_uid] = evidence_dataset(header, result.study_instance_uid, image.series_instance_uid, image.sop_instance_uid)
+            header = archive.header(
+                InstanceRef(result.study_instance_uid, image.series_instance_uid, image.sop_instance_uid)
+            )
+        evidence[image.sop_instance_uid] = evidence_dataset(
+            header, result.study_instance_uid, image.series_instance_uid, image.sop_instance_uid
+        )
     return evidence
 
 
@@ -176,7 +185,9 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
     if config.models:
         unknown = [m for m in config.models if m not in cards]
         if unknown:
-            raise OptionError(f"{config.predictions} has no model {', '.join(unknown)} (it has {', '.join(cards) or 'none'})")
+            raise OptionError(
+                f"{config.predictions} has no model {', '.join(unknown)} (it has {', '.join(cards) or 'none'})"
+            )
         frame = frame[frame["model"].isin(config.models)]
     results, without_uid = study_results(frame, cards)
     conn = config.connection
@@ -188,7 +199,9 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
             if ledger.is_delivered(conn.name, result.sop_instance_uid):
                 outcome.already_delivered += 1
                 continue
-            error = with_retries(partial(_deliver, archive, ledger, result, config, outcome), config.retries, config.retry_wait)
+            error = with_retries(
+                partial(_deliver, archive, ledger, result, config, outcome), config.retries, config.retry_wait
+            )
             if error:
                 outcome.failures.append(f"study {result.study_instance_uid}, model {result.card.name}: {error}")
             if progress is not None:
@@ -211,5 +224,11 @@ def _deliver(archive: Archive, ledger: Ledger, result: StudyResult, config: Push
         if not archive.has_instance(ref):
             raise ArchiveError(f"{name}: SR {result.sop_instance_uid} was accepted but is not found in the archive")
         outcome.sent += 1
-    ledger.mark_delivered(name, result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid, result.card.name, result.weights_sha256)
-
+    ledger.mark_delivered(
+        name,
+        result.study_instance_uid,
+        result.series_instance_uid,
+        result.sop_instance_uid,
+        result.card.name,
+        result.weights_sha256,
+    )

@@ -100,7 +100,13 @@ class StudyResult:
             {
                 "model": self.card.name,
                 "images": sorted(
-                    [i.sop_instance_uid, i.pred_label, [[c, round(p, 6)] for c, p in i.probs], i.threshold, i.operating_point]
+                    [
+                        i.sop_instance_uid,
+                        i.pred_label,
+                        [[c, round(p, 6)] for c, p in i.probs],
+                        i.threshold,
+                        i.operating_point,
+                    ]
                     for i in self.images
                 ),
             },
@@ -109,11 +115,15 @@ class StudyResult:
 
     @property
     def series_instance_uid(self) -> str:
-        return generate_uid(entropy_srcs=["pneumobatch-sr-series", self.study_instance_uid, self.card.name, self.weights_sha256])
+        return generate_uid(
+            entropy_srcs=["pneumobatch-sr-series", self.study_instance_uid, self.card.name, self.weights_sha256]
+        )
 
     @property
     def sop_instance_uid(self) -> str:
-        return generate_uid(entropy_srcs=["pneumobatch-sr", self.study_instance_uid, self.weights_sha256, self.fingerprint()])
+        return generate_uid(
+            entropy_srcs=["pneumobatch-sr", self.study_instance_uid, self.weights_sha256, self.fingerprint()]
+        )
 
 
 def operating_point_meaning(card: ModelCard, operating_point: str, threshold: Optional[float]) -> str:
@@ -122,8 +132,16 @@ def operating_point_meaning(card: ModelCard, operating_point: str, threshold: Op
         return "the most probable class is reported (no threshold)"
     band_point = (card.thresholds.get("by_age_band") or {}).get(operating_point.removeprefix("site-")) or {}
     target = band_point.get("target_recall", card.thresholds.get("target_recall"))
-    chosen = f"chosen on validation images for {float(target):.0%} sensitivity" if isinstance(target, (int, float)) else "the model's shipped threshold"
-    where = f"for the {operating_point} age band (from PatientAge)" if operating_point not in ("pooled", "") else "for all ages"
+    chosen = (
+        f"chosen on validation images for {float(target):.0%} sensitivity"
+        if isinstance(target, (int, float))
+        else "the model's shipped threshold"
+    )
+    where = (
+        f"for the {operating_point} age band (from PatientAge)"
+        if operating_point not in ("pooled", "")
+        else "for all ages"
+    )
     return f"{card.positive} is Present when its probability >= {threshold:.4f}, {where}; {chosen}"
 
 
@@ -136,7 +154,9 @@ def _algorithm(card: ModelCard, image: ImageResult):
         operating_point_meaning(card, image.operating_point, image.threshold),
         NOT_FOR_DIAGNOSIS,
     ]
-    return hd.sr.AlgorithmIdentification(name=card.name[:64], version=f"pneumobatch {__version__}"[:64], parameters=parameters)
+    return hd.sr.AlgorithmIdentification(
+        name=card.name[:64], version=f"pneumobatch {__version__}"[:64], parameters=parameters
+    )
 
 
 def _groups(result: StudyResult, evidence: dict[str, Dataset]) -> list:
@@ -146,7 +166,9 @@ def _groups(result: StudyResult, evidence: dict[str, Dataset]) -> list:
     evaluated = [card.positive] if card.binary else list(card.classes)
     groups = []
     for n, image in enumerate(sorted(result.images, key=lambda i: i.sop_instance_uid), start=1):
-        source = hd.sr.SourceImageForMeasurementGroup(evidence[image.sop_instance_uid].SOPClassUID, image.sop_instance_uid)
+        source = hd.sr.SourceImageForMeasurementGroup(
+            evidence[image.sop_instance_uid].SOPClassUID, image.sop_instance_uid
+        )
         probs = dict(image.probs)
         for cls in evaluated:
             code = finding_code(cls)
@@ -163,14 +185,18 @@ def _groups(result: StudyResult, evidence: dict[str, Dataset]) -> list:
                     finding_type=code,
                     algorithm_id=_algorithm(card, image),
                     measurements=measurements,
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=code, value=PRESENT if image.pred_label == cls else ABSENT)],
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(name=code, value=PRESENT if image.pred_label == cls else ABSENT)
+                    ],
                     source_images=[source],
                 )
             )
     return groups
 
 
-def evidence_dataset(header: Dataset, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+def evidence_dataset(
+    header: Dataset, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+) -> Dataset:
     """A clean copy of what the SR takes from a source image: its UIDs and SOP class, and
     the patient and study modules (absent attributes empty, nothing else copied)."""
     from pneumobatch.operations.pacs.client import HEADER_KEYWORDS
@@ -181,7 +207,11 @@ def evidence_dataset(header: Dataset, study_instance_uid: str, series_instance_u
             setattr(ds, keyword, header[keyword].value)
         elif keyword != "SpecificCharacterSet":
             setattr(ds, keyword, "")
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_instance_uid, series_instance_uid, sop_instance_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        study_instance_uid,
+        series_instance_uid,
+        sop_instance_uid,
+    )
     return ds
 
 
