@@ -1,4 +1,4 @@
-"""The benchmark scripts the README tells users to run still start.
+"""The benchmark scripts the README and docs/ tell users to run still start.
 
 They are not run here (speed is measured in the benchmarks, never in tests), but a script
 whose imports broke when code moved (``benchmarks/ray_engine.py`` imported a function
@@ -18,8 +18,9 @@ BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob
 
 
 def test_every_benchmark_named_in_the_readme_exists():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"benchmarks/(\w+\.py)", readme))
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]  # the measured figures live in docs/
+    named = set(re.findall(r"benchmarks/(\w+\.py)", "\n".join(p.read_text(encoding="utf-8") for p in pages)))
     assert len(named) >= 5 and named <= {p.name for p in BENCHMARKS}
 
 
