@@ -58,10 +58,13 @@ def _is_external(target: str) -> bool:
 
 def _readme_reason_rows() -> set[tuple[str, str]]:
     lines = _prose_lines(README)
-    start = next(i for i, line in enumerate(lines)
-                 if [c.strip() for c in line.strip().strip("|").split("|")] == ["status", "reason", "meaning"])
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if [c.strip() for c in line.strip().strip("|").split("|")] == ["status", "reason", "meaning"]
+    )
     rows = set()
-    for line in lines[start + 2:]:  # past the header and its --- line
+    for line in lines[start + 2 :]:  # past the header and its --- line
         if not line.startswith("|"):
             break
         status, reason = (c.strip() for c in line.strip().strip("|").split("|")[:2])
