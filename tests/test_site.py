@@ -90,7 +90,7 @@ def test_min_positives_is_where_an_all_detected_sample_can_show_the_target():
 def test_fit_site_meets_the_target_per_band_recalibrates_and_keeps_thin_bands_shipped():
     frame, labels = _sample(n_child=(60, 90), n_adult=(40, 5))
     card = _card()
-    site, warnings = fit_site(frame, labels, card, target_sensitivity=0.95, n_bootstrap=200)
+    site, warnings = fit_site(frame, labels, card, target_recall=0.95, n_bootstrap=200)
     assert site["model"] == {
         "name": "pn",
         "task": "pneumonia",

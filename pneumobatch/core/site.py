@@ -186,7 +186,7 @@ def apply_site(card: ModelCard, site: dict[str, Any]) -> ModelCard:
         "sha256": site.get("_sha256", ""),
         "created": site.get("created"),
         "apply": site.get("apply", "target"),
-        "target_sensitivity": site.get("target_sensitivity"),
+        "target_sensitivity": site.get("target_sensitivity"),  # run.json key, as in the site file
         "fitted_on": site.get("fitted_on"),
         "temperature": site["temperature"]["site"],
         "thresholds": {
