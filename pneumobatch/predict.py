@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: Schema of OUT.run.json (2: each model's full card under ``models[i]["card"]``;
 #: 3: the CSV gained operating_point, age_band, ood_score, applicable, warnings;
-#: 4: ``monitoring`` (:func:`pneumobatch.operations.monitor.analysis.monitoring_block`), the CSV gained manufacturer,
+#: 4: ``monitoring`` (:func:`pneumobatch.operations.monitor.record.monitoring_block`), the CSV gained manufacturer,
 #: manufacturer_model_name, station_name).
 RUN_SCHEMA_VERSION = 4
 #: ``progress(done, total)``: called once before the first file and after every file.
@@ -136,7 +136,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     from pneumobatch.io.readers import ReadOptions
     from pneumobatch.io.readers.bodyparts import BodyPartVocabulary
     from pneumobatch.model.registry import DEFAULT_MODEL, load_model
-    from pneumobatch.operations.monitor.analysis import monitoring_block
+    from pneumobatch.operations.monitor.record import monitoring_block
 
     engine = create_engine(config)  # fails fast on a device or cluster this run cannot have
     models = [load_model(name, config.weights_dir) for name in (config.models or (DEFAULT_MODEL,))]

@@ -5,7 +5,7 @@ its committed reference output on ``sample_studies/`` (``tests/data/
 sample_studies_expected.csv``, which ``test_sample_studies`` checks the weights still
 reproduce). Each night draws, with replacement, 40 predicted images per scanner from
 the labelled ones, plus the export's skipped and failed files, and gets its run.json
-from :func:`pneumobatch.operations.monitor.analysis.monitoring_block` (what predict calls). On night 3
+from :func:`pneumobatch.operations.monitor.record.monitoring_block` (what predict calls). On night 3
 scanner C sends only normal radiographs (a different prevalence, as when a screening
 clinic's images arrive through a ward's station).
 """
@@ -20,11 +20,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+from scipy.stats import binomtest
 
 from pneumobatch.cli import main
 from pneumobatch.core.card import ModelCard
 from pneumobatch.io.predictions import file_counts
-from pneumobatch.operations.monitor.analysis import NO_HEADER, analyse, load_nights, monitoring_block, prometheus_text
+from pneumobatch.operations.monitor.analysis import analyse, load_nights
+from pneumobatch.operations.monitor.drift import rate_change
+from pneumobatch.operations.monitor.prometheus import prometheus_text
+from pneumobatch.operations.monitor.record import NO_HEADER, monitoring_block
 from pneumobatch.testing.synthetic import write_cxr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +167,9 @@ def test_monitor_command_writes_pdf_json_and_prometheus_and_takes_limits(nights,
     prom = out.with_suffix(".prom").read_text()
     assert "# TYPE pneumobatch_last_success_timestamp_seconds gauge" in prom
     finished = datetime.fromisoformat(json.loads(nights[-1].read_text())["finished"]).timestamp()
-    assert f"pneumobatch_last_success_timestamp_seconds {finished!r}\n" in prom
+    # full precision (a timestamp must not be rounded to 6 digits), in prometheus_client's Go-style float form
+    (stamp,) = [s for f in text_string_to_metric_families(prom) for s in f.samples if s.name.endswith("_seconds")]
+    assert stamp.value == finished and f"pneumobatch_last_success_timestamp_seconds {stamp.value:.7e}\n" in prom
     assert 'pneumobatch_positive_rate{model="pneumonia"}' in prom and "pneumobatch_drift_score" in prom
     # limits no night can cross: no alerts
     quiet = CliRunner().invoke(
@@ -241,6 +248,8 @@ def test_monitor_adds_rolling_labelled_metrics(nights, tmp_path):
     assert first["ppv"]["value"] == pytest.approx(tp / (tp + fp))
     lo, hi = first["sensitivity"]["ci"]
     assert lo < first["sensitivity"]["value"] <= hi <= 1.0
+    for name, k, n in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp), ("ppv", tp, tp + fp)):
+        assert first[name]["ci"] == _exact(k, n)  # the same numbers as the exact interval monitor wrote before
     tp1, fp1, tn1, fn1 = counts(nights[1])  # window 2: night 1 pools nights 0 and 1
     assert perf[1]["sensitivity"]["n"] == tp + fn + tp1 + fn1 and perf[1]["ppv"]["k"] == tp + tp1
 
@@ -262,3 +271,82 @@ def test_a_changed_operating_point_is_an_alert(nights):
     loaded[2] = type(loaded[2])(loaded[2].path, changed)
     kinds = {(a["run_json"], a["kind"]) for a in analyse(loaded, baseline=2)["alerts"]}
     assert kinds == {(str(nights[2]), "operating-point-changed")}
+
+
+def _exact(k: int, n: int) -> list[float]:
+    """The exact interval as monitor computed it before it used the shared helper."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+@pytest.mark.parametrize("k, n, k0, n0", [(0, 40, 10, 80), (40, 40, 10, 80), (17, 40, 30, 80), (3, 120, 1, 240)])
+def test_rate_change_interval_is_the_exact_one(k, n, k0, n0):
+    """rate_change's interval comes from the shared Clopper-Pearson helper, with the numbers of the
+    binomial test against the baseline rate that it used to read it from."""
+    before = binomtest(k, n, k0 / n0).proportion_ci(confidence_level=0.95, method="exact")
+    change = rate_change(k, n, k0, n0)
+    assert change["ci"] == [float(before.low), float(before.high)] == _exact(k, n)
+    assert change["p_value"] == binomtest(k, n, k0 / n0).pvalue
+
+
+#: Samples of the hand-written Prometheus text (pneumobatch before prometheus_client) for these
+#: nights: (baseline, [(name, labels, value), ...]).
+OLD_PROMETHEUS_SAMPLES = {
+    2: [
+        ("pneumobatch_last_success_timestamp_seconds", {}, 1767492600.0),
+        ("pneumobatch_files", {"status": "ok"}, 120.0),
+        ("pneumobatch_files", {"status": "skipped"}, 9.0),
+        ("pneumobatch_files", {"status": "error"}, 2.0),
+        ("pneumobatch_errors", {}, 2.0),
+        ("pneumobatch_images_per_second", {}, 20.0),
+        ("pneumobatch_positive_rate", {"model": "pneumonia"}, 0.6833333333333333),
+        ("pneumobatch_drift_score", {"model": "pneumonia"}, 4.727383029077731),
+        ("pneumobatch_alerts", {}, 9.0),
+    ],
+    1: [
+        ("pneumobatch_last_success_timestamp_seconds", {}, 1767492600.0),
+        ("pneumobatch_files", {"status": "ok"}, 120.0),
+        ("pneumobatch_files", {"status": "skipped"}, 9.0),
+        ("pneumobatch_files", {"status": "error"}, 2.0),
+        ("pneumobatch_errors", {}, 2.0),
+        ("pneumobatch_images_per_second", {}, 20.0),
+        ("pneumobatch_positive_rate", {"model": "pneumonia"}, 0.6833333333333333),
+        ("pneumobatch_drift_score", {"model": "pneumonia"}, 4.831706746171553),
+        ("pneumobatch_alerts", {}, 6.0),
+    ],
+}
+
+
+@pytest.mark.parametrize("baseline", sorted(OLD_PROMETHEUS_SAMPLES))
+def test_prometheus_samples_are_those_of_the_hand_written_text(nights, baseline):
+    loaded, _ = load_nights(nights)
+    prom = prometheus_text(loaded, analyse(loaded, baseline=baseline))
+    families = list(text_string_to_metric_families(prom))
+    samples = [(s.name, s.labels, s.value) for f in families for s in f.samples]
+    expected = OLD_PROMETHEUS_SAMPLES[baseline]
+    assert [(name, labels) for name, labels, _ in samples] == [(name, labels) for name, labels, _ in expected]
+    for (name, labels, value), (_, _, old) in zip(samples, expected):
+        assert value == pytest.approx(old, rel=1e-12, abs=0), (name, labels)
+    assert all(f.type == "gauge" and f.documentation for f in families)
+
+
+def test_prometheus_leaves_out_unknown_values_and_escapes_labels(nights):
+    """No finish time, no throughput: those samples are left out; a model name is escaped as Prometheus reads it."""
+    import copy
+
+    loaded, _ = load_nights(nights)
+    doc = analyse(loaded, baseline=2)
+    run = copy.deepcopy(loaded[-1].run)
+    del run["finished"], run["images_per_second"]
+    run["monitoring"]["models"] = {'odd "name"\\x': run["monitoring"]["models"]["pneumonia"]}
+    loaded[-1] = type(loaded[-1])(loaded[-1].path, run)
+    prom = prometheus_text(loaded, doc)
+    assert "# TYPE pneumobatch_last_success_timestamp_seconds gauge" in prom
+    assert (
+        "\npneumobatch_last_success_timestamp_seconds " not in prom and "\npneumobatch_images_per_second " not in prom
+    )
+    assert 'pneumobatch_positive_rate{model="odd \\"name\\"\\\\x"} 0.6833333333333333' in prom
+    rates = [
+        s for f in text_string_to_metric_families(prom) for s in f.samples if s.name == "pneumobatch_positive_rate"
+    ]
+    assert [s.labels for s in rates] == [{"model": 'odd "name"\\x'}]

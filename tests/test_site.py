@@ -90,7 +90,7 @@ def test_min_positives_is_where_an_all_detected_sample_can_show_the_target():
 def test_fit_site_meets_the_target_per_band_recalibrates_and_keeps_thin_bands_shipped():
     frame, labels = _sample(n_child=(60, 90), n_adult=(40, 5))
     card = _card()
-    site, warnings = fit_site(frame, labels, card, target_sensitivity=0.95, n_bootstrap=200)
+    site, warnings = fit_site(frame, labels, card, target_recall=0.95, n_bootstrap=200)
     assert site["model"] == {
         "name": "pn",
         "task": "pneumonia",
@@ -168,6 +168,47 @@ def test_load_site_refuses_what_is_not_a_site_file(tmp_path):
         load_site(bad)
     with pytest.raises(SiteError, match="not found"):
         load_site(tmp_path / "missing.json")
+
+
+def test_load_site_checks_the_site_schema_field_by_field(tmp_path):
+    """Each problem gets one line naming the file and what is wrong; a file calibrate wrote loads."""
+    frame, labels = _sample(n_child=(40, 40), n_adult=(10, 5))
+    site, _ = fit_site(frame, labels, _card(), n_bootstrap=0)
+    path = tmp_path / "site.json"
+
+    def problem(document) -> str:
+        path.write_text(json.dumps(document))
+        with pytest.raises(SiteError) as raised:
+            load_site(path)
+        message = str(raised.value)
+        assert "\n" not in message and str(path) in message
+        return message
+
+    path.write_text(json.dumps(site))
+    assert load_site(path)["operating_points"]["by_age_band"]["adult"]["source"] == "shipped"
+    assert "not a pneumobatch site file" in problem([site])
+    assert "not a pneumobatch site file" in problem({k: v for k, v in site.items() if k != "format"})
+    assert problem({**site, "schema_version": 2}).endswith("has schema version 2; this pneumobatch reads 1")
+    assert "has schema version None" in problem({k: v for k, v in site.items() if k != "schema_version"})
+    lacks = "lacks model, temperature or operating points"
+    assert lacks in problem({k: v for k, v in site.items() if k != "temperature"})
+    assert lacks in problem({**site, "model": "pn"})
+    assert lacks in problem({**site, "operating_points": {"by_age_band": {}}})
+    assert lacks in problem({**site, "model": {"weights_sha256": SHA}})
+    assert problem({**site, "apply": "best"}).endswith("apply: 'best' is not one of ['target', 'youden']")
+    no_sha = problem({**site, "model": {"name": "pn"}})
+    assert no_sha.endswith("model: 'weights_sha256' is a required property")
+    pooled = {**site["operating_points"]["pooled"], "youden": {"threshold": "high"}}
+    message = problem({**site, "operating_points": {**site["operating_points"], "pooled": pooled}})
+    assert message.endswith("operating_points/pooled/youden/threshold: 'high' is not of type 'number'")
+    band = {**site["operating_points"]["by_age_band"]["child"], "source": "guess"}
+    points = {**site["operating_points"], "by_age_band": {"child": band}}
+    assert "operating_points/by_age_band/child/source: 'guess' is not one of" in problem(
+        {**site, "operating_points": points}
+    )
+    assert "temperature/site: 0 is less than or equal to the minimum of 0" in problem(
+        {**site, "temperature": {**site["temperature"], "site": 0}}
+    )
 
 
 # ------------------------------------------------------------------ the commands

@@ -3,7 +3,9 @@
 ``pneumobatch calibrate`` (:mod:`pneumobatch.operations.calibrate`) writes site files; ``predict --site`` and
 ``report --site`` apply them with :func:`site_card`, so that everything decides by the one rule of
 :class:`~pneumobatch.core.card.ModelCard`. A site file is refused (:class:`SiteError`, exit code 2) for another
-model name or other weights (SHA-256).
+model name or other weights (SHA-256), and when it does not hold what applying it needs
+(:data:`SITE_SCHEMA`, checked with ``jsonschema`` as the model card is): a one-line message naming
+the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import SiteError
@@ -27,12 +29,113 @@ SITE_FORMAT = "pneumobatch-site"
 SITE_SCHEMA_VERSION = 1
 
 
-#: Operating points a site file can apply: the target-sensitivity threshold or Youden's J.
+#: Operating points a site file can apply: the target-recall threshold or Youden's J.
 APPLY_CHOICES = {"target": "recall_target", "youden": "youden"}
+
+_THRESHOLD = {"type": "number", "minimum": 0, "maximum": 1}
+#: A band's point: a band kept "shipped" may carry no threshold for a point its card lacked.
+_BAND_POINT = {
+    "type": "object",
+    "required": ["threshold"],
+    "properties": {"threshold": {"anyOf": [_THRESHOLD, {"type": "null"}]}},
+}
+_POOLED_POINT = {"type": "object", "required": ["threshold"], "properties": {"threshold": _THRESHOLD}}
+#: What a site file must hold to be applied (JSON Schema; the rest of what calibrate writes is
+#: provenance). Its JSON key ``target_sensitivity`` is the target recall (``target_recall`` in
+#: Python and in the model card); it keeps that name so that site files already written still load.
+SITE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["format", "schema_version", "model", "temperature", "operating_points"],
+    "properties": {
+        "format": {"const": SITE_FORMAT},
+        "schema_version": {"const": SITE_SCHEMA_VERSION},
+        "model": {
+            "type": "object",
+            "required": ["name", "weights_sha256"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "weights_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+            },
+        },
+        "temperature": {
+            "type": "object",
+            "required": ["site"],
+            "properties": {"site": {"type": "number", "exclusiveMinimum": 0}},
+        },
+        "operating_points": {
+            "type": "object",
+            "required": ["pooled"],
+            "properties": {
+                "pooled": {
+                    "type": "object",
+                    "required": ["target", "youden"],
+                    "properties": {"target": _POOLED_POINT, "youden": _POOLED_POINT},
+                },
+                "by_age_band": {
+                    "type": ["object", "null"],
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["source", "target", "youden"],
+                        "properties": {
+                            "source": {"enum": ["site", "shipped"]},
+                            "target": _BAND_POINT,
+                            "youden": _BAND_POINT,
+                        },
+                    },
+                },
+            },
+        },
+        "apply": {"enum": list(APPLY_CHOICES)},
+        "target_sensitivity": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+    },
+}
+#: Parts without which a file is not a site file at all: where, and which keys must be there.
+_ESSENTIAL = {
+    (): {"model", "temperature", "operating_points"},
+    ("model",): {"name"},
+    ("temperature",): {"site"},
+    ("operating_points",): {"pooled"},
+}
+_NOT_SITE, _VERSION, _LACKS, _INVALID = range(4)
+
+
+def _kind(error: Any) -> int:
+    """Which of load_site's messages a schema violation gets (the lowest one found wins)."""
+    where = tuple(error.absolute_path)
+    missing = set(error.validator_value) - set(error.instance) if error.validator == "required" else set()
+    if (not where and error.validator == "type") or where[:1] == ("format",) or "format" in missing:
+        return _NOT_SITE
+    if where[:1] == ("schema_version",) or "schema_version" in missing:
+        return _VERSION
+    if missing & _ESSENTIAL.get(where, set()) or (error.validator == "type" and where in _ESSENTIAL and where):
+        return _LACKS
+    return _INVALID
+
+
+def _problem(site: Any, path: Path) -> Optional[str]:
+    """The one line saying what is wrong with ``site`` (:data:`SITE_SCHEMA`), or None when nothing is."""
+    import jsonschema
+
+    errors = list(jsonschema.Draft202012Validator(SITE_SCHEMA).iter_errors(site))
+    if not errors:
+        return None
+    kind = min(map(_kind, errors))
+    if kind == _NOT_SITE:
+        return f"{path} is not a pneumobatch site file (made by pneumobatch calibrate)"
+    if kind == _VERSION:
+        version = site.get("schema_version")
+        return f"site file {path} has schema version {version!r}; this pneumobatch reads {SITE_SCHEMA_VERSION}"
+    if kind == _LACKS:
+        return f"site file {path} lacks model, temperature or operating points"
+    error = jsonschema.exceptions.best_match(errors)
+    where = "/".join(map(str, error.absolute_path)) or "site"
+    message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+    return f"site file {path}: {where}: {message}"
 
 
 def load_site(path: Path | str) -> dict[str, Any]:
-    """Read and check a site file; :class:`SiteError` (one line) when it is not one."""
+    """Read and check a site file against :data:`SITE_SCHEMA`; :class:`SiteError` (one line: the
+    file and what is wrong) when it is not one."""
     path = Path(path)
     try:
         site = json.loads(path.read_text(encoding="utf-8"))
@@ -42,16 +145,8 @@ def load_site(path: Path | str) -> dict[str, Any]:
         raise SiteError(
             f"site file {path} is not readable JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
-    if not isinstance(site, dict) or site.get("format") != SITE_FORMAT:
-        raise SiteError(f"{path} is not a pneumobatch site file (made by pneumobatch calibrate)")
-    if site.get("schema_version") != SITE_SCHEMA_VERSION:
-        raise SiteError(
-            f"site file {path} has schema version {site.get('schema_version')!r}; this pneumobatch reads {SITE_SCHEMA_VERSION}"
-        )
-    try:
-        site["model"]["name"], site["temperature"]["site"], site["operating_points"]["pooled"]  # noqa: B018 - presence check
-    except (KeyError, TypeError):
-        raise SiteError(f"site file {path} lacks model, temperature or operating points") from None
+    if (problem := _problem(site, path)) is not None:
+        raise SiteError(problem)
     site["_path"] = str(path)
     site["_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return site
@@ -80,7 +175,7 @@ def apply_site(card: ModelCard, site: dict[str, Any]) -> ModelCard:
     thresholds: dict[str, Any] = {
         "recall_target": pooled["target"]["threshold"],
         "youden": pooled["youden"]["threshold"],
-        "target_recall": site.get("target_sensitivity"),
+        "target_recall": site.get("target_sensitivity"),  # the site file's key for the target recall
         "applied": key,
         "source": "site",
     }
@@ -91,7 +186,7 @@ def apply_site(card: ModelCard, site: dict[str, Any]) -> ModelCard:
         "sha256": site.get("_sha256", ""),
         "created": site.get("created"),
         "apply": site.get("apply", "target"),
-        "target_sensitivity": site.get("target_sensitivity"),
+        "target_sensitivity": site.get("target_sensitivity"),  # run.json key, as in the site file
         "fitted_on": site.get("fitted_on"),
         "temperature": site["temperature"]["site"],
         "thresholds": {

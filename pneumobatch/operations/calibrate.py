@@ -3,7 +3,7 @@
 ``pneumobatch calibrate`` (:func:`calibrate`) joins a site's labels to a predictions CSV
 (:func:`pneumobatch.evaluation.labels.join_labels`), refits temperature scaling on the
 probabilities predict wrote (:mod:`pneumobatch.evaluation.metrics`), chooses the threshold
-reaching the target sensitivity and Youden's J, pooled and per age band when the model
+reaching the target recall (sensitivity) and Youden's J, pooled and per age band when the model
 card has age-band operating points, with bootstrap 95% intervals
 (:func:`pneumobatch.evaluation.metrics.evaluate`), and writes a small versioned JSON site file.
 
@@ -72,7 +72,7 @@ class CalibrateConfig:
     model: Optional[str] = None  # needed when the CSV holds several models
     key: Optional[str] = None
     label_column: str = "label"
-    target_sensitivity: float = 0.95
+    target_recall: float = 0.95
     apply: str = "target"  # target | youden
     n_bootstrap: int = 1000
     seed: int = 0
@@ -124,7 +124,7 @@ def _off_the_sample(threshold: Optional[float], scores: np.ndarray) -> Optional[
 def _fit_points(
     y_true: np.ndarray, proba: np.ndarray, card: ModelCard, target: float, n_bootstrap: int, seed: int
 ) -> dict[str, Any]:
-    """Target-sensitivity and Youden thresholds on these rows, with bootstrap intervals."""
+    """Target-recall (sensitivity) and Youden thresholds on these rows, with bootstrap intervals."""
     pos = card.positive_index
     y_pos = y_true == card.positive
     chosen = {k: _off_the_sample(v, proba[:, pos]) for k, v in select_threshold(y_pos, proba[:, pos], target).items()}
@@ -159,7 +159,7 @@ def fit_site(
     *,
     key: Optional[str] = None,
     label_column: str = "label",
-    target_sensitivity: float = 0.95,
+    target_recall: float = 0.95,
     apply: str = "target",
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -186,12 +186,12 @@ def fit_site(
     before = evaluate(
         list(y_true), proba, card.classes, positive=card.positive, threshold=card.threshold, n_bootstrap=0
     )
-    pooled = _fit_points(y_true, site_proba, card, target_sensitivity, n_bootstrap, seed)
+    pooled = _fit_points(y_true, site_proba, card, target_recall, n_bootstrap, seed)
     after = evaluate(list(y_true), site_proba, card.classes, positive=card.positive, n_bootstrap=0)
     shipped = {
         k: before["operating_points"][0].get(k) for k in ("threshold", "sensitivity", "specificity", "ppv", "npv")
     }
-    if (w := _small_sample(int(y_pos.sum()), target_sensitivity, "pooled")) is not None:
+    if (w := _small_sample(int(y_pos.sum()), target_recall, "pooled")) is not None:
         warnings.append(w)
 
     by_band: dict[str, Any] = {}
@@ -204,14 +204,14 @@ def fit_site(
             bands = np.full(len(y_true), UNKNOWN, dtype=object)
         else:
             bands = join.rows["age_band"].fillna("").astype(str).to_numpy()
-        fitted = band_thresholds(y_pos, site_proba[:, card.positive_index], bands, target_sensitivity)
+        fitted = band_thresholds(y_pos, site_proba[:, card.positive_index], bands, target_recall)
         for band, shipped_point in card_bands.items():
             in_band = bands == band
             n_pos, n_neg = int((y_pos & in_band).sum()), int((~y_pos & in_band).sum())
             if band in fitted:
-                entry = _fit_points(y_true[in_band], site_proba[in_band], card, target_sensitivity, n_bootstrap, seed)
+                entry = _fit_points(y_true[in_band], site_proba[in_band], card, target_recall, n_bootstrap, seed)
                 by_band[band] = {"source": "site", **entry}
-                if (w := _small_sample(n_pos, target_sensitivity, f"age band {band}")) is not None:
+                if (w := _small_sample(n_pos, target_recall, f"age band {band}")) is not None:
                     warnings.append(w)
             else:
                 kept = {
@@ -276,7 +276,8 @@ def fit_site(
                 "problems": {k: v["count"] for k, v in join.problems_dict().items() if v["count"]},
             },
         },
-        "target_sensitivity": float(target_sensitivity),
+        # the target recall; the site file's key keeps its first name so that files already written still load
+        "target_sensitivity": float(target_recall),
         "apply": apply,
         "temperature": {
             "shipped": float(card.temperature),
@@ -291,7 +292,7 @@ def fit_site(
         "operating_points": {"pooled": {"source": "site", **pooled}, "by_age_band": by_band},
         "rules": {
             "band_min_per_class": MIN_PER_CLASS,
-            "min_positives_for_target": min_positives_for(target_sensitivity),
+            "min_positives_for_target": min_positives_for(target_recall),
             "bootstrap": {"n_resamples": int(n_bootstrap), "seed": int(seed), "level": 0.95},
         },
         "warnings": warnings,
@@ -348,7 +349,7 @@ def calibrate(config: CalibrateConfig) -> CalibrateResult:
         card,
         key=config.key,
         label_column=config.label_column,
-        target_sensitivity=config.target_sensitivity,
+        target_recall=config.target_recall,
         apply=config.apply,
         n_bootstrap=config.n_bootstrap,
         seed=config.seed,
