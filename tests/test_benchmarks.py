@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
+from tests.helpers import ROOT
+
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 
 
 def test_every_benchmark_named_in_the_readme_exists():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     named = set(re.findall(r"benchmarks/(\w+\.py)", readme))
     assert len(named) >= 5 and named <= {p.name for p in BENCHMARKS}
 

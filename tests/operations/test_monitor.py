@@ -26,8 +26,8 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.io.predictions import file_counts
 from pneumobatch.operations.monitor.analysis import NO_HEADER, analyse, load_nights, monitoring_block, prometheus_text
 from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_studies"
 EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
 SCANNERS = {

@@ -37,8 +37,8 @@ from pneumobatch.operations.pacs.sr import FINDING_CODES, ImageResult, StudyResu
 from pneumobatch.predict import run_predict
 from pneumobatch.predict_config import PredictConfig
 from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_studies"
 USER, PASSWORD = "nightly", "pw-s3cret-不"
 AET = "PNEUMOBATCH"
