@@ -7,6 +7,7 @@ left out by ``make test-fast`` (``pytest -m "not slow"``); ``make test`` (CI) ru
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,12 @@ def onnx_cache(tmp_path_factory) -> Path:
         os.environ["PNEUMOBATCH_CACHE"] = previous
 
 
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised pneumonia model (the shipped ones come from `train`)."""
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Iterator[Path]:
+    """Tiny randomly initialised pneumonia and etiology models (the shipped ones come from `train`).
+
+    Built once per run and shared by every module: a test that changes a model copies the
+    folder first. Teardown checks that none wrote into it."""
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
@@ -61,4 +65,7 @@ def weights_dir(tmp_path_factory) -> Path:
         std=[0.25] * 3,
     )
     save_model(net3.eval(), card3, folder)
-    return folder
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    yield folder
+    after = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert after == before, "a test wrote into the shared weights_dir; copy it first (shutil.copytree)"
