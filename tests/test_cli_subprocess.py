@@ -23,6 +23,7 @@ from pneumobatch.core.errors import EXIT_SIGINT, EXIT_SIGTERM
 from pneumobatch.testing.synthetic import write_cxr
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts pneumobatch in a real subprocess
 N_FILES = 30
 
 
