@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision wheels: see README "Quick start" (CUDA wheels also run on a CPU-only machine).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint benchmark sample-studies clean
+.PHONY: install demo test test-fast lint benchmark sample-studies clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	sh scripts/install_orthanc.sh
 	$(BIN)/python -m pytest -q
+
+# While working: everything but the tests marked slow (Ray, real subprocesses, Orthanc, training).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pneumobatch tests benchmarks scripts

@@ -3,7 +3,7 @@
 Pinned to one core. Prints, per encoding, the plugin the reader picks, the decode alone
 (pydicom with that plugin, frame 0) and the whole read (header, gates, decode, VOI), in
 ms per image and images/s. The files are built with the test suite's helpers
-(tests/test_readers.py), so this needs the test extras (pytest) installed.
+(tests/io/test_readers.py), so this needs the test extras (pytest) installed.
 
     python benchmarks/decode.py [--size 2048] [--seconds 2]
 """
@@ -67,7 +67,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-    spec = importlib.util.spec_from_file_location("test_readers", ROOT / "tests" / "test_readers.py")
+    spec = importlib.util.spec_from_file_location("test_readers", ROOT / "tests" / "io" / "test_readers.py")
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     from pneumobatch.io.readers import ReadOptions

@@ -1,18 +1,17 @@
-"""Shared test data: the tiny-model fixture and dataset builders.
+"""Fixtures every test folder shares: the tests' own ONNX cache and the tiny random models.
 
-Tests marked ``slow`` train a model; ``pytest -m "not slow"`` leaves them out while
-working, ``make test`` (CI) runs everything.
+Plain helpers (the repository root, dataset builders, the one-line-error check) are in
+``tests/helpers.py``. Tests marked ``slow`` (Ray, real subprocesses, Orthanc, training) are
+left out by ``make test-fast`` (``pytest -m "not slow"``); ``make test`` (CI) runs everything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.model.registry import create_model, save_model
@@ -34,9 +33,12 @@ def onnx_cache(tmp_path_factory) -> Path:
         os.environ["PNEUMOBATCH_CACHE"] = previous
 
 
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised pneumonia model (the shipped ones come from `train`)."""
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Iterator[Path]:
+    """Tiny randomly initialised pneumonia and etiology models (the shipped ones come from `train`).
+
+    Built once per run and shared by every module: a test that changes a model copies the
+    folder first. Teardown checks that none wrote into it."""
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
@@ -63,47 +65,7 @@ def weights_dir(tmp_path_factory) -> Path:
         std=[0.25] * 3,
     )
     save_model(net3.eval(), card3, folder)
-    return folder
-
-
-def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> Path:
-    """Two visually distinct classes: 'normal' smooth gradients, pneumonia bright blotches."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for i in range(2 * n_per_class):
-        pneumonia = i % 2 == 1
-        img = np.tile(np.linspace(30, 120, 48, dtype=np.float32), (48, 1))
-        if pneumonia:
-            y, x = rng.integers(8, 40, 2)
-            img[y - 8 : y + 8, x - 8 : x + 8] = 250
-        img += rng.normal(0, 5, img.shape)
-        name = f"images/{i:03d}.png"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name)
-        patient = f"p{i // 2}"  # two images per patient, of different classes
-        split = ("train", "train", "train", "val", "test")[(i // 2) % 5]
-        rows.append(
-            {
-                "path": name,
-                "finding": "Pneumonia/Bacterial" if pneumonia else "No Finding",
-                "split": split if with_split else "",
-                "patient_id": patient,
-                "source": "synthetic",
-            }
-        )
-    rows.append(
-        {"path": "images/000.png", "finding": "ARDS", "split": "train", "patient_id": "p0", "source": "synthetic"}
-    )
-    manifest = root / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
-
-
-def one_line_error(result, code: int, *needles: str) -> None:
-    """A CliRunner result that failed with ``code`` and one ``Error: ...`` line naming every needle."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    yield folder
+    after = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert after == before, "a test wrote into the shared weights_dir; copy it first (shutil.copytree)"

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
+from tests.helpers import ROOT
+
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 
 
 def test_every_benchmark_named_in_the_readme_exists():
-    root = Path(__file__).resolve().parent.parent
-    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]  # the measured figures live in docs/
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the measured figures live in docs/
     named = set(re.findall(r"benchmarks/(\w+\.py)", "\n".join(p.read_text(encoding="utf-8") for p in pages)))
     assert len(named) >= 5 and named <= {p.name for p in BENCHMARKS}
 

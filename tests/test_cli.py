@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from pneumobatch.cli import main
 from pneumobatch.core.errors import EXIT_FATAL, EXIT_INTERNAL, EXIT_USAGE
-from tests.conftest import one_line_error
+from tests.helpers import one_line_error
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without a GPU")
 

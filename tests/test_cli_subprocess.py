@@ -21,9 +21,10 @@ import pytest
 
 from pneumobatch.core.errors import EXIT_SIGINT, EXIT_SIGTERM
 from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts pneumobatch in a real subprocess
 N_FILES = 30
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def command(inputs: Path, out: Path, weights_dir: Path, *extra: str, workers: Op
 
 def subprocess_env() -> dict[str, str]:
     """This checkout on the path; no ``RAY_ADDRESS``, so a Ray run starts its own local instance."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("RAY_ADDRESS", None)
     return env
 

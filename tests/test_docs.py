@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 from pneumobatch.core.errors import Reason
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 

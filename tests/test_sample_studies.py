@@ -18,8 +18,8 @@ import pandas as pd
 from click.testing import CliRunner
 
 from pneumobatch.cli import main
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_studies"
 EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
 STABLE = [

@@ -87,6 +87,35 @@ def test_predict_writes_rows_for_them_and_exits_1_for_the_unreadable(tmp_path: P
     }
 
 
+def make_tree(root: Path) -> None:
+    for rel in ["b/2.dcm", "b/10.dcm", "a/deep/er/x", "a/y", "top.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_walk_is_recursive_sorted_and_survives_link_loops(tmp_path: Path):
+    root = tmp_path / "export"
+    make_tree(root)
+    (root / "a" / "deep" / "loop").symlink_to(root / "a")  # folder link to an ancestor
+    (root / "b" / "up").symlink_to("..")  # relative link to its parent
+    (root / "dangling").symlink_to(root / "nowhere")
+
+    first = [entry.relpath for _, entry in walk([root])]
+    assert first == ["a/deep/er/x", "a/y", "b/10.dcm", "b/2.dcm", "dangling", "top.png"]
+    assert [entry.relpath for _, entry in walk([root])] == first  # deterministic
+    entries = [entry for _, entry in walk([root]) if entry.problem is None]
+    assert all(entry.path.is_file() and entry.size == len(entry.relpath) for entry in entries)
+    assert [e.problem[0] for _, e in walk([root]) if e.relpath == "dangling"] == [Reason.BROKEN_LINK]
+
+
+def test_walk_accepts_a_file_root(tmp_path: Path):
+    path = tmp_path / "single.dcm"
+    path.write_bytes(b"x")
+    [(root, entry)] = list(walk([path]))
+    assert root == path and entry.relpath == "single.dcm" and entry.size == 1
+
+
 # --- blank and degenerate images (issue 12, item 8) -------------------------------------
 
 from PIL import Image as PILImage  # noqa: E402

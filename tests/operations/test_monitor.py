@@ -31,8 +31,8 @@ from pneumobatch.operations.monitor.drift import rate_change
 from pneumobatch.operations.monitor.prometheus import prometheus_text
 from pneumobatch.operations.monitor.record import NO_HEADER, monitoring_block
 from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_studies"
 EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
 SCANNERS = {

@@ -19,8 +19,8 @@ from pneumobatch.core.site import apply_site, load_site
 from pneumobatch.evaluation.metrics import min_positives_for, rescale_probabilities
 from pneumobatch.operations.calibrate import fit_site
 from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SHA = "ab" * 32
 
 

@@ -142,6 +142,7 @@ def ray_args(studies: Path, out: Path, weights_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_rows(
     crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path
 ):
@@ -161,6 +162,7 @@ def test_ray_engine_writes_the_local_engines_rows(
     assert info["engine"]["name"] == "ray" and info["engine"]["actors"] == 1 and info["device"] == "ray: 1 cpu actor"
 
 
+@pytest.mark.slow
 def test_killed_ray_run_resumes_to_the_same_rows_though_workers_die(
     crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path
 ):
@@ -190,6 +192,7 @@ def test_killed_ray_run_resumes_to_the_same_rows_though_workers_die(
     assert info["counts"]["ok"] == (got.drop_duplicates("path").status == Status.OK.value).sum()
 
 
+@pytest.mark.slow
 def test_device_or_actors_the_cluster_lacks_are_usage_errors(
     crash_dir: Path, studies: Path, weights_dir: Path, tmp_path: Path
 ):

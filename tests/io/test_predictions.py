@@ -26,7 +26,7 @@ from pneumobatch.io.atomicfile import atomic_write, temp_prefix
 from pneumobatch.io.predictions import neutralise_formulas, restore_formulas
 from pneumobatch.model.registry import create_model, save_model
 from pneumobatch.testing.synthetic import write_cxr
-from tests.conftest import one_line_error
+from tests.helpers import one_line_error
 
 
 def write_pngs(folder: Path, names: list[str]) -> Path:

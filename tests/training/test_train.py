@@ -17,7 +17,7 @@ from pneumobatch.evaluation.metrics.calibration import fit_temperature
 from pneumobatch.model.registry import load_model
 from pneumobatch.training.config import TrainConfig
 from pneumobatch.training.train import assign_splits, load_labels, select_threshold, train
-from tests.conftest import make_dataset
+from tests.helpers import make_dataset
 
 
 def small_config(manifest: Path, out: Path, **kw) -> TrainConfig:

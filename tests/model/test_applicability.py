@@ -181,7 +181,7 @@ def test_fit_applicability_command_records_statistics_and_replaces_a_damaged_fil
     from click.testing import CliRunner
 
     from pneumobatch.cli import main
-    from tests.conftest import make_dataset
+    from tests.helpers import make_dataset
 
     manifest = make_dataset(tmp_path / "data")
     folder = tmp_path / "w"

@@ -37,8 +37,8 @@ from pneumobatch.operations.pacs.sr import FINDING_CODES, ImageResult, StudyResu
 from pneumobatch.predict import run_predict
 from pneumobatch.predict_config import PredictConfig
 from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_studies"
 USER, PASSWORD = "nightly", "pw-s3cret-不"
 AET = "PNEUMOBATCH"
@@ -262,6 +262,7 @@ def _sop_uids(folder: Path) -> set[str]:
 # --------------------------------------------------------------- the whole nightly loop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
 def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, weights_dir, tmp_path, capsys):
     """Pull a night's studies, predict them, push one SR per study and model, read the SRs
@@ -404,6 +405,7 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
 # --------------------------------------------------------------- resume and next night
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
 def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, archive_studies, tmp_path):
     _upload_all(orthanc, archive_studies)
@@ -474,6 +476,7 @@ def test_killed_pull_resumes_and_next_night_fetches_only_new(protocol, orthanc, 
         assert ledger.counts()["fetched"] == total + 2
 
 
+@pytest.mark.slow
 def test_pull_killed_with_sigkill_resumes_without_fetching_twice(orthanc, tmp_path):
     """A real kill -9 of ``pneumobatch pull`` in the middle of a 60-image study."""
     import signal

@@ -16,7 +16,7 @@ from pneumobatch.core.subgroups import age_band, age_bands, age_years, parse_ban
 from pneumobatch.evaluation.metrics import band_thresholds
 from pneumobatch.training.config import TrainConfig
 from pneumobatch.training.train import _epoch_order, _sample_weights, annotate_subgroups, load_labels, remove_leakage
-from tests.conftest import make_dataset
+from tests.helpers import make_dataset
 
 
 @pytest.mark.parametrize(

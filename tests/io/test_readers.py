@@ -12,7 +12,6 @@ tested: nothing installed writes it and no bundled file uses it.
 from __future__ import annotations
 
 import io
-import os
 import struct
 import time
 import zlib
@@ -30,7 +29,7 @@ from pydicom.sequence import Sequence
 
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.io import discovery
-from pneumobatch.io.discovery import FileKind, sniff, walk
+from pneumobatch.io.discovery import FileKind, sniff
 from pneumobatch.io.readers import Image, ReadOptions, read_image
 from pneumobatch.io.readers import dicom as dicom_reader
 from pneumobatch.io.readers.dicom import read_dicom
@@ -825,7 +824,7 @@ def test_random_bytes_are_not_an_image(tmp_path: Path):
     assert info.value.reason is Reason.NOT_IMAGE
 
 
-# --- discovery: sniff and walk ------------------------------------------------------
+# --- discovery: sniff ---------------------------------------------------------------
 
 
 def test_sniff_by_content_not_extension(tmp_path: Path, dx_file):
@@ -853,32 +852,3 @@ def test_read_image_dispatches_on_kind(tmp_path: Path, dx_file):
     assert read_image(png, sniff(png)).pixels.shape == (ROWS, COLS)
     dcm = dx_file()
     assert read_image(dcm, sniff(dcm)).meta["sop_instance_uid"] == SOP
-
-
-def make_tree(root: Path) -> None:
-    for rel in ["b/2.dcm", "b/10.dcm", "a/deep/er/x", "a/y", "top.png"]:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(rel.encode())
-
-
-@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
-def test_walk_is_recursive_sorted_and_survives_link_loops(tmp_path: Path):
-    root = tmp_path / "export"
-    make_tree(root)
-    (root / "a" / "deep" / "loop").symlink_to(root / "a")  # folder link to an ancestor
-    (root / "b" / "up").symlink_to("..")  # relative link to its parent
-    (root / "dangling").symlink_to(root / "nowhere")
-
-    first = [entry.relpath for _, entry in walk([root])]
-    assert first == ["a/deep/er/x", "a/y", "b/10.dcm", "b/2.dcm", "dangling", "top.png"]
-    assert [entry.relpath for _, entry in walk([root])] == first  # deterministic
-    entries = [entry for _, entry in walk([root]) if entry.problem is None]
-    assert all(entry.path.is_file() and entry.size == len(entry.relpath) for entry in entries)
-    assert [e.problem[0] for _, e in walk([root]) if e.relpath == "dangling"] == [Reason.BROKEN_LINK]
-
-
-def test_walk_accepts_a_file_root(tmp_path: Path):
-    path = tmp_path / "single.dcm"
-    path.write_bytes(b"x")
-    [(root, entry)] = list(walk([path]))
-    assert root == path and entry.relpath == "single.dcm" and entry.size == 1
