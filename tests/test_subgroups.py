@@ -15,7 +15,8 @@ from pneumobatch.core.errors import TrainingError
 from pneumobatch.core.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
 from pneumobatch.evaluation.metrics import band_thresholds
 from pneumobatch.training.config import TrainConfig
-from pneumobatch.training.train import _epoch_order, _sample_weights, annotate_subgroups, load_labels, remove_leakage
+from pneumobatch.training.data import annotate_subgroups, load_labels, remove_leakage
+from pneumobatch.training.loop import _epoch_order, _sample_weights
 from tests.conftest import make_dataset
 
 
@@ -92,7 +93,7 @@ def test_a_patient_in_two_splits_is_refused(tmp_path):
 def test_no_test_patient_reaches_training_on_the_manifest_split(tmp_path):
     manifest = make_dataset(tmp_path)
     config = TrainConfig(data=manifest, out_dir=tmp_path / "w", name="t")
-    frame, _, _ = load_labels(config)
+    frame, _, _ = load_labels(config.data, config.task)
     frame, _ = remove_leakage(frame)
     test_patients = set(frame.loc[frame["split"] == "test", "patient"])
     assert test_patients and not test_patients & set(frame.loc[frame["split"] != "test", "patient"])

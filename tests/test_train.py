@@ -16,7 +16,9 @@ from pneumobatch.core.errors import TrainingError
 from pneumobatch.evaluation.metrics.calibration import fit_temperature
 from pneumobatch.model.registry import load_model
 from pneumobatch.training.config import TrainConfig
-from pneumobatch.training.train import assign_splits, load_labels, select_threshold, train
+from pneumobatch.training.data import assign_splits, load_labels
+from pneumobatch.training.evaluate import select_threshold
+from pneumobatch.training.loop import train
 from tests.conftest import make_dataset
 
 
@@ -138,7 +140,7 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
 def test_split_is_stratified_and_patient_disjoint(tmp_path: Path):
     manifest = make_dataset(tmp_path / "data", n_per_class=40, with_split=False)
     config = small_config(manifest, tmp_path / "w")
-    frame, task, dropped = load_labels(config)
+    frame, task, dropped = load_labels(config.data, config.task)
     frame = assign_splits(frame, config)
     patients = frame.groupby("patient")["split"].nunique()
     assert (patients == 1).all()
@@ -180,7 +182,7 @@ def test_temperature_scaling_softens_overconfident_logits():
 def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "w"
-    import pneumobatch.training.train as train_module
+    import pneumobatch.training.loop as train_module  # where train looks predict_logits up
 
     calls = {"n": 0}
     original = train_module.predict_logits
