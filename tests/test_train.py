@@ -205,6 +205,36 @@ def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     assert epochs == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        (
+            "--default-age-band",
+            "kermany=teen",
+            "--default-age-band wants PATTERN=child or PATTERN=adult, not 'kermany=teen'",
+        ),
+        (
+            "--band-target-recall",
+            "adult=1.5",
+            "--band-target-recall wants child=R or adult=R with R between 0.5 and 1, not 'adult=1.5'",
+        ),
+        (
+            "--band-target-recall",
+            "elderly=0.9",
+            "--band-target-recall wants child=R or adult=R with R between 0.5 and 1, not 'elderly=0.9'",
+        ),
+    ],
+    ids=["age-band-default", "band-recall-range", "band-recall-band"],
+)
+def test_train_cli_bad_age_band_option_is_one_line_and_exit_3(tmp_path: Path, option: str, value: str, message: str):
+    manifest = make_dataset(tmp_path / "data")
+    out = tmp_path / "w"
+    result = CliRunner().invoke(main, ["train", str(manifest), "-o", str(out), "--init", "random", option, value])
+    assert result.exit_code == 3, result.output
+    assert result.output == f"Error: {message}\n"
+    assert not (out / "pneumonia.safetensors").exists()
+
+
 def test_train_cli_refuses_to_overwrite(tmp_path: Path):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "w"

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumobatch.core.errors import FileRejected, TrainingError
+from pneumobatch.core.errors import EXIT_FATAL, FileRejected, TrainingError
 from pneumobatch.core.subgroups import TRAINING_COLUMNS, add_subgroup_columns, parse_band_defaults
 from pneumobatch.core.tasks import Task, custom_task, get_task
 from pneumobatch.io.discovery import sniff
@@ -171,11 +171,12 @@ def labelled_splits(config: TrainConfig) -> tuple[pd.DataFrame, Task, dict[str, 
 
 
 def annotate_subgroups(frame: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
-    """Add the reporting subgroups ``sg_source``, ``sg_age_band``, ``sg_view``, ``sg_sex`` (and ``sg_age``)."""
-    try:
-        defaults = parse_band_defaults(config.default_age_band)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
+    """Add the reporting subgroups ``sg_source``, ``sg_age_band``, ``sg_view``, ``sg_sex`` (and ``sg_age``).
+
+    A malformed ``config.default_age_band`` is an :class:`~pneumobatch.core.errors.OptionError`.
+    """
+    # a malformed --default-age-band exits 3, as training's other errors do
+    defaults = parse_band_defaults(config.default_age_band, exit_code=EXIT_FATAL)
     return add_subgroup_columns(
         frame,
         defaults,

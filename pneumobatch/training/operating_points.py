@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pneumobatch.core.card import ModelCard
-from pneumobatch.core.errors import TrainingError
+from pneumobatch.core.errors import EXIT_FATAL, TrainingError
 from pneumobatch.core.subgroups import parse_band_targets
 from pneumobatch.core.tasks import TASKS, Task, get_task
 from pneumobatch.evaluation import metrics
@@ -35,11 +35,8 @@ from pneumobatch.training.evaluate import (
 
 
 def band_targets(config: TrainConfig) -> dict[str, float]:
-    """``--band-target-recall`` parsed; a malformed one is a :class:`TrainingError`."""
-    try:
-        return parse_band_targets(config.band_target_recall)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
+    """``--band-target-recall`` parsed; a malformed one is an OptionError that exits 3, as it always has."""
+    return parse_band_targets(config.band_target_recall, exit_code=EXIT_FATAL)
 
 
 def choose_operating_points(
