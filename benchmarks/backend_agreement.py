@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from pneumobatch.model.inference import Predictor
 from pneumobatch.model.registry import load_model
 from pneumobatch.training.config import TrainConfig
-from pneumobatch.training.train import Dataset, decode_split, labelled_splits
+from pneumobatch.training.data import Dataset, decode_split, labelled_splits
 
 
 def decoded_split(card, manifest: Path, split: str, workers: int) -> Dataset:

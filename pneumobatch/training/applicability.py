@@ -1,54 +1,78 @@
-"""Fitting a trained model's applicability statistics from a manifest (``pneumobatch fit-applicability``)."""
+"""Fitting a trained model's applicability statistics on training data.
+
+:func:`fit_training_applicability` is the end of ``train`` (train split, threshold on
+validation, recorded in the card); :func:`fit_from_manifest` is ``pneumobatch
+fit-applicability`` for a model already trained, reading the manifest with the same
+loaders as training (:mod:`pneumobatch.training.data`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import pandas as pd
 
 from pneumobatch.core.errors import ModelError
-from pneumobatch.model.applicability.features import fit_features
+from pneumobatch.model.applicability.features import attach, fit_features
 from pneumobatch.model.applicability.stats import DEFAULT_PERCENTILE, ApplicabilityStats, summary
+from pneumobatch.model.registry import LoadedModel
+from pneumobatch.training.data import Dataset, decode_splits, load_labels, remove_leakage
+
+
+def fit_training_applicability(
+    loaded: LoadedModel, train_set: Dataset, val_set: Dataset, progress: Callable[[str], None]
+) -> None:
+    """Applicability statistics on the train split, threshold on validation; recorded in the card."""
+    progress("fitting applicability statistics (train split; threshold on validation)")
+    fitted = fit_features(loaded, train_set.images, val_set.images)
+    info = summary(
+        fitted,
+        DEFAULT_PERCENTILE,
+        fitted_on="train split (threshold: val split)",
+        **{"class": "all"},
+        n_train=len(train_set.images),
+        n_val=len(val_set.images),
+    )
+    attach(loaded, fitted, info)
 
 
 def fit_from_manifest(
-    loaded: Any,
+    loaded: LoadedModel,
     manifest: Path,
     *,
     percentile: float = DEFAULT_PERCENTILE,
     workers: int = 2,
     only_class: Optional[str] = None,
-    progress=lambda s: None,
+    progress: Callable[[str], None] = lambda s: None,
 ) -> tuple[ApplicabilityStats, dict[str, Any]]:
     """Fit on the manifest's train split, set the threshold on its validation split.
 
-    ``only_class`` restricts both to images of one class (e.g. a site's ``normal``
-    radiographs). Returns the statistics and a summary for the model card.
+    The manifest is read as ``train`` reads it (its default columns; the model's task),
+    with the same leakage rules. ``only_class`` restricts both splits to images of one
+    class (e.g. a site's ``normal`` radiographs). Returns the statistics and a summary
+    for the model card.
     """
-    from pneumobatch.training.config import TrainConfig
-    from pneumobatch.training.train import decode_split, load_labels, remove_leakage
-
     card = loaded.card
-    config = TrainConfig(data=manifest, out_dir=manifest.parent, name=card.name, task=card.task)
-    frame, task, _ = load_labels(config)
+    frame, task, _ = load_labels(manifest, card.task)
     frame, _ = remove_leakage(frame)
     if only_class:
         frame = frame[frame["cls"] == only_class]
-    parts = {}
-    for split in ("train", "val"):
-        part = frame[frame["split"] == split]
-        if len(part) < 10:
-            raise ModelError(f"{manifest}: the {split} split has {len(part)} usable images; at least 10 are needed")
-        progress(f"decoding {len(part)} {split} images")
-        dataset, _ = decode_split(part, task, card.input_size, workers)
-        parts[split] = dataset.images
+
+    def at_least_ten(split: str, rows: pd.DataFrame) -> None:
+        if len(rows) < 10:
+            raise ModelError(f"{manifest}: the {split} split has {len(rows)} usable images; at least 10 are needed")
+
+    parts, _ = decode_splits(frame, task, card.input_size, workers, ("train", "val"), progress, at_least_ten)
+    train_images, val_images = parts["train"].images, parts["val"].images
     progress("fitting the statistics (features of every image at several depths)")
-    stats = fit_features(loaded, parts["train"], parts["val"], percentile)
+    stats = fit_features(loaded, train_images, val_images, percentile)
     info = summary(
         stats,
         percentile,
         fitted_on=str(manifest),
         **{"class": only_class or "all"},
-        n_train=int(len(parts["train"])),
-        n_val=int(len(parts["val"])),
+        n_train=int(len(train_images)),
+        n_val=int(len(val_images)),
     )
     return stats, info

@@ -1,7 +1,7 @@
 """What a training run is asked for: :class:`TrainConfig`, with no torch import.
 
 The CLI reads its ``train`` option defaults and choices from here when it starts;
-:func:`pneumobatch.training.train.train` (which needs torch) runs the configuration.
+:func:`pneumobatch.training.loop.train` (which needs torch) runs the configuration.
 """
 
 from __future__ import annotations

@@ -11,11 +11,19 @@ import pytest
 import torch
 
 from pneumobatch.core.card import ModelCard
-from pneumobatch.core.errors import TrainingError
-from pneumobatch.core.subgroups import age_band, age_bands, age_years, parse_band_defaults, view_group
+from pneumobatch.core.errors import EXIT_FATAL, EXIT_USAGE, OptionError, TrainingError
+from pneumobatch.core.subgroups import (
+    age_band,
+    age_bands,
+    age_years,
+    parse_band_defaults,
+    parse_band_targets,
+    view_group,
+)
 from pneumobatch.evaluation.metrics import band_thresholds
 from pneumobatch.training.config import TrainConfig
-from pneumobatch.training.train import _epoch_order, _sample_weights, annotate_subgroups, load_labels, remove_leakage
+from pneumobatch.training.data import annotate_subgroups, load_labels, remove_leakage
+from pneumobatch.training.loop import _epoch_order, _sample_weights
 from tests.helpers import make_dataset
 
 
@@ -46,8 +54,27 @@ def test_band_defaults_apply_only_where_the_age_is_missing():
     defaults = parse_band_defaults(["kermany*=child", "RSNA*=adult"])
     bands = age_bands(["", "40", "", ""], ["Kermany-pediatric", "kermany-pediatric", "RSNA normals", "NIH"], defaults)
     assert bands == ["child", "adult", "adult", "unknown"]
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError):
         parse_band_defaults(["kermany=teen"])
+
+
+@pytest.mark.parametrize(
+    "parse, spec, option",
+    [
+        (parse_band_defaults, "kermany=teen", "--default-age-band"),
+        (parse_band_defaults, "=child", "--default-age-band"),
+        (parse_band_targets, "elderly=0.9", "--band-target-recall"),
+        (parse_band_targets, "adult=1.5", "--band-target-recall"),
+        (parse_band_targets, "adult", "--band-target-recall"),
+    ],
+)
+def test_bad_age_band_options_are_option_errors_naming_the_option(parse, spec, option):
+    with pytest.raises(OptionError, match=f"^{option} wants .*, not {spec!r}$") as raised:
+        parse([spec])
+    assert raised.value.exit_code == EXIT_USAGE
+    with pytest.raises(OptionError) as raised:
+        parse([spec], exit_code=EXIT_FATAL)  # what train, retune and report give it
+    assert raised.value.exit_code == EXIT_FATAL
 
 
 def test_view_groups_fold_supine_and_portable_into_ap():
@@ -92,7 +119,7 @@ def test_a_patient_in_two_splits_is_refused(tmp_path):
 def test_no_test_patient_reaches_training_on_the_manifest_split(tmp_path):
     manifest = make_dataset(tmp_path)
     config = TrainConfig(data=manifest, out_dir=tmp_path / "w", name="t")
-    frame, _, _ = load_labels(config)
+    frame, _, _ = load_labels(config.data, config.task)
     frame, _ = remove_leakage(frame)
     test_patients = set(frame.loc[frame["split"] == "test", "patient"])
     assert test_patients and not test_patients & set(frame.loc[frame["split"] != "test", "patient"])
@@ -243,3 +270,30 @@ def test_training_and_report_derive_the_same_subgroups():
     assert train["sg_source"].tolist() == ["kermany", "nih", "unknown"]
     assert train["sg_age"].tolist()[1:] == [70.0, 9.0] and train["sg_age"].isna().tolist()[0]
     assert "sg_source" not in report.columns and "age_band" not in train.columns
+
+
+def test_report_cli_bad_default_age_band_is_one_line_and_exit_3(tmp_path):
+    from click.testing import CliRunner
+
+    from pneumobatch.cli import main
+
+    preds = pd.DataFrame(
+        {
+            "path": ["a.png", "b.png"],
+            "status": "ok",
+            "reason": "",
+            "model": "m",
+            "task": "pneumonia",
+            "pred_label": ["normal", "pneumonia"],
+            "prob_normal": [0.8, 0.2],
+            "prob_pneumonia": [0.2, 0.8],
+            "threshold": "0.5",
+        }
+    )
+    preds.to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame({"path": ["a.png", "b.png"], "label": ["normal", "pneumonia"]}).to_csv(tmp_path / "l.csv", index=False)
+    args = ["report", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "l.csv"), "--by", "age_band"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r.pdf"), "--default-age-band", "kermany"])
+    assert result.exit_code == 3, result.output
+    assert result.output == "Error: --default-age-band wants PATTERN=child or PATTERN=adult, not 'kermany'\n"
+    assert not (tmp_path / "r.pdf").exists()

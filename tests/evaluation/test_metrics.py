@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from pneumobatch.core.errors import OptionError
 from pneumobatch.evaluation.metrics import (
     BootstrapAUC,
     bootstrap_draws,
@@ -339,7 +340,7 @@ def test_each_age_band_can_aim_at_its_own_sensitivity():
         sensitivity = (scores[m & y] >= points[band]["recall_target"]).mean()
         assert target <= sensitivity < target + 0.03  # the highest threshold that reaches the band's own target
     assert points["adult"]["recall_target"] > band_thresholds(y, scores, bands, 0.95)["adult"]["recall_target"]
-    with pytest.raises(ValueError, match="child=R or adult=R"):
+    with pytest.raises(OptionError, match="child=R or adult=R"):
         parse_band_targets(["elderly=0.9"])
-    with pytest.raises(ValueError, match="between 0.5 and 1"):
+    with pytest.raises(OptionError, match="between 0.5 and 1"):
         parse_band_targets(["adult=1.5"])

@@ -16,7 +16,9 @@ from pneumobatch.core.errors import TrainingError
 from pneumobatch.evaluation.metrics.calibration import fit_temperature
 from pneumobatch.model.registry import load_model
 from pneumobatch.training.config import TrainConfig
-from pneumobatch.training.train import assign_splits, load_labels, select_threshold, train
+from pneumobatch.training.data import assign_splits, load_labels
+from pneumobatch.training.evaluate import select_threshold
+from pneumobatch.training.loop import train
 from tests.helpers import make_dataset
 
 
@@ -138,7 +140,7 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
 def test_split_is_stratified_and_patient_disjoint(tmp_path: Path):
     manifest = make_dataset(tmp_path / "data", n_per_class=40, with_split=False)
     config = small_config(manifest, tmp_path / "w")
-    frame, task, dropped = load_labels(config)
+    frame, task, dropped = load_labels(config.data, config.task)
     frame = assign_splits(frame, config)
     patients = frame.groupby("patient")["split"].nunique()
     assert (patients == 1).all()
@@ -180,7 +182,7 @@ def test_temperature_scaling_softens_overconfident_logits():
 def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "w"
-    import pneumobatch.training.train as train_module
+    import pneumobatch.training.loop as train_module  # where train looks predict_logits up
 
     calls = {"n": 0}
     original = train_module.predict_logits
@@ -201,6 +203,36 @@ def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     assert any("resuming" in m and "epoch 3" in m for m in messages)
     epochs = [h["epoch"] for h in card.training["history"]]
     assert epochs == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        (
+            "--default-age-band",
+            "kermany=teen",
+            "--default-age-band wants PATTERN=child or PATTERN=adult, not 'kermany=teen'",
+        ),
+        (
+            "--band-target-recall",
+            "adult=1.5",
+            "--band-target-recall wants child=R or adult=R with R between 0.5 and 1, not 'adult=1.5'",
+        ),
+        (
+            "--band-target-recall",
+            "elderly=0.9",
+            "--band-target-recall wants child=R or adult=R with R between 0.5 and 1, not 'elderly=0.9'",
+        ),
+    ],
+    ids=["age-band-default", "band-recall-range", "band-recall-band"],
+)
+def test_train_cli_bad_age_band_option_is_one_line_and_exit_3(tmp_path: Path, option: str, value: str, message: str):
+    manifest = make_dataset(tmp_path / "data")
+    out = tmp_path / "w"
+    result = CliRunner().invoke(main, ["train", str(manifest), "-o", str(out), "--init", "random", option, value])
+    assert result.exit_code == 3, result.output
+    assert result.output == f"Error: {message}\n"
+    assert not (out / "pneumonia.safetensors").exists()
 
 
 def test_train_cli_refuses_to_overwrite(tmp_path: Path):

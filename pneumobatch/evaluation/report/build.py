@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pneumobatch.core.card import ModelCard
-from pneumobatch.core.errors import LabelError, ReportError
+from pneumobatch.core.errors import EXIT_FATAL, LabelError, ReportError
 from pneumobatch.core.site import load_site
 from pneumobatch.core.subgroups import REPORT_COLUMNS, add_subgroup_columns, parse_band_defaults
 from pneumobatch.evaluation.labels import (
@@ -105,10 +105,7 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
     if set(by) & DERIVED_SUBGROUPS:
         # age_band / view_group / sex_group: from age, view and sex columns (and the
         # age-band defaults per source), on whichever side has them
-        try:
-            defaults = parse_band_defaults(o.default_age_band)
-        except ValueError as exc:
-            raise LabelError(str(exc)) from None
+        defaults = parse_band_defaults(o.default_age_band, exit_code=EXIT_FATAL)  # exit 3, as it always was
         if labels is not None:
             labels = add_subgroup_columns(labels, defaults)
         if labels is None or not set(by) & DERIVED_SUBGROUPS <= set(labels.columns):

@@ -1,0 +1,335 @@
+"""The training loop: ``train(config, progress)``, labelled images in, a model card and weights out.
+
+Reads the splits (:mod:`~pneumobatch.training.data`), then two-stage fine-tuning (head,
+then the whole network) with batched augmentation (:mod:`~pneumobatch.training.augment`),
+class imbalance handling and early stopping on the validation selection score
+(:mod:`~pneumobatch.training.evaluate`), checkpointing every epoch for ``--resume``; then
+temperature and operating points on validation
+(:mod:`~pneumobatch.training.operating_points`), ``NAME.safetensors`` + ``NAME.json``,
+applicability statistics and the curves figure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumobatch import __version__
+from pneumobatch.core.card import ModelCard
+from pneumobatch.core.errors import TrainingError
+from pneumobatch.io.atomicfile import atomic_write
+from pneumobatch.model.device import autocast, resolve_device, resolve_precision
+from pneumobatch.model.preprocess import normalize
+from pneumobatch.model.registry import ARCHITECTURES, LoadedModel, create_model, save_model
+from pneumobatch.training.applicability import fit_training_applicability
+from pneumobatch.training.augment import AUGMENTATION, augment
+from pneumobatch.training.config import BALANCE_CHOICES, TrainConfig
+from pneumobatch.training.data import SPLITS, Dataset, decode_splits, labelled_splits
+from pneumobatch.training.evaluate import MIN_PER_CLASS, auc_of, predict_logits, scored_subsets, selection_score
+from pneumobatch.training.operating_points import band_targets, choose_operating_points
+from pneumobatch.training.plots import plot_curves
+
+
+@dataclass
+class History:
+    """Per-epoch records (stage, losses, AUCs, seconds), kept in the checkpoint and the card."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    counts = torch.bincount(targets, minlength=n_classes).float().clamp(min=1)
+    return counts.sum() / (n_classes * counts)
+
+
+def _epoch_order(
+    targets: torch.Tensor, balance: str, generator: torch.Generator, sample_weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Indices for one epoch: a permutation, a class-balanced or a source-and-class-balanced resample."""
+    n = len(targets)
+    if balance == "source" and sample_weights is not None:
+        return torch.multinomial(sample_weights, n, replacement=True, generator=generator)
+    if balance not in ("oversample", "undersample"):
+        return torch.randperm(n, generator=generator)
+    counts = torch.bincount(targets)
+    per_class = int(counts.max()) if balance == "oversample" else int(counts[counts > 0].min())
+    chunks = []
+    for c in torch.nonzero(counts).flatten().tolist():
+        members = torch.nonzero(targets == c).flatten()
+        draw = (
+            torch.randint(len(members), (per_class,), generator=generator)
+            if balance == "oversample"
+            else torch.randperm(len(members), generator=generator)[:per_class]
+        )
+        chunks.append(members[draw])
+    order = torch.cat(chunks)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def _sample_weights(frame: pd.DataFrame, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-image sampling weights balancing classes, and sources within each class.
+
+    Every class gets the same share of an epoch. Within a class, a source's share is
+    proportional to the square root of its image count: a large source cannot
+    dominate a class (so "looks like source X" explains less of the label), and a
+    tiny source is not repeated dozens of times per epoch.
+    """
+    y = targets.numpy()
+    groups = frame["sg_source"].to_numpy()
+    weights = np.zeros(len(y), dtype=np.float64)
+    present = [c for c in range(n_classes) if (y == c).any()]
+    for c in present:
+        in_class = y == c
+        names, counts = np.unique(groups[in_class], return_counts=True)
+        shares = np.sqrt(counts) / np.sqrt(counts).sum()
+        for name, count, share in zip(names, counts, shares):
+            weights[in_class & (groups == name)] = share / count / len(present)
+    return torch.from_numpy(weights)
+
+
+def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
+    """Run a full training and write the model; returns its card."""
+    if config.architecture not in ARCHITECTURES:
+        raise TrainingError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    if config.balance not in BALANCE_CHOICES:
+        raise TrainingError(f"--balance must be one of {', '.join(BALANCE_CHOICES)}, not {config.balance!r}")
+    band_targets(config)  # fail before hours of training, not after
+    started = time.time()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    device = resolve_device(config.device)
+    amp_dtype = resolve_precision("auto", device)  # mixed precision on CUDA, fp32 on the CPU
+
+    frame, task, dropped, leakage, split_source = labelled_splits(config)
+    if sum(leakage.values()):
+        progress(f"left out to keep splits disjoint: {leakage}")
+    if config.max_images:
+        frame = frame.groupby("split").head(config.max_images)
+
+    def not_empty(split: str, rows: pd.DataFrame) -> None:
+        if rows.empty and split != "test":
+            raise TrainingError(f"the {split} split is empty")
+
+    splits, unreadable = decode_splits(frame, task, config.input_size, config.workers, SPLITS, progress, not_empty)
+    train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
+
+    arch = ARCHITECTURES[config.architecture]
+    pretrained = config.init == "imagenet"
+    net = create_model(config.architecture, len(task.classes), pretrained=pretrained, input_size=config.input_size)
+    if config.init not in ("imagenet", "random"):
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(config.init), strict=True)
+    net = net.to(device).to(memory_format=torch.channels_last)
+    mean, std = arch.mean, arch.std
+
+    weights = _class_weights(train_set.targets, len(task.classes)) if config.balance == "weights" else None
+    sample_weights = (
+        _sample_weights(train_set.frame, train_set.targets, len(task.classes)) if config.balance == "source" else None
+    )
+    val_subsets = scored_subsets(val_set.frame, val_set.targets.numpy(), len(task.classes))
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    generator = torch.Generator().manual_seed(config.seed)
+    head_params = list(arch.head(net).parameters())
+    head_ids = {id(p) for p in head_params}
+    stages = ([("head", config.head_epochs)] if pretrained and config.head_epochs > 0 else []) + [
+        ("full", config.epochs)
+    ]
+
+    ckpt_path = config.out_dir / f"{config.name}.checkpoint.pt"
+    history = History()
+    best = {"auc": -1.0, "state": None, "epoch": -1}
+    start_stage, start_epoch, state = 0, 0, None
+    if config.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        history.epochs = list(state["history"])
+        best = {"auc": state["best_auc"], "state": state["best_state"], "epoch": state["best_epoch"]}
+        start_stage, start_epoch = state["stage"], state["epoch"] + 1
+        generator.set_state(state["generator"])
+        progress(f"resuming from {ckpt_path} at stage {stages[start_stage][0]}, epoch {start_epoch + 1}")
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+
+    for stage_index, (stage, n_epochs) in enumerate(stages):
+        if stage_index < start_stage:
+            continue
+        for p in net.parameters():
+            p.requires_grad = stage == "full" or id(p) in head_ids
+        params = [p for p in net.parameters() if p.requires_grad]
+        lr = config.head_lr if stage == "head" else config.lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        steps_per_epoch = max(
+            1,
+            math.ceil(
+                len(_epoch_order(train_set.targets, config.balance, torch.Generator().manual_seed(0), sample_weights))
+                / config.batch_size
+            ),
+        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.15
+        )
+        first_epoch = start_epoch if stage_index == start_stage else 0
+        if state is not None and stage_index == start_stage and first_epoch > 0:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        stale = 0
+        for epoch in range(first_epoch, n_epochs):
+            net.train()
+            order = _epoch_order(train_set.targets, config.balance, generator, sample_weights)
+            total, seen, correct = 0.0, 0, 0
+            t0 = time.time()
+            for start in range(0, len(order), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                if len(idx) < 2:
+                    continue  # BatchNorm needs two samples
+                x = train_set.images[idx].to(device).float() / 255.0
+                x = augment(x, generator, config.hflip)
+                x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+                y = train_set.targets[idx].to(device)
+                with autocast(device, amp_dtype):
+                    logits = net(x)
+                loss = criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+                correct += int((logits.argmax(1) == y).sum())
+            val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
+            val_loss = float(F.cross_entropy(val_logits, val_set.targets, weight=weights))
+            val_auc = auc_of(val_logits, val_set.targets, task)
+            score, parts = selection_score(torch.softmax(val_logits, 1).numpy(), val_set.targets.numpy(), val_subsets)
+            record = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "train_loss": total / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss,
+                "val_auc": val_auc,
+                "val_selection": score,
+                "val_auc_within": parts,
+                "seconds": time.time() - t0,
+            }
+            history.epochs.append(record)
+            within = ", ".join(f"{k} {v:.3f}" for k, v in parts.items() if k != "all")
+            progress(
+                f"{stage} epoch {epoch + 1}/{n_epochs}: loss {record['train_loss']:.3f}, val loss {val_loss:.3f}, "
+                f"val AUC {val_auc:.4f}, selection {score:.4f} ({within}) ({record['seconds']:.0f}s)"
+            )
+            if score > best["auc"]:
+                best = {
+                    "auc": score,
+                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                    "epoch": len(history.epochs),
+                }
+                stale = 0
+            else:
+                stale += 1
+            checkpoint = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "stage": stage_index,
+                "epoch": epoch,
+                "history": history.epochs,
+                "best_auc": best["auc"],
+                "best_state": best["state"],
+                "best_epoch": best["epoch"],
+                "generator": generator.get_state(),
+            }
+            # the one atomic writer: a kill mid-save keeps the last checkpoint, a planted link is replaced, not followed
+            atomic_write(ckpt_path, lambda tmp, checkpoint=checkpoint: torch.save(checkpoint, tmp))
+            if stage == "full" and stale >= config.patience:
+                progress(f"early stop: validation AUC has not improved for {config.patience} epochs")
+                break
+        state = None
+
+    net.load_state_dict(best["state"])
+    card = ModelCard(
+        name=config.name,
+        task=task.name,
+        classes=list(task.classes),
+        architecture=config.architecture,
+        input_size=config.input_size,
+        mean=list(mean),
+        std=list(std),
+        positive=task.positive,
+        data=_data_summary(config, splits, dropped, unreadable, split_source, leakage),
+        training={
+            "init": config.init,
+            "balance": config.balance,
+            "class_weights": weights.tolist() if weights is not None else None,
+            "model_selection": "mean of pooled and within-source / within-age-band validation AUCs (groups with >= "
+            f"{MIN_PER_CLASS} images of two classes or more)",
+            "augmentation": AUGMENTATION + (", horizontal flip" if config.hflip else ""),
+            "stages": [{"stage": s, "epochs": n} for s, n in stages],
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "head_lr": config.head_lr,
+            "weight_decay": config.weight_decay,
+            "optimizer": "AdamW + one-cycle",
+            "early_stopping": f"validation AUC, patience {config.patience}",
+            "best_epoch": best["epoch"],
+            "seed": config.seed,
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "seconds": round(time.time() - started, 1),
+            "history": history.epochs,
+        },
+        pneumobatch_version=__version__,
+    )
+    choose_operating_points(card, net, val_set, test_set, config, task, device)
+    card.training["seconds"] = round(time.time() - started, 1)
+    weights_path = save_model(net.cpu(), card, config.out_dir)
+    fit_training_applicability(LoadedModel(card, net.eval(), weights_path), splits["train"], val_set, progress)
+    plot_curves(history.epochs, config.out_dir / f"{config.name}.curves.png", config.name)
+    if ckpt_path.exists():
+        os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it
+    return card
+
+
+def _data_summary(
+    config: TrainConfig,
+    splits: dict[str, Dataset],
+    dropped: dict[str, int],
+    unreadable: int,
+    split_source: str,
+    leakage: dict[str, int],
+) -> dict[str, Any]:
+    train_ages = [a for a in splits["train"].frame["sg_age"] if a is not None and a == a]
+    summary: dict[str, Any] = {
+        "source": str(config.data),
+        "label_column": config.label_column,
+        "counts": {
+            s: {str(k): int(v) for k, v in d.frame["cls"].value_counts().sort_index().items()}
+            for s, d in splits.items()
+        },
+        "counts_by_age_band": {
+            s: {f"{b} / {c}": int(n) for (b, c), n in d.frame.groupby(["sg_age_band", "cls"]).size().items()}
+            for s, d in splits.items()
+        },
+        "age_band_defaults": list(config.default_age_band),
+        "age_range_years": [round(min(train_ages), 1), round(max(train_ages), 1)] if train_ages else None,
+        "dropped_unmapped_labels": dropped,
+        "unreadable_images": unreadable,
+        "left_out_for_disjoint_splits": leakage,
+        "split": split_source,
+    }
+    if config.group_column and config.group_column in splits["train"].frame.columns:
+        summary["counts_by_" + config.group_column] = {
+            s: {f"{g} / {c}": int(n) for (g, c), n in d.frame.groupby([config.group_column, "cls"]).size().items()}
+            for s, d in splits.items()
+        }
+    return summary
