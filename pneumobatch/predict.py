@@ -228,3 +228,16 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     return PredictRun(
         paths.predictions, paths.studies, paths.run, counts, len(todo), seconds, rate, engine.device, info
     )
+
+
+def summary_line(run: PredictRun, output: Path) -> str:
+    """The line ``pneumobatch predict`` prints after a run: files by status and reason, speed, what it wrote."""
+    counts = run.counts
+    reasons = {r: n for by_status in counts["by_reason"].values() for r, n in by_status.items()}
+    reason_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    return (
+        f"{counts['files']} files: {counts['ok']} ok, {counts['skipped']} skipped, "
+        f"{counts['error']} errors{f' ({reason_text})' if reason_text else ''}; "
+        f"{run.files_processed} read this run at {run.images_per_second:.1f} images/s on {run.device}; "
+        f"wrote {output} and {run.studies.name}"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -209,3 +210,152 @@ def test_a_bug_is_one_line_and_exit_4_not_the_file_errors_code(
     one_line_error(result, EXIT_INTERNAL, "internal error (KeyError", "PNEUMOBATCH_TRACEBACK=1")
     monkeypatch.setenv("PNEUMOBATCH_TRACEBACK", "1")  # for a bug report: the exception itself
     assert isinstance(CliRunner().invoke(main, args).exception, KeyError)
+
+
+# ------------------------------------------------------- options parsed by Click
+
+
+def usage_error(result, code: int, option: str, *needles: str) -> None:
+    """A Click error for a bad option value: exit ``code``, the message naming the option, no traceback."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: Invalid value for '{option}': "), result.stderr
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_a_malformed_limit_is_a_usage_error_naming_the_option(tmp_path: Path):
+    run_json = tmp_path / "r.run.json"
+    run_json.write_text("{}")
+    for bad in ("bogus=1", "psi", "psi=high"):
+        result = CliRunner().invoke(main, ["monitor", str(run_json), "--limit", bad])
+        usage_error(result, EXIT_USAGE, "--limit", "NAME=NUMBER", "psi, ks_d", repr(bad))
+
+
+def test_limits_reach_the_monitor_config_as_numbers(monkeypatch, tmp_path: Path):
+    import pneumobatch.operations.monitor.analysis as analysis
+
+    seen = {}
+
+    def fake(config):
+        seen["config"] = config
+        raise analysis.ReportError("stop here")
+
+    monkeypatch.setattr(analysis, "run_monitor", fake)
+    run_json = tmp_path / "r.run.json"
+    run_json.write_text("{}")
+    args = ["monitor", str(run_json), "--limit", "psi=0.1", "--limit", "min-images=50", "--limit", "psi=0.3"]
+    one_line_error(CliRunner().invoke(main, args), EXIT_FATAL, "stop here")
+    assert seen["config"].limits == analysis.parse_limits(["psi=0.1", "min-images=50", "psi=0.3"])
+    assert seen["config"].limits == {"psi": 0.3, "min_images": 50.0}
+
+
+def test_malformed_band_options_fail_before_any_work_with_the_exit_code_they_had(images: Path, tmp_path: Path):
+    """--band-target-recall and --default-age-band were TrainingError/LabelError (exit 3) once the
+    data were read; now Click names the option at once, with the same exit code."""
+    out = str(tmp_path / "w")
+    cases = [
+        (["train", str(images), "-o", out, "--band-target-recall", "adult=2"], "--band-target-recall", "'adult=2'"),
+        (["train", str(images), "-o", out, "--default-age-band", "x=teen"], "--default-age-band", "'x=teen'"),
+        (["retune", "tiny", str(images), "--band-target-recall", "elderly=0.9"], "--band-target-recall", "child=R"),
+        (["retune", "tiny", str(images), "--default-age-band", "kermany"], "--default-age-band", "PATTERN=child"),
+    ]
+    for args, option, needle in cases:
+        usage_error(CliRunner().invoke(main, args), EXIT_FATAL, option, needle)
+    assert not (tmp_path / "w").exists()
+
+
+def test_well_formed_band_options_reach_the_train_config_as_given():
+    ctx = main.commands["train"].make_context(
+        "train", [".", "--band-target-recall", "Adult=0.90", "--default-age-band", "kermany*=child"]
+    )
+    assert ctx.params["band_target_recall"] == ("Adult=0.90",)
+    assert ctx.params["default_age_band"] == ("kermany*=child",)
+
+
+def test_report_default_age_band_is_checked_by_click(tmp_path: Path):
+    predictions = tmp_path / "p.csv"
+    predictions.write_text("path\n")
+    args = ["report", str(predictions), "-o", str(tmp_path / "r.pdf"), "--default-age-band", "x=teen"]
+    usage_error(CliRunner().invoke(main, args), EXIT_FATAL, "--default-age-band", "'x=teen'")
+
+
+# ------------------------------------------------------- defaults from the library
+
+
+def test_every_default_is_the_librarys():
+    """Each command's option defaults are its config's (or library function's) defaults, defined once."""
+    import dataclasses
+    import inspect
+
+    from pneumobatch.evaluation.report.options import ReportOptions
+    from pneumobatch.operations.calibrate import CalibrateConfig
+    from pneumobatch.operations.monitor.analysis import MonitorConfig
+    from pneumobatch.operations.pacs.pull import PullConfig
+    from pneumobatch.operations.pacs.push import PushConfig
+    from pneumobatch.predict_config import PredictConfig
+    from pneumobatch.training.applicability import fit_from_manifest
+    from pneumobatch.training.config import TrainConfig
+
+    def field_defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    renamed = {"calibrate": {"labels_csv": "labels", "bootstrap": "n_bootstrap"}, "monitor": {"labels_csv": "labels"}}
+    expected = {
+        "predict": field_defaults(PredictConfig),
+        "train": field_defaults(TrainConfig),
+        "retune": field_defaults(TrainConfig),
+        "report": field_defaults(ReportOptions),
+        "calibrate": field_defaults(CalibrateConfig),
+        "monitor": field_defaults(MonitorConfig),
+        "pull": field_defaults(PullConfig),
+        "push": field_defaults(PushConfig),
+        "fit-applicability": {
+            n: p.default for n, p in inspect.signature(fit_from_manifest).parameters.items() if p.default is not p.empty
+        },
+    }
+    checked = 0
+    for command, defaults in expected.items():
+        ctx = main.commands[command].make_context(command, ["--help"], resilient_parsing=True)
+        for param in main.commands[command].params:
+            if not isinstance(param, click.Option) or param.is_flag or param.multiple or param.count:
+                continue
+            field = renamed.get(command, {}).get(param.name, param.name)
+            if defaults.get(field) is not None:
+                assert param.get_default(ctx) == defaults[field], (command, param.name)
+                checked += 1
+    assert checked >= 40
+
+
+def test_cli_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "sklearn", "matplotlib", "reportlab")
+    code = f"import sys, pneumobatch.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------- checks in the library
+
+
+def test_train_preflight_is_a_library_call(tmp_path: Path):
+    from pneumobatch.core.errors import OutputExists
+    from pneumobatch.training.config import TrainConfig
+    from pneumobatch.training.preflight import check_train_inputs
+
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "m.safetensors").write_bytes(b"")
+    config = TrainConfig(data=tmp_path, out_dir=out, name="m", device="cpu")
+    with pytest.raises(OutputExists, match="m.safetensors exists; pass --overwrite"):
+        check_train_inputs(config)
+    check_train_inputs(config, overwrite=True)
+    check_train_inputs(TrainConfig(data=tmp_path, out_dir=out, name="m", device="cpu", resume=True))
+
+
+def test_the_cli_refuses_an_unknown_backend_itself():
+    result = CliRunner().invoke(main, ["predict", ".", "--backend", "tensorrt"])
+    assert result.exit_code == EXIT_USAGE and "'tensorrt' is not one of" in result.output

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from pneumobatch.core.errors import DeviceError
+from pneumobatch.core.errors import DeviceError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
 
     ``auto``: fp16/bf16 on CUDA; fp32 on the CPU, because bf16 is only faster on CPUs
     with native bf16 instructions (AVX512-BF16, AMX) and changes probabilities slightly.
+    Anything not in :data:`PRECISIONS` is an :class:`~pneumobatch.core.errors.OptionError`.
     """
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision {precision}: not a precision (use {', '.join(PRECISIONS)})")
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -99,9 +102,10 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def resolve_backend(backend: str, device: torch.device, precision: Optional[torch.dtype]) -> str:
-    """``torch`` or ``onnxruntime`` for this device and precision."""
+    """``torch`` or ``onnxruntime`` for this device and precision; anything not in :data:`BACKENDS`
+    is an :class:`~pneumobatch.core.errors.OptionError`."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
+        raise OptionError(f"--backend {backend}: not a backend (use {', '.join(BACKENDS)})")
     if backend == "onnxruntime" and (device.type != "cpu" or precision is not None):
         raise DeviceError(
             "--backend onnxruntime runs fp32 on the CPU only: use --device cpu and --precision fp32 or auto"

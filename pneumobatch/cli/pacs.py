@@ -1,0 +1,197 @@
+"""``pneumobatch pull`` and ``push``: the archive options they share, and their failures,
+summary and exit code; the transfers are :mod:`pneumobatch.operations.pacs`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pneumobatch.cli.common import LibraryDefault, setup_logging
+from pneumobatch.core.errors import EXIT_OK
+
+
+def _archive_options(config: str):
+    """The options naming an archive, shared by pull and push (credentials are never options);
+    ``config`` (``module:Class``) gives the defaults."""
+    options = [
+        click.option("--url", help="DICOMweb base URL, e.g. https://pacs.example.org/dicom-web."),
+        click.option(
+            "--dimse", metavar="HOST:PORT", help="DIMSE archive address (C-FIND, C-GET, C-STORE) instead of --url."
+        ),
+        click.option("--calling-ae", help="Our AE title for DIMSE. [default: PNEUMOBATCH]"),
+        click.option("--called-ae", help="The archive's AE title for DIMSE. [default: ANY-SCP]"),
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="PACS config file (mode 0600) with url/dimse, AE titles and credentials. [default: $PNEUMOBATCH_PACS_CONFIG]",
+        ),
+        click.option(
+            "--ca-bundle",
+            type=click.Path(exists=True, dir_okay=False),
+            help="CA certificates to verify the archive's TLS certificate with (verification is on unless the config file says tls_verify = false).",
+        ),
+        click.option(
+            "--ledger",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Ledger of what was fetched and delivered (SQLite). Share one between pull and push in a nightly job.",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(0, 10),
+            cls=LibraryDefault,
+            library_default=f"{config}.retries",
+            show_default=True,
+            help="Retries of a study that failed, with a growing wait.",
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No summary (for cron); failures still go to stderr."),
+        click.option("-v", "--verbose", count=True),
+    ]
+
+    def add(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return add
+
+
+def _connection(url, dimse, calling_ae, called_ae, config, ca_bundle):
+    from pneumobatch.operations.pacs.connection import connect_options
+
+    return connect_options(
+        url=url, dimse=dimse, calling_ae=calling_ae, called_ae=called_ae, config=config, ca_bundle=ca_bundle
+    )
+
+
+def _finish(result, quiet: bool) -> None:
+    """A pull or push result: failures on stderr (always), its summary unless --quiet, its exit code."""
+    for failure in result.failures:
+        click.echo(f"failed: {failure}", err=True)
+    if not quiet:
+        click.echo(result.summary())
+    if result.exit_code != EXIT_OK:
+        sys.exit(result.exit_code)
+
+
+@click.command("pull", short_help="Fetch new chest radiograph studies from a PACS into a folder.")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--date", "on", metavar="YYYYMMDD", help="Studies of this one day (also: today, yesterday, Nd).")
+@click.option(
+    "--since",
+    metavar="YYYYMMDD",
+    help="Studies from this day on (also: today, yesterday, Nd for N days ago). [default: yesterday]",
+)
+@click.option("--until", metavar="YYYYMMDD", help="Studies up to this day. [default: today]")
+@click.option(
+    "--modality", "modalities", multiple=True, help="ModalitiesInStudy to search for; repeatable. [default: CR, DX, DR]"
+)
+@click.option(
+    "--body-part",
+    "body_parts",
+    multiple=True,
+    help="Fetch only series whose BodyPartExamined is this (or empty); repeatable.",
+)
+@_archive_options("pneumobatch.operations.pacs.pull:PullConfig")
+def pull_command(
+    output: Path,
+    on,
+    since,
+    until,
+    modalities,
+    body_parts,
+    url,
+    dimse,
+    calling_ae,
+    called_ae,
+    config,
+    ca_bundle,
+    ledger,
+    retries,
+    quiet,
+    verbose,
+) -> None:
+    """Fetch the studies of a date window from a PACS into OUTPUT, for predict.
+
+    \b
+    Files land in OUTPUT/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm.
+    A ledger (default OUTPUT.ledger.sqlite, beside the folder) records every instance
+    fetched: the next run fetches only what is new, and a killed run resumes without
+    fetching anything twice. Credentials come from PNEUMOBATCH_PACS_USERNAME /
+    PNEUMOBATCH_PACS_PASSWORD or PNEUMOBATCH_PACS_TOKEN, or a 0600 --config file.
+
+    \b
+    Exit codes: 0 everything fetched; 1 some studies failed after retries (listed on
+    stderr); 2 usage error; 3 the archive cannot be searched (unreachable, refused).
+    """
+    from pneumobatch.operations.pacs.pull import MODALITIES, PullConfig, date_window, run_pull
+
+    setup_logging(verbose, quiet)
+    conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
+    pull_config = PullConfig(
+        connection=conn,
+        output=output,
+        study_date=date_window(on, since, until),
+        modalities=tuple(m.upper() for m in modalities) or MODALITIES,
+        body_parts=body_parts,
+        ledger=ledger,
+        retries=retries,
+    )
+    result = run_pull(pull_config)
+    _finish(result, quiet)
+
+
+@click.command("push", short_help="Send one DICOM SR per study and model back to a PACS.")
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The folder predict read (headers are copied from its files; otherwise fetched from the archive).",
+)
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    help="Push only this model's results; repeatable. [default: every model in the CSV]",
+)
+@_archive_options("pneumobatch.operations.pacs.push:PushConfig")
+def push_command(
+    predictions: Path,
+    source,
+    models,
+    url,
+    dimse,
+    calling_ae,
+    called_ae,
+    config,
+    ca_bundle,
+    ledger,
+    retries,
+    quiet,
+    verbose,
+) -> None:
+    """Send PREDICTIONS back to a PACS: one DICOM SR per study and model.
+
+    \b
+    TID 1500 Comprehensive SR in the source study (new series): per image and finding,
+    Present/Absent at the operating point used, the probability and threshold, the
+    model, its version and weights SHA-256, the image's SOP Instance UID; marked NOT
+    FOR DIAGNOSTIC USE. UIDs are deterministic: pushing again never duplicates an SR.
+    Each SR is searched for after sending and only then recorded in the ledger
+    (default PREDICTIONS.ledger.sqlite).
+
+    \b
+    Exit codes: 0 every SR delivered; 1 some failed after retries (listed on stderr);
+    2 usage error; 3 predictions unreadable or archive unusable.
+    """
+    from pneumobatch.operations.pacs.push import PushConfig, run_push
+
+    setup_logging(verbose, quiet)
+    conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
+    push_config = PushConfig(
+        predictions=predictions, connection=conn, source=source, ledger=ledger, models=models, retries=retries
+    )
+    result = run_push(push_config)
+    _finish(result, quiet)
