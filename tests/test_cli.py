@@ -234,7 +234,7 @@ def test_a_malformed_limit_is_a_usage_error_naming_the_option(tmp_path: Path):
 
 
 def test_limits_reach_the_monitor_config_as_numbers(monkeypatch, tmp_path: Path):
-    import pneumobatch.operations.monitor.analysis as analysis
+    import pneumobatch.operations.monitor.run as analysis
 
     seen = {}
 
@@ -291,7 +291,7 @@ def test_every_default_is_the_librarys():
 
     from pneumobatch.evaluation.report.options import ReportOptions
     from pneumobatch.operations.calibrate import CalibrateConfig
-    from pneumobatch.operations.monitor.analysis import MonitorConfig
+    from pneumobatch.operations.monitor.run import MonitorConfig
     from pneumobatch.operations.pacs.pull import PullConfig
     from pneumobatch.operations.pacs.push import PushConfig
     from pneumobatch.predict_config import PredictConfig
@@ -301,7 +301,6 @@ def test_every_default_is_the_librarys():
     def field_defaults(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
-    renamed = {"calibrate": {"labels_csv": "labels", "bootstrap": "n_bootstrap"}, "monitor": {"labels_csv": "labels"}}
     expected = {
         "predict": field_defaults(PredictConfig),
         "train": field_defaults(TrainConfig),
@@ -321,7 +320,7 @@ def test_every_default_is_the_librarys():
         for param in main.commands[command].params:
             if not isinstance(param, click.Option) or param.is_flag or param.multiple or param.count:
                 continue
-            field = renamed.get(command, {}).get(param.name, param.name)
+            field = param.name  # one name for one thing: the option's Python name is the config field's
             if defaults.get(field) is not None:
                 assert param.get_default(ctx) == defaults[field], (command, param.name)
                 checked += 1

@@ -91,11 +91,12 @@ class BandTargetRecall(FormatParam):
     exit_code = EXIT_FATAL  # as when train/retune found it malformed (TrainingError)
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
+        from pneumobatch.core.errors import OptionError
         from pneumobatch.core.subgroups import parse_band_targets
 
         try:
             parse_band_targets([value])
-        except ValueError as exc:
+        except OptionError as exc:
             self.fail_with(exc, param, ctx)
         return str(value)
 
@@ -107,11 +108,12 @@ class DefaultAgeBand(FormatParam):
     exit_code = EXIT_FATAL  # as when train/retune (TrainingError) or report (LabelError) found it malformed
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
+        from pneumobatch.core.errors import OptionError
         from pneumobatch.core.subgroups import parse_band_defaults
 
         try:
             parse_band_defaults([value])
-        except ValueError as exc:
+        except OptionError as exc:
             self.fail_with(exc, param, ctx)
         return str(value)
 
@@ -125,7 +127,7 @@ class AlertLimit(FormatParam):
         if isinstance(value, tuple):
             return value
         from pneumobatch.core.errors import OptionError
-        from pneumobatch.operations.monitor.analysis import parse_limits
+        from pneumobatch.operations.monitor.run import parse_limits
 
         try:
             ((name, number),) = parse_limits([value]).items()

@@ -1,5 +1,5 @@
-"""``pneumobatch monitor``: options (defaults from :class:`~pneumobatch.operations.monitor.analysis.MonitorConfig`)
-and the alerts it prints; the analysis is :func:`pneumobatch.operations.monitor.analysis.run_monitor`."""
+"""``pneumobatch monitor``: options (defaults from :class:`~pneumobatch.operations.monitor.run.MonitorConfig`)
+and the alerts it prints; the analysis is :func:`pneumobatch.operations.monitor.run.run_monitor`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import click
 from pneumobatch.cli.common import AlertLimit, LibraryDefault, setup_logging
 from pneumobatch.evaluation.labels import KEY_COLUMNS
 
-_M = "pneumobatch.operations.monitor.analysis:MonitorConfig"  # option defaults are the library's, read when needed
+_M = "pneumobatch.operations.monitor.run:MonitorConfig"  # option defaults are the library's, read when needed
 
 
 @click.command("monitor", short_help="Drift and alerts across nightly runs: PDF, JSON, Prometheus textfile.")
@@ -43,7 +43,6 @@ _M = "pneumobatch.operations.monitor.analysis:MonitorConfig"  # option defaults 
 )
 @click.option(
     "--labels",
-    "labels_csv",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Labels of past nights (keyed by sop_instance_uid or study_instance_uid): adds rolling sensitivity, specificity and PPV.",
 )
@@ -70,7 +69,7 @@ _M = "pneumobatch.operations.monitor.analysis:MonitorConfig"  # option defaults 
 def monitor_command(
     run_jsons: tuple[Path, ...],
     limits: tuple[tuple[str, float], ...],
-    labels_csv: Optional[Path],
+    labels: Optional[Path],
     quiet: bool,
     **options,
 ) -> None:
@@ -82,10 +81,10 @@ def monitor_command(
     error rate per run. Alerts are printed, listed in the PDF and JSON, and counted in
     the Prometheus file.
     """
-    from pneumobatch.operations.monitor.analysis import MonitorConfig, run_monitor
+    from pneumobatch.operations.monitor.run import MonitorConfig, run_monitor
 
     setup_logging(0, quiet)
-    result = run_monitor(MonitorConfig(run_jsons=list(run_jsons), limits=dict(limits), labels=labels_csv, **options))
+    result = run_monitor(MonitorConfig(run_jsons=list(run_jsons), limits=dict(limits), labels=labels, **options))
     for note in result.document["notes"]:
         click.echo(f"note: {note}", err=True)
     if not quiet:

@@ -20,7 +20,6 @@ _C = "pneumobatch.operations.calibrate:CalibrateConfig"  # option defaults are t
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--labels",
-    "labels_csv",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The site's labels CSV (same format as for report).",
@@ -43,9 +42,10 @@ _C = "pneumobatch.operations.calibrate:CalibrateConfig"  # option defaults are t
 @click.option("--label-column", type=str, cls=LibraryDefault, library_default=f"{_C}.label_column", show_default=True)
 @click.option(
     "--target-sensitivity",
+    "target_recall",
     type=click.FloatRange(0.5, 1.0, max_open=True),
     cls=LibraryDefault,
-    library_default=f"{_C}.target_sensitivity",
+    library_default=f"{_C}.target_recall",
     show_default=True,
     help="Sensitivity the site threshold must reach on the sample.",
 )
@@ -60,6 +60,7 @@ _C = "pneumobatch.operations.calibrate:CalibrateConfig"  # option defaults are t
 )
 @click.option(
     "--bootstrap",
+    "n_bootstrap",
     type=click.IntRange(0),
     cls=LibraryDefault,
     library_default=f"{_C}.n_bootstrap",
@@ -71,14 +72,14 @@ _C = "pneumobatch.operations.calibrate:CalibrateConfig"  # option defaults are t
 @click.option("-q", "--quiet", is_flag=True)
 def calibrate_command(
     predictions: Path,
-    labels_csv: Path,
+    labels: Path,
     output: Path,
     model: Optional[str],
     key: Optional[str],
     label_column: str,
-    target_sensitivity: float,
+    target_recall: float,
     apply: str,
-    bootstrap: int,
+    n_bootstrap: int,
     seed: int,
     overwrite: bool,
     quiet: bool,
@@ -95,14 +96,14 @@ def calibrate_command(
     result = calibrate(
         CalibrateConfig(
             predictions=predictions,
-            labels=labels_csv,
+            labels=labels,
             output=output,
             model=model,
             key=key,
             label_column=label_column,
-            target_sensitivity=target_sensitivity,
+            target_recall=target_recall,
             apply=apply,
-            n_bootstrap=bootstrap,
+            n_bootstrap=n_bootstrap,
             seed=seed,
             overwrite=overwrite,
         )

@@ -224,8 +224,8 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     hierarchical finding such as Pneumonia/Viral/COVID-19), optional split and
     patient id. Folder tree: DATA/CLASS/* or DATA/{train,val,test}/CLASS/*.
     """
+    from pneumobatch.training.loop import train
     from pneumobatch.training.preflight import check_train_inputs
-    from pneumobatch.training.train import train
 
     setup_logging(verbose, False)
     name = name or options["task"]
@@ -293,7 +293,7 @@ def retune_command(model: str, data: Path, weights_dir: Optional[Path], **option
     stay as they are; the model card is rewritten (metrics, thresholds, and a
     training.retuned entry saying when and with which targets).
     """
-    from pneumobatch.training.train import retune
+    from pneumobatch.training.operating_points import retune
 
     setup_logging(0, False)
     config = TrainConfig(data=data, out_dir=weights_dir or Path("."), name=model, **options)

@@ -1,7 +1,7 @@
 """Checks a training run can start, made in seconds before any image is decoded.
 
 ``pneumobatch train`` runs them first; a library caller of
-:func:`pneumobatch.training.train.train` can too, and gets the same errors: an existing
+:func:`pneumobatch.training.loop.train` can too, and gets the same errors: an existing
 model without ``overwrite`` or ``resume``, a --device this machine lacks, missing --init
 weights, an output folder that cannot be written.
 """

@@ -226,12 +226,15 @@ def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch):
     ],
     ids=["age-band-default", "band-recall-range", "band-recall-band"],
 )
-def test_train_cli_bad_age_band_option_is_one_line_and_exit_3(tmp_path: Path, option: str, value: str, message: str):
+def test_train_cli_bad_age_band_option_is_a_usage_error_naming_the_option_exit_3(
+    tmp_path: Path, option: str, value: str, message: str
+):
     manifest = make_dataset(tmp_path / "data")
     out = tmp_path / "w"
     result = CliRunner().invoke(main, ["train", str(manifest), "-o", str(out), "--init", "random", option, value])
     assert result.exit_code == 3, result.output
-    assert result.output == f"Error: {message}\n"
+    assert result.output.splitlines()[-1] == f"Error: Invalid value for '{option}': {message.split(' ', 1)[1]}"
+    assert "Traceback" not in result.output
     assert not (out / "pneumonia.safetensors").exists()
 
 
