@@ -43,7 +43,9 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import LabelError, OutputExists, SiteError
 from pneumobatch.core.site import APPLY_CHOICES, SITE_FORMAT, SITE_SCHEMA_VERSION
 from pneumobatch.core.subgroups import UNKNOWN
-from pneumobatch.evaluation.labels import card_from_run, join_labels, read_labels
+from pneumobatch.evaluation.labels.cards import card_from_run
+from pneumobatch.evaluation.labels.join import join_labels
+from pneumobatch.evaluation.labels.reading import read_labels
 from pneumobatch.evaluation.metrics import MIN_PER_CLASS_PER_BAND as MIN_PER_CLASS
 from pneumobatch.evaluation.metrics import (
     band_thresholds,

@@ -527,7 +527,8 @@ def labelled_performance(
     ``window`` nights, for every model with a positive class, from each night's predictions CSV."""
     from scipy.stats import binomtest
 
-    from pneumobatch.evaluation.labels import card_from_run, check_label_column, join_labels
+    from pneumobatch.evaluation.labels.cards import card_from_run
+    from pneumobatch.evaluation.labels.join import check_label_column, join_labels
     from pneumobatch.io.predictions import load_predictions
 
     def proportion(k: int, n: int) -> dict[str, Any]:
@@ -704,7 +705,7 @@ class MonitorResult:
 
 def run_monitor(config: MonitorConfig) -> MonitorResult:
     """Analyse the runs and write ``OUT.pdf``, ``OUT.json`` and the Prometheus textfile (atomically)."""
-    from pneumobatch.evaluation.labels import read_labels
+    from pneumobatch.evaluation.labels.reading import read_labels
     from pneumobatch.io.atomicfile import atomic_write
     from pneumobatch.operations.monitor.pdf import render
 
