@@ -343,3 +343,57 @@ def test_each_age_band_can_aim_at_its_own_sensitivity():
         parse_band_targets(["elderly=0.9"])
     with pytest.raises(ValueError, match="between 0.5 and 1"):
         parse_band_targets(["adult=1.5"])
+
+
+def test_metrics_decide_by_the_card_rule_on_ties_and_age_bands():
+    """The metrics' predicted labels are ModelCard.decide's: p == threshold is positive, and
+    each age band's operating point (or the pooled one) gives the same labels in both."""
+    from sklearn.metrics import confusion_matrix
+
+    from pneumobatch.core.card import ModelCard
+
+    card = ModelCard(
+        name="pneu",
+        task="pneumonia",
+        classes=BINARY,
+        architecture="a",
+        input_size=32,
+        mean=[0.5],
+        std=[0.5],
+        positive="pneumonia",
+        threshold=0.5,
+        thresholds={
+            "recall_target": 0.5,
+            "by_age_band": {"child": {"recall_target": 0.3}, "adult": {"recall_target": 0.7}},
+        },
+    )
+    # every threshold exactly, just below and just above, twice (once per label)
+    edges = [t + d for t in (0.3, 0.5, 0.7) for d in (0.0, -1e-9, 1e-9)] + [0.05, 0.95]
+    p = np.array(edges * 2)
+    y = ["pneumonia"] * len(edges) + ["normal"] * len(edges)
+    proba = np.c_[1 - p, p]
+    for band in (None, "child", "adult", "elderly"):  # elderly: no point of its own, the pooled one
+        threshold, _ = card.threshold_for(band)
+        decided = [card.decide(row, age_band=band).label for row in proba]
+        assert decided == card.decide_many(proba, None if band is None else [band] * len(p)).tolist()
+        res = evaluate(y, proba, BINARY, positive="pneumonia", threshold=threshold, n_bootstrap=0)
+        assert res["confusion_matrix"]["counts"] == confusion_matrix(y, decided, labels=BINARY).tolist()
+        shipped = res["operating_points"][0]
+        y_pos = np.array(y) == "pneumonia"
+        is_pos = np.array(decided) == "pneumonia"
+        assert (shipped["tp"], shipped["fp"], shipped["tn"], shipped["fn"]) == (
+            int((is_pos & y_pos).sum()),
+            int((is_pos & ~y_pos).sum()),
+            int((~is_pos & ~y_pos).sum()),
+            int((~is_pos & y_pos).sum()),
+        )
+        assert operating_point(y_pos, p, threshold, "x")["tp"] == shipped["tp"]
+    # ties in the bootstrap: positives exactly at the threshold are detected in every resample
+    t = card.threshold_for("child")[0]
+    p = np.array([t] * 6 + [t - 0.1] * 6)
+    res = evaluate(
+        ["pneumonia"] * 6 + ["normal"] * 6, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=t, n_bootstrap=50
+    )
+    shipped = res["operating_points"][0]
+    assert shipped["sensitivity"] == 1.0 and shipped["sensitivity_ci"] == [1.0, 1.0]
+    assert shipped["specificity_ci"] == [1.0, 1.0]
