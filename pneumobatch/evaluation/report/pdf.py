@@ -1,6 +1,7 @@
 """The report's PDF (reportlab platypus), laid out from the document model (:mod:`.build`).
 
-Headings are kept on the page of what follows them; figures come from the PNG files
+Headings (and intro lines) are kept on the page of what follows them by reportlab's
+``keepWithNext``; figures come from the PNG files
 :mod:`.figures` wrote; every page carries the research-use-only footer.
 """
 
@@ -24,9 +25,9 @@ def _styles():
     base = getSampleStyleSheet()
     return {
         "title": base["Title"],
-        "h1": ParagraphStyle("h1", parent=base["Heading1"], fontSize=15, spaceBefore=4, spaceAfter=6),
-        "h2": ParagraphStyle("h2", parent=base["Heading2"], fontSize=12, spaceBefore=10, spaceAfter=4),
-        "h3": ParagraphStyle("h3", parent=base["Heading3"], fontSize=10, spaceBefore=6, spaceAfter=3),
+        "h1": ParagraphStyle("h1", parent=base["Heading1"], fontSize=15, spaceBefore=4, spaceAfter=6, keepWithNext=1),
+        "h2": ParagraphStyle("h2", parent=base["Heading2"], fontSize=12, spaceBefore=10, spaceAfter=4, keepWithNext=1),
+        "h3": ParagraphStyle("h3", parent=base["Heading3"], fontSize=10, spaceBefore=6, spaceAfter=3, keepWithNext=1),
         "body": ParagraphStyle("body", parent=base["BodyText"], fontSize=9, leading=11.5, spaceAfter=4),
         "note": ParagraphStyle(
             "note", parent=base["BodyText"], fontSize=8, leading=10, textColor=colors.HexColor("#444444")
@@ -60,36 +61,28 @@ class PdfDocument:
         self.root = figure_root
         self.styles = _styles()
         self.story: list[Any] = []
-        self.pending: list[Any] = []
         self.width = A4[0] - 3.6 * cm
         self.page = A4
         self.margin = 1.8 * cm
 
-    # --- primitives: headings are held back and kept on the page of what follows
+    # --- primitives: headings (keepWithNext styles) stay on the page of what follows
     def _add(self, *flowables: Any) -> None:
-        from reportlab.platypus import KeepTogether
-
-        if self.pending:
-            self.story.append(KeepTogether([*self.pending, flowables[0]]))
-            self.story.extend(flowables[1:])
-            self.pending = []
-        else:
-            self.story.extend(flowables)
+        self.story.extend(flowables)
 
     def para(self, text: str, style: str = "body", raw: bool = False, keep: bool = False) -> None:
         """A paragraph; ``keep`` holds it on the page of what follows (an intro line)."""
+        from reportlab.lib.styles import ParagraphStyle
         from reportlab.platypus import Paragraph
 
-        flowable = Paragraph(text if raw else _esc(text), self.styles[style])
+        chosen = self.styles[style]
         if keep:
-            self.pending.append(flowable)
-        else:
-            self._add(flowable)
+            chosen = ParagraphStyle(f"{chosen.name}-keep", parent=chosen, keepWithNext=1)
+        self._add(Paragraph(text if raw else _esc(text), chosen))
 
     def heading(self, text: str, style: str = "h2") -> None:
         from reportlab.platypus import Paragraph
 
-        self.pending.append(Paragraph(_esc(text), self.styles[style]))
+        self._add(Paragraph(_esc(text), self.styles[style]))
 
     def table(
         self,
@@ -565,7 +558,7 @@ class PdfDocument:
             self.para(f"Throughput: {ips:.1f} images/s." if ips else "Throughput: unknown (no run.json).", "body")
 
     def build(self, out: Path) -> None:
-        from reportlab.platypus import SimpleDocTemplate, Spacer
+        from reportlab.platypus import SimpleDocTemplate
 
         def footer(canvas, doc) -> None:
             canvas.saveState()
@@ -578,8 +571,6 @@ class PdfDocument:
         self.header()
         for m in self.doc["models"]:
             self.model_section(m)
-        if self.pending:
-            self._add(Spacer(1, 1))
         names = ", ".join(m["name"] for m in self.doc["models"])
         template = SimpleDocTemplate(
             str(out),
