@@ -397,3 +397,49 @@ def test_metrics_decide_by_the_card_rule_on_ties_and_age_bands():
     shipped = res["operating_points"][0]
     assert shipped["sensitivity"] == 1.0 and shipped["sensitivity_ci"] == [1.0, 1.0]
     assert shipped["specificity_ci"] == [1.0, 1.0]
+
+
+def test_lazy_names_are_the_defining_modules_and_light_imports_stay_light():
+    """lazy_loader gives the package the names of the former hand-written table (TARGET_SENSITIVITY
+    is gone); importing metrics.common, the metrics and report packages or the report options
+    loads none of scikit-learn, matplotlib, reportlab or torch."""
+    import importlib
+    import subprocess
+    import sys
+
+    import pneumobatch.evaluation.metrics as metrics
+    import pneumobatch.evaluation.report as report
+
+    former = {  # the PEP 562 table this package had before lazy_loader
+        "bootstrap": "BOOTSTRAP_CELLS BootstrapAUC bootstrap_draws percentile_ci row_counts",
+        "calibration": "MIN_PROBABILITY TEMPERATURE_RANGE fit_temperature probability_logits reliability "
+        "rescale_probabilities rescale_threshold temperature_nll",
+        "classification": "MIN_PER_CLASS blank_unsupported card_metrics evaluate subgroup_metrics summarise",
+        "common": "MAX_CURVE_POINTS jsonable",
+        "operating_points": "CI_LEVEL MIN_PER_CLASS_PER_BAND RECALL_TARGET TARGET_RECALL YOUDEN band_thresholds "
+        "confusion_rates min_positives_for operating_point select_threshold threshold_points",
+    }
+    names = {n: sub for sub, ns in former.items() for n in ns.split()}
+    assert sorted(metrics.__all__) == sorted(names)
+    for name, sub in names.items():
+        assert getattr(metrics, name) is getattr(importlib.import_module(f"{metrics.__name__}.{sub}"), name)
+    with pytest.raises(AttributeError):
+        metrics.TARGET_SENSITIVITY  # noqa: B018
+    for name, module in {
+        "build_report": "build",
+        "DERIVED_SUBGROUPS": "build",
+        "select_labels": "inputs",
+        "render_figures": "figures",
+        "write_report": "write",
+    }.items():
+        assert name in report.__all__  # (load_predictions, listed before, was moved to io.predictions)
+        assert getattr(report, name) is getattr(importlib.import_module(f"{report.__name__}.{module}"), name)
+    assert {"ReportOptions", "ReportError", "RESEARCH_ONLY"} <= set(report.__all__)
+
+    code = (
+        "import sys, pneumobatch.evaluation.metrics.common, pneumobatch.evaluation.metrics, "
+        "pneumobatch.evaluation.report, pneumobatch.evaluation.report.options; "
+        "print(sorted(m for m in ('sklearn', 'matplotlib', 'reportlab', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
