@@ -23,7 +23,8 @@ The package, in the order data flows:
 - :mod:`.inputs`: reading the predictions CSV, run.json, the studies CSV, ``--where``;
 - :mod:`.build`: the document model, every number as one JSON-ready dict
   (metrics from :mod:`pneumobatch.evaluation.metrics`);
-- :mod:`.figures`: matplotlib figures; :mod:`.pdf`: the reportlab document;
+- :mod:`.figures`: matplotlib figures; :mod:`.pdf`: the report's sections, laid out with
+  :mod:`.document` (the reportlab layer it shares with the monitoring PDF);
 - :mod:`.write`: :func:`write_report`, atomic writes of PDF, JSON and figures.
 
 Names are imported on first use, so the CLI reads :class:`ReportOptions` without
