@@ -9,7 +9,7 @@ from typing import Optional
 import click
 
 from pneumobatch.cli.common import AlertLimit, LibraryDefault, setup_logging
-from pneumobatch.evaluation.labels import KEY_COLUMNS
+from pneumobatch.evaluation.labels.keys import KEY_COLUMNS
 
 _M = "pneumobatch.operations.monitor.run:MonitorConfig"  # option defaults are the library's, read when needed
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pneumobatch.cli.common import RECALL_RANGE, DefaultAgeBand, setup_logging
-from pneumobatch.evaluation.labels import KEY_COLUMNS
+from pneumobatch.evaluation.labels.keys import KEY_COLUMNS
 from pneumobatch.evaluation.report.options import ReportOptions
 
 _R = ReportOptions  # option defaults are the library's, defined once

@@ -11,7 +11,7 @@ import click
 
 from pneumobatch.cli.common import LibraryDefault, setup_logging
 from pneumobatch.core.site import APPLY_CHOICES
-from pneumobatch.evaluation.labels import KEY_COLUMNS
+from pneumobatch.evaluation.labels.keys import KEY_COLUMNS
 
 _C = "pneumobatch.operations.calibrate:CalibrateConfig"  # option defaults are the library's, read when needed
 

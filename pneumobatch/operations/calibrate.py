@@ -1,7 +1,7 @@
 """Site calibration: fit a model's temperature and operating points to a site's labelled sample.
 
 ``pneumobatch calibrate`` (:func:`calibrate`) joins a site's labels to a predictions CSV
-(:func:`pneumobatch.evaluation.labels.join_labels`), refits temperature scaling on the
+(:func:`pneumobatch.evaluation.labels.join.join_labels`), refits temperature scaling on the
 probabilities predict wrote (:mod:`pneumobatch.evaluation.metrics`), chooses the threshold
 reaching the target recall (sensitivity) and Youden's J, pooled and per age band when the model
 card has age-band operating points, with bootstrap 95% intervals
@@ -43,7 +43,9 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import LabelError, OutputExists, SiteError
 from pneumobatch.core.site import APPLY_CHOICES, SITE_FORMAT, SITE_SCHEMA_VERSION
 from pneumobatch.core.subgroups import UNKNOWN
-from pneumobatch.evaluation.labels import card_from_run, join_labels, read_labels
+from pneumobatch.evaluation.labels.cards import card_from_run
+from pneumobatch.evaluation.labels.join import join_labels
+from pneumobatch.evaluation.labels.reading import read_labels
 from pneumobatch.evaluation.metrics import MIN_PER_CLASS_PER_BAND as MIN_PER_CLASS
 from pneumobatch.evaluation.metrics import (
     band_thresholds,

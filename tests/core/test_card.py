@@ -69,6 +69,6 @@ def test_round_trip_and_missing_fields():
 
 
 def test_card_imports_without_torch():
-    code = "import sys, pneumobatch.core.card, pneumobatch.evaluation.labels; print('torch' in sys.modules)"
+    code = "import sys, pneumobatch.core.card, pneumobatch.evaluation.labels.join, pneumobatch.evaluation.labels.reading; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""Tests for pneumobatch.evaluation.labels: reading label files, key detection, joining, counting."""
+"""Tests for pneumobatch.evaluation.labels (reading, keys, cards, join): reading label files, key detection, joining, counting."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import pandas as pd
 import pytest
 
 from pneumobatch.core.errors import LabelError
-from pneumobatch.evaluation.labels import (
-    describe_model,
-    detect_key,
-    join_labels,
-    normalise_path,
-    read_labels,
-    study_level,
-    study_predictions,
-)
+from pneumobatch.evaluation.labels.cards import describe_model
+from pneumobatch.evaluation.labels.join import join_labels, study_level, study_predictions
+from pneumobatch.evaluation.labels.keys import detect_key, normalise_path
+from pneumobatch.evaluation.labels.reading import read_labels
 
 ETIOLOGY = ("normal", "bacterial", "viral", "covid-19")
 

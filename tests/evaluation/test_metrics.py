@@ -344,3 +344,103 @@ def test_each_age_band_can_aim_at_its_own_sensitivity():
         parse_band_targets(["elderly=0.9"])
     with pytest.raises(OptionError, match="between 0.5 and 1"):
         parse_band_targets(["adult=1.5"])
+
+
+def test_metrics_decide_by_the_card_rule_on_ties_and_age_bands():
+    """The metrics' predicted labels are ModelCard.decide's: p == threshold is positive, and
+    each age band's operating point (or the pooled one) gives the same labels in both."""
+    from sklearn.metrics import confusion_matrix
+
+    from pneumobatch.core.card import ModelCard
+
+    card = ModelCard(
+        name="pneu",
+        task="pneumonia",
+        classes=BINARY,
+        architecture="a",
+        input_size=32,
+        mean=[0.5],
+        std=[0.5],
+        positive="pneumonia",
+        threshold=0.5,
+        thresholds={
+            "recall_target": 0.5,
+            "by_age_band": {"child": {"recall_target": 0.3}, "adult": {"recall_target": 0.7}},
+        },
+    )
+    # every threshold exactly, just below and just above, twice (once per label)
+    edges = [t + d for t in (0.3, 0.5, 0.7) for d in (0.0, -1e-9, 1e-9)] + [0.05, 0.95]
+    p = np.array(edges * 2)
+    y = ["pneumonia"] * len(edges) + ["normal"] * len(edges)
+    proba = np.c_[1 - p, p]
+    for band in (None, "child", "adult", "elderly"):  # elderly: no point of its own, the pooled one
+        threshold, _ = card.threshold_for(band)
+        decided = [card.decide(row, age_band=band).label for row in proba]
+        assert decided == card.decide_many(proba, None if band is None else [band] * len(p)).tolist()
+        res = evaluate(y, proba, BINARY, positive="pneumonia", threshold=threshold, n_bootstrap=0)
+        assert res["confusion_matrix"]["counts"] == confusion_matrix(y, decided, labels=BINARY).tolist()
+        shipped = res["operating_points"][0]
+        y_pos = np.array(y) == "pneumonia"
+        is_pos = np.array(decided) == "pneumonia"
+        assert (shipped["tp"], shipped["fp"], shipped["tn"], shipped["fn"]) == (
+            int((is_pos & y_pos).sum()),
+            int((is_pos & ~y_pos).sum()),
+            int((~is_pos & ~y_pos).sum()),
+            int((~is_pos & y_pos).sum()),
+        )
+        assert operating_point(y_pos, p, threshold, "x")["tp"] == shipped["tp"]
+    # ties in the bootstrap: positives exactly at the threshold are detected in every resample
+    t = card.threshold_for("child")[0]
+    p = np.array([t] * 6 + [t - 0.1] * 6)
+    res = evaluate(
+        ["pneumonia"] * 6 + ["normal"] * 6, np.c_[1 - p, p], BINARY, positive="pneumonia", threshold=t, n_bootstrap=50
+    )
+    shipped = res["operating_points"][0]
+    assert shipped["sensitivity"] == 1.0 and shipped["sensitivity_ci"] == [1.0, 1.0]
+    assert shipped["specificity_ci"] == [1.0, 1.0]
+
+
+def test_lazy_names_are_the_defining_modules_and_light_imports_stay_light():
+    """lazy_loader gives the package the names of the former hand-written table (TARGET_SENSITIVITY
+    is gone); importing metrics.common, the metrics and report packages or the report options
+    loads none of scikit-learn, matplotlib, reportlab or torch."""
+    import importlib
+    import subprocess
+    import sys
+
+    import pneumobatch.evaluation.metrics as metrics
+    import pneumobatch.evaluation.report as report
+
+    former = {  # the PEP 562 table this package had before lazy_loader
+        "bootstrap": "BOOTSTRAP_CELLS BootstrapAUC bootstrap_draws percentile_ci row_counts",
+        "calibration": "MIN_PROBABILITY TEMPERATURE_RANGE fit_temperature probability_logits reliability "
+        "rescale_probabilities rescale_threshold temperature_nll",
+        "classification": "MIN_PER_CLASS blank_unsupported card_metrics evaluate subgroup_metrics summarise",
+        "common": "MAX_CURVE_POINTS jsonable",
+        "operating_points": "CI_LEVEL MIN_PER_CLASS_PER_BAND RECALL_TARGET TARGET_RECALL YOUDEN band_thresholds "
+        "confusion_rates min_positives_for operating_point select_threshold threshold_points",
+    }
+    names = {n: sub for sub, ns in former.items() for n in ns.split()}
+    assert sorted(metrics.__all__) == sorted(names)
+    for name, sub in names.items():
+        assert getattr(metrics, name) is getattr(importlib.import_module(f"{metrics.__name__}.{sub}"), name)
+    with pytest.raises(AttributeError):
+        metrics.TARGET_SENSITIVITY  # noqa: B018
+    for name, module in {
+        "build_report": "build",
+        "DERIVED_SUBGROUPS": "build",
+        "select_labels": "inputs",
+        "render_figures": "figures",
+        "write_report": "write",
+    }.items():
+        assert name in report.__all__  # (load_predictions, listed before, was moved to io.predictions)
+        assert getattr(report, name) is getattr(importlib.import_module(f"{report.__name__}.{module}"), name)
+    assert {"ReportOptions", "ReportError", "RESEARCH_ONLY"} <= set(report.__all__)
+
+    code = (
+        "import sys, pneumobatch.evaluation.metrics.common, pneumobatch.evaluation.metrics, "
+        "pneumobatch.evaluation.report, pneumobatch.evaluation.report.options; "
+        "print(sorted(m for m in ('sklearn', 'matplotlib', 'reportlab', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

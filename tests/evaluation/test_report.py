@@ -415,10 +415,40 @@ def test_report_import_graph_has_no_torch():
     import subprocess
     import sys
 
-    modules = "options, inputs, build, figures, pdf, write"
+    modules = "options, inputs, build, figures, document, pdf, write"
     code = (
         f"import sys; from pneumobatch.evaluation.report import {modules}; import pneumobatch.evaluation.metrics; "
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("keep", ["heading", "intro"])
+def test_headings_and_intro_lines_stay_on_the_page_of_what_follows(tmp_path, keep):
+    """Wherever the page ends, a heading (or a ``keep`` intro line) is on the page of the
+    table after it, as the report's hand-held keep-with-next did; a plain paragraph is not."""
+    from pneumobatch.evaluation.report.document import Document
+
+    def pages(n_filler: int, kept: bool) -> list[str]:
+        pdf = Document(tmp_path)
+        for i in range(n_filler):
+            pdf.para(f"filler line {i}")
+        if keep == "heading" and kept:
+            pdf.heading("HEADINGMARK", "h2")
+        else:
+            pdf.para("HEADINGMARK", keep=kept)
+        pdf.table([], [["TABLEROW " + "word " * 300]], [1])  # one tall row: a table that cannot split
+        out = tmp_path / f"k{n_filler}.pdf"
+        pdf.write(out, title="t", footer="footer line")
+        return [page.extract_text() for page in PdfReader(out).pages]
+
+    split_plain = 0
+    for n in range(36, 50, 2):
+        kept = pages(n, True)
+        assert all("footer line" in p and f"page {i + 1}" in p for i, p in enumerate(kept))
+        assert sum("HEADINGMARK" in p for p in kept) == 1
+        assert "TABLEROW" in next(p for p in kept if "HEADINGMARK" in p)
+        plain = pages(n, False)
+        split_plain += "TABLEROW" not in next(p for p in plain if "HEADINGMARK" in p)
+    assert split_plain  # some page end falls between them when nothing keeps them together

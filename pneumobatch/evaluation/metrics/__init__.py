@@ -15,59 +15,45 @@ same functions, with scikit-learn underneath:
 No torch anywhere here: the report imports this package.
 """
 
-#: name -> submodule; the submodules are imported on first use (PEP 562), so that importing
-#: ``pneumobatch.evaluation.metrics.common`` (``predict``'s run.json) does not import scikit-learn, which
-#: takes about a second.
-_SUBMODULE = {
-    "BOOTSTRAP_CELLS": "bootstrap",
-    "BootstrapAUC": "bootstrap",
-    "bootstrap_draws": "bootstrap",
-    "percentile_ci": "bootstrap",
-    "row_counts": "bootstrap",
-    "MIN_PROBABILITY": "calibration",
-    "TEMPERATURE_RANGE": "calibration",
-    "fit_temperature": "calibration",
-    "probability_logits": "calibration",
-    "reliability": "calibration",
-    "rescale_probabilities": "calibration",
-    "rescale_threshold": "calibration",
-    "temperature_nll": "calibration",
-    "MIN_PER_CLASS": "classification",
-    "blank_unsupported": "classification",
-    "card_metrics": "classification",
-    "evaluate": "classification",
-    "subgroup_metrics": "classification",
-    "summarise": "classification",
-    "MAX_CURVE_POINTS": "common",
-    "jsonable": "common",
-    "CI_LEVEL": "operating_points",
-    "MIN_PER_CLASS_PER_BAND": "operating_points",
-    "RECALL_TARGET": "operating_points",
-    "TARGET_RECALL": "operating_points",
-    "YOUDEN": "operating_points",
-    "band_thresholds": "operating_points",
-    "confusion_rates": "operating_points",
-    "min_positives_for": "operating_points",
-    "operating_point": "operating_points",
-    "select_threshold": "operating_points",
-    "threshold_points": "operating_points",
+import lazy_loader
+
+#: submodule -> the names it gives this package. The submodules are imported on first use
+#: (``lazy_loader``), so that importing ``pneumobatch.evaluation.metrics.common``
+#: (``predict``'s run.json) does not import scikit-learn, which takes about a second.
+_SUBMOD_ATTRS = {
+    "bootstrap": ["BOOTSTRAP_CELLS", "BootstrapAUC", "bootstrap_draws", "percentile_ci", "row_counts"],
+    "calibration": [
+        "MIN_PROBABILITY",
+        "TEMPERATURE_RANGE",
+        "fit_temperature",
+        "probability_logits",
+        "reliability",
+        "rescale_probabilities",
+        "rescale_threshold",
+        "temperature_nll",
+    ],
+    "classification": [
+        "MIN_PER_CLASS",
+        "blank_unsupported",
+        "card_metrics",
+        "evaluate",
+        "subgroup_metrics",
+        "summarise",
+    ],
+    "common": ["MAX_CURVE_POINTS", "jsonable"],
+    "operating_points": [
+        "CI_LEVEL",
+        "MIN_PER_CLASS_PER_BAND",
+        "RECALL_TARGET",
+        "TARGET_RECALL",
+        "YOUDEN",
+        "band_thresholds",
+        "confusion_rates",
+        "min_positives_for",
+        "operating_point",
+        "select_threshold",
+        "threshold_points",
+    ],
 }
 
-
-def __getattr__(name: str):
-    if name == "TARGET_SENSITIVITY":  # former name of TARGET_RECALL (the report's operating point was recall_95)
-        return __getattr__("TARGET_RECALL")
-    if name not in _SUBMODULE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-__all__ = [*_SUBMODULE, "TARGET_SENSITIVITY"]
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs=_SUBMOD_ATTRS)

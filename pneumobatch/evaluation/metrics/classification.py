@@ -32,7 +32,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pneumobatch.core.card import TARGET_RECALL, decide_indices
+from pneumobatch.core.card import TARGET_RECALL, decide_indices, is_positive
 from pneumobatch.evaluation.metrics.bootstrap import BootstrapAUC, bootstrap_draws, percentile_ci, row_counts
 from pneumobatch.evaluation.metrics.calibration import reliability
 from pneumobatch.evaluation.metrics.common import as_indices, finite_or_none, jsonable, ratio, thin
@@ -185,11 +185,9 @@ def evaluate(
         auc_samples: dict[int, list[np.ndarray]] = {i: [] for i in aucs}
         op_samples: list[tuple[list, list]] = [([], []) for _ in points]
         if binary and points:
-            # per case and point: whether the point classifies it correctly
+            # per case and point: whether the point classifies it correctly (the card's rule)
             y_pos = yt == pos_idx
-            right = [
-                np.where(y_pos, proba[:, pos_idx] >= p["threshold"], proba[:, pos_idx] < p["threshold"]) for p in points
-            ]
+            right = [is_positive(proba[:, pos_idx], p["threshold"]) == y_pos for p in points]
         for draws in bootstrap_draws(n, n_bootstrap, seed):
             for i, fn in aucs.items():
                 auc_samples[i].append(fn(draws))

@@ -23,7 +23,8 @@ The package, in the order data flows:
 - :mod:`.inputs`: reading the predictions CSV, run.json, the studies CSV, ``--where``;
 - :mod:`.build`: the document model, every number as one JSON-ready dict
   (metrics from :mod:`pneumobatch.evaluation.metrics`);
-- :mod:`.figures`: matplotlib figures; :mod:`.pdf`: the reportlab document;
+- :mod:`.figures`: matplotlib figures; :mod:`.pdf`: the report's sections, laid out with
+  :mod:`.document` (the reportlab layer it shares with the monitoring PDF);
 - :mod:`.write`: :func:`write_report`, atomic writes of PDF, JSON and figures.
 
 Names are imported on first use, so the CLI reads :class:`ReportOptions` without
@@ -32,33 +33,19 @@ loading scikit-learn, matplotlib or reportlab; torch is never imported.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
 from pneumobatch.core.errors import ReportError
 from pneumobatch.evaluation.report.options import RESEARCH_ONLY, SCHEMA, ReportOptions, ReportResult, output_paths
 
-_LAZY = {
-    "build_report": "pneumobatch.evaluation.report.build",
-    "DERIVED_SUBGROUPS": "pneumobatch.evaluation.report.build",
-    "load_predictions": "pneumobatch.evaluation.report.inputs",
-    "select_labels": "pneumobatch.evaluation.report.inputs",
-    "render_figures": "pneumobatch.evaluation.report.figures",
-    "write_report": "pneumobatch.evaluation.report.write",
+#: submodule -> the names it gives this package, imported on first use (``lazy_loader``).
+_SUBMOD_ATTRS = {
+    "build": ["DERIVED_SUBGROUPS", "build_report"],
+    "inputs": ["select_labels"],
+    "figures": ["render_figures"],
+    "write": ["write_report"],
 }
 
-__all__ = [
-    "RESEARCH_ONLY",
-    "SCHEMA",
-    "ReportError",
-    "ReportOptions",
-    "ReportResult",
-    "output_paths",
-    *_LAZY,
-]
+__getattr__, _, _lazy_all = lazy_loader.attach(__name__, submod_attrs=_SUBMOD_ATTRS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["RESEARCH_ONLY", "SCHEMA", "ReportError", "ReportOptions", "ReportResult", "output_paths", *_lazy_all]

@@ -19,17 +19,10 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_FATAL, LabelError, ReportError
 from pneumobatch.core.site import load_site
 from pneumobatch.core.subgroups import REPORT_COLUMNS, add_subgroup_columns, parse_band_defaults
-from pneumobatch.evaluation.labels import (
-    JoinResult,
-    card_from_run,
-    check_label_column,
-    describe_model,
-    detect_key,
-    join_labels,
-    read_labels,
-    study_level,
-    threshold_notes,
-)
+from pneumobatch.evaluation.labels.cards import card_from_run, describe_model, threshold_notes
+from pneumobatch.evaluation.labels.join import JoinResult, check_label_column, join_labels, study_level
+from pneumobatch.evaluation.labels.keys import detect_key
+from pneumobatch.evaluation.labels.reading import read_labels
 from pneumobatch.evaluation.metrics import evaluate, jsonable, subgroup_metrics, summarise
 from pneumobatch.evaluation.report.inputs import elapsed_seconds, load_run, load_studies, report_version, select_labels
 from pneumobatch.evaluation.report.options import RESEARCH_ONLY, SCHEMA, ReportOptions

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from pneumobatch.core.card import TARGET_RECALL
-from pneumobatch.evaluation.labels import MAX_EXAMPLES
+from pneumobatch.evaluation.labels.join import MAX_EXAMPLES
 
 SCHEMA = "pneumobatch.evaluation.report/1"
 RESEARCH_ONLY = "Research use only \u2014 not a diagnostic device."
@@ -31,7 +31,7 @@ class ReportOptions:
     predictions: Path
     output: Path = Path("report.pdf")
     labels: Optional[Path] = None
-    key: Optional[str] = None  # one of labels.KEY_COLUMNS; None: detected
+    key: Optional[str] = None  # one of labels.keys.KEY_COLUMNS; None: detected
     label_column: str = "label"
     model: Optional[str] = None
     by: Sequence[str] = ()

@@ -1,164 +1,28 @@
 """The report's PDF (reportlab platypus), laid out from the document model (:mod:`.build`).
 
-Headings are kept on the page of what follows them; figures come from the PNG files
-:mod:`.figures` wrote; every page carries the research-use-only footer.
+The sections of the report on the shared layout layer (:class:`.document.Document`:
+styles, tables, figures, headings kept with what follows). Figures come from the PNG
+files :mod:`.figures` wrote; every page carries the research-use-only footer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
-from xml.sax.saxutils import escape
 
 from pneumobatch.core.card import RECALL_TARGET
+from pneumobatch.evaluation.report.document import Document, esc
 from pneumobatch.evaluation.report.figures import DPI, fmt, fmt_ci
 from pneumobatch.evaluation.report.inputs import reasons_by_status
 from pneumobatch.evaluation.report.options import RESEARCH_ONLY
 
 
-def _styles():
-    from reportlab.lib import colors
-    from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
-
-    base = getSampleStyleSheet()
-    return {
-        "title": base["Title"],
-        "h1": ParagraphStyle("h1", parent=base["Heading1"], fontSize=15, spaceBefore=4, spaceAfter=6),
-        "h2": ParagraphStyle("h2", parent=base["Heading2"], fontSize=12, spaceBefore=10, spaceAfter=4),
-        "h3": ParagraphStyle("h3", parent=base["Heading3"], fontSize=10, spaceBefore=6, spaceAfter=3),
-        "body": ParagraphStyle("body", parent=base["BodyText"], fontSize=9, leading=11.5, spaceAfter=4),
-        "note": ParagraphStyle(
-            "note", parent=base["BodyText"], fontSize=8, leading=10, textColor=colors.HexColor("#444444")
-        ),
-        "warn": ParagraphStyle(
-            "warn",
-            parent=base["BodyText"],
-            fontSize=10,
-            leading=13,
-            textColor=colors.HexColor("#a01010"),
-            fontName="Helvetica-Bold",
-        ),
-        "td": ParagraphStyle("td", parent=base["BodyText"], fontSize=7.5, leading=9),
-        "th": ParagraphStyle("th", parent=base["BodyText"], fontSize=7.5, leading=9, fontName="Helvetica-Bold"),
-        "mono": ParagraphStyle("mono", parent=base["BodyText"], fontSize=7, leading=9, fontName="Courier"),
-    }
-
-
-def _esc(value: Any) -> str:
-    return escape(str(value))
-
-
-class PdfDocument:
+class PdfDocument(Document):
     """Builds the platypus story for one report document."""
 
     def __init__(self, doc: dict[str, Any], figure_root: Path) -> None:
-        from reportlab.lib.pagesizes import A4
-        from reportlab.lib.units import cm
-
+        super().__init__(figure_root, dpi=DPI)
         self.doc = doc
-        self.root = figure_root
-        self.styles = _styles()
-        self.story: list[Any] = []
-        self.pending: list[Any] = []
-        self.width = A4[0] - 3.6 * cm
-        self.page = A4
-        self.margin = 1.8 * cm
-
-    # --- primitives: headings are held back and kept on the page of what follows
-    def _add(self, *flowables: Any) -> None:
-        from reportlab.platypus import KeepTogether
-
-        if self.pending:
-            self.story.append(KeepTogether([*self.pending, flowables[0]]))
-            self.story.extend(flowables[1:])
-            self.pending = []
-        else:
-            self.story.extend(flowables)
-
-    def para(self, text: str, style: str = "body", raw: bool = False, keep: bool = False) -> None:
-        """A paragraph; ``keep`` holds it on the page of what follows (an intro line)."""
-        from reportlab.platypus import Paragraph
-
-        flowable = Paragraph(text if raw else _esc(text), self.styles[style])
-        if keep:
-            self.pending.append(flowable)
-        else:
-            self._add(flowable)
-
-    def heading(self, text: str, style: str = "h2") -> None:
-        from reportlab.platypus import Paragraph
-
-        self.pending.append(Paragraph(_esc(text), self.styles[style]))
-
-    def table(
-        self,
-        header: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        widths: Sequence[float],
-        mono: Sequence[int] = (),
-    ) -> None:
-        from reportlab.lib import colors
-        from reportlab.platypus import Paragraph, Spacer, Table, TableStyle
-
-        total = sum(widths)
-        widths = [w / total * self.width for w in widths]
-        data = []
-        if header:
-            data.append([Paragraph(_esc(h), self.styles["th"]) for h in header])
-        for row in rows:
-            data.append([Paragraph(_esc(c), self.styles["mono" if j in mono else "td"]) for j, c in enumerate(row)])
-        if not data:
-            return
-        t = Table(data, colWidths=widths, repeatRows=1 if header else 0, hAlign="LEFT")
-        style = [
-            ("GRID", (0, 0), (-1, -1), 0.3, colors.HexColor("#bbbbbb")),
-            ("VALIGN", (0, 0), (-1, -1), "TOP"),
-            ("TOPPADDING", (0, 0), (-1, -1), 2),
-            ("BOTTOMPADDING", (0, 0), (-1, -1), 2),
-        ]
-        if header:
-            style.append(("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e8eef6")))
-        t.setStyle(TableStyle(style))
-        self._add(t, Spacer(1, 6))
-
-    def kv(self, pairs: Sequence[tuple[str, Any]]) -> None:
-        self.table([], [[k, v] for k, v in pairs], [1, 3.2])
-
-    def _image(self, rel: str, max_width: float, max_height: float) -> Any:
-        from reportlab.lib.utils import ImageReader
-        from reportlab.platypus import Image
-
-        path = self.root / rel
-        w, h = ImageReader(str(path)).getSize()
-        width = min(max_width, w * 72.0 / DPI)
-        height = width * h / w
-        if height > max_height:
-            height = max_height
-            width = height * w / h
-        return Image(str(path), width=width, height=height)
-
-    def figure(self, rel: Optional[str], max_height: float = 330) -> None:
-        from reportlab.platypus import Spacer
-
-        if rel:
-            self._add(self._image(rel, self.width, max_height), Spacer(1, 6))
-
-    def figures(self, rels: Sequence[Optional[str]], max_height: float = 300) -> None:
-        """Figures side by side, each in an equal share of the text width."""
-        from reportlab.platypus import Spacer, Table, TableStyle
-
-        rels = [r for r in rels if r]
-        if not rels:
-            return
-        cell = self.width / len(rels)
-        t = Table([[self._image(r, cell - 4, max_height) for r in rels]], colWidths=[cell] * len(rels))
-        t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0)]))
-        self._add(t, Spacer(1, 6))
-
-    def notes(self, notes: Sequence[str]) -> None:
-        for n in notes:
-            self.para(f"Note: {n}", "note")
 
     # --- sections
     def header(self) -> None:
@@ -222,7 +86,7 @@ class PdfDocument:
     def model_section(self, m: dict[str, Any]) -> None:
         from reportlab.platypus import PageBreak
 
-        self.story.append(PageBreak())
+        self.add(PageBreak())
         self.heading(f"Model {m['name']}", "h1")
         cards = ", ".join(f"{k} {v:.3g}" for k, v in m["card_thresholds"].items()) or "none recorded"
         self.kv(
@@ -273,8 +137,8 @@ class PdfDocument:
             self.heading(f"Evaluation ({level} level)", "h2")
         counts = ", ".join(f"{c} {n:,}" for c, n in ev["class_counts"].items())
         self.para(
-            f"{ev['n']:,} labelled {units} joined on <b>{_esc(join['key'])}</b>, label column "
-            f"<b>{_esc(join['label_column'])}</b>; true classes: {_esc(counts)}.",
+            f"{ev['n']:,} labelled {units} joined on <b>{esc(join['key'])}</b>, label column "
+            f"<b>{esc(join['label_column'])}</b>; true classes: {esc(counts)}.",
             raw=True,
         )
         auc_name = "AUC" if ev["positive"] else "macro AUC (one-vs-rest)"
@@ -565,31 +429,14 @@ class PdfDocument:
             self.para(f"Throughput: {ips:.1f} images/s." if ips else "Throughput: unknown (no run.json).", "body")
 
     def build(self, out: Path) -> None:
-        from reportlab.platypus import SimpleDocTemplate, Spacer
-
-        def footer(canvas, doc) -> None:
-            canvas.saveState()
-            canvas.setFont("Helvetica", 7)
-            canvas.setFillGray(0.35)
-            canvas.drawString(self.margin, 0.9 * 28.35, f"pneumobatch report \u00b7 {RESEARCH_ONLY}")
-            canvas.drawRightString(self.page[0] - self.margin, 0.9 * 28.35, f"page {doc.page}")
-            canvas.restoreState()
-
         self.header()
         for m in self.doc["models"]:
             self.model_section(m)
-        if self.pending:
-            self._add(Spacer(1, 1))
         names = ", ".join(m["name"] for m in self.doc["models"])
-        template = SimpleDocTemplate(
-            str(out),
-            pagesize=self.page,
-            leftMargin=self.margin,
-            rightMargin=self.margin,
-            topMargin=1.5 * 28.35,
-            bottomMargin=1.6 * 28.35,
+        self.write(
+            out,
             title=f"pneumobatch report: {names}",
             author="pneumobatch",
             subject=RESEARCH_ONLY,
+            footer=f"pneumobatch report \u00b7 {RESEARCH_ONLY}",
         )
-        template.build(self.story, onFirstPage=footer, onLaterPages=footer)

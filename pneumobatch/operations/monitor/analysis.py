@@ -296,7 +296,8 @@ def labelled_performance(
 ) -> dict[str, Any]:
     """Sensitivity, specificity and PPV with exact 95% intervals, per night and over the last
     ``window`` nights, for every model with a positive class, from each night's predictions CSV."""
-    from pneumobatch.evaluation.labels import card_from_run, check_label_column, join_labels
+    from pneumobatch.evaluation.labels.cards import card_from_run
+    from pneumobatch.evaluation.labels.join import check_label_column, join_labels
     from pneumobatch.io.predictions import load_predictions
 
     def proportion(k: int, n: int) -> dict[str, Any]:

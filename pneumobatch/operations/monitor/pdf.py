@@ -2,7 +2,8 @@
 
 Rendering only; every number comes from :func:`pneumobatch.operations.monitor.analysis.analyse` (the same
 document is written as JSON). Figures are drawn with matplotlib's object API (no pyplot,
-no GUI backend) and embedded in memory.
+no GUI backend) and embedded in memory; the page layout is the report's
+(:class:`pneumobatch.evaluation.report.document.Document`), without its research-use footer.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
-from xml.sax.saxutils import escape
 
 DPI = 110
 
@@ -50,32 +50,23 @@ def _figure(
 
 def render(doc: Mapping[str, Any], path: Path) -> None:
     """Write the monitoring PDF for ``doc`` (the output of :func:`pneumobatch.operations.monitor.analysis.analyse` plus notes)."""
-    from reportlab.lib.pagesizes import A4
-    from reportlab.lib.styles import getSampleStyleSheet
-    from reportlab.lib.units import cm
-    from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+    from pneumobatch.evaluation.report.document import Document
 
-    styles = getSampleStyleSheet()
-    body, small = styles["BodyText"], styles["BodyText"].clone("small", fontSize=7.5, leading=9)
-    story: list[Any] = [Paragraph("pneumobatch nightly monitoring", styles["Title"])]
+    pdf = Document(dpi=DPI)
+    pdf.para("pneumobatch nightly monitoring", "title")
     series = doc["series"]
     nights = series["nights"]
     n_base = len(doc["baseline"]["nights"])
-    story.append(
-        Paragraph(
-            escape(
-                f"{len(nights)} runs from {nights[0]} to {nights[-1]}; baseline: the first {n_base}. "
-                "Limits: " + ", ".join(f"{k} {v:g}" for k, v in doc["limits"].items()) + "."
-            ),
-            body,
-        )
+    pdf.para(
+        f"{len(nights)} runs from {nights[0]} to {nights[-1]}; baseline: the first {n_base}. "
+        "Limits: " + ", ".join(f"{k} {v:g}" for k, v in doc["limits"].items()) + "."
     )
     for note in doc.get("notes", []):
-        story.append(Paragraph(escape(note), small))
+        pdf.para(note, "note")
     alerts = doc["alerts"]
-    story.append(Paragraph(f"Alerts ({len(alerts)})", styles["Heading2"]))
+    pdf.heading(f"Alerts ({len(alerts)})", "h2")
     if alerts:
-        rows = [["night", "model", "group", "alert", "value", "limit"]] + [
+        rows = [
             [
                 a["night"],
                 a["model"],
@@ -86,24 +77,15 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
             ]
             for a in alerts[:200]
         ]
-        table = Table(
-            [[Paragraph(escape(str(c)), small) for c in r] for r in rows],
-            colWidths=[2.6 * cm, 2.2 * cm, 6.4 * cm, 2.4 * cm, 1.5 * cm, 1.5 * cm],
-            repeatRows=1,
-        )
-        table.setStyle(
-            TableStyle([("GRID", (0, 0), (-1, -1), 0.25, "#999999"), ("BACKGROUND", (0, 0), (-1, 0), "#eeeeee")])
-        )
-        story.append(table)
+        pdf.table(["night", "model", "group", "alert", "value", "limit"], rows, [2.6, 2.2, 6.4, 2.4, 1.5, 1.5])
     else:
-        story.append(Paragraph("No limit was crossed.", body))
+        pdf.para("No limit was crossed.")
     alert_nights = {a["night"] for a in alerts}
-    width = A4[0] - 3.6 * cm
 
     def figure(*args: Any, **kwargs: Any) -> None:
-        story.append(Image(_figure(*args, **kwargs), width=width, height=width * 2.6 / 7.2))
+        pdf.figure(_figure(*args, **kwargs), max_height=pdf.width)
 
-    story.append(Paragraph("Runs", styles["Heading2"]))
+    pdf.heading("Runs", "h2")
     figure(
         {"files": series["files"], "errors": series["errors"]},
         nights,
@@ -114,7 +96,7 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
     )
     figure(series["images_per_second"], nights, n_base, "Throughput", "images/s")
     for model, s in series["models"].items():
-        story.append(Paragraph(escape(f"Model {model}"), styles["Heading2"]))
+        pdf.heading(f"Model {model}", "h2")
         figure(
             s["positive_rate"],
             nights,
@@ -137,25 +119,14 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
         figure(scores, nights, n_base, f"{model}: drift score (largest PSI of any group)", "PSI", alert_nights)
         perf = (doc.get("labelled") or {}).get("models", {}).get(model)
         if perf:
-            story.append(Spacer(1, 6))
-            story.append(
-                Paragraph(
-                    escape(f"Labelled nights (rolling window of {doc['labelled']['window']} runs)"), styles["Heading3"]
-                )
-            )
-            rows = [["night", "labelled", "sensitivity (95% CI)", "specificity (95% CI)", "PPV (95% CI)"]]
-            for r in perf:
-                if not r.get("labelled"):
-                    continue
-                rows.append(
-                    [r["night"], str(r["window_labelled"]), *(_ci(r[k]) for k in ("sensitivity", "specificity", "ppv"))]
-                )
-            table = Table([[Paragraph(escape(str(c)), small) for c in r] for r in rows], repeatRows=1)
-            table.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.25, "#999999")]))
-            story.append(table)
-    SimpleDocTemplate(
-        str(path), pagesize=A4, leftMargin=1.8 * cm, rightMargin=1.8 * cm, title="pneumobatch monitoring"
-    ).build(story)
+            pdf.heading(f"Labelled nights (rolling window of {doc['labelled']['window']} runs)", "h3")
+            rows = [
+                [r["night"], str(r["window_labelled"]), *(_ci(r[k]) for k in ("sensitivity", "specificity", "ppv"))]
+                for r in perf
+                if r.get("labelled")
+            ]
+            pdf.table(["night", "labelled", "sensitivity (95% CI)", "specificity (95% CI)", "PPV (95% CI)"], rows, None)
+    pdf.write(path, title="pneumobatch monitoring")
 
 
 def _ci(p: Mapping[str, Any]) -> str:

@@ -71,7 +71,7 @@ class MonitorResult:
 
 def run_monitor(config: MonitorConfig) -> MonitorResult:
     """Analyse the runs and write ``OUT.pdf``, ``OUT.json`` and the Prometheus textfile (atomically)."""
-    from pneumobatch.evaluation.labels import read_labels
+    from pneumobatch.evaluation.labels.reading import read_labels
     from pneumobatch.io.atomicfile import atomic_write
     from pneumobatch.operations.monitor.pdf import render
 

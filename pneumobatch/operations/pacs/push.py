@@ -96,7 +96,7 @@ class PushResult:
 
 def load_cards(predictions: Path, frame: pd.DataFrame) -> dict[str, ModelCard]:
     """Each model's card: from run.json beside the CSV, else rebuilt from the CSV."""
-    from pneumobatch.evaluation.labels import card_from_run, describe_model
+    from pneumobatch.evaluation.labels.cards import card_from_run, describe_model
 
     run_path = OutputPaths(Path(predictions)).run
     run_models: dict[str, dict] = {}

@@ -1,41 +1,35 @@
-"""Reading label files and joining them to predictions.
-
-A labels file is a CSV with a key column (``path``, ``sop_instance_uid`` or
-``study_instance_uid``, as in the predictions CSV) and a label column holding class
-names or hierarchical findings (``Pneumonia/Viral/COVID-19``). Labels are mapped to
-the classes of each model's task with :meth:`pneumobatch.core.tasks.Task.map_label`.
+"""Joining labels to one model's predictions, at file and at study level.
 
 Nothing is dropped silently: labels that do not map to a class, predictions without a
 label, labels without a prediction, labelled files that were skipped or failed, and
 conflicting duplicate labels are all counted in the :class:`JoinResult`, with examples.
-Failures a user must fix (missing file, missing column, nothing matches) raise
+Failures a user must fix (missing column, nothing matches) raise
 :class:`~pneumobatch.core.errors.LabelError` with a one-line message.
 """
 
 from __future__ import annotations
 
-import io
-import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
-from pneumobatch.core.card import PROB_PREFIX, ModelCard
+from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import LabelError
 from pneumobatch.core.studies import STUDY_COLUMNS, aggregate_studies
-from pneumobatch.core.tasks import TASKS, Task, task_from_card
+from pneumobatch.core.tasks import Task
+from pneumobatch.evaluation.labels.cards import card_task
+from pneumobatch.evaluation.labels.keys import (
+    STUDY_KEYS,
+    column_list,
+    detect_key,
+    normalise_keys,
+    study_column,
+    suffix_matches,
+)
 
-log = logging.getLogger(__name__)
-
-#: Columns a labels file can be joined on, in the order they are tried. ``study`` is
-#: predict's study key (the StudyInstanceUID for DICOM, the file or folder for PNG/JPEG).
-KEY_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "study")
-STUDY_KEY = "study_instance_uid"
-STUDY_KEYS = ("study_instance_uid", "study")
 #: How study predictions are made from images when predictions.studies.csv is missing.
 STUDY_RULE_NOTE = (
     "study predictions computed here from the images (predictions.studies.csv not found): "
@@ -49,255 +43,15 @@ LABEL_PREFIX = "labels."
 _LABEL_LIKE = ("label", "finding", "findings", "class", "diagnosis", "coarse", "target")
 
 
-# ----------------------------------------------------------------------- reading
-
-
-def _decode(raw: bytes, path: Path) -> tuple[str, str]:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        encodings = ["utf-16"]
-    else:
-        encodings = ["utf-8-sig", "cp1252", "latin-1"]
-    for encoding in encodings:
-        try:
-            text = raw.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-        if encoding not in ("utf-8-sig", "utf-16"):
-            log.warning("labels file %s is not UTF-8; read it as %s", path, encoding)
-        return text, encoding
-    raise LabelError(f"labels file {path} is not text in a known encoding (UTF-8, UTF-16, cp1252)")
-
-
-def _delimiter(text: str) -> str:
-    header = text.split("\n", 1)[0]
-    counts = {d: header.count(d) for d in (",", ";", "\t", "|")}
-    best = max(counts, key=lambda d: counts[d])
-    return best if counts[best] else ","
-
-
-def read_labels(path: Path | str) -> pd.DataFrame:
-    """Read a labels CSV as strings (UIDs stay exact), whitespace stripped.
-
-    UTF-8 (with or without BOM), UTF-16 and cp1252 files are accepted, and comma,
-    semicolon, tab or pipe separators. ``attrs['source']`` and ``attrs['encoding']``
-    record where it came from.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise LabelError(f"labels file not found: {path}")
-    if path.is_dir():
-        raise LabelError(f"labels file {path} is a folder, not a CSV file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LabelError(f"cannot read labels file {path}: {e.strerror or e}") from e
-    if not raw.strip():
-        raise LabelError(f"labels file {path} is empty")
-    if raw.startswith(b"PK\x03\x04"):
-        raise LabelError(f"labels file {path} looks like an Excel workbook; save it as CSV")
-    text, encoding = _decode(raw, path)
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            sep=_delimiter(text),
-            dtype=str,
-            keep_default_na=False,
-            skip_blank_lines=True,
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LabelError(f"labels file {path} is not a readable CSV: {first}") from e
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if frame.empty:
-        raise LabelError(f"labels file {path} has a header but no rows")
-    for col in frame.columns:
-        frame[col] = frame[col].str.strip()
-    frame.attrs["source"] = str(path)
-    frame.attrs["encoding"] = encoding
-    return frame
-
-
-# ------------------------------------------------------------------------- keys
-
-
-def normalise_keys(values: pd.Series, key: str) -> pd.Series:
-    """Keys as compared: paths POSIX without leading ``./``; UIDs without padding."""
-    text = values.fillna("").astype(str).str.strip()
-    if key == "path":
-        text = (
-            text.str.replace("\\", "/", regex=False)
-            .str.replace(r"^(?:\./)+", "", regex=True)
-            .str.replace(r"/{2,}", "/", regex=True)
-        )
-    else:
-        text = text.str.strip("\x00 ")
-    return text
-
-
-def normalise_path(value: object) -> str:
-    """One path key, normalised as :func:`normalise_keys` does."""
-    return str(normalise_keys(pd.Series([value]), "path").iloc[0])
-
-
-def _has_values(frame: pd.DataFrame, column: str) -> bool:
-    return column in frame.columns and bool((frame[column].fillna("").astype(str).str.strip() != "").any())
-
-
-def detect_key(labels: pd.DataFrame, predictions: pd.DataFrame, key: Optional[str] = None) -> str:
-    """The column to join on: ``key`` if given, else the first of :data:`KEY_COLUMNS`
-    filled in both tables."""
-    source = labels.attrs.get("source", "labels file")
-    if key:
-        if key not in labels.columns:
-            raise LabelError(f"labels file {source} has no key column {key!r} (columns: {_cols(labels)})")
-        if key not in predictions.columns:
-            raise LabelError(
-                f"predictions have no column {key!r} to join on "
-                f"(key columns there: {', '.join(c for c in KEY_COLUMNS if c in predictions.columns)})"
-            )
-        return key
-    for candidate in KEY_COLUMNS:
-        if _has_values(labels, candidate) and _has_values(predictions, candidate):
-            return candidate
-    raise LabelError(
-        f"labels file {source} has no key column filled in both files: need one of "
-        f"{', '.join(KEY_COLUMNS)} (it has: {_cols(labels)}); name one with --key"
-    )
-
-
-def _cols(frame: pd.DataFrame, limit: int = 12) -> str:
-    cols = [str(c) for c in frame.columns]
-    more = f", ... ({len(cols) - limit} more)" if len(cols) > limit else ""
-    return ", ".join(cols[:limit]) + more
-
-
-def _suffix_matches(label_keys: Iterable[str], pred_keys: Iterable[str]) -> dict[str, str]:
-    """Label path -> prediction path where one is the other with leading folders removed.
-
-    Used only when no path matches exactly (labels written relative to another folder
-    than the predict root). A label whose shorter path fits several predictions is left
-    unmatched.
-    """
-    pred_set = set(pred_keys)
-    by_suffix: dict[str, set[str]] = {}
-    for p in pred_set:
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            by_suffix.setdefault("/".join(parts[i:]), set()).add(p)
-    out: dict[str, str] = {}
-    for lab in set(label_keys):
-        candidates = by_suffix.get(lab)
-        if candidates:
-            if len(candidates) == 1:
-                out[lab] = next(iter(candidates))
-            continue
-        parts = lab.split("/")
-        for i in range(1, len(parts)):
-            tail = "/".join(parts[i:])
-            if tail in pred_set:
-                out[lab] = tail
-                break
-    return out
-
-
-# ----------------------------------------------------------------------- models
-
-
-def _first_value(rows: pd.DataFrame, column: str) -> str:
-    if column not in rows.columns:
-        return ""
-    values = rows[column].fillna("").astype(str).str.strip()
-    values = values[values != ""]
-    return str(values.iloc[0]) if len(values) else ""
-
-
-def describe_model(rows: pd.DataFrame, run_model: Optional[Mapping[str, Any]] = None) -> ModelCard:
-    """The card of one model in a predictions CSV written without a full card in its run.json.
-
-    ``run_model`` is that model's entry of an older ``predictions.run.json`` when there is
-    one; the CSV fills in what it lacks (classes from the ``prob_`` columns with values,
-    the threshold from the ``threshold`` column). A run.json holding the card itself is
-    read by :func:`card_from_run` instead.
-    """
-    run_model = dict(run_model or {})
-    name = _first_value(rows, "model") or str(run_model.get("name") or "model")
-    task_name = _first_value(rows, "task") or str(run_model.get("task") or "custom")
-    classes = [str(c) for c in run_model.get("classes") or []]
-    if not classes:
-        classes = [c[len(PROB_PREFIX) :] for c in rows.columns if c.startswith(PROB_PREFIX) and rows[c].notna().any()]
-    if not classes and task_name in TASKS:
-        classes = list(TASKS[task_name].classes)
-    if task_name in TASKS and set(classes) == set(TASKS[task_name].classes):
-        classes = list(TASKS[task_name].classes)
-    task = task_from_card(task_name, classes)
-    positive = run_model.get("positive") or task.positive
-    if len(classes) != 2 or positive not in classes:
-        positive = None
-    threshold: Optional[float] = None
-    if "threshold" in rows.columns:
-        values = pd.to_numeric(rows["threshold"], errors="coerce").dropna()
-        if len(values):
-            threshold = float(values.mode().iloc[0])
-    if threshold is None and run_model.get("threshold") is not None:
-        threshold = float(run_model["threshold"])
-    if positive is None:
-        threshold = None
-    return ModelCard(
-        name=name,
-        task=task.name,
-        classes=classes,
-        architecture=str(run_model.get("architecture") or ""),
-        input_size=int(run_model.get("input_size") or 0),
-        mean=[],
-        std=[],
-        positive=positive,
-        threshold=threshold,
-        thresholds=dict(run_model.get("thresholds") or {}),
-        weights_sha256=_first_value(rows, "weights_sha256") or str(run_model.get("weights_sha256") or ""),
-    )
-
-
-def card_from_run(run_model: Optional[Mapping[str, Any]]) -> Optional[ModelCard]:
-    """The card predict stored in run.json (``models[i]["card"]``), or None for older files."""
-    stored = (run_model or {}).get("card")
-    return ModelCard.from_dict(dict(stored)) if isinstance(stored, Mapping) else None
-
-
-def threshold_notes(rows: pd.DataFrame) -> list[str]:
-    """A note when one model's CSV rows carry several thresholds (files from several runs)."""
-    if "threshold" not in rows.columns:
-        return []
-    values = pd.to_numeric(rows["threshold"], errors="coerce").dropna()
-    if values.nunique() > 1:
-        return [f"several thresholds in the CSV; the most common, {float(values.mode().iloc[0]):g}, is used"]
-    return []
-
-
-def card_task(card: ModelCard) -> Task:
-    """The task (with its label mapping) of a card."""
-    return task_from_card(card.task, list(card.classes))
-
-
-def _study_column(rows: pd.DataFrame) -> Optional[str]:
-    """The column holding each file's study: predict's ``study`` key, else the UID."""
-    for col in ("study", STUDY_KEY):
-        if _has_values(rows, col):
-            return col
-    return None
-
-
 def study_predictions(rows: pd.DataFrame, model: ModelCard) -> pd.DataFrame:
     """Study-level predictions of one model from its file rows, by predict's rule
     (:func:`pneumobatch.core.studies.aggregate_studies`); only studies with a predicted image.
     Stands in for ``predictions.studies.csv`` when it is missing."""
-    by = _study_column(rows)
+    by = study_column(rows)
     if by is None:
         return pd.DataFrame(columns=STUDY_COLUMNS + model.prob_columns() + ["threshold"])
     studies = aggregate_studies(rows, [model], by=by)
     return studies[studies["n_images"] > 0].reset_index(drop=True)
-
-
-# ------------------------------------------------------------------------- join
 
 
 @dataclass
@@ -413,7 +167,9 @@ def check_label_column(labels: pd.DataFrame, label_column: str) -> None:
     source = labels.attrs.get("source", "labels file")
     like = [c for c in labels.columns if str(c).lower() in _LABEL_LIKE]
     hint = f"; try --label-column {like[0]}" if like else "; name it with --label-column"
-    raise LabelError(f"labels file {source} has no label column {label_column!r} (columns: {_cols(labels)}){hint}")
+    raise LabelError(
+        f"labels file {source} has no label column {label_column!r} (columns: {column_list(labels)}){hint}"
+    )
 
 
 def _columns_that_map_more(
@@ -503,7 +259,7 @@ def join_labels(
 
     # ---- paths written relative to another folder: match on trailing folders
     if key == "path" and not (set(lab["_key"]) & pred_keys):
-        rewrite = _suffix_matches(lab["_key"], pred_keys)
+        rewrite = suffix_matches(lab["_key"], pred_keys)
         if rewrite:
             example = next(iter(rewrite.items()))
             notes.append(
@@ -639,7 +395,7 @@ def study_level(
     """
     if join.level != "file":
         return None
-    by = _study_column(join.rows)
+    by = study_column(join.rows)
     if by is None:
         return None
     model = join.model
