@@ -508,6 +508,26 @@ def test_metadata_is_sanitised_and_never_holds_the_patient_name(tmp_path: Path):
     }  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_uids_follow_the_one_uid_rule(tmp_path: Path):
+    """PS3.5 9.1 (pneumobatch.core.uids): a leading-zero component is no UID, so the
+    file is grouped as a file without one (never under an identifier the archive refuses)."""
+    ds = make_dataset(reference_pixels(12, False), bits_stored=12)
+    ds.StudyInstanceUID = "1.2.826.0.01.3680043"
+    ds.SeriesInstanceUID = SERIES + "\x00"  # DICOM's NUL padding is no part of the UID
+    meta = read_dicom(write(ds, tmp_path / "x.dcm"), ReadOptions()).meta
+    assert meta["study_instance_uid"] == "" and meta["series_instance_uid"] == SERIES
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_a_transfer_syntax_uid_with_a_leading_zero_is_corrupt(tmp_path: Path):
+    ds = make_dataset(reference_pixels(12, False), bits_stored=12)
+    path = write(ds, tmp_path / "x.dcm")  # Explicit VR Little Endian, renamed with a leading zero:
+    path.write_bytes(path.read_bytes().replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.01", 1))
+    error = rejected(path)
+    assert error.reason is Reason.CORRUPT and error.detail == "invalid Transfer Syntax UID"
+
+
 def test_missing_modality_is_accepted(dx_file):
     image = read_dicom(dx_file(modality=None), ReadOptions())
     assert image.meta["modality"] == ""

@@ -57,6 +57,7 @@ from pydicom.pixels import pixel_array as decode_pixels
 
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.core.subgroups import age_band, age_years
+from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.readers import reduced
 from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
 from pneumobatch.io.readers.bodyparts import DESCRIPTION_KEYWORDS, examined_part
@@ -128,7 +129,6 @@ _J2K_FAMILY = frozenset({uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _QUOTED = re.compile(r"""(?<!\w)b?('[^']*'|"[^"]*")(?!\w)""")  # 'value' but not doesn't
 _DEFER_SIZE = 64 * 1024  # bytes: larger elements are read only if needed
 _MAX_TEXT = 128
@@ -294,16 +294,16 @@ def _metadata(ds: Dataset, tsyntax: uid.UID) -> dict[str, Any]:
     """Sanitised identifiers and descriptors; never the patient's name."""
     age = _text(_get(ds, "PatientAge"), 16)
     return {
-        "study_instance_uid": _uid_value(_get(ds, "StudyInstanceUID")),
-        "series_instance_uid": _uid_value(_get(ds, "SeriesInstanceUID")),
-        "sop_instance_uid": _uid_value(_get(ds, "SOPInstanceUID")),
+        "study_instance_uid": valid_uid(_get(ds, "StudyInstanceUID")),
+        "series_instance_uid": valid_uid(_get(ds, "SeriesInstanceUID")),
+        "sop_instance_uid": valid_uid(_get(ds, "SOPInstanceUID")),
         "view_position": _text(_get(ds, "ViewPosition")).upper(),
         "modality": _text(_get(ds, "Modality")).upper(),
         "patient_id": _text(_get(ds, "PatientID")),
         # the band, not the age: enough to pick an operating point, less identifying
         "age_band": age_band(age),
         "age_years": age_years(age),  # not written to any output
-        "transfer_syntax": _uid_value(str(tsyntax)),
+        "transfer_syntax": valid_uid(str(tsyntax)),
         "photometric_interpretation": _text(_get(ds, "PhotometricInterpretation")).upper(),
         "frames": _frames(ds),
         # the acquisition group monitoring breaks results down by (devices, never people)
@@ -378,7 +378,7 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
 def _sop_class(ds: Dataset) -> str:
     """Name (or UID) of the SOP Class in the data set, else in the file meta; or ""."""
     for value in (_get(ds, "SOPClassUID"), _get(ds.file_meta, "MediaStorageSOPClassUID")):
-        if sop_class := _uid_value(value):
+        if sop_class := valid_uid(value):
             return uid.UID(sop_class).name
     return ""
 
@@ -388,7 +388,7 @@ def _sop_class(ds: Dataset) -> str:
 
 def _decoding_plugins(tsyntax: uid.UID) -> tuple[str, ...]:
     """Installed pydicom plugins for ``tsyntax``, preferred first; ``("",)`` if native."""
-    if not _UID_RE.fullmatch(tsyntax):
+    if valid_uid(tsyntax) != tsyntax:
         raise FileRejected(Reason.CORRUPT, "invalid Transfer Syntax UID")
     name = _text(tsyntax.name)
     try:
@@ -673,12 +673,6 @@ def _text(value: Any, limit: int = _MAX_TEXT) -> str:
         value = "\\".join(str(v) for v in value)
     text = "".join(ch for ch in str(value) if ch.isprintable())
     return text.strip()[:limit]
-
-
-def _uid_value(value: Any) -> str:
-    """A valid UID (at most 64 characters of digits and dots), else empty: never a truncated one."""
-    text = _text(value, 256).rstrip("\x00")
-    return text if len(text) <= 64 and _UID_RE.fullmatch(text) else ""
 
 
 def _short(exc: BaseException) -> str:
