@@ -476,6 +476,88 @@ def test_constant_image_is_finite(dx_file):
     assert np.isfinite(image.pixels).all() and image.pixels.min() >= 0 and image.pixels.max() <= 1
 
 
+def hand_written_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The reader's window before it used pydicom's ``apply_windowing``, kept as the reference."""
+
+    def ramp(values: np.ndarray, lower: float, width: float) -> np.ndarray:
+        out = np.subtract(values, lower, dtype=np.float32)
+        out *= np.float32(1.0 / width)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    center = dicom_reader._float(dicom_reader._first(dicom_reader._get(ds, "WindowCenter")))
+    width = dicom_reader._float(dicom_reader._first(dicom_reader._get(ds, "WindowWidth")))
+    if center is None or width is None:
+        return None
+    function = dicom_reader._text(dicom_reader._get(ds, "VOILUTFunction")).upper() or "LINEAR"
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        x = values.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(np.float32(-4.0 / width) * (x - np.float32(center))))
+    if function == "LINEAR_EXACT":
+        return ramp(values, center - width / 2, width) if width > 0 else None
+    if width < 1:
+        return None
+    if width == 1:
+        return (values > center - 0.5).astype(np.float32)
+    return ramp(values, center - 0.5 - (width - 1) / 2, width - 1)
+
+
+def hand_written_display(path: Path) -> np.ndarray:
+    """What the reader showed before: Modality LUT, the hand-written window (else min-max), MONOCHROME1 inverted."""
+    ds = pydicom.dcmread(path)
+    values = dicom_reader._modality_lut(ds.pixel_array, ds)
+    display = hand_written_window(values, ds)
+    if display is None:
+        display = dicom_reader._minmax(values)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        display = 1.0 - display
+    return dicom_reader._finish(display)
+
+
+WINDOWS = [  # (center, width): narrow, a threshold (LINEAR width 1), fractional, wide, wider than the data
+    (2048, 4096), (1000, 1), (1000, 2), (1500.3, 700.7), (-200, 3000), (0.5, 0.25), (3000, 1e30), (5000, 10),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID", None, "NOT_A_FUNCTION"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize(
+    "bits, signed, slope, intercept",
+    [(12, False, None, None), (12, False, 2, -100), (16, True, 1, 1024), (14, False, 0.5, -3)],
+)
+@pytest.mark.parametrize("shape", [(ROWS, COLS), (260, 256)])  # windowed directly / through a table
+def test_pydicom_windowing_matches_the_hand_written_window(
+    dx_file, function, photometric, bits, signed, slope, intercept, shape
+):
+    stored = reference_pixels(bits, signed, shape)
+    rescale = {} if slope is None else {"RescaleSlope": slope, "RescaleIntercept": intercept}
+    extra = {"VOILUTFunction": function} if function else {}
+    for i, (center, width) in enumerate(WINDOWS):
+        path = dx_file(f"w{i}.dcm", pixels=stored, bits_stored=bits, photometric=photometric,
+                       WindowCenter=center, WindowWidth=width, **rescale, **extra)  # fmt: skip
+        expected = hand_written_display(path)
+        got = read_dicom(path, ReadOptions()).pixels
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0, err_msg=f"window {center}/{width}")
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("width", [0.5, 0, -10, 1e-3])
+def test_pydicom_windowing_keeps_the_width_guard(dx_file, function, width):
+    path = dx_file(pixels=STORED, WindowCenter=300, WindowWidth=width, VOILUTFunction=function)
+    np.testing.assert_allclose(read_dicom(path, ReadOptions()).pixels, hand_written_display(path), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_a_window_wider_than_float32_is_no_window(dx_file):
+    """Beyond float32's range the old formula overflowed (a constant image); such a width is now ignored."""
+    path = dx_file(pixels=STORED, WindowCenter=300, WindowWidth=1e39)
+    assert np.ptp(hand_written_display(path)) == 0
+    np.testing.assert_allclose(read_dicom(path, ReadOptions()).pixels, minmax64(STORED), atol=1e-6)
+
+
 # --- DICOM: metadata ----------------------------------------------------------------
 
 

@@ -17,10 +17,10 @@ Pixel policy:
   does not apply or fails. Both yield stored values that go through the same steps below.
 * Modality LUT: *Modality LUT Sequence* or *Rescale Slope/Intercept*.
 * VOI: the first *VOI LUT Sequence* item, else the first *Window Center/Width*
-  (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the image. A window with an
-  unusable width and a LUT with a constant output are ignored. A VOI LUT's output
-  is scaled by the range of its own entries, not by its nominal bit depth, since
-  many LUTs declare 16 bits and hold 12.
+  (LINEAR, LINEAR_EXACT or SIGMOID, by pydicom's ``apply_windowing``), else min-max
+  of the image. A window with an unusable width and a LUT with a constant output are
+  ignored. A VOI LUT's output is scaled by the range of its own entries, not by its
+  nominal bit depth, since many LUTs declare 16 bits and hold 12.
 * MONOCHROME1 is inverted so that 1 is always white on display; *Presentation LUT
   Shape* is not applied (for DX it restates the photometric interpretation).
 * Colour (RGB, YBR_*, PALETTE COLOR) is converted to luminance (ITU-R 601-2, as for
@@ -43,7 +43,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pydicom
@@ -52,7 +52,7 @@ from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, get_frame
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
 from pneumobatch.core.errors import FileRejected, Reason
@@ -130,6 +130,12 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _QUOTED = re.compile(r"""(?<!\w)b?('[^']*'|"[^"]*")(?!\w)""")  # 'value' but not doesn't
+#: VOI LUT Functions pydicom's windowing implements (PS3.3 C.11.2.1.3).
+_WINDOW_FUNCTIONS = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})
+#: Wider windows are no window: the largest finite float32.
+_MAX_WIDTH = float(np.finfo(np.float32).max)
+#: Integer images spanning fewer stored values than this are windowed through a table.
+_TABLE_SPAN = 1 << 16
 _DEFER_SIZE = 64 * 1024  # bytes: larger elements are read only if needed
 _MAX_TEXT = 128
 #: Deflated data sets are inflated whole by pydicom: refuse more than this many
@@ -516,15 +522,35 @@ def _to_display(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         finite = array[np.isfinite(array)]
         array = np.nan_to_num(array, nan=finite.min() if finite.size else 0.0)
-    values = _modality_lut(array, ds)
-    display = _voi_lut(values, ds)
+    values = _modality_lut(array, ds) if _get(ds, "VOILUTSequence") else None
+    display = None if values is None else _voi_lut(values, ds)
+    if display is None:  # window(modality(x)) per pixel: computed once per stored value
+        display = _per_stored_value(array, lambda stored: _window(_modality_lut(stored, ds), ds))
     if display is None:
-        display = _window(values, ds)
-    if display is None:
-        display = _minmax(values)
+        display = _minmax(_modality_lut(array, ds) if values is None else values)
     if photometric == "MONOCHROME1":
         np.subtract(1.0, display, out=display)
     return _finish(display)
+
+
+def _per_stored_value(array: np.ndarray, step: Callable[[np.ndarray], Optional[np.ndarray]]) -> Optional[np.ndarray]:
+    """``step(array)`` for a per-pixel ``step``, computed on each stored value once.
+
+    An integer image spans at most :data:`_TABLE_SPAN` values: ``step`` runs on that
+    range (of the image's own dtype, so every value goes through the same arithmetic)
+    and the image indexes the result, much faster than pydicom's windowing on millions
+    of pixels. Other images go through ``step`` as they are.
+    """
+    if array.dtype.kind not in "iu" or array.size < _TABLE_SPAN:
+        return step(array)
+    lo, hi = int(array.min()), int(array.max())
+    lo = 0 if array.dtype.kind == "u" else lo  # unsigned values index the table as they are
+    if hi - lo >= _TABLE_SPAN:
+        return step(array)
+    table = step(np.arange(lo, hi + 1).astype(array.dtype))
+    if table is None:
+        return None
+    return table[array] if lo == 0 else table[np.subtract(array, lo, dtype=np.int32)]
 
 
 def _finish(display: np.ndarray) -> np.ndarray:
@@ -589,28 +615,33 @@ def _voi_lut(values: np.ndarray, ds: Dataset) -> Optional[np.ndarray]:
 
 
 def _window(values: np.ndarray, ds: Dataset) -> Optional[np.ndarray]:
-    """Apply the first Window Center/Width (PS3.3 C.11.2.1.2); None if absent or invalid."""
+    """Apply the first Window Center/Width (PS3.3 C.11.2.1.2) with pydicom; None if absent or unusable.
+
+    pydicom's :func:`~pydicom.pixels.apply_windowing` computes the window on a data set
+    holding only the parsed centre, width and function, with a one-bit output range so
+    that it yields [0, 1]. An unknown function is taken as LINEAR. A width pydicom would
+    refuse (LINEAR below 1, the others not positive) or beyond float32's range (no
+    real window; the old float32 formula overflowed there) leaves the window unused.
+    """
     center = _float(_first(_get(ds, "WindowCenter")))
     width = _float(_first(_get(ds, "WindowWidth")))
     if center is None or width is None:
         return None
     function = _text(_get(ds, "VOILUTFunction")).upper() or "LINEAR"
-    if function == "SIGMOID":
-        if width <= 0:
-            return None
-        x = values.astype(np.float32, copy=False)
-        with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(np.float32(-4.0 / width) * (x - np.float32(center))))
-    if function == "LINEAR_EXACT":
-        return _ramp(values, center - width / 2, width) if width > 0 else None
-    if function != "LINEAR":
+    if function not in _WINDOW_FUNCTIONS:
         logger.debug("unknown VOI LUT Function %r; using LINEAR", function[:16])
-    if width < 1:
+        function = "LINEAR"
+    if (width < 1 if function == "LINEAR" else width <= 0) or width > _MAX_WIDTH:
         return None
-    if width == 1:  # a threshold at center - 0.5
-        return (values > center - 0.5).astype(np.float32)
-    # PS3.3 C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped
-    return _ramp(values, center - 0.5 - (width - 1) / 2, width - 1)
+    window = Dataset()
+    window.PhotometricInterpretation = "MONOCHROME2"  # MONOCHROME1 is inverted afterwards
+    window.BitsStored, window.PixelRepresentation = 1, 0  # output range [0, 1]
+    # FD rather than DS: the parsed floats as they are (a DS of more than 16 characters warns)
+    window.add_new(0x00281050, "FD", center)  # Window Center
+    window.add_new(0x00281051, "FD", width)  # Window Width
+    window.VOILUTFunction = function
+    with np.errstate(over="ignore"):  # SIGMOID: exp overflows to inf far below the centre, giving 0
+        return apply_windowing(values, window).astype(np.float32)
 
 
 # --- untrusted values ---------------------------------------------------------------
