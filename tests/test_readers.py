@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.io import discovery
 from pneumobatch.io.discovery import FileKind, sniff, walk
-from pneumobatch.io.readers import Image, ReadOptions, read_image
+from pneumobatch.io.readers import Image, ReadOptions, dicom_pixels, dicom_values, read_image
 from pneumobatch.io.readers import dicom as dicom_reader
 from pneumobatch.io.readers.dicom import read_dicom
 from pneumobatch.io.readers.raster import read_raster
@@ -484,11 +484,11 @@ def hand_written_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
         out *= np.float32(1.0 / width)
         return np.clip(out, 0.0, 1.0, out=out)
 
-    center = dicom_reader._float(dicom_reader._first(dicom_reader._get(ds, "WindowCenter")))
-    width = dicom_reader._float(dicom_reader._first(dicom_reader._get(ds, "WindowWidth")))
+    center = dicom_values.as_float(dicom_values.first_value(dicom_values.header_value(ds, "WindowCenter")))
+    width = dicom_values.as_float(dicom_values.first_value(dicom_values.header_value(ds, "WindowWidth")))
     if center is None or width is None:
         return None
-    function = dicom_reader._text(dicom_reader._get(ds, "VOILUTFunction")).upper() or "LINEAR"
+    function = dicom_values.as_text(dicom_values.header_value(ds, "VOILUTFunction")).upper() or "LINEAR"
     if function == "SIGMOID":
         if width <= 0:
             return None
@@ -507,13 +507,13 @@ def hand_written_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
 def hand_written_display(path: Path) -> np.ndarray:
     """What the reader showed before: Modality LUT, the hand-written window (else min-max), MONOCHROME1 inverted."""
     ds = pydicom.dcmread(path)
-    values = dicom_reader._modality_lut(ds.pixel_array, ds)
+    values = dicom_pixels._modality_lut(ds.pixel_array, ds)
     display = hand_written_window(values, ds)
     if display is None:
-        display = dicom_reader._minmax(values)
+        display = dicom_pixels._minmax(values)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         display = 1.0 - display
-    return dicom_reader._finish(display)
+    return dicom_pixels._finish(display)
 
 
 WINDOWS = [  # (center, width): narrow, a threshold (LINEAR width 1), fractional, wide, wider than the data
