@@ -106,7 +106,8 @@ class ModelActor:
     """Ray Data actor: the models on this actor's GPU (or CPU), probabilities per batch.
 
     Adds ``probs_<i>`` (n, classes) and, for models with applicability statistics,
-    ``ood_<i>`` (n,) for model ``i``; NaN on rows that were not decoded.
+    ``ood_<i>`` (n,) and ``applicable_<i>`` (n,) for model ``i``; NaN (False) on rows
+    that were not decoded.
     """
 
     def __init__(self, models_ref: list[Any], use_gpu: bool, precision: str, backend: str = "auto") -> None:
@@ -132,6 +133,7 @@ class ModelActor:
         if len(ok):
             inputs = {s: torch.from_numpy(batch[_input_column(s)][ok]) for s in self.predictor.sizes}
             probs = self.predictor(inputs, scores)
+        applicable = self.predictor.applicable(scores)
         out = {key: batch[key] for key in _RECORD}
         for i, name, n_classes, scored in self.models:
             column = np.full((n, n_classes), np.nan, dtype=np.float32)
@@ -141,6 +143,9 @@ class ModelActor:
                 score = np.full(n, np.nan, dtype=np.float64)
                 score[ok] = scores.get(name, np.nan)
                 out[f"ood_{i}"] = score
+                flag = np.zeros(n, dtype=bool)
+                flag[ok] = applicable.get(name, False)
+                out[f"applicable_{i}"] = flag
         return out
 
 
@@ -162,6 +167,9 @@ def file_results(
             result.probs = {name: batch[f"probs_{i}"][row] for i, name in enumerate(names)}
             result.ood_scores = {
                 name: float(batch[f"ood_{i}"][row]) for i, name in enumerate(names) if f"ood_{i}" in batch
+            }
+            result.applicable = {
+                name: bool(batch[f"applicable_{i}"][row]) for i, name in enumerate(names) if f"ood_{i}" in batch
             }
         yield int(index), result
 

@@ -101,8 +101,9 @@ def result_rows(
 
     The decision uses the card's operating point for the image's age band (DICOM
     PatientAge) when the card has one, else the pooled threshold (``operating_point``).
-    Models with applicability statistics add ``ood_score`` and ``applicable``; with
-    ``skip_ood`` an inapplicable image's row becomes ``skipped``/``out-of-distribution``.
+    Models with applicability statistics add ``ood_score`` and ``applicable`` (as the
+    model layer decided it, :attr:`FileResult.applicable`); with ``skip_ood`` an
+    inapplicable image's row becomes ``skipped``/``out-of-distribution``.
     """
     meta = result.meta
     base = {
@@ -137,7 +138,7 @@ def result_rows(
             row["warnings"] = " ".join(card.age_warnings(meta.get("age_years")))
             score = result.ood_scores.get(card.name)
             if score is not None:
-                applicable = bool(score <= float(card.applicability["threshold"]))
+                applicable = result.applicable[card.name]  # decided by the model layer
                 row["ood_score"], row["applicable"] = f"{score:.4f}", "true" if applicable else "false"
                 if skip_ood and not applicable:
                     row.update(

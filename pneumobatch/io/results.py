@@ -1,4 +1,4 @@
-"""FileResult: what happened to one file in a run (its status and reason, or its probabilities)."""
+"""FileResult: what happened to one file in a run (its status and reason, or its probabilities and applicability)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,6 @@ class FileResult:
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     #: model name -> applicability score (models with applicability statistics only)
     ood_scores: dict[str, float] = field(default_factory=dict)
+    #: model name -> whether the image is applicable: the model layer's decision
+    #: (``ApplicabilityStats.flag``) for each score in ``ood_scores``
+    applicable: dict[str, bool] = field(default_factory=dict)

@@ -144,6 +144,11 @@ class Predictor:
             if model.card.name in self.applicability:
                 self._hooks[model.card.name] = tap(model, self.applicability[model.card.name].layer_names)
 
+    def applicable(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per model, whether each image is applicable: its statistics' own rule
+        (:meth:`ApplicabilityStats.flag`) on the scores ``__call__`` filled in."""
+        return {name: self.applicability[name].flag(s) for name, s in scores.items()}
+
     @property
     def sizes(self) -> list[int]:
         return sorted({m.card.input_size for m in self.models})
@@ -236,6 +241,7 @@ def run_inference(
         inputs = {size: torch.cat(parts) for size, parts in gathered.items()}
         scores: dict[str, np.ndarray] = {}
         probs = predictor({size: x[:n] for size, x in inputs.items()}, scores) if n else {}
+        applicable = predictor.applicable(scores)
         gathered = {size: [x[n:]] for size, x in inputs.items()} if rows > n else {}
         rows -= n
         row = 0
@@ -247,6 +253,7 @@ def run_inference(
             if decoded:
                 result.probs = {name: p[row] for name, p in probs.items()}
                 result.ood_scores = {name: float(s[row]) for name, s in scores.items()}
+                result.applicable = {name: bool(a[row]) for name, a in applicable.items()}
                 row += 1
             yield result
 

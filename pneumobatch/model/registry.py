@@ -286,7 +286,17 @@ def _load_applicability(card: ModelCard, weights_path: Path, verify: bool) -> Op
         raise ModelError(f"{path}: applicability statistics named by the card are missing")
     if verify and sha256_file(path) != str(info.get("sha256", "")).lower():
         raise ModelError(f"{path}: SHA-256 does not match the card; the file was changed or corrupted")
-    return ApplicabilityStats.load(path)
+    stats = ApplicabilityStats.load(path)
+    if info.get("threshold") is not None:
+        # the card's threshold is the one images are flagged by (``stats.flag``); pneumobatch
+        # writes the same number into the card and the file, but only the card is edited by hand
+        try:
+            stats.threshold = float(info["threshold"])
+        except (TypeError, ValueError) as exc:
+            raise ModelError(
+                f"model {card.name}: applicability threshold {info['threshold']!r} is not a number"
+            ) from exc
+    return stats
 
 
 def list_models(weights_dir: Optional[Path] = None) -> list[ModelCard]:

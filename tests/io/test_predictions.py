@@ -474,3 +474,37 @@ def test_study_rows_take_the_most_abnormal_predicted_image_and_count_what_they_h
     )
     assert studies.loc[("A", "ghost")].threshold == 0.25 and studies.loc[("A", "ghost")].n_images == 0
     assert list(studies.index) == [("A", "m"), ("B", "m"), ("A", "ghost")]
+
+
+def test_rows_write_the_applicability_the_model_layer_decided():
+    """result_rows writes FileResult.applicable as it is: it never compares the score itself."""
+    from pneumobatch.core.errors import Status
+    from pneumobatch.io.discovery import FileEntry
+    from pneumobatch.io.results import FileResult
+
+    card = ModelCard(
+        name="m",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="x",
+        input_size=8,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.5,
+        applicability={"file": "m.applicability.safetensors", "threshold": 1.0},
+    )
+
+    def row(score: float, applicable: bool, skip_ood: bool = False) -> dict:
+        result = FileResult(FileEntry(Path("/x/a.png"), "a.png", 1, 2), Status.OK, probs={"m": np.array([0.3, 0.7])})
+        result.ood_scores, result.applicable = {"m": score}, {"m": applicable}
+        (only,) = outputs.result_rows(result, [card], "file", False, skip_ood)
+        return only
+
+    low_but_flagged = row(0.2, False)
+    assert (low_but_flagged["ood_score"], low_but_flagged["applicable"]) == ("0.2000", "false")
+    assert low_but_flagged["status"] == "ok" and low_but_flagged["pred_label"] == "pneumonia"
+    assert row(5.0, True)["applicable"] == "true"
+    skipped = row(0.2, False, skip_ood=True)
+    assert (skipped["status"], skipped["reason"], skipped["prob_pneumonia"]) == ("skipped", "out-of-distribution", "")
+    assert row(5.0, True, skip_ood=True)["status"] == "ok"

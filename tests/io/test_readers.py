@@ -30,7 +30,7 @@ from pydicom.sequence import Sequence
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.io import discovery
 from pneumobatch.io.discovery import FileKind, sniff
-from pneumobatch.io.readers import Image, ReadOptions, read_image
+from pneumobatch.io.readers import Image, ReadOptions, dicom_pixels, dicom_values, read_image
 from pneumobatch.io.readers import dicom as dicom_reader
 from pneumobatch.io.readers.dicom import read_dicom
 from pneumobatch.io.readers.raster import read_raster
@@ -475,6 +475,88 @@ def test_constant_image_is_finite(dx_file):
     assert np.isfinite(image.pixels).all() and image.pixels.min() >= 0 and image.pixels.max() <= 1
 
 
+def hand_written_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The reader's window before it used pydicom's ``apply_windowing``, kept as the reference."""
+
+    def ramp(values: np.ndarray, lower: float, width: float) -> np.ndarray:
+        out = np.subtract(values, lower, dtype=np.float32)
+        out *= np.float32(1.0 / width)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    center = dicom_values.as_float(dicom_values.first_value(dicom_values.header_value(ds, "WindowCenter")))
+    width = dicom_values.as_float(dicom_values.first_value(dicom_values.header_value(ds, "WindowWidth")))
+    if center is None or width is None:
+        return None
+    function = dicom_values.as_text(dicom_values.header_value(ds, "VOILUTFunction")).upper() or "LINEAR"
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        x = values.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(np.float32(-4.0 / width) * (x - np.float32(center))))
+    if function == "LINEAR_EXACT":
+        return ramp(values, center - width / 2, width) if width > 0 else None
+    if width < 1:
+        return None
+    if width == 1:
+        return (values > center - 0.5).astype(np.float32)
+    return ramp(values, center - 0.5 - (width - 1) / 2, width - 1)
+
+
+def hand_written_display(path: Path) -> np.ndarray:
+    """What the reader showed before: Modality LUT, the hand-written window (else min-max), MONOCHROME1 inverted."""
+    ds = pydicom.dcmread(path)
+    values = dicom_pixels._modality_lut(ds.pixel_array, ds)
+    display = hand_written_window(values, ds)
+    if display is None:
+        display = dicom_pixels._minmax(values)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        display = 1.0 - display
+    return dicom_pixels._finish(display)
+
+
+WINDOWS = [  # (center, width): narrow, a threshold (LINEAR width 1), fractional, wide, wider than the data
+    (2048, 4096), (1000, 1), (1000, 2), (1500.3, 700.7), (-200, 3000), (0.5, 0.25), (3000, 1e30), (5000, 10),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID", None, "NOT_A_FUNCTION"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize(
+    "bits, signed, slope, intercept",
+    [(12, False, None, None), (12, False, 2, -100), (16, True, 1, 1024), (14, False, 0.5, -3)],
+)
+@pytest.mark.parametrize("shape", [(ROWS, COLS), (260, 256)])  # windowed directly / through a table
+def test_pydicom_windowing_matches_the_hand_written_window(
+    dx_file, function, photometric, bits, signed, slope, intercept, shape
+):
+    stored = reference_pixels(bits, signed, shape)
+    rescale = {} if slope is None else {"RescaleSlope": slope, "RescaleIntercept": intercept}
+    extra = {"VOILUTFunction": function} if function else {}
+    for i, (center, width) in enumerate(WINDOWS):
+        path = dx_file(f"w{i}.dcm", pixels=stored, bits_stored=bits, photometric=photometric,
+                       WindowCenter=center, WindowWidth=width, **rescale, **extra)  # fmt: skip
+        expected = hand_written_display(path)
+        got = read_dicom(path, ReadOptions()).pixels
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0, err_msg=f"window {center}/{width}")
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("width", [0.5, 0, -10, 1e-3])
+def test_pydicom_windowing_keeps_the_width_guard(dx_file, function, width):
+    path = dx_file(pixels=STORED, WindowCenter=300, WindowWidth=width, VOILUTFunction=function)
+    np.testing.assert_allclose(read_dicom(path, ReadOptions()).pixels, hand_written_display(path), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_a_window_wider_than_float32_is_no_window(dx_file):
+    """Beyond float32's range the old formula overflowed (a constant image); such a width is now ignored."""
+    path = dx_file(pixels=STORED, WindowCenter=300, WindowWidth=1e39)
+    assert np.ptp(hand_written_display(path)) == 0
+    np.testing.assert_allclose(read_dicom(path, ReadOptions()).pixels, minmax64(STORED), atol=1e-6)
+
+
 # --- DICOM: metadata ----------------------------------------------------------------
 
 
@@ -505,6 +587,26 @@ def test_metadata_is_sanitised_and_never_holds_the_patient_name(tmp_path: Path):
         "patient_id", "age_band", "age_years", "transfer_syntax", "photometric_interpretation", "frames",
         "manufacturer", "manufacturer_model_name", "station_name",
     }  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_uids_follow_the_one_uid_rule(tmp_path: Path):
+    """PS3.5 9.1 (pneumobatch.core.uids): a leading-zero component is no UID, so the
+    file is grouped as a file without one (never under an identifier the archive refuses)."""
+    ds = make_dataset(reference_pixels(12, False), bits_stored=12)
+    ds.StudyInstanceUID = "1.2.826.0.01.3680043"
+    ds.SeriesInstanceUID = SERIES + "\x00"  # DICOM's NUL padding is no part of the UID
+    meta = read_dicom(write(ds, tmp_path / "x.dcm"), ReadOptions()).meta
+    assert meta["study_instance_uid"] == "" and meta["series_instance_uid"] == SERIES
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_a_transfer_syntax_uid_with_a_leading_zero_is_corrupt(tmp_path: Path):
+    ds = make_dataset(reference_pixels(12, False), bits_stored=12)
+    path = write(ds, tmp_path / "x.dcm")  # Explicit VR Little Endian, renamed with a leading zero:
+    path.write_bytes(path.read_bytes().replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.01", 1))
+    error = rejected(path)
+    assert error.reason is Reason.CORRUPT and error.detail == "invalid Transfer Syntax UID"
 
 
 def test_missing_modality_is_accepted(dx_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,54 @@ def test_predict_gives_the_callers_torch_threads_back(weights_dir, tmp_path):
         assert '"threads": 1' in json_path.read_text()
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_model_layer_decides_applicability_as_the_csv_did():
+    """``ApplicabilityStats.flag`` (``score <= threshold``) with the card's threshold is the rule the
+    CSV writer applied inline before (``score <= card.applicability["threshold"]``), to the bit."""
+    from pneumobatch.io.discovery import walk
+    from pneumobatch.io.readers import ReadOptions
+    from pneumobatch.model.inference import Predictor, run_inference
+    from pneumobatch.model.registry import load_model
+
+    model = load_model("pneumonia")
+    card, stats = model.card, model.applicability
+    threshold = float(card.applicability["threshold"])
+    assert stats.threshold == threshold
+    edge = np.array([threshold, np.nextafter(threshold, np.inf), np.nextafter(threshold, -np.inf), np.nan, 0.0])
+    predictor = Predictor([model], torch.device("cpu"), None, {card.name: stats}, backend="torch")
+    flags = predictor.applicable({card.name: edge})[card.name]
+    assert flags.tolist() == [bool(s <= threshold) for s in edge] == [True, False, True, False, True]
+
+    samples = Path(__file__).resolve().parents[1] / "sample_studies"  # holds a flagged CT slice
+    entries = [entry for _, entry in walk([samples])]
+    results = list(run_inference(entries, predictor, ReadOptions(), batch_size=4, workers=0))
+    scored = [r for r in results if r.ood_scores]
+    assert scored
+    for result in scored:
+        score = result.ood_scores[card.name]
+        assert result.applicable == {card.name: bool(score <= threshold)}
+    assert {r.applicable[card.name] for r in scored} == {True, False}
+    assert all(not r.applicable for r in results if not r.ood_scores)
+
+
+def test_the_cards_applicability_threshold_is_the_one_images_are_flagged_by(tmp_path: Path):
+    """A card edited by hand flags by its own threshold, as the CSV did; a threshold that is no number is refused."""
+    import json
+    import shutil
+
+    from pneumobatch.core.errors import ModelError
+    from pneumobatch.model.registry import default_weights_dir, load_model
+
+    for name in ("pneumonia.json", "pneumonia.safetensors", "pneumonia.applicability.safetensors"):
+        shutil.copy(default_weights_dir() / name, tmp_path / name)
+    card_path = tmp_path / "pneumonia.json"
+    card = json.loads(card_path.read_text())
+    card["applicability"]["threshold"] = 0.75
+    card_path.write_text(json.dumps(card))
+    stats = load_model("pneumonia", tmp_path).applicability
+    assert stats.threshold == 0.75 and stats.flag(np.array([0.75, 0.76])).tolist() == [True, False]
+    card["applicability"]["threshold"] = "high"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="applicability threshold 'high' is not a number"):
+        load_model("pneumonia", tmp_path)

@@ -6,7 +6,9 @@ no pixels, is not a chest radiograph (Modality other than CR/DX/DR; a missing
 Modality is accepted), names another body part (``not-chest``, see
 :mod:`pneumobatch.io.readers.bodyparts`), is a lateral view, is larger than ``max_pixels`` or uses a
 transfer syntax no installed plugin decodes. Nothing but
-:class:`~pneumobatch.core.errors.FileRejected` leaves :func:`read_dicom`.
+:class:`~pneumobatch.core.errors.FileRejected` leaves :func:`read_dicom`. Header
+values are read through :mod:`.dicom_values`; stored values become display values in
+:mod:`.dicom_pixels`.
 
 Pixel policy:
 
@@ -17,10 +19,10 @@ Pixel policy:
   does not apply or fails. Both yield stored values that go through the same steps below.
 * Modality LUT: *Modality LUT Sequence* or *Rescale Slope/Intercept*.
 * VOI: the first *VOI LUT Sequence* item, else the first *Window Center/Width*
-  (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the image. A window with an
-  unusable width and a LUT with a constant output are ignored. A VOI LUT's output
-  is scaled by the range of its own entries, not by its nominal bit depth, since
-  many LUTs declare 16 bits and hold 12.
+  (LINEAR, LINEAR_EXACT or SIGMOID, by pydicom's ``apply_windowing``), else min-max
+  of the image. A window with an unusable width and a LUT with a constant output are
+  ignored. A VOI LUT's output is scaled by the range of its own entries, not by its
+  nominal bit depth, since many LUTs declare 16 bits and hold 12.
 * MONOCHROME1 is inverted so that 1 is always white on display; *Presentation LUT
   Shape* is not applied (for DX it restates the photometric interpretation).
 * Colour (RGB, YBR_*, PALETTE COLOR) is converted to luminance (ITU-R 601-2, as for
@@ -38,7 +40,6 @@ Pixel policy:
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -51,15 +52,24 @@ from pydicom import uid
 from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, get_frame
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.core.subgroups import age_band, age_years
+from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.readers import reduced
 from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
 from pneumobatch.io.readers.bodyparts import DESCRIPTION_KEYWORDS, examined_part
+from pneumobatch.io.readers.dicom_pixels import to_display
+from pneumobatch.io.readers.dicom_values import (
+    as_int,
+    as_text,
+    frame_count,
+    has_data,
+    header_value,
+    short_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +138,7 @@ _J2K_FAMILY = frozenset({uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_QUOTED = re.compile(r"""(?<!\w)b?('[^']*'|"[^"]*")(?!\w)""")  # 'value' but not doesn't
 _DEFER_SIZE = 64 * 1024  # bytes: larger elements are read only if needed
-_MAX_TEXT = 128
 #: Deflated data sets are inflated whole by pydicom: refuse more than this many
 #: bytes per allowed pixel (plus slack for the header) before it tries.
 _DEFLATE_BYTES_PER_PIXEL = 8
@@ -160,7 +167,7 @@ def read_dicom(path: Path, options: ReadOptions) -> Image:
         except MemoryError as exc:
             rejection, cause = FileRejected(Reason.TOO_LARGE, "out of memory"), exc
         except Exception as exc:  # pydicom converts elements lazily: any access may raise
-            rejection, cause = FileRejected(Reason.CORRUPT, f"malformed DICOM: {_short(exc)}"), exc
+            rejection, cause = FileRejected(Reason.CORRUPT, f"malformed DICOM: {short_error(exc)}"), exc
     rejection.meta = {**meta, **(getattr(rejection, "meta", None) or {})}
     raise rejection from cause
 
@@ -176,7 +183,7 @@ def _read(path: Path, options: ReadOptions, meta: dict[str, Any]) -> Image:
     array = _decode_reduced(ds, tsyntax, photometric, options)
     if array is None:
         array = _decode_first_frame(ds, plugins)
-    return Image(_to_display(array, ds, photometric), dict(meta))
+    return Image(to_display(array, ds, photometric), dict(meta))
 
 
 # --- header -------------------------------------------------------------------------
@@ -193,9 +200,9 @@ def _read_header(path: Path, options: ReadOptions) -> Dataset:
     except MemoryError as exc:
         raise FileRejected(Reason.TOO_LARGE, "out of memory reading the header") from exc
     except OSError as exc:
-        raise FileRejected(Reason.UNREADABLE, _short(exc)) from exc
+        raise FileRejected(Reason.UNREADABLE, short_error(exc)) from exc
     except Exception as exc:  # pydicom raises many types for malformed files
-        raise FileRejected(Reason.CORRUPT, f"unreadable DICOM header: {_short(exc)}") from exc
+        raise FileRejected(Reason.CORRUPT, f"unreadable DICOM header: {short_error(exc)}") from exc
 
 
 def _inflate_deflated(path: Path, options: ReadOptions) -> Optional[bytes]:
@@ -273,7 +280,7 @@ def _transfer_syntax(ds: Dataset) -> uid.UID:
     """The file's transfer syntax; guessed from the encoding when the meta lacks it."""
     try:
         value = ds.file_meta.get("TransferSyntaxUID")
-        tsyntax = uid.UID(_text(value, 64)) if value else None
+        tsyntax = uid.UID(as_text(value, 64)) if value else None
     except Exception:
         tsyntax = None
     if tsyntax:
@@ -292,24 +299,24 @@ def _transfer_syntax(ds: Dataset) -> uid.UID:
 
 def _metadata(ds: Dataset, tsyntax: uid.UID) -> dict[str, Any]:
     """Sanitised identifiers and descriptors; never the patient's name."""
-    age = _text(_get(ds, "PatientAge"), 16)
+    age = as_text(header_value(ds, "PatientAge"), 16)
     return {
-        "study_instance_uid": _uid_value(_get(ds, "StudyInstanceUID")),
-        "series_instance_uid": _uid_value(_get(ds, "SeriesInstanceUID")),
-        "sop_instance_uid": _uid_value(_get(ds, "SOPInstanceUID")),
-        "view_position": _text(_get(ds, "ViewPosition")).upper(),
-        "modality": _text(_get(ds, "Modality")).upper(),
-        "patient_id": _text(_get(ds, "PatientID")),
+        "study_instance_uid": valid_uid(header_value(ds, "StudyInstanceUID")),
+        "series_instance_uid": valid_uid(header_value(ds, "SeriesInstanceUID")),
+        "sop_instance_uid": valid_uid(header_value(ds, "SOPInstanceUID")),
+        "view_position": as_text(header_value(ds, "ViewPosition")).upper(),
+        "modality": as_text(header_value(ds, "Modality")).upper(),
+        "patient_id": as_text(header_value(ds, "PatientID")),
         # the band, not the age: enough to pick an operating point, less identifying
         "age_band": age_band(age),
         "age_years": age_years(age),  # not written to any output
-        "transfer_syntax": _uid_value(str(tsyntax)),
-        "photometric_interpretation": _text(_get(ds, "PhotometricInterpretation")).upper(),
-        "frames": _frames(ds),
+        "transfer_syntax": valid_uid(str(tsyntax)),
+        "photometric_interpretation": as_text(header_value(ds, "PhotometricInterpretation")).upper(),
+        "frames": frame_count(ds),
         # the acquisition group monitoring breaks results down by (devices, never people)
-        "manufacturer": _text(_get(ds, "Manufacturer"), 64),
-        "manufacturer_model_name": _text(_get(ds, "ManufacturerModelName"), 64),
-        "station_name": _text(_get(ds, "StationName"), 64),
+        "manufacturer": as_text(header_value(ds, "Manufacturer"), 64),
+        "manufacturer_model_name": as_text(header_value(ds, "ManufacturerModelName"), 64),
+        "station_name": as_text(header_value(ds, "StationName"), 64),
     }
 
 
@@ -317,22 +324,24 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
     """Refuse, from the header alone, what should not or cannot be decoded."""
     if len(ds) == 0:  # pydicom drops everything when a file ends inside an undefined length
         raise FileRejected(Reason.CORRUPT, "no data elements (truncated?)")
-    if not any(_has_data(ds, keyword) for keyword in _PIXEL_TAGS):
-        if _get(ds, "Rows") is not None or _get(ds, "Columns") is not None:
+    if not any(has_data(ds, keyword) for keyword in _PIXEL_TAGS):
+        if header_value(ds, "Rows") is not None or header_value(ds, "Columns") is not None:
             raise FileRejected(Reason.CORRUPT, "image header without Pixel Data (truncated?)")
         sop_class = _sop_class(ds)
         if not sop_class:
             raise FileRejected(Reason.CORRUPT, "neither Pixel Data nor a SOP Class UID")
         if any(tag.group % 2 == 0 and not dictionary_has_tag(tag) for tag in ds.keys()):
             raise FileRejected(Reason.CORRUPT, "unknown standard tags and no Pixel Data (garbled?)")
-        raise FileRejected(Reason.NO_PIXELS, f"no Pixel Data in {_text(sop_class, 64)}")
+        raise FileRejected(Reason.NO_PIXELS, f"no Pixel Data in {as_text(sop_class, 64)}")
     modality = meta["modality"][:16]
     if modality and modality not in CXR_MODALITIES:
         # name it only when it is a DICOM defined term: details never echo header text
         raise FileRejected(
             Reason.NOT_CXR, f"modality {modality}" if modality in DICOM_MODALITIES else "modality other than CR/DX/DR"
         )
-    part, keyword = examined_part({k: _text(_get(ds, k), 256) for k in _BODY_PART_KEYWORDS}, options.body_parts)
+    part, keyword = examined_part(
+        {k: as_text(header_value(ds, k), 256) for k in _BODY_PART_KEYWORDS}, options.body_parts
+    )
     if part is not None and part != "CHEST":
         # ``part`` is a word of our own vocabulary, never raw header text
         raise FileRejected(Reason.NOT_CHEST, f"{keyword} names {part}, not the chest")
@@ -340,7 +349,7 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
     if view in LATERAL_VIEWS and not options.include_lateral:
         raise FileRejected(Reason.LATERAL, f"view position {view[:16]}")
 
-    rows, columns = _int(_get(ds, "Rows")), _int(_get(ds, "Columns"))
+    rows, columns = as_int(header_value(ds, "Rows")), as_int(header_value(ds, "Columns"))
     if not rows or not columns or rows < 1 or columns < 1:
         raise FileRejected(Reason.CORRUPT, "missing or invalid Rows/Columns")
     if rows * columns > options.max_pixels:
@@ -348,8 +357,8 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
             Reason.TOO_LARGE,
             f"{columns}x{rows} pixels exceeds the limit of {options.max_pixels}",
         )
-    samples = _int(_get(ds, "SamplesPerPixel")) or 1
-    bits = _int(_get(ds, "BitsAllocated")) or 16
+    samples = as_int(header_value(ds, "SamplesPerPixel")) or 1
+    bits = as_int(header_value(ds, "BitsAllocated")) or 16
     if not 1 <= samples <= 4 or not 1 <= bits <= 64:
         raise FileRejected(Reason.UNSUPPORTED_PIXELS, "Samples per Pixel or Bits Allocated out of range")
     decoded_bytes = rows * columns * samples * ((bits + 7) // 8)  # one frame: only the first is decoded
@@ -359,11 +368,11 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
             f"{columns}x{rows}x{samples} samples of {bits} bits would decode to {decoded_bytes >> 20} MiB, over the "
             f"limit of {options.max_pixels * MAX_BYTES_PER_PIXEL >> 20} MiB (--max-pixels x {MAX_BYTES_PER_PIXEL} bytes)",
         )
-    if _get(ds, "NumberOfFrames") is not None and meta["frames"] != _int(_get(ds, "NumberOfFrames")):
+    if header_value(ds, "NumberOfFrames") is not None and meta["frames"] != as_int(header_value(ds, "NumberOfFrames")):
         ds.NumberOfFrames = meta["frames"]  # invalid value: decode the first frame anyway
 
     photometric = meta["photometric_interpretation"]
-    samples = _int(_get(ds, "SamplesPerPixel")) or 1
+    samples = as_int(header_value(ds, "SamplesPerPixel")) or 1
     if not photometric and samples == 1:
         photometric = meta["photometric_interpretation"] = "MONOCHROME2"
         ds.PhotometricInterpretation = photometric
@@ -377,8 +386,8 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
 
 def _sop_class(ds: Dataset) -> str:
     """Name (or UID) of the SOP Class in the data set, else in the file meta; or ""."""
-    for value in (_get(ds, "SOPClassUID"), _get(ds.file_meta, "MediaStorageSOPClassUID")):
-        if sop_class := _uid_value(value):
+    for value in (header_value(ds, "SOPClassUID"), header_value(ds.file_meta, "MediaStorageSOPClassUID")):
+        if sop_class := valid_uid(value):
             return uid.UID(sop_class).name
     return ""
 
@@ -388,9 +397,9 @@ def _sop_class(ds: Dataset) -> str:
 
 def _decoding_plugins(tsyntax: uid.UID) -> tuple[str, ...]:
     """Installed pydicom plugins for ``tsyntax``, preferred first; ``("",)`` if native."""
-    if not _UID_RE.fullmatch(tsyntax):
+    if valid_uid(tsyntax) != tsyntax:
         raise FileRejected(Reason.CORRUPT, "invalid Transfer Syntax UID")
-    name = _text(tsyntax.name)
+    name = as_text(tsyntax.name)
     try:
         decoder = get_decoder(tsyntax)
     except Exception as exc:
@@ -466,16 +475,16 @@ def _decode_reduced(ds: Dataset, tsyntax: uid.UID, photometric: str, options: Re
     if not side or tsyntax not in reduced.TRANSFER_SYNTAXES or photometric not in _MONOCHROME:
         return None
     layout = reduced.Layout(
-        rows=_int(_get(ds, "Rows")) or 0,
-        columns=_int(_get(ds, "Columns")) or 0,
-        bits_allocated=_int(_get(ds, "BitsAllocated")) or 0,
-        bits_stored=_int(_get(ds, "BitsStored")) or 0,
-        signed=_int(_get(ds, "PixelRepresentation")) == 1,
+        rows=as_int(header_value(ds, "Rows")) or 0,
+        columns=as_int(header_value(ds, "Columns")) or 0,
+        bits_allocated=as_int(header_value(ds, "BitsAllocated")) or 0,
+        bits_stored=as_int(header_value(ds, "BitsStored")) or 0,
+        signed=as_int(header_value(ds, "PixelRepresentation")) == 1,
     )
-    if _int(_get(ds, "SamplesPerPixel")) not in (None, 1):
+    if as_int(header_value(ds, "SamplesPerPixel")) not in (None, 1):
         return None
     try:
-        frame = get_frame(ds.PixelData, 0, number_of_frames=_frames(ds))
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frame_count(ds))
     except Exception as exc:  # pydicom will say what is wrong with the fragments
         logger.debug("no frame for a reduced decode: %s", exc)
         return None
@@ -495,194 +504,5 @@ def _decode_first_frame(ds: Dataset, plugins: tuple[str, ...]) -> np.ndarray:
         except BaseException as exc:  # decoders raise anything; Rust ones (pyo3) panic
             failure = exc
             logger.debug("plugin %r failed: %s", plugin or "native", exc)
-    detail = _short(failure) if failure else "no decoder"
+    detail = short_error(failure) if failure else "no decoder"
     raise FileRejected(Reason.CORRUPT, f"undecodable pixel data: {detail}") from failure
-
-
-# --- pixel values -------------------------------------------------------------------
-
-
-def _to_display(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
-    """Map stored values to [0, 1] display values (Modality LUT, VOI, MONOCHROME1)."""
-    if photometric == "PALETTE COLOR" and array.ndim == 2:
-        array = apply_color_lut(array, ds)
-    if array.ndim == 3:  # colour: pydicom has converted YBR to RGB
-        if array.shape[-1] != 3:
-            raise FileRejected(Reason.UNSUPPORTED_PIXELS, f"{array.shape[-1]} samples per pixel")
-        luma = array.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return _finish(_minmax(luma))
-    if array.ndim != 2:
-        raise FileRejected(Reason.UNSUPPORTED_PIXELS, f"unexpected pixel shape {array.shape}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        finite = array[np.isfinite(array)]
-        array = np.nan_to_num(array, nan=finite.min() if finite.size else 0.0)
-    values = _modality_lut(array, ds)
-    display = _voi_lut(values, ds)
-    if display is None:
-        display = _window(values, ds)
-    if display is None:
-        display = _minmax(values)
-    if photometric == "MONOCHROME1":
-        np.subtract(1.0, display, out=display)
-    return _finish(display)
-
-
-def _finish(display: np.ndarray) -> np.ndarray:
-    """Every path above yields [0, 1]; this guards the float32 and finite promises."""
-    display = display.astype(np.float32, copy=False)
-    if np.isnan(display.min()):  # min propagates NaN; one cheap pass
-        display = np.clip(np.nan_to_num(display, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    return display
-
-
-def _ramp(values: np.ndarray, lower: float, width: float) -> np.ndarray:
-    """``(values - lower) / width`` as a new float32 array clipped to [0, 1] (three passes)."""
-    out = np.subtract(values, lower, dtype=np.float32)
-    out *= np.float32(1.0 / width)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _minmax(values: np.ndarray) -> np.ndarray:
-    """Scale by the image's own range; a constant image becomes all zeros (as ``raster.minmax``)."""
-    lo, hi = float(values.min()), float(values.max())
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    return _ramp(values, lo, hi - lo)
-
-
-def _modality_lut(array: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored values to modality values (float32 when rescaled)."""
-    if _get(ds, "ModalityLUTSequence"):
-        try:
-            return apply_modality_lut(array, ds)
-        except Exception as exc:
-            logger.debug("ignoring unusable Modality LUT Sequence: %s", exc)
-            return array
-    slope = _float(_get(ds, "RescaleSlope"))
-    intercept = _float(_get(ds, "RescaleIntercept"))
-    slope = 1.0 if slope is None or slope == 0 else slope
-    intercept = 0.0 if intercept is None else intercept
-    if slope == 1.0 and intercept == 0.0:
-        return array
-    return array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-
-
-def _voi_lut(values: np.ndarray, ds: Dataset) -> Optional[np.ndarray]:
-    """Apply the first VOI LUT Sequence item, scaled by its output range; None if unusable."""
-    if not _get(ds, "VOILUTSequence"):
-        return None
-    try:
-        descriptor = [int(v) for v in ds.VOILUTSequence[0].LUTDescriptor]
-        entries, first = descriptor[0] or 65536, descriptor[1]
-        # pydicom maps the LUT's own input domain; this yields the table itself
-        table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds)
-    except Exception as exc:
-        logger.debug("ignoring unusable VOI LUT Sequence: %s", exc)
-        return None
-    table = table.astype(np.float32)
-    lo, hi = float(table.min()), float(table.max())
-    if hi <= lo:
-        return None
-    table = (table - lo) / (hi - lo)
-    index = np.clip(np.rint(values) - first, 0, entries - 1).astype(np.intp)
-    return table[index]
-
-
-def _window(values: np.ndarray, ds: Dataset) -> Optional[np.ndarray]:
-    """Apply the first Window Center/Width (PS3.3 C.11.2.1.2); None if absent or invalid."""
-    center = _float(_first(_get(ds, "WindowCenter")))
-    width = _float(_first(_get(ds, "WindowWidth")))
-    if center is None or width is None:
-        return None
-    function = _text(_get(ds, "VOILUTFunction")).upper() or "LINEAR"
-    if function == "SIGMOID":
-        if width <= 0:
-            return None
-        x = values.astype(np.float32, copy=False)
-        with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(np.float32(-4.0 / width) * (x - np.float32(center))))
-    if function == "LINEAR_EXACT":
-        return _ramp(values, center - width / 2, width) if width > 0 else None
-    if function != "LINEAR":
-        logger.debug("unknown VOI LUT Function %r; using LINEAR", function[:16])
-    if width < 1:
-        return None
-    if width == 1:  # a threshold at center - 0.5
-        return (values > center - 0.5).astype(np.float32)
-    # PS3.3 C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped
-    return _ramp(values, center - 0.5 - (width - 1) / 2, width - 1)
-
-
-# --- untrusted values ---------------------------------------------------------------
-
-
-def _has_data(ds: Dataset, keyword: str) -> bool:
-    """Whether an element is present with a non-empty value, without reading deferred data."""
-    try:
-        elem = ds.get_item(keyword, keep_deferred=True)
-    except Exception:
-        return False
-    if elem is None:
-        return False
-    if elem.value is None:  # deferred (length known) or empty
-        return bool(getattr(elem, "length", 0))
-    try:
-        return len(elem.value) > 0
-    except TypeError:
-        return True  # a number
-
-
-def _get(ds: Dataset, keyword: str) -> Any:
-    try:
-        return ds.get(keyword)
-    except Exception:  # a value that cannot be converted from its VR
-        return None
-
-
-def _first(value: Any) -> Any:
-    if isinstance(value, (list, tuple, MultiValue)):
-        return value[0] if len(value) else None
-    return value
-
-
-def _float(value: Any) -> Optional[float]:
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if np.isfinite(number) else None
-
-
-def _int(value: Any) -> Optional[int]:
-    number = _float(_first(value))
-    return int(number) if number is not None and number.is_integer() else None
-
-
-def _frames(ds: Dataset) -> int:
-    frames = _int(_get(ds, "NumberOfFrames"))
-    return frames if frames and frames > 0 else 1
-
-
-def _text(value: Any, limit: int = _MAX_TEXT) -> str:
-    """A header value as a single printable line of at most ``limit`` characters."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    elif isinstance(value, (list, tuple, MultiValue)):
-        value = "\\".join(str(v) for v in value)
-    text = "".join(ch for ch in str(value) if ch.isprintable())
-    return text.strip()[:limit]
-
-
-def _uid_value(value: Any) -> str:
-    """A valid UID (at most 64 characters of digits and dots), else empty: never a truncated one."""
-    text = _text(value, 256).rstrip("\x00")
-    return text if len(text) <= 64 and _UID_RE.fullmatch(text) else ""
-
-
-def _short(exc: BaseException) -> str:
-    """First line of an exception message, with quoted (possibly header) values elided."""
-    text = str(exc).strip()
-    text = text.splitlines()[0] if text else type(exc).__name__
-    return _text(_QUOTED.sub("'...'", text), 200)

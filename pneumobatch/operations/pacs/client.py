@@ -14,7 +14,6 @@ Failures become :class:`~pneumobatch.core.errors.ArchiveError` with a one-line m
 from __future__ import annotations
 
 import logging
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,12 +29,11 @@ from pydicom.uid import (
 )
 
 from pneumobatch.core.errors import ArchiveError
+from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.readers.dicom import CODECS
 from pneumobatch.operations.pacs.connection import Connection
 
 log = logging.getLogger(__name__)
-
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 #: Image storage SOP classes a chest radiograph arrives in (C-GET must propose them).
 IMAGE_STORAGE_CLASSES = (
@@ -94,12 +92,6 @@ def with_retries(action: Callable[[], None], retries: int, wait: float) -> Optio
             log.info("retrying in %gs: %s", wait * 2**attempt, exc)
             time.sleep(wait * 2**attempt)
     return None  # pragma: no cover - the loop always returns
-
-
-def valid_uid(value: object) -> str:
-    """``value`` when it is a syntactically valid DICOM UID, else ``""``."""
-    text = str(value or "").strip().rstrip("\x00")
-    return text if len(text) <= 64 and _UID.match(text) else ""
 
 
 @dataclass(frozen=True)

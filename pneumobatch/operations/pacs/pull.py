@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, OutputError
+from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.atomicfile import atomic_write, temp_target
 from pneumobatch.io.readers.dicom import CXR_MODALITIES
-from pneumobatch.operations.pacs.client import InstanceRef, StudyInfo, open_archive, valid_uid, with_retries
+from pneumobatch.operations.pacs.client import InstanceRef, StudyInfo, open_archive, with_retries
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
 

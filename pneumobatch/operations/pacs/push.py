@@ -36,9 +36,10 @@ from pydicom.errors import InvalidDicomError
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, Status
+from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import unescape_path
 from pneumobatch.io.predictions import OutputPaths
-from pneumobatch.operations.pacs.client import Archive, InstanceRef, open_archive, valid_uid, with_retries
+from pneumobatch.operations.pacs.client import Archive, InstanceRef, open_archive, with_retries
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
 from pneumobatch.operations.pacs.sr import ImageResult, StudyResult, build_sr, evidence_dataset
