@@ -163,7 +163,7 @@ def band_thresholds(
 CI_LEVEL = 0.95
 
 
-def min_positives_for(target_sensitivity: float, level: float = CI_LEVEL) -> int:
+def min_positives_for(target_recall: float, level: float = CI_LEVEL) -> int:
     """Fewest positives with which a sample can show ``sensitivity >= target``.
 
     With n positives all detected, the exact (Clopper-Pearson) two-sided ``level``
@@ -173,6 +173,6 @@ def min_positives_for(target_sensitivity: float, level: float = CI_LEVEL) -> int
     """
     import math
 
-    if not 0.0 < target_sensitivity < 1.0:
+    if not 0.0 < target_recall < 1.0:
         return 1
-    return int(math.ceil(math.log((1.0 - level) / 2.0) / math.log(target_sensitivity)))
+    return int(math.ceil(math.log((1.0 - level) / 2.0) / math.log(target_recall)))
