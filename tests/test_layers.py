@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pneumobatch"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "pneumobatch"
 
 #: layer of each top-level part of the package, bottom first; a module may import its own
 #: layer and the ones below it. ``testing`` (synthetic DICOMs for tests and demos) sits on io.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pneumobatch.model.device import available_cores, default_split
+from tests.helpers import ROOT
 
 
 def test_available_cores_is_the_affinity_mask():
@@ -328,7 +329,7 @@ def test_the_model_layer_decides_applicability_as_the_csv_did():
     flags = predictor.applicable({card.name: edge})[card.name]
     assert flags.tolist() == [bool(s <= threshold) for s in edge] == [True, False, True, False, True]
 
-    samples = Path(__file__).resolve().parents[1] / "sample_studies"  # holds a flagged CT slice
+    samples = ROOT / "sample_studies"  # holds a flagged CT slice
     entries = [entry for _, entry in walk([samples])]
     results = list(run_inference(entries, predictor, ReadOptions(), batch_size=4, workers=0))
     scored = [r for r in results if r.ood_scores]
