@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 
@@ -20,6 +20,17 @@ from pneumobatch.core.errors import EXIT_FATAL, EXIT_USAGE
 
 #: Target recalls an operating point may be asked for (train on validation data, report on the evaluated data).
 RECALL_RANGE = click.FloatRange(0.5, 1.0)
+
+
+def option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Several ``click.option`` decorators as one, in the order given (options several commands share)."""
+
+    def add(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return add
 
 
 def library_value(where: str) -> Any:

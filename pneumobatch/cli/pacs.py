@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from pneumobatch.cli.common import LibraryDefault, setup_logging
+from pneumobatch.cli.common import LibraryDefault, option_group, setup_logging
 from pneumobatch.core.errors import EXIT_OK
 
 
 def _archive_options(config: str):
     """The options naming an archive, shared by pull and push (credentials are never options);
     ``config`` (``module:Class``) gives the defaults."""
-    options = [
+    return option_group(
         click.option("--url", help="DICOMweb base URL, e.g. https://pacs.example.org/dicom-web."),
         click.option(
             "--dimse", metavar="HOST:PORT", help="DIMSE archive address (C-FIND, C-GET, C-STORE) instead of --url."
@@ -47,22 +47,18 @@ def _archive_options(config: str):
         ),
         click.option("-q", "--quiet", is_flag=True, help="No summary (for cron); failures still go to stderr."),
         click.option("-v", "--verbose", count=True),
-    ]
-
-    def add(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return add
+    )
 
 
-def _connection(url, dimse, calling_ae, called_ae, config, ca_bundle):
+#: the archive options that name the connection (the others: ledger, retries, quiet, verbose)
+CONNECTION_OPTIONS = ("url", "dimse", "calling_ae", "called_ae", "config", "ca_bundle")
+
+
+def _connection(archive: dict):
+    """The archive the options name (:func:`~pneumobatch.operations.pacs.connection.connect_options`)."""
     from pneumobatch.operations.pacs.connection import connect_options
 
-    return connect_options(
-        url=url, dimse=dimse, calling_ae=calling_ae, called_ae=called_ae, config=config, ca_bundle=ca_bundle
-    )
+    return connect_options(**{name: archive[name] for name in CONNECTION_OPTIONS})
 
 
 def _finish(result, quiet: bool) -> None:
@@ -94,24 +90,7 @@ def _finish(result, quiet: bool) -> None:
     help="Fetch only series whose BodyPartExamined is this (or empty); repeatable.",
 )
 @_archive_options("pneumobatch.operations.pacs.pull:PullConfig")
-def pull_command(
-    output: Path,
-    on,
-    since,
-    until,
-    modalities,
-    body_parts,
-    url,
-    dimse,
-    calling_ae,
-    called_ae,
-    config,
-    ca_bundle,
-    ledger,
-    retries,
-    quiet,
-    verbose,
-) -> None:
+def pull_command(output: Path, on, since, until, modalities, body_parts, **archive) -> None:
     """Fetch the studies of a date window from a PACS into OUTPUT, for predict.
 
     \b
@@ -125,21 +104,19 @@ def pull_command(
     Exit codes: 0 everything fetched; 1 some studies failed after retries (listed on
     stderr); 2 usage error; 3 the archive cannot be searched (unreachable, refused).
     """
-    from pneumobatch.operations.pacs.pull import MODALITIES, PullConfig, date_window, run_pull
+    from pneumobatch.operations.pacs.pull import PullConfig, date_window, run_pull
 
-    setup_logging(verbose, quiet)
-    conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
+    setup_logging(archive["verbose"], archive["quiet"])
     pull_config = PullConfig(
-        connection=conn,
+        connection=_connection(archive),
         output=output,
         study_date=date_window(on, since, until),
-        modalities=tuple(m.upper() for m in modalities) or MODALITIES,
+        modalities=modalities,
         body_parts=body_parts,
-        ledger=ledger,
-        retries=retries,
+        ledger=archive["ledger"],
+        retries=archive["retries"],
     )
-    result = run_pull(pull_config)
-    _finish(result, quiet)
+    _finish(run_pull(pull_config), archive["quiet"])
 
 
 @click.command("push", short_help="Send one DICOM SR per study and model back to a PACS.")
@@ -157,21 +134,7 @@ def pull_command(
     help="Push only this model's results; repeatable. [default: every model in the CSV]",
 )
 @_archive_options("pneumobatch.operations.pacs.push:PushConfig")
-def push_command(
-    predictions: Path,
-    source,
-    models,
-    url,
-    dimse,
-    calling_ae,
-    called_ae,
-    config,
-    ca_bundle,
-    ledger,
-    retries,
-    quiet,
-    verbose,
-) -> None:
+def push_command(predictions: Path, source, models, **archive) -> None:
     """Send PREDICTIONS back to a PACS: one DICOM SR per study and model.
 
     \b
@@ -188,10 +151,13 @@ def push_command(
     """
     from pneumobatch.operations.pacs.push import PushConfig, run_push
 
-    setup_logging(verbose, quiet)
-    conn = _connection(url, dimse, calling_ae, called_ae, config, ca_bundle)
+    setup_logging(archive["verbose"], archive["quiet"])
     push_config = PushConfig(
-        predictions=predictions, connection=conn, source=source, ledger=ledger, models=models, retries=retries
+        predictions=predictions,
+        connection=_connection(archive),
+        source=source,
+        ledger=archive["ledger"],
+        models=models,
+        retries=archive["retries"],
     )
-    result = run_push(push_config)
-    _finish(result, quiet)
+    _finish(run_push(push_config), archive["quiet"])

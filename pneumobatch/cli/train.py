@@ -9,7 +9,14 @@ from typing import Optional
 
 import click
 
-from pneumobatch.cli.common import RECALL_RANGE, BandTargetRecall, DefaultAgeBand, LibraryDefault, setup_logging
+from pneumobatch.cli.common import (
+    RECALL_RANGE,
+    BandTargetRecall,
+    DefaultAgeBand,
+    LibraryDefault,
+    option_group,
+    setup_logging,
+)
 from pneumobatch.core.errors import ModelError
 from pneumobatch.core.tasks import TASKS
 from pneumobatch.training.config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainConfig
@@ -87,6 +94,47 @@ def fit_applicability_command(
 
 _T = TrainConfig  # option defaults are the library's, defined once
 
+#: the manifest's columns, as train and retune read them
+_MANIFEST_COLUMNS = option_group(
+    click.option(
+        "--label-column",
+        default=_T.label_column,
+        show_default=True,
+        help="Manifest column holding the label or hierarchical finding.",
+    ),
+    click.option(
+        "--split-column",
+        default=_T.split_column,
+        show_default=True,
+        help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.",
+    ),
+    click.option(
+        "--patient-column",
+        default=_T.patient_column,
+        show_default=True,
+        help="Manifest column grouping images of one patient (no patient on two sides of a split).",
+    ),
+    click.option(
+        "--group-column",
+        default=_T.group_column,
+        show_default=True,
+        help="Manifest column to report test metrics by (e.g. source, site).",
+    ),
+)
+_BAND_TARGET_RECALL = click.option(
+    "--band-target-recall",
+    multiple=True,
+    type=BandTargetRecall(),
+    metavar="BAND=RECALL",
+    help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.",
+)
+_DEVICE_AND_WORKERS = option_group(
+    click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option(
+        "--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images."
+    ),
+)
+
 
 @click.command("train", short_help="Train a model from a manifest CSV or class folders.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
@@ -101,30 +149,7 @@ _T = TrainConfig  # option defaults are the library's, defined once
 @click.option(
     "-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT_DIR, show_default=True
 )
-@click.option(
-    "--label-column",
-    default=_T.label_column,
-    show_default=True,
-    help="Manifest column holding the label or hierarchical finding.",
-)
-@click.option(
-    "--split-column",
-    default=_T.split_column,
-    show_default=True,
-    help="Manifest column with train/val/test; without it a patient-grouped stratified split is made.",
-)
-@click.option(
-    "--patient-column",
-    default=_T.patient_column,
-    show_default=True,
-    help="Manifest column grouping images of one patient (no patient on two sides of a split).",
-)
-@click.option(
-    "--group-column",
-    default=_T.group_column,
-    show_default=True,
-    help="Manifest column to report test metrics by (e.g. source, site).",
-)
+@_MANIFEST_COLUMNS
 @click.option(
     "--arch",
     "architecture",
@@ -201,18 +226,9 @@ _T = TrainConfig  # option defaults are the library's, defined once
     show_default=True,
     help="Sensitivity the shipped threshold must reach on validation.",
 )
-@click.option(
-    "--band-target-recall",
-    multiple=True,
-    type=BandTargetRecall(),
-    metavar="BAND=RECALL",
-    help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.",
-)
+@_BAND_TARGET_RECALL
 @click.option("--seed", type=int, default=_T.seed, show_default=True)
-@click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images."
-)
+@_DEVICE_AND_WORKERS
 @click.option("--resume", is_flag=True, help="Continue from NAME.checkpoint.pt in the output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model of the same name.")
 @click.option("-v", "--verbose", count=True)
@@ -251,15 +267,7 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     type=click.Path(file_okay=False, path_type=Path),
     help="Where MODEL is looked up (default: the shipped weights/).",
 )
-@click.option(
-    "--label-column",
-    default=_T.label_column,
-    show_default=True,
-    help="Manifest column holding the label or hierarchical finding.",
-)
-@click.option("--split-column", default=_T.split_column, show_default=True)
-@click.option("--patient-column", default=_T.patient_column, show_default=True)
-@click.option("--group-column", default=_T.group_column, show_default=True)
+@_MANIFEST_COLUMNS
 @click.option(
     "--default-age-band",
     multiple=True,
@@ -274,17 +282,8 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     show_default=True,
     help="Sensitivity the pooled threshold must reach on validation.",
 )
-@click.option(
-    "--band-target-recall",
-    multiple=True,
-    type=BandTargetRecall(),
-    metavar="BAND=RECALL",
-    help="That age band's operating point aims at RECALL on validation instead (e.g. adult=0.90). Repeatable.",
-)
-@click.option("--device", default=_T.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--workers", type=click.IntRange(1), default=_T.workers, show_default=True, help="Processes decoding images."
-)
+@_BAND_TARGET_RECALL
+@_DEVICE_AND_WORKERS
 def retune_command(model: str, data: Path, weights_dir: Optional[Path], **options) -> None:
     """Choose MODEL's temperature and operating points again on DATA's validation split.
 

@@ -121,6 +121,17 @@ def _int(value: Any) -> Optional[int]:
         return None
 
 
+def _instance_refs(study_instance_uid: str, series_uid: str, series: Any, instances: Any) -> list[InstanceRef]:
+    """The instances of one series the archive listed, those with a valid SOP Instance UID."""
+    return [
+        InstanceRef(
+            study_instance_uid, series_uid, sop, _ds_value(series, "Modality"), _ds_value(series, "BodyPartExamined")
+        )
+        for sop in (valid_uid(i.get("SOPInstanceUID")) for i in instances)
+        if sop
+    ]
+
+
 def _ds_value(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
@@ -278,18 +289,7 @@ class DicomWebArchive(Archive):
                 study_instance_uid=study_instance_uid,
                 series_instance_uid=series_uid,
             )
-            for i in instances:
-                sop = valid_uid(i.get("SOPInstanceUID"))
-                if sop:
-                    refs.append(
-                        InstanceRef(
-                            study_instance_uid,
-                            series_uid,
-                            sop,
-                            _ds_value(s, "Modality"),
-                            _ds_value(s, "BodyPartExamined"),
-                        )
-                    )
+            refs.extend(_instance_refs(study_instance_uid, series_uid, s, instances))
         return refs
 
     def has_instance(self, ref: InstanceRef) -> bool:
@@ -421,18 +421,7 @@ class DimseArchive(Archive):
                 {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""},
                 "C-FIND instances",
             )
-            for i in instances:
-                sop = valid_uid(i.get("SOPInstanceUID"))
-                if sop:
-                    refs.append(
-                        InstanceRef(
-                            study_instance_uid,
-                            series_uid,
-                            sop,
-                            _ds_value(s, "Modality"),
-                            _ds_value(s, "BodyPartExamined"),
-                        )
-                    )
+            refs.extend(_instance_refs(study_instance_uid, series_uid, s, instances))
         return refs
 
     def _image_keys(self, ref: InstanceRef) -> dict[str, Any]:

@@ -90,6 +90,10 @@ class PullConfig:
     retries: int = 2
     retry_wait: float = 1.0
 
+    def __post_init__(self) -> None:
+        # Modalities are searched for upper-case (DICOM code strings); none given: the radiograph ones.
+        self.modalities = tuple(str(m).strip().upper() for m in self.modalities if str(m).strip()) or MODALITIES
+
 
 @dataclass
 class PullResult:
