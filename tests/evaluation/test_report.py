@@ -202,6 +202,7 @@ def test_binary_report_files_and_text(binary_report):
     kinds = {p.stem.split("_", 1)[1] for p in result.figures}
     assert kinds == {"confusion", "roc", "pr", "calibration", "study_roc"}
     doc = json.loads(json_path.read_text())
+    assert doc["schema"] == "pneumobatch.report/1"  # what readers of the JSON key on: a format name, not a module path
     model = doc["models"][0]
     ev = model["evaluation"]
     auc = ev["roc"]["pneumonia"]["auc"]

@@ -14,7 +14,7 @@ from typing import Optional
 from pneumobatch.core.card import TARGET_RECALL
 from pneumobatch.evaluation.labels.join import MAX_EXAMPLES
 
-SCHEMA = "pneumobatch.evaluation.report/1"
+SCHEMA = "pneumobatch.report/1"  # the report JSON's format name (not a module path): never changes with the code layout
 RESEARCH_ONLY = "Research use only \u2014 not a diagnostic device."
 
 
