@@ -77,7 +77,7 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
             ]
             for a in alerts[:200]
         ]
-        pdf.table(["night", "model", "group", "alert", "value", "limit"], rows, [2.6, 2.2, 6.4, 2.4, 1.5, 1.5])
+        pdf.table(["night", "model", "group", "alert", "value", "limit"], rows, [2.6, 2.2, 5.2, 3.6, 1.5, 1.5])
     else:
         pdf.para("No limit was crossed.")
     alert_nights = {a["night"] for a in alerts}
