@@ -95,38 +95,37 @@ class FormatParam(click.ParamType):
         self.fail(message, param, ctx)
 
 
-class BandTargetRecall(FormatParam):
-    """``BAND=RECALL`` (``adult=0.90``); the value stays the text the training config records."""
+class CheckedText(FormatParam):
+    """A ``NAME=VALUE`` option the library parses later from its text (the training config and the
+    report options record the text as given); checked here, with the library's own parser
+    (``parser``: ``"module:function"``, called on ``[value]``), so a bad value fails before any work."""
+
+    exit_code = EXIT_FATAL  # as when train/retune (TrainingError) or report (LabelError) found it malformed
+    parser = ""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
+        from pneumobatch.core.errors import OptionError
+
+        module, _, function = self.parser.partition(":")
+        try:
+            getattr(importlib.import_module(module), function)([value])
+        except OptionError as exc:
+            self.fail_with(exc, param, ctx)
+        return str(value)
+
+
+class BandTargetRecall(CheckedText):
+    """``BAND=RECALL`` (``adult=0.90``)."""
 
     name = "band_target_recall"
-    exit_code = EXIT_FATAL  # as when train/retune found it malformed (TrainingError)
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
-        from pneumobatch.core.errors import OptionError
-        from pneumobatch.core.subgroups import parse_band_targets
-
-        try:
-            parse_band_targets([value])
-        except OptionError as exc:
-            self.fail_with(exc, param, ctx)
-        return str(value)
+    parser = "pneumobatch.core.subgroups:parse_band_targets"
 
 
-class DefaultAgeBand(FormatParam):
-    """``PATTERN=child|adult``; the value stays the text the training config and report options record."""
+class DefaultAgeBand(CheckedText):
+    """``PATTERN=child|adult``."""
 
     name = "default_age_band"
-    exit_code = EXIT_FATAL  # as when train/retune (TrainingError) or report (LabelError) found it malformed
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
-        from pneumobatch.core.errors import OptionError
-        from pneumobatch.core.subgroups import parse_band_defaults
-
-        try:
-            parse_band_defaults([value])
-        except OptionError as exc:
-            self.fail_with(exc, param, ctx)
-        return str(value)
+    parser = "pneumobatch.core.subgroups:parse_band_defaults"
 
 
 class AlertLimit(FormatParam):
