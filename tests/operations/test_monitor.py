@@ -30,8 +30,9 @@ from pneumobatch.operations.monitor.analysis import analyse, load_nights
 from pneumobatch.operations.monitor.drift import rate_change
 from pneumobatch.operations.monitor.prometheus import prometheus_text
 from pneumobatch.operations.monitor.record import NO_HEADER, monitoring_block
+from pneumobatch.operations.monitor.schema import night_problem
 from pneumobatch.testing.synthetic import write_cxr
-from tests.helpers import ROOT
+from tests.helpers import ROOT, one_line_error
 
 SAMPLES = ROOT / "sample_studies"
 EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
@@ -131,6 +132,7 @@ def test_run_json_records_monitoring_by_scanner_from_dicom_headers(weights_dir, 
     assert len(overall["quantiles"]) == 101 and overall["quantiles"] == sorted(overall["quantiles"])
     assert overall["n_positive"] == round(overall["positive_rate"] * 7)
     assert block["operating_point"] == {"source": "shipped", "threshold": 0.5, "thresholds": {}}
+    assert night_problem(info) is None  # what predict writes is what monitor accepts
     csv = pd.read_csv(run.output, dtype=str, keep_default_na=False)
     assert set(csv["station_name"]) == {"ER_ROOM_1", "WARD_7", ""}
     assert "Anonymous" not in run.run_json.read_text() + csv.to_csv()  # the patient name never leaves the header
@@ -350,3 +352,138 @@ def test_prometheus_leaves_out_unknown_values_and_escapes_labels(nights):
         s for f in text_string_to_metric_families(prom) for s in f.samples if s.name == "pneumobatch_positive_rate"
     ]
     assert [s.labels for s in rates] == [{"model": 'odd "name"\\x'}]
+
+
+# ------------------------------------------------ tampered nights, changed models, outputs over inputs
+
+
+def _copy_nights(nights: list[Path], dst: Path) -> list[Path]:
+    """The nights' run.json, predictions CSV and labels CSV copied into ``dst`` (the fixture's stay untouched)."""
+    import shutil
+
+    dst.mkdir(exist_ok=True)
+    for run in nights:
+        stem = run.name[: -len(".run.json")]
+        for name in (run.name, f"{stem}.csv", f"{stem}.labels.csv"):
+            shutil.copy(run.with_name(name), dst / name)
+    return [dst / p.name for p in nights]
+
+
+def _edit(path: Path, change) -> None:
+    run = json.loads(path.read_text())
+    change(run)
+    path.write_text(json.dumps(run))
+
+
+def _pdf_text(path: Path) -> str:
+    from pypdf import PdfReader
+
+    return "\n".join(page.extract_text() or "" for page in PdfReader(str(path)).pages)
+
+
+def _stats(run: dict) -> dict:
+    return run["monitoring"]["models"]["pneumonia"]["overall"]
+
+
+#: Tamperings of a run.json and the part of the "left out" note that names what is wrong.
+TAMPERINGS = {
+    "models-as-list": (lambda r: r["monitoring"].update(models=[1, 2]), "monitoring/models"),
+    "no-overall": (lambda r: r["monitoring"]["models"]["pneumonia"].pop("overall"), "overall"),
+    "short-quantiles": (lambda r: _stats(r).update(quantiles=[0.1, 0.5]), "quantiles"),
+    "string-quantiles": (lambda r: _stats(r).update(quantiles=["x"] * 101), "quantiles"),
+    "nan-quantile": (lambda r: _stats(r)["quantiles"].__setitem__(50, float("nan")), "quantiles"),
+    "bad-finished": (lambda r: r.update(finished="yesterday"), "finished"),
+    "number-finished": (lambda r: r.update(finished=12), "finished"),
+    "counts-as-list": (lambda r: r.update(counts=[1, 2]), "counts"),
+    "string-count": (lambda r: r["counts"].update(ok="many"), "counts/ok"),
+    "by-as-list": (lambda r: r["monitoring"]["models"]["pneumonia"].update(by=[]), "by"),
+    "group-as-list": (lambda r: r["monitoring"]["models"]["pneumonia"]["by"].update(scanner=[1]), "by/scanner"),
+    "more-positives-than-images": (lambda r: _stats(r).update(n_positive=10**6), "n_positive"),
+    "string-positive-rate": (lambda r: _stats(r).update(positive_rate="high"), "positive_rate"),
+    "run-models-as-dict": (lambda r: r.update(models={"a": 1}), "models"),
+    "monitoring-as-list": (lambda r: r.update(monitoring=[]), "monitoring"),
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
+def test_a_tampered_night_is_left_out_with_a_note(nights, tmp_path, tampering):
+    """A run.json edited by hand is left out with a note naming the file and what is wrong; the others are analysed."""
+    change, where = TAMPERINGS[tampering]
+    runs = _copy_nights(nights, tmp_path / "runs")
+    _edit(runs[-1], change)  # the latest night: the one the Prometheus file describes
+    out = tmp_path / "m.pdf"
+    result = CliRunner().invoke(main, ["monitor", *map(str, runs), "--baseline", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    (note,) = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert str(runs[-1]) in note and "left out" in note and where in note, note
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["series"]["run_json"] == [str(p) for p in runs[:-1]] and note[len("note: ") :] in doc["notes"]
+    assert out.read_bytes().startswith(b"%PDF") and "pneumobatch_alerts" in out.with_suffix(".prom").read_text()
+    # with only one usable night left: the one-line error, naming the left-out file
+    alone = CliRunner().invoke(main, ["monitor", str(runs[0]), str(runs[-1]), "-o", str(tmp_path / "n.pdf")])
+    one_line_error(alone, 3, "at least two runs", str(runs[-1]))
+
+
+def test_the_library_leaves_out_a_tampered_night(nights, tmp_path):
+    runs = _copy_nights(nights, tmp_path / "runs")
+    _edit(runs[1], TAMPERINGS["no-overall"][0])
+    loaded, notes = load_nights(runs)
+    assert [n.path for n in loaded] == [runs[0], *runs[2:]]
+    assert len(notes) == 1 and notes[0].startswith(f"{runs[1]}: ") and notes[0].endswith("left out")
+
+
+def _add_model(run: dict, name: str, weights: str = "1" * 64) -> None:
+    """A second model in a night: the pneumonia model's numbers under another name and weights."""
+    import copy
+
+    run["monitoring"]["models"][name] = copy.deepcopy(run["monitoring"]["models"]["pneumonia"])
+    run["models"].append({"name": name, "weights_sha256": weights})
+
+
+def _drop_model(run: dict, name: str) -> None:
+    del run["monitoring"]["models"][name]
+    run["models"] = [m for m in run["models"] if m["name"] != name]
+
+
+#: How the models of the nights change: (edit of night i, expected (night, model, kind) alerts).
+MODEL_CHANGES = {
+    "added": (lambda i, r: i == 3 and _add_model(r, "extra"), {(3, "extra", "model-added")}),
+    "dropped": (
+        lambda i, r: _add_model(r, "extra") if i < 3 else None,
+        {(3, "extra", "model-removed")},
+    ),
+    "switched": (
+        lambda i, r: (_add_model(r, "pneumonia-v2"), _drop_model(r, "pneumonia")) if i >= 2 else None,
+        {(n, m, k) for n in (2, 3) for m, k in (("pneumonia", "model-removed"), ("pneumonia-v2", "model-added"))},
+    ),
+    "weights-changed": (
+        lambda i, r: i == 3 and r["models"][0].update(weights_sha256="2" * 64),
+        {(3, "pneumonia", "weights-changed")},
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(MODEL_CHANGES))
+def test_a_model_change_is_an_alert_and_every_output_is_written(nights, tmp_path, change):
+    edit, expected = MODEL_CHANGES[change]
+    runs = _copy_nights(nights, tmp_path / "runs")
+    for i, run in enumerate(runs):
+        _edit(run, lambda r, i=i: edit(i, r))
+    out = tmp_path / "m.pdf"
+    result = CliRunner().invoke(main, ["monitor", *map(str, runs), "--baseline", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.with_suffix(".json").read_text())
+    kinds = {"model-added", "model-removed", "weights-changed"}
+    got = {(runs.index(Path(a["run_json"])), a["model"], a["kind"]) for a in doc["alerts"] if a["kind"] in kinds}
+    assert got == expected
+    for _, model, kind in expected:
+        assert any(kind in line and model in line for line in result.output.splitlines() if line.startswith("ALERT"))
+    text = _pdf_text(out)
+    assert all(kind in text for _, _, kind in expected)
+    tonight = [a for a in doc["alerts"] if a["run_json"] == str(runs[-1])]
+    assert f"pneumobatch_alerts {float(len(tonight))}" in out.with_suffix(".prom").read_text()
+    loaded, _ = load_nights(runs)  # the library gives the same alerts
+    assert {(a["run_json"], a["kind"]) for a in analyse(loaded, baseline=2)["alerts"]} == {
+        (a["run_json"], a["kind"]) for a in doc["alerts"]
+    }

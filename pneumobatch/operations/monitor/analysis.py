@@ -23,7 +23,14 @@ night is compared with it, per model and group, and an alert is raised when a li
   baseline night on average that sent none tonight;
 - ``operating-point-changed``: the model decided with other thresholds than in the last
   baseline night (a site file applied, replaced or removed): scores and positive rates
-  are then not comparable with the baseline, and a new baseline should start.
+  are then not comparable with the baseline, and a new baseline should start;
+- ``model-added`` / ``model-removed``: a model ran tonight that did not run in the last
+  baseline night, or the other way round (a model added, dropped or switched for another);
+- ``weights-changed``: the model of that name ran with other weights (SHA-256) than in the
+  last baseline night that ran it.
+
+A run.json that is not one predict wrote (edited by hand, damaged) is left out with a note
+saying what is wrong (:func:`pneumobatch.operations.monitor.schema.night_problem`).
 
 Groups with fewer than ``min_images`` scored images in the night are not tested.
 
@@ -47,6 +54,7 @@ from pneumobatch.evaluation.metrics import jsonable
 from pneumobatch.evaluation.metrics.intervals import exact_interval
 from pneumobatch.operations.monitor.drift import Distribution, ks_distance, psi, psi_noise, rate_change
 from pneumobatch.operations.monitor.record import DIMENSIONS, positive_mask
+from pneumobatch.operations.monitor.schema import night_problem
 
 #: Alert limits; ``pneumobatch monitor --limit NAME=VALUE`` overrides them.
 DEFAULT_LIMITS: dict[str, float] = {
@@ -85,9 +93,23 @@ class Night:
 
     @property
     def predictions(self) -> Path:
-        name = self.path.name
-        stem = name[: -len(".run.json")] if name.endswith(".run.json") else self.path.stem
-        return self.path.with_name(stem + ".csv")
+        return predictions_path(self.path)
+
+    def weights(self, model: str) -> Optional[str]:
+        """The SHA-256 of the weights ``model`` ran with (None when run.json does not say)."""
+        for entry in self.run.get("models") or []:
+            if entry.get("name") == model:
+                sha = entry.get("weights_sha256") or (entry.get("card") or {}).get("weights_sha256")
+                return sha.lower() if isinstance(sha, str) else None
+        return None
+
+
+def predictions_path(run_json: Path) -> Path:
+    """The predictions CSV a run.json belongs to (``X.run.json`` -> ``X.csv``)."""
+    run_json = Path(run_json)
+    name = run_json.name
+    stem = name[: -len(".run.json")] if name.endswith(".run.json") else run_json.stem
+    return run_json.with_name(stem + ".csv")
 
 
 def load_nights(paths: Sequence[Path | str]) -> tuple[list[Night], list[str]]:
@@ -99,8 +121,12 @@ def load_nights(paths: Sequence[Path | str]) -> tuple[list[Night], list[str]]:
         except (OSError, UnicodeDecodeError, ValueError) as e:
             notes.append(f"{path}: not readable JSON ({type(e).__name__}); left out")
             continue
-        if not isinstance(run, dict) or not isinstance(run.get("monitoring"), dict):
+        if not isinstance(run, dict) or run.get("monitoring") is None:
             notes.append(f"{path}: no monitoring block (a run.json of an older pneumobatch?); left out")
+            continue
+        problem = night_problem(run)
+        if problem is not None:
+            notes.append(f"{path}: {problem}; left out")
             continue
         nights.append(Night(path, run))
     nights.sort(key=lambda n: (n.started, str(n.path)))
@@ -157,6 +183,12 @@ def _alert(night: Night, model: str, dim: str, group: str, kind: str, value: flo
         what = f"new scanner, {value:.0f} files (none in the baseline)"
     elif kind == "vanished-scanner":
         what = f"no files tonight (baseline: {value:.1f} per run)"
+    elif kind == "model-added":
+        what = "model-added: it did not run in the last baseline night"
+    elif kind == "model-removed":
+        what = "model-removed: it ran in the last baseline night, not tonight"
+    elif kind == "weights-changed":
+        what = "weights-changed: other weights (SHA-256) than in the baseline"
     else:
         what = f"{kind} {value:+.3f} (limit {limit:.3f})"
     return {
@@ -207,11 +239,20 @@ def analyse(
             ],
             "by_scanner_positive_rate": {},
         }
-        base_models = [m for m in per_night[:baseline] if m]
+        base_runs = [(n, m) for n, m in zip(base_nights, per_night[:baseline]) if m]
+        base_models = [m for _, m in base_runs]
+        in_last_base = per_night[baseline - 1] is not None
         drift[model] = []
         for n, m in zip(later, per_night[baseline:]):
             if m is None:
+                if in_last_base:
+                    alerts.append(_alert(n, model, "overall", "all", "model-removed", 1, 0))
                 continue
+            if not in_last_base:
+                alerts.append(_alert(n, model, "overall", "all", "model-added", 1, 0))
+            before, now = (base_runs[-1][0].weights(model) if base_runs else None), n.weights(model)
+            if before and now and before != now:
+                alerts.append(_alert(n, model, "overall", "all", "weights-changed", 1, 0))
             night_drift: dict[str, Any] = {"night": n.label, "run_json": str(n.path), "groups": {}}
             tested = [("overall", "all", m["overall"], [b["overall"] for b in base_models])]
             for dim in DIMENSIONS:

@@ -115,7 +115,9 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
                 "positive rate",
                 alert_nights,
             )
-        scores = [None] * n_base + [d.get("drift_score") for d in doc["drift"].get(model, [])]
+        # one value per night: a model that did not run on a night (added, dropped) has no drift entry for it
+        by_run = {d["run_json"]: d.get("drift_score") for d in doc["drift"].get(model, [])}
+        scores = [by_run.get(run) if i >= n_base else None for i, run in enumerate(series["run_json"])]
         figure(scores, nights, n_base, f"{model}: drift score (largest PSI of any group)", "PSI", alert_nights)
         perf = (doc.get("labelled") or {}).get("models", {}).get(model)
         if perf:
