@@ -487,3 +487,58 @@ def test_a_model_change_is_an_alert_and_every_output_is_written(nights, tmp_path
     assert {(a["run_json"], a["kind"]) for a in analyse(loaded, baseline=2)["alerts"]} == {
         (a["run_json"], a["kind"]) for a in doc["alerts"]
     }
+
+
+#: Outputs that name an input: (extra arguments, the input they would replace), relative to the runs folder.
+OVERWRITES = {
+    "pdf-beside-run-json": (["-o", "night0.run.pdf"], "night0.run.json"),
+    "pdf-over-predictions": (["-o", "night1.csv"], "night1.csv"),
+    "pdf-over-run-json": (["-o", "night2.run.json"], "night2.run.json"),
+    "prometheus-over-run-json": (["-o", "m.pdf", "--prometheus", "night3.run.json"], "night3.run.json"),
+    "prometheus-over-labels": (["-o", "m.pdf", "--prometheus", "night0.labels.csv"], "night0.labels.csv"),
+    "json-over-labels": (["-o", "night0.labels.pdf"], "night0.labels.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERWRITES))
+def test_monitor_never_overwrites_an_input(nights, tmp_path, case):
+    """An output naming an input (a run.json, a predictions CSV, the labels): one line, exit 2, nothing written."""
+    extra, victim = OVERWRITES[case]
+    runs = _copy_nights(nights, tmp_path / "runs")
+    folder = runs[0].parent
+    labels = folder / "night0.labels.json"  # a labels file monitor reads (CSV content, another name)
+    labels.write_bytes((folder / "night0.labels.csv").read_bytes())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = [a if a.startswith("-") else str(folder / a) for a in extra]
+    if "labels" in victim:
+        args += ["--labels", str(folder / victim), "--key", "sop_instance_uid"]
+    result = CliRunner().invoke(main, ["monitor", *map(str, runs), "--baseline", "2", *args])
+    one_line_error(result, 2, "would overwrite an input", str(folder / victim))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the input unchanged, nothing written
+
+
+def test_monitor_outputs_must_differ(nights, tmp_path):
+    runs = _copy_nights(nights, tmp_path / "runs")
+    out = tmp_path / "m.pdf"
+    result = CliRunner().invoke(main, ["monitor", *map(str, runs), "-o", str(out), "--prometheus", str(out)])
+    one_line_error(result, 2, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_monitor_refuses_a_link_at_an_output(nights, tmp_path):
+    """A symbolic link planted at OUT.json (to a run.json) is refused, as predict refuses one: exit 3."""
+    runs = _copy_nights(nights, tmp_path / "runs")
+    before = runs[0].read_bytes()
+    (tmp_path / "m.json").symlink_to(runs[0])
+    result = CliRunner().invoke(main, ["monitor", *map(str, runs), "-o", str(tmp_path / "m.pdf")])
+    one_line_error(result, 3, "symbolic link", str(tmp_path / "m.json"))
+    assert runs[0].read_bytes() == before and not (tmp_path / "m.pdf").exists()
+
+
+def test_the_library_refuses_an_output_over_an_input(nights, tmp_path):
+    from pneumobatch.core.errors import OptionError
+    from pneumobatch.operations.monitor.run import MonitorConfig, run_monitor
+
+    runs = _copy_nights(nights, tmp_path / "runs")
+    with pytest.raises(OptionError, match="would overwrite an input"):
+        run_monitor(MonitorConfig(run_jsons=runs, output=runs[1].with_suffix(".pdf")))
