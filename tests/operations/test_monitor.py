@@ -542,3 +542,19 @@ def test_the_library_refuses_an_output_over_an_input(nights, tmp_path):
     runs = _copy_nights(nights, tmp_path / "runs")
     with pytest.raises(OptionError, match="would overwrite an input"):
         run_monitor(MonitorConfig(run_jsons=runs, output=runs[1].with_suffix(".pdf")))
+
+
+def test_a_tampered_model_card_is_left_out_of_the_labelled_metrics(nights, tmp_path):
+    runs = _copy_nights(nights, tmp_path / "runs")
+    _edit(runs[1], lambda r: r["models"][0]["card"].update(classes=5))
+    labels = tmp_path / "labels.csv"  # labels of the two oldest nights
+    pd.concat(
+        [pd.read_csv(p.with_name(p.name.replace(".run.json", ".labels.csv")), dtype=str) for p in runs[:2]]
+    ).to_csv(labels, index=False)
+    out = tmp_path / "m.pdf"
+    args = ["monitor", *map(str, runs), "--labels", str(labels), "--key", "sop_instance_uid", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--baseline", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"note: {runs[1]}: a model card in it is not valid; left out of the labelled metrics" in result.stderr
+    perf = json.loads(out.with_suffix(".json").read_text())["labelled"]["models"]["pneumonia"]
+    assert [r["labelled"] > 0 for r in perf] == [True, False, False, False]

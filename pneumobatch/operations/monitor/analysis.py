@@ -49,7 +49,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from pneumobatch.core.errors import LabelError, ReportError
+from pneumobatch.core.errors import LabelError, ModelError, ReportError
 from pneumobatch.evaluation.metrics import jsonable
 from pneumobatch.evaluation.metrics.intervals import exact_interval
 from pneumobatch.operations.monitor.drift import Distribution, ks_distance, psi, psi_noise, rate_change
@@ -337,6 +337,7 @@ def labelled_performance(
 ) -> dict[str, Any]:
     """Sensitivity, specificity and PPV with exact 95% intervals, per night and over the last
     ``window`` nights, for every model with a positive class, from each night's predictions CSV."""
+    from pneumobatch.core.card import validate_card
     from pneumobatch.evaluation.labels.cards import card_from_run
     from pneumobatch.evaluation.labels.join import check_label_column, join_labels
     from pneumobatch.io.predictions import load_predictions
@@ -354,7 +355,13 @@ def labelled_performance(
             out["notes"].append(f"{night.label}: {e}")
             frame = None
         for entry in night.run.get("models") or []:
-            card = card_from_run(entry)
+            try:
+                if entry.get("card") is not None:
+                    validate_card(entry["card"])
+                card = card_from_run(entry)
+            except ModelError:  # the stored card was edited: its model cannot say what a positive is
+                out["notes"].append(f"{night.path}: a model card in it is not valid; left out of the labelled metrics")
+                continue
             if card is None or frame is None:
                 continue
             c = counts.setdefault(card.name, [None] * len(nights))
