@@ -77,9 +77,11 @@ def monitor_command(
 
     \b
     Per model and group (scanner, view, age band): PSI and KS of the scores, positive
-    rate and applicability flag rate with binomial tests, new or vanished scanners;
+    rate and applicability flag rate with binomial tests, new or vanished scanners,
+    changed operating points, models added, removed or run with other weights;
     error rate per run. Alerts are printed, listed in the PDF and JSON, and counted in
-    the Prometheus file.
+    the Prometheus file. A run.json that is damaged or edited is left out with a note.
+    No output may replace an input (exit 2).
     """
     from pneumobatch.operations.monitor.run import MonitorConfig, run_monitor
 
