@@ -7,7 +7,8 @@ model name or other weights (SHA-256), and when it does not hold what applying i
 (:data:`SITE_SCHEMA`, checked with ``jsonschema`` as the model card is; every number finite, which
 JSON Schema does not check and Python's ``json`` does not ensure: it reads ``NaN`` and ``Infinity``;
 the applied point's threshold present in every age band): a one-line message naming the file and
-what is wrong.
+what is wrong. Only a regular file of at most :data:`~pneumobatch.core.files.SITE_FILE_LIMIT` bytes
+is read (:func:`~pneumobatch.core.files.read_small_file`): a FIFO or a device is refused, never waited on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Optional
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import SiteError
+from pneumobatch.core.files import SITE_FILE_LIMIT, FileReadError, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -170,20 +172,22 @@ def site_problem(site: Any, path: Path | str) -> Optional[str]:
 
 def load_site(path: Path | str) -> dict[str, Any]:
     """Read and check a site file (:func:`site_problem`); :class:`SiteError` (one line: the file
-    and what is wrong) when it is not one."""
+    and what is wrong) when it is not one, or when the path names no regular file of at most
+    :data:`~pneumobatch.core.files.SITE_FILE_LIMIT` bytes."""
     path = Path(path)
     try:
-        site = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SiteError(f"site file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SiteError(
-            f"site file {path} is not readable JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
+        raw = read_small_file(path, limit=SITE_FILE_LIMIT, what="site file")
+    except FileReadError as e:
+        raise SiteError(str(e)) from e
+    try:
+        site = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SiteError(f"site file {path} is not readable JSON: {first or type(e).__name__}") from e
     if (problem := site_problem(site, path)) is not None:
         raise SiteError(problem)
     site["_path"] = str(path)
-    site["_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    site["_sha256"] = hashlib.sha256(raw).hexdigest()
     return site
 
 
