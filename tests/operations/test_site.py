@@ -549,3 +549,38 @@ def test_predict_refuses_a_site_file_whose_applied_band_threshold_is_null(weight
     result = CliRunner().invoke(main, args + ["--site", str(tmp_path / "site.json"), "-o", str(tmp_path / "p.csv")])
     one_line_error(result, 2, "by_age_band/adult/target/threshold: null, but the file applies target")
     assert not (tmp_path / "p.csv").exists()
+
+
+def _tamper(card: dict, *where: str, value) -> list:
+    card = copy.deepcopy(card)
+    _set(*where, value=value)(card)
+    return [{"name": "pneumonia", "card": card}]
+
+
+TAMPERED = {
+    "negative-temperature": (lambda c: _tamper(c, "temperature", value=-0.9), "temperature: -0.9 is less than"),
+    "nan-threshold": (lambda c: _tamper(c, "threshold", value=float("nan")), "threshold: must be a finite"),
+    "band-null": (
+        lambda c: _tamper(c, "thresholds", "by_age_band", "child", "recall_target", value=None),
+        "thresholds/by_age_band/child/recall_target: None is not of type 'number'",
+    ),
+    "band-without-threshold": (
+        lambda c: _tamper(c, "thresholds", "by_age_band", "child", value={"youden": 0.4}),
+        "has no recall_target threshold for age band child",
+    ),
+    "models-dict": (lambda c: {"pneumonia": {"name": "pneumonia", "card": c}}, "no list of models"),
+    "models-int": (lambda c: 3, "no list of models"),
+    "model-entry-int": (lambda c: [3], "holds no model card for pneumonia"),
+    "card-list": (lambda c: [{"name": "pneumonia", "card": [c]}], "card: not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("models, needle", TAMPERED.values(), ids=TAMPERED.keys())
+def test_calibrate_refuses_a_tampered_run_json_card(calibrated, tmp_path, models, needle):
+    """S4: the card in run.json is checked as a card on disk is; nothing is fitted on it or written."""
+    csv = tmp_path / "p.csv"
+    shutil.copy(calibrated["csv"], csv)
+    (tmp_path / "p.run.json").write_text(json.dumps({"models": models(calibrated["card"])}))
+    args = ["calibrate", str(csv), "--labels", str(calibrated["labels"]), "-o", str(tmp_path / "site.json")]
+    one_line_error(CliRunner().invoke(main, args + ["--bootstrap", "0", "-m", "pneumonia"]), 3, "p.run.json", needle)
+    assert not (tmp_path / "site.json").exists()
