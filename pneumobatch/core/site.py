@@ -4,8 +4,11 @@
 ``report --site`` apply them with :func:`site_card`, so that everything decides by the one rule of
 :class:`~pneumobatch.core.card.ModelCard`. A site file is refused (:class:`SiteError`, exit code 2) for another
 model name or other weights (SHA-256), and when it does not hold what applying it needs
-(:data:`SITE_SCHEMA`, checked with ``jsonschema`` as the model card is): a one-line message naming
-the file and what is wrong.
+(:data:`SITE_SCHEMA`, checked with ``jsonschema`` as the model card is; every number finite, which
+JSON Schema does not check and Python's ``json`` does not ensure: it reads ``NaN`` and ``Infinity``;
+the applied point's threshold present in every age band): a one-line message naming the file and
+what is wrong. Only a regular file of at most :data:`~pneumobatch.core.files.SITE_FILE_LIMIT` bytes
+is read (:func:`~pneumobatch.core.files.read_small_file`): a FIFO or a device is refused, never waited on.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import SiteError
+from pneumobatch.core.files import SITE_FILE_LIMIT, FileReadError, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -112,43 +117,77 @@ def _kind(error: Any) -> int:
     return _INVALID
 
 
-def _problem(site: Any, path: Path) -> Optional[str]:
-    """The one line saying what is wrong with ``site`` (:data:`SITE_SCHEMA`), or None when nothing is."""
+def _non_finite(document: Any) -> Optional[tuple[str, float]]:
+    """Where the first NaN or infinite number of a JSON document is, and the number (None: none is).
+
+    Iterative, so that a deeply nested document cannot exhaust the stack.
+    """
+    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return "/".join(where) or "site", value
+        if isinstance(value, dict):
+            stack.extend(((*where, str(k)), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*where, str(i)), v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def site_problem(site: Any, path: Path | str) -> Optional[str]:
+    """The one line saying what is wrong with the site document ``site`` read from (or to be
+    written to) ``path``, or None when predict and report can apply it.
+
+    :data:`SITE_SCHEMA`, then every number finite, then the applied operating point's threshold
+    in every age band (a band kept "shipped" may lack the point that is not applied).
+    """
     import jsonschema
 
+    path = Path(path)
     errors = list(jsonschema.Draft202012Validator(SITE_SCHEMA).iter_errors(site))
-    if not errors:
-        return None
-    kind = min(map(_kind, errors))
-    if kind == _NOT_SITE:
-        return f"{path} is not a pneumobatch site file (made by pneumobatch calibrate)"
-    if kind == _VERSION:
-        version = site.get("schema_version")
-        return f"site file {path} has schema version {version!r}; this pneumobatch reads {SITE_SCHEMA_VERSION}"
-    if kind == _LACKS:
-        return f"site file {path} lacks model, temperature or operating points"
-    error = jsonschema.exceptions.best_match(errors)
-    where = "/".join(map(str, error.absolute_path)) or "site"
-    message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
-    return f"site file {path}: {where}: {message}"
+    if errors:
+        kind = min(map(_kind, errors))
+        if kind == _NOT_SITE:
+            return f"{path} is not a pneumobatch site file (made by pneumobatch calibrate)"
+        if kind == _VERSION:
+            version = site.get("schema_version")
+            return f"site file {path} has schema version {version!r}; this pneumobatch reads {SITE_SCHEMA_VERSION}"
+        if kind == _LACKS:
+            return f"site file {path} lacks model, temperature or operating points"
+        error = jsonschema.exceptions.best_match(errors)
+        where = "/".join(map(str, error.absolute_path)) or "site"
+        message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+        return f"site file {path}: {where}: {message}"
+    if (bad := _non_finite(site)) is not None:
+        return f"site file {path}: {bad[0]}: {bad[1]!r} is not a finite number"
+    applied = site.get("apply", "target")
+    for band, point in (site["operating_points"].get("by_age_band") or {}).items():
+        if point[applied]["threshold"] is None:
+            return (
+                f"site file {path}: operating_points/by_age_band/{band}/{applied}/threshold: "
+                f"null, but the file applies {applied}; calibrate again"
+            )
+    return None
 
 
 def load_site(path: Path | str) -> dict[str, Any]:
-    """Read and check a site file against :data:`SITE_SCHEMA`; :class:`SiteError` (one line: the
-    file and what is wrong) when it is not one."""
+    """Read and check a site file (:func:`site_problem`); :class:`SiteError` (one line: the file
+    and what is wrong) when it is not one, or when the path names no regular file of at most
+    :data:`~pneumobatch.core.files.SITE_FILE_LIMIT` bytes."""
     path = Path(path)
     try:
-        site = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SiteError(f"site file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SiteError(
-            f"site file {path} is not readable JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
-    if (problem := _problem(site, path)) is not None:
+        raw = read_small_file(path, limit=SITE_FILE_LIMIT, what="site file")
+    except FileReadError as e:
+        raise SiteError(str(e)) from e
+    try:
+        site = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SiteError(f"site file {path} is not readable JSON: {first or type(e).__name__}") from e
+    if (problem := site_problem(site, path)) is not None:
         raise SiteError(problem)
     site["_path"] = str(path)
-    site["_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    site["_sha256"] = hashlib.sha256(raw).hexdigest()
     return site
 
 

@@ -39,9 +39,10 @@ import numpy as np
 import pandas as pd
 
 from pneumobatch import __version__
-from pneumobatch.core.card import ModelCard
-from pneumobatch.core.errors import LabelError, OutputExists, SiteError
-from pneumobatch.core.site import APPLY_CHOICES, SITE_FORMAT, SITE_SCHEMA_VERSION
+from pneumobatch.core.card import RECALL_TARGET, ModelCard, validate_card
+from pneumobatch.core.errors import LabelError, ModelError, OutputExists, SiteError
+from pneumobatch.core.files import LABELS_FILE_LIMIT, RUN_JSON_LIMIT, FileReadError, read_small_file
+from pneumobatch.core.site import APPLY_CHOICES, SITE_FORMAT, SITE_SCHEMA_VERSION, site_problem
 from pneumobatch.core.subgroups import UNKNOWN
 from pneumobatch.evaluation.labels.cards import card_from_run
 from pneumobatch.evaluation.labels.join import join_labels
@@ -310,16 +311,44 @@ def _iso(ns: float) -> str:
 
 
 def _run_card(predictions: Path, name: str) -> ModelCard:
+    """The model card predict stored in ``PREDICTIONS.run.json`` for model ``name``, checked as a
+    card read from disk is (:func:`~pneumobatch.core.card.validate_card`): a hand-edited run.json
+    (a negative temperature, a band without its threshold, ``models`` not a list) is refused with
+    :class:`LabelError`, never fitted on nor written into a site file."""
     run_path = predictions.with_name(predictions.stem + ".run.json")
     try:
-        run = json.loads(run_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LabelError(f"{run_path} not found: calibrate needs the model card predict stores there") from None
-    except (OSError, ValueError) as e:
-        raise LabelError(f"cannot read {run_path}: {e}") from e
-    for entry in run.get("models") or [] if isinstance(run, dict) else []:
-        if entry.get("name") == name and (card := card_from_run(entry)) is not None:
-            return card
+        raw = read_small_file(run_path, limit=RUN_JSON_LIMIT, what="run.json")
+    except FileReadError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise LabelError(f"{run_path} not found: calibrate needs the model card predict stores there") from None
+        raise LabelError(str(e)) from e
+    try:
+        run = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise LabelError(f"cannot read {run_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    models = run.get("models") if isinstance(run, dict) else None
+    if not isinstance(models, list):
+        raise LabelError(f"{run_path} is not a run.json of pneumobatch predict (no list of models); predict again")
+    for entry in models:
+        if not isinstance(entry, dict) or entry.get("name") != name:
+            continue
+        stored = entry.get("card")
+        if stored is None:
+            break
+        try:
+            validate_card(stored)
+            card = card_from_run(entry)
+        except (ModelError, TypeError, ValueError) as e:
+            raise LabelError(f"{run_path}: the model card of {name} is not usable: {e}; predict again") from e
+        if card is None:
+            break
+        for band, point in ((card.thresholds or {}).get("by_age_band") or {}).items():
+            if not isinstance(point, dict) or point.get(RECALL_TARGET) is None:
+                raise LabelError(
+                    f"{run_path}: the model card of {name} has no {RECALL_TARGET} threshold for age band "
+                    f"{band}; predict again"
+                )
+        return card
     raise LabelError(f"{run_path} holds no model card for {name} (written by an older pneumobatch? predict again)")
 
 
@@ -356,10 +385,17 @@ def calibrate(config: CalibrateConfig) -> CalibrateResult:
         n_bootstrap=config.n_bootstrap,
         seed=config.seed,
     )
+    try:
+        label_bytes = read_small_file(config.labels, limit=LABELS_FILE_LIMIT, what="labels file")
+    except FileReadError as e:
+        raise LabelError(str(e)) from e
     site["fitted_on"]["label_source"]["file"] = Path(config.labels).name
-    site["fitted_on"]["label_source"]["sha256"] = hashlib.sha256(Path(config.labels).read_bytes()).hexdigest()
+    site["fitted_on"]["label_source"]["sha256"] = hashlib.sha256(label_bytes).hexdigest()
     site["fitted_on"]["predictions"] = Path(config.predictions).name
-    atomic_write(output, json.dumps(site, indent=2) + "\n")
+    # what predict --site and report --site would refuse is never written (a last check: the card is checked above)
+    if (problem := site_problem(site, output)) is not None:
+        raise LabelError(f"calibrate made a site file that cannot be applied, so wrote none: {problem}")
+    atomic_write(output, json.dumps(site, indent=2, allow_nan=False) + "\n")
     return CalibrateResult(output, site, warnings)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ from pneumobatch.core.site import apply_site, load_site
 from pneumobatch.evaluation.metrics import min_positives_for, rescale_probabilities
 from pneumobatch.operations.calibrate import fit_site
 from pneumobatch.testing.synthetic import write_cxr
-from tests.helpers import ROOT
+from tests.helpers import ROOT, one_line_error
 
 SHA = "ab" * 32
 
@@ -433,3 +435,152 @@ def test_site_thresholds_keep_their_decisions_when_predict_rounds_the_probabilit
             called = shown >= point["threshold"]
             assert (int((called & truth).sum()), int((~called & truth).sum())) == (point["tp"], point["fn"])
             assert (int((~called & ~truth).sum()), int((called & ~truth).sum())) == (point["tn"], point["fp"])
+
+
+# -------------------------------------------------- bad site files, tampered cards, special files
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> dict:
+    """A site file calibrate wrote on the sample studies' predictions (the shipped model), with its inputs."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    csv = folder / "p.csv"
+    shutil.copy(ROOT / "tests" / "data" / "sample_studies_expected.csv", csv)
+    card = json.loads((ROOT / "weights" / "pneumonia.json").read_text())
+    (folder / "p.run.json").write_text(json.dumps({"models": [{"name": "pneumonia", "card": card}]}))
+    labels = ROOT / "sample_studies" / "labels.csv"
+    args = ["calibrate", str(csv), "--labels", str(labels), "-o", str(folder / "site.json"), "--bootstrap", "0"]
+    result = CliRunner().invoke(main, args + ["--model", "pneumonia"])
+    assert result.exit_code == 0, result.output
+    return {"csv": csv, "labels": labels, "card": card, "site": json.loads((folder / "site.json").read_text())}
+
+
+def _report(calibrated: dict, site: Path, tmp_path: Path):
+    args = [
+        "report",
+        str(calibrated["csv"]),
+        "--labels",
+        str(calibrated["labels"]),
+        "--bootstrap",
+        "0",
+        "-m",
+        "pneumonia",
+    ]
+    return CliRunner().invoke(main, [*args, "--site", str(site), "-o", str(tmp_path / "r.pdf")])
+
+
+def _set(*where: str, value) -> Callable[[dict], None]:
+    def change(site: dict) -> None:
+        for key in where[:-1]:
+            site = site[key]
+        site[where[-1]] = value
+
+    return change
+
+
+_POOLED = ("operating_points", "pooled", "target", "threshold")
+_CHILD = ("operating_points", "by_age_band", "child", "target", "threshold")
+BAD_SITES = {
+    # S1: thresholds outside [0, 1] or not finite (Python's json reads NaN and Infinity)
+    "pooled-nan": (_set(*_POOLED, value=float("nan")), "operating_points/pooled/target/threshold: nan is not a finite"),
+    "pooled-2": (_set(*_POOLED, value=2.0), "operating_points/pooled/target/threshold: 2.0 is greater than"),
+    "pooled-minus-1": (_set(*_POOLED, value=-1), "operating_points/pooled/target/threshold: -1 is less than"),
+    "band-nan": (_set(*_CHILD, value=float("nan")), "by_age_band/child/target/threshold: nan is not a finite"),
+    "band-2": (_set(*_CHILD, value=2.0), "by_age_band/child/target/threshold: 2.0 is greater than"),
+    "band-minus-1": (_set(*_CHILD, value=-1), "by_age_band/child/target/threshold: -1 is less than"),
+    # S2: a temperature that is not a positive finite number
+    "temperature-0": (_set("temperature", "site", value=0), "temperature/site: 0 is less than or equal"),
+    "temperature-nan": (_set("temperature", "site", value=float("nan")), "temperature/site: nan is not a finite"),
+    "temperature-minus": (_set("temperature", "site", value=-1.1), "temperature/site: -1.1 is less than or equal"),
+    "temperature-inf": (_set("temperature", "site", value=float("inf")), "temperature/site: inf is not a finite"),
+    # S3: wrong types, unknown choices, missing parts
+    "pooled-string": (_set(*_POOLED, value="0.5"), "pooled/target/threshold: '0.5' is not of type 'number'"),
+    "pooled-null": (_set(*_POOLED, value=None), "pooled/target/threshold: None is not of type 'number'"),
+    "band-null": (_set(*_CHILD, value=None), "by_age_band/child/target/threshold: null, but the file applies target"),
+    "apply-banana": (_set("apply", value="banana"), "apply: 'banana' is not one of ['target', 'youden']"),
+    "bands-list": (_set("operating_points", "by_age_band", value=[1]), "by_age_band: [1] is not of type"),
+    "pooled-list": (_set("operating_points", "pooled", value=[1]), "operating_points/pooled: [1] is not of type"),
+    "point-list": (_set("operating_points", "pooled", "youden", value=[]), "pooled/youden: [] is not of type"),
+    "no-youden": (lambda s: s["operating_points"]["pooled"].pop("youden"), "'youden' is a required property"),
+    "target-nan": (_set("target_sensitivity", value=float("nan")), "target_sensitivity: nan is not a finite"),
+}
+
+
+@pytest.mark.parametrize("change, needle", BAD_SITES.values(), ids=BAD_SITES.keys())
+def test_a_site_file_with_a_bad_value_is_refused_with_one_line(calibrated, tmp_path, change, needle):
+    """S1-S3: exit 2 and one line naming the file and the field, before any report is written."""
+    site = copy.deepcopy(calibrated["site"])
+    change(site)
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps(site))  # NaN and inf as JSON's NaN / Infinity literals
+    one_line_error(_report(calibrated, path, tmp_path), 2, f"site file {path}: ", needle)
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_a_number_too_large_for_a_float_is_refused(calibrated, tmp_path):
+    path = tmp_path / "site.json"
+    text = json.dumps(calibrated["site"])
+    path.write_text(text.replace(f'"site": {calibrated["site"]["temperature"]["site"]!r}', '"site": 1e999'))
+    one_line_error(_report(calibrated, path, tmp_path), 2, "temperature/site: inf is not a finite number")
+
+
+def test_a_site_file_calibrate_wrote_is_applied_and_a_band_may_lack_the_point_not_applied(calibrated, tmp_path):
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps(calibrated["site"]))
+    assert load_site(path)["operating_points"]["by_age_band"]["child"]["source"] == "shipped"
+    site = copy.deepcopy(calibrated["site"])
+    site["operating_points"]["by_age_band"]["child"]["youden"]["threshold"] = None  # apply is target
+    path.write_text(json.dumps(site))
+    result = _report(calibrated, path, tmp_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_predict_refuses_a_site_file_whose_applied_band_threshold_is_null(weights_dir, tmp_path):
+    """S4: not an exit 4 on the first image of that band, mid-run: exit 2 before any row."""
+    card = ModelCard.from_dict(json.loads((weights_dir / "tiny.json").read_text()))
+    card.thresholds = {"recall_target": 0.5, "youden": 0.5, "by_age_band": {"adult": {"recall_target": 0.5}}}
+    frame, labels = _sample(n_child=(0, 0), n_adult=(40, 40))
+    site, _ = fit_site(frame.assign(model="tiny"), labels, card, n_bootstrap=0)
+    site["operating_points"]["by_age_band"]["adult"]["target"]["threshold"] = None
+    (tmp_path / "site.json").write_text(json.dumps(site))
+    (tmp_path / "in").mkdir()
+    write_cxr(tmp_path / "in" / "0.dcm", np.zeros((64, 64), np.uint16) + 7, bits_stored=12)
+    args = ["predict", str(tmp_path / "in"), "-m", "tiny", "--weights-dir", str(weights_dir), "--quiet"]
+    result = CliRunner().invoke(main, args + ["--site", str(tmp_path / "site.json"), "-o", str(tmp_path / "p.csv")])
+    one_line_error(result, 2, "by_age_band/adult/target/threshold: null, but the file applies target")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def _tamper(card: dict, *where: str, value) -> list:
+    card = copy.deepcopy(card)
+    _set(*where, value=value)(card)
+    return [{"name": "pneumonia", "card": card}]
+
+
+TAMPERED = {
+    "negative-temperature": (lambda c: _tamper(c, "temperature", value=-0.9), "temperature: -0.9 is less than"),
+    "nan-threshold": (lambda c: _tamper(c, "threshold", value=float("nan")), "threshold: must be a finite"),
+    "band-null": (
+        lambda c: _tamper(c, "thresholds", "by_age_band", "child", "recall_target", value=None),
+        "thresholds/by_age_band/child/recall_target: None is not of type 'number'",
+    ),
+    "band-without-threshold": (
+        lambda c: _tamper(c, "thresholds", "by_age_band", "child", value={"youden": 0.4}),
+        "has no recall_target threshold for age band child",
+    ),
+    "models-dict": (lambda c: {"pneumonia": {"name": "pneumonia", "card": c}}, "no list of models"),
+    "models-int": (lambda c: 3, "no list of models"),
+    "model-entry-int": (lambda c: [3], "holds no model card for pneumonia"),
+    "card-list": (lambda c: [{"name": "pneumonia", "card": [c]}], "card: not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("models, needle", TAMPERED.values(), ids=TAMPERED.keys())
+def test_calibrate_refuses_a_tampered_run_json_card(calibrated, tmp_path, models, needle):
+    """S4: the card in run.json is checked as a card on disk is; nothing is fitted on it or written."""
+    csv = tmp_path / "p.csv"
+    shutil.copy(calibrated["csv"], csv)
+    (tmp_path / "p.run.json").write_text(json.dumps({"models": models(calibrated["card"])}))
+    args = ["calibrate", str(csv), "--labels", str(calibrated["labels"]), "-o", str(tmp_path / "site.json")]
+    one_line_error(CliRunner().invoke(main, args + ["--bootstrap", "0", "-m", "pneumonia"]), 3, "p.run.json", needle)
+    assert not (tmp_path / "site.json").exists()

@@ -1,7 +1,10 @@
 """Reading a labels CSV: encoding and separator sniffing, one-line errors for unreadable files.
 
-Failures a user must fix (missing file, a folder, an Excel workbook, no rows) raise
-:class:`~pneumobatch.core.errors.LabelError` with a one-line message.
+Failures a user must fix (missing file, an Excel workbook, no rows, more than
+:data:`~pneumobatch.core.files.LABELS_FILE_LIMIT` bytes) raise
+:class:`~pneumobatch.core.errors.LabelError` with a one-line message; a path naming a folder,
+a FIFO or a device is a usage error (still a ``LabelError``, but exit code 2, as the CLI's
+own check of a folder gives), never opened for reading (:func:`~pneumobatch.core.files.read_small_file`), so never a hang.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pneumobatch.core.errors import LabelError
+from pneumobatch.core.errors import EXIT_USAGE, LabelError
+from pneumobatch.core.files import LABELS_FILE_LIMIT, FileReadError, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,15 @@ def read_labels(path: Path | str) -> pd.DataFrame:
     record where it came from.
     """
     path = Path(path)
-    if not path.exists():
-        raise LabelError(f"labels file not found: {path}")
-    if path.is_dir():
-        raise LabelError(f"labels file {path} is a folder, not a CSV file")
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LabelError(f"cannot read labels file {path}: {e.strerror or e}") from e
+        raw = read_small_file(path, limit=LABELS_FILE_LIMIT, what="labels file")
+    except FileReadError as e:
+        error = LabelError(str(e))
+        if e.not_a_file and not isinstance(e.__cause__, FileNotFoundError):
+            error.exit_code = (
+                EXIT_USAGE  # a folder, a FIFO, a device: the wrong path was given, as click says of a folder
+            )
+        raise error from e
     if not raw.strip():
         raise LabelError(f"labels file {path} is empty")
     if raw.startswith(b"PK\x03\x04"):

@@ -114,11 +114,16 @@ def predictions_path(run_json: Path) -> Path:
 
 def load_nights(paths: Sequence[Path | str]) -> tuple[list[Night], list[str]]:
     """Readable run.json files with a monitoring block, oldest first, and notes on the others."""
+    from pneumobatch.core.files import RUN_JSON_LIMIT, FileReadError, read_small_file
+
     nights, notes = [], []
     for path in map(Path, paths):
-        try:
-            run = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        try:  # a regular file of at most RUN_JSON_LIMIT bytes: a FIFO or a device is left out, never waited on
+            run = json.loads(read_small_file(path, limit=RUN_JSON_LIMIT, what="run.json").decode("utf-8"))
+        except FileReadError as e:
+            notes.append(f"{e}; left out")
+            continue
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             notes.append(f"{path}: not readable JSON ({type(e).__name__}); left out")
             continue
         if not isinstance(run, dict) or run.get("monitoring") is None:

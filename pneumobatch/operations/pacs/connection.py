@@ -39,6 +39,7 @@ from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 from pneumobatch.core.errors import OptionError
+from pneumobatch.core.files import PACS_CONFIG_LIMIT, FileReadError, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,12 @@ def read_config(path: Path) -> dict[str, str]:
             f"it may hold passwords: chmod 600 {path}"
         )
     parser = configparser.ConfigParser(interpolation=None)
+    try:  # a regular file of at most PACS_CONFIG_LIMIT bytes: a FIFO or a device is refused, never waited on
+        raw = read_small_file(path, limit=PACS_CONFIG_LIMIT, what="PACS config")
+    except FileReadError as exc:
+        raise OptionError(str(exc)) from exc
     try:
-        parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
+        parser.read_string(raw.decode("utf-8"), source=str(path))
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise OptionError(f"PACS config {path} cannot be read: {type(exc).__name__}") from exc
     if not parser.has_section(CONFIG_SECTION):
