@@ -5,7 +5,8 @@ Exit codes, the same for every command (defined with the errors in :mod:`pneumob
 CSV); 2 usage error (bad option or argument; an existing output without --resume or
 --overwrite; a --device this machine does not have, e.g. cuda without a GPU); 3 fatal
 error (model missing or corrupt, output not writable, unusable data); 130/143 interrupted
-by SIGINT/SIGTERM (rows written so far are kept for --resume). The package's
+by SIGINT/SIGTERM (rows written so far are kept for --resume; pull and push keep what
+they did in their ledger and go on when run again). The package's
 errors are turned into a one-line message and their exit code in one place,
 :class:`Group.invoke`. An empty input folder is not an error: a night without studies
 writes a CSV with only the header.
@@ -66,9 +67,9 @@ class Group(click.Group):
             with _signals_stop_the_run():
                 return super().invoke(ctx)
         except Interrupted as exc:
-            raise CommandError(str(exc), exc.exit_code) from exc
+            raise CommandError(_interrupted(ctx, exc), exc.exit_code) from exc
         except KeyboardInterrupt as exc:  # SIGINT arriving before the handler was set
-            raise CommandError(str(Interrupted(signal.SIGINT)), EXIT_SIGINT) from exc
+            raise CommandError(_interrupted(ctx, Interrupted(signal.SIGINT)), EXIT_SIGINT) from exc
         except PneumobatchError as exc:
             raise CommandError(str(exc), exc.exit_code) from exc
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -82,6 +83,21 @@ class Group(click.Group):
                 "please report it with the traceback (run again with PNEUMOBATCH_TRACEBACK=1)",
                 EXIT_INTERNAL,
             ) from exc
+
+
+#: What is true after a signal for the commands that keep a ledger, not a journal (no --resume).
+_LEDGER_RESUME = {
+    "pull": "the instances fetched so far are in the ledger; run the same command again to fetch the rest",
+    "push": "the SRs delivered so far are in the ledger; run the same command again to send the rest",
+}
+
+
+def _interrupted(ctx: click.Context, exc: Interrupted) -> str:
+    """The line for a run stopped by a signal: how to go on with the command that ran."""
+    hint = _LEDGER_RESUME.get(ctx.invoked_subcommand or "")
+    if hint is None:
+        return str(exc)
+    return f"interrupted by {signal.Signals(exc.signum).name}; {hint}"
 
 
 @contextlib.contextmanager

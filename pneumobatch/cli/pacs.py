@@ -89,8 +89,28 @@ def _finish(result, quiet: bool) -> None:
     multiple=True,
     help="Fetch only series whose BodyPartExamined is this (or empty); repeatable.",
 )
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    cls=LibraryDefault,
+    library_default="pneumobatch.operations.pacs.connection:DEFAULT_DEADLINE",
+    show_default=True,
+    metavar="SECONDS",
+    help="The most one request to the archive may take in all (a search, an instance), however slowly it trickles.",
+)
+@click.option(
+    "--study-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    cls=LibraryDefault,
+    library_default="pneumobatch.operations.pacs.pull:PullConfig.study_timeout",
+    show_default=True,
+    metavar="SECONDS",
+    help="The most one study may take, retries included; what was fetched is kept for the next run.",
+)
 @_archive_options("pneumobatch.operations.pacs.pull:PullConfig")
-def pull_command(output: Path, on, since, until, modalities, body_parts, **archive) -> None:
+def pull_command(
+    output: Path, on, since, until, modalities, body_parts, request_timeout, study_timeout, **archive
+) -> None:
     """Fetch the studies of a date window from a PACS into OUTPUT, for predict.
 
     \b
@@ -101,20 +121,28 @@ def pull_command(output: Path, on, since, until, modalities, body_parts, **archi
     PNEUMOBATCH_PACS_PASSWORD or PNEUMOBATCH_PACS_TOKEN, or a 0600 --config file.
 
     \b
-    Exit codes: 0 everything fetched; 1 some studies failed after retries (listed on
-    stderr); 2 usage error; 3 the archive cannot be searched (unreachable, refused).
+    An instance that arrives unusable (not DICOM, over 256 MiB, garbled) fails alone:
+    it is listed, the night goes on, and the next run asks for it again.
+
+    \b
+    Exit codes: 0 everything fetched; 1 some studies or instances failed (listed on
+    stderr); 2 usage error; 3 the archive cannot be searched (unreachable, refused,
+    answering garbage); 130/143 interrupted: run the same command again to go on.
     """
+    from dataclasses import replace
+
     from pneumobatch.operations.pacs.pull import PullConfig, date_window, run_pull
 
     setup_logging(archive["verbose"], archive["quiet"])
     pull_config = PullConfig(
-        connection=_connection(archive),
+        connection=replace(_connection(archive), deadline=request_timeout),
         output=output,
         study_date=date_window(on, since, until),
         modalities=modalities,
         body_parts=body_parts,
         ledger=archive["ledger"],
         retries=archive["retries"],
+        study_timeout=study_timeout,
     )
     _finish(run_pull(pull_config), archive["quiet"])
 

@@ -9,7 +9,12 @@ Policy:
   ``PNEUMOBATCH_PACS_TOKEN``) or from a config file readable by its owner only
   (mode 0600; ``--config`` or ``PNEUMOBATCH_PACS_CONFIG``). They are never options, a
   URL with ``user:password@`` is refused, and they never appear in a ``repr``, a log
-  line or an error message.
+  line or an error message. What ``$(cat file)`` leaves around a value (a CRLF file's
+  carriage return) is dropped: whitespace around a user name or token, CR and LF around
+  a password; a control character inside one is refused, with a message that names the
+  variable, never the value.
+- Each request to the archive ends within ``deadline`` seconds in all (``timeout`` bounds
+  one read), and an instance may be at most ``max_instance_bytes`` once inflated.
 - TLS certificates are verified by default; ``ca_bundle`` names a site CA, and only the
   config file can turn verification off (``tls_verify = false``, logged as a warning).
 
@@ -28,15 +33,17 @@ Config file (INI), every key optional; the environment wins over the file::
 
 from __future__ import annotations
 
+import base64
 import configparser
 import logging
 import os
 import re
 import stat
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pneumobatch.core.errors import OptionError
 from pneumobatch.core.files import PACS_CONFIG_LIMIT, FileReadError, read_small_file
@@ -50,6 +57,11 @@ ENV_CONFIG = "PNEUMOBATCH_PACS_CONFIG"
 CONFIG_SECTION = "pacs"
 DEFAULT_CALLING_AE = "PNEUMOBATCH"
 DEFAULT_CALLED_AE = "ANY-SCP"
+#: Seconds one read from the archive may wait, and one request may take in all.
+DEFAULT_TIMEOUT, DEFAULT_DEADLINE = 60.0, 120.0
+#: The most one instance may hold (inflated): twice what predict reads at its default
+#: --max-pixels (64 Mpx at 2 bytes), so a deflate bomb is refused, not inflated.
+DEFAULT_MAX_INSTANCE_BYTES = 256 * 1024 * 1024
 _AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e](?:[\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
 
 
@@ -69,8 +81,17 @@ class Credentials:
         return bool(self.token or self.username)
 
     def secrets(self) -> list[str]:
-        """The values that must never be printed (for scrubbing messages)."""
-        return [s for s in (self.password, self.token) if s]
+        """The values that must never be printed (for scrubbing messages), in every form a
+        library may quote them: as given, escaped as in a ``repr``, URL-encoded, and the
+        basic-auth header value."""
+        forms = set()
+        for secret in (self.password, self.token):
+            if secret:
+                forms.update({secret, repr(secret)[1:-1], quote(secret, safe="")})
+        if self.username:
+            pair = f"{self.username}:{self.password}".encode()
+            forms.add(base64.b64encode(pair).decode("ascii"))
+        return sorted((f for f in forms if f), key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,9 @@ class Connection:
     credentials: Credentials = field(default_factory=Credentials)
     tls_verify: bool = True
     ca_bundle: str = ""
-    timeout: float = 60.0
+    timeout: float = DEFAULT_TIMEOUT
+    deadline: float = DEFAULT_DEADLINE
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
 
     @property
     def protocol(self) -> str:
@@ -145,6 +168,18 @@ def _ae_title(value: str, what: str) -> str:
     return value
 
 
+def _credential(value: str, name: str, strip: str, token: bool = False) -> str:
+    """A credential as meant: ``strip`` characters dropped around it (a file's line end),
+    none inside that is a control character; a token nothing but visible ASCII (it goes
+    into a header as it is). The message names where it came from, never the value."""
+    value = value.strip(strip)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise OptionError(f"{name} holds a control character (not shown); write it on one line without them")
+    if token and any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        raise OptionError(f"{name} holds a space or a non-ASCII character (not shown); a bearer token has neither")
+    return value
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -161,7 +196,9 @@ def connect_options(
     ca_bundle: Optional[str] = None,
     config: Optional[Path] = None,
     environ: Optional[Mapping[str, str]] = None,
-    timeout: float = 60.0,
+    timeout: float = DEFAULT_TIMEOUT,
+    deadline: float = DEFAULT_DEADLINE,
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
 ) -> Connection:
     """A :class:`Connection` from options, the environment and the config file (in that order)."""
     env = os.environ if environ is None else environ
@@ -180,9 +217,9 @@ def connect_options(
                 f"--url must not hold credentials; set {ENV_USERNAME}/{ENV_PASSWORD} or {ENV_TOKEN}, or use a 0600 config file"
             )
     credentials = Credentials(
-        username=env.get(ENV_USERNAME) or file.get("username", ""),
-        password=env.get(ENV_PASSWORD) or file.get("password", ""),
-        token=env.get(ENV_TOKEN) or file.get("token", ""),
+        username=_credential(*_source(env, ENV_USERNAME, file, "username", config), string.whitespace),
+        password=_credential(*_source(env, ENV_PASSWORD, file, "password", config), "\r\n"),
+        token=_credential(*_source(env, ENV_TOKEN, file, "token", config), string.whitespace, token=True),
     )
     tls_verify = _bool(file["tls_verify"], "tls_verify") if "tls_verify" in file else True
     if not tls_verify:
@@ -198,4 +235,13 @@ def connect_options(
         tls_verify=tls_verify,
         ca_bundle=ca_bundle or file.get("ca_bundle", ""),
         timeout=timeout,
+        deadline=deadline,
+        max_instance_bytes=max_instance_bytes,
     )
+
+
+def _source(env: Mapping[str, str], variable: str, file: Mapping[str, str], key: str, config) -> tuple[str, str]:
+    """A credential's value and where it came from (the variable, else the config file's key)."""
+    if env.get(variable):
+        return env[variable], variable
+    return file.get(key, ""), f"{key} in PACS config {config}"

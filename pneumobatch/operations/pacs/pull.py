@@ -9,7 +9,10 @@ Policy:
 - **Where.** ``OUTPUT/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
   each written whole through a temporary file and a rename, in the transfer syntax the
   archive stored. UIDs come from the archive and are checked against the UID syntax
-  before they become file names.
+  before they become file names. Nothing is written through a link: a study or series
+  folder that is a symbolic link fails its instances (never followed out of OUTPUT),
+  and a link where an instance belongs is not that instance (it is fetched, and the
+  rename replaces the link).
 - **Only what is new.** The ledger (:mod:`.ledger`) records each instance once its file
   is in place. A study fetched completely is not searched again while the archive
   reports the same number of instances; a study with new images gets only those. A run
@@ -17,30 +20,49 @@ Policy:
   place (killed between rename and ledger) is recorded, not fetched again.
 - **Failures.** The search itself failing stops the run (:class:`ArchiveError`, exit 3).
   A study that cannot be fetched is retried ``retries`` times, then listed in
-  :attr:`PullResult.failures` (exit 1); the other studies go on.
+  :attr:`PullResult.failures` (exit 1); the other studies go on. An instance that
+  arrives unusable (not DICOM, larger than the limit, another instance) fails alone: it
+  is listed, the rest of its study and the night go on, and its study is not marked
+  complete, so the next night asks for it again. Search answers the archive garbled are
+  listed the same way.
+- **Time.** Each request ends within the connection's deadline (``--request-timeout``),
+  and a study, retries included, within ``study_timeout`` seconds (``--study-timeout``):
+  an archive trickling a byte every 20 s cannot hold the night.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
+import stat
+import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, OutputError
-from pneumobatch.core.uids import valid_uid
+from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, OutputError
 from pneumobatch.io.atomicfile import atomic_write, temp_target
 from pneumobatch.io.readers.dicom import CXR_MODALITIES
-from pneumobatch.operations.pacs.client import InstanceRef, StudyInfo, open_archive, with_retries
+from pneumobatch.operations.pacs.client import (
+    Archive,
+    BadInstance,
+    InstanceRef,
+    StudyInfo,
+    archive_error,
+    open_archive,
+    with_retries,
+)
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 MODALITIES = tuple(sorted(CXR_MODALITIES))  # what predict reads: CR, DR, DX
+#: Seconds one study may take, retries included.
+DEFAULT_STUDY_TIMEOUT = 900.0
 #: The files a pull writes: ``<SOP Instance UID>.dcm``
 _INSTANCE_FILE = re.compile(r"^[0-9.]+\.dcm$")
 
@@ -57,7 +79,10 @@ def _day(text: str, today: date) -> date:
         return words[text.lower()]
     match = re.fullmatch(r"(\d+)d", text)
     if match:
-        return today - timedelta(days=int(match.group(1)))
+        try:
+            return today - timedelta(days=int(match.group(1)))
+        except OverflowError:  # before year 1, or more days than a timedelta holds
+            raise OptionError(f"a date of {match.group(1)[:12]} days ago is before the calendar starts") from None
     try:
         return datetime.strptime(text, "%Y%m%d").date()
     except ValueError:
@@ -89,6 +114,7 @@ class PullConfig:
     ledger: Optional[Path] = None
     retries: int = 2
     retry_wait: float = 1.0
+    study_timeout: float = DEFAULT_STUDY_TIMEOUT
 
     def __post_init__(self) -> None:
         # Modalities are searched for upper-case (DICOM code strings); none given: the radiograph ones.
@@ -106,6 +132,8 @@ class PullResult:
     instances_fetched: int = 0
     instances_present: int = 0  # already fetched (ledger) or already in place
     instances_not_wanted: int = 0  # other modality or body part
+    instances_failed: int = 0  # arrived unusable, or could not be written
+    studies_failed: int = 0
     failures: list[str] = field(default_factory=list)
 
     study_date: str = ""
@@ -117,8 +145,9 @@ class PullResult:
     def summary(self) -> str:
         return (
             f"{self.studies_found} studies in {self.study_date}: {self.studies_fetched} fetched "
-            f"({self.instances_fetched} new instances, {self.instances_present} already here), "
-            f"{self.studies_up_to_date} unchanged since the last pull, {len(self.failures)} failed; "
+            f"({self.instances_fetched} new instances, {self.instances_present} already here"
+            f"{f', {self.instances_failed} failed' if self.instances_failed else ''}), "
+            f"{self.studies_up_to_date} unchanged since the last pull, {self.studies_failed} failed; "
             f"wrote {self.output} (ledger {self.ledger})"
         )
 
@@ -134,11 +163,74 @@ def wanted(ref: InstanceRef, modalities: tuple[str, ...], body_parts: tuple[str,
 
 
 def _remove_stale_temps(output: Path) -> None:
-    """Temporary files of a pull killed mid-write (ours by name and place); predict must not read them."""
+    """Temporary files of a pull killed mid-write (ours by name and place); predict must not read them.
+    Never inside a linked folder: what a link leads to is not ours."""
     for path in output.glob("*/*/.*.dcm.tmp-*"):
+        if _kind(path.parent) != "folder" or _kind(path.parent.parent) != "folder":
+            continue
         target = temp_target(path.name)
-        if target is not None and _INSTANCE_FILE.match(target) and path.is_file():
+        if target is not None and _INSTANCE_FILE.match(target) and _kind(path) == "file":
             path.unlink(missing_ok=True)
+
+
+def _kind(path: Path) -> str:
+    """What is at ``path``, links not followed: file, folder, link, missing or other."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def _instance_folder(output: Path, ref: InstanceRef) -> tuple[Path, str]:
+    """``OUTPUT/<study>/<series>``, each level made here if missing and never a link;
+    ``(folder, "")``, or ``(path, why)`` when a level is a link or not a folder (that
+    instance fails: nothing is written outside OUTPUT)."""
+    folder = output
+    for name in (ref.study_instance_uid, ref.series_instance_uid):
+        folder = folder / name
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from exc
+        kind = _kind(folder)
+        if kind == "link":
+            return folder, f"{folder} is a symbolic link; pneumobatch does not write through links"
+        if kind != "folder":
+            return folder, f"{folder} exists and is not a folder"
+    return folder, ""
+
+
+def _write_instance(output: Path, ref: InstanceRef, ds) -> str:
+    """Write one instance in place; "" when done, else why this instance was not written."""
+    folder, why = _instance_folder(output, ref)
+    if why:
+        return f"instance {ref.sop_instance_uid} not written: {why}"
+    path = folder / f"{ref.sop_instance_uid}.dcm"
+    if _kind(path) == "folder":
+        return f"instance {ref.sop_instance_uid} not written: {path} is a folder"
+    try:  # a link or a special file under the name is replaced by the rename, never written through
+        atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:  # malformed data set
+        return f"instance {ref.sop_instance_uid} cannot be written as DICOM ({type(exc).__name__})"
+    return ""
+
+
+@dataclass
+class _Attempt:
+    """What one attempt at a study found; only the last attempt's counts are kept."""
+
+    present: int = 0
+    not_wanted: int = 0
+    bad: list[str] = field(default_factory=list)  # instances that failed, answers left out
+    bad_instances: int = 0
 
 
 def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None]] = None) -> PullResult:
@@ -157,50 +249,92 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
         for modality in config.modalities:
             for study in archive.find_studies(config.study_date, modality):
                 studies.setdefault(study.study_instance_uid, study)
+        result.failures.extend(archive.take_problems())
         result.studies_found = len(studies)
         log.info("%s: %d studies in %s", conn.name, len(studies), config.study_date)
         for study in studies.values():
             if ledger.study_complete(conn.name, study.study_instance_uid, study.n_instances):
                 result.studies_up_to_date += 1
                 continue
-            error = with_retries(
-                partial(_pull_study, archive, ledger, study, config, result, progress),
-                config.retries,
-                config.retry_wait,
-            )
-            if error:
-                result.failures.append(f"study {study.study_instance_uid}: {error}")
-            else:
-                result.studies_fetched += 1
+            _fetch_study(archive, ledger, study, config, result, progress)
     return result
 
 
-def _pull_study(archive, ledger: Ledger, study: StudyInfo, config: PullConfig, result: PullResult, progress) -> None:
+def _fetch_study(archive: Archive, ledger: Ledger, study: StudyInfo, config: PullConfig, result: PullResult, progress):
+    """One study, retried while its time lasts; its failures go to ``result``."""
+    attempt = _Attempt()
+    fetched_now: set[str] = set()
+    until = time.monotonic() + config.study_timeout
+
+    def once() -> None:
+        nonlocal attempt
+        if time.monotonic() >= until:
+            raise archive_error(
+                f"not finished within {config.study_timeout:g} s (--study-timeout); "
+                "what was fetched is kept and the next run goes on",
+                retriable=False,
+            )
+        attempt = _Attempt()
+        _pull_study(archive, ledger, study, config, result, progress, attempt, fetched_now)
+
+    with archive.until(until):
+        error = with_retries(once, config.retries, config.retry_wait)
+    result.instances_present += attempt.present
+    result.instances_not_wanted += attempt.not_wanted
+    result.instances_failed += attempt.bad_instances
+    uid = study.study_instance_uid
+    result.failures.extend(f"study {uid}: {problem}" for problem in attempt.bad)
+    if error:
+        result.failures.append(f"study {uid}: {error}")
+    if error or attempt.bad:
+        result.studies_failed += 1
+    else:
+        result.studies_fetched += 1
+
+
+def _pull_study(
+    archive: Archive,
+    ledger: Ledger,
+    study: StudyInfo,
+    config: PullConfig,
+    result: PullResult,
+    progress,
+    attempt: _Attempt,
+    fetched_now: set[str],
+) -> None:
     name, output = config.connection.name, Path(config.output)
     done = ledger.fetched(name, study.study_instance_uid)
+    refs = archive.find_instances(study.study_instance_uid)
+    attempt.bad.extend(archive.take_problems())
     todo = []
-    for ref in archive.find_instances(study.study_instance_uid):
+    for ref in refs:
         if not wanted(ref, config.modalities, config.body_parts):
-            result.instances_not_wanted += 1
+            attempt.not_wanted += 1
             continue
         path = instance_path(output, ref)
-        if ref.sop_instance_uid in done or path.is_file():
-            if ref.sop_instance_uid not in done:
+        kind = _kind(path)
+        if kind == "link" or "link" in (_kind(path.parent), _kind(path.parent.parent)):
+            todo.append(
+                ref
+            )  # a link is not an instance: fetched (the rename replaces it), or failed if a folder is one
+        elif ref.sop_instance_uid in done or kind == "file":
+            if ref.sop_instance_uid not in done:  # in place (killed between rename and ledger)
                 ledger.mark_fetched(name, ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid, path)
-            result.instances_present += 1
+            if ref.sop_instance_uid not in fetched_now:  # fetched by an earlier attempt: counted there
+                attempt.present += 1
+        else:
+            todo.append(ref)
+    for ref, got in archive.retrieve(todo):
+        problem = str(got) if isinstance(got, BadInstance) else _write_instance(output, ref, got)
+        if problem:
+            attempt.bad.append(problem)
+            attempt.bad_instances += 1
             continue
-        todo.append(ref)
-    for ref, ds in archive.retrieve(todo):
-        if valid_uid(ds.get("SOPInstanceUID")) != ref.sop_instance_uid:
-            raise ArchiveError(f"{name}: asked for instance {ref.sop_instance_uid}, got another one")
         path = instance_path(output, ref)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            atomic_write(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed data set from the archive
-            raise ArchiveError(f"{name}: instance {ref.sop_instance_uid} cannot be written as DICOM: {exc}") from exc
         ledger.mark_fetched(name, ref.study_instance_uid, ref.series_instance_uid, ref.sop_instance_uid, path)
+        fetched_now.add(ref.sop_instance_uid)
         result.instances_fetched += 1
         if progress is not None:
             progress(ref)
-    ledger.mark_study_complete(name, study.study_instance_uid, study.study_date, study.n_instances)
+    if not attempt.bad:  # a study with a failed instance is asked for again next time
+        ledger.mark_study_complete(name, study.study_instance_uid, study.study_date, study.n_instances)
