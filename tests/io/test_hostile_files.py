@@ -1,0 +1,155 @@
+"""Inputs built to hurt the night: folders that cannot be entered, links nobody may read,
+a FIFO put where a file was, a DICOM or PNG whose lengths claim gigabytes (issue 23).
+
+Each ends as rows (and exit 1 or 0), never exit 4, never a hang, never gigabytes of memory.
+Permission tests run the real command in a subprocess: as root they first drop the
+capabilities that bypass permission bits (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH,
+CAP_SYS_PTRACE) from the child's bounding set, so that the bits count as for any user.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from pneumobatch.core.errors import Reason
+from pneumobatch.io import discovery
+from pneumobatch.io.predictions import OutputPaths
+from tests.helpers import ROOT
+
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE = 1, 2, 19
+_PR_CAPBSET_DROP = 24
+NOBODY = 65534
+
+
+def _drop_bypass_capabilities() -> None:
+    """In the child before exec: a root process loses what lets it ignore permission bits."""
+    if os.getuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _predict(inputs: Path, out: Path, weights_dir: Path) -> subprocess.CompletedProcess:
+    """``pneumobatch predict`` in a subprocess that permission bits apply to, bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-m", "pneumobatch", "predict", str(inputs), "-o", str(out), "--weights-dir",
+         str(weights_dir), "-m", "tiny", "--device", "cpu", "--workers", "0", "--quiet"],
+        env=_env(), capture_output=True, text=True, timeout=60, preexec_fn=_drop_bypass_capabilities,
+    )  # fmt: skip
+
+
+def _rows(path: Path) -> dict[str, tuple[str, str, str]]:
+    with path.open(newline="") as fh:
+        return {r["path"]: (r["status"], r["reason"], r["detail"]) for r in csv.DictReader(fh)}
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64)).astype(np.uint8)
+    PILImage.fromarray(pixels).save(path)
+    return path
+
+
+# --- section 2: a folder that can be listed but not entered; links nobody may read ------
+
+
+@pytest.mark.slow
+def test_a_folder_that_can_be_listed_but_not_entered_gives_rows_not_a_crash(tmp_path: Path, weights_dir: Path):
+    root = tmp_path / "export"
+    (root / "locked" / "inner").mkdir(parents=True)
+    _png(root / "a.png")
+    _png(root / "locked" / "b.png", 1)
+    _png(root / "locked" / "inner" / "c.png", 2)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (root / "locked").chmod(0o644)  # read (list), no execute (enter)
+    try:
+        result = _predict(root, out_dir / "p.csv", weights_dir)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    rows = _rows(out_dir / "p.csv")
+    assert rows["a.png"][:2] == ("ok", "")
+    assert rows["locked/b.png"] == ("error", "unreadable", "permission denied")
+    assert rows["locked/inner/"] == ("error", "unreadable", "folder: permission denied")
+    assert len(rows) == 3
+
+
+@pytest.mark.slow
+def test_predict_on_a_proc_folder_it_may_not_inspect_gives_rows_not_a_crash(tmp_path: Path, weights_dir: Path):
+    """``/proc/PID`` of another user's process: ``cwd``, ``exe``, ``root`` cannot be read
+    (the ``PermissionError`` ``predict /proc`` met on ``/proc/1/cwd``)."""
+    if os.getuid() == 0:
+
+        def as_nobody() -> None:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+
+        other = subprocess.Popen(["sleep", "60"], cwd="/", preexec_fn=as_nobody)  # fmt: skip
+        pid = other.pid
+    else:
+        other, pid = None, 1  # init belongs to root
+    try:
+        result = _predict(Path(f"/proc/{pid}"), tmp_path / "p.csv", weights_dir)
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait(timeout=10)
+    assert result.returncode == 1, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    rows = _rows(tmp_path / "p.csv")
+    assert rows["cwd"] == ("error", "unreadable", "permission denied")
+    assert rows["fd/"] == ("error", "unreadable", "folder: permission denied")
+
+
+def test_the_reason_for_an_entry_that_cannot_be_looked_at_never_raises(tmp_path: Path, monkeypatch):
+    """Even ``lstat`` fails inside a folder without execute permission."""
+    path = tmp_path / "locked" / "b.png"
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def denied(real):
+        def stat(p, *args, **kwargs):
+            if Path(p) == path:
+                raise PermissionError(13, "Permission denied", str(p))
+            return real(p, *args, **kwargs)
+
+        return stat
+
+    monkeypatch.setattr(os, "stat", denied(real_stat))
+    monkeypatch.setattr(os, "lstat", denied(real_lstat))
+    assert discovery._problem_for(path, PermissionError(13, "Permission denied")) == (
+        Reason.UNREADABLE,
+        "permission denied",
+    )
+    assert discovery._problem_for(path, FileNotFoundError(2, "No such file")) == (Reason.UNREADABLE, "No such file")
+
+
+def test_an_output_never_fails_to_tell_whether_it_owns_a_path(tmp_path: Path, monkeypatch):
+    """``OutputPaths.owns`` resolves every input; a link it may not read must not raise."""
+    unreadable = tmp_path / "proc" / "cwd"
+    real_realpath = os.path.realpath
+
+    def realpath(p, *args, **kwargs):
+        if Path(p) == unreadable:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_realpath(p, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", realpath)
+    paths = OutputPaths(tmp_path / "p.csv")
+    assert paths.owns(unreadable) is False
+    assert paths.owns(tmp_path / "p.csv.partial") is True
