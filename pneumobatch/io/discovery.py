@@ -12,9 +12,9 @@ import stat
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
-from pneumobatch.core.errors import Reason
+from pneumobatch.core.errors import FileRejected, Reason
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -84,9 +84,33 @@ def unescape_path(text: str) -> str:
     return "".join(out)
 
 
+def open_input(path: Path) -> BinaryIO:
+    """Open an input file for reading; never waits on a FIFO, never reads a special file.
+
+    Discovery saw a regular file, but the name may have been replaced since (a FIFO
+    made where a file was, a device): the file is opened with ``O_NONBLOCK``, so opening
+    a FIFO returns at once, and its type is checked on the opened descriptor, so what
+    is read is what was checked. Anything but a regular file raises ``FileRejected``
+    (``special-file``, the reason discovery gives such a name, so the row is the same
+    whichever of the two saw it). Links are followed: a link inside the input folder is
+    an input like any other. ``O_NONBLOCK`` stays set: regular files ignore it, and a
+    kernel file that would block (``/proc/kmsg``) fails with ``EAGAIN`` instead.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise FileRejected(Reason.SPECIAL_FILE, "not a regular file when read (replaced after discovery?)")
+    return open(fd, "rb")
+
+
 def sniff(path: Path) -> FileKind:
     """Tell a file's kind from its first bytes (and a forced DICOM parse if needed)."""
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         head = fh.read(132)
     if not head:
         return FileKind.EMPTY

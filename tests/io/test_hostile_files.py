@@ -14,15 +14,23 @@ import ctypes
 import os
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image as PILImage
 
-from pneumobatch.core.errors import Reason
+from pneumobatch.cli import main
+from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.io import discovery
+from pneumobatch.io.discovery import FileKind, sniff
 from pneumobatch.io.predictions import OutputPaths
+from pneumobatch.io.readers import ReadOptions, read_image
 from tests.helpers import ROOT
 
 _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE = 1, 2, 19
@@ -153,3 +161,75 @@ def test_an_output_never_fails_to_tell_whether_it_owns_a_path(tmp_path: Path, mo
     paths = OutputPaths(tmp_path / "p.csv")
     assert paths.owns(unreadable) is False
     assert paths.owns(tmp_path / "p.csv.partial") is True
+
+
+# --- C1: a FIFO where a file was -----------------------------------------------------------
+
+
+@contextmanager
+def unblocking(fifo: Path, after: float = 4.0) -> Iterator[list[bool]]:
+    """If a reader is still blocked on ``fifo`` after ``after`` seconds, open and close its
+    write end, so that a hang fails the test instead of stopping it. Yields ``[True]`` then."""
+    hung: list[bool] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        if stop.wait(after):
+            return
+        while not stop.is_set():
+            try:  # succeeds only while a reader has the FIFO open
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                hung.append(True)
+            except OSError:
+                pass
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield hung
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("kind", [FileKind.DICOM, FileKind.PNG])
+def test_a_fifo_at_a_files_name_is_refused_by_the_readers_not_waited_on(tmp_path: Path, kind: FileKind):
+    fifo = tmp_path / "image"
+    os.mkfifo(fifo)
+    for read in (lambda: sniff(fifo), lambda: read_image(fifo, kind, ReadOptions())):
+        with unblocking(fifo) as hung:
+            started = time.monotonic()
+            with pytest.raises(FileRejected) as caught:
+                read()
+        assert not hung and time.monotonic() - started < 2
+        assert caught.value.reason is Reason.SPECIAL_FILE
+
+
+def test_a_file_replaced_by_a_fifo_after_discovery_is_a_special_file_row(
+    tmp_path: Path, weights_dir: Path, monkeypatch
+):
+    import pneumobatch.predict as predict_module
+
+    root = tmp_path / "export"
+    root.mkdir()
+    _png(root / "a.png")
+    _png(root / "b.png", 1)
+    real_entries = predict_module._entries
+
+    def entries_then_swap(*args, **kwargs):  # between discovery and reading, b.png becomes a FIFO
+        found = real_entries(*args, **kwargs)
+        (root / "b.png").unlink()
+        os.mkfifo(root / "b.png")
+        return found
+
+    monkeypatch.setattr(predict_module, "_entries", entries_then_swap)
+    out = tmp_path / "p.csv"
+    args = ["predict", str(root), "-o", str(out), "--weights-dir", str(weights_dir), "-m", "tiny"]
+    with unblocking(root / "b.png", after=10) as hung:
+        result = CliRunner().invoke(main, [*args, "--device", "cpu", "--workers", "0", "--quiet"])
+    assert not hung, "predict waited on the FIFO"
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert rows["a.png"][:2] == ("ok", "")
+    assert rows["b.png"][:2] == ("skipped", "special-file")

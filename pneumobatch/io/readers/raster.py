@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 
 from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.io.discovery import open_input
 from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -33,10 +34,10 @@ def minmax(array: np.ndarray) -> np.ndarray:
 def read_raster(path: Path, options: ReadOptions) -> Image:
     """Read a PNG or JPEG file as a float32 grayscale image in [0, 1]."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_input(path) as fh:
             # Pillow warns (and past 2x raises) for decompression bombs; we check ourselves.
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-            with PILImage.open(path) as img:
+            with PILImage.open(fh) as img:
                 width, height = img.size
                 if width * height > options.max_pixels:
                     raise FileRejected(
