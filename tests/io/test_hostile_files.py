@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -31,6 +33,7 @@ from pneumobatch.io import discovery
 from pneumobatch.io.discovery import FileKind, sniff
 from pneumobatch.io.predictions import OutputPaths
 from pneumobatch.io.readers import ReadOptions, read_image
+from pneumobatch.testing.synthetic import write_cxr
 from tests.helpers import ROOT
 
 _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE = 1, 2, 19
@@ -233,3 +236,72 @@ def test_a_file_replaced_by_a_fifo_after_discovery_is_a_special_file_row(
     rows = _rows(out)
     assert rows["a.png"][:2] == ("ok", "")
     assert rows["b.png"][:2] == ("skipped", "special-file")
+
+
+# --- H1 and H2: lengths that claim gigabytes -------------------------------------------------
+
+#: Runs one read in a fresh interpreter and reports what it cost.
+_MEASURE = """
+import json, sys, time
+from pathlib import Path
+from pneumobatch.core.errors import FileRejected
+from pneumobatch.io.discovery import sniff
+from pneumobatch.io.readers import ReadOptions, read_image
+path = Path(sys.argv[1])
+started = time.monotonic()
+try:
+    read_image(path, sniff(path), ReadOptions(min_side=32))
+    outcome = ["ok", ""]
+except FileRejected as exc:
+    outcome = [exc.reason.value, exc.detail]
+seconds = time.monotonic() - started
+# the peak of this interpreter's own memory (ru_maxrss would include the parent's, kept across exec)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps([*outcome, seconds, peak // 1024]))
+"""
+
+
+def _measure(path: Path) -> tuple[str, str, float, int]:
+    """(reason, detail, seconds, peak RSS in MiB) of reading ``path`` in a subprocess."""
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    reason, detail, seconds, rss = json.loads(result.stdout.strip().splitlines()[-1])
+    return reason, detail, seconds, rss
+
+
+def _dicom_with_pixel_length(path: Path, length: int) -> None:
+    """A 64x64 16-bit DX whose Pixel Data element claims ``length`` bytes; the file is
+    extended (sparse: no disk used) to hold them."""
+    write_cxr(path, np.random.default_rng(0).integers(0, 4096, (64, 64)).astype(np.uint16), bits_stored=12)
+    data = path.read_bytes()
+    at = data.rindex(b"\xe0\x7f\x10\x00OW\x00\x00")  # (7FE0,0010) OW, explicit VR little endian
+    with open(path, "r+b") as fh:
+        fh.seek(at + 8)
+        fh.write(struct.pack("<I", length))
+        if length > len(data) - at - 12:
+            fh.truncate(at + 12 + length)
+
+
+@pytest.mark.slow
+def test_pixel_data_claiming_2_gib_for_64x64_pixels_is_refused_from_its_length(tmp_path: Path):
+    path = tmp_path / "huge.dcm"
+    _dicom_with_pixel_length(path, 2**31)
+    reason, detail, seconds, rss = _measure(path)
+    assert seconds < 2 and rss < 300, (seconds, rss)
+    assert reason == "corrupt" and "Pixel Data holds 2147483648 bytes" in detail and "8192" in detail
+
+
+def test_pixel_data_with_padding_or_a_spare_frame_still_decodes(tmp_path: Path):
+    """Only lengths far past the declared size are refused: a stray extra frame is read as before."""
+    path = tmp_path / "spare.dcm"
+    pixels = np.random.default_rng(0).integers(0, 4096, (64, 128)).astype(np.uint16)
+    write_cxr(path, pixels, bits_stored=12)
+    spare = tmp_path / "spare2.dcm"
+    data = path.read_bytes()
+    at = data.rindex(b"\xe0\x7f\x10\x00OW\x00\x00")
+    body = data[at + 12 :]
+    spare.write_bytes(data[: at + 8] + struct.pack("<I", 2 * len(body)) + body + body)
+    for file in (path, spare):
+        assert read_image(file, FileKind.DICOM, ReadOptions()).pixels.shape == (64, 128)

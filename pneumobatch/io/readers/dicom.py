@@ -33,6 +33,9 @@ Pixel policy:
   data set, one naming no SOP Class, or one holding standard (even-group) tags that
   no dictionary knows is ``corrupt``: that is what a truncated or garbled file looks
   like after pydicom's lenient parse.
+* Native (uncompressed) Pixel Data longer than twice what Rows x Columns x Samples x
+  Bits Allocated x Number of Frames declare (plus 1 MiB) is ``corrupt``, refused from
+  its length before the value is read: pydicom reads the whole element.
 * The file is opened once (:func:`~pneumobatch.io.discovery.open_input`: never a FIFO
   or device put in its place after discovery) and every byte, deferred Pixel Data
   included, is read through that descriptor.
@@ -151,6 +154,11 @@ _DEFLATED_UID = uid.DeflatedExplicitVRLittleEndian.encode("ascii")
 _LONG_LENGTH_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
+#: Native Pixel Data may exceed what the header declares (padding, a stray extra frame) by
+#: this factor plus :data:`_PIXEL_SLACK`; beyond, it is refused before it is read.
+_PIXEL_EXCESS_FACTOR = 2
+_PIXEL_SLACK = 1 << 20
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def read_dicom(path: Path, options: ReadOptions) -> Image:
@@ -190,7 +198,8 @@ def _read_open(path: Path, fh: BinaryIO, options: ReadOptions, meta: dict[str, A
     tsyntax = _transfer_syntax(ds)
     meta.update(_metadata(ds, tsyntax))
     _gate(ds, meta, options)
-    plugins = _decoding_plugins(tsyntax)
+    plugins = _decoding_plugins(tsyntax)  # also refuses an invalid Transfer Syntax UID
+    _check_pixel_length(ds, tsyntax)
     _check_codestream(ds, tsyntax, options)
     photometric = meta["photometric_interpretation"]
     array = _decode_reduced(ds, tsyntax, photometric, options)
@@ -423,6 +432,40 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
         raise FileRejected(
             Reason.UNSUPPORTED_PIXELS, f"photometric interpretation {photometric if known else 'not a defined term'}"
         )
+
+
+def _check_pixel_length(ds: Dataset, tsyntax: uid.UID) -> None:
+    """Refuse native Pixel Data far longer than the header declares, before reading it.
+
+    pydicom reads the whole element to decode a frame: a 64x64 image whose Pixel Data
+    claims 2 GiB (a sparse file) would cost 2 GiB per worker. Encapsulated (compressed)
+    Pixel Data has an undefined length and is left to the decoders and
+    :func:`_check_codestream`.
+    """
+    if tsyntax.is_encapsulated:
+        return
+    for keyword in _PIXEL_TAGS:
+        try:
+            elem = ds.get_item(keyword, keep_deferred=True)
+        except Exception:
+            continue
+        if elem is None:
+            continue
+        length = getattr(elem, "length", None)
+        if length is None and elem.value is not None:
+            length = len(elem.value)
+        if not length or length == _UNDEFINED_LENGTH:
+            continue
+        rows, columns = as_int(header_value(ds, "Rows")) or 0, as_int(header_value(ds, "Columns")) or 0
+        samples = as_int(header_value(ds, "SamplesPerPixel")) or 1
+        bits = as_int(header_value(ds, "BitsAllocated")) or 16
+        declared = (rows * columns * samples * frame_count(ds) * bits + 7) // 8
+        if length > _PIXEL_EXCESS_FACTOR * declared + _PIXEL_SLACK:
+            raise FileRejected(
+                Reason.CORRUPT,
+                f"Pixel Data holds {length} bytes, far more than the {declared} its header declares "
+                "(Rows x Columns x Samples per Pixel x Bits Allocated x Number of Frames)",
+            )
 
 
 def _sop_class(ds: Dataset) -> str:
