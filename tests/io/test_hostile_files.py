@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +31,7 @@ from PIL import Image as PILImage
 from pneumobatch.cli import main
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.io import discovery
-from pneumobatch.io.discovery import FileKind, sniff
+from pneumobatch.io.discovery import PNG_SIGNATURE, FileKind, sniff
 from pneumobatch.io.predictions import OutputPaths
 from pneumobatch.io.readers import ReadOptions, read_image
 from pneumobatch.testing.synthetic import write_cxr
@@ -305,3 +306,41 @@ def test_pixel_data_with_padding_or_a_spare_frame_still_decodes(tmp_path: Path):
     spare.write_bytes(data[: at + 8] + struct.pack("<I", 2 * len(body)) + body + body)
     for file in (path, spare):
         assert read_image(file, FileKind.DICOM, ReadOptions()).pixels.shape == (64, 128)
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_bytes(extra: bytes = b"") -> tuple[bytes, bytes]:
+    """(everything up to the image data, the image data and IEND) of a 64x64 grey PNG."""
+    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
+    raw = b"".join(b"\x00" + bytes(range(0, 256, 4)) for _ in range(64))
+    head = PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + extra
+    return head, _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+@pytest.mark.slow
+def test_a_png_chunk_claiming_a_gigabyte_is_refused_without_reading_it(tmp_path: Path):
+    head, tail = _png_bytes()
+    claim = 10**9
+    path = tmp_path / "claim.png"
+    with open(path, "wb") as fh:  # a private chunk of 10^9 bytes that the (sparse) file holds
+        fh.write(head + struct.pack(">I", claim) + b"prVt")
+        fh.truncate(fh.tell() + claim)
+        fh.seek(0, os.SEEK_END)
+        fh.write(b"\0\0\0\0" + tail)
+    reason, detail, seconds, rss = _measure(path)
+    assert seconds < 2 and rss < 300, (seconds, rss)
+    assert reason == "corrupt" and f"claims {claim} bytes" in detail
+
+
+def test_pngs_with_ordinary_chunks_still_decode(tmp_path: Path):
+    """Text and private chunks of ordinary size, and image data split over many chunks, read as before."""
+    head, tail = _png_bytes(_chunk(b"tEXt", b"Comment\x00" + b"x" * 5000) + _chunk(b"prVt", b"\x01" * 70000))
+    idat = tail[8:-16]  # the compressed image data of the single IDAT chunk
+    split = b"".join(_chunk(b"IDAT", idat[i : i + 100]) for i in range(0, len(idat), 100))
+    path = tmp_path / "ordinary.png"
+    path.write_bytes(head + split + _chunk(b"IEND", b""))
+    image = read_image(path, sniff(path), ReadOptions())
+    assert image.pixels.shape == (64, 64) and image.pixels.max() > 0.9
