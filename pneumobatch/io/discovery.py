@@ -12,9 +12,9 @@ import stat
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
-from pneumobatch.core.errors import Reason
+from pneumobatch.core.errors import FileRejected, Reason
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -84,9 +84,33 @@ def unescape_path(text: str) -> str:
     return "".join(out)
 
 
+def open_input(path: Path) -> BinaryIO:
+    """Open an input file for reading; never waits on a FIFO, never reads a special file.
+
+    Discovery saw a regular file, but the name may have been replaced since (a FIFO
+    made where a file was, a device): the file is opened with ``O_NONBLOCK``, so opening
+    a FIFO returns at once, and its type is checked on the opened descriptor, so what
+    is read is what was checked. Anything but a regular file raises ``FileRejected``
+    (``special-file``, the reason discovery gives such a name, so the row is the same
+    whichever of the two saw it). Links are followed: a link inside the input folder is
+    an input like any other. ``O_NONBLOCK`` stays set: regular files ignore it, and a
+    kernel file that would block (``/proc/kmsg``) fails with ``EAGAIN`` instead.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise FileRejected(Reason.SPECIAL_FILE, "not a regular file when read (replaced after discovery?)")
+    return open(fd, "rb")
+
+
 def sniff(path: Path) -> FileKind:
     """Tell a file's kind from its first bytes (and a forced DICOM parse if needed)."""
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         head = fh.read(132)
     if not head:
         return FileKind.EMPTY
@@ -133,7 +157,10 @@ def walk(roots: Iterable[Path], *, follow_external_links: bool = False) -> Itera
       pull in files from elsewhere on the server by way of a stray link);
     * FIFOs, sockets and devices: ``special-file`` (never opened: a FIFO would block);
     * a folder that cannot be listed or entered: ``unreadable``, with the folder's
-      relative path and a trailing ``/``.
+      relative path and a trailing ``/``;
+    * the entries of a folder that can be listed but not entered (read permission
+      without execute): each its own ``unreadable`` row, a folder among them with a
+      trailing ``/``, so the night still names every file it could not read.
 
     Links to folders inside the root are followed once: a folder already visited
     (same device and inode) is not entered again, so link loops end. A root that is a
@@ -156,19 +183,36 @@ def walk(roots: Iterable[Path], *, follow_external_links: bool = False) -> Itera
             yield from ((root, entry) for entry in _walk_dir(root, root, real_root, seen, follow_external_links))
 
 
+def _is_link(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link; ``False`` when even that cannot be told."""
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:  # e.g. a folder that can be listed but not entered (no x permission)
+        return False
+
+
 def _problem_for(path: Path, exc: OSError) -> tuple[Reason, str]:
-    if path.is_symlink() and isinstance(exc, FileNotFoundError):
+    """The row's reason for a name that cannot be stat'ed; never raises itself."""
+    if isinstance(exc, FileNotFoundError) and _is_link(path):
         return Reason.BROKEN_LINK, "the link's target does not exist"
     if isinstance(exc, PermissionError):
         return Reason.UNREADABLE, "permission denied"
     return Reason.UNREADABLE, (exc.strerror or type(exc).__name__)[:200]
 
 
+def _listed_as_folder(child: os.DirEntry) -> bool:
+    """Whether the listing says ``child`` is a folder (not a link to one); ``False`` when it cannot tell."""
+    try:
+        return child.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def _inside(path: Path, real_root: Path) -> bool:
     try:
         Path(os.path.realpath(path)).relative_to(real_root)
         return True
-    except ValueError:
+    except (ValueError, OSError):  # a link that cannot be resolved is not known to be inside
         return False
 
 
@@ -194,7 +238,13 @@ def _walk_dir(
         try:
             cst = child.stat(follow_symlinks=True)
         except OSError as exc:
-            yield FileEntry(path, rel, 0, 0, _problem_for(path, exc))
+            # the folder was listed, but its entries cannot be looked at (a folder with
+            # read but no execute permission); the listing still tells a folder apart
+            reason, detail = _problem_for(path, exc)
+            if _listed_as_folder(child):
+                yield FileEntry(path, f"{rel}/", 0, 0, (reason, f"folder: {detail}"))
+            else:
+                yield FileEntry(path, rel, 0, 0, (reason, detail))
             continue
         if child.is_symlink() and not follow_external and not _inside(path, real_root):
             yield FileEntry(path, rel, 0, 0, (Reason.EXTERNAL_LINK, "link to outside the input folder"))

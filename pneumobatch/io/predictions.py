@@ -166,13 +166,24 @@ class OutputPaths:
     predictions: Path
 
     def owns(self, path: Path) -> bool:
-        """Whether ``path`` is one of this output's own files (so never an input)."""
-        resolved = path.resolve()
-        mine = {p.resolve() for p in (self.predictions, self.journal, self.lock, self.studies, self.run)}
+        """Whether ``path`` is one of this output's own files (so never an input); never raises.
+
+        A name that cannot be resolved (a link it is not allowed to read, such as
+        ``/proc/1/cwd``; one whose target vanished) is compared as it is spelt.
+        """
+        resolved = self._resolved(path)
+        mine = {self._resolved(p) for p in (self.predictions, self.journal, self.lock, self.studies, self.run)}
         tmp_prefixes = tuple(temp_prefix(p) for p in (self.predictions, self.studies, self.run))
         return resolved in mine or (
-            resolved.parent == self.predictions.resolve().parent and resolved.name.startswith(tmp_prefixes)
+            resolved.parent == self._resolved(self.predictions).parent and resolved.name.startswith(tmp_prefixes)
         )
+
+    @staticmethod
+    def _resolved(path: Path) -> Path:
+        try:
+            return Path(path).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+            return Path(os.path.abspath(path))
 
     @property
     def journal(self) -> Path:

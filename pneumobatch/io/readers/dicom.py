@@ -33,6 +33,12 @@ Pixel policy:
   data set, one naming no SOP Class, or one holding standard (even-group) tags that
   no dictionary knows is ``corrupt``: that is what a truncated or garbled file looks
   like after pydicom's lenient parse.
+* Native (uncompressed) Pixel Data longer than twice what Rows x Columns x Samples x
+  Bits Allocated x Number of Frames declare (plus 1 MiB) is ``corrupt``, refused from
+  its length before the value is read: pydicom reads the whole element.
+* The file is opened once (:func:`~pneumobatch.io.discovery.open_input`: never a FIFO
+  or device put in its place after discovery) and every byte, deferred Pixel Data
+  included, is read through that descriptor.
 * Details quote no header values: quoted text in decoder messages is elided, so a
   misparsed name can never reach the CSV.
 """
@@ -44,7 +50,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 import pydicom
@@ -58,6 +64,7 @@ from pydicom.pixels import pixel_array as decode_pixels
 from pneumobatch.core.errors import FileRejected, Reason
 from pneumobatch.core.subgroups import age_band, age_years
 from pneumobatch.core.uids import valid_uid
+from pneumobatch.io.discovery import open_input
 from pneumobatch.io.readers import reduced
 from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
 from pneumobatch.io.readers.bodyparts import DESCRIPTION_KEYWORDS, examined_part
@@ -147,6 +154,11 @@ _DEFLATED_UID = uid.DeflatedExplicitVRLittleEndian.encode("ascii")
 _LONG_LENGTH_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
+#: Native Pixel Data may exceed what the header declares (padding, a stray extra frame) by
+#: this factor plus :data:`_PIXEL_SLACK`; beyond, it is refused before it is read.
+_PIXEL_EXCESS_FACTOR = 2
+_PIXEL_SLACK = 1 << 20
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def read_dicom(path: Path, options: ReadOptions) -> Image:
@@ -173,11 +185,21 @@ def read_dicom(path: Path, options: ReadOptions) -> Image:
 
 
 def _read(path: Path, options: ReadOptions, meta: dict[str, Any]) -> Image:
-    ds = _read_header(path, options)
+    try:
+        fh = open_input(path)
+    except OSError as exc:
+        raise FileRejected(Reason.UNREADABLE, short_error(exc)) from exc
+    with fh:  # open until the pixels are decoded: deferred values are read through it
+        return _read_open(path, fh, options, meta)
+
+
+def _read_open(path: Path, fh: BinaryIO, options: ReadOptions, meta: dict[str, Any]) -> Image:
+    ds = _read_header(path, fh, options)
     tsyntax = _transfer_syntax(ds)
     meta.update(_metadata(ds, tsyntax))
     _gate(ds, meta, options)
-    plugins = _decoding_plugins(tsyntax)
+    plugins = _decoding_plugins(tsyntax)  # also refuses an invalid Transfer Syntax UID
+    _check_pixel_length(ds, tsyntax)
     _check_codestream(ds, tsyntax, options)
     photometric = meta["photometric_interpretation"]
     array = _decode_reduced(ds, tsyntax, photometric, options)
@@ -189,12 +211,38 @@ def _read(path: Path, options: ReadOptions, meta: dict[str, Any]) -> Image:
 # --- header -------------------------------------------------------------------------
 
 
-def _read_header(path: Path, options: ReadOptions) -> Dataset:
+class _Source:
+    """The opened file, handed to pydicom as a "readable buffer" rather than a file.
+
+    pydicom reads a deferred value (Pixel Data) by opening the *name* of a file it was
+    given again, which could meet a FIFO; given a buffer, it reads through it instead.
+    """
+
+    def __init__(self, fh: BinaryIO, name: str) -> None:
+        self._fh = fh
+        self.name = name  # pydicom's ``filename``: error messages and the mtime check
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fh.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
+
+def _read_header(path: Path, fh: BinaryIO, options: ReadOptions) -> Dataset:
     try:
-        inflated = _inflate_deflated(path, options)
+        inflated = _inflate_deflated(fh, options)
         if inflated is not None:
-            return _deflated_dataset(path, inflated)
-        return pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
+            return _deflated_dataset(path, fh, inflated)
+        fh.seek(0)
+        return pydicom.dcmread(_Source(fh, str(path)), force=True, defer_size=_DEFER_SIZE)
     except FileRejected:
         raise
     except MemoryError as exc:
@@ -205,44 +253,46 @@ def _read_header(path: Path, options: ReadOptions) -> Dataset:
         raise FileRejected(Reason.CORRUPT, f"unreadable DICOM header: {short_error(exc)}") from exc
 
 
-def _inflate_deflated(path: Path, options: ReadOptions) -> Optional[bytes]:
+def _inflate_deflated(fh: BinaryIO, options: ReadOptions) -> Optional[bytes]:
     """The inflated data set of a Deflated Explicit VR file (``None`` for any other file, or
     when the stream is damaged: pydicom then reads it and says why), refusing one that would
     inflate past the pixel limit (a zip bomb) before it does. pydicom inflates the whole
     stream at once and without a limit, so the file is inflated here, once."""
-    with open(path, "rb") as fh:
-        if _DEFLATED_UID not in fh.read(4096):  # cheap pre-filter, confirmed below
-            return None
-        fh.seek(0)
-        start, tsyntax = _scan_file_meta(fh)
-        if start is None or tsyntax != _DEFLATED_UID:
-            return None
-        fh.seek(start)
-        limit = options.max_pixels * _DEFLATE_BYTES_PER_PIXEL + _DEFLATE_SLACK
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        parts: list[bytes] = []
-        total = 0
-        try:
-            while not inflater.eof and (data := fh.read(1 << 20)):
-                while data:
-                    parts.append(inflater.decompress(data, 1 << 24))
-                    total += len(parts[-1])
-                    if total > limit:
-                        raise FileRejected(Reason.TOO_LARGE, f"deflated data set inflates to over {limit} bytes")
-                    data = inflater.unconsumed_tail
-        except zlib.error:
-            return None
-        return b"".join(parts)
+    fh.seek(0)
+    if _DEFLATED_UID not in fh.read(4096):  # cheap pre-filter, confirmed below
+        return None
+    fh.seek(0)
+    start, tsyntax = _scan_file_meta(fh)
+    if start is None or tsyntax != _DEFLATED_UID:
+        return None
+    fh.seek(start)
+    limit = options.max_pixels * _DEFLATE_BYTES_PER_PIXEL + _DEFLATE_SLACK
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        while not inflater.eof and (data := fh.read(1 << 20)):
+            while data:
+                parts.append(inflater.decompress(data, 1 << 24))
+                total += len(parts[-1])
+                if total > limit:
+                    raise FileRejected(Reason.TOO_LARGE, f"deflated data set inflates to over {limit} bytes")
+                data = inflater.unconsumed_tail
+    except zlib.error:
+        return None
+    return b"".join(parts)
 
 
-def _deflated_dataset(path: Path, inflated: bytes) -> Dataset:
+def _deflated_dataset(path: Path, fh: BinaryIO, inflated: bytes) -> Dataset:
     """What ``pydicom.dcmread`` makes of a deflated file (its file meta, the data set read from
     the inflated bytes as explicit VR little endian), from bytes already inflated."""
     from pydicom.dataset import FileDataset
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset, read_file_meta_info
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
-    file_meta = read_file_meta_info(path)
+    fh.seek(0)
+    read_preamble(fh, False)  # what ``read_file_meta_info(path)`` does, on the opened file
+    file_meta = _read_file_meta_info(fh)
     buffer = DicomBytesIO(inflated)
     buffer.name = str(path)
     dataset = read_dataset(buffer, is_implicit_VR=False, is_little_endian=True)
@@ -382,6 +432,40 @@ def _gate(ds: Dataset, meta: dict[str, Any], options: ReadOptions) -> None:
         raise FileRejected(
             Reason.UNSUPPORTED_PIXELS, f"photometric interpretation {photometric if known else 'not a defined term'}"
         )
+
+
+def _check_pixel_length(ds: Dataset, tsyntax: uid.UID) -> None:
+    """Refuse native Pixel Data far longer than the header declares, before reading it.
+
+    pydicom reads the whole element to decode a frame: a 64x64 image whose Pixel Data
+    claims 2 GiB (a sparse file) would cost 2 GiB per worker. Encapsulated (compressed)
+    Pixel Data has an undefined length and is left to the decoders and
+    :func:`_check_codestream`.
+    """
+    if tsyntax.is_encapsulated:
+        return
+    for keyword in _PIXEL_TAGS:
+        try:
+            elem = ds.get_item(keyword, keep_deferred=True)
+        except Exception:
+            continue
+        if elem is None:
+            continue
+        length = getattr(elem, "length", None)
+        if length is None and elem.value is not None:
+            length = len(elem.value)
+        if not length or length == _UNDEFINED_LENGTH:
+            continue
+        rows, columns = as_int(header_value(ds, "Rows")) or 0, as_int(header_value(ds, "Columns")) or 0
+        samples = as_int(header_value(ds, "SamplesPerPixel")) or 1
+        bits = as_int(header_value(ds, "BitsAllocated")) or 16
+        declared = (rows * columns * samples * frame_count(ds) * bits + 7) // 8
+        if length > _PIXEL_EXCESS_FACTOR * declared + _PIXEL_SLACK:
+            raise FileRejected(
+                Reason.CORRUPT,
+                f"Pixel Data holds {length} bytes, far more than the {declared} its header declares "
+                "(Rows x Columns x Samples per Pixel x Bits Allocated x Number of Frames)",
+            )
 
 
 def _sop_class(ds: Dataset) -> str:

@@ -4,21 +4,32 @@
 full 16 bits (12-bit detectors are common), so they are min-max scaled, the same
 policy as a DICOM without a VOI window. Colour, alpha and palette images are
 converted to luminance (ITU-R 601-2), the alpha channel is ignored.
+
+A PNG's chunk lengths are checked before Pillow sees the file: Pillow reads every
+chunk but the image data whole, so one claiming a gigabyte of metadata (in a file that
+holds it, sparse) would be read into memory, twice over, before the CRC fails.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 
 from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.io.discovery import PNG_SIGNATURE, open_input
 from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+#: Chunks Pillow streams to the decoder rather than reading whole (image data, APNG frames).
+_STREAMED_CHUNKS = frozenset({b"IDAT", b"fdAT"})
+#: Largest other chunk read (text, ICC profile, EXIF, private chunks): real ones are kilobytes,
+#: an ICC profile a few megabytes.
+MAX_PNG_CHUNK = 16 * 1024 * 1024
 
 
 def minmax(array: np.ndarray) -> np.ndarray:
@@ -33,10 +44,11 @@ def minmax(array: np.ndarray) -> np.ndarray:
 def read_raster(path: Path, options: ReadOptions) -> Image:
     """Read a PNG or JPEG file as a float32 grayscale image in [0, 1]."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_input(path) as fh:
             # Pillow warns (and past 2x raises) for decompression bombs; we check ourselves.
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-            with PILImage.open(path) as img:
+            _check_png_chunks(fh)
+            with PILImage.open(fh) as img:
                 width, height = img.size
                 if width * height > options.max_pixels:
                     raise FileRejected(
@@ -61,6 +73,31 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
             raise FileRejected(Reason.UNREADABLE, "permission denied") from exc
         raise FileRejected(Reason.CORRUPT, _short(exc)) from exc
     return Image(pixels, {"format": fmt.lower() if fmt else "", "frames": 1})
+
+
+def _check_png_chunks(fh: BinaryIO) -> None:
+    """Refuse a PNG with a chunk Pillow would read whole that is over :data:`MAX_PNG_CHUNK`.
+
+    Walks the chunk headers (8 bytes each, seeking over the data) up to ``IEND`` or the
+    end of the file; a file that is not a PNG, or whose chunks stop early, is left for
+    Pillow to judge. Leaves ``fh`` at the start.
+    """
+    if fh.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+        fh.seek(0)
+        return
+    pos = len(PNG_SIGNATURE)
+    while len(head := fh.read(8)) == 8:
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind not in _STREAMED_CHUNKS and length > MAX_PNG_CHUNK:
+            raise FileRejected(
+                Reason.CORRUPT,
+                f"a PNG chunk outside the image data claims {length} bytes (limit {MAX_PNG_CHUNK})",
+            )
+        if kind == b"IEND":
+            break
+        pos += 12 + length  # header, data, CRC
+        fh.seek(pos)
+    fh.seek(0)
 
 
 def _to_gray(img: PILImage.Image) -> np.ndarray:
