@@ -7,10 +7,19 @@ Policy:
   (:mod:`.sr`). Rows without a Study/SOP Instance UID (PNG, JPEG) cannot be sent and
   are counted. The models' cards come from ``OUT.run.json`` beside the CSV (else from
   the CSV's own columns).
-- **Source headers.** The patient and study modules are copied from the source DICOM
-  files (``source``: the folder predict read, joined with the CSV's ``path``); an image
-  whose file is not there has its header fetched from the archive (WADO-RS metadata or
-  C-FIND). The CSV itself holds UIDs, never patient data.
+- **Checked rows.** A row is sent only when an SR can state it truthfully: every
+  probability a number in [0, 1], the threshold too, ``pred_label`` what the card's
+  rule gives for them (:func:`~.sr.image_problem`), the model name, class names and
+  operating point fit for a DICOM LO value. Any other row is refused: listed with its
+  CSV row, path and reason, counted, exit 1; never sent, never silently dropped.
+- **The image's study, not the CSV's.** The Study, Series and SOP Instance UIDs of an
+  SR's references and its patient and study modules come from the source image's own
+  header: read again from ``source`` (the folder predict read, joined with the CSV's
+  ``path``, which must stay inside it; only regular files are opened, never blocking),
+  else from the archive's copy, looked up under the row's own study and series. A row
+  whose UIDs the header contradicts (a hand-edited CSV moving an image into another
+  patient's study, or into a study nobody has) is refused. The CSV holds UIDs, never
+  patient data.
 - **Exactly once.** An SR's UID follows from the study, the weights and the result
   (:mod:`.sr`). The ledger skips SRs already delivered; an SR the archive already holds
   (a lost ledger) is recorded without being sent; either way the archive ends with one
@@ -18,14 +27,22 @@ Policy:
 - **Verified.** After STOW-RS or C-STORE the SR is searched for (QIDO-RS or C-FIND);
   only then is it marked delivered. A failure is retried ``retries`` times with a
   growing wait, then listed in :attr:`PushResult.failures` (exit 1), never dropped.
+- **An unusable archive stops push.** Before the first study and after every failed
+  attempt, one cheap search with a short timeout (:class:`_Probe`) asks whether the
+  archive answers at all: when it does not (unreachable, hung, refusing our credentials
+  or AE title) push stops with one line and exit 3, within :data:`PROBE_TIMEOUT`
+  seconds, instead of retrying every study.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
-from functools import partial
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,12 +56,29 @@ from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, Opt
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import unescape_path
 from pneumobatch.io.predictions import OutputPaths
-from pneumobatch.operations.pacs.client import Archive, InstanceRef, open_archive, with_retries
+from pneumobatch.operations.pacs.client import Archive, InstanceRef, open_archive
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
-from pneumobatch.operations.pacs.sr import ImageResult, StudyResult, build_sr, evidence_dataset
+from pneumobatch.operations.pacs.sr import (
+    ImageResult,
+    StudyResult,
+    build_sr,
+    card_problem,
+    evidence_dataset,
+    image_problem,
+)
 
 log = logging.getLogger(__name__)
+
+#: Seconds the probe that tells an unusable archive waits for its answer (the transfers
+#: themselves wait the connection's timeout).
+PROBE_TIMEOUT = 10.0
+#: The day the probe searches (nothing is there: an answer of any length will do).
+PROBE_DATE = "19000101"
+#: Header values larger than this are not read (only small patient and study attributes are used).
+DEFER_SIZE = "64 KB"
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+UID_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
 
 
 class SRBuildError(ArchiveError):
@@ -79,6 +113,7 @@ class PushResult:
     already_delivered: int = 0  # in the ledger: not sent again
     already_in_archive: int = 0  # the archive had it (same UID): recorded, not sent
     rows_without_uid: int = 0  # predicted rows that are not DICOM (PNG/JPEG)
+    rows_refused: int = 0  # predicted rows not sent: values an SR cannot state, UIDs not the image's
     sop_instance_uids: list[str] = field(default_factory=list)  # every SR of this run's results
     failures: list[str] = field(default_factory=list)
 
@@ -90,7 +125,8 @@ class PushResult:
         return (
             f"{self.studies} SRs (study x model): {self.sent} sent and verified, "
             f"{self.already_delivered} delivered before, {self.already_in_archive} already in the archive, "
-            f"{len(self.failures)} failed; {self.rows_without_uid} predicted rows without DICOM UIDs; "
+            f"{len(self.failures) - self.rows_refused} failed; {self.rows_refused} predicted rows refused "
+            f"(not sent); {self.rows_without_uid} predicted rows without DICOM UIDs; "
             f"ledger {self.ledger}"
         )
 
@@ -118,67 +154,283 @@ def _float(value) -> Optional[float]:
     return None if pd.isna(number) else float(number)
 
 
-def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> tuple[list[StudyResult], int]:
-    """One :class:`StudyResult` per (study, model) with predicted DICOM images, and the
-    number of predicted rows that have no UIDs."""
-    ok = frame[frame["status"].astype(str) == Status.OK.value]
-    uids = {
-        c: ok[c].map(valid_uid) if c in ok else pd.Series("", index=ok.index)
-        for c in ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
-    }
-    has_uids = (
-        (uids["study_instance_uid"] != "") & (uids["sop_instance_uid"] != "") & (uids["series_instance_uid"] != "")
-    )
-    results = []
-    for (study, model), rows in ok[has_uids].groupby([uids["study_instance_uid"][has_uids], "model"], sort=True):
-        card = cards[str(model)]
-        images = {}
-        for _, row in rows.iterrows():
-            probs = tuple((c, _float(row.get(card.prob_column(c)))) for c in card.classes)
-            if any(p is None for _, p in probs):
-                continue
-            sop = valid_uid(row["sop_instance_uid"])
-            images[sop] = ImageResult(
-                sop_instance_uid=sop,
-                series_instance_uid=valid_uid(row["series_instance_uid"]),
-                probs=probs,  # type: ignore[arg-type]
-                pred_label=str(row.get("pred_label", "")),
-                threshold=_float(row.get("threshold")) if card.binary else None,
-                operating_point=str(row.get("operating_point", "") or ("pooled" if card.binary else "argmax")),
-                path=str(row.get("path", "")),
-            )
-        if images:
-            results.append(StudyResult(str(study), card, tuple(images.values())))
-    return results, int((~has_uids).sum())
+def _probability(value) -> Optional[float]:
+    """A ``prob_`` cell as a float; NaN (an empty or non-numeric cell) is kept, to be refused."""
+    number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    return float(number)
 
 
-def _source_header(source: Optional[Path], image: ImageResult) -> Optional[Dataset]:
-    if source is None or not image.path:
-        return None
-    path = Path(source) / unescape_path(image.path)
+def _quoted(text: str, limit: int = 120) -> str:
+    """An untrusted CSV value fit for a message: on one line, escaped, cut short."""
+    text = str(text)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def refusal(image: ImageResult, model: str, reason: str) -> str:
+    """The line listing a refused row on stderr: its CSV row, path and model, and why."""
+    return f"row {image.row} (path {_quoted(image.path)}, model {_quoted(model)}): refused, not sent: {reason}"
+
+
+def _spreadsheet_row(index) -> int:
+    """The row a spreadsheet shows for a frame index of ``read_csv`` (the header is row 1)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except (OSError, InvalidDicomError, ValueError, TypeError, AttributeError):
-        return None
-    return ds if valid_uid(ds.get("SOPInstanceUID")) == image.sop_instance_uid else None
+        return int(index) + 2
+    except (TypeError, ValueError):
+        return 0
 
 
-def _evidence(archive: Archive, result: StudyResult, source: Optional[Path]) -> dict[str, Dataset]:
-    evidence = {}
-    for image in result.images:
-        header = _source_header(source, image)
-        if header is None:
-            header = archive.header(
-                InstanceRef(result.study_instance_uid, image.series_instance_uid, image.sop_instance_uid)
-            )
-        evidence[image.sop_instance_uid] = evidence_dataset(
-            header, result.study_instance_uid, image.series_instance_uid, image.sop_instance_uid
+def _result_of(image: ImageResult) -> tuple:
+    return image.series_instance_uid, image.probs, image.pred_label, image.threshold, image.operating_point
+
+
+@dataclass
+class Rows:
+    """What the predictions CSV asks push to send, after the checks that need no archive."""
+
+    results: list[StudyResult]
+    without_uid: int = 0  # predicted rows that are not DICOM (PNG/JPEG): nothing to send
+    refused: list[str] = field(default_factory=list)  # one line per refused row
+
+
+def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> Rows:
+    """One :class:`StudyResult` per (study, model) with predicted DICOM images whose values
+    an SR can state (:func:`~.sr.image_problem`, :func:`~.sr.card_problem`); the others are
+    refused, each with its reason. Rows with no UID at all (PNG, JPEG) are counted; a row
+    with some UIDs but not three valid ones is refused."""
+    ok = frame[frame["status"].astype(str) == Status.OK.value]
+    columns = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+    rows = Rows(results=[])
+    groups: dict[tuple[str, str], dict[str, ImageResult]] = {}
+    for index, row in ok.iterrows():
+        raw = [str(row.get(c, "") or "").strip() for c in columns]
+        study, series, sop = (valid_uid(v) for v in raw)
+        model = str(row["model"])
+        card = cards[model]
+        image = ImageResult(
+            sop_instance_uid=sop,
+            series_instance_uid=series,
+            probs=tuple((c, _probability(row.get(card.prob_column(c)))) for c in card.classes),
+            pred_label=str(row.get("pred_label", "")),
+            threshold=_float(row.get("threshold")) if card.binary else None,
+            operating_point=str(row.get("operating_point", "") or ("pooled" if card.binary else "argmax")),
+            path=str(row.get("path", "")),
+            row=_spreadsheet_row(index),
         )
-    return evidence
+        if not any(raw):
+            rows.without_uid += 1
+            continue
+        problem = (
+            (
+                "a study, series or SOP instance UID is missing or not a valid UID"
+                if not (study and series and sop)
+                else None
+            )
+            or card_problem(card)
+            or image_problem(card, image)
+        )
+        if problem:
+            rows.refused.append(refusal(image, model, problem))
+            continue
+        images = groups.setdefault((study, model), {})
+        first = images.get(sop)
+        if first is not None and _result_of(first) != _result_of(image):
+            rows.refused.append(refusal(image, model, "an earlier row has the same image with another result"))
+            continue
+        images.setdefault(sop, image)  # the same image twice (a copy): one result in the SR
+    for (study, model), images in sorted(groups.items()):
+        rows.results.append(StudyResult(study, cards[model], tuple(images.values())))
+    return rows
+
+
+def _open_source(source: Path, image: ImageResult) -> Optional[int]:
+    """A descriptor on the file of ``image.path`` inside ``source``, opened without blocking
+    and without following a last link (a FIFO never hangs push); None when there is no
+    such file to read. Raises :class:`_Refused` for a path leading outside ``source`` or
+    naming anything but a regular file."""
+    root = os.path.realpath(source)
+    try:
+        real = os.path.realpath(os.path.join(root, unescape_path(image.path)))
+    except (ValueError, IndexError) as exc:  # a malformed escape or a NUL byte in the cell
+        raise _Refused("path is not a file name predict writes") from exc
+    if not image.path or os.path.commonpath([root, real]) != root:
+        raise _Refused("path leads outside --source")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None  # not there (or not ours to read): the archive's copy is used
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Refused("path is not a regular file")
+    return fd
+
+
+class _Refused(Exception):
+    """A row that must not be sent; the message says why (no CSV or header value in it)."""
+
+
+def source_evidence(source: Path, study: str, image: ImageResult) -> Optional[Dataset]:
+    """:func:`~.sr.evidence_dataset` of the image's own header, read again from ``source``;
+    None when its file is not there (the archive's copy is used then). Raises
+    :class:`_Refused` when the row's UIDs are not those of the file it names: the SR takes
+    its study from the image, never from an edited CSV."""
+    fd = _open_source(source, image)
+    if fd is None:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            header = dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            claimed = (study, image.series_instance_uid, image.sop_instance_uid)
+            actual = tuple(valid_uid(header.get(k)) for k in UID_KEYWORDS)
+            for column, mine, theirs in zip(UID_COLUMNS, claimed, actual):
+                if mine != theirs:
+                    raise _Refused(f"its {column} is not the one in the image's own header")
+            return evidence_dataset(header, *claimed)
+    except (OSError, InvalidDicomError, ValueError, TypeError, AttributeError, KeyError, EOFError):
+        return None  # unreadable now: the archive's copy is used, checked the same way
+
+
+def archive_evidence(archive: Archive, study: str, image: ImageResult) -> Dataset:
+    """The archive's copy of the image's header, found only under the row's own study and
+    series: a row moved into another study (or an unknown one) is refused, not sent."""
+    ref = InstanceRef(study, image.series_instance_uid, image.sop_instance_uid)
+    if not archive.has_instance(ref):
+        raise _Refused(
+            "the archive holds no image with this sop_instance_uid under the row's study_instance_uid "
+            "and series_instance_uid"
+        )
+    return evidence_dataset(archive.header(ref), study, image.series_instance_uid, image.sop_instance_uid)
+
+
+class _Probe:
+    """One cheap search with a short timeout (a study search for a day long past): it tells
+    an archive that cannot be used at all (unreachable, hung, refusing our credentials or AE
+    title) from one study's failure, so that push stops at once with exit 3 instead of
+    retrying every study against it."""
+
+    def __init__(self, conn: Connection, outcome: PushResult) -> None:
+        self.conn, self.outcome, self.done = conn, outcome, False
+
+    def once(self) -> None:
+        if not self.done:
+            self.check()
+            self.done = True
+
+    def check(self) -> None:
+        """Raise :class:`ArchiveError` (exit 3) unless the archive answers a search in time.
+
+        The search runs in a daemon thread given :data:`PROBE_TIMEOUT` seconds in all: a
+        client library's own per-read timeouts cannot stretch it, and a search still
+        hanging is left behind (it ends with the process)."""
+        errors: list[BaseException] = []
+
+        def search() -> None:
+            try:
+                with open_archive(replace(self.conn, timeout=min(self.conn.timeout, PROBE_TIMEOUT))) as archive:
+                    archive.find_studies(PROBE_DATE, "SR")
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=search, name="pneumobatch-archive-probe", daemon=True)
+        thread.start()
+        thread.join(PROBE_TIMEOUT)
+        if thread.is_alive():
+            error: Optional[BaseException] = ArchiveError(
+                f"{self.conn.name}: a search got no answer within {PROBE_TIMEOUT:g}s"
+            )
+        else:
+            error = errors[0] if errors else None
+        if error is None:
+            return
+        if not isinstance(error, ArchiveError):
+            raise error  # a bug, not the archive: the CLI reports it as one
+        raise ArchiveError(
+            f"{error}; the archive cannot be used, push stopped ({self.outcome.sent} SRs sent and verified "
+            "before, in the ledger); run push again once it answers"
+        ) from error
+
+
+def _with_retries(action: Callable[[], None], retries: int, wait: float, probe: _Probe) -> Optional[str]:
+    """Run ``action``; an :class:`ArchiveError` is retried ``retries`` times after waits of
+    ``wait``, 2 ``wait``, 4 ``wait``... (not when it says ``retriable = False``), and after
+    each failure the archive is probed: when the archive itself fails, push stops (exit 3).
+    Returns None on success, else the last error's message."""
+    for attempt in range(retries + 1):
+        try:
+            action()
+            return None
+        except ArchiveError as exc:
+            if not getattr(exc, "retriable", True):
+                return str(exc)
+            probe.check()
+            if attempt == retries:
+                return str(exc)  # the caller lists it (stderr, exit 1)
+            log.info("retrying in %gs: %s", wait * 2**attempt, exc)
+            time.sleep(wait * 2**attempt)
+    return None  # pragma: no cover - the loop always returns
+
+
+class _Delivery:
+    """One study's SR: its images' headers (from --source, else the archive), the rows
+    whose UIDs the headers contradict refused, then the SR of the rest sent and verified."""
+
+    def __init__(self, archive: Archive, ledger: Ledger, config: PushConfig, outcome: PushResult, result: StudyResult):
+        self.archive, self.ledger, self.config, self.outcome, self.result = archive, ledger, config, outcome, result
+        self.evidence: dict[str, Dataset] = {}
+        self.kept: list[ImageResult] = []
+        self.pending: list[ImageResult] = []  # to be looked up in the archive
+        self.final: Optional[StudyResult] = None
+
+    def refuse(self, image: ImageResult, reason: str) -> None:
+        self.outcome.failures.append(refusal(image, self.result.card.name, reason))
+        self.outcome.rows_refused += 1
+
+    def from_source(self) -> None:
+        """The headers --source holds (no archive needed); the other images are pending."""
+        for image in self.result.images:
+            evidence = None
+            if self.config.source is not None:
+                try:
+                    evidence = source_evidence(self.config.source, self.result.study_instance_uid, image)
+                except _Refused as exc:
+                    self.refuse(image, str(exc))
+                    continue
+            if evidence is None:
+                self.pending.append(image)
+            else:
+                self.evidence[image.sop_instance_uid] = evidence
+                self.kept.append(image)
+
+    @property
+    def empty(self) -> bool:
+        return not self.kept and not self.pending
+
+    def __call__(self) -> None:
+        """Look the pending images up, then send the SR (retried as a whole: done lookups stay done)."""
+        while self.pending:
+            image = self.pending[0]
+            try:
+                self.evidence[image.sop_instance_uid] = archive_evidence(
+                    self.archive, self.result.study_instance_uid, image
+                )
+                self.kept.append(image)
+            except _Refused as exc:
+                self.refuse(image, str(exc))
+            self.pending.pop(0)
+        if not self.kept:
+            return
+        order = {image.sop_instance_uid: n for n, image in enumerate(self.result.images)}
+        kept = tuple(sorted(self.kept, key=lambda image: order[image.sop_instance_uid]))
+        self.final = StudyResult(self.result.study_instance_uid, self.result.card, kept)
+        if self.final.sop_instance_uid != self.result.sop_instance_uid and self.ledger.is_delivered(
+            self.config.connection.name, self.final.sop_instance_uid
+        ):
+            self.outcome.already_delivered += 1
+            return
+        _deliver(self.archive, self.ledger, self.final, self.evidence, self.config, self.outcome)
 
 
 def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None]] = None) -> PushResult:
-    """Build, send, verify and record the SRs of a predictions CSV."""
+    """Check, build, send, verify and record the SRs of a predictions CSV."""
     from pneumobatch.io.predictions import load_predictions
 
     frame = load_predictions(config.predictions)
@@ -190,19 +442,32 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
                 f"{config.predictions} has no model {', '.join(unknown)} (it has {', '.join(cards) or 'none'})"
             )
         frame = frame[frame["model"].isin(config.models)]
-    results, without_uid = study_results(frame, cards)
+    rows = study_results(frame, cards)
     conn = config.connection
     ledger_path = Path(config.ledger or default_ledger(config.predictions))
-    outcome = PushResult(archive=conn.name, ledger=ledger_path, studies=len(results), rows_without_uid=without_uid)
+    outcome = PushResult(
+        archive=conn.name, ledger=ledger_path, studies=len(rows.results), rows_without_uid=rows.without_uid
+    )
+    outcome.failures.extend(rows.refused)
+    outcome.rows_refused = len(rows.refused)
+    probe = _Probe(conn, outcome)
     with Ledger(ledger_path) as ledger, open_archive(conn) as archive:
-        for result in results:
-            outcome.sop_instance_uids.append(result.sop_instance_uid)
+        for result in rows.results:
             if ledger.is_delivered(conn.name, result.sop_instance_uid):
+                outcome.sop_instance_uids.append(result.sop_instance_uid)
                 outcome.already_delivered += 1
                 continue
-            error = with_retries(
-                partial(_deliver, archive, ledger, result, config, outcome), config.retries, config.retry_wait
-            )
+            delivery = _Delivery(archive, ledger, outcome=outcome, config=config, result=result)
+            delivery.from_source()
+            if delivery.empty:
+                outcome.studies -= 1  # every row of it refused: no SR to send
+                continue
+            probe.once()
+            error = _with_retries(delivery, config.retries, config.retry_wait, probe)
+            if delivery.final is None and not delivery.pending:
+                outcome.studies -= 1
+            else:
+                outcome.sop_instance_uids.append((delivery.final or result).sop_instance_uid)
             if error:
                 outcome.failures.append(f"study {result.study_instance_uid}, model {result.card.name}: {error}")
             if progress is not None:
@@ -210,13 +475,19 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
     return outcome
 
 
-def _deliver(archive: Archive, ledger: Ledger, result: StudyResult, config: PushConfig, outcome: PushResult) -> None:
+def _deliver(
+    archive: Archive,
+    ledger: Ledger,
+    result: StudyResult,
+    evidence: dict[str, Dataset],
+    config: PushConfig,
+    outcome: PushResult,
+) -> None:
     name = config.connection.name
     ref = InstanceRef(result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
     if archive.has_instance(ref):
         outcome.already_in_archive += 1
     else:
-        evidence = _evidence(archive, result, config.source)
         try:
             sr = build_sr(result, evidence)
         except (ValueError, TypeError, KeyError) as exc:  # highdicom refuses a header value

@@ -32,17 +32,19 @@ Instance UID (the archive keeps one object); a changed model or result yields a 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pneumobatch import __version__
-from pneumobatch.core.card import ModelCard
+from pneumobatch.core.card import ModelCard, decide_indices, resolve_threshold
 
 MANUFACTURER = "pneumobatch"
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE: research and quality assurance only"
@@ -63,6 +65,11 @@ PROBABILITY = Code("PROBABILITY", LOCAL_SCHEME, "Probability")
 THRESHOLD = Code("THRESHOLD", LOCAL_SCHEME, "Decision threshold")
 NO_UNITS = Code("1", "UCUM", "no units")
 CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+#: Longest LO value (model name, series description, code meanings): what DICOM allows.
+LO_MAX = 64
+#: How far a CSV probability may be from its threshold (or a rival class) and still be
+#: taken either way: predict decides on the unrounded value and writes 6 decimals.
+ROUNDING = 1e-6
 
 
 def finding_code(cls: str) -> Code:
@@ -80,6 +87,7 @@ class ImageResult:
     threshold: Optional[float]
     operating_point: str
     path: str = ""
+    row: int = 0  # the CSV row it came from (spreadsheet numbering: the header is row 1)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,63 @@ class StudyResult:
         return generate_uid(
             entropy_srcs=["pneumobatch-sr", self.study_instance_uid, self.weights_sha256, self.fingerprint()]
         )
+
+
+def text_problem(value: str, what: str, limit: int = LO_MAX) -> Optional[str]:
+    """Why ``value`` cannot be written as a DICOM LO value (control characters, a backslash,
+    over ``limit`` characters, empty), or None. The value itself is never quoted."""
+    if not value:
+        return f"{what} is empty"
+    if len(value) > limit:
+        return f"{what} is longer than {limit} characters"
+    if not value.isprintable() or "\\" in value:
+        return f"{what} holds control characters or a backslash"
+    return None
+
+
+def card_problem(card: ModelCard) -> Optional[str]:
+    """Why the SR cannot name this model truthfully (its name, classes or weights), or None."""
+    for value, what in [(card.name, "the model name"), (card.weights_sha256 or "unknown", "the weights' SHA-256")]:
+        problem = text_problem(value, what)
+        if problem:
+            return problem
+    for cls in card.classes:
+        problem = text_problem(str(cls), "a class name")
+        if problem:
+            return problem
+    return None
+
+
+def _finite_probability(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def image_problem(card: ModelCard, image: ImageResult) -> Optional[str]:
+    """Why the SR cannot state this image's result (or None): a probability that is not a
+    number in [0, 1], a threshold outside [0, 1], an operating point that cannot be written,
+    or a ``pred_label`` other than what the card's rule gives for the probabilities and
+    threshold (a finding reported Absent at P=0.9998). CSV values are never quoted."""
+    probs = dict(image.probs)
+    for cls in card.classes:
+        if not _finite_probability(probs.get(cls)):
+            return f"the probability of {cls} is not a number in [0, 1]"
+    if image.threshold is not None and not _finite_probability(image.threshold):
+        return "the threshold is not a number in [0, 1]"
+    problem = text_problem(image.operating_point, "operating_point")
+    if problem:
+        return problem
+    if image.pred_label not in card.classes:
+        return "pred_label is not one of the model's classes"
+    values = np.array([[probs[c] for c in card.classes]])
+    threshold = image.threshold if card.binary else None
+    expected = card.classes[int(decide_indices(values, card.classes, card.positive, threshold)[0])]
+    if card.binary:  # 6 decimals: a probability at its threshold may go either way
+        near = abs(probs[str(card.positive)] - resolve_threshold(threshold)) <= ROUNDING
+    else:  # nor may a near tie
+        near = max(probs.values()) - probs[image.pred_label] <= ROUNDING
+    if image.pred_label != expected and not near:
+        return f"pred_label disagrees with the probabilities (the model's rule gives {expected})"
+    return None
 
 
 def operating_point_meaning(card: ModelCard, operating_point: str, threshold: Optional[float]) -> str:
