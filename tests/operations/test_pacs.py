@@ -385,7 +385,7 @@ def test_pull_predict_push_against_orthanc(protocol, orthanc, archive_studies, w
     # a changed result gives a new SR (the old one stays: the archive keeps its history)
     changed = frame.copy()
     first = changed.index[changed["status"] == "ok"][0]
-    changed.loc[first, "prob_pneumonia"] = "0.123456"
+    changed.loc[first, ["prob_normal", "prob_pneumonia", "pred_label"]] = ["0.876544", "0.123456", "normal"]
     changed.to_csv(out, index=False)
     result = runner.invoke(main, push, env=_env())
     assert result.exit_code == 0 and "1 sent and verified" in result.output
@@ -526,7 +526,7 @@ def test_missing_orthanc_fails_with_one_line_install_hint(monkeypatch):
         _orthanc_binary()
 
 
-def test_push_to_unreachable_archive_exits_1_and_records_nothing(tmp_path, weights_dir):
+def test_push_to_unreachable_archive_exits_3_at_once_and_records_nothing(tmp_path, weights_dir):
     folder = tmp_path / "in"
     folder.mkdir()
     write_cxr(folder / "x.dcm", np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8))
@@ -536,8 +536,8 @@ def test_push_to_unreachable_archive_exits_1_and_records_nothing(tmp_path, weigh
     result = CliRunner().invoke(
         main, ["push", str(out), "--url", url, "--source", str(folder), "--retries", "1"], env=_env()
     )
-    assert result.exit_code == 1
-    assert "failed: study" in result.output and PASSWORD not in result.output
+    assert result.exit_code == 3, result.output  # the archive is unusable: one line, not a failure per study
+    assert result.output.startswith("Error: ") and "cannot connect" in result.output and PASSWORD not in result.output
     with Ledger(tmp_path / "p.ledger.sqlite") as ledger:
         assert ledger.counts()["delivered"] == 0
 
