@@ -123,16 +123,19 @@ def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
 
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
-    from pneumobatch.engines import create_engine
     from pneumobatch.io.predictions import (
         OutputPaths,
         PredictionWriter,
+        check_not_busy,
         columns_for,
         file_counts,
         result_rows,
         write_run_json,
         write_studies,
     )
+
+    check_not_busy(OutputPaths(Path(config.output)))  # before torch, the models or a Ray instance start
+    from pneumobatch.engines import create_engine
     from pneumobatch.io.readers import ReadOptions
     from pneumobatch.io.readers.bodyparts import BodyPartVocabulary
     from pneumobatch.model.registry import DEFAULT_MODEL, load_model

@@ -242,3 +242,165 @@ def test_an_unwritable_output_folder_is_one_line_exit_3(tmp_path: Path, weights_
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == 3 and len(lines) == 1 and lines[0].startswith("Error: cannot write"), done.stderr.decode()
     assert list(locked.iterdir()) == []
+
+
+# --- kill -9 of the main process (the OOM killer, a scheduler's timeout, KillMode=process) ----
+
+
+@pytest.fixture(scope="module")
+def wide_weights(weights_dir: Path, tmp_path_factory) -> Path:
+    """The tiny models plus ``wide``: a 256-pixel input, so that a decoded chunk (4 files,
+    256 KB) is more than a pipe holds and a worker whose parent died blocks writing it."""
+    import torch
+
+    from pneumobatch.core.card import ModelCard
+    from pneumobatch.model.registry import create_model, save_model
+
+    folder = tmp_path_factory.mktemp("wide-weights")
+    shutil.copytree(weights_dir, folder, dirs_exist_ok=True)
+    torch.manual_seed(1)
+    card = ModelCard(
+        name="wide",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="mobilenet_v3_small",
+        input_size=256,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.5,
+    )
+    save_model(create_model("mobilenet_v3_small", 2, pretrained=False, input_size=256).eval(), card, folder)
+    return folder
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Every process below ``pid`` (children, theirs...), each with its start time (PIDs are reused)."""
+    found = []
+    for child in children(pid):
+        try:
+            found.append((child, Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[19]))
+        except OSError:
+            continue
+        found += descendants(child)
+    return found
+
+
+def still_running(processes: list[tuple[int, str]]) -> list[int]:
+    """Those of ``processes`` alive now (same PID and start time, not a zombie)."""
+    left = []
+    for pid, started in processes:
+        try:
+            now = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except OSError:
+            continue
+        if now == started and alive(pid):
+            left.append(pid)
+    return left
+
+
+def kill_9_then_resume(
+    args: list[str], out: Path, timeout: float, resume_args: Optional[list[str]] = None
+) -> tuple[list[tuple[int, str]], list[int], subprocess.CompletedProcess]:
+    """Start ``args``; ``kill -9`` its main process once rows are in the journal; wait up to
+    3 s for every process it started to end; then run ``--resume`` (``resume_args``, default
+    ``args``). Returns the processes the run had, those still running after the 3 s, and the
+    resumed run. Whatever is left is killed afterwards."""
+    env = subprocess_env()
+    journal = out.with_name(out.name + ".partial")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    tree: list[tuple[int, str]] = []
+    try:
+        wait_for_rows(proc, journal, timeout)
+        tree = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer does
+        proc.communicate(timeout=10)
+        deadline = time.monotonic() + 3
+        while still_running(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = still_running(tree)
+        done = subprocess.run([*(resume_args or args), "--resume"], capture_output=True, env=env, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in still_running(tree):
+            os.kill(pid, signal.SIGKILL)
+    return tree, left, done
+
+
+N_KILLED = 40
+
+
+@pytest.fixture(scope="module")
+def kill_studies(slow_studies: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("kill")
+    for i in range(N_KILLED):
+        shutil.copyfile(slow_studies / "00.dcm", folder / f"{i:03d}.dcm")
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("workers", ["0", "2", None])  # None: the default split of this machine's cores
+def test_kill_9_of_the_main_process_leaves_no_worker_and_resume_finishes(
+    kill_studies: Path, wide_weights: Path, tmp_path: Path, workers: Optional[str]
+):
+    """The decoding workers end with their parent (not minutes later, still holding the
+    output's lock), so the next ``--resume`` finishes the night: one row per file, exit 0."""
+    out = tmp_path / "p.csv"
+    args = [*command(kill_studies, out, wide_weights, workers=workers), "-m", "wide"]
+    tree, left, done = kill_9_then_resume(args, out, 120)
+    if workers == "2":
+        assert tree, "no decoding workers found"
+    assert left == [], f"processes of the killed run still running 3 s after its kill -9: {left}"
+    assert done.returncode == 0, done.stderr.decode()
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == sorted(f"{i:03d}.dcm" for i in range(N_KILLED) for _ in range(2))
+    assert (frame["status"] == "ok").all() and len(frame) == 2 * N_KILLED  # one row per file and model
+    assert not (tmp_path / ".p.csv.lock").exists() and not (tmp_path / "p.csv.partial").exists()
+
+
+def test_kill_9_of_a_ray_driver_leaves_the_output_unlocked_and_resume_finishes(
+    kill_studies: Path, weights_dir: Path, tmp_path: Path
+):
+    """The driver is the main process: after its ``kill -9`` the local Ray instance it started
+    (Ray's own processes, which may take a while to notice) must not keep the output locked;
+    a ``--resume`` 3 s later finishes with one row per file."""
+    out = tmp_path / "p.csv"
+    args = command(kill_studies, out, weights_dir, "--engine", "ray", workers=None)
+    tree, _, done = kill_9_then_resume(args, out, 180, resume_args=command(kill_studies, out, weights_dir))
+    assert tree, "no Ray processes found below the driver"
+    assert done.returncode == 0, done.stderr.decode()
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == [f"{i:03d}.dcm" for i in range(N_KILLED)] and (frame["status"] == "ok").all()
+
+
+def test_a_second_predict_on_a_live_runs_output_is_told_another_run_is_writing(
+    slow_studies: Path, wide_weights: Path, tmp_path: Path
+):
+    """Not "an interrupted run" (the first is alive and writing its journal): one line, exit 3,
+    with or without --resume or --overwrite, and the first run's journal is left alone."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(400):  # more than the first run can do while the others try (it is stopped then)
+        os.link(slow_studies / "00.dcm", folder / f"{i:03d}.dcm")
+    out = tmp_path / "p.csv"
+    env = subprocess_env()
+    args = [*command(folder, out, wide_weights, workers="0"), "-m", "wide"]  # a core for the first, one for the others
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        wait_for_rows(first, out.with_name("p.csv.partial"), 120)
+        others = {
+            extra: subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            for extra in ((), ("--resume",), ("--overwrite",))
+        }
+        for extra, second in others.items():
+            _, stderr = second.communicate(timeout=120)
+            lines = stderr.decode().strip().splitlines()
+            assert second.returncode == 3 and len(lines) == 1, (extra, stderr.decode())
+            assert "another pneumobatch run" in lines[0] and "is writing" in lines[0] and "interrupted" not in lines[0]
+        assert first.poll() is None, "the first run ended before the others had tried"
+        assert out.with_name("p.csv.partial").exists() and not out.exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == EXIT_SIGTERM

@@ -8,12 +8,15 @@ rename; then the journal is removed. A run killed at any moment leaves either th
 old ``OUT`` or none, plus a journal; ``--resume`` reads both, skips every file that
 already has a row (same path, size and modification time) and finishes the job, so
 the final CSV has exactly one row per file and model.
+
+One run at a time writes an output: it holds ``.OUT.lock`` (:mod:`pneumobatch.io.lockfile`),
+a lock that ends with the process holding it, however it ends, and that its decoding
+workers never hold; the lock of a run killed with ``kill -9`` is simply taken over.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import logging
@@ -29,6 +32,7 @@ from pneumobatch.core.errors import OutputError, OutputExists, Reason, ReportErr
 from pneumobatch.core.studies import aggregate_studies
 from pneumobatch.io.atomicfile import atomic_write, check_replaceable, open_regular, temp_prefix
 from pneumobatch.io.discovery import FileEntry
+from pneumobatch.io.lockfile import LockBusy, ProcessLock, holder
 
 if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
     from pneumobatch.core.card import ModelCard
@@ -306,6 +310,23 @@ def _probabilities_valid(row: dict[str, str], card: ModelCard) -> bool:
     return True
 
 
+def busy_error(paths: OutputPaths, pid: Optional[int]) -> OutputError:
+    """What a run is told when a live run (PID ``pid``) writes the same output: exit code 3."""
+    by = f" (PID {pid})" if pid and pid != os.getpid() else ""
+    return OutputError(
+        f"another pneumobatch run{by} is writing {paths.predictions}; "
+        "wait for it to end (this output is left as it is), or choose another -o"
+    )
+
+
+def check_not_busy(paths: OutputPaths) -> None:
+    """Refuse at once (before loading anything) an output a live run is writing; a lock left
+    by a dead run does not count (the kernel let it go with that run)."""
+    pid = holder(paths.lock)
+    if pid is not None:
+        raise busy_error(paths, pid)
+
+
 class PredictionWriter:
     """Owns an output CSV for one run: lock, journal, resume and the final atomic write.
 
@@ -335,13 +356,17 @@ class PredictionWriter:
         self.cards = {c.name: c for c in cards}
         self.previous: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._journal: Optional[IO[str]] = None
-        self._lock_fd: Optional[int] = None
+        self._lock: Optional[ProcessLock] = None
         self._check(overwrite, inputs)
+
+    def _busy(self, pid: Optional[int]) -> OutputError:
+        return busy_error(self.paths, pid)
 
     def _check(self, overwrite: bool, inputs: Sequence[Path]) -> None:
         out = self.paths.predictions
         for path in self.paths.replaced:
             check_replaceable(path, inputs)
+        check_not_busy(self.paths)  # a live run: its journal is no interrupted run's
         if overwrite:
             return
         if not self.resume:
@@ -362,13 +387,10 @@ class PredictionWriter:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc
-        self._lock_fd = open_regular(self.paths.lock, os.O_WRONLY | os.O_CREAT)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise OutputError(f"another pneumobatch run is writing {out}") from exc
+            self._lock = ProcessLock(self.paths.lock).acquire()
+        except LockBusy as exc:
+            raise self._busy(exc.pid) from exc
         try:
             self._open_journal()
         except BaseException:
@@ -444,13 +466,9 @@ class PredictionWriter:
             except OSError:  # e.g. the disk is full: rows not flushed are predicted again on --resume
                 pass
             self._journal = None
-        if self._lock_fd is not None:
-            try:
-                self.paths.lock.unlink()  # still held: nobody else can be inside
-            except OSError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()  # removes the file: still held, nobody else can be inside
+            self._lock = None
 
     def done(self, entry: FileEntry, model: str) -> bool:
         return entry_key(entry, model) in self.previous

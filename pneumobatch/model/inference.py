@@ -11,7 +11,14 @@ pinned and copied without blocking). Results come back in discovery order, one
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from typing import Any, Iterator, Optional, Sequence
 
@@ -87,8 +94,50 @@ def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[in
     return items, stacked, ok
 
 
-def _worker_init(_: int) -> None:
+#: How often a decoding worker without ``PR_SET_PDEATHSIG`` (not Linux) checks that its parent lives.
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _set_parent_death_signal() -> bool:
+    """Linux: the kernel sends this process SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def end_with_parent(parent: int, death_signal: bool = True) -> None:
+    """End this process (SIGKILL) as soon as ``parent`` dies, whatever it is doing then.
+
+    A main process killed with ``kill -9`` (the OOM killer, a scheduler's timeout,
+    ``KillMode=process``) runs no clean-up: its workers would live on as orphans, blocked
+    writing into a pipe nobody reads. On Linux the kernel kills them (``PR_SET_PDEATHSIG``),
+    elsewhere a thread checks every :data:`PARENT_CHECK_SECONDS`. A parent that died before
+    this was set (the worker is an orphan already) ends the worker at once. ``parent`` 0:
+    whichever process is the parent now. The kernel's signal comes when the parent *thread*
+    that forked this process ends: ``death_signal`` False (forked from another thread than
+    the main one, which may end before the run) uses the watching thread instead.
+    """
+    parent = parent or os.getppid()
+    armed = death_signal and _set_parent_death_signal()
+    if os.getppid() != parent:  # died before (or while) the signal was set: it would never come
+        os.kill(os.getpid(), signal.SIGKILL)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _worker_init(parent: int, death_signal: bool, _: int) -> None:
     torch.set_num_threads(1)  # workers decode; the main process owns the cores for the CNN
+    end_with_parent(parent, death_signal)
 
 
 class Predictor:
@@ -185,6 +234,19 @@ class Predictor:
 DECODE_CHUNK = 4
 
 
+def _worker_parent() -> int:
+    """The PID the decoding workers' parent will have: this process, or its forkserver (0: not known)."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # noqa: SLF001 - no public spelling
+        return int(pid) if pid else 0
+    return os.getpid()
+
+
 def make_loader(
     entries: Sequence[FileEntry],
     sizes: Sequence[int],
@@ -206,7 +268,13 @@ def make_loader(
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        # workers end with the process that started them (PR_SET_PDEATHSIG): that one's PID,
+        # the forkserver's under the forkserver start method
+        worker_init_fn=functools.partial(
+            _worker_init, _worker_parent(), threading.current_thread() is threading.main_thread()
+        )
+        if workers
+        else None,
         persistent_workers=False,
         **prefetch,
     )

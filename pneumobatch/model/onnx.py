@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -74,11 +75,38 @@ ONNX_CACHE_KEEP = 8
 
 
 _CACHE_NAME = re.compile(r"[0-9a-f]{64}\.onnx")
+#: A temporary file of an export (``atomic_write``'s ``.HASH.onnx.tmp-XXXXXXXX``) older than this
+#: was left by a writer killed mid-write (a write takes well under a second): it is deleted.
+STALE_TEMP_SECONDS = 600
+
+
+def _stale_temps(folder: Path) -> list[Path]:
+    """Temporary export files in ``folder`` older than :data:`STALE_TEMP_SECONDS`."""
+    from pneumobatch.io.atomicfile import temp_target
+
+    stale, now = [], time.time()
+    for path in folder.iterdir():
+        target = temp_target(path.name)
+        if target is not None and _CACHE_NAME.fullmatch(target):
+            try:
+                if now - path.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                    stale.append(path)
+            except OSError:
+                continue
+    return stale
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    for path in _stale_temps(folder):
+        with contextlib.suppress(OSError):  # another run removed it first
+            path.unlink()
 
 
 def _prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
-    """Delete all but the ``keep`` most recently used exports in ``folder`` (only files named
-    as this cache names them: whatever else someone put there is left alone)."""
+    """Delete all but the ``keep`` most recently used exports in ``folder``, and the temporary
+    files writers killed mid-write left (only files named as this cache names them: whatever
+    else someone put there is left alone). A killed writer never leaves a cache file half
+    written (the rename is atomic), so the next run finds a whole export or none."""
     files = []
     for path in folder.iterdir():
         if _CACHE_NAME.fullmatch(path.name):
@@ -86,7 +114,7 @@ def _prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
                 files.append((path.stat().st_mtime, path))
             except OSError:
                 continue
-    for _, path in sorted(files, reverse=True)[keep:]:
+    for path in _stale_temps(folder) + [path for _, path in sorted(files, reverse=True)[keep:]]:
         try:
             path.unlink()
         except OSError as exc:  # another run deleted it, or a read-only folder
@@ -144,6 +172,7 @@ class OnnxRunner:
                 if self._agrees_with(net, head, size):
                     with contextlib.suppress(OSError):
                         os.utime(cached)  # recently used: kept by the pruning below
+                        _remove_stale_temps(cached.parent)
                     return
                 log.warning("exporting %s again: the cached export does not compute what the weights do", cached.name)
             except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again

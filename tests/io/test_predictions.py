@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from pneumobatch.io.atomicfile import atomic_write, temp_prefix
 from pneumobatch.io.predictions import neutralise_formulas, restore_formulas
 from pneumobatch.model.registry import create_model, save_model
 from pneumobatch.testing.synthetic import write_cxr
-from tests.helpers import one_line_error
+from tests.helpers import ROOT, one_line_error
 
 
 def write_pngs(folder: Path, names: list[str]) -> Path:
@@ -508,3 +509,45 @@ def test_rows_write_the_applicability_the_model_layer_decided():
     skipped = row(0.2, False, skip_ood=True)
     assert (skipped["status"], skipped["reason"], skipped["prob_pneumonia"]) == ("skipped", "out-of-distribution", "")
     assert row(5.0, True, skip_ood=True)["status"] == "ok"
+
+
+_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from pneumobatch.io.predictions import OutputPaths, PredictionWriter, columns_for
+paths = OutputPaths(Path(sys.argv[1]))
+writer = PredictionWriter(paths, columns_for([], False), resume=False, overwrite=True).__enter__()
+child = os.fork()  # a decoding worker forked after the lock was taken
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_the_output_lock_dies_with_its_run_not_with_the_workers_it_forked(tmp_path: Path):
+    """``kill -9`` of a run whose forked child lives on (an orphaned decoding worker): the
+    child never held the lock, so the next run takes it over at once; while the run was alive
+    a second writer, in another process or in this one, was told another run is writing."""
+    out, columns = tmp_path / "p.csv", outputs.columns_for([], False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, env=env)
+    child = None
+    try:
+        child = int(run.stdout.readline())
+        with pytest.raises(OutputError, match=rf"another pneumobatch run \(PID {run.pid}\) is writing .*p\.csv"):
+            outputs.PredictionWriter(outputs.OutputPaths(out), columns, resume=False, overwrite=True).__enter__()
+        run.kill()
+        run.wait(timeout=10)
+        os.kill(child, 0)  # the orphan is still there ...
+        with outputs.PredictionWriter(outputs.OutputPaths(out), columns, resume=True, overwrite=False):
+            with pytest.raises(OutputError, match="another pneumobatch run is writing"):  # ... this process holds it
+                outputs.PredictionWriter(outputs.OutputPaths(out), columns, resume=True, overwrite=False).__enter__()
+        assert not (tmp_path / ".p.csv.lock").exists()
+    finally:
+        run.kill()
+        if child:
+            with contextlib.suppress(OSError):
+                os.kill(child, 9)

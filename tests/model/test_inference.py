@@ -361,3 +361,119 @@ def test_the_cards_applicability_threshold_is_the_one_images_are_flagged_by(tmp_
     card_path.write_text(json.dumps(card))
     with pytest.raises(ModelError, match="applicability threshold 'high' is not a number"):
         load_model("pneumonia", tmp_path)
+
+
+_ORPHAN = """
+import os, sys, time
+from pneumobatch.model.inference import end_with_parent
+parent = os.getpid()
+for delay in (0.0, 1.0):  # 0: the parent is still there; 1: it is dead before the worker arms itself
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # the test reads the parent's stdout to its end
+        time.sleep(delay)
+        end_with_parent(parent)
+        time.sleep(60)  # "whatever it is doing"
+        os._exit(0)
+    print(pid, flush=True)
+time.sleep(0.5)
+os.kill(parent, 9)  # kill -9 of the main process
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_decoding_worker_ends_within_two_seconds_of_its_parents_kill_9():
+    """``end_with_parent`` (the workers' init): a worker dies with its parent whatever it is
+    doing, also when the parent died before the worker armed itself (an orphan already)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN], capture_output=True, env=env, timeout=60)
+    workers = [int(line) for line in proc.stdout.split()]
+    try:
+        assert proc.returncode == -signal.SIGKILL and len(workers) == 2, proc.stderr.decode()
+        deadline = time.monotonic() + 2.5  # the second one arms itself 1 s after its fork
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.05)
+        assert not [w for w in workers if _running(w)], "workers outlived their parent"
+    finally:
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
+_KILLED_EXPORT = """
+import os, sys, time
+from pathlib import Path
+import torch
+from pneumobatch.model.inference import Predictor
+from pneumobatch.model.registry import load_model
+
+def slow_disk(fd):  # the export is written; the kill lands before its rename
+    print("writing", flush=True)
+    time.sleep(60)
+
+os.fsync = slow_disk
+Predictor([load_model("tiny", Path(sys.argv[1]))], torch.device("cpu"), None).prepare()
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_while_caching_an_export_leaves_nothing_the_next_run_trips_on(
+    weights_dir, tmp_path, monkeypatch
+):
+    """``kill -9`` of a run writing the ONNX cache: no half export under the cache's name (the
+    rename is atomic), and its temporary file (13 MB for EfficientNet-Lite0) is deleted by a
+    later run, whether that run exports (a miss) or finds the export (a hit)."""
+    pytest.importorskip("onnxruntime")
+    import subprocess
+    import sys
+
+    from pneumobatch.model.inference import Predictor
+    from pneumobatch.model.onnx import STALE_TEMP_SECONDS
+    from pneumobatch.model.registry import load_model
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PNEUMOBATCH_CACHE=str(cache))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT, str(weights_dir)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert writer.stdout.readline() == b"writing\n"
+    finally:
+        writer.kill()
+        writer.wait(10)
+    folder = cache / "onnx"
+    (left,) = folder.iterdir()
+    assert left.name.startswith(".") and ".onnx.tmp-" in left.name and not list(folder.glob("*.onnx"))
+    night = left.stat().st_mtime - STALE_TEMP_SECONDS - 3600
+    os.utime(left, (night, night))  # the next night
+
+    monkeypatch.setenv("PNEUMOBATCH_CACHE", str(cache))
+    cpu = torch.device("cpu")
+    inputs = {32: torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    expected = Predictor([load_model("tiny", weights_dir)], cpu, None, backend="torch")(inputs)["tiny"]
+    np.testing.assert_allclose(
+        Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-5
+    )
+    (export,) = folder.iterdir()  # a miss: exported, cached whole, the killed writer's file deleted
+    assert not export.name.startswith(".")
+
+    stale = folder / ("." + export.name + ".tmp-abcd1234")
+    stale.write_bytes(b"half an export")
+    os.utime(stale, (night, night))
+    fresh = folder / ("." + export.name + ".tmp-efgh5678")
+    fresh.write_bytes(b"another run writing now")
+    Predictor([load_model("tiny", weights_dir)], cpu, None).prepare()  # a hit
+    assert set(folder.iterdir()) == {export, fresh}  # a writer at work now is left alone

@@ -13,6 +13,11 @@ Tables:
   again), and when;
 - ``fetched``: every instance fetched, with the file it was written to;
 - ``delivered``: every SR confirmed in an archive, by study, model and weights SHA-256.
+
+One run at a time uses a ledger: two pulls into two folders sharing one ledger would
+each fetch every instance, so the second one is refused (:class:`LedgerBusy`, exit code 3)
+while the first lives. The lock (``.LEDGER.lock`` beside it, :mod:`pneumobatch.io.lockfile`)
+ends with the process that holds it: after a ``kill -9`` the next run takes it over.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from pneumobatch.core.errors import OutputError
+from pneumobatch.io.lockfile import LockBusy, ProcessLock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -45,20 +51,44 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class LedgerBusy(OutputError):
+    """Another live pull or push uses this ledger."""
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of the ledger at ``path``."""
+    return path.with_name("." + path.name + ".lock")
+
+
 class Ledger:
-    """The ledger file at ``path`` (created on first use)."""
+    """The ledger file at ``path`` (created on first use), held by this run until :meth:`close`."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot use ledger {self.path}: {exc.strerror or exc}") from exc
+        try:
+            self._lock = ProcessLock(lock_path(self.path)).acquire()
+        except LockBusy as exc:
+            by = f" (PID {exc.pid})" if exc.pid else ""
+            raise LedgerBusy(
+                f"another pneumobatch pull or push{by} is using ledger {self.path}; "
+                "run this one when it has ended, or give it its own --ledger"
+            ) from exc
+        try:
             self._db = sqlite3.connect(self.path, timeout=30)
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            self._lock.release()
             raise OutputError(f"cannot use ledger {self.path}: {exc}") from exc
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self._db.close()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Ledger:
         return self
