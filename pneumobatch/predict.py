@@ -111,13 +111,14 @@ def _apply_site(models: Sequence[Any], path: Path) -> None:
 
 def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
     """Whether an output path names an image inside an input folder (never to be replaced)."""
+    from pneumobatch.core.errors import FileRejected
     from pneumobatch.io.discovery import FileKind, sniff
 
     if not path.is_file() or not any(path.resolve().is_relative_to(Path(r).resolve()) for r in roots):
         return False
     try:
         return sniff(path) in (FileKind.DICOM, FileKind.PNG, FileKind.JPEG)
-    except OSError:
+    except (OSError, FileRejected):  # gone, unreadable, or swapped for a FIFO since is_file(): not an image
         return False
 
 

@@ -87,3 +87,22 @@ def test_a_second_pull_on_a_held_ledger_is_one_line_exit_3_and_contacts_nothing(
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == EXIT_FATAL and len(lines) == 1, done.stderr.decode()
     assert "another pneumobatch pull or push" in lines[0] and "is using ledger" in lines[0]
+
+
+def test_a_refused_pull_leaves_the_running_pulls_files_in_flight_alone(holder, tmp_path: Path):
+    """A second pull into the same folder is refused before it tidies up: the temporary file of
+    an instance the first pull is writing (named as atomic_write names it) stays where it is."""
+    import socket
+
+    in_flight = tmp_path / "night" / "1.2.3" / "1.2.3.4" / ".1.2.3.4.5.dcm.tmp-abc123"
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"half an instance")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    args = [sys.executable, "-m", "pneumobatch", "pull", str(tmp_path / "night"), "--url"]
+    args += [f"http://127.0.0.1:{port}/dicom-web", "--ledger", str(tmp_path / "l.sqlite"), "-q"]
+    done = subprocess.run(args, capture_output=True, env=env, timeout=60)
+    assert done.returncode == EXIT_FATAL, done.stderr.decode()
+    assert in_flight.read_bytes() == b"half an instance"

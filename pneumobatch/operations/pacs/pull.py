@@ -243,8 +243,8 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {output}: {exc.strerror or exc}") from exc
-    _remove_stale_temps(output)
     with Ledger(ledger_path) as ledger, open_archive(conn) as archive:
+        _remove_stale_temps(output)  # only once the ledger is ours: another pull's files in flight are its own
         studies: dict[str, StudyInfo] = {}
         for modality in config.modalities:
             for study in archive.find_studies(config.study_date, modality):
