@@ -296,13 +296,23 @@ def gzip_bomb() -> bytes:
 
 
 def _wait_with_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, int]:
-    """``(exit code, peak RSS in KiB)`` of that one child, or kill it past ``timeout``."""
+    """``(exit code, peak RSS in KiB)`` of that one child, or kill it past ``timeout``.
+
+    The peak is the child's own high-water mark (``VmHWM``, reset by exec), read while it
+    runs: ``ru_maxrss`` would include the forked copy of this (large) pytest process."""
     deadline = time.monotonic() + timeout
+    peak = 0
     while True:
+        try:
+            with open(f"/proc/{proc.pid}/status") as status_file:
+                marks = [int(line.split()[1]) for line in status_file if line.startswith("VmHWM:")]
+        except OSError:
+            marks = []
+        peak = max([peak, *marks])  # a zombie (just exited) has no VmHWM line: keep the last one read
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss
+            return proc.returncode, peak
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
