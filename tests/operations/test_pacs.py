@@ -30,8 +30,10 @@ from pneumobatch.cli import main
 from pneumobatch.core.errors import OptionError
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.operations.pacs import connection as pacs_connection
-from pneumobatch.operations.pacs.client import DicomWebArchive, InstanceRef, open_archive
+from pneumobatch.operations.pacs.archive import InstanceRef
+from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection, Credentials, connect_options
+from pneumobatch.operations.pacs.dicomweb import DicomWebArchive
 from pneumobatch.operations.pacs.ledger import Ledger
 from pneumobatch.operations.pacs.pull import PullConfig, date_window, run_pull
 from pneumobatch.operations.pacs.sr import FINDING_CODES, ImageResult, StudyResult

@@ -74,16 +74,24 @@ class BadInstance(ArchiveError):
 DATASET_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, IndexError, EOFError, OSError)
 
 
-def with_retries(action: Callable[[], None], retries: int, wait: float) -> Optional[str]:
+def with_retries(
+    action: Callable[[], None], retries: int, wait: float, after_failure: Optional[Callable[[], None]] = None
+) -> Optional[str]:
     """Run ``action``; an :class:`ArchiveError` is retried ``retries`` times after waits
     of ``wait``, 2 ``wait``, 4 ``wait``... (not when it says ``retriable = False``).
+    ``after_failure`` runs after each retriable failure and may raise to stop at once (push
+    probes the archive there: an archive that is itself unusable ends the run, exit 3).
     Returns None on success, else the last error's message."""
     for attempt in range(retries + 1):
         try:
             action()
             return None
         except ArchiveError as exc:
-            if attempt == retries or not getattr(exc, "retriable", True):
+            if not getattr(exc, "retriable", True):
+                return str(exc)
+            if after_failure is not None:
+                after_failure()
+            if attempt == retries:
                 return str(exc)  # the caller lists it (stderr, exit 1)
             log.info("retrying in %gs: %s", wait * 2**attempt, exc)
             time.sleep(wait * 2**attempt)

@@ -5,7 +5,7 @@ STOW-RS) and reads WADO-RS itself (each instance in its stored transfer syntax, 
 the bounded session of :mod:`.httpbounds`); :class:`DimseArchive` (:mod:`.dimse`) uses
 ``pynetdicom`` (C-FIND in the Study Root model, C-GET into memory, C-STORE). Both
 implement :class:`~.archive.Archive` and return the same small records, so :mod:`.pull`
-and :mod:`.push` never see a protocol; this module re-exports what they use.
+and :mod:`.push` never see a protocol (they import the records from :mod:`.archive`).
 
 Every value an archive sends is untrusted: UIDs are checked against the DICOM UID
 syntax before they are used (as file names among other things), and an archive's
@@ -25,33 +25,10 @@ an error or a signal is aborted, never released (a release waits for the archive
 
 from __future__ import annotations
 
-from pneumobatch.operations.pacs.archive import (
-    HEADER_KEYWORDS,
-    SEARCH_PAGE,
-    Archive,
-    BadInstance,
-    InstanceRef,
-    StudyInfo,
-    archive_error,
-    with_retries,
-)
+from pneumobatch.operations.pacs.archive import Archive
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.dicomweb import DicomWebArchive
 from pneumobatch.operations.pacs.dimse import DimseArchive
-
-__all__ = [
-    "HEADER_KEYWORDS",
-    "SEARCH_PAGE",
-    "Archive",
-    "BadInstance",
-    "DicomWebArchive",
-    "DimseArchive",
-    "InstanceRef",
-    "StudyInfo",
-    "archive_error",
-    "open_archive",
-    "with_retries",
-]
 
 
 def open_archive(conn: Connection) -> Archive:

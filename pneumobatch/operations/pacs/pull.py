@@ -46,15 +46,15 @@ from typing import Callable, Optional
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, OutputError
 from pneumobatch.io.atomicfile import atomic_write, temp_target
 from pneumobatch.io.readers.dicom import CXR_MODALITIES
-from pneumobatch.operations.pacs.client import (
+from pneumobatch.operations.pacs.archive import (
     Archive,
     BadInstance,
     InstanceRef,
     StudyInfo,
     archive_error,
-    open_archive,
     with_retries,
 )
+from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
 

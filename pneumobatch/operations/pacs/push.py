@@ -41,7 +41,6 @@ import logging
 import os
 import stat
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,7 +55,8 @@ from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, Opt
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import unescape_path
 from pneumobatch.io.predictions import OutputPaths
-from pneumobatch.operations.pacs.client import Archive, InstanceRef, open_archive
+from pneumobatch.operations.pacs.archive import Archive, InstanceRef, with_retries
+from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
 from pneumobatch.operations.pacs.sr import (
@@ -349,26 +349,6 @@ class _Probe:
         ) from error
 
 
-def _with_retries(action: Callable[[], None], retries: int, wait: float, probe: _Probe) -> Optional[str]:
-    """Run ``action``; an :class:`ArchiveError` is retried ``retries`` times after waits of
-    ``wait``, 2 ``wait``, 4 ``wait``... (not when it says ``retriable = False``), and after
-    each failure the archive is probed: when the archive itself fails, push stops (exit 3).
-    Returns None on success, else the last error's message."""
-    for attempt in range(retries + 1):
-        try:
-            action()
-            return None
-        except ArchiveError as exc:
-            if not getattr(exc, "retriable", True):
-                return str(exc)
-            probe.check()
-            if attempt == retries:
-                return str(exc)  # the caller lists it (stderr, exit 1)
-            log.info("retrying in %gs: %s", wait * 2**attempt, exc)
-            time.sleep(wait * 2**attempt)
-    return None  # pragma: no cover - the loop always returns
-
-
 class _Delivery:
     """One study's SR: its images' headers (from --source, else the archive), the rows
     whose UIDs the headers contradict refused, then the SR of the rest sent and verified."""
@@ -463,7 +443,7 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
                 outcome.studies -= 1  # every row of it refused: no SR to send
                 continue
             probe.once()
-            error = _with_retries(delivery, config.retries, config.retry_wait, probe)
+            error = with_retries(delivery, config.retries, config.retry_wait, after_failure=probe.check)
             if delivery.final is None and not delivery.pending:
                 outcome.studies -= 1
             else:

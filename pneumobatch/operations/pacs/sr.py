@@ -19,7 +19,7 @@ multi-class model. Each group has
 
 The SR has the source study's Study Instance UID and copies its patient and study
 modules from the source headers (only those attributes, see
-:data:`~pneumobatch.operations.pacs.client.HEADER_KEYWORDS`); it goes into a new series described
+:data:`~pneumobatch.operations.pacs.archive.HEADER_KEYWORDS`); it goes into a new series described
 as "not for diagnostic use", is flagged PRELIMINARY and UNVERIFIED, and names
 pneumobatch and the model in the Contributing Equipment Sequence.
 
@@ -264,7 +264,7 @@ def evidence_dataset(
 ) -> Dataset:
     """A clean copy of what the SR takes from a source image: its UIDs and SOP class, and
     the patient and study modules (absent attributes empty, nothing else copied)."""
-    from pneumobatch.operations.pacs.client import HEADER_KEYWORDS
+    from pneumobatch.operations.pacs.archive import HEADER_KEYWORDS
 
     ds = Dataset()
     for keyword in HEADER_KEYWORDS:
