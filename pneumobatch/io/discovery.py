@@ -84,7 +84,7 @@ def unescape_path(text: str) -> str:
     return "".join(out)
 
 
-def open_input(path: Path) -> BinaryIO:
+def open_input(path: Path, *, follow_links: bool = True) -> BinaryIO:
     """Open an input file for reading; never waits on a FIFO, never reads a special file.
 
     Discovery saw a regular file, but the name may have been replaced since (a FIFO
@@ -94,9 +94,12 @@ def open_input(path: Path) -> BinaryIO:
     (``special-file``, the reason discovery gives such a name, so the row is the same
     whichever of the two saw it). Links are followed: a link inside the input folder is
     an input like any other. ``O_NONBLOCK`` stays set: regular files ignore it, and a
-    kernel file that would block (``/proc/kmsg``) fails with ``EAGAIN`` instead.
+    kernel file that would block (``/proc/kmsg``) fails with ``EAGAIN`` instead. With
+    ``follow_links=False`` a link under the name (one swapped in after the caller resolved
+    the path) fails with ``ELOOP`` instead of being followed.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags if follow_links else flags | os.O_NOFOLLOW)
     try:
         mode = os.fstat(fd).st_mode
     except BaseException:

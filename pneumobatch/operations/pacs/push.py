@@ -39,11 +39,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 import pandas as pd
 from pydicom import dcmread
@@ -51,9 +50,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pneumobatch.core.card import ModelCard
-from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, OptionError, Status
+from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, FileRejected, OptionError, Status
 from pneumobatch.core.uids import valid_uid
-from pneumobatch.io.discovery import unescape_path
+from pneumobatch.io.discovery import open_input, unescape_path
 from pneumobatch.io.predictions import OutputPaths
 from pneumobatch.operations.pacs.archive import Archive, InstanceRef, with_retries
 from pneumobatch.operations.pacs.client import open_archive
@@ -242,11 +241,11 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> Rows:
     return rows
 
 
-def _open_source(source: Path, image: ImageResult) -> Optional[int]:
-    """A descriptor on the file of ``image.path`` inside ``source``, opened without blocking
-    and without following a last link (a FIFO never hangs push); None when there is no
-    such file to read. Raises :class:`_Refused` for a path leading outside ``source`` or
-    naming anything but a regular file."""
+def _open_source(source: Path, image: ImageResult) -> Optional[BinaryIO]:
+    """The file of ``image.path`` inside ``source``, opened without blocking and without
+    following a last link (:func:`~pneumobatch.io.discovery.open_input`: a FIFO never hangs
+    push); None when there is no such file to read. Raises :class:`_Refused` for a path
+    leading outside ``source`` or naming anything but a regular file."""
     root = os.path.realpath(source)
     try:
         real = os.path.realpath(os.path.join(root, unescape_path(image.path)))
@@ -255,13 +254,11 @@ def _open_source(source: Path, image: ImageResult) -> Optional[int]:
     if not image.path or os.path.commonpath([root, real]) != root:
         raise _Refused("path leads outside --source")
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        return open_input(Path(real), follow_links=False)
+    except FileRejected as exc:
+        raise _Refused("path is not a regular file") from exc
     except (OSError, ValueError):
         return None  # not there (or not ours to read): the archive's copy is used
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise _Refused("path is not a regular file")
-    return fd
 
 
 class _Refused(Exception):
@@ -273,11 +270,11 @@ def source_evidence(source: Path, study: str, image: ImageResult) -> Optional[Da
     None when its file is not there (the archive's copy is used then). Raises
     :class:`_Refused` when the row's UIDs are not those of the file it names: the SR takes
     its study from the image, never from an edited CSV."""
-    fd = _open_source(source, image)
-    if fd is None:
+    opened = _open_source(source, image)
+    if opened is None:
         return None
     try:
-        with os.fdopen(fd, "rb") as fh:
+        with opened as fh:
             header = dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE)
             claimed = (study, image.series_instance_uid, image.sop_instance_uid)
             actual = tuple(valid_uid(header.get(k)) for k in UID_KEYWORDS)
