@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.model.registry import create_model, save_model
+from tests.helpers import save_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,21 +39,7 @@ def weights_dir(tmp_path_factory) -> Iterator[Path]:
 
     Built once per run and shared by every module: a test that changes a model copies the
     folder first. Teardown checks that none wrote into it."""
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
-    card = ModelCard(
-        name="tiny",
-        task="pneumonia",
-        classes=["normal", "pneumonia"],
-        architecture="mobilenet_v3_small",
-        input_size=32,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        positive="pneumonia",
-        threshold=0.5,
-    )
-    save_model(net.eval(), card, folder)
+    folder = save_tiny_model(tmp_path_factory.mktemp("weights"))  # seed 0; the etiology model follows
     net3 = create_model("mobilenet_v3_small", 4, pretrained=False, input_size=40)
     card3 = ModelCard(
         name="tiny-etiology",

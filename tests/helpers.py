@@ -17,6 +17,32 @@ ROOT = Path(__file__).resolve().parent.parent
 """The repository root: sample_studies/, weights/, README.md, benchmarks/, tests/data/."""
 
 
+def save_tiny_model(folder: Path, *, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised two-class pneumonia model (MobileNetV3-small) saved as ``name``
+    in ``folder``: the weights are those of ``torch.manual_seed(seed)``, so the same call
+    gives the same SHA-256 and another seed other weights under the same name."""
+    import torch
+
+    from pneumobatch.core.card import ModelCard
+    from pneumobatch.model.registry import create_model, save_model
+
+    torch.manual_seed(seed)
+    net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=input_size)
+    card = ModelCard(
+        name=name,
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="mobilenet_v3_small",
+        input_size=input_size,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        positive="pneumonia",
+        threshold=0.5,
+    )
+    save_model(net.eval(), card, folder)
+    return folder
+
+
 def make_dataset(root: Path, n_per_class: int = 24, with_split: bool = True) -> Path:
     """Two visually distinct classes: 'normal' smooth gradients, pneumonia bright blotches."""
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import pytest
 
 from pneumobatch.core.errors import EXIT_SIGINT, EXIT_SIGTERM
 from pneumobatch.testing.synthetic import write_cxr
-from tests.helpers import ROOT
+from tests.helpers import ROOT, save_tiny_model
 
 pytestmark = pytest.mark.slow  # every test here starts pneumobatch in a real subprocess
 N_FILES = 30
@@ -251,26 +251,9 @@ def test_an_unwritable_output_folder_is_one_line_exit_3(tmp_path: Path, weights_
 def wide_weights(weights_dir: Path, tmp_path_factory) -> Path:
     """The tiny models plus ``wide``: a 256-pixel input, so that a decoded chunk (4 files,
     256 KB) is more than a pipe holds and a worker whose parent died blocks writing it."""
-    import torch
-
-    from pneumobatch.core.card import ModelCard
-    from pneumobatch.model.registry import create_model, save_model
-
     folder = tmp_path_factory.mktemp("wide-weights")
     shutil.copytree(weights_dir, folder, dirs_exist_ok=True)
-    torch.manual_seed(1)
-    card = ModelCard(
-        name="wide",
-        task="pneumonia",
-        classes=["normal", "pneumonia"],
-        architecture="mobilenet_v3_small",
-        input_size=256,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        positive="pneumonia",
-        threshold=0.5,
-    )
-    save_model(create_model("mobilenet_v3_small", 2, pretrained=False, input_size=256).eval(), card, folder)
+    save_tiny_model(folder, name="wide", input_size=256, seed=1)
     return folder
 
 

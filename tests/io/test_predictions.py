@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -25,9 +24,8 @@ from pneumobatch.core.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE, OutputError
 from pneumobatch.io import predictions as outputs
 from pneumobatch.io.atomicfile import atomic_write, temp_prefix
 from pneumobatch.io.predictions import neutralise_formulas, restore_formulas
-from pneumobatch.model.registry import create_model, save_model
 from pneumobatch.testing.synthetic import write_cxr
-from tests.helpers import ROOT, one_line_error
+from tests.helpers import ROOT, one_line_error, save_tiny_model
 
 
 def write_pngs(folder: Path, names: list[str]) -> Path:
@@ -73,22 +71,7 @@ def csv_rows(path: Path) -> pd.DataFrame:
 @pytest.fixture()
 def other_weights(weights_dir: Path, tmp_path: Path) -> Path:
     """A model named ``tiny`` like the fixture's, with other weights (so another SHA-256)."""
-    folder = tmp_path / "other-weights"
-    torch.manual_seed(1)
-    net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=32)
-    card = ModelCard(
-        name="tiny",
-        task="pneumonia",
-        classes=["normal", "pneumonia"],
-        architecture="mobilenet_v3_small",
-        input_size=32,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        positive="pneumonia",
-        threshold=0.5,
-    )
-    save_model(net.eval(), card, folder)
-    return folder
+    return save_tiny_model(tmp_path / "other-weights", seed=1)
 
 
 def test_resume_refuses_rows_of_other_models_other_weights_or_other_tools(
