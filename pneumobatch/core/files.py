@@ -19,9 +19,11 @@ regular file, which is a usage error (the wrong path was given).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 from pathlib import Path
+from typing import Any, Optional
 
 #: Size limits of the files pneumobatch reads whole (bytes); far above what real files hold.
 SITE_FILE_LIMIT = 1 << 20  # a site file is a few KiB
@@ -121,3 +123,20 @@ def read_small_file(path: Path | str, *, limit: int, what: str) -> bytes:
         raise fail(*_problem(e)) from e
     finally:
         os.close(fd)
+
+
+def first_non_finite(document: Any) -> Optional[tuple[tuple[Any, ...], float]]:
+    """Where the first NaN or infinite number of a parsed JSON document is (the keys and list
+    indices leading to it) and the number, else None. Python's JSON reader accepts ``NaN``,
+    ``Infinity`` and ``1e999``, which no schema's minimum/maximum refuses. Iterative, so a
+    deeply nested document cannot exhaust the stack."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where, value
+        if isinstance(value, dict):
+            stack.extend(((*where, k), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend(((*where, i), v) for i, v in reversed(list(enumerate(value))))
+    return None

@@ -17,13 +17,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import SiteError
-from pneumobatch.core.files import SITE_FILE_LIMIT, FileReadError, read_small_file
+from pneumobatch.core.files import SITE_FILE_LIMIT, FileReadError, first_non_finite, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +116,6 @@ def _kind(error: Any) -> int:
     return _INVALID
 
 
-def _non_finite(document: Any) -> Optional[tuple[str, float]]:
-    """Where the first NaN or infinite number of a JSON document is, and the number (None: none is).
-
-    Iterative, so that a deeply nested document cannot exhaust the stack.
-    """
-    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
-            return "/".join(where) or "site", value
-        if isinstance(value, dict):
-            stack.extend(((*where, str(k)), v) for k, v in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend(((*where, str(i)), v) for i, v in reversed(list(enumerate(value))))
-    return None
-
-
 def site_problem(site: Any, path: Path | str) -> Optional[str]:
     """The one line saying what is wrong with the site document ``site`` read from (or to be
     written to) ``path``, or None when predict and report can apply it.
@@ -158,8 +140,8 @@ def site_problem(site: Any, path: Path | str) -> Optional[str]:
         where = "/".join(map(str, error.absolute_path)) or "site"
         message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
         return f"site file {path}: {where}: {message}"
-    if (bad := _non_finite(site)) is not None:
-        return f"site file {path}: {bad[0]}: {bad[1]!r} is not a finite number"
+    if (bad := first_non_finite(site)) is not None:
+        return f"site file {path}: {'/'.join(map(str, bad[0])) or 'site'}: {bad[1]!r} is not a finite number"
     applied = site.get("apply", "target")
     for band, point in (site["operating_points"].get("by_age_band") or {}).items():
         if point[applied]["threshold"] is None:

@@ -11,10 +11,10 @@ message names the place in the file and the rule, never the value found there.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any, Optional
 
+from pneumobatch.core.files import first_non_finite
 from pneumobatch.operations.monitor.record import DIMENSIONS, QUANTILE_LEVELS
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2**53}
@@ -119,20 +119,6 @@ def _rule(error: Any) -> str:
     return f"must be {words[kind].format(want)}" if kind in words else f"is not valid ({kind})"
 
 
-def _non_finite(value: Any, place: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
-    """Where the first NaN or infinity under ``value`` is (JSON readers accept them), else None."""
-    stack = [(value, place)]
-    while stack:  # no recursion: a deeply nested list must not overflow the stack
-        item, where = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return where
-        if isinstance(item, dict):
-            stack.extend((v, (*where, k)) for k, v in reversed(list(item.items())))
-        elif isinstance(item, list):
-            stack.extend((v, (*where, i)) for i, v in reversed(list(enumerate(item))))
-    return None
-
-
 def _bad_counts(run: dict[str, Any]) -> Optional[str]:
     """A group with more positive or flagged images than scored ones (a binomial test needs k <= n)."""
     for name, model in run["monitoring"]["models"].items():
@@ -155,9 +141,8 @@ def night_problem(run: Any) -> Optional[str]:
     if error is not None:
         return f"{_place(error.absolute_path)}: {_rule(error)}"
     for key in ("monitoring", "counts", "images_per_second"):
-        where = _non_finite(run.get(key), (key,))
-        if where is not None:
-            return f"{_place(where)}: must be a finite number"
+        if (bad := first_non_finite(run.get(key))) is not None:
+            return f"{_place((key, *bad[0]))}: must be a finite number"
     if run.get("finished"):
         try:
             datetime.fromisoformat(run["finished"]).timestamp()
