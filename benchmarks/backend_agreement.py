@@ -19,6 +19,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from pneumobatch.model.inference import Predictor
+from pneumobatch.model.preprocess import input_spec
 from pneumobatch.model.registry import load_model
 from pneumobatch.training.config import TrainConfig
 from pneumobatch.training.data import Dataset, decode_split, labelled_splits
@@ -34,7 +35,7 @@ def decoded_split(card, manifest: Path, split: str, workers: int) -> Dataset:
         default_age_band=tuple(card.data.get("age_band_defaults", ())),
     )
     frame, task, _, _, _ = labelled_splits(config)
-    return decode_split(frame[frame["split"] == split], task, card.input_size, workers)[0]
+    return decode_split(frame[frame["split"] == split], task, input_spec(card), workers)[0]
 
 
 def auc(card, targets: np.ndarray, proba: np.ndarray) -> float:

@@ -13,6 +13,7 @@ from pneumobatch.cli.common import (
     RECALL_RANGE,
     BandTargetRecall,
     DefaultAgeBand,
+    LibraryChoice,
     LibraryDefault,
     option_group,
     setup_logging,
@@ -227,6 +228,32 @@ _DEVICE_AND_WORKERS = option_group(
     help="Sensitivity the shipped threshold must reach on validation.",
 )
 @_BAND_TARGET_RECALL
+@click.option(
+    "--equalize/--no-equalize",
+    default=_T.equalize,
+    show_default=True,
+    help="Histogram-equalise grey levels before the resize (recorded in the card; predict does the same).",
+)
+@click.option(
+    "--export-augment/--no-export-augment",
+    default=_T.export_augment,
+    show_default=True,
+    help="Send every training image through a random export (resolution round trip, JPEG, crop, blur, noise).",
+)
+@click.option(
+    "--exclude-group",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave the images whose --group-column value matches PATTERN (glob) out of every split "
+    "(leave-one-source-out). Repeatable.",
+)
+@click.option(
+    "--precision",
+    type=LibraryChoice("pneumobatch.model.device", "PRECISIONS"),
+    default=_T.precision,
+    show_default=True,
+    help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere.",
+)
 @click.option("--seed", type=int, default=_T.seed, show_default=True)
 @_DEVICE_AND_WORKERS
 @click.option("--resume", is_flag=True, help="Continue from NAME.checkpoint.pt in the output folder.")

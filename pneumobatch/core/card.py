@@ -71,6 +71,10 @@ CARD_SCHEMA: dict[str, Any] = {
         "metrics": {"type": "object"},
         "training": {"type": "object"},
         "applicability": {"type": "object"},
+        "preprocessing": {
+            "type": "object",
+            "properties": {"intensity": {"enum": ["none", "equalize"]}},
+        },
     },
 }
 
@@ -171,6 +175,8 @@ class ModelCard:
     weights_sha256: str = ""
     #: applicability statistics: file (beside the weights), sha256, threshold, flag rates
     applicability: dict[str, Any] = field(default_factory=dict)
+    #: input steps beyond the resize (``{"intensity": "equalize"}``); empty: resize only (cards before 0.3)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
     site: dict[str, Any] = field(default_factory=dict)
     intended_use: str = (

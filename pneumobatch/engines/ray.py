@@ -39,6 +39,7 @@ import numpy as np
 
 from pneumobatch.core.errors import DeviceError, EngineError, EngineUnavailable, OptionError, Reason, Status
 from pneumobatch.io.discovery import FileEntry
+from pneumobatch.model.preprocess import InputSpec, input_spec
 
 if TYPE_CHECKING:
     from pneumobatch.io.readers import ReadOptions
@@ -66,14 +67,14 @@ def import_ray() -> Any:
     return ray
 
 
-def _input_column(size: int) -> str:
-    return f"input_{size}"
+def _input_column(spec: InputSpec) -> str:
+    return f"input_{spec.key}"
 
 
-def read_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], options: ReadOptions) -> dict[str, np.ndarray]:
+def read_batch(batch: dict[str, np.ndarray], specs: Sequence[InputSpec], options: ReadOptions) -> dict[str, np.ndarray]:
     """Ray Data task: read and resize a batch of files (the local engine's ``StudyFiles``).
 
-    Returns the record columns plus ``input_<size>`` (n, 1, size, size) uint8 per model
+    Returns the record columns plus ``input_<spec key>`` (n, 1, size, size) uint8 per model
     input size; rows that were not decoded (skipped, errors) hold zeros there and
     ``decoded`` False. ``meta`` travels pickled: its keys differ from file to file.
     """
@@ -83,7 +84,7 @@ def read_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], options: Read
         FileEntry(Path(os.fsdecode(path)), "", 0, 0, (Reason(reason), detail) if reason else None)
         for path, reason, detail in zip(batch["path"], batch["problem"], batch["problem_detail"])
     ]
-    files = StudyFiles(entries, sizes, options)
+    files = StudyFiles(entries, specs, options)
     items = [files[i] for i in range(len(files))]
     out: dict[str, np.ndarray] = {
         "index": batch["index"],
@@ -93,12 +94,12 @@ def read_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], options: Read
         "meta": np.array([pickle.dumps(item["meta"]) for item in items], dtype=object),
         "decoded": np.array([item["inputs"] is not None for item in items], dtype=bool),
     }
-    for size in sorted(set(sizes)):
-        pixels = np.zeros((len(items), 1, size, size), dtype=np.uint8)
+    for spec in sorted(set(specs)):
+        pixels = np.zeros((len(items), 1, spec.size, spec.size), dtype=np.uint8)
         for row, item in enumerate(items):
             if item["inputs"] is not None:
-                pixels[row] = item["inputs"][size]
-        out[_input_column(size)] = pixels
+                pixels[row] = item["inputs"][spec]
+        out[_input_column(spec)] = pixels
     return out
 
 
@@ -131,7 +132,7 @@ class ModelActor:
         scores: dict[str, np.ndarray] = {}
         probs: dict[str, np.ndarray] = {}
         if len(ok):
-            inputs = {s: torch.from_numpy(batch[_input_column(s)][ok]) for s in self.predictor.sizes}
+            inputs = {s: torch.from_numpy(batch[_input_column(s)][ok]) for s in self.predictor.specs}
             probs = self.predictor(inputs, scores)
         applicable = self.predictor.applicable(scores)
         out = {key: batch[key] for key in _RECORD}
@@ -300,7 +301,7 @@ class RayEngine:
             }
             for i, e in enumerate(entries)
         ]
-        sizes = sorted({m.card.input_size for m in models})
+        specs = sorted({input_spec(m.card) for m in models})
         dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size))
         self._models_ref = ray.put(list(models))  # alive until the run ends: actors restart from it
         with warnings.catch_warnings():
@@ -310,7 +311,7 @@ class RayEngine:
                 read_batch,
                 batch_size=batch_size,
                 batch_format="numpy",
-                fn_kwargs={"sizes": sizes, "options": options},
+                fn_kwargs={"specs": specs, "options": options},
                 num_cpus=1,
                 max_retries=MAX_RETRIES,
             )

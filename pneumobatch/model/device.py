@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -88,6 +89,25 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 is faster than fp32;
+    elsewhere it is emulated and several times slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_training_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for training: ``auto`` is bf16 on CUDA (fp16 without bf16) and on
+    CPUs with native bf16 (:func:`cpu_has_native_bf16`), fp32 otherwise; the rest as
+    :func:`resolve_precision`."""
+    if precision == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return resolve_precision(precision, device)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):

@@ -32,7 +32,7 @@ from pneumobatch.io.readers import ReadOptions, read_image
 from pneumobatch.io.results import FileResult
 from pneumobatch.model.device import autocast, resolve_backend, resolve_precision
 from pneumobatch.model.onnx import OnnxRunner
-from pneumobatch.model.preprocess import normalize, resize, to_uint8
+from pneumobatch.model.preprocess import InputSpec, input_spec, normalize, prepare
 from pneumobatch.model.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 class StudyFiles(Dataset):
     """Reads and resizes one file per item; never raises for bad input."""
 
-    def __init__(self, entries: Sequence[FileEntry], sizes: Sequence[int], options: ReadOptions) -> None:
+    def __init__(self, entries: Sequence[FileEntry], specs: Sequence[InputSpec], options: ReadOptions) -> None:
         self.entries = list(entries)
-        self.sizes = sorted(set(sizes))
+        self.specs = sorted(set(specs))
         self.options = options
 
     def __len__(self) -> int:
@@ -66,7 +66,7 @@ class StudyFiles(Dataset):
         try:
             image = read_image(entry.path, sniff(entry.path), self.options)
             item["meta"] = image.meta
-            item["inputs"] = {s: to_uint8(resize(image.pixels, s))[None] for s in self.sizes}
+            item["inputs"] = {s: prepare(image.pixels, s)[None] for s in self.specs}
         except FileRejected as exc:
             item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
         except PermissionError:
@@ -83,12 +83,12 @@ class StudyFiles(Dataset):
         return item
 
 
-def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, np.ndarray], list[int]]:
+def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]:
     ok = [i for i, item in enumerate(items) if item["inputs"] is not None]
     stacked = {}
     if ok:
-        for size in items[ok[0]]["inputs"]:
-            stacked[size] = np.stack([items[i]["inputs"][size] for i in ok])
+        for spec in items[ok[0]]["inputs"]:
+            stacked[spec] = np.stack([items[i]["inputs"][spec] for i in ok])
     for item in items:
         item["inputs"] = None
     return items, stacked, ok
@@ -199,19 +199,20 @@ class Predictor:
         return {name: self.applicability[name].flag(s) for name, s in scores.items()}
 
     @property
-    def sizes(self) -> list[int]:
-        return sorted({m.card.input_size for m in self.models})
+    def specs(self) -> list[InputSpec]:
+        """The inputs the models need (models with the same :class:`InputSpec` share one)."""
+        return sorted({input_spec(m.card) for m in self.models})
 
     @torch.inference_mode()
     def __call__(
-        self, inputs: dict[int, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None
+        self, inputs: dict[InputSpec, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None
     ) -> dict[str, np.ndarray]:
         """Probabilities per model; with ``scores``, also fills it with applicability scores."""
         self.prepare()
         out = {}
         for model in self.models:
             card = model.card
-            x = normalize(inputs[card.input_size].to(self.device, non_blocking=True), card.mean, card.std)
+            x = normalize(inputs[input_spec(card)].to(self.device, non_blocking=True), card.mean, card.std)
             features = None
             if card.name in self._onnx:
                 logits, features = self._onnx[card.name](x)
@@ -249,7 +250,7 @@ def _worker_parent() -> int:
 
 def make_loader(
     entries: Sequence[FileEntry],
-    sizes: Sequence[int],
+    specs: Sequence[InputSpec],
     options: ReadOptions,
     *,
     batch_size: int = 16,
@@ -257,13 +258,13 @@ def make_loader(
     in_flight: Optional[int] = None,
 ) -> DataLoader:
     """The DataLoader that reads and resizes files in ``workers`` processes: batches of
-    ``(items, uint8 numpy inputs by size, indices of decoded items)``; with workers, about
+    ``(items, uint8 numpy inputs by InputSpec, indices of decoded items)``; with workers, about
     ``in_flight`` files (default: two batches per worker) are decoded ahead of the consumer."""
     prefetch = {}
     if workers:
         prefetch["prefetch_factor"] = max(2, -(-(in_flight or 2 * batch_size * workers) // (batch_size * workers)))
     return DataLoader(
-        StudyFiles(entries, sizes, options),
+        StudyFiles(entries, specs, options),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -295,12 +296,12 @@ def run_inference(
     """
     cuda = predictor.device.type == "cuda"
     chunk = max(1, min(DECODE_CHUNK, batch_size))
-    loader = make_loader(entries, predictor.sizes, options, batch_size=chunk, workers=workers, in_flight=2 * batch_size)
+    loader = make_loader(entries, predictor.specs, options, batch_size=chunk, workers=workers, in_flight=2 * batch_size)
     dataset = loader.dataset
     chunks = iter(loader)  # starts the workers: the export below overlaps their first files
     predictor.prepare()
     pending: deque[tuple[dict[str, Any], bool]] = deque()  # (item, decoded), in order, not yet yielded
-    gathered: dict[int, list[torch.Tensor]] = {}  # size -> decoded inputs of the pending items, in order
+    gathered: dict[InputSpec, list[torch.Tensor]] = {}  # spec -> decoded inputs of the pending items, in order
     rows = 0
 
     def forward(n: int) -> Iterator[FileResult]:

@@ -1,21 +1,32 @@
 """Turn a reader's image into a model input, driven by the model card.
 
-The same two steps run in training and in prediction, so what the model saw when
-it was trained is what it sees in a hospital's batch:
+The same steps run in training and in prediction, so what the model saw when it was
+trained is what it sees in a hospital's batch:
 
-1. ``resize``: float32 [0, 1] image -> ``input_size`` x ``input_size`` (bilinear with
+1. ``equalize`` (cards whose ``preprocessing`` asks for it): global histogram
+   equalisation by rank at the decoded resolution, so that any monotone grey-level
+   mapping of an export (gamma, a VOI window, contrast, bit depth) gives the same
+   input: the export's grey levels carry no information the model could learn to
+   read instead of the lungs.
+2. ``resize``: float32 [0, 1] image -> ``input_size`` x ``input_size`` (bilinear with
    antialiasing via Pillow's reducing gap; the aspect ratio is not kept, as in training).
-2. ``normalize``: on the device, a batch of 1-channel images -> 3 channels,
+3. ``normalize``: on the device, a batch of 1-channel images -> 3 channels,
    standardised with the card's mean and std.
+
+Steps 1 and 2 are :func:`prepare`, driven by an :class:`InputSpec` derived from the card
+(:func:`input_spec`); a card without ``preprocessing`` (before version 0.3) is resized only.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image as PILImage
+
+if TYPE_CHECKING:  # torch only where a batch is normalised: the reading side stays torch-free
+    import torch
 
 
 def resize(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -26,6 +37,58 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
 
+#: ``preprocessing["intensity"]`` values a card may name.
+INTENSITY_STEPS = ("none", "equalize")
+
+
+@dataclass(frozen=True, order=True)
+class InputSpec:
+    """What a model's input is made of: its side and whether grey levels are equalised.
+
+    Models with the same spec share one decoded input per image in a batch."""
+
+    size: int
+    equalize: bool = False
+
+    @property
+    def key(self) -> str:
+        """A name for the spec in column names (Ray Data) and logs: ``192`` or ``192-eq``."""
+        return f"{self.size}-eq" if self.equalize else str(self.size)
+
+
+def input_spec(card: Any) -> InputSpec:
+    """The :class:`InputSpec` of a model card (``input_size`` and ``preprocessing``)."""
+    steps: Mapping[str, Any] = getattr(card, "preprocessing", None) or {}
+    return InputSpec(int(card.input_size), steps.get("intensity") == "equalize")
+
+
+#: Grey levels :func:`equalize` tells apart (12 bits: finer than any 8-bit export, as fine as CR/DX data).
+EQUALIZE_LEVELS = 4096
+
+
+def equalize(pixels: np.ndarray) -> np.ndarray:
+    """Global histogram equalisation by mid-rank: float32 [0, 1] image -> float32 in (0, 1).
+
+    Every pixel becomes the share of pixels darker than it plus half the share equal to
+    it (grey levels binned to :data:`EQUALIZE_LEVELS`), so the result depends on the
+    order of the grey levels only: a monotone mapping of the input (gamma, a window,
+    contrast) changes nothing beyond the binning."""
+    levels = np.clip(np.asarray(pixels, dtype=np.float32) * (EQUALIZE_LEVELS - 1) + 0.5, 0, EQUALIZE_LEVELS - 1)
+    levels = levels.astype(np.intp)
+    counts = np.bincount(levels.ravel(), minlength=EQUALIZE_LEVELS)
+    mid = ((np.cumsum(counts) - 0.5 * counts) / levels.size).astype(np.float32)
+    return mid[levels]
+
+
+def prepare(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A reader's float32 [0, 1] image -> the model's uint8 (size, size) input (steps 1 and 2;
+    grey levels are equalised at the decoded resolution, before the resize, so that an
+    export's gamma or window is undone before any pixels are averaged)."""
+    if spec.equalize:
+        pixels = equalize(pixels)
+    return to_uint8(resize(pixels, spec.size))
+
+
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Quantise a [0, 1] image to uint8, the form inputs travel in between processes."""
     return np.round(pixels * 255.0).astype(np.uint8)
@@ -33,6 +96,8 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int = 3) -> torch.Tensor:
     """uint8 or float batch (B, 1, H, W) -> float (B, channels, H, W) standardised."""
+    import torch
+
     x = batch.float()
     if batch.dtype == torch.uint8:
         x = x / 255.0

@@ -16,6 +16,7 @@ import pandas as pd
 from pneumobatch.core.errors import ModelError
 from pneumobatch.model.applicability.features import attach, fit_features
 from pneumobatch.model.applicability.stats import DEFAULT_PERCENTILE, ApplicabilityStats, summary
+from pneumobatch.model.preprocess import input_spec
 from pneumobatch.model.registry import LoadedModel
 from pneumobatch.training.data import Dataset, decode_splits, load_labels, remove_leakage
 
@@ -63,7 +64,7 @@ def fit_from_manifest(
         if len(rows) < 10:
             raise ModelError(f"{manifest}: the {split} split has {len(rows)} usable images; at least 10 are needed")
 
-    parts, _ = decode_splits(frame, task, card.input_size, workers, ("train", "val"), progress, at_least_ten)
+    parts, _ = decode_splits(frame, task, input_spec(card), workers, ("train", "val"), progress, at_least_ten)
     train_images, val_images = parts["train"].images, parts["val"].images
     progress("fitting the statistics (features of every image at several depths)")
     stats = fit_features(loaded, train_images, val_images, percentile)

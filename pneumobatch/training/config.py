@@ -55,3 +55,7 @@ class TrainConfig:
     workers: int = 2
     resume: bool = False
     max_images: Optional[int] = None  # for smoke tests: use at most this many per split
+    equalize: bool = True  # histogram-equalise grey levels before the resize, in training and in predict
+    export_augment: bool = True  # send every training image through a random export (augment.export_round_trip)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    exclude_group: tuple[str, ...] = ()  # --group-column values (globs) left out of every split: leave-one-source-out

@@ -19,13 +19,14 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image as PILImage
 
 from pneumobatch.core.errors import EXIT_FATAL, FileRejected, TrainingError
 from pneumobatch.core.subgroups import TRAINING_COLUMNS, add_subgroup_columns, parse_band_defaults
 from pneumobatch.core.tasks import Task, custom_task, get_task
 from pneumobatch.io.discovery import sniff
 from pneumobatch.io.readers import ReadOptions, read_image
-from pneumobatch.model.preprocess import resize, to_uint8
+from pneumobatch.model.preprocess import InputSpec, prepare
 from pneumobatch.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,19 @@ _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "tes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 
 
+#: Longest side the training images are kept at for export augmentation (the dataset's own limit).
+NATIVE_MAX_SIDE = 1024
+
+
 @dataclass
 class Dataset:
-    """Decoded, resized images of one split held in memory."""
+    """Decoded images of one split held in memory: the model's inputs, or (``raw``) the
+    images as read, for augmentation that goes through an export before :func:`prepare`."""
 
-    images: torch.Tensor  # uint8 (N, 1, S, S)
+    images: torch.Tensor  # uint8 (N, 1, S, S); empty (0, 1, S, S) where ``raw`` holds the images
     targets: torch.Tensor  # int64 (N,)
     frame: pd.DataFrame  # the manifest rows, aligned with images
+    raw: Optional[list[np.ndarray]] = None  # uint8 (H, W) as read, longest side <= NATIVE_MAX_SIDE
 
 
 def load_labels(
@@ -227,18 +234,32 @@ def remove_leakage(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     return frame, removed
 
 
-def _decode_one(args: tuple[str, int]) -> Optional[np.ndarray]:
-    path, size = args
+def _decode_one(args: tuple[str, Optional[InputSpec]]) -> Optional[np.ndarray]:
+    path, spec = args
     try:
-        image = read_image(Path(path), sniff(Path(path)), ReadOptions(min_side=size))
+        image = read_image(Path(path), sniff(Path(path)), ReadOptions(min_side=spec.size if spec else None))
     except (FileRejected, OSError):
         return None
-    return to_uint8(resize(image.pixels, size))
+    if spec is not None:
+        return prepare(image.pixels, spec)
+    pixels = image.pixels
+    if max(pixels.shape) > NATIVE_MAX_SIDE:
+        scale = NATIVE_MAX_SIDE / max(pixels.shape)
+        pil = PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+        size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+        pixels = np.asarray(pil.resize(size, PILImage.Resampling.BILINEAR, reducing_gap=2.0))
+    return np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
 
 
-def decode_split(frame: pd.DataFrame, task: Task, size: int, workers: int) -> tuple[Dataset, int]:
-    """Decode and resize every image once, exactly as ``predict`` does; returns the split and how many failed."""
-    jobs = [(p, size) for p in frame["path"]]
+def decode_split(
+    frame: pd.DataFrame, task: Task, spec: InputSpec, workers: int, *, raw: bool = False
+) -> tuple[Dataset, int]:
+    """Decode and prepare every image once, exactly as ``predict`` does; returns the split and how many failed.
+
+    With ``raw``, the images are kept as read (8-bit, longest side at most
+    :data:`NATIVE_MAX_SIDE`) in ``Dataset.raw`` instead, for augmentation through exports.
+    """
+    jobs = [(p, None if raw else spec) for p in frame["path"]]
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
             arrays = list(pool.map(_decode_one, jobs, chunksize=32))
@@ -249,26 +270,25 @@ def decode_split(frame: pd.DataFrame, task: Task, size: int, workers: int) -> tu
     if failed:
         log.warning("%d images could not be read and were left out", failed)
     frame = frame.iloc[keep].reset_index(drop=True)
-    images = (
-        torch.from_numpy(np.stack([arrays[i] for i in keep])[:, None])
-        if keep
-        else torch.zeros(0, 1, size, size, dtype=torch.uint8)
-    )
+    empty = torch.zeros(0, 1, spec.size, spec.size, dtype=torch.uint8)
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep])[:, None]) if keep and not raw else empty
     index = {c: i for i, c in enumerate(task.classes)}
     targets = torch.tensor([index[c] for c in frame["cls"]], dtype=torch.long)
-    return Dataset(images, targets, frame), failed
+    return Dataset(images, targets, frame, [arrays[i] for i in keep] if raw else None), failed
 
 
 def decode_splits(
     frame: pd.DataFrame,
     task: Task,
-    size: int,
+    spec: InputSpec,
     workers: int,
     splits: Sequence[str] = SPLITS,
     progress: Callable[[str], None] = lambda s: None,
     check: Callable[[str, pd.DataFrame], None] = lambda split, rows: None,
+    raw: Sequence[str] = (),
 ) -> tuple[dict[str, Dataset], int]:
-    """Each of ``splits`` of ``frame`` decoded at ``size`` (:func:`decode_split`), in turn.
+    """Each of ``splits`` of ``frame`` prepared for ``spec`` (:func:`decode_split`), in turn;
+    those in ``raw`` kept as read.
 
     ``check(split, rows)`` runs on a split's rows before they are decoded and may raise
     (a split that is empty or too small for the caller). Returns the datasets by split
@@ -280,6 +300,6 @@ def decode_splits(
         rows = frame[frame["split"] == split]
         check(split, rows)
         progress(f"decoding {len(rows)} {split} images")
-        datasets[split], failed = decode_split(rows, task, size, workers)
+        datasets[split], failed = decode_split(rows, task, spec, workers, raw=split in raw)
         unreadable += failed
     return datasets, unreadable

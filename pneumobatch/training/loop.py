@@ -11,12 +11,14 @@ applicability statistics and the curves figure.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -28,11 +30,11 @@ from pneumobatch import __version__
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import TrainingError
 from pneumobatch.io.atomicfile import atomic_write
-from pneumobatch.model.device import autocast, resolve_device, resolve_precision
-from pneumobatch.model.preprocess import normalize
+from pneumobatch.model.device import autocast, resolve_device, resolve_training_precision
+from pneumobatch.model.preprocess import InputSpec, normalize, prepare
 from pneumobatch.model.registry import ARCHITECTURES, LoadedModel, create_model, save_model
 from pneumobatch.training.applicability import fit_training_applicability
-from pneumobatch.training.augment import AUGMENTATION, augment
+from pneumobatch.training.augment import AUGMENTATION, EXPORT_AUGMENTATION, augment, prepare_batch
 from pneumobatch.training.config import BALANCE_CHOICES, TrainConfig
 from pneumobatch.training.data import SPLITS, Dataset, decode_splits, labelled_splits
 from pneumobatch.training.evaluate import MIN_PER_CLASS, auc_of, predict_logits, scored_subsets, selection_score
@@ -97,6 +99,50 @@ def _sample_weights(frame: pd.DataFrame, targets: torch.Tensor, n_classes: int) 
     return torch.from_numpy(weights)
 
 
+def exclude_groups(frame: pd.DataFrame, config: TrainConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``frame`` without the rows whose ``config.group_column`` matches a ``config.exclude_group``
+    glob (case-insensitive), and how many rows of each value were left out."""
+    if not config.exclude_group:
+        return frame, {}
+    if not config.group_column or config.group_column not in frame.columns:
+        raise TrainingError(f"--exclude-group needs the manifest's {config.group_column!r} column")
+    values = frame[config.group_column].astype(str)
+    hit = np.zeros(len(frame), dtype=bool)
+    for pattern in config.exclude_group:
+        matched = np.array([fnmatch.fnmatch(v.lower(), pattern.lower()) for v in values])
+        if not matched.any():
+            raise TrainingError(f"--exclude-group {pattern!r} matches no {config.group_column} value")
+        hit |= matched
+    left_out = {str(k): int(v) for k, v in values[hit].value_counts().items()}
+    return frame[~hit].reset_index(drop=True), left_out
+
+
+def _inputs(
+    dataset: Dataset, batches: list[torch.Tensor], spec: InputSpec, rng: np.random.Generator
+) -> Iterator[torch.Tensor]:
+    """The uint8 inputs of each batch: prepared images, or (``dataset.raw``) each image through a
+    random export and ``predict``'s preparation, made one batch ahead in a thread (Pillow and
+    NumPy release the GIL) so that it overlaps the network's step."""
+    if dataset.raw is None:
+        yield from (dataset.images[idx] for idx in batches)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(prepare_batch, dataset.raw, batches[0].tolist(), spec, rng) if batches else None
+        for k in range(len(batches)):
+            current = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(prepare_batch, dataset.raw, batches[k + 1].tolist(), spec, rng)
+            yield current
+
+
+def _prepared(dataset: Dataset, spec: InputSpec) -> Dataset:
+    """``dataset`` with its model inputs made from ``raw`` without augmentation (for the applicability fit)."""
+    if dataset.raw is None:
+        return dataset
+    images = torch.from_numpy(np.stack([prepare(a.astype(np.float32) / 255.0, spec) for a in dataset.raw])[:, None])
+    return Dataset(images, dataset.targets, dataset.frame)
+
+
 def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
     """Run a full training and write the model; returns its card."""
     if config.architecture not in ARCHITECTURES:
@@ -108,11 +154,15 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     device = resolve_device(config.device)
-    amp_dtype = resolve_precision("auto", device)  # mixed precision on CUDA, fp32 on the CPU
+    amp_dtype = resolve_training_precision(config.precision, device)
+    spec = InputSpec(config.input_size, config.equalize)
 
     frame, task, dropped, leakage, split_source = labelled_splits(config)
     if sum(leakage.values()):
         progress(f"left out to keep splits disjoint: {leakage}")
+    frame, excluded = exclude_groups(frame, config)
+    if excluded:
+        progress(f"left out of every split (--exclude-group): {excluded}")
     if config.max_images:
         frame = frame.groupby("split").head(config.max_images)
 
@@ -120,7 +170,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         if rows.empty and split != "test":
             raise TrainingError(f"the {split} split is empty")
 
-    splits, unreadable = decode_splits(frame, task, config.input_size, config.workers, SPLITS, progress, not_empty)
+    raw = ("train",) if config.export_augment else ()
+    splits, unreadable = decode_splits(frame, task, spec, config.workers, SPLITS, progress, not_empty, raw)
     train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
 
     arch = ARCHITECTURES[config.architecture]
@@ -188,11 +239,11 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             order = _epoch_order(train_set.targets, config.balance, generator, sample_weights)
             total, seen, correct = 0.0, 0, 0
             t0 = time.time()
-            for start in range(0, len(order), config.batch_size):
-                idx = order[start : start + config.batch_size]
-                if len(idx) < 2:
-                    continue  # BatchNorm needs two samples
-                x = train_set.images[idx].to(device).float() / 255.0
+            batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            batches = [b for b in batches if len(b) >= 2]  # BatchNorm needs two samples
+            exports = np.random.default_rng([config.seed, stage_index, epoch])
+            for idx, inputs in zip(batches, _inputs(train_set, batches, spec, exports)):
+                x = inputs.to(device).float() / 255.0
                 x = augment(x, generator, config.hflip)
                 x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
                 y = train_set.targets[idx].to(device)
@@ -272,7 +323,11 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             "class_weights": weights.tolist() if weights is not None else None,
             "model_selection": "mean of pooled and within-source / within-age-band validation AUCs (groups with >= "
             f"{MIN_PER_CLASS} images of two classes or more)",
-            "augmentation": AUGMENTATION + (", horizontal flip" if config.hflip else ""),
+            "augmentation": (EXPORT_AUGMENTATION + "; then " if config.export_augment else "")
+            + AUGMENTATION
+            + (", horizontal flip" if config.hflip else ""),
+            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "fp32",
+            "excluded_groups": excluded,
             "stages": [{"stage": s, "epochs": n} for s, n in stages],
             "batch_size": config.batch_size,
             "lr": config.lr,
@@ -289,11 +344,13 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             "history": history.epochs,
         },
         pneumobatch_version=__version__,
+        preprocessing={"intensity": "equalize" if config.equalize else "none"},
     )
     choose_operating_points(card, net, val_set, test_set, config, task, device)
     card.training["seconds"] = round(time.time() - started, 1)
     weights_path = save_model(net.cpu(), card, config.out_dir)
-    fit_training_applicability(LoadedModel(card, net.eval(), weights_path), splits["train"], val_set, progress)
+    train_inputs = _prepared(train_set, spec)
+    fit_training_applicability(LoadedModel(card, net.eval(), weights_path), train_inputs, val_set, progress)
     plot_curves(history.epochs, config.out_dir / f"{config.name}.curves.png", config.name)
     if ckpt_path.exists():
         os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it

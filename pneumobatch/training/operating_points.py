@@ -23,6 +23,7 @@ from pneumobatch.core.tasks import TASKS, Task, get_task
 from pneumobatch.evaluation import metrics
 from pneumobatch.evaluation.metrics import fit_temperature
 from pneumobatch.model.device import resolve_device
+from pneumobatch.model.preprocess import input_spec
 from pneumobatch.training.config import TrainConfig
 from pneumobatch.training.data import Dataset, decode_splits, labelled_splits
 from pneumobatch.training.evaluate import (
@@ -129,7 +130,7 @@ def retune(
     targets_by_band = band_targets(config)
     config = dataclasses.replace(config, task=card.task, name=card.name, input_size=card.input_size)
     frame, task, _, _, _ = labelled_splits(config)
-    parts, _ = decode_splits(frame, task, card.input_size, config.workers, ("val", "test"), progress)
+    parts, _ = decode_splits(frame, task, input_spec(card), config.workers, ("val", "test"), progress)
     device = resolve_device(config.device)
     choose_operating_points(card, loaded.net.to(device).eval(), parts["val"], parts["test"], config, task, device)
     card.training["retuned"] = {
