@@ -150,7 +150,7 @@ def main() -> None:
 
 
 def _add_commands() -> None:
-    from pneumobatch.cli import monitor, pacs, predict, report, site, train
+    from pneumobatch.cli import invariance, monitor, pacs, predict, report, site, train
 
     for command in (
         train.models_command,
@@ -162,6 +162,7 @@ def _add_commands() -> None:
         pacs.push_command,
         report.report_command,
         site.calibrate_command,
+        invariance.invariance_command,
         monitor.monitor_command,
     ):
         main.add_command(command)

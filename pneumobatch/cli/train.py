@@ -122,6 +122,14 @@ _MANIFEST_COLUMNS = option_group(
         help="Manifest column to report test metrics by (e.g. source, site).",
     ),
 )
+_RECALL_MARGIN = click.option(
+    "--recall-margin-level",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=_T.recall_margin_level,
+    show_default=True,
+    help="Operating points with a margin: the threshold where validation sensitivity's exact one-sided lower "
+    "bound at this confidence reaches the target (0: where the sensitivity itself does).",
+)
 _BAND_TARGET_RECALL = click.option(
     "--band-target-recall",
     multiple=True,
@@ -228,6 +236,7 @@ _DEVICE_AND_WORKERS = option_group(
     help="Sensitivity the shipped threshold must reach on validation.",
 )
 @_BAND_TARGET_RECALL
+@_RECALL_MARGIN
 @click.option(
     "--equalize/--no-equalize",
     default=_T.equalize,
@@ -239,6 +248,12 @@ _DEVICE_AND_WORKERS = option_group(
     default=_T.export_augment,
     show_default=True,
     help="Send every training image through a random export (resolution round trip, JPEG, crop, blur, noise).",
+)
+@click.option(
+    "--invariance-test/--no-invariance-test",
+    default=_T.invariance_test,
+    show_default=True,
+    help="After training, the export-invariance test on the test split (a few minutes), recorded in the card.",
 )
 @click.option(
     "--exclude-group",
@@ -310,6 +325,7 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
     help="Sensitivity the pooled threshold must reach on validation.",
 )
 @_BAND_TARGET_RECALL
+@_RECALL_MARGIN
 @_DEVICE_AND_WORKERS
 def retune_command(model: str, data: Path, weights_dir: Optional[Path], **options) -> None:
     """Choose MODEL's temperature and operating points again on DATA's validation split.

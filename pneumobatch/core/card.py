@@ -219,7 +219,7 @@ class ModelCard:
             if isinstance(v, (int, float))
             and not isinstance(v, bool)
             and k not in NOT_THRESHOLDS
-            and not str(k).endswith(("_sensitivity", "_specificity"))
+            and not str(k).endswith(("_sensitivity", "_specificity", "_lower_bound"))
         }
 
     def threshold_for(self, age_band: Optional[str] = None) -> tuple[Optional[float], str]:

@@ -48,6 +48,9 @@ class TrainConfig:
     hflip: bool = False
     target_recall: float = TARGET_RECALL
     band_target_recall: tuple[str, ...] = ()  # BAND=RECALL: that age band's operating point aims at RECALL instead
+    #: the recall_target threshold is where validation sensitivity's one-sided lower bound at this level reaches
+    #: the target (0: where the sensitivity itself does)
+    recall_margin_level: float = 0.8
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -58,4 +61,5 @@ class TrainConfig:
     equalize: bool = True  # histogram-equalise grey levels before the resize, in training and in predict
     export_augment: bool = True  # send every training image through a random export (augment.export_round_trip)
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    invariance_test: bool = True  # the export-invariance test on the test split, recorded in the card
     exclude_group: tuple[str, ...] = ()  # --group-column values (globs) left out of every split: leave-one-source-out

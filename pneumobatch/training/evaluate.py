@@ -28,10 +28,12 @@ from pneumobatch.model.preprocess import normalize
 MIN_PER_CLASS = metrics.MIN_PER_CLASS_PER_BAND
 
 
-def select_threshold(y_true: np.ndarray, scores: np.ndarray, target_recall: float) -> dict[str, float]:
+def select_threshold(
+    y_true: np.ndarray, scores: np.ndarray, target_recall: float, margin_level: Optional[float] = None
+) -> dict[str, float]:
     """The card's ``recall_target`` and ``youden`` thresholds (:func:`pneumobatch.evaluation.metrics.select_threshold`)."""
     try:
-        return metrics.select_threshold(np.asarray(y_true).astype(bool), scores, target_recall)
+        return metrics.select_threshold(np.asarray(y_true).astype(bool), scores, target_recall, margin_level)
     except ValueError:
         raise TrainingError("threshold selection needs both classes in the validation split") from None
 

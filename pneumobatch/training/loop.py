@@ -18,6 +18,7 @@ import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -141,6 +142,31 @@ def _prepared(dataset: Dataset, spec: InputSpec) -> Dataset:
         return dataset
     images = torch.from_numpy(np.stack([prepare(a.astype(np.float32) / 255.0, spec) for a in dataset.raw])[:, None])
     return Dataset(images, dataset.targets, dataset.frame)
+
+
+def record_export_invariance(
+    loaded: LoadedModel, frame: pd.DataFrame, workers: int, progress: Callable[[str], None]
+) -> None:
+    """The export-invariance table of the test split (``frame``: its rows with their subgroups), in the card."""
+    from pneumobatch.model.registry import write_card
+    from pneumobatch.training.invariance import measure_invariance
+
+    progress(f"export-invariance test on the {len(frame)} test images")
+    columns = {"sg_source": "source", "sg_age_band": "age_band", "sg_view": "view"}
+    result = measure_invariance(
+        [loaded],
+        [Path(p) for p in frame["path"]],
+        frame[list(columns)].rename(columns=columns),
+        age_bands=frame["sg_age_band"].tolist(),
+        workers=min(workers, 1),  # originals and exports are small: one decoding worker keeps up
+        progress=progress,
+    )
+    loaded.card.metrics["export_invariance"] = {
+        "data": f"test split ({result['n_images']} images)",
+        "exports": result["exports"],
+        **result[loaded.card.name],
+    }
+    write_card(loaded.card, loaded.weights_path.with_suffix(".json"))
 
 
 def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None) -> ModelCard:
@@ -278,7 +304,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 f"{stage} epoch {epoch + 1}/{n_epochs}: loss {record['train_loss']:.3f}, val loss {val_loss:.3f}, "
                 f"val AUC {val_auc:.4f}, selection {score:.4f} ({within}) ({record['seconds']:.0f}s)"
             )
-            if score > best["auc"]:
+            if best["state"] is None or score > best["auc"]:  # a NaN score (one class in val) still keeps a state
                 best = {
                     "auc": score,
                     "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
@@ -350,7 +376,10 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     card.training["seconds"] = round(time.time() - started, 1)
     weights_path = save_model(net.cpu(), card, config.out_dir)
     train_inputs = _prepared(train_set, spec)
-    fit_training_applicability(LoadedModel(card, net.eval(), weights_path), train_inputs, val_set, progress)
+    loaded = LoadedModel(card, net.eval(), weights_path)
+    fit_training_applicability(loaded, train_inputs, val_set, progress)
+    if config.invariance_test and len(test_set.targets):
+        record_export_invariance(loaded, test_set.frame, config.workers, progress)
     plot_curves(history.epochs, config.out_dir / f"{config.name}.curves.png", config.name)
     if ckpt_path.exists():
         os.remove(ckpt_path)  # our own intermediate file; the final weights supersede it

@@ -67,11 +67,17 @@ def choose_operating_points(
         val_pos = val_set.targets.numpy() == pos
         if val_pos.all() or not val_pos.any():
             raise TrainingError("threshold selection needs both classes in the validation split")
-        thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall)
+        margin = config.recall_margin_level or None
+        thresholds = select_threshold(val_pos, val_probs[:, pos], config.target_recall, margin)
         thresholds["target_recall"] = config.target_recall
         threshold = thresholds["recall_target"]
         by_band = metrics.band_thresholds(
-            val_pos, val_probs[:, pos], val_bands, config.target_recall, band_targets=targets_by_band
+            val_pos,
+            val_probs[:, pos],
+            val_bands,
+            config.target_recall,
+            band_targets=targets_by_band,
+            margin_level=margin,
         )
         if by_band:
             thresholds["by_age_band"] = by_band
@@ -138,6 +144,7 @@ def retune(
         "command": "pneumobatch retune",
         "target_recall": config.target_recall,
         "band_target_recall": targets_by_band,
+        "recall_margin_level": config.recall_margin_level,
         "data": str(config.data),
         "note": "temperature and operating points chosen again on the validation split; weights unchanged",
     }

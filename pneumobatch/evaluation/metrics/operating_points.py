@@ -5,7 +5,11 @@ report (computed on the evaluated data): on the full ROC curve
 (``drop_intermediate=False``, so every distinct score is a candidate),
 
 - ``recall_target``: the highest threshold whose sensitivity reaches the target recall
-  (so specificity is as high as that allows);
+  (so specificity is as high as that allows); with a ``margin_level`` (training), the
+  highest threshold at which the exact one-sided lower confidence bound of the
+  sensitivity (Clopper-Pearson at that level) reaches the target, so that a threshold
+  chosen on a validation split of a hundred positives still reaches the target on new
+  images of the same kind with that confidence, not half the time;
 - ``youden``: the threshold maximising sensitivity + specificity - 1 (ties, up to
   rounding: the highest threshold).
 
@@ -67,13 +71,32 @@ def operating_point(
     }
 
 
-def select_threshold(y_pos: np.ndarray, score: np.ndarray, target_recall: float = TARGET_RECALL) -> dict[str, Any]:
+def sensitivity_lower_bound(detected: np.ndarray, positives: int, level: float) -> np.ndarray:
+    """Exact (Clopper-Pearson) one-sided ``level`` lower confidence bounds of ``detected / positives``."""
+    from scipy.stats import beta
+
+    detected = np.asarray(detected, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1.0 - level, detected, positives - detected + 1.0)
+    return np.where(detected > 0, np.nan_to_num(bound, nan=0.0), 0.0)
+
+
+def select_threshold(
+    y_pos: np.ndarray,
+    score: np.ndarray,
+    target_recall: float = TARGET_RECALL,
+    margin_level: Optional[float] = None,
+) -> dict[str, Any]:
     """The ``recall_target`` and ``youden`` thresholds with their sensitivity and specificity.
 
     Keys as in the model card: ``recall_target``, ``recall_target_sensitivity``,
     ``recall_target_specificity``, ``youden``, ``youden_sensitivity``,
     ``youden_specificity`` (the ``recall_target*`` ones are None when no threshold
-    reaches ``target_recall``). Raises ValueError unless both classes are present.
+    reaches ``target_recall``). With ``margin_level``, ``recall_target`` is the highest
+    threshold whose sensitivity's one-sided lower bound at that level reaches the target
+    (``recall_target_lower_bound`` records it); when no threshold can (too few
+    positives), the plain rule applies and ``recall_target_margin`` says so. Raises
+    ValueError unless both classes are present.
     """
     y_pos = np.asarray(y_pos, dtype=bool)
     if y_pos.all() or not y_pos.any():
@@ -82,6 +105,19 @@ def select_threshold(y_pos: np.ndarray, score: np.ndarray, target_recall: float 
     finite = np.isfinite(thr)
     out: dict[str, Any] = {}
     reach = np.flatnonzero((tpr >= target_recall) & finite)
+    lower = None
+    if margin_level is not None:
+        positives = int(y_pos.sum())
+        lower = sensitivity_lower_bound(np.round(tpr * positives), positives, margin_level)
+        with_margin = np.flatnonzero((lower >= target_recall) & finite)
+        out["recall_target_margin"] = (
+            f"one-sided {margin_level:g} lower bound of validation sensitivity >= {target_recall:g}"
+            if with_margin.size
+            else f"none: {positives} validation positives cannot show sensitivity >= {target_recall:g} "
+            f"at {margin_level:g} confidence; plain target"
+        )
+        if with_margin.size:
+            reach = with_margin
     # thresholds decrease along the curve: the first reaching the target is the highest
     first = int(reach[0]) if reach.size else None
     j = np.where(finite, tpr - fpr, -np.inf)
@@ -90,6 +126,8 @@ def select_threshold(y_pos: np.ndarray, score: np.ndarray, target_recall: float 
         out[name] = None if i is None else float(thr[i])
         out[f"{name}_sensitivity"] = None if i is None else float(tpr[i])
         out[f"{name}_specificity"] = None if i is None else float(1 - fpr[i])
+    if lower is not None:
+        out[f"{RECALL_TARGET}_lower_bound"] = None if first is None else float(lower[first])
     return out
 
 
@@ -138,11 +176,12 @@ def band_thresholds(
     target_recall: float,
     min_per_class: int = MIN_PER_CLASS_PER_BAND,
     band_targets: Optional[Mapping[str, float]] = None,
+    margin_level: Optional[float] = None,
 ) -> dict[str, dict[str, Any]]:
     """Operating points per age band, for bands with at least ``min_per_class`` images of each class.
 
-    Each band's ``recall_target`` reaches ``band_targets[band]`` where given, else ``target_recall``;
-    the point records its ``target_recall``.
+    Each band's ``recall_target`` reaches ``band_targets[band]`` where given, else ``target_recall``
+    (with ``margin_level``, as :func:`select_threshold`); the point records its ``target_recall``.
     """
     from pneumobatch.core.subgroups import AGE_BANDS
 
@@ -152,7 +191,7 @@ def band_thresholds(
         mask = np.asarray(bands) == band
         if y_pos[mask].sum() >= min_per_class and (~y_pos[mask]).sum() >= min_per_class:
             target = float((band_targets or {}).get(band, target_recall))
-            point = select_threshold(y_pos[mask], scores[mask], target)
+            point = select_threshold(y_pos[mask], scores[mask], target, margin_level)
             point["target_recall"] = target
             point["n_positive"], point["n_negative"] = int(y_pos[mask].sum()), int((~y_pos[mask]).sum())
             out[band] = point
