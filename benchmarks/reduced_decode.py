@@ -68,7 +68,7 @@ def predictions(folder: Path, predictor: Predictor, min_side) -> dict[str, tuple
 
 def compare(name: str, folder: Path, predictor: Predictor) -> tuple[float, int]:
     full = predictions(folder, predictor, None)
-    fast = predictions(folder, predictor, max(predictor.sizes))
+    fast = predictions(folder, predictor, max(s.size for s in predictor.specs))
     rows: dict[str, list] = defaultdict(list)
     for path, (kind, probs, labels) in full.items():
         _, fprobs, flabels = fast[path]

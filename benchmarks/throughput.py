@@ -39,6 +39,7 @@ from pneumobatch.io.discovery import walk
 from pneumobatch.io.readers import ReadOptions
 from pneumobatch.model.device import available_cores, default_split, resolve_device, resolve_precision
 from pneumobatch.model.inference import Predictor, make_loader
+from pneumobatch.model.preprocess import InputSpec
 from pneumobatch.model.registry import load_model
 from pneumobatch.predict import run_predict
 from pneumobatch.predict_config import PredictConfig
@@ -61,7 +62,7 @@ def make_studies(folder: Path, size: int, per_encoding: int, encodings: tuple[st
 
 def decode_rate(entries, size, reduced: bool, workers: int = 0) -> float:
     options = ReadOptions(min_side=size if reduced else None)
-    loader = make_loader(entries, [size], options, batch_size=8, workers=workers)
+    loader = make_loader(entries, [InputSpec(size)], options, batch_size=8, workers=workers)
     t0 = time.perf_counter()
     n = sum(len(ok) for _, _, ok in loader)
     return n / (time.perf_counter() - t0)

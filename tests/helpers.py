@@ -8,6 +8,7 @@ this module holds no fixtures, so importing it never registers one twice.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 """The repository root: sample_studies/, weights/, README.md, benchmarks/, tests/data/."""
 
 
-def save_tiny_model(folder: Path, *, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Path:
+def save_tiny_model(
+    folder: Path, *, name: str = "tiny", input_size: int = 32, seed: int = 0, preprocessing: Optional[dict] = None
+) -> Path:
     """A randomly initialised two-class pneumonia model (MobileNetV3-small) saved as ``name``
     in ``folder``: the weights are those of ``torch.manual_seed(seed)``, so the same call
     gives the same SHA-256 and another seed other weights under the same name."""
@@ -38,6 +41,7 @@ def save_tiny_model(folder: Path, *, name: str = "tiny", input_size: int = 32, s
         std=[0.25] * 3,
         positive="pneumonia",
         threshold=0.5,
+        preprocessing=dict(preprocessing or {}),
     )
     save_model(net.eval(), card, folder)
     return folder

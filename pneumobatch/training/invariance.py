@@ -145,7 +145,7 @@ def write_exports(
             continue
         files = {}
         for name in exports:
-            (folder / name).mkdir(exist_ok=True)
+            (folder / name).mkdir(parents=True, exist_ok=True)
             files[name] = EXPORTS[name].write(pixels, folder / name / f"{i:06d}")
         out.append(files)
     return out, failed

@@ -444,3 +444,28 @@ def test_lazy_names_are_the_defining_modules_and_light_imports_stay_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_operating_point_with_a_margin_reaches_the_target_with_confidence_not_on_average():
+    from scipy.stats import beta
+
+    from pneumobatch.evaluation.metrics.operating_points import select_threshold, sensitivity_lower_bound
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(135, bool), np.zeros(117, bool)]
+    score = np.r_[rng.normal(2, 1, 135), rng.normal(-1, 1, 117)]
+    plain = select_threshold(y, score, 0.95)
+    margin = select_threshold(y, score, 0.95, margin_level=0.8)
+    assert margin["recall_target"] <= plain["recall_target"]
+    assert margin["recall_target_sensitivity"] > plain["recall_target_sensitivity"]
+    assert margin["recall_target_lower_bound"] >= 0.95
+    detected = round(margin["recall_target_sensitivity"] * 135)
+    assert margin["recall_target_lower_bound"] == pytest.approx(beta.ppf(0.2, detected, 135 - detected + 1))
+    # one step higher would no longer show the target with that confidence
+    assert sensitivity_lower_bound(np.array([detected - 1]), 135, 0.8)[0] < 0.95
+    # ten positives cannot show 95% at 80% confidence: the plain rule, and the card says so
+    few = select_threshold(y[125:], score[125:], 0.95, margin_level=0.8)
+    assert (
+        few["recall_target_margin"].startswith("none")
+        and few["recall_target"] == select_threshold(y[125:], score[125:], 0.95)["recall_target"]
+    )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pneumobatch.model.device import available_cores, default_split
+from pneumobatch.model.preprocess import InputSpec, input_spec
 from tests.helpers import ROOT
 
 
@@ -43,8 +44,9 @@ def test_onnxruntime_gives_the_shipped_models_probabilities_and_applicability_sc
     models = [load_model("pneumonia")]  # etiology has the same architecture
     applicability = {m.card.name: m.applicability for m in models}
     assert all(applicability.values())
-    s = models[0].card.input_size
-    inputs = {s: torch.randint(0, 256, (5, 1, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    spec = input_spec(models[0].card)
+    s = spec.size
+    inputs = {spec: torch.randint(0, 256, (5, 1, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
     eager, onnx = (
         Predictor(models, cpu, None, applicability, backend="torch"),
         Predictor(models, cpu, None, applicability),
@@ -181,9 +183,9 @@ def test_workers_never_hand_the_main_process_file_descriptors(tmp_path, monkeypa
 
     monkeypatch.setattr(StudyFiles, "__getitem__", recording)  # workers fork after this
     seen, pixels = [], []
-    for items, inputs, _ in make_loader(entries, [32], ReadOptions(), batch_size=2, workers=2):
+    for items, inputs, _ in make_loader(entries, [InputSpec(32)], ReadOptions(), batch_size=2, workers=2):
         seen += [item["meta"]["fd_server"] for item in items]
-        pixels += [int(x[0, 0, 0]) for x in inputs[32]]
+        pixels += [int(x[0, 0, 0]) for x in inputs[InputSpec(32)]]
     assert len(seen) == 16 and not any(seen)
     assert len(pixels) == 16 and all(
         b - a == 10 for a, b in zip(pixels, pixels[1:])
@@ -202,7 +204,11 @@ def test_the_onnx_export_is_cached_by_weights_and_a_damaged_cache_file_is_replac
     monkeypatch.setenv("PNEUMOBATCH_CACHE", str(tmp_path / "cache"))
     assert cache_dir() == tmp_path / "cache"
     cpu = torch.device("cpu")
-    inputs = {32: torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    inputs = {
+        InputSpec(32): torch.randint(
+            0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+    }
     first = Predictor([load_model("tiny", weights_dir)], cpu, None)
     expected = first(inputs)["tiny"]
     files = sorted((tmp_path / "cache" / "onnx").glob("*.onnx"))

@@ -18,6 +18,7 @@ from pneumobatch.model.registry import load_model
 from pneumobatch.training.config import TrainConfig
 from pneumobatch.training.data import assign_splits, load_labels
 from pneumobatch.training.evaluate import select_threshold
+from pneumobatch.training.invariance import EXPORTS
 from pneumobatch.training.loop import train
 from tests.helpers import make_dataset
 
@@ -75,6 +76,14 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     history = saved["training"]["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns
     assert saved["thresholds"]["recall_target_sensitivity"] >= 0.95
+    # six validation positives cannot show 95% with a margin: the card says the plain rule applied
+    assert saved["thresholds"]["recall_target_margin"].startswith("none")
+    # the input is equalised (predict does the same) and every image went through random exports
+    assert saved["preprocessing"] == {"intensity": "equalize"}
+    assert saved["training"]["augmentation"].startswith("export round trips")
+    # the export-invariance table of the test split, one row per export and subgroup
+    invariance = saved["metrics"]["export_invariance"]
+    assert {r["export"] for r in invariance["rows"]} == set(EXPORTS) and invariance["goal"]["max_mean_abs_dp"] == 0.05
     loaded = load_model(str(out / "tiny.json"))
     assert loaded.card.weights_sha256 == saved["weights_sha256"]
     # train fits the applicability statistics itself (several depths), threshold on validation

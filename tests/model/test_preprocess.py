@@ -1,0 +1,72 @@
+"""The model's input: equalisation makes an export's grey levels uninformative; old cards are resized only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pneumobatch.core.card import ModelCard, validate_card
+from pneumobatch.core.errors import ModelError
+from pneumobatch.model.preprocess import EQUALIZE_LEVELS, InputSpec, equalize, input_spec, prepare
+
+
+def chest_like(seed: int = 0, shape=(300, 240)) -> np.ndarray:
+    """A smooth image with structure (not noise: neighbouring pixels are alike, as in a radiograph)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]] / max(shape)
+    img = 0.5 + 0.3 * np.sin(6 * x + rng.uniform(0, 3)) * np.cos(4 * y) + 0.1 * rng.standard_normal(shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        lambda x: x**0.8,
+        lambda x: x**1.2,
+        lambda x: np.clip((x - 0.2) / 0.6, 0, 1),  # a VOI window that clips both tails
+        lambda x: 0.1 + 0.5 * x,  # contrast and brightness
+    ],
+    ids=["gamma0.8", "gamma1.2", "window", "contrast"],
+)
+def test_an_equalised_input_does_not_change_under_a_monotone_grey_level_mapping(mapping):
+    image = np.round(chest_like() * 255) / 255  # an 8-bit export
+    spec = InputSpec(64, equalize=True)
+    same = np.abs(prepare(image, spec).astype(int) - prepare(mapping(image).astype(np.float32), spec)).mean()
+    plain = np.abs(
+        prepare(image, InputSpec(64)).astype(int) - prepare(mapping(image).astype(np.float32), InputSpec(64))
+    )
+    assert same < 1.0  # grey levels out of 255; only the window's clipped tails move
+    assert plain.mean() > 8 * max(same, 0.5)  # without it the input moves a lot
+
+
+def test_equalize_gives_mid_ranks_in_0_1():
+    image = np.array([[0.0, 0.0, 0.5, 1.0]], dtype=np.float32)
+    out = equalize(image)
+    np.testing.assert_allclose(out, [[0.25, 0.25, 0.625, 0.875]])  # ties share one value
+    assert equalize(chest_like()).dtype == np.float32 and EQUALIZE_LEVELS >= 4096
+
+
+def test_a_card_without_preprocessing_is_resized_only_and_a_new_card_equalises():
+    base = dict(name="m", task="pneumonia", classes=["normal", "pneumonia"], architecture="x", mean=[0.5] * 3)
+    old = ModelCard.from_dict({**base, "input_size": 32, "std": [0.2] * 3})
+    new = ModelCard.from_dict({**base, "input_size": 32, "std": [0.2] * 3, "preprocessing": {"intensity": "equalize"}})
+    assert input_spec(old) == InputSpec(32, False) and input_spec(new) == InputSpec(32, True)
+    assert input_spec(new).key == "32-eq" and input_spec(old).key == "32"
+    image = chest_like()
+    assert not np.array_equal(prepare(image, input_spec(old)), prepare(image, input_spec(new)))
+
+
+def test_a_card_naming_an_unknown_intensity_step_is_refused():
+    card = ModelCard(
+        name="m",
+        task="pneumonia",
+        classes=["normal", "pneumonia"],
+        architecture="x",
+        input_size=32,
+        mean=[0.5] * 3,
+        std=[0.2] * 3,
+        preprocessing={"intensity": "clahe"},
+    ).to_dict()
+    card["weights_sha256"] = "0" * 64
+    with pytest.raises(ModelError, match="preprocessing"):
+        validate_card(card)
