@@ -645,7 +645,7 @@ def test_a_killed_pulls_temporary_files_are_removed_and_nothing_else(tmp_path):
     import tempfile
 
     from pneumobatch.io.atomicfile import temp_prefix
-    from pneumobatch.operations.pacs.pull import _remove_stale_temps
+    from pneumobatch.operations.pacs.spool import remove_stale_temps as _remove_stale_temps
 
     series = tmp_path / "1.2.3" / "1.2.3.4"
     series.mkdir(parents=True)
