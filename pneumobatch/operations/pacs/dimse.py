@@ -71,6 +71,10 @@ GET_REFUSED = (0x0122, 0x0124, 0xA701, 0xA900, 0xC000)
 MOVE_DESTINATION_UNKNOWN = 0xA801
 
 
+class _NoAnswer(ArchiveError):
+    """A DIMSE request ended without a status (the peer aborted, or the DIMSE timeout)."""
+
+
 class _GetRefused(ArchiveError):
     """The archive does not offer C-GET to us: retrieve by C-MOVE instead."""
 
@@ -89,6 +93,7 @@ def reject_association(assoc: Any) -> None:
     """Answer an association request with A-ASSOCIATE-RJ: rejected permanently, calling AE
     title not recognised (what a caller off the allow-list is told)."""
     assoc.acse.send_reject(0x01, 0x01, 0x03)
+    assoc.kill()  # waits until the rejection is sent (as pynetdicom's own rejections do)
 
 
 def resolve_addresses(host: str) -> set[str]:
@@ -165,7 +170,7 @@ class DimseArchive(Archive):
             if code is None:
                 if time.monotonic() >= deadline:
                     raise ArchiveError(f"{self.conn.name}: {what} failed: no complete answer within {seconds:g} s")
-                raise ArchiveError(f"{self.conn.name}: {what} failed: no answer (timeout or aborted)")
+                raise _NoAnswer(f"{self.conn.name}: {what} failed: no answer (timeout or aborted)")
             yield code, identifier
 
     def _find(self, level: str, keys: dict[str, Any], what: str) -> list[Dataset]:
@@ -335,9 +340,9 @@ class DimseArchive(Archive):
                 try:
                     answers = self._answers(assoc, assoc.send_c_get(self._query(ref), GET), "C-GET")
                     codes = [code for code, _identifier in answers]
-                except ArchiveError as exc:
-                    if first and not received and not assoc.is_established:  # aborted instead of answering
-                        raise _GetRefused(f"{self.conn.name}: the archive refused C-GET (aborted)") from exc
+                except _NoAnswer as exc:
+                    if first and not received:  # Orthanc, for one, drops a C-GET it does not allow
+                        raise _GetRefused(f"{self.conn.name}: the archive did not answer C-GET") from exc
                     raise
                 final = codes[-1] if codes else None
                 if first and not received and final in GET_REFUSED:

@@ -245,6 +245,7 @@ class Listener:
         if not any(c.admits(calling, address) for c in self.callers):
             log.warning("association from %r at %s rejected: not on the allow-list", calling[:16], address)
             reject_association(event.assoc)
+            self._on_rejected(event)  # pynetdicom signals only the rejections it makes itself
 
     def _on_rejected(self, event: Any) -> None:
         with self._lock:
