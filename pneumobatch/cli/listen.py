@@ -68,8 +68,9 @@ def listen_command(spool: Path, quiet: bool, verbose: int, **options) -> None:
     counts, exit 0 (run it under systemd, see docs/listen.md).
 
     \b
-    Exit codes: 0 stopped by SIGTERM/SIGINT; 2 usage error; 3 cannot listen
-    (port taken, spool unusable, another listener on SPOOL, TLS files unreadable).
+    Exit codes: 0 stopped by SIGTERM/SIGINT; 2 usage error (also: no --allow, TLS
+    files unreadable); 3 cannot listen (port taken, spool unusable, another listener
+    on SPOOL).
     """
     from pneumobatch.operations.pacs.listen import ListenConfig, run_listen
 

@@ -427,7 +427,7 @@ def tls(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_dimse_over_tls_listen_and_pull_and_an_untrusted_certificate_is_refused(tls, tmp_path):
+def test_dimse_over_tls_listen_pull_and_push_and_an_untrusted_certificate_is_refused(tls, tmp_path, weights_dir):
     certs, server = tls
     study = _images(tmp_path / "up", 2)
     study_id = _upload(server, study)
@@ -460,6 +460,17 @@ def test_dimse_over_tls_listen_and_pull_and_an_untrusted_certificate_is_refused(
     plain = CliRunner().invoke(main, [pull[0], str(tmp_path / "n3"), *pull[2:10]], env=_env())
     assert plain.exit_code == 3  # an archive speaking TLS only does not answer plain DIMSE
 
+    out = tmp_path / "night.csv"
+    predicted = CliRunner().invoke(
+        main, ["predict", str(tmp_path / "night"), "-o", str(out), "-m", "tiny", "--weights-dir", str(weights_dir)]
+    )
+    assert predicted.exit_code == 0, predicted.output
+    push = ["push", str(out), "--source", str(tmp_path / "night"), *pull[2:], "--ca-bundle", str(certs / "site-ca.crt")]
+    pushed = CliRunner().invoke(main, [a for a in push if a not in ("--date", DAY)], env=_env())
+    assert pushed.exit_code == 0, pushed.output
+    (sr,) = server.srs()  # the SR, over TLS, in the study it was computed from
+    assert sr.StudyInstanceUID == pydicom.dcmread(study[0]).StudyInstanceUID
+
 
 def test_journal_has_no_patient_table(tmp_path):
     with SpoolJournal(tmp_path) as journal:
@@ -470,3 +481,22 @@ def test_journal_has_no_patient_table(tmp_path):
         for row in sqlite3.connect(tmp_path / JOURNAL_NAME).execute(f"PRAGMA table_info({table})")
     }
     assert not any("patient" in c or "name" in c for c in columns)
+
+
+def test_listen_on_a_taken_port_or_a_taken_spool_is_one_line_exit_3(listener, tmp_path):
+    lsn, port = listener()
+    taken_port = CliRunner().invoke(
+        main, ["listen", str(tmp_path / "s2"), "--port", str(port), "--bind", "127.0.0.1"] + ["--allow", "A@127.0.0.1"]
+    )
+    assert taken_port.exit_code == 3 and taken_port.output.startswith("Error: cannot listen on"), taken_port.output
+    taken_spool = CliRunner().invoke(
+        main, ["listen", str(tmp_path / "spool"), "--port", str(_free_port())] + ["--allow", "A@127.0.0.1"]
+    )
+    assert taken_spool.exit_code == 3 and "another pneumobatch listen" in taken_spool.output, taken_spool.output
+
+
+def test_predict_takes_inputs_or_a_spool_and_a_spool_must_be_one(tmp_path):
+    both = CliRunner().invoke(main, ["predict", str(tmp_path), "--spool", str(tmp_path)])
+    assert both.exit_code == 2 and "one of them" in both.output
+    not_a_spool = CliRunner().invoke(main, ["predict", "--spool", str(tmp_path)])
+    assert not_a_spool.exit_code == 2 and "is not a pneumobatch listen spool" in not_a_spool.output
