@@ -82,9 +82,9 @@ def listen_command(spool: Path, quiet: bool, verbose: int, **options) -> None:
         bind=options["bind"],
         ae_title=options["ae_title"],
         study_timeout=options["study_timeout"],
-        tls_cert=options["tls_cert"] or "",
-        tls_key=options["tls_key"] or "",
-        ca_bundle=options["ca_bundle"] or "",
+        tls_cert=options["tls_cert"],
+        tls_key=options["tls_key"],
+        ca_bundle=options["ca_bundle"],
         metrics=options["metrics"],
     )
 

@@ -111,9 +111,9 @@ class ListenConfig:
     bind: str = "0.0.0.0"
     ae_title: str = DEFAULT_CALLING_AE
     study_timeout: float = DEFAULT_STUDY_TIMEOUT
-    tls_cert: str = ""
-    tls_key: str = ""
-    ca_bundle: str = ""
+    tls_cert: Optional[str] = None  # with tls_key and ca_bundle: DIMSE over TLS
+    tls_key: Optional[str] = None
+    ca_bundle: Optional[str] = None
     metrics: Optional[Path] = None  # a Prometheus textfile, rewritten as counts change
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     timeout: float = 60.0  # seconds an association may stay silent (bounds the wait on stopping)
@@ -186,7 +186,11 @@ class Listener:
         if not self.callers:
             raise OptionError("nothing is accepted from an unknown caller: give --allow AET@ADDRESS for each sender")
         ae_title(config.ae_title, "--ae-title")
-        self.tls = server_tls_context(config.tls_cert, config.tls_key, config.ca_bundle) if config.tls_cert else None
+        self.tls = (
+            server_tls_context(config.tls_cert, config.tls_key or "", config.ca_bundle or "")
+            if config.tls_cert
+            else None
+        )
         self.result = ListenResult(Path(config.spool))
         self._lock = threading.Lock()  # the journal and the counts, across association threads
         self._server: Any = None
