@@ -80,14 +80,17 @@ def root_prefixes(roots: Sequence[Path]) -> dict[Path, str]:
     return prefixes
 
 
-def _entries(roots: Sequence[Path], follow_external_links: bool = False) -> list:
+def _entries(roots: Sequence[Path], follow_external_links: bool = False, relative_to: Optional[Path] = None) -> list:
     import dataclasses
 
-    from pneumobatch.io.discovery import walk
+    from pneumobatch.io.discovery import escape_path, walk
 
     unique = list(dict.fromkeys(Path(r).resolve() for r in roots))  # the same folder given twice: once
     prefixes = root_prefixes(unique)
     prefix_of = {root: prefixes[root] if root.is_dir() else "" for root in unique}  # a file root keeps its name
+    if relative_to is not None:  # paths as seen from one folder above the inputs (the spool)
+        base = Path(relative_to).resolve()
+        prefix_of = {root: escape_path(root.relative_to(base).as_posix()) for root in unique}
     entries = []
     for root, entry in walk(unique, follow_external_links=follow_external_links):
         if prefix_of[root]:  # keep paths unique across several roots
@@ -156,7 +159,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     paths = OutputPaths(Path(config.output))
     roots = [Path(p) for p in config.inputs]
     entries = [
-        e for e in _entries(roots, config.follow_external_links) if not paths.owns(e.path)
+        e for e in _entries(roots, config.follow_external_links, config.relative_to) if not paths.owns(e.path)
     ]  # an output inside the input tree
     columns = columns_for(cards, config.include_patient_id)
     inputs = roots + [p for p in paths.replaced if _is_input_image(p, roots)]
@@ -245,3 +248,44 @@ def summary_line(run: PredictRun, output: Path) -> str:
         f"{run.files_processed} read this run at {run.images_per_second:.1f} images/s on {run.device}; "
         f"wrote {output} and {run.studies.name}"
     )
+
+
+@dataclass
+class SpoolRun:
+    """``predict --spool``: the run, and the complete studies it predicted (marked in the journal)."""
+
+    run: PredictRun
+    studies: list[Any]
+
+
+def run_predict_spool(config: PredictConfig, spool: Path, progress: Optional[Progress] = None) -> SpoolRun:
+    """Predict the complete studies of a ``pneumobatch listen`` spool not yet predicted.
+
+    The studies' folders are the run's inputs (paths in the CSV relative to the spool, so
+    ``push --source SPOOL`` finds them); they are marked predicted in the spool's journal
+    only once the CSV, the study CSV and run.json are written. One ``predict --spool`` per
+    spool at a time (a lock file); a run killed before the end marks nothing, and the
+    next run (``--resume`` on the same output) predicts the same studies.
+    """
+    import dataclasses
+
+    from pneumobatch.core.errors import OutputError
+    from pneumobatch.io.lockfile import LockBusy, ProcessLock
+    from pneumobatch.operations.pacs.spool import JOURNAL_NAME, SpoolJournal
+
+    spool = Path(spool)
+    if not (spool / JOURNAL_NAME).is_file():
+        raise OptionError(f"{spool} is not a pneumobatch listen spool (no {JOURNAL_NAME} in it)")
+    try:
+        lock = ProcessLock(spool / ".predict.lock").acquire()
+    except LockBusy as exc:
+        raise OutputError(f"another predict --spool (PID {exc.pid or '?'}) is reading {spool}") from exc
+    try:
+        with SpoolJournal(spool) as journal:
+            studies = [s for s in journal.to_predict() if s.folder.is_dir()]
+            config = dataclasses.replace(config, inputs=[s.folder for s in studies], relative_to=spool)
+            run = run_predict(config, progress)
+            journal.mark_predicted(studies, run.output)
+    finally:
+        lock.release()
+    return SpoolRun(run, studies)

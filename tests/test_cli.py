@@ -292,6 +292,7 @@ def test_every_default_is_the_librarys():
     from pneumobatch.evaluation.report.options import ReportOptions
     from pneumobatch.operations.calibrate import CalibrateConfig
     from pneumobatch.operations.monitor.run import MonitorConfig
+    from pneumobatch.operations.pacs.listen import ListenConfig
     from pneumobatch.operations.pacs.pull import PullConfig
     from pneumobatch.operations.pacs.push import PushConfig
     from pneumobatch.predict_config import PredictConfig
@@ -310,6 +311,7 @@ def test_every_default_is_the_librarys():
         "monitor": field_defaults(MonitorConfig),
         "pull": field_defaults(PullConfig),
         "push": field_defaults(PushConfig),
+        "listen": field_defaults(ListenConfig),
         "fit-applicability": {
             n: p.default for n, p in inspect.signature(fit_from_manifest).parameters.items() if p.default is not p.empty
         },

@@ -33,6 +33,17 @@ def _archive_options(config: str):
             help="CA certificates to verify the archive's TLS certificate with (verification is on unless the config file says tls_verify = false).",
         ),
         click.option(
+            "--tls", is_flag=True, default=False, help="DIMSE over TLS (the archive's certificate is verified)."
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(exists=True, dir_okay=False),
+            help="Our TLS certificate (PEM) for DIMSE over TLS, presented to the archive.",
+        ),
+        click.option(
+            "--tls-key", type=click.Path(exists=True, dir_okay=False), help="The private key of --tls-cert (PEM)."
+        ),
+        click.option(
             "--ledger",
             type=click.Path(dir_okay=False, path_type=Path),
             help="Ledger of what was fetched and delivered (SQLite). Share one between pull and push in a nightly job.",
@@ -51,14 +62,14 @@ def _archive_options(config: str):
 
 
 #: the archive options that name the connection (the others: ledger, retries, quiet, verbose)
-CONNECTION_OPTIONS = ("url", "dimse", "calling_ae", "called_ae", "config", "ca_bundle")
+CONNECTION_OPTIONS = ("url", "dimse", "calling_ae", "called_ae", "config", "ca_bundle", "tls", "tls_cert", "tls_key")
 
 
-def _connection(archive: dict):
+def _connection(archive: dict, **more):
     """The archive the options name (:func:`~pneumobatch.operations.pacs.connection.connect_options`)."""
     from pneumobatch.operations.pacs.connection import connect_options
 
-    return connect_options(**{name: archive[name] for name in CONNECTION_OPTIONS})
+    return connect_options(**{name: archive[name] for name in CONNECTION_OPTIONS}, **more)
 
 
 def _finish(result, quiet: bool) -> None:
@@ -107,14 +118,37 @@ def _finish(result, quiet: bool) -> None:
     metavar="SECONDS",
     help="The most one study may take, retries included; what was fetched is kept for the next run.",
 )
+@click.option(
+    "--move-to",
+    metavar="AET",
+    help="Retrieve by C-MOVE to this AE title (the archive's name for us) instead of C-GET; "
+    "without it, an archive refusing C-GET is asked by C-MOVE to --calling-ae.",
+)
+@click.option(
+    "--move-port",
+    type=click.IntRange(1, 65535),
+    help="The port our C-MOVE receiver listens on while pulling (the archive knows it). [default: 11112]",
+)
 @_archive_options("pneumobatch.operations.pacs.pull:PullConfig")
 def pull_command(
-    output: Path, on, since, until, modalities, body_parts, request_timeout, study_timeout, **archive
+    output: Path,
+    on,
+    since,
+    until,
+    modalities,
+    body_parts,
+    request_timeout,
+    study_timeout,
+    move_to,
+    move_port,
+    **archive,
 ) -> None:
     """Fetch the studies of a date window from a PACS into OUTPUT, for predict.
 
     \b
     Files land in OUTPUT/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm.
+    Over DIMSE: C-FIND, then C-GET, or C-MOVE (--move-to) to a receiver of our own
+    on --move-port while the pull runs; --tls for DIMSE over TLS.
     A ledger (default OUTPUT.ledger.sqlite, beside the folder) records every instance
     fetched: the next run fetches only what is new, and a killed run resumes without
     fetching anything twice. Credentials come from PNEUMOBATCH_PACS_USERNAME /
@@ -135,7 +169,7 @@ def pull_command(
 
     setup_logging(archive["verbose"], archive["quiet"])
     pull_config = PullConfig(
-        connection=replace(_connection(archive), deadline=request_timeout),
+        connection=replace(_connection(archive, move_to=move_to, move_port=move_port), deadline=request_timeout),
         output=output,
         study_date=date_window(on, since, until),
         modalities=modalities,

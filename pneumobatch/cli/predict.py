@@ -19,7 +19,12 @@ _P = PredictConfig  # option defaults are the library's, defined once
 
 
 @click.command("predict", short_help="Predict every file under folders; write CSV predictions.")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--spool",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Instead of INPUTS: the complete studies of a `pneumobatch listen` spool not yet predicted (marked once written).",
+)
 @click.option(
     "-o",
     "--output",
@@ -144,9 +149,12 @@ _P = PredictConfig  # option defaults are the library's, defined once
 )
 @click.option("-v", "--verbose", count=True)
 def predict_command(
-    inputs: tuple[Path, ...], model_names: tuple[str, ...], quiet: bool, verbose: int, **options
+    inputs: tuple[Path, ...], spool, model_names: tuple[str, ...], quiet: bool, verbose: int, **options
 ) -> None:
     """Predict every image under INPUTS (folders or files) and write CSV predictions.
+
+    With --spool SPOOL instead of INPUTS: the studies `pneumobatch listen` announced
+    complete in SPOOL and not yet predicted; they are marked predicted once OUT is written.
 
     Every file found gets a row: status ok, skipped (by rule, with a reason such as
     not-image, not-cxr, lateral, no-pixels) or error (corrupt, too-large, ...).
@@ -160,8 +168,10 @@ def predict_command(
     """
     from tqdm import tqdm
 
-    from pneumobatch.predict import run_predict, summary_line
+    from pneumobatch.predict import run_predict, run_predict_spool, summary_line
 
+    if bool(inputs) == bool(spool):
+        raise click.UsageError("give INPUTS (folders or files) or --spool SPOOL, one of them")
     setup_logging(verbose, quiet)
     config = PredictConfig(inputs=list(inputs), models=model_names, **options)
     with tqdm(total=0, unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
@@ -170,8 +180,14 @@ def predict_command(
             bar.total = total
             bar.update(done - bar.n)
 
-        run = run_predict(config, progress)
+        if spool:
+            spooled = run_predict_spool(config, spool, progress)
+            run = spooled.run
+        else:
+            run = run_predict(config, progress)
     if not quiet:
+        if spool:
+            click.echo(f"{len(spooled.studies)} complete studies from {spool}, marked predicted")
         click.echo(summary_line(run, config.output))
     if run.exit_code != EXIT_OK:
         sys.exit(run.exit_code)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +104,11 @@ def _bytes_io(data: bytes):
     return io.BytesIO(data)
 
 
-@pytest.fixture(scope="module")
-def orthanc_server(tmp_path_factory):
-    """One Orthanc for this module (stopping one takes seconds): DICOMweb + DIMSE, auth on."""
+@contextmanager
+def run_orthanc(folder: Path, **overrides):
+    """A real Orthanc in ``folder`` (DICOMweb + DIMSE, auth on, our AE registered); the keys
+    of ``overrides`` replace the config's (TLS, other modalities). Always stopped."""
     binary, plugin = _orthanc_binary()
-    folder = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = _free_port(), _free_port()
     config = {
         "Name": "pneumobatch-tests",
@@ -136,6 +137,7 @@ def orthanc_server(tmp_path_factory):
         },
         "StableAge": 1,
         "HttpTimeout": 30,
+        **overrides,
     }
     (folder / "orthanc.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     log = open(folder / "orthanc.log", "wb")
@@ -161,6 +163,13 @@ def orthanc_server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc_server(tmp_path_factory):
+    """One Orthanc for this module (stopping one takes seconds): DICOMweb + DIMSE, auth on."""
+    with run_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -645,7 +654,7 @@ def test_a_killed_pulls_temporary_files_are_removed_and_nothing_else(tmp_path):
     import tempfile
 
     from pneumobatch.io.atomicfile import temp_prefix
-    from pneumobatch.operations.pacs.pull import _remove_stale_temps
+    from pneumobatch.operations.pacs.spool import remove_stale_temps as _remove_stale_temps
 
     series = tmp_path / "1.2.3" / "1.2.3.4"
     series.mkdir(parents=True)

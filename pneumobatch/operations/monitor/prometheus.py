@@ -77,6 +77,11 @@ def night_gauges(nights: Sequence[Night], analysis: Mapping[str, Any]) -> list[G
 
 def prometheus_text(nights: Sequence[Night], analysis: Mapping[str, Any]) -> str:
     """node_exporter textfile-collector metrics for the latest night (Prometheus text format 0.0.4)."""
+    return gauges_text(night_gauges(nights, analysis))
+
+
+def gauges_text(gauges: Sequence[GaugeSpec]) -> str:
+    """Fixed gauges in the Prometheus text format 0.0.4 (monitor's night, the listener's counts)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Gauges(night_gauges(nights, analysis)))
+    registry.register(_Gauges(gauges))
     return generate_latest(registry).decode("utf-8")

@@ -17,6 +17,15 @@ Policy:
   one read), and an instance may be at most ``max_instance_bytes`` once inflated.
 - TLS certificates are verified by default; ``ca_bundle`` names a site CA, and only the
   config file can turn verification off (``tls_verify = false``, logged as a warning).
+  DIMSE runs over TLS with ``dimse_tls`` (``--tls``): the archive's certificate is
+  verified against ``ca_bundle`` (else the system's CAs) and its host name, and ours
+  (``tls_certificate``, ``tls_key``) is presented when given (archives usually ask for
+  one). :func:`client_tls_context` and :func:`server_tls_context` build the
+  :class:`ssl.SSLContext` that pynetdicom is handed; a file that cannot be read is one
+  line naming it.
+- DIMSE retrieval is C-GET, or C-MOVE to ``move_to`` (the AE title the archive knows for
+  us) with our own short-lived storage SCP on ``move_port``; without ``move_to`` an
+  archive that refuses C-GET is asked by C-MOVE to ``calling_ae``.
 
 Config file (INI), every key optional; the environment wins over the file::
 
@@ -29,6 +38,11 @@ Config file (INI), every key optional; the environment wins over the file::
     # dimse = pacs.example.org:104
     # calling_ae = PNEUMOBATCH
     # called_ae = PACS
+    # dimse_tls = true      (DIMSE over TLS)
+    # tls_certificate = /etc/pneumobatch/tls/pneumobatch.crt
+    # tls_key = /etc/pneumobatch/tls/pneumobatch.key
+    # move_to = PNEUMOBATCH  (retrieve by C-MOVE to this AE title)
+    # move_port = 11112
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import configparser
 import logging
 import os
 import re
+import ssl
 import stat
 import string
 from dataclasses import dataclass, field
@@ -62,6 +77,8 @@ DEFAULT_TIMEOUT, DEFAULT_DEADLINE = 60.0, 120.0
 #: The most one instance may hold (inflated): twice what predict reads at its default
 #: --max-pixels (64 Mpx at 2 bytes), so a deflate bomb is refused, not inflated.
 DEFAULT_MAX_INSTANCE_BYTES = 256 * 1024 * 1024
+#: The port our storage SCP listens on for C-MOVE (the DICOM registered port).
+DEFAULT_MOVE_PORT = 11112
 _AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e](?:[\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
 
 
@@ -109,6 +126,11 @@ class Connection:
     timeout: float = DEFAULT_TIMEOUT
     deadline: float = DEFAULT_DEADLINE
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
+    dimse_tls: bool = False
+    tls_certificate: str = ""
+    tls_key: str = ""
+    move_to: str = ""  # C-MOVE destination AE title; empty: C-GET (C-MOVE to calling_ae if C-GET is refused)
+    move_port: int = DEFAULT_MOVE_PORT
 
     @property
     def protocol(self) -> str:
@@ -162,7 +184,8 @@ def _bool(value: str, key: str) -> bool:
     raise OptionError(f"PACS config: {key} must be true or false")
 
 
-def _ae_title(value: str, what: str) -> str:
+def ae_title(value: str, what: str) -> str:
+    """``value`` when it is a DICOM AE title (1 to 16 printable ASCII characters, no backslash)."""
     if not _AE_TITLE.match(value):
         raise OptionError(f"{what} must be 1 to 16 printable ASCII characters without backslash: {value!r}")
     return value
@@ -199,6 +222,11 @@ def connect_options(
     timeout: float = DEFAULT_TIMEOUT,
     deadline: float = DEFAULT_DEADLINE,
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+    tls: bool = False,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    move_to: Optional[str] = None,
+    move_port: Optional[int] = None,
 ) -> Connection:
     """A :class:`Connection` from options, the environment and the config file (in that order)."""
     env = os.environ if environ is None else environ
@@ -225,19 +253,92 @@ def connect_options(
     if not tls_verify:
         log.warning("TLS certificate verification is OFF for %s (tls_verify = false in the PACS config)", url or dimse)
     host, port = _host_port(dimse) if dimse else ("", 0)
+    dimse_tls = tls or (_bool(file["dimse_tls"], "dimse_tls") if "dimse_tls" in file else False)
+    tls_certificate, tls_key = tls_cert or file.get("tls_certificate", ""), tls_key or file.get("tls_key", "")
+    move_to = move_to or file.get("move_to", "")
+    if url and (dimse_tls or move_to):
+        raise OptionError("--tls and --move-to are for DIMSE (--dimse); DICOMweb uses https:// URLs")
+    if bool(tls_certificate) != bool(tls_key) and not (tls_certificate and _has_key(tls_certificate)):
+        raise OptionError("--tls-cert and --tls-key go together (or give one PEM file holding both as --tls-cert)")
+    if move_port is None:
+        move_port = _port(file["move_port"], "move_port") if "move_port" in file else DEFAULT_MOVE_PORT
     return Connection(
         url=url,
         host=host,
         port=port,
-        calling_ae=_ae_title(calling_ae or file.get("calling_ae") or DEFAULT_CALLING_AE, "--calling-ae"),
-        called_ae=_ae_title(called_ae or file.get("called_ae") or DEFAULT_CALLED_AE, "--called-ae"),
+        calling_ae=ae_title(calling_ae or file.get("calling_ae") or DEFAULT_CALLING_AE, "--calling-ae"),
+        called_ae=ae_title(called_ae or file.get("called_ae") or DEFAULT_CALLED_AE, "--called-ae"),
         credentials=credentials,
         tls_verify=tls_verify,
         ca_bundle=ca_bundle or file.get("ca_bundle", ""),
         timeout=timeout,
         deadline=deadline,
         max_instance_bytes=max_instance_bytes,
+        dimse_tls=dimse_tls,
+        tls_certificate=tls_certificate,
+        tls_key=tls_key,
+        move_to=ae_title(move_to, "--move-to") if move_to else "",
+        move_port=move_port,
     )
+
+
+def _port(value: str, key: str) -> int:
+    if not value.strip().isdigit() or not 0 < int(value) < 65536:
+        raise OptionError(f"PACS config: {key} must be a port number (1 to 65535)")
+    return int(value)
+
+
+def _has_key(pem: str) -> bool:
+    try:
+        with open(pem, "rb") as fh:
+            return b"PRIVATE KEY-----" in fh.read(1 << 20)
+    except OSError:
+        return False
+
+
+def _load_chain(context: ssl.SSLContext, certificate: str, key: str) -> None:
+    try:
+        context.load_cert_chain(certificate, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise OptionError(f"TLS certificate {certificate} or key {key or '(in the same file)'}: {reason}") from exc
+
+
+def _load_ca(context: ssl.SSLContext, ca_bundle: str) -> None:
+    try:
+        context.load_verify_locations(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise OptionError(f"CA bundle {ca_bundle}: {reason}") from exc
+
+
+def client_tls_context(conn: Connection) -> ssl.SSLContext:
+    """The context for DIMSE over TLS to ``conn``: the archive's certificate verified (its
+    host name too) against ``ca_bundle`` or the system's CAs, ours presented when given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if conn.ca_bundle:
+        _load_ca(context, conn.ca_bundle)
+    if not conn.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if conn.tls_certificate:
+        _load_chain(context, conn.tls_certificate, conn.tls_key)
+    return context
+
+
+def server_tls_context(certificate: str, key: str, ca_bundle: str) -> ssl.SSLContext:
+    """The context of a storage SCP over TLS: our certificate, and every caller's certificate
+    required and verified against ``ca_bundle`` (an untrusted or missing one fails the handshake)."""
+    if not certificate or not ca_bundle:
+        raise OptionError(
+            "DIMSE over TLS needs our certificate and key (--tls-cert, --tls-key) and the CA that signs "
+            "the callers' certificates (--ca-bundle)"
+        )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.verify_mode = ssl.CERT_REQUIRED
+    _load_ca(context, ca_bundle)
+    _load_chain(context, certificate, key)
+    return context
 
 
 def _source(env: Mapping[str, str], variable: str, file: Mapping[str, str], key: str, config) -> tuple[str, str]:

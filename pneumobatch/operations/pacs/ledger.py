@@ -12,7 +12,10 @@ Tables:
   study was last fetched completely (a study whose count is unchanged is not searched
   again), and when;
 - ``fetched``: every instance fetched, with the file it was written to;
-- ``delivered``: every SR confirmed in an archive, by study, model and weights SHA-256.
+- ``delivered``: every SR confirmed in an archive, by study, model and weights SHA-256;
+- ``received`` and ``spooled_studies``: the journal of a ``pneumobatch listen`` spool
+  (:mod:`.spool`): every instance received, by whom, and per study when its last
+  instance came, when it was announced complete and when it was predicted.
 
 One run at a time uses a ledger: two pulls into two folders sharing one ledger would
 each fetch every instance, so the second one is refused (:class:`LedgerBusy`, exit code 3)
@@ -30,7 +33,8 @@ from typing import Optional
 from pneumobatch.core.errors import OutputError
 from pneumobatch.io.lockfile import LockBusy, ProcessLock
 
-_SCHEMA = """
+#: Every table of a ledger and of a spool's journal (one schema, one file format).
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     archive TEXT NOT NULL, study_instance_uid TEXT NOT NULL, study_date TEXT,
     n_instances INTEGER, complete_at TEXT,
@@ -44,10 +48,17 @@ CREATE TABLE IF NOT EXISTS delivered (
     series_instance_uid TEXT NOT NULL, model TEXT NOT NULL, weights_sha256 TEXT NOT NULL,
     delivered_at TEXT NOT NULL,
     PRIMARY KEY (archive, sop_instance_uid));
+CREATE TABLE IF NOT EXISTS received (
+    sop_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL, path TEXT NOT NULL, calling_ae TEXT NOT NULL,
+    address TEXT NOT NULL, received_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spooled_studies (
+    study_instance_uid TEXT PRIMARY KEY, n_instances INTEGER NOT NULL, last_received REAL NOT NULL,
+    complete_at TEXT, predicted_at TEXT, predicted_instances INTEGER, predictions TEXT);
 """
 
 
-def _now() -> str:
+def now_text() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -79,7 +90,7 @@ class Ledger:
             ) from exc
         try:
             self._db = sqlite3.connect(self.path, timeout=30)
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             self._lock.release()
             raise OutputError(f"cannot use ledger {self.path}: {exc}") from exc
@@ -117,7 +128,7 @@ class Ledger:
     ) -> None:
         self._write(
             "INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?)",
-            (archive, study_instance_uid, study_date, n_instances, _now()),
+            (archive, study_instance_uid, study_date, n_instances, now_text()),
         )
 
     def fetched(self, archive: str, study_instance_uid: str) -> set[str]:
@@ -133,7 +144,7 @@ class Ledger:
     ) -> None:
         self._write(
             "INSERT OR REPLACE INTO fetched VALUES (?, ?, ?, ?, ?, ?)",
-            (archive, sop_instance_uid, study_instance_uid, series_instance_uid, str(path), _now()),
+            (archive, sop_instance_uid, study_instance_uid, series_instance_uid, str(path), now_text()),
         )
 
     # push
@@ -154,7 +165,7 @@ class Ledger:
     ) -> None:
         self._write(
             "INSERT OR REPLACE INTO delivered VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (archive, sop_instance_uid, study_instance_uid, series_instance_uid, model, weights_sha256, _now()),
+            (archive, sop_instance_uid, study_instance_uid, series_instance_uid, model, weights_sha256, now_text()),
         )
 
     def counts(self) -> dict[str, int]:

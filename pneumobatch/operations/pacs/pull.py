@@ -32,11 +32,8 @@ Policy:
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import re
-import stat
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -44,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, OptionError, OutputError
-from pneumobatch.io.atomicfile import atomic_write, temp_target
+from pneumobatch.io.atomicfile import atomic_write
 from pneumobatch.io.readers.dicom import CXR_MODALITIES
 from pneumobatch.operations.pacs.archive import (
     Archive,
@@ -57,14 +54,15 @@ from pneumobatch.operations.pacs.archive import (
 from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection
 from pneumobatch.operations.pacs.ledger import Ledger
+from pneumobatch.operations.pacs.spool import instance_folder as _instance_folder
+from pneumobatch.operations.pacs.spool import instance_path, remove_stale_temps
+from pneumobatch.operations.pacs.spool import path_kind as _kind
 
 log = logging.getLogger(__name__)
 
 MODALITIES = tuple(sorted(CXR_MODALITIES))  # what predict reads: CR, DR, DX
 #: Seconds one study may take, retries included.
 DEFAULT_STUDY_TIMEOUT = 900.0
-#: The files a pull writes: ``<SOP Instance UID>.dcm``
-_INSTANCE_FILE = re.compile(r"^[0-9.]+\.dcm$")
 
 
 def default_ledger(output: Path) -> Path:
@@ -152,60 +150,10 @@ class PullResult:
         )
 
 
-def instance_path(output: Path, ref: InstanceRef) -> Path:
-    return output / ref.study_instance_uid / ref.series_instance_uid / f"{ref.sop_instance_uid}.dcm"
-
-
 def wanted(ref: InstanceRef, modalities: tuple[str, ...], body_parts: tuple[str, ...]) -> bool:
     if ref.modality.upper() not in {m.upper() for m in modalities}:
         return False
     return not body_parts or not ref.body_part or ref.body_part.upper() in {b.upper() for b in body_parts}
-
-
-def _remove_stale_temps(output: Path) -> None:
-    """Temporary files of a pull killed mid-write (ours by name and place); predict must not read them.
-    Never inside a linked folder: what a link leads to is not ours."""
-    for path in output.glob("*/*/.*.dcm.tmp-*"):
-        if _kind(path.parent) != "folder" or _kind(path.parent.parent) != "folder":
-            continue
-        target = temp_target(path.name)
-        if target is not None and _INSTANCE_FILE.match(target) and _kind(path) == "file":
-            path.unlink(missing_ok=True)
-
-
-def _kind(path: Path) -> str:
-    """What is at ``path``, links not followed: file, folder, link, missing or other."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if stat.S_ISLNK(mode):
-        return "link"
-    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
-
-
-def _instance_folder(output: Path, ref: InstanceRef) -> tuple[Path, str]:
-    """``OUTPUT/<study>/<series>``, each level made here if missing and never a link;
-    ``(folder, "")``, or ``(path, why)`` when a level is a link or not a folder (that
-    instance fails: nothing is written outside OUTPUT)."""
-    folder = output
-    for name in (ref.study_instance_uid, ref.series_instance_uid):
-        folder = folder / name
-        try:
-            os.mkdir(folder)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from exc
-        kind = _kind(folder)
-        if kind == "link":
-            return folder, f"{folder} is a symbolic link; pneumobatch does not write through links"
-        if kind != "folder":
-            return folder, f"{folder} exists and is not a folder"
-    return folder, ""
 
 
 def _write_instance(output: Path, ref: InstanceRef, ds) -> str:
@@ -244,7 +192,7 @@ def run_pull(config: PullConfig, progress: Optional[Callable[[InstanceRef], None
     except OSError as exc:
         raise OutputError(f"cannot create {output}: {exc.strerror or exc}") from exc
     with Ledger(ledger_path) as ledger, open_archive(conn) as archive:
-        _remove_stale_temps(output)  # only once the ledger is ours: another pull's files in flight are its own
+        remove_stale_temps(output)  # only once the ledger is ours: another pull's files in flight are its own
         studies: dict[str, StudyInfo] = {}
         for modality in config.modalities:
             for study in archive.find_studies(config.study_date, modality):
