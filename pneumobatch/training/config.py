@@ -60,6 +60,9 @@ class TrainConfig:
     max_images: Optional[int] = None  # for smoke tests: use at most this many per split
     equalize: bool = True  # histogram-equalise grey levels before the resize, in training and in predict
     export_augment: bool = True  # send every training image through a random export (augment.export_round_trip)
+    #: weight of the consistency term: each image through two random exports per step, their probabilities
+    #: pulled together (Jensen-Shannon); 0: one export per image and no such term
+    consistency: float = 0.0
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     invariance_test: bool = True  # the export-invariance test on the test split, recorded in the card
     exclude_group: tuple[str, ...] = ()  # --group-column values (globs) left out of every split: leave-one-source-out

@@ -118,21 +118,34 @@ def exclude_groups(frame: pd.DataFrame, config: TrainConfig) -> tuple[pd.DataFra
     return frame[~hit].reset_index(drop=True), left_out
 
 
+def js_divergence(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence between the softmax outputs of two views of the same images
+    (AugMix's consistency term: zero when both exports get the same probabilities)."""
+    p, q = (torch.softmax(x, dim=1).clamp_min(1e-7) for x in logits)
+    m = 0.5 * (p + q)
+    return 0.5 * ((p * (p / m).log()).sum(1) + (q * (q / m).log()).sum(1)).mean()
+
+
 def _inputs(
-    dataset: Dataset, batches: list[torch.Tensor], spec: InputSpec, rng: np.random.Generator
+    dataset: Dataset, batches: list[torch.Tensor], spec: InputSpec, rng: np.random.Generator, views: int = 1
 ) -> Iterator[torch.Tensor]:
-    """The uint8 inputs of each batch: prepared images, or (``dataset.raw``) each image through a
-    random export and ``predict``'s preparation, made one batch ahead in a thread (Pillow and
-    NumPy release the GIL) so that it overlaps the network's step."""
+    """The uint8 inputs of each batch: prepared images, or (``dataset.raw``) each image through
+    ``views`` independent random exports and ``predict``'s preparation (view after view: the
+    batch's images, then the same images again), made one batch ahead in a thread (Pillow
+    and NumPy release the GIL) so that it overlaps the network's step."""
     if dataset.raw is None:
         yield from (dataset.images[idx] for idx in batches)
         return
+
+    def make(k: int):
+        return pool.submit(prepare_batch, dataset.raw, batches[k].tolist() * views, spec, rng)
+
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(prepare_batch, dataset.raw, batches[0].tolist(), spec, rng) if batches else None
+        pending = make(0) if batches else None
         for k in range(len(batches)):
             current = pending.result()
             if k + 1 < len(batches):
-                pending = pool.submit(prepare_batch, dataset.raw, batches[k + 1].tolist(), spec, rng)
+                pending = make(k + 1)
             yield current
 
 
@@ -197,6 +210,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             raise TrainingError(f"the {split} split is empty")
 
     raw = ("train",) if config.export_augment else ()
+    paired = config.export_augment and config.consistency > 0
     splits, unreadable = decode_splits(frame, task, spec, config.workers, SPLITS, progress, not_empty, raw)
     train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
 
@@ -268,14 +282,18 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
             batches = [b for b in batches if len(b) >= 2]  # BatchNorm needs two samples
             exports = np.random.default_rng([config.seed, stage_index, epoch])
-            for idx, inputs in zip(batches, _inputs(train_set, batches, spec, exports)):
+            views = 2 if paired else 1
+            for idx, inputs in zip(batches, _inputs(train_set, batches, spec, exports, views)):
                 x = inputs.to(device).float() / 255.0
                 x = augment(x, generator, config.hflip)
                 x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
-                y = train_set.targets[idx].to(device)
+                y = train_set.targets[idx].to(device).repeat(views)
                 with autocast(device, amp_dtype):
                     logits = net(x)
                 loss = criterion(logits.float(), y)
+                if paired:  # the same images through two exports must get the same probabilities
+                    loss = loss + config.consistency * js_divergence(logits.float().chunk(2))
+                    logits, y = logits[: len(idx)], y[: len(idx)]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -352,6 +370,12 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
             "augmentation": (EXPORT_AUGMENTATION + "; then " if config.export_augment else "")
             + AUGMENTATION
             + (", horizontal flip" if config.hflip else ""),
+            "consistency": {
+                "weight": config.consistency,
+                "loss": "Jensen-Shannon divergence between the probabilities of two random exports of each image",
+            }
+            if paired
+            else None,
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "fp32",
             "excluded_groups": excluded,
             "stages": [{"stage": s, "epochs": n} for s, n in stages],

@@ -34,7 +34,6 @@ from pneumobatch.training.evaluate import (
     select_threshold,
 )
 
-
 #: ``card.metrics`` entries written by the benchmarks after training, kept by a retune.
 MEASURED_AFTER = ("export_invariance", "leave_one_source_out")
 
