@@ -16,7 +16,7 @@ from pneumobatch.training.loop import exclude_groups
 def radiograph(shape=(200, 160), seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
-    img = 128 + 60 * np.sin(x / 9.0) * np.cos(y / 13.0) + rng.normal(0, 4, shape)
+    img = 128 + 60 * np.sin(x / (5.0 + 4 * seed)) * np.cos(y / (13.0 - 2 * seed)) + rng.normal(0, 4, shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -51,3 +51,24 @@ def test_exclude_group_leaves_a_source_out_of_every_split_and_refuses_a_pattern_
     assert kept["source"].tolist() == ["RSNA b", "kermany"] and left_out == {"NIH a": 1, "nih a": 1}
     with pytest.raises(TrainingError, match="matches no source"):
         exclude_groups(frame, TrainConfig(data=tmp_path, out_dir=tmp_path, name="x", exclude_group=("Hannover*",)))
+
+
+def test_paired_views_are_two_exports_of_the_same_images_and_the_consistency_term_measures_their_gap():
+    import torch
+
+    from pneumobatch.training.data import Dataset
+    from pneumobatch.training.loop import _inputs, js_divergence
+
+    raw = [radiograph(seed=i) for i in range(4)]
+    data = Dataset(torch.zeros(0, 1, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), pd.DataFrame(), raw)
+    [batch] = list(_inputs(data, [torch.tensor([2, 0, 3])], InputSpec(32, True), np.random.default_rng(0), views=2))
+    assert batch.shape == (6, 1, 32, 32)
+    first, second = batch[:3].float(), batch[3:].float()
+    assert (first - second).abs().mean() > 0  # two different exports...
+    other = (first - first.roll(1, 0)).abs().mean()
+    assert (first - second).abs().mean() < 0.5 * other  # ...of the same images, not of others
+
+    logits = torch.tensor([[2.0, -1.0], [0.0, 0.5]])
+    assert js_divergence((logits, logits)).item() == pytest.approx(0.0, abs=1e-6)
+    gap = js_divergence((logits, logits.flip(1))).item()
+    assert 0 < gap <= np.log(2) and gap > js_divergence((logits, logits * 0.9)).item()
