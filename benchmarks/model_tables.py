@@ -1,0 +1,104 @@
+"""The tables of docs/models.md, printed from the model cards (so the manual quotes the cards, not memory).
+
+    python benchmarks/model_tables.py [--weights-dir weights] [--baseline OLD_invariance.json]
+
+Prints, as Markdown: the pneumonia and etiology test metrics per subgroup with their
+intervals; each card's export-invariance rows (``all`` subgroup, plus the worst judged
+subgroup per export) next to the baseline's (a ``benchmarks/export_invariance.py --json``
+file of other weights, e.g. version 0.2's); and the pneumonia card's leave-one-source-out
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+def f3(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def ci(values: Optional[list]) -> str:
+    return "" if not values else f" ({values[0]:.3f}–{values[1]:.3f})"
+
+
+def subgroup_table(card: dict[str, Any]) -> list[str]:
+    lines = ["| subgroup (test) | n | AUC (95% CI) | sensitivity | specificity |", "| --- | --- | --- | --- | --- |"]
+    for key in ("age_band", "source", "view"):
+        for row in card["metrics"]["test_subgroups"][key]["groups"]:
+            lines.append(
+                f"| {key} = {row['value']} | {row['n']} | {f3(row.get('auc'))}{ci(row.get('auc_ci'))} | "
+                f"{f3(row.get('sensitivity'))} | {f3(row.get('specificity'))} |"
+            )
+    return lines
+
+
+def invariance_table(card: dict[str, Any], baseline: Optional[dict[str, Any]]) -> list[str]:
+    table = card["metrics"].get("export_invariance")
+    if not table:
+        return ["(no export-invariance table in the card)"]
+    old = {(r["export"], r["subgroup"]): r for r in (baseline or {}).get("rows", [])}
+    lines = [
+        "| export | all: change in share called (v0.2 → now) | all: mean abs dP (v0.2 → now) | worst judged subgroup now |",
+        "| --- | --- | --- | --- |",
+    ]
+    for export in table["exports"]:
+        rows = [r for r in table["rows"] if r["export"] == export]
+        every = next(r for r in rows if r["subgroup"] == "all")
+        judged = [r for r in rows if r["judged"] and r["subgroup"] != "all"]
+        worst = max(judged, key=lambda r: max(abs(r["delta_share"]), r["mean_abs_dp"]), default=None)
+        before = old.get((export, "all"))
+        shift = f"{before['delta_share']:+.3f} → " if before else ""
+        dp = f"{before['mean_abs_dp']:.3f} → " if before else ""
+        mark = "" if every["passes"] else " (over)"
+        worst_text = (
+            f"{worst['subgroup']} (n={worst['n']}): {worst['delta_share']:+.3f} / {worst['mean_abs_dp']:.3f}"
+            + ("" if worst["passes"] else " **over**")
+            if worst
+            else "–"
+        )
+        lines.append(
+            f"| {export} | {shift}{every['delta_share']:+.3f} | {dp}{every['mean_abs_dp']:.3f}{mark} | {worst_text} |"
+        )
+    return lines
+
+
+def loso_table(card: dict[str, Any]) -> list[str]:
+    table = card["metrics"].get("leave_one_source_out")
+    if not table:
+        return ["(no leave-one-source-out table in the card)"]
+    lines = [
+        "| held-out source | images (pneumonia / normal) | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | trained with it, its test split: AUC / sens / spec |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in table["rows"]:
+        seen = r.get("shipped_on_test_split") or {}
+        lines.append(
+            f"| {r['source']} | {r['n_positive']} / {r['n_negative']} | {f3(r['auc'])}{ci(r['auc_ci'])} | "
+            f"{f3(r['sensitivity'])}{ci(r['sensitivity_ci'])} | {f3(r['specificity'])}{ci(r['specificity_ci'])} | "
+            + " / ".join(f3(seen.get(k)) for k in ("auc", "sensitivity", "specificity"))
+            + " |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights-dir", type=Path, default=Path("weights"))
+    parser.add_argument("--baseline", type=Path, default=None)
+    args = parser.parse_args()
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else {}
+    for name in ("pneumonia", "etiology"):
+        card = json.loads((args.weights_dir / f"{name}.json").read_text())
+        print(f"## {name}\n")
+        print("\n".join(subgroup_table(card)) + "\n")
+        print("\n".join(invariance_table(card, baseline.get(name))) + "\n")
+        if name == "pneumonia":
+            print("\n".join(loso_table(card)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
