@@ -25,13 +25,28 @@ def ci(values: Optional[list]) -> str:
     return "" if not values else f" ({values[0]:.3f}–{values[1]:.3f})"
 
 
+def rate(value: Optional[float], n: int) -> str:
+    """A rate of ``n`` cases with its exact 95% interval."""
+    from pneumobatch.evaluation.metrics.intervals import exact_interval
+
+    if value is None or not n:
+        return "–"
+    return f3(value) + ci(exact_interval(round(value * n), n))
+
+
 def subgroup_table(card: dict[str, Any]) -> list[str]:
-    lines = ["| subgroup (test) | n | AUC (95% CI) | sensitivity | specificity |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| subgroup (test) | n (pos / neg) | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for key in ("age_band", "source", "view"):
         for row in card["metrics"]["test_subgroups"][key]["groups"]:
+            pos = int(row.get("n_positive") or 0)
+            neg = row["n"] - pos
+            counts = f"{row['n']} ({pos} / {neg})" if "n_positive" in row else str(row["n"])
             lines.append(
-                f"| {key} = {row['value']} | {row['n']} | {f3(row.get('auc'))}{ci(row.get('auc_ci'))} | "
-                f"{f3(row.get('sensitivity'))} | {f3(row.get('specificity'))} |"
+                f"| {key} = {row['value']} | {counts} | {f3(row.get('auc'))}{ci(row.get('auc_ci'))} | "
+                f"{rate(row.get('sensitivity'), pos)} | {rate(row.get('specificity'), neg)} |"
             )
     return lines
 

@@ -175,7 +175,7 @@ class ModelCard:
     weights_sha256: str = ""
     #: applicability statistics: file (beside the weights), sha256, threshold, flag rates
     applicability: dict[str, Any] = field(default_factory=dict)
-    #: input steps beyond the resize (``{"intensity": "equalize"}``); empty: resize only (cards before 0.3)
+    #: input steps beyond the resize (``{"intensity": "equalize"}``); empty: resize only (older cards)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
     site: dict[str, Any] = field(default_factory=dict)

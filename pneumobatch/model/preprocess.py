@@ -14,7 +14,7 @@ trained is what it sees in a hospital's batch:
    standardised with the card's mean and std.
 
 Steps 1 and 2 are :func:`prepare`, driven by an :class:`InputSpec` derived from the card
-(:func:`input_spec`); a card without ``preprocessing`` (before version 0.3) is resized only.
+(:func:`input_spec`); a card without ``preprocessing`` (written before this field existed: the weights shipped until now) is resized only.
 """
 
 from __future__ import annotations
