@@ -129,6 +129,7 @@ def main() -> None:
             "source": pattern,
             "sources": sorted(held["source"].astype(str).unique()),
             "weights": folder,
+            "stages": ", ".join(f"{st['stage']} {st['epochs']}" for st in card.training.get("stages", [])),
             **score(model, held, predict_files(model, held["path"].tolist())),
         }
         if shipped is not None:
@@ -155,7 +156,8 @@ def main() -> None:
         shipped.card.metrics["leave_one_source_out"] = {
             "command": "python benchmarks/leave_one_source_out.py "
             + " ".join(map(str, [args.manifest, *args.held_out])),
-            "recipe": "the shipped recipe with --exclude-group SOURCE* and at most 3 full epochs (CPU time)",
+            "recipe": "the shipped recipe with --exclude-group SOURCE*; epochs per held-out source: "
+            + "; ".join(f"{r['source']} {r['stages']}" for r in table),
             "rows": table,
         }
         write_card(shipped.card, shipped.weights_path.with_suffix(".json"))
