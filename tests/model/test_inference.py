@@ -468,7 +468,11 @@ def test_a_writer_killed_while_caching_an_export_leaves_nothing_the_next_run_tri
 
     monkeypatch.setenv("PNEUMOBATCH_CACHE", str(cache))
     cpu = torch.device("cpu")
-    inputs = {InputSpec(32): torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    inputs = {
+        InputSpec(32): torch.randint(
+            0, 256, (2, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+    }
     expected = Predictor([load_model("tiny", weights_dir)], cpu, None, backend="torch")(inputs)["tiny"]
     np.testing.assert_allclose(
         Predictor([load_model("tiny", weights_dir)], cpu, None)(inputs)["tiny"], expected, atol=1e-5
