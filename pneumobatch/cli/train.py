@@ -31,7 +31,7 @@ from pneumobatch.training.config import BALANCE_CHOICES, DEFAULT_OUT_DIR, TrainC
 )
 def models_command(weights_dir: Optional[Path]) -> None:
     """List the installed models with their task, classes and test metrics."""
-    from pneumobatch.model.registry import DEFAULT_MODEL, default_weights_dir, list_models
+    from pneumobatch.model.store import DEFAULT_MODEL, default_weights_dir, list_models
 
     cards = list_models(weights_dir)
     if not cards:
