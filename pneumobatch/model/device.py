@@ -6,11 +6,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from pneumobatch.core.errors import DeviceError, OptionError
+
+if TYPE_CHECKING:  # torch is imported where a device or dtype is made: the ONNX Runtime path never needs it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class CoreSplit:
     batch_size: int
 
 
-def default_split(device: torch.device, cores: Optional[int] = None) -> CoreSplit:
+def default_split(device: Any, cores: Optional[int] = None) -> CoreSplit:
     """The split of cores between decoding and the network that ``predict`` uses by default.
 
     On the CPU every core decodes (one worker process each) and the network runs in the
@@ -51,13 +52,15 @@ def default_split(device: torch.device, cores: Optional[int] = None) -> CoreSpli
     process needs one thread to feed the GPU, and batches are larger (64) to keep it busy.
     """
     cores = cores or available_cores()
-    if device.type == "cuda":
+    if getattr(device, "type", device) == "cuda":
         return CoreSplit(workers=max(1, cores - 1), threads=1, batch_size=64)
     return CoreSplit(workers=cores if cores > 1 else 0, threads=max(1, cores // 4), batch_size=16)
 
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks the first GPU when there is one."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -82,6 +85,8 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
         raise OptionError(f"--precision {precision}: not a precision (use {', '.join(PRECISIONS)})")
     if precision == "fp32":
         return None
+    import torch
+
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":
@@ -106,12 +111,16 @@ def resolve_training_precision(precision: str, device: torch.device) -> Optional
     CPUs with native bf16 (:func:`cpu_has_native_bf16`), fp32 otherwise; the rest as
     :func:`resolve_precision`."""
     if precision == "auto" and device.type == "cpu":
+        import torch
+
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return resolve_precision(precision, device)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     """Mixed-precision context for ``dtype`` (from :func:`resolve_precision`); ``None`` runs fp32."""
+    import torch
+
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -139,3 +148,23 @@ def resolve_backend(backend: str, device: torch.device, precision: Optional[torc
             raise DeviceError("--backend onnxruntime: not installed (pip install 'pneumobatch[onnx]')") from exc
         return "torch"
     return "onnxruntime"
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here (found, not imported: that takes over a second)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a half-removed install
+        return False
+
+
+def cuda_may_be_present() -> bool:
+    """Whether this machine may have a CUDA GPU for this process, told without importing torch:
+    an NVIDIA driver's device files, and ``CUDA_VISIBLE_DEVICES`` not hiding every device.
+    ``True`` only means asking torch (``device auto`` then imports it); ``False`` is certain."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    return Path("/proc/driver/nvidia/gpus").is_dir() or any(Path("/dev").glob("nvidia[0-9]*"))

@@ -11,35 +11,36 @@ pinned and copied without blocking). Results come back in discovery order, one
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
-import signal
-import sys
 import threading
-import time
-from collections import deque
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pneumobatch.core.errors import FileRejected, Reason, Status
-from pneumobatch.io.discovery import FileEntry, sniff
-from pneumobatch.io.readers import ReadOptions, read_image
+from pneumobatch.io.discovery import FileEntry
+from pneumobatch.io.readers import ReadOptions
 from pneumobatch.io.results import FileResult
+from pneumobatch.model.decoding import (  # noqa: F401 - end_with_parent and DECODE_CHUNK: re-exported
+    DECODE_CHUNK,
+    batched_results,
+    collate,
+    end_with_parent,
+    read_entry,
+    worker_parent,
+)
 from pneumobatch.model.device import autocast, resolve_backend, resolve_precision
 from pneumobatch.model.onnx import OnnxRunner
-from pneumobatch.model.preprocess import InputSpec, input_spec, normalize, prepare
+from pneumobatch.model.preprocess import InputSpec, input_spec, normalize
 from pneumobatch.model.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
 class StudyFiles(Dataset):
-    """Reads and resizes one file per item; never raises for bad input."""
+    """Reads and resizes one file per item (:func:`~pneumobatch.model.decoding.read_entry`); never raises for bad input."""
 
     def __init__(self, entries: Sequence[FileEntry], specs: Sequence[InputSpec], options: ReadOptions) -> None:
         self.entries = list(entries)
@@ -50,89 +51,7 @@ class StudyFiles(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        entry = self.entries[index]
-        item: dict[str, Any] = {
-            "index": index,
-            "status": Status.OK,
-            "reason": "",
-            "detail": "",
-            "meta": {},
-            "inputs": None,
-        }
-        if entry.problem is not None:
-            reason, detail = entry.problem
-            item.update(status=reason.status, reason=reason.value, detail=detail)
-            return item
-        try:
-            image = read_image(entry.path, sniff(entry.path), self.options)
-            item["meta"] = image.meta
-            item["inputs"] = {s: prepare(image.pixels, s)[None] for s in self.specs}
-        except FileRejected as exc:
-            item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
-        except PermissionError:
-            item.update(status=Status.ERROR, reason=Reason.UNREADABLE.value, detail="permission denied")
-        except OSError as exc:
-            item.update(
-                status=Status.ERROR, reason=Reason.UNREADABLE.value, detail=(exc.strerror or type(exc).__name__)[:200]
-            )
-        except Exception as exc:  # noqa: BLE001 - one bad file must never stop a night's batch
-            log.debug("unexpected error reading %s", entry.path, exc_info=True)
-            item.update(
-                status=Status.ERROR, reason=Reason.READ_FAILED.value, detail=f"{type(exc).__name__}: {exc}"[:200]
-            )
-        return item
-
-
-def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]:
-    ok = [i for i, item in enumerate(items) if item["inputs"] is not None]
-    stacked = {}
-    if ok:
-        for spec in items[ok[0]]["inputs"]:
-            stacked[spec] = np.stack([items[i]["inputs"][spec] for i in ok])
-    for item in items:
-        item["inputs"] = None
-    return items, stacked, ok
-
-
-#: How often a decoding worker without ``PR_SET_PDEATHSIG`` (not Linux) checks that its parent lives.
-PARENT_CHECK_SECONDS = 0.5
-
-
-def _set_parent_death_signal() -> bool:
-    """Linux: the kernel sends this process SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return False
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_CHECK_SECONDS)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def end_with_parent(parent: int, death_signal: bool = True) -> None:
-    """End this process (SIGKILL) as soon as ``parent`` dies, whatever it is doing then.
-
-    A main process killed with ``kill -9`` (the OOM killer, a scheduler's timeout,
-    ``KillMode=process``) runs no clean-up: its workers would live on as orphans, blocked
-    writing into a pipe nobody reads. On Linux the kernel kills them (``PR_SET_PDEATHSIG``),
-    elsewhere a thread checks every :data:`PARENT_CHECK_SECONDS`. A parent that died before
-    this was set (the worker is an orphan already) ends the worker at once. ``parent`` 0:
-    whichever process is the parent now. The kernel's signal comes when the parent *thread*
-    that forked this process ends: ``death_signal`` False (forked from another thread than
-    the main one, which may end before the run) uses the watching thread instead.
-    """
-    parent = parent or os.getppid()
-    armed = death_signal and _set_parent_death_signal()
-    if os.getppid() != parent:  # died before (or while) the signal was set: it would never come
-        os.kill(os.getpid(), signal.SIGKILL)
-    if not armed:
-        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+        return read_entry(self.entries[index], self.specs, self.options, index)
 
 
 def _worker_init(parent: int, death_signal: bool, _: int) -> None:
@@ -227,27 +146,6 @@ class Predictor:
         return out
 
 
-#: Files one decoding task reads. Small, so that the workers share a folder's slow files
-#: evenly (a study's files usually share one encoding, and a whole batch of JPEG-LS or
-#: deflated files takes a worker several times as long as one of JPEG) and the first forward
-#: pass waits for a few files, not a whole batch; the main process gathers the decoded
-#: files into batches of ``batch_size`` for the network.
-DECODE_CHUNK = 4
-
-
-def _worker_parent() -> int:
-    """The PID the decoding workers' parent will have: this process, or its forkserver (0: not known)."""
-    import multiprocessing
-
-    if multiprocessing.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # noqa: SLF001 - no public spelling
-        return int(pid) if pid else 0
-    return os.getpid()
-
-
 def make_loader(
     entries: Sequence[FileEntry],
     specs: Sequence[InputSpec],
@@ -268,11 +166,11 @@ def make_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         # workers end with the process that started them (PR_SET_PDEATHSIG): that one's PID,
         # the forkserver's under the forkserver start method
         worker_init_fn=functools.partial(
-            _worker_init, _worker_parent(), threading.current_thread() is threading.main_thread()
+            _worker_init, worker_parent(), threading.current_thread() is threading.main_thread()
         )
         if workers
         else None,
@@ -297,45 +195,16 @@ def run_inference(
     cuda = predictor.device.type == "cuda"
     chunk = max(1, min(DECODE_CHUNK, batch_size))
     loader = make_loader(entries, predictor.specs, options, batch_size=chunk, workers=workers, in_flight=2 * batch_size)
-    dataset = loader.dataset
     chunks = iter(loader)  # starts the workers: the export below overlaps their first files
     predictor.prepare()
-    pending: deque[tuple[dict[str, Any], bool]] = deque()  # (item, decoded), in order, not yet yielded
-    gathered: dict[InputSpec, list[torch.Tensor]] = {}  # spec -> decoded inputs of the pending items, in order
-    rows = 0
 
-    def forward(n: int) -> Iterator[FileResult]:
-        """Run the first ``n`` gathered rows; yield the pending items up to the last of them."""
-        nonlocal gathered, rows
-        inputs = {size: torch.cat(parts) for size, parts in gathered.items()}
-        scores: dict[str, np.ndarray] = {}
-        probs = predictor({size: x[:n] for size, x in inputs.items()}, scores) if n else {}
-        applicable = predictor.applicable(scores)
-        gathered = {size: [x[n:]] for size, x in inputs.items()} if rows > n else {}
-        rows -= n
-        row = 0
-        while pending and (not pending[0][1] or row < n):
-            item, decoded = pending.popleft()
-            result = FileResult(
-                dataset.entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"]
-            )
-            if decoded:
-                result.probs = {name: p[row] for name, p in probs.items()}
-                result.ood_scores = {name: float(s[row]) for name, s in scores.items()}
-                result.applicable = {name: bool(a[row]) for name, a in applicable.items()}
-                row += 1
-            yield result
+    def to_array(x: np.ndarray) -> torch.Tensor:  # on CUDA each chunk is pinned and copied as it arrives
+        t = torch.from_numpy(x)
+        return t.pin_memory().to(predictor.device, non_blocking=True) if cuda else t
 
-    for items, inputs, ok in chunks:
-        decoded = set(ok)
-        pending.extend((item, i in decoded) for i, item in enumerate(items))
-        for size, x in inputs.items():  # on CUDA each chunk is pinned and copied as it arrives
-            t = torch.from_numpy(x)
-            gathered.setdefault(size, []).append(t.pin_memory().to(predictor.device, non_blocking=True) if cuda else t)
-        rows += len(ok)
-        while rows >= batch_size:
-            yield from forward(batch_size)
-    yield from forward(rows)
+    yield from batched_results(
+        chunks, loader.dataset.entries, predictor, predictor.applicable, batch_size, to_array=to_array, concat=torch.cat
+    )
 
 
 def create_predictor(
