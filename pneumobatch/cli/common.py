@@ -146,8 +146,11 @@ class AlertLimit(FormatParam):
         return name, number
 
 
-def setup_logging(verbose: int, quiet: bool) -> None:
-    """Log level from -v/-q; warnings and third-party loggers quiet unless asked for."""
+def setup_logging(verbose: int, quiet: bool, *, import_pydicom: bool = True) -> None:
+    """Log level from -v/-q; warnings and third-party loggers quiet unless asked for.
+
+    ``import_pydicom`` False (``predict``: its main process reads no DICOM) leaves pydicom
+    unimported; the DICOM reader applies the level chosen here after importing it."""
     level = (
         logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     )
@@ -159,8 +162,10 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose and not quiet else logging.CRITICAL)
     # pydicom logs every failed decoder attempt at ERROR with a traceback; the reader turns
     # those failures into reason codes in the CSV, so its log is noise unless asked for.
-    import pydicom.config  # noqa: F401 - pydicom sets its logger's level on import; import it first
+    from pneumobatch.core.logs import set_level
 
-    logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
+    if import_pydicom:
+        import pydicom.config  # noqa: F401 - pydicom sets its logger's level on import; import it first
+    set_level("pydicom", logging.DEBUG if verbose > 1 else logging.CRITICAL)
     # pynetdicom logs a failed connection at ERROR; pull/push report it once, as a one-line error
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
+    set_level("pynetdicom", logging.DEBUG if verbose > 1 else logging.CRITICAL)

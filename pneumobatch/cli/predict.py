@@ -172,7 +172,7 @@ def predict_command(
 
     if bool(inputs) == bool(spool):
         raise click.UsageError("give INPUTS (folders or files) or --spool SPOOL, one of them")
-    setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet, import_pydicom=False)
     config = PredictConfig(inputs=list(inputs), models=model_names, **options)
     with tqdm(total=0, unit="file", disable=quiet or None, dynamic_ncols=True) as bar:
 

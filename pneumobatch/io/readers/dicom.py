@@ -62,6 +62,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
 from pneumobatch.core.errors import FileRejected, Reason
+from pneumobatch.core.logs import reapply
 from pneumobatch.core.subgroups import age_band, age_years
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import open_input
@@ -77,6 +78,8 @@ from pneumobatch.io.readers.dicom_values import (
     header_value,
     short_error,
 )
+
+reapply("pydicom")  # its import set its logger to WARNING: back to the level setup_logging chose
 
 logger = logging.getLogger(__name__)
 
