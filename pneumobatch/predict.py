@@ -142,11 +142,11 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     from pneumobatch.engines import create_engine
     from pneumobatch.io.readers import ReadOptions
     from pneumobatch.io.readers.bodyparts import BodyPartVocabulary
-    from pneumobatch.model.registry import DEFAULT_MODEL, load_model
+    from pneumobatch.model.store import DEFAULT_MODEL
     from pneumobatch.operations.monitor.record import monitoring_block
 
     engine = create_engine(config)  # fails fast on a device or cluster this run cannot have
-    models = [load_model(name, config.weights_dir) for name in (config.models or (DEFAULT_MODEL,))]
+    models = engine.load_models(config.models or (DEFAULT_MODEL,), config.weights_dir)
     names = [m.card.name for m in models]
     if len(set(names)) != len(names):
         raise OptionError("the same model was given twice")

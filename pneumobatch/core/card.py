@@ -75,6 +75,15 @@ CARD_SCHEMA: dict[str, Any] = {
             "type": "object",
             "properties": {"intensity": {"enum": ["none", "equalize"]}},
         },
+        "onnx": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "string", "minLength": 1},
+                "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                "weights_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                "outputs": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            },
+        },
     },
 }
 
@@ -177,6 +186,9 @@ class ModelCard:
     applicability: dict[str, Any] = field(default_factory=dict)
     #: input steps beyond the resize (``{"intensity": "equalize"}``); empty: resize only (older cards)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    #: the weights exported to ONNX (``file`` beside them, its ``sha256``, the ``weights_sha256`` it was
+    #: exported from and its ``outputs``: logits, then the applicability layers); empty: none shipped
+    onnx: dict[str, Any] = field(default_factory=dict)
     #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
     site: dict[str, Any] = field(default_factory=dict)
     intended_use: str = (

@@ -13,11 +13,13 @@ whatever the engine, so the outputs, reason codes and exit codes do not depend o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence
 
 from pneumobatch.core.errors import OptionError
 
 if TYPE_CHECKING:  # torch stays out of imports that only need the names
+    from pathlib import Path
+
     from pneumobatch.io.discovery import FileEntry
     from pneumobatch.io.readers import ReadOptions
     from pneumobatch.io.results import FileResult
@@ -43,6 +45,10 @@ class Engine(Protocol):
         self, entries: Sequence[FileEntry], models: Sequence[LoadedModel], options: ReadOptions
     ) -> Iterator[FileResult]:
         """One result per entry, each exactly once, in any order (``batch_size`` files at a time)."""
+        ...
+
+    def load_models(self, names: Sequence[str], weights_dir: Optional[Path]) -> list[Any]:
+        """The named models, loaded the way this engine runs them (networks, or ONNX exports)."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import pickle
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -224,6 +224,12 @@ class RayEngine:
         self.workers = None  # Ray Data scales the read tasks to the cluster's CPUs
         self.threads = None  # the actors' business, not the driver's
         self.batch_size = config.batch_size or (64 if self.use_gpu else 16)
+
+    def load_models(self, names: Sequence[str], weights_dir: Optional[Path]) -> list[LoadedModel]:
+        """The networks (Ray's actors run them in PyTorch or the cached ONNX export)."""
+        from pneumobatch.model.registry import load_model
+
+        return [load_model(name, weights_dir) for name in names]
 
     def describe(self) -> dict[str, Any]:
         return {

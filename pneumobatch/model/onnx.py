@@ -202,3 +202,30 @@ class OnnxRunner:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         logits, *features = self.session.run(None, {"x": x.contiguous().numpy()})
         return torch.from_numpy(logits), dict(zip(self.layers, features))
+
+
+def write_export(loaded) -> dict:
+    """Export a loaded model (with its applicability statistics' layers) to ``NAME.onnx`` beside
+    its weights and record it in the card's ``onnx`` entry: the file, its SHA-256, the SHA-256 of
+    the weights it was exported from and its outputs. ``predict`` then runs the model in ONNX
+    Runtime without importing torch (:mod:`pneumobatch.model.runtime`); the card is rewritten."""
+    from pneumobatch.io.atomicfile import atomic_write
+    from pneumobatch.model.registry import ARCHITECTURES, sha256_file, write_card
+
+    card = loaded.card
+    stats = loaded.applicability
+    layers = list(stats.layer_names) if stats is not None else []
+    net = loaded.net.cpu().eval()
+    head = ARCHITECTURES[card.architecture].head(net)
+    exported = _export_onnx(net, head, card.input_size, layers)
+    path = loaded.weights_path.with_suffix(".onnx")
+    atomic_write(path, exported)
+    card.onnx = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "weights_sha256": card.weights_sha256,
+        "outputs": ["logits", *layers],
+        "exporter": f"torch {torch.__version__}",
+    }
+    write_card(card, loaded.weights_path.with_suffix(".json"))
+    return card.onnx

