@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from throughput import ENCODINGS, decode_rate, make_studies
+from decode import chest_like  # noqa: E402 - the benchmarks' shared test image
 
 from pneumobatch.core.errors import Status
 from pneumobatch.io.discovery import walk
@@ -31,6 +31,30 @@ from pneumobatch.model.inference import create_predictor
 from pneumobatch.model.registry import load_model
 from pneumobatch.predict import run_predict
 from pneumobatch.predict_config import PredictConfig
+from pneumobatch.testing.synthetic import ENCODINGS, write_cxr
+
+
+def make_studies(folder: Path, size: int, per_encoding: int, encodings: tuple[str, ...]) -> None:
+    """``per_encoding`` chest-like DICOMs of ``size`` x ``size`` in each encoding."""
+    for encoding in encodings:
+        for i in range(per_encoding):
+            pixels = np.roll(chest_like(size, seed=i), i * size // 29, axis=1)
+            if encoding == "jpeg-baseline":
+                write_cxr(folder / f"{encoding}_{i}.dcm", (pixels >> 4).astype(np.uint8), encoding)
+            else:
+                write_cxr(folder / f"{encoding}_{i}.dcm", pixels, encoding, bits_stored=12, window=(2048.0, 3600.0))
+
+
+def decode_rate(entries, size: int, reduced: bool = True, workers: int = 0) -> float:
+    """images/s of reading and preparing ``entries`` in this process (as one of predict's workers)."""
+    from pneumobatch.io.readers import ReadOptions
+    from pneumobatch.model.decoding import read_entry
+    from pneumobatch.model.preprocess import InputSpec
+
+    options = ReadOptions(min_side=size if reduced else None)
+    t0 = time.perf_counter()
+    n = sum(read_entry(e, [InputSpec(size)], options)["inputs"] is not None for e in entries)
+    return n / (time.perf_counter() - t0)
 
 
 def timed_predict(folder: Path, out: Path, args: argparse.Namespace, **options) -> tuple[float, int]:

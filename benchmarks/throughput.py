@@ -1,30 +1,35 @@
-"""Throughput of predict on this machine: decode, forward pass, core splits, end to end.
+"""Throughput of ``pneumobatch predict`` against this machine's limit, all figures from one run.
 
-Generates a mixed folder of chest-X-ray-sized DICOMs (every encoding pneumobatch.testing.synthetic
-writes) and prints, all from one run so that ratios hold on a noisy shared machine:
+Two folders, generated: a night of full-size DICOM radiographs (``--night-per-format``
+files each of raw 16-bit, JPEG 2000, JPEG-LS, RLE and JPEG baseline at 2048x2500: 200 by
+default) and a folder of 1024-px exports (``--folder-images``, half 8-bit PNG, half JPEG
+q90). It prints:
 
-1. decode + resize images/s per transfer syntax, one process: full decode vs the
-   reduced-resolution decode ``predict`` uses (``ReadOptions(min_side=input size)``);
-2. forward-only images/s per CPU backend option (eager contiguous, eager channels_last,
-   ``torch.jit.trace`` + ``freeze``, dynamic int8; ``--compile`` adds ``torch.compile``),
-   rounds interleaved so that load changes hit every option alike;
-3. end-to-end ``run_predict`` images/s on a larger folder (``--e2e-per-encoding``) for
-   several (workers, torch threads) splits, the default split first, and each one's ratio to
-   the serial bound 1 / (1/decode + 1/forward) (decode: one process, reduced; forward: the
-   default threads) and to that bound times the cores (every core busy, no overhead);
-4. with ``--baseline DIR`` (a checkout of an older pneumobatch, e.g. ``git archive``), on
-   folders of two sizes (``--baseline-per-encoding``), ``pneumobatch predict`` as a fresh
-   process with that code and with this one, alternately, both at their defaults, the
-   speed-up per folder and the marginal speed-up (start-up excluded: a long night).
+1. decode + resize images/s per format in one process (what ``predict``'s workers do:
+   reduced-resolution decode where the format allows, equalisation, resize);
+2. forward images/s per backend at ``predict``'s batch size: the shipped ONNX export in ONNX
+   Runtime (what ``predict`` runs on the CPU) with the default thread count and with one
+   thread per core, and PyTorch eager (``--backend torch``) when torch is installed;
+3. per folder, the bound: every core busy decoding and running the network with no
+   overhead, ``cores / (mean decode core-seconds per image + forward core-seconds per
+   image)``, from the rates of 1 and 2;
+4. ``pneumobatch predict`` on each folder as a fresh process (start-up included) and its
+   ratio to the bound; with ``--baseline DIR`` (a checkout of older pneumobatch, e.g.
+   ``git archive 5fa9cf3 | tar -x -C /tmp/v010``: version 0.1.0 before the throughput work)
+   the same command with that code, alternately, and the speed-up;
+5. start-up: one file, a fresh process, seconds and peak RSS (this tree's default, and
+   ``--backend torch``);
+6. with torchxrayvision installed (``pip install torchxrayvision``; not a dependency), its
+   documented per-image loop on the export folder (skimage read, ``xrv.datasets.normalize``,
+   centre crop, resize to 224, one forward per image of its DenseNet-121, ``weights=None``:
+   the same computation as its shipped weights, nothing downloaded) and the ratio.
 
-    python benchmarks/throughput.py [--size 2048] [--per-encoding 4] [--baseline DIR [--baseline-only]]
+    python benchmarks/throughput.py [--night-per-format 40] [--folder-images 200] [--rounds 2] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import os
 import subprocess
 import sys
@@ -33,267 +38,257 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from PIL import Image
 
 from pneumobatch.io.discovery import walk
 from pneumobatch.io.readers import ReadOptions
-from pneumobatch.model.device import available_cores, default_split, resolve_device, resolve_precision
-from pneumobatch.model.inference import Predictor, make_loader
-from pneumobatch.model.preprocess import InputSpec
-from pneumobatch.model.registry import load_model
-from pneumobatch.predict import run_predict
-from pneumobatch.predict_config import PredictConfig
-from pneumobatch.testing.synthetic import ENCODINGS, write_cxr
+from pneumobatch.model.decoding import read_entry
+from pneumobatch.model.device import available_cores, default_split, torch_installed
+from pneumobatch.model.preprocess import input_spec
+from pneumobatch.model.runtime import OnnxPredictor, load_onnx_model
+from pneumobatch.testing.synthetic import write_cxr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode import chest_like  # noqa: E402 - the benchmarks' shared test image
 
+#: The night's formats, as the throughput issue measured them (synthetic.ENCODINGS names).
+NIGHT_FORMATS = ("explicit", "j2k", "jpegls", "rle", "jpeg-baseline")
+NIGHT_SHAPE = (2500, 2048)  # rows x columns
 
-def make_studies(folder: Path, size: int, per_encoding: int, encodings: tuple[str, ...]) -> None:
-    for encoding in encodings:
-        for i in range(per_encoding):
-            pixels = np.roll(chest_like(size, seed=i), i * size // 29, axis=1)
+
+def radiograph(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A 12-bit chest-like image of ``shape`` (rows, columns), shifted per seed so files differ."""
+    side = max(shape)
+    image = np.roll(chest_like(side, seed=seed), seed * side // 29, axis=1)
+    return np.ascontiguousarray(image[: shape[0], : shape[1]])
+
+
+def make_night(folder: Path, per_format: int) -> None:
+    for encoding in NIGHT_FORMATS:
+        for i in range(per_format):
+            pixels = radiograph(NIGHT_SHAPE, i)
+            path = folder / f"{encoding}_{i:03d}.dcm"
             if encoding == "jpeg-baseline":
-                write_cxr(folder / f"{encoding}_{i}.dcm", (pixels >> 4).astype(np.uint8), encoding)
+                write_cxr(path, (pixels >> 4).astype(np.uint8), encoding)
             else:
-                write_cxr(folder / f"{encoding}_{i}.dcm", pixels, encoding, bits_stored=12, window=(2048.0, 3600.0))
+                write_cxr(path, pixels, encoding, bits_stored=12, window=(2048.0, 3600.0))
 
 
-def decode_rate(entries, size, reduced: bool, workers: int = 0) -> float:
-    options = ReadOptions(min_side=size if reduced else None)
-    loader = make_loader(entries, [InputSpec(size)], options, batch_size=8, workers=workers)
-    t0 = time.perf_counter()
-    n = sum(len(ok) for _, _, ok in loader)
-    return n / (time.perf_counter() - t0)
+def make_exports(folder: Path, n: int) -> None:
+    """1024-px 8-bit exports, half PNG and half JPEG q90 (a teaching file or a research export)."""
+    for i in range(n):
+        pixels = (radiograph((1024, 1024), i) >> 4).astype(np.uint8)
+        if i % 2:
+            Image.fromarray(pixels).save(folder / f"export_{i:03d}.jpg", quality=90)
+        else:
+            Image.fromarray(pixels).save(folder / f"export_{i:03d}.png")
 
 
-def forward_backends(net: torch.nn.Module, size: int, batch: int, compile_too: bool) -> dict:
-    """Name -> (callable, input) for each CPU backend option of the same weights."""
-    x = torch.randn(batch, 3, size, size)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    contiguous = copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format)
-    channels_last = copy.deepcopy(net).eval().to(memory_format=torch.channels_last)
-    options = {"eager fp32": (contiguous, x), "eager fp32 channels_last": (channels_last, xc)}
-    with torch.inference_mode():
-        frozen = torch.jit.freeze(torch.jit.trace(channels_last, xc))
-    options["jit trace+freeze channels_last"] = (frozen, xc)
-    # dynamic int8 quantises nn.Linear only: in EfficientNet-Lite0 just the classifier
-    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(channels_last), {torch.nn.Linear}, dtype=torch.qint8)
-    options["dynamic int8 (Linear) channels_last"] = (dynamic, xc)
-    session = onnx_session(contiguous, x)
-    if session is not None:
-        options["onnxruntime fp32"] = (lambda t: torch.from_numpy(session.run(None, {"x": t.numpy()})[0]), x)
-    if compile_too:
-        options["torch.compile channels_last"] = (torch.compile(channels_last), xc)
-    return options
+def kind_of(path: Path) -> str:
+    return path.name.rsplit("_", 1)[0] if path.suffix == ".dcm" else path.suffix.lstrip(".")
 
 
-def onnx_session(net: torch.nn.Module, x: torch.Tensor):
-    """An ONNX Runtime session running ``net`` with this process's torch thread count; None if not installed."""
-    try:
-        import onnxruntime
-    except ImportError:
-        print("  (onnxruntime not installed: pip install onnxruntime onnx)")
-        return None
-    buffer = io.BytesIO()
-    torch.onnx.export(net, (x,), buffer, input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+def decode_rates(folder: Path, spec, options: ReadOptions) -> dict[str, float]:
+    """images/s per format, one process, as predict's workers read and prepare them."""
+    entries = [e for _, e in walk([folder])]
+    seconds: dict[str, list[float]] = {}
+    for entry in entries:
+        t0 = time.perf_counter()
+        item = read_entry(entry, [spec], options)
+        if item["inputs"] is None:
+            raise SystemExit(f"{entry.relpath}: {item['reason']} {item['detail']}")
+        seconds.setdefault(kind_of(entry.path), []).append(time.perf_counter() - t0)
+    return {kind: len(s) / sum(s) for kind, s in seconds.items()}
 
 
-def time_forward(options: dict, batch: int, rounds: int) -> dict[str, float]:
-    """images/s per option: median of ``rounds`` interleaved rounds of 2 batches each."""
-    reference = None
-    times: dict[str, list[float]] = {name: [] for name in options}
-    with torch.inference_mode():
-        for name, (fn, x) in options.items():
+def forward_rates(name: str, batch: int, threads: int, cores: int, rounds: int = 5) -> dict[str, float]:
+    """images/s of each backend's forward pass (normalisation and softmax included), median of rounds."""
+    model = load_onnx_model(name)
+    spec = input_spec(model.card)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 1, spec.size, spec.size), dtype=np.uint8)
+    options = {
+        f"onnxruntime, {t} thread{'s' if t > 1 else ''}": OnnxPredictor([model], t) for t in sorted({threads, cores})
+    }
+    runs = {label: (lambda p=p: p({spec: images}, {})) for label, p in options.items()}
+    if torch_installed():
+        import torch
+
+        from pneumobatch.model.inference import Predictor
+        from pneumobatch.model.registry import load_model
+
+        torch.set_num_threads(threads)
+        loaded = load_model(name)
+        eager = Predictor([loaded], torch.device("cpu"), None, {name: loaded.applicability}, backend="torch")
+        x = torch.from_numpy(images)
+        runs[f"PyTorch eager, {threads} thread{'s' if threads > 1 else ''}"] = lambda: eager({spec: x}, {})
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(rounds):  # interleaved: a change of load hits every backend alike
+        for label, fn in runs.items():
             t0 = time.perf_counter()
-            out = fn(x)  # warm-up (and compilation)
-            print(f"  {name}: first call {time.perf_counter() - t0:.1f} s", end="")
-            reference = out if reference is None else reference
-            print(f", max |logit - eager| {float((out - reference).abs().max()):.2e}")
-        for _ in range(rounds):
-            for name, (fn, x) in options.items():
-                t0 = time.perf_counter()
-                fn(x)
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
-    return {name: 2 * batch / float(np.median(t)) for name, t in times.items()}
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    return {label: batch / float(np.median(t)) for label, t in times.items()}
 
 
-def end_to_end(folder: Path, model: str, workers: int, threads: int, out: Path) -> float:
-    n = sum(1 for _ in walk([folder]))
-    t0 = time.perf_counter()
-    run = run_predict(
-        PredictConfig(inputs=[folder], output=out, models=[model], workers=workers, threads=threads, overwrite=True)
-    )
-    if run.exit_code != 0:
-        raise SystemExit(f"predict failed: {run.counts}")
-    return n / (time.perf_counter() - t0)
-
-
-def cli_seconds(code: Path, folder: Path, model: str, out: Path) -> float:
-    """Seconds of ``python -m pneumobatch predict`` with the code under ``code`` (start-up included)."""
+def run_cli(code: Path, args: list[str], cwd: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of ``pneumobatch ARGS`` as a fresh process with the code under ``code``."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pneumobatch",
-            "predict",
-            str(folder),
-            "-m",
-            model,
-            "-o",
-            str(out),
-            "--overwrite",
-            "--quiet",
-        ],
-        env=env,
-        check=True,
-        cwd=code,
-    )
-    return time.perf_counter() - t0
+    process = subprocess.Popen([sys.executable, "-m", "pneumobatch", *args], env=env, cwd=cwd)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - t0
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode not in (0, 1):
+        raise SystemExit(f"pneumobatch {' '.join(args)} (code {code}) exited {process.returncode}")
+    return seconds, usage.ru_maxrss / 1024
 
 
-def compare_with_baseline(
-    baseline: Path, size: int, per_encoding: list[int], encodings: tuple[str, ...], model: str
-) -> None:
-    """``pneumobatch predict`` with the baseline's code and this tree's, alternately, twice each,
-    on folders of each size; the marginal rate (time of the larger folder minus the smaller's)
-    is what a night of thousands of files sees, start-up excluded."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = []
-        for per in sorted(set(per_encoding)):
-            folder = Path(tmp) / f"studies{per}"
-            folder.mkdir()
-            make_studies(folder, size, per, encodings)
-            folders.append((sum(1 for _ in walk([folder])), folder))
-        print(
-            f"\n4. pneumobatch predict as a fresh process, defaults, start-up included: {size}x{size} DICOMs, "
-            f"folders of {', '.join(str(n) for n, _ in folders)}"
-        )
-        for round_ in (1, 2):
-            seconds: dict[str, list[float]] = {"baseline": [], "this tree": []}
-            for n, folder in folders:
-                for name, code in (("baseline", baseline.resolve()), ("this tree", ROOT)):
-                    seconds[name].append(cli_seconds(code, folder, model, Path(tmp) / f"{name[:4]}.csv"))
-                old, new = n / seconds["baseline"][-1], n / seconds["this tree"][-1]
-                print(
-                    f"  round {round_}, {n:4d} files: baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x"
-                )
-            if len(folders) > 1:
-                extra = folders[-1][0] - folders[0][0]
-                old, new = (extra / (t[-1] - t[0]) for t in (seconds["baseline"], seconds["this tree"]))
-                print(
-                    f"  round {round_}, marginal ({folders[-1][0]} - {folders[0][0]} files, start-up excluded): "
-                    f"baseline {old:6.2f} images/s; this tree {new:6.2f} images/s; {new / old:.2f}x"
-                )
+def bound(rates: dict[str, float], counts: dict[str, int], forward: float, cores: int) -> float:
+    """Every core busy, no overhead: cores / (mean decode core-seconds + forward core-seconds) per image."""
+    n = sum(counts.values())
+    decode_seconds = sum(counts[k] / rates[k] for k in counts) / n
+    return cores / (decode_seconds + 1 / forward)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def torchxrayvision_rate(folder: Path) -> float:
+    """images/s of torchxrayvision's documented per-image use on ``folder`` (PNG/JPEG)."""
+    import skimage.io
+    import torch
+    import torchvision
+    import torchxrayvision as xrv
+
+    torch.set_num_threads(available_cores())
+    model = xrv.models.DenseNet(weights=None).eval()  # the architecture of its res224 weights; nothing downloaded
+    transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)])
+    paths = sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            img = xrv.datasets.normalize(skimage.io.imread(path), 255)
+            img = img.mean(2)[None, ...] if img.ndim == 3 else img[None, ...]
+            model(torch.from_numpy(transform(img))[None, ...])
+    return len(paths) / (time.perf_counter() - t0)
 
 
 def main_() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=2048, help="image side in pixels")
-    parser.add_argument("--per-encoding", type=int, default=4)
-    parser.add_argument("--encodings", default=",".join(ENCODINGS))
+    parser.add_argument("--night-per-format", type=int, default=40, help="DICOMs per format of the night")
+    parser.add_argument("--folder-images", type=int, default=200, help="1024-px PNG/JPEG exports")
     parser.add_argument("--model", default="pneumonia")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the forward timings")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the end-to-end runs")
     parser.add_argument("--baseline", type=Path, help="a checkout of older pneumobatch code to compare with")
-    parser.add_argument(
-        "--baseline-per-encoding",
-        default="8,32",
-        help="files per encoding of the folders of the baseline comparison (comma-separated)",
-    )
-    parser.add_argument("--e2e-per-encoding", type=int, default=16, help="files per encoding of the end-to-end splits")
-    parser.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds of the end-to-end splits")
-    parser.add_argument("--baseline-only", action="store_true", help="only the comparison with --baseline")
     args = parser.parse_args()
-    encodings = tuple(args.encodings.split(","))
-    if args.baseline_only:
-        if not args.baseline:
-            raise SystemExit("--baseline-only needs --baseline DIR")
-        compare_with_baseline(args.baseline, args.size, _ints(args.baseline_per_encoding), encodings, args.model)
-        return
 
-    device = resolve_device("auto")
-    split = default_split(device)
-    model = load_model(args.model)
-    size = model.card.input_size
+    cores = available_cores()
+    split = default_split("cpu")
+    model = load_onnx_model(args.model)
+    spec = input_spec(model.card)
+    flags = Path("/proc/cpuinfo").read_text(errors="replace").split() if Path("/proc/cpuinfo").exists() else []
     print(
-        f"{available_cores()} cores, CUDA: {torch.cuda.is_available()}; default split: "
-        f"{split.workers} workers, {split.threads} torch threads, batch {split.batch_size}; model {model.card.name} "
-        f"({model.card.architecture} @ {size}px) on {device}"
+        f"{cores} cores ({'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'}); "
+        f"default split {split.workers} decoding workers + {split.threads} forward thread(s), batch {split.batch_size}; "
+        f"model {model.card.name} ({model.card.architecture} @ {spec.size} px, equalised: {spec.equalize}); "
+        f"torch installed: {torch_installed()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "studies"
-        folder.mkdir()
-        make_studies(folder, args.size, args.per_encoding, encodings)
-        entries = [e for _, e in walk([folder])]
-        print(f"{len(entries)} DICOMs of {args.size}x{args.size} ({', '.join(encodings)})")
+        tmp = Path(tmp)
+        folders = {"night": tmp / "night", "exports": tmp / "exports"}
+        for folder in folders.values():
+            folder.mkdir()
+        make_night(folders["night"], args.night_per_format)
+        make_exports(folders["exports"], args.folder_images)
+        counts = {
+            name: {
+                k: sum(1 for _, e in walk([f]) if kind_of(e.path) == k) for k in {kind_of(e.path) for _, e in walk([f])}
+            }
+            for name, f in folders.items()
+        }
+        options = ReadOptions(min_side=spec.size)
 
-        print("\n1. decode + resize, one process, images/s")
-        print(f"  {'encoding':<14} {'full':>8} {'reduced':>8} {'ratio':>7}")
-        for encoding in encodings:
-            subset = [e for e in entries if e.path.name.startswith(encoding + "_")]
-            full, fast = decode_rate(subset, size, False), decode_rate(subset, size, True)
-            print(f"  {encoding:<14} {full:8.1f} {fast:8.1f} {fast / full:6.1f}x")
-        full_all, decode = decode_rate(entries, size, False), decode_rate(entries, size, True)
-        print(f"  {'all (mixed)':<14} {full_all:8.1f} {decode:8.1f} {decode / full_all:6.1f}x")
-        cores = available_cores()
-        parallel = decode_rate(entries, size, True, workers=cores)
-        print(
-            f"  all (mixed), reduced, {cores} worker processes: {parallel:.1f} images/s ({parallel / decode:.2f}x one process)"
-        )
+        print("\n1. decode + resize, one process, images/s (per core)")
+        rates = {name: decode_rates(folder, spec, options) for name, folder in folders.items()}
+        for name, by_kind in rates.items():
+            for kind, rate in sorted(by_kind.items()):
+                print(f"  {name:<8} {kind:<14} {rate:7.1f}   ({counts[name][kind]} files)")
 
-        print(f"\n2. forward only, batch {split.batch_size}, {split.threads} torch threads, images/s")
-        torch.set_num_threads(split.threads)
-        precision = resolve_precision("auto", device)
-        predictor = Predictor([model], device, precision)
-        rates = time_forward(
-            forward_backends(model.net, size, split.batch_size, args.compile), split.batch_size, args.rounds
-        )
-        for name, rate in rates.items():
-            print(f"  {name:<36} {rate:7.1f}")
-        forward = rates["onnxruntime fp32" if predictor.backend == "onnxruntime" else "eager fp32 channels_last"]
-        print(f"  predict runs: {predictor.backend}")
+        print(f"\n2. forward pass, batch {split.batch_size}, images/s")
+        forwards = forward_rates(args.model, split.batch_size, split.threads, cores)
+        for label, rate in forwards.items():
+            print(f"  {label:<28} {rate:7.1f}")
+        forward_1 = next(r for label, r in forwards.items() if label.startswith(f"onnxruntime, {split.threads} "))
 
-        bound = 1 / (1 / decode + 1 / forward)
-        folder = Path(tmp) / "e2e"
-        folder.mkdir()
-        make_studies(folder, args.size, args.e2e_per_encoding, encodings)
-        print(
-            f"\n3. end-to-end run_predict on {args.e2e_per_encoding * len(encodings)} DICOMs (model load, export, workers "
-            f"and CSV included); serial bound {bound:.1f} images/s, all {cores} cores busy {cores * bound:.1f}"
-        )
-        splits = [(split.workers, split.threads)] + [
-            (w, t)
-            for w in sorted({0, 1, 2, cores})
-            for t in sorted({1, 2, cores})
-            if (w, t) != (split.workers, split.threads)
-        ]
-        rates: dict[tuple[int, int], list[float]] = {split_: [] for split_ in splits}
-        end_to_end(folder, args.model, split.workers, split.threads, Path(tmp) / "p.csv")  # warm-up: caches, export
-        for _ in range(args.e2e_rounds):  # interleaved, so that a change of load hits every split alike
-            for workers, threads in splits:
-                rates[(workers, threads)].append(end_to_end(folder, args.model, workers, threads, Path(tmp) / "p.csv"))
-        for (workers, threads), values in rates.items():
-            rate = float(np.median(values))
-            tag = "  (default)" if (workers, threads) == (split.workers, split.threads) else ""
+        print("\n3. the bound (every core busy, no overhead), images/s")
+        bounds = {name: bound(rates[name], counts[name], forward_1, cores) for name in folders}
+        for name, value in bounds.items():
+            print(f"  {name:<8} {sum(counts[name].values())} files: {value:6.1f}")
+
+        print("\n4. pneumobatch predict as a fresh process, defaults, start-up included, images/s")
+        codes = {"this tree": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+        results: dict[tuple[str, str], list[float]] = {}
+        for round_ in range(1, args.rounds + 1):
+            for name, folder in folders.items():
+                n = sum(counts[name].values())
+                for label, code in codes.items():
+                    cmd = [
+                        "predict",
+                        str(folder),
+                        "-m",
+                        args.model,
+                        "-o",
+                        str(tmp / f"{label[:4]}.csv"),
+                        "--overwrite",
+                        "-q",
+                    ]
+                    seconds, _ = run_cli(code, cmd, tmp)
+                    results.setdefault((name, label), []).append(n / seconds)
+                line = ", ".join(f"{label} {results[(name, label)][-1]:6.1f}" for label in codes)
+                print(f"  round {round_}, {name:<8}: {line}")
+        for name in folders:
+            best = {label: max(results[(name, label)]) for label in codes}
+            text = f"  {name:<8} best of {args.rounds}: this tree {best['this tree']:6.1f} = {best['this tree'] / bounds[name]:.2f} of the bound"
+            if "baseline" in best:
+                text += f"; baseline {best['baseline']:6.1f}; speed-up {best['this tree'] / best['baseline']:.2f}x"
+            print(text)
+
+        print("\n5. start-up: one file (a 2048x2500 JPEG-LS DICOM), fresh process: seconds, peak RSS")
+        one = folders["night"] / "jpegls_000.dcm"
+        variants = {
+            "default (ONNX Runtime, no torch)": [],
+            **({"--backend torch": ["--backend", "torch"]} if torch_installed() else {}),
+        }
+        if args.baseline:
+            variants["baseline"] = []
+        for label, extra in variants.items():
+            code = args.baseline.resolve() if label == "baseline" else ROOT
+            runs = [
+                run_cli(
+                    code,
+                    ["predict", str(one), "-m", args.model, "-o", str(tmp / "one.csv"), "--overwrite", "-q", *extra],
+                    tmp,
+                )
+                for _ in range(3)
+            ]
+            seconds = sorted(s for s, _ in runs)
             print(
-                f"  workers {workers}, threads {threads}: median {rate:6.1f} images/s ({', '.join(f'{v:.1f}' for v in values)}), "
-                f"{rate / bound:5.2f} of the serial bound, {rate / bound / cores:5.2f} of all cores busy{tag}"
+                f"  {label:<34} {seconds[1]:.2f} s (median of 3; {seconds[0]:.2f}-{seconds[-1]:.2f}), {max(m for _, m in runs):.0f} MB"
             )
-    if args.baseline:
-        compare_with_baseline(args.baseline, args.size, _ints(args.baseline_per_encoding), encodings, args.model)
+
+        try:
+            import torchxrayvision  # noqa: F401
+        except ImportError:
+            print(
+                "\n6. torchxrayvision is not installed (pip install torchxrayvision): its per-image loop is not measured"
+            )
+            return
+        xrv = torchxrayvision_rate(folders["exports"])
+        ours = max(results[("exports", "this tree")])
+        print(
+            f"\n6. torchxrayvision's documented per-image loop on the exports folder: {xrv:.1f} images/s; "
+            f"pneumobatch {ours:.1f}: {ours / xrv:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,19 @@ LAYERS = {
     "__main__": 10,
 }
 
-#: parts that must never import torch (the report, calibrate and monitor run without it)
-TORCH_FREE = ("core", "io", "evaluation", "operations", "predict_config", "model.applicability.stats")
+#: parts that must never import torch (the report, calibrate and monitor run without it, and so does
+#: predict on ONNX Runtime: model.store, model.decoding, model.runtime)
+TORCH_FREE = (
+    "core",
+    "io",
+    "evaluation",
+    "operations",
+    "predict_config",
+    "model.applicability.stats",
+    "model.store",
+    "model.decoding",
+    "model.runtime",
+)
 
 
 def module_name(path: Path, root: Path) -> str:

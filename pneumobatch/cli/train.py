@@ -80,6 +80,7 @@ def fit_applicability_command(
     threshold) in NAME.json; predict then adds ood_score and applicable to every row.
     """
     from pneumobatch.model.applicability.features import attach
+    from pneumobatch.model.onnx import export_for_onnx_runtime
     from pneumobatch.model.registry import load_model
     from pneumobatch.training.applicability import fit_from_manifest
 
@@ -88,6 +89,7 @@ def fit_applicability_command(
         loaded, manifest, percentile=percentile, workers=workers, only_class=only_class, progress=click.echo
     )
     path = attach(loaded, stats, info)
+    export_for_onnx_runtime(loaded)  # the statistics' layers are outputs of the export predict runs
     click.echo(
         f"wrote {path}; threshold {stats.threshold:.3f} ({percentile:g}th percentile of {info['n_val']} validation images)"
     )

@@ -229,3 +229,19 @@ def write_export(loaded) -> dict:
     }
     write_card(card, loaded.weights_path.with_suffix(".json"))
     return card.onnx
+
+
+def export_for_onnx_runtime(loaded) -> bool:
+    """:func:`write_export` after applicability statistics were attached (train, fit-applicability), so
+    that ``predict`` runs the model without torch; an export that fails leaves the model to the
+    PyTorch path (the card's ``onnx`` entry emptied) and returns False."""
+    from pneumobatch.model.registry import write_card
+
+    try:
+        write_export(loaded)
+        return True
+    except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle
+        log.warning("model %s: no ONNX export (%s); predict runs it in PyTorch", loaded.card.name, str(exc)[:200])
+        loaded.card.onnx = {}
+        write_card(loaded.card, loaded.weights_path.with_suffix(".json"))
+        return False

@@ -16,6 +16,7 @@ import pandas as pd
 from pneumobatch.core.errors import ModelError
 from pneumobatch.model.applicability.features import attach, fit_features
 from pneumobatch.model.applicability.stats import DEFAULT_PERCENTILE, ApplicabilityStats, summary
+from pneumobatch.model.onnx import export_for_onnx_runtime
 from pneumobatch.model.preprocess import input_spec
 from pneumobatch.model.registry import LoadedModel
 from pneumobatch.training.data import Dataset, decode_splits, load_labels, remove_leakage
@@ -36,6 +37,7 @@ def fit_training_applicability(
         n_val=len(val_set.images),
     )
     attach(loaded, fitted, info)
+    export_for_onnx_runtime(loaded)  # the statistics' layers are outputs of the export
 
 
 def fit_from_manifest(

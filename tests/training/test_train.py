@@ -91,6 +91,13 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
         saved["applicability"]["file"] == "tiny.applicability.safetensors" and len(saved["applicability"]["layers"]) > 1
     )
     assert loaded.applicability is not None and loaded.applicability.threshold == saved["applicability"]["threshold"]
+    # ... and exports the network with those layers, so that predict runs it without torch
+    from pneumobatch.model.runtime import load_onnx_model
+
+    exported = load_onnx_model(str(out / "tiny.json"))
+    assert saved["onnx"]["weights_sha256"] == saved["weights_sha256"]
+    assert saved["onnx"]["outputs"] == ["logits", *loaded.applicability.layer_names]
+    assert exported.onnx_path == out / "tiny.onnx"
 
     result = CliRunner().invoke(
         main,
@@ -107,6 +114,15 @@ def test_training_writes_complete_card_and_predict_loads_it(tmp_path: Path):
     assert result.exit_code == 0, result.output
     predictions = pd.read_csv(tmp_path / "p.csv")
     assert len(predictions) == 48 and predictions.loc[predictions["status"] == "ok", "ood_score"].notna().all()
+    result = CliRunner().invoke(  # the same in PyTorch: the export computes what the weights do
+        main,
+        ["predict", str(tmp_path / "data" / "images"), "-o", str(tmp_path / "t.csv"), "-m", str(out / "tiny.json"),
+         "--backend", "torch", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    in_torch = pd.read_csv(tmp_path / "t.csv")
+    assert (in_torch["pred_label"].fillna("") == predictions["pred_label"].fillna("")).all()
+    assert (in_torch["prob_pneumonia"] - predictions["prob_pneumonia"]).abs().max() <= 1e-5
 
     # retune: operating points chosen again on validation, weights untouched, and the test
     # split never chooses anything (relabelling it changes only the test metrics)

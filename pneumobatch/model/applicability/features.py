@@ -157,24 +157,4 @@ def attach(loaded: Any, stats: ApplicabilityStats, info: dict[str, Any]) -> Path
     card.applicability = {**info, "file": path.name, "sha256": sha256_file(path), "threshold": stats.threshold}
     loaded.applicability = stats
     write_card(card, loaded.weights_path.with_suffix(".json"))
-    _export_for_onnx_runtime(loaded)
     return path
-
-
-def _export_for_onnx_runtime(loaded: Any) -> None:
-    """``NAME.onnx`` with the statistics' layers (:func:`pneumobatch.model.onnx.write_export`), so that
-    ``predict`` runs without torch; an export that fails leaves the model to the PyTorch path."""
-    import logging
-
-    from pneumobatch.model.onnx import write_export
-
-    try:
-        write_export(loaded)
-    except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle
-        logging.getLogger(__name__).warning(
-            "model %s: no ONNX export (%s); predict runs it in PyTorch", loaded.card.name, str(exc)[:200]
-        )
-        loaded.card.onnx = {}
-        from pneumobatch.model.registry import write_card
-
-        write_card(loaded.card, loaded.weights_path.with_suffix(".json"))
