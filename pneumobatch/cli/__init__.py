@@ -13,7 +13,7 @@ writes a CSV with only the header.
 
 This package's ``__init__`` holds the group (:func:`main`) and that translation; each
 family of commands is a module (:mod:`.predict`, :mod:`.train`, :mod:`.report`,
-:mod:`.site`, :mod:`.monitor`, :mod:`.pacs`, :mod:`.listen`) added to the group at the end. Commands
+:mod:`.site`, :mod:`.monitor`, :mod:`.audit`, :mod:`.pacs`, :mod:`.listen`) added to the group at the end. Commands
 import the library inside their functions, so ``import pneumobatch.cli`` imports neither
 torch nor scikit-learn, matplotlib or reportlab.
 """
@@ -150,7 +150,7 @@ def main() -> None:
 
 
 def _add_commands() -> None:
-    from pneumobatch.cli import invariance, listen, monitor, pacs, predict, report, site, train
+    from pneumobatch.cli import audit, invariance, listen, monitor, pacs, predict, report, site, train
 
     for command in (
         train.models_command,
@@ -165,6 +165,7 @@ def _add_commands() -> None:
         site.calibrate_command,
         invariance.invariance_command,
         monitor.monitor_command,
+        audit.audit_command,
     ):
         main.add_command(command)
 
