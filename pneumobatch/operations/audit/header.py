@@ -46,7 +46,7 @@ EMPTY = "(empty)"
 #: Values seen fewer times are pooled into one "other" column by the classifier.
 MIN_VALUE_COUNT = 3
 #: Fewer positive or fewer negative calls than this: no AUC (the verdict says so).
-MIN_PER_CLASS = 5
+MIN_PER_CLASS = 10
 #: Folds of the cross-validation (fewer when a class has fewer calls).
 N_FOLDS = 5
 #: An AUC at or above this says the output tracks the scanner or protocol.
@@ -188,7 +188,7 @@ def header_auc(features: Sequence[Mapping[str, Any]], positive: Sequence[bool], 
     }
     if min(n_pos, n_neg) < MIN_PER_CLASS:
         out["verdict"] = (
-            f"not enough positive and negative calls to judge ({n_pos} positive, {n_neg} negative; "
+            f"header shortcut: not enough positive and negative calls to judge ({n_pos} positive, {n_neg} negative; "
             f"at least {MIN_PER_CLASS} of each are needed)"
         )
         return out
@@ -200,7 +200,7 @@ def header_auc(features: Sequence[Mapping[str, Any]], positive: Sequence[bool], 
     boot = np.concatenate([BootstrapAUC(y, proba)(d) for d in bootstrap_draws(len(y), N_BOOTSTRAP, seed)])
     ci = percentile_ci(boot, 0.95)[0]
     out.update(auc=auc, auc_ci=ci, folds=folds, tracks_header=auc >= SHORTCUT_AUC)
-    measured = f"header AUC {auc:.2f}" + (f" (95% CI {ci[0]:.2f}-{ci[1]:.2f}, {len(y)} images)" if ci else "")
+    measured = f"header shortcut: AUC {auc:.2f}" + (f" (95% CI {ci[0]:.2f}-{ci[1]:.2f}, {len(y)} images)" if ci else "")
     if auc >= SHORTCUT_AUC:
         out["verdict"] = (
             f"{measured}: the model's output tracks the scanner or the protocol more than the patients: "
@@ -230,8 +230,10 @@ def value_rates(
     scored = flags.notna().to_numpy()
     not_applicable = (flags == False).to_numpy()  # noqa: E712 - element-wise, None stays unscored
     out: dict[str, Any] = {}
+    no_header = (frame["format"] != FileKind.DICOM.value).to_numpy()
     for field in FIELDS:
-        values = np.array([_text(v) for v in frame[field]], dtype=object)
+        blank = no_header & (field != "format")
+        values = np.array([NO_HEADER if none else _text(v) for v, none in zip(frame[field], blank)], dtype=object)
         if field == "transfer_syntax":
             values = np.array([transfer_syntax_name(v) if v not in (EMPTY, NO_HEADER) else v for v in values])
         counts = pd.Series(values).value_counts()

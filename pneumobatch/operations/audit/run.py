@@ -33,7 +33,7 @@ import pandas as pd
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import FileRejected, OptionError, OutputError, OutputExists, ReportError, Status
-from pneumobatch.operations.audit.header import header_auc, header_features, value_rates
+from pneumobatch.operations.audit.header import NO_HEADER, header_auc, header_features, value_rates
 
 SCHEMA = "pneumobatch.audit/1"
 #: The class that is not a positive call of a model without a binary positive class (etiology).
@@ -273,12 +273,10 @@ def _invariance_verdict(part: dict[str, Any]) -> str:
         )
     if not over:
         return f"export invariance on {n} images: no subgroup of {MIN_IMAGES}+ images moves by more than {GOAL}"
-    groups = sorted({r["subgroup"] for r in over})
-    exports = sorted({r["export"] for r in over})
+    shown = ", ".join(f"{r['export']} on {'all images' if r['subgroup'] == 'all' else r['subgroup']}" for r in over[:8])
     return (
-        f"export invariance on {n} images: {len(over)} rows move by more than {GOAL}: subgroups "
-        f"{', '.join(groups[:8])}{' …' if len(groups) > 8 else ''} under {', '.join(exports)}; "
-        "this site's exports change the answers there"
+        f"export invariance on {n} images: {len(over)} row{'s' if len(over) > 1 else ''} over {GOAL} "
+        f"({shown}{', …' if len(over) > 8 else ''}): this site's exports change the answers there"
     )
 
 
@@ -290,7 +288,7 @@ def _applicability_verdict(overall: dict[str, Any], values: dict[str, Any]) -> s
             (field, v)
             for field, block in values.items()
             for v in block["values"]
-            if v["not_applicable"]["n"] >= 10 and v["value"] != "no DICOM header"
+            if 10 <= v["not_applicable"]["n"] < overall["scored"] and v["value"] != NO_HEADER
         ),
         key=lambda fv: fv[1]["not_applicable"]["rate"],
         default=None,
@@ -299,7 +297,7 @@ def _applicability_verdict(overall: dict[str, Any], values: dict[str, Any]) -> s
         f"applicability: {overall['not_applicable']} of {overall['scored']} images "
         f"({overall['rate']:.0%}) flagged out of distribution"
     )
-    if worst is not None and worst[1]["not_applicable"]["k"]:
+    if worst is not None and worst[1]["not_applicable"]["rate"] > overall["rate"]:
         field, v = worst
         text += f"; most in {field}={v['value']} ({v['not_applicable']['k']} of {v['not_applicable']['n']})"
     return text
