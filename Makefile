@@ -24,13 +24,15 @@ demo: $(STAMP)
 	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology --site demo_output/site.json -o demo_output/predictions_site.csv --overwrite --quiet; test $$? -le 1
 	$(BIN)/pneumobatch report demo_output/predictions_site.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/report_site.pdf --quiet
 	$(BIN)/pneumobatch monitor demo_output/predictions.run.json demo_output/predictions_site.run.json --baseline 1 -o demo_output/monitor.pdf
+	$(BIN)/pneumobatch audit demo_output/predictions.csv sample_studies --model pneumonia -o demo_output/audit.pdf --overwrite
 	@echo "predictions: demo_output/predictions.csv (studies: demo_output/predictions.studies.csv)"
 	@echo "reports:     demo_output/report_pneumonia.pdf demo_output/report_etiology.pdf"
 	@echo "site file:   demo_output/site.json, applied in demo_output/predictions_site.csv;"
 	@echo "             shipped vs site operating points: demo_output/report_site.pdf"
 	@echo "monitoring:  demo_output/monitor.pdf (.json, .prom)"
-	@echo "NOTE: calibrate and monitor ran on the 33 sample images of sample_studies/: far too few to fit"
-	@echo "      a site's operating point (calibrate warns) or to judge drift; they show the commands and files."
+	@echo "audit:       demo_output/audit.pdf (.json): header shortcut, export invariance, applicability"
+	@echo "NOTE: calibrate, monitor and audit ran on the 33 sample images of sample_studies/: far too few to fit"
+	@echo "      a site's operating point (calibrate warns), to judge drift or a header shortcut; they show the commands and files."
 	@echo "      The monitor compares the shipped run with the site-calibrated one, so it reports that change."
 
 # The PACS tests run against a real Orthanc; this installs it when missing (as root, apt).

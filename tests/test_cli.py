@@ -290,6 +290,7 @@ def test_every_default_is_the_librarys():
     import inspect
 
     from pneumobatch.evaluation.report.options import ReportOptions
+    from pneumobatch.operations.audit.run import AuditConfig
     from pneumobatch.operations.calibrate import CalibrateConfig
     from pneumobatch.operations.monitor.run import MonitorConfig
     from pneumobatch.operations.pacs.listen import ListenConfig
@@ -309,6 +310,7 @@ def test_every_default_is_the_librarys():
         "report": field_defaults(ReportOptions),
         "calibrate": field_defaults(CalibrateConfig),
         "monitor": field_defaults(MonitorConfig),
+        "audit": field_defaults(AuditConfig),
         "pull": field_defaults(PullConfig),
         "push": field_defaults(PushConfig),
         "listen": field_defaults(ListenConfig),

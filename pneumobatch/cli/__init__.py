@@ -13,9 +13,9 @@ writes a CSV with only the header.
 
 This package's ``__init__`` holds the group (:func:`main`) and that translation; each
 family of commands is a module (:mod:`.predict`, :mod:`.train`, :mod:`.report`,
-:mod:`.site`, :mod:`.monitor`, :mod:`.pacs`, :mod:`.listen`) added to the group at the end. Commands
-import the library inside their functions, so ``import pneumobatch.cli`` imports neither
-torch nor scikit-learn, matplotlib or reportlab.
+:mod:`.site`, :mod:`.monitor`, :mod:`.audit`, :mod:`.pacs`, :mod:`.listen`) imported only when one of
+its commands runs (:data:`COMMANDS`). Commands import the library inside their functions, so
+``import pneumobatch.cli`` imports neither torch nor pandas, scikit-learn, matplotlib or reportlab.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ COMMANDS = {
     "calibrate": "pneumobatch.cli.site:calibrate_command",
     "invariance": "pneumobatch.cli.invariance:invariance_command",
     "monitor": "pneumobatch.cli.monitor:monitor_command",
+    "audit": "pneumobatch.cli.audit:audit_command",
 }
 
 

@@ -219,6 +219,22 @@ def _inside(path: Path, real_root: Path) -> bool:
         return False
 
 
+def resolve_inside(root: Path, relpath: str) -> Optional[Path]:
+    """The file a ``path`` cell (:func:`escape_path`'s text, relative to ``root``) names, or
+    None when it is absolute or leads outside ``root`` (``..``, a link pointing out): a CSV
+    cell is untrusted and such a name is never opened."""
+    name = unescape_path(str(relpath))
+    if not name or os.path.isabs(name):
+        return None
+    path = Path(root) / name
+    return path if is_inside(path, root) else None
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, links and ``..`` resolved, lies in ``folder`` (or is it)."""
+    return _inside(path, Path(os.path.realpath(folder)))
+
+
 def _walk_dir(
     root: Path, folder: Path, real_root: Path, seen: set[tuple[int, int]], follow_external: bool
 ) -> Iterator[FileEntry]:

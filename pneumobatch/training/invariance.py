@@ -267,23 +267,20 @@ class InvarianceConfig:
     overwrite: bool = False
 
 
-def site_invariance(config: InvarianceConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """``pneumobatch invariance``: the table of each model on a sample of ``config.folder``, written to
-    ``config.output`` (JSON; never over an existing file without ``overwrite``). Subgroups are the
-    images' header values (view, age band, manufacturer)."""
-    import json
-
-    from pneumobatch.core.errors import OptionError, OutputExists
-    from pneumobatch.io.atomicfile import atomic_write
+def sample_invariance(
+    config: InvarianceConfig, progress: Callable[[str], None] = lambda s: None, models: Sequence[LoadedModel] = ()
+) -> dict[str, Any]:
+    """The table of each model on a sample of ``config.folder`` (``config.output`` is not written):
+    what ``pneumobatch invariance`` writes and ``pneumobatch audit`` includes. Subgroups are the
+    images' header values (view, age band, manufacturer). ``models`` already loaded are used
+    instead of loading ``config.models``."""
+    from pneumobatch.core.errors import OptionError
     from pneumobatch.model.registry import load_model
 
-    output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise OutputExists(f"{output} exists; pass --overwrite to replace it")
     unknown = [e for e in config.exports if e not in EXPORTS]
     if unknown:
         raise OptionError(f"--export {unknown[0]}: not an export (use {', '.join(EXPORTS)})")
-    models = [load_model(name, config.weights_dir) for name in config.models]
+    models = list(models) or [load_model(name, config.weights_dir) for name in config.models]
     files, found = sample_files(Path(config.folder), config.sample, config.seed)
     if not files:
         raise OptionError(f"{config.folder}: no files to test")
@@ -292,5 +289,20 @@ def site_invariance(config: InvarianceConfig, progress: Callable[[str], None] = 
     result["folder"] = str(config.folder)
     result["files_found"] = found
     result["sample_seed"] = config.seed
+    return result
+
+
+def site_invariance(config: InvarianceConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """``pneumobatch invariance``: :func:`sample_invariance` written to ``config.output`` (JSON;
+    never over an existing file without ``overwrite``)."""
+    import json
+
+    from pneumobatch.core.errors import OutputExists
+    from pneumobatch.io.atomicfile import atomic_write
+
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise OutputExists(f"{output} exists; pass --overwrite to replace it")
+    result = sample_invariance(config, progress)
     atomic_write(output, json.dumps(result, indent=1, allow_nan=False, default=str) + "\n")
     return result

@@ -332,3 +332,16 @@ def test_a_bomb_is_too_large_with_a_message_naming_max_pixels(tmp_path: Path, si
         read_image(path, sniff(path), ReadOptions())
     assert info.value.reason is Reason.TOO_LARGE
     assert "--max-pixels" in info.value.detail and "bomb" not in info.value.detail.lower()
+
+
+def test_a_path_cell_is_resolved_only_inside_its_root(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.dcm").write_bytes(b"x")
+    (tmp_path / "secret").write_bytes(b"s")
+    os.symlink(tmp_path / "secret", root / "out")
+    os.symlink(root / "a" / "x.dcm", root / "in")
+    assert discovery.resolve_inside(root, "a/x.dcm") == root / "a" / "x.dcm"
+    assert discovery.resolve_inside(root, "in") == root / "in"  # a link inside the root is an input like any other
+    for cell in ("../secret", "a/../../secret", str(tmp_path / "secret"), "out", ""):
+        assert discovery.resolve_inside(root, cell) is None, cell

@@ -195,7 +195,7 @@ def _map_classes(values: pd.Series, task: Task) -> pd.Series:
     return values.map(mapping)
 
 
-def _prediction_classes(rows: pd.DataFrame, model: ModelCard) -> tuple[np.ndarray, int]:
+def prediction_classes(rows: pd.DataFrame, model: ModelCard) -> tuple[np.ndarray, int]:
     """Predicted class per row: the CSV's ``pred_label``, else derived; and how many derived."""
     derived = model.decide_many(rows[model.prob_columns()].to_numpy(dtype=np.float64))
     if "pred_label" not in rows.columns:
@@ -359,7 +359,7 @@ def join_labels(
         else:
             why = "no labelled prediction has probabilities"
         raise LabelError(f"no labelled predictions for model {model.name}: {why}")
-    y_pred, n_derived = _prediction_classes(rows, model)
+    y_pred, n_derived = prediction_classes(rows, model)
     rows["y_pred"] = y_pred
     if n_derived:
         notes.append(f"{n_derived} predictions had no usable pred_label; derived from the probabilities")
@@ -419,7 +419,7 @@ def study_level(
     matched = matched[matched[model.prob_columns()].notna().all(axis=1)].reset_index(drop=True)
     if matched.empty:
         return None
-    y_pred, n_derived = _prediction_classes(matched, model)
+    y_pred, n_derived = prediction_classes(matched, model)
     matched["y_pred"] = y_pred
     problems = {"conflicting_study_labels": _problem("conflicting_study_labels")}
     problems["conflicting_study_labels"].count = len(conflicting)

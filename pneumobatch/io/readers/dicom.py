@@ -187,6 +187,23 @@ def read_dicom(path: Path, options: ReadOptions) -> Image:
     raise rejection from cause
 
 
+def read_header(path: Path, options: Optional[ReadOptions] = None) -> Dataset:
+    """The header of a DICOM file, no pixel decoded: opened as :func:`read_dicom` opens it
+    (never a FIFO or device) and parsed as it parses it (a deflated data set inflated with its
+    limit), large values deferred. The file is closed on return, so deferred values (Pixel
+    Data) are no longer readable; small header values are. Raises only
+    :class:`~pneumobatch.core.errors.FileRejected`."""
+    options = options or ReadOptions()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            fh = open_input(path)
+        except OSError as exc:
+            raise FileRejected(Reason.UNREADABLE, short_error(exc)) from exc
+        with fh:
+            return _read_header(path, fh, options)
+
+
 def _read(path: Path, options: ReadOptions, meta: dict[str, Any]) -> Image:
     try:
         fh = open_input(path)
