@@ -1,7 +1,8 @@
 """ONNX Runtime vs PyTorch on the test split: the same AUC, the same labels?
 
 Runs the shipped models (default: pneumonia and etiology) over the manifest's test
-split once with each CPU backend (fp32, the same decoded 192 px tensors) and prints,
+split once with each CPU backend (fp32, the same decoded 192 px inputs: PyTorch eager and the shipped
+ONNX export in ONNX Runtime, which predict runs on the CPU without torch) and prints,
 per model: test-split AUC (binary: the positive class; multi-class: macro one-vs-rest)
 with each backend and their difference, the largest |dp| of any class probability, and
 how many images change label at the card's operating point.
@@ -21,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from pneumobatch.model.inference import Predictor
 from pneumobatch.model.preprocess import input_spec
 from pneumobatch.model.registry import load_model
+from pneumobatch.model.runtime import OnnxPredictor, load_onnx_model
 from pneumobatch.training.config import TrainConfig
 from pneumobatch.training.data import Dataset, decode_split, labelled_splits
 
@@ -58,15 +60,14 @@ def main() -> None:
         card = loaded.card
         test = decoded_split(card, args.manifest, "test", args.workers)
         targets = test.targets.numpy()
-        proba = {}
-        for backend in ("torch", "onnxruntime"):
-            predictor = Predictor([loaded], cpu, None, backend=backend)
-            assert predictor.backend == backend, predictor.backend
-            parts = [
-                predictor({card.input_size: test.images[i : i + args.batch_size]})[card.name]
-                for i in range(0, len(test.images), args.batch_size)
-            ]
-            proba[backend] = np.concatenate(parts)
+        spec = input_spec(card)
+        batches = [test.images[i : i + args.batch_size] for i in range(0, len(test.images), args.batch_size)]
+        eager = Predictor([loaded], cpu, None, backend="torch")
+        shipped = OnnxPredictor([load_onnx_model(name)])  # what predict runs on the CPU, without torch
+        proba = {
+            "torch": np.concatenate([eager({spec: x})[card.name] for x in batches]),
+            "onnxruntime": np.concatenate([shipped({spec: x.numpy()})[card.name] for x in batches]),
+        }
         bands = test.frame["sg_age_band"].to_numpy()
         labels = {b: card.decide_many(p, bands) for b, p in proba.items()}
         flips = int((labels["torch"] != labels["onnxruntime"]).sum())

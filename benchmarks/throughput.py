@@ -134,16 +134,18 @@ def forward_rates(name: str, batch: int, threads: int, cores: int, rounds: int =
 
 
 def run_cli(code: Path, args: list[str], cwd: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of ``pneumobatch ARGS`` as a fresh process with the code under ``code``."""
+    """(seconds, peak RSS in MB of the largest process) of ``pneumobatch ARGS`` as a fresh process with
+    the code under ``code``. The RSS comes from GNU time (``/usr/bin/time``), which forks from a small
+    process: a child forked from this one starts with this process's high-water mark."""
     env = {**os.environ, "PYTHONPATH": str(code)}
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(cwd / "rss.txt")] if Path("/usr/bin/time").exists() else []
     t0 = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "pneumobatch", *args], env=env, cwd=cwd)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run([*timer, sys.executable, "-m", "pneumobatch", *args], env=env, cwd=cwd)
     seconds = time.perf_counter() - t0
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode not in (0, 1):
-        raise SystemExit(f"pneumobatch {' '.join(args)} (code {code}) exited {process.returncode}")
-    return seconds, usage.ru_maxrss / 1024
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"pneumobatch {' '.join(args)} (code {code}) exited {done.returncode}")
+    rss = float((cwd / "rss.txt").read_text().split()[-1]) / 1024 if timer else float("nan")
+    return seconds, rss
 
 
 def bound(rates: dict[str, float], counts: dict[str, int], forward: float, cores: int) -> float:
