@@ -28,15 +28,6 @@ log = logging.getLogger(__name__)
 _NEEDS_TORCH = "pip install 'pneumobatch[torch]'"
 
 
-def _onnx_runtime_installed() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("onnxruntime") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _what_needs_torch(config: PredictConfig) -> str:
     """The option of a run that keeps it off the ONNX Runtime path, for the error without torch."""
     if config.backend == "torch":
@@ -52,16 +43,18 @@ class LocalEngine:
     """This machine: ``workers`` processes decode, the models run on one device."""
 
     def __init__(self, config: PredictConfig) -> None:
-        from pneumobatch.model.device import BACKENDS, PRECISIONS, cuda_may_be_present, default_split, torch_installed
+        from pneumobatch.model.device import (
+            BACKENDS,
+            PRECISIONS,
+            check_choice,
+            cuda_may_be_present,
+            default_split,
+            installed,
+            torch_installed,
+        )
 
-        if config.backend not in BACKENDS:
-            from pneumobatch.core.errors import OptionError
-
-            raise OptionError(f"--backend {config.backend}: not a backend (use {', '.join(BACKENDS)})")
-        if config.precision not in PRECISIONS:
-            from pneumobatch.core.errors import OptionError
-
-            raise OptionError(f"--precision {config.precision}: not a precision (use {', '.join(PRECISIONS)})")
+        check_choice("--backend", config.backend, BACKENDS)
+        check_choice("--precision", config.precision, PRECISIONS)
         self.precision = config.precision
         self.backend = config.backend
         self._has_torch = torch_installed()
@@ -72,7 +65,7 @@ class LocalEngine:
             and (
                 config.device == "cpu" or (config.device == "auto" and not (self._has_torch and cuda_may_be_present()))
             )
-            and _onnx_runtime_installed()
+            and installed("onnxruntime")
         )
         if self._numpy:
             self.torch_device = None

@@ -81,8 +81,7 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     with native bf16 instructions (AVX512-BF16, AMX) and changes probabilities slightly.
     Anything not in :data:`PRECISIONS` is an :class:`~pneumobatch.core.errors.OptionError`.
     """
-    if precision not in PRECISIONS:
-        raise OptionError(f"--precision {precision}: not a precision (use {', '.join(PRECISIONS)})")
+    check_choice("--precision", precision, PRECISIONS)
     if precision == "fp32":
         return None
     import torch
@@ -133,8 +132,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 def resolve_backend(backend: str, device: torch.device, precision: Optional[torch.dtype]) -> str:
     """``torch`` or ``onnxruntime`` for this device and precision; anything not in :data:`BACKENDS`
     is an :class:`~pneumobatch.core.errors.OptionError`."""
-    if backend not in BACKENDS:
-        raise OptionError(f"--backend {backend}: not a backend (use {', '.join(BACKENDS)})")
+    check_choice("--backend", backend, BACKENDS)
     if backend == "onnxruntime" and (device.type != "cpu" or precision is not None):
         raise DeviceError(
             "--backend onnxruntime runs fp32 on the CPU only: use --device cpu and --precision fp32 or auto"
@@ -150,14 +148,26 @@ def resolve_backend(backend: str, device: torch.device, precision: Optional[torc
     return "onnxruntime"
 
 
-def torch_installed() -> bool:
-    """Whether PyTorch can be imported here (found, not imported: that takes over a second)."""
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """An :class:`~pneumobatch.core.errors.OptionError` naming ``option`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        noun = option.lstrip("-")
+        raise OptionError(f"{option} {value}: not a {noun} (use {', '.join(choices)})")
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported here (found, not imported: torch takes over a second)."""
     import importlib.util
 
     try:
-        return importlib.util.find_spec("torch") is not None
+        return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):  # a finder that refuses it, or a half-removed install
         return False
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here."""
+    return installed("torch")
 
 
 def cuda_may_be_present() -> bool:

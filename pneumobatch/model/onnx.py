@@ -152,18 +152,14 @@ class OnnxRunner:
     """
 
     def __init__(self, net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> None:
-        import onnxruntime
-
         from pneumobatch.io.atomicfile import atomic_write
+        from pneumobatch.model.runtime import cpu_session
 
         self.layers = list(layers)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        threads = torch.get_num_threads()
 
         def session(model: str | bytes):
-            return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            return cpu_session(model, threads)
 
         cached = _onnx_cache_path(net, size, self.layers)
         if cached is not None and cached.is_file():

@@ -99,6 +99,18 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def cpu_session(model: str | bytes, threads: int) -> Any:
+    """An ONNX Runtime session on the CPU for a model file or its bytes: ``threads`` intra-op threads,
+    one inter-op, only errors logged."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxPredictor:
     """Models' ONNX exports run by ONNX Runtime on ``threads`` threads of this process.
 
@@ -117,17 +129,9 @@ class OnnxPredictor:
         """Load each export into an ONNX Runtime session (the first call; later calls return at once)."""
         if self._sessions:
             return
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         for model in self.models:
             try:
-                session = onnxruntime.InferenceSession(
-                    str(model.onnx_path), options, providers=["CPUExecutionProvider"]
-                )
+                session = cpu_session(str(model.onnx_path), self.threads)
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors: a damaged or foreign file
                 raise ModelError(f"{model.onnx_path}: ONNX Runtime cannot load it ({str(exc)[:200]})") from exc
             names = [o.name for o in session.get_outputs()]
