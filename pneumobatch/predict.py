@@ -125,6 +125,81 @@ def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
         return False
 
 
+def _check_heatmaps(mode: str) -> None:
+    """``--heatmaps`` needs a known mode, PyTorch and pytorch-grad-cam: said before anything loads."""
+    from pneumobatch.core.errors import DeviceError
+    from pneumobatch.io.predictions import HEATMAP_MODES
+    from pneumobatch.model.device import installed, torch_installed
+
+    if mode not in HEATMAP_MODES:
+        raise OptionError(f"--heatmaps must be one of {', '.join(HEATMAP_MODES)}, not {mode!r}")
+    if not torch_installed() or not installed("pytorch_grad_cam"):
+        raise DeviceError(
+            "--heatmaps needs PyTorch and pytorch-grad-cam, not installed: pip install 'pneumobatch[torch]'"
+        )
+
+
+class _Heatmaps:
+    """The heatmaps pass of a run: called by the writer on the merged rows before they are written."""
+
+    def __init__(self, config: PredictConfig, engine: Any, models: Sequence[Any], entries, paths, options) -> None:
+        self.config, self.engine, self.models, self.entries, self.paths, self.options = (
+            config,
+            engine,
+            models,
+            entries,
+            paths,
+            options,
+        )
+        self.counts: Any = None
+        self.layers: dict[str, str] = {}
+
+    def __call__(self, frame: Any) -> None:
+        from pneumobatch.model.device import default_split, resolve_device
+        from pneumobatch.model.explain import cam_layer_name, write_heatmaps
+        from pneumobatch.model.registry import LoadedModel, load_model
+        from pneumobatch.model.store import DEFAULT_MODEL
+
+        requested = list(self.config.models or (DEFAULT_MODEL,))
+        nets = [
+            m if isinstance(m, LoadedModel) else load_model(spec, self.config.weights_dir)
+            for spec, m in zip(requested, self.models)
+        ]
+        for net, model in zip(nets, self.models):
+            net.card = model.card  # a site's card decides; the network is the same
+        self.layers = {n.card.name: cam_layer_name(n.card) for n in nets}
+        device = resolve_device("cpu" if self.engine.device == "cpu" else self.config.device)
+        split = default_split(device)
+        self.counts = write_heatmaps(
+            frame,
+            nets,
+            self.entries,
+            self.paths.predictions,
+            self.paths.heatmaps,
+            self.config.heatmaps,
+            self.options,
+            reuse=self.config.resume,
+            device=device,
+            workers=self.config.workers if self.config.workers is not None else split.workers,
+            threads=self.config.threads or max(1, split.workers),
+        )
+
+    def info(self) -> dict[str, Any]:
+        """run.json's ``heatmaps``."""
+        from pneumobatch.model.explain import METHOD
+
+        counts = self.counts
+        return {
+            "mode": self.config.heatmaps,
+            "method": METHOD,
+            "layers": self.layers,
+            "folder": self.paths.heatmaps.name,
+            "written": counts.written if counts else 0,
+            "kept": counts.kept if counts else 0,
+            "failed": counts.failed if counts else 0,
+        }
+
+
 def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> PredictRun:
     """Predict every file under ``config.inputs``; see the module docstring."""
     from pneumobatch.io.predictions import (
@@ -139,6 +214,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     )
 
     check_not_busy(OutputPaths(Path(config.output)))  # before torch, the models or a Ray instance start
+    if config.heatmaps:
+        _check_heatmaps(config.heatmaps)
     from pneumobatch.engines import create_engine
     from pneumobatch.io.readers import ReadOptions
     from pneumobatch.io.readers.bodyparts import BodyPartVocabulary
@@ -161,7 +238,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     entries = [
         e for e in _entries(roots, config.follow_external_links, config.relative_to) if not paths.owns(e.path)
     ]  # an output inside the input tree
-    columns = columns_for(cards, config.include_patient_id)
+    columns = columns_for(cards, config.include_patient_id, heatmaps=bool(config.heatmaps))
     inputs = roots + [p for p in paths.replaced if _is_input_image(p, roots)]
     with PredictionWriter(
         paths, columns, resume=config.resume, overwrite=config.overwrite, cards=cards, inputs=inputs
@@ -190,8 +267,9 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
                     writer.append(batch)
                     batch = []
         writer.append(batch)
+        heatmaps = _Heatmaps(config, engine, models, entries, paths, options) if config.heatmaps else None
+        frame = writer.finalize(entries, names, amend=heatmaps)
         seconds = time.perf_counter() - t0
-        frame = writer.finalize(entries, names)
     write_studies(frame, cards, paths.studies)
 
     counts = file_counts(frame)
@@ -230,6 +308,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         "seconds": round(seconds, 2),
         "images_per_second": round(rate, 2),
     }
+    if heatmaps is not None:
+        info["heatmaps"] = heatmaps.info()
     info["monitoring"] = monitoring_block(frame, cards, round(rate, 2))
     write_run_json(paths.run, info)
     return PredictRun(

@@ -38,4 +38,5 @@ class PredictConfig:
     engine: str = "local"  # local: this machine; ray: a Ray cluster (pneumobatch.engines)
     ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a Ray started for this run
     ray_actors: Optional[int] = None  # model actors; None: one per GPU of the cluster, else 1
+    heatmaps: Optional[str] = None  # positive or all: Grad-CAM overlays in OUT.heatmaps/ (pneumobatch.model.explain)
     relative_to: Optional[Path] = None  # CSV paths relative to this folder (predict --spool: the spool), not the inputs

@@ -12,7 +12,7 @@ import click
 from pneumobatch.cli.common import LibraryChoice, setup_logging
 from pneumobatch.core.errors import EXIT_OK
 from pneumobatch.engines import ENGINES
-from pneumobatch.io.predictions import STUDY_FROM
+from pneumobatch.io.predictions import HEATMAP_MODES, STUDY_FROM
 from pneumobatch.predict_config import PredictConfig
 
 _P = PredictConfig  # option defaults are the library's, defined once
@@ -121,6 +121,12 @@ _P = PredictConfig  # option defaults are the library's, defined once
     "--skip-ood",
     is_flag=True,
     help="Turn images flagged not applicable into skipped rows (out-of-distribution) instead of predicting and flagging them.",
+)
+@click.option(
+    "--heatmaps",
+    type=click.Choice(HEATMAP_MODES),
+    help="Write Grad-CAM heatmaps as PNG overlays in OUT.heatmaps/ (column heatmap): positive, for rows whose "
+    "decision is a finding, or all rows with a prediction. Needs PyTorch. [default: none]",
 )
 @click.option(
     "--site",

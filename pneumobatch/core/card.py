@@ -38,6 +38,8 @@ NOT_THRESHOLDS = ("shipped", "target_recall")
 #: Threshold of a binary card that ships none.
 DEFAULT_THRESHOLD = 0.5
 PROB_PREFIX = "prob_"
+#: The class of a multi-class model that is no finding (the etiology task's first class).
+NORMAL_CLASS = "normal"
 REQUIRED_FIELDS = ("name", "task", "classes", "architecture", "input_size", "mean", "std")
 #: Input sizes a card may ask for (``train --input-size`` allows 32 to 1024).
 INPUT_SIZE_RANGE = (16, 2048)
@@ -82,6 +84,14 @@ CARD_SCHEMA: dict[str, Any] = {
                 "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
                 "weights_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
                 "outputs": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            },
+        },
+        "explain": {
+            "type": "object",
+            "properties": {
+                "method": {"enum": ["gradcam"]},
+                "layer": {"type": "string", "minLength": 1, "maxLength": 200},
+                "sanity": {"type": "object"},
             },
         },
     },
@@ -189,6 +199,9 @@ class ModelCard:
     #: the weights exported to ONNX (``file`` beside them, its ``sha256``, the ``weights_sha256`` it was
     #: exported from and its ``outputs``: logits, then the applicability layers); empty: none shipped
     onnx: dict[str, Any] = field(default_factory=dict)
+    #: heatmaps: ``method`` (gradcam), the ``layer`` they are computed at (a module name of the network;
+    #: empty: the architecture's default) and the ``sanity`` figures measured on the test split
+    explain: dict[str, Any] = field(default_factory=dict)
     #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
     site: dict[str, Any] = field(default_factory=dict)
     intended_use: str = (
@@ -253,6 +266,13 @@ class ModelCard:
         pos = self.classes.index(self.positive)
         label = self.classes[pos] if is_positive(probs[pos], threshold) else self.classes[1 - pos]
         return Decision(label, threshold, point)
+
+    def is_finding(self, label: str) -> bool:
+        """Whether a predicted class is a finding (what ``predict --heatmaps positive`` explains): the
+        positive class of a binary model; any class but ``normal`` of a multi-class one."""
+        if self.binary:
+            return label == self.positive
+        return label in self.classes and label != NORMAL_CLASS
 
     def age_warnings(self, age_years: Optional[float]) -> list[str]:
         """``age-outside-training`` when a known age lies outside the training images' ages."""

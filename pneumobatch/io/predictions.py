@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import pandas as pd
 
@@ -73,7 +73,14 @@ ACQUISITION_COLUMNS = ["manufacturer", "manufacturer_model_name", "station_name"
 STUDY_FROM = ("file", "parent-dir")
 
 
-def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[str]:
+#: After the acquisition fields in runs with ``--heatmaps``: the overlay's path, relative to the CSV's folder.
+HEATMAP_COLUMN = "heatmap"
+#: ``predict --heatmaps`` choices: rows whose decision is a finding, or every row with a prediction
+#: (:mod:`pneumobatch.model.explain`).
+HEATMAP_MODES = ("positive", "all")
+
+
+def columns_for(cards: Sequence[ModelCard], include_patient_id: bool, heatmaps: bool = False) -> list[str]:
     probs: list[str] = []
     for card in cards:
         probs += [prob_column(c) for c in card.classes if prob_column(c) not in probs]
@@ -82,6 +89,7 @@ def columns_for(cards: Sequence[ModelCard], include_patient_id: bool) -> list[st
         + probs
         + TRAILING_COLUMNS
         + ACQUISITION_COLUMNS
+        + ([HEATMAP_COLUMN] if heatmaps else [])
         + ([PATIENT_COLUMN] if include_patient_id else [])
     )
 
@@ -178,8 +186,10 @@ class OutputPaths:
         resolved = self._resolved(path)
         mine = {self._resolved(p) for p in (self.predictions, self.journal, self.lock, self.studies, self.run)}
         tmp_prefixes = tuple(temp_prefix(p) for p in (self.predictions, self.studies, self.run))
-        return resolved in mine or (
-            resolved.parent == self._resolved(self.predictions).parent and resolved.name.startswith(tmp_prefixes)
+        return (
+            resolved in mine
+            or (resolved.parent == self._resolved(self.predictions).parent and resolved.name.startswith(tmp_prefixes))
+            or resolved.is_relative_to(self._resolved(self.heatmaps))
         )
 
     @staticmethod
@@ -204,6 +214,11 @@ class OutputPaths:
     @property
     def run(self) -> Path:
         return self.predictions.with_name(self.predictions.stem + ".run.json")
+
+    @property
+    def heatmaps(self) -> Path:
+        """The folder of ``predict --heatmaps`` overlays."""
+        return self.predictions.with_name(self.predictions.stem + ".heatmaps")
 
     @property
     def replaced(self) -> tuple[Path, Path, Path]:
@@ -377,7 +392,7 @@ class PredictionWriter:
                     f"{self.paths.journal} holds rows of an interrupted run; pass --resume to finish it or --overwrite to start again"
                 )
         if not out.exists() and not self.paths.journal.exists():  # nothing to resume: the sidecars are another job's
-            for path in (self.paths.studies, self.paths.run):
+            for path in (self.paths.studies, self.paths.run, self.paths.heatmaps):
                 if path.exists():
                     raise OutputExists(f"{path} exists; pass --overwrite to replace it or choose another -o")
 
@@ -488,12 +503,18 @@ class PredictionWriter:
                 f"cannot write {self.paths.journal}: {exc.strerror or exc}; free space and run again with --resume"
             ) from exc
 
-    def finalize(self, entries: Sequence[FileEntry], models: Sequence[str]) -> pd.DataFrame:
+    def finalize(
+        self,
+        entries: Sequence[FileEntry],
+        models: Sequence[str],
+        amend: Optional[Callable[[pd.DataFrame], None]] = None,
+    ) -> pd.DataFrame:
         """Merge previous rows and the journal in discovery order; atomic write; drop journal.
 
         Only rows of files found in this run are kept (a deleted input loses its row), with
         this run's columns (a ``patient_id`` column is not carried over without
-        ``--include-patient-id``).
+        ``--include-patient-id``). ``amend`` may change the merged rows in place before they
+        are written (the heatmaps pass); killed meanwhile, the journal is still there to resume.
         """
         assert self._journal is not None
         try:
@@ -508,6 +529,8 @@ class PredictionWriter:
             rows[row_key(row)] = row
         ordered = [rows[key] for entry in entries for model in models if (key := entry_key(entry, model)) in rows]
         frame = pd.DataFrame(ordered, columns=self.columns, dtype=object).fillna("")
+        if amend is not None:
+            amend(frame)
         atomic_write(self.paths.predictions, to_csv_text(frame))
         os.remove(self.paths.journal)
         return frame

@@ -29,7 +29,7 @@ from pneumobatch.core.errors import FileRejected, PneumobatchError, Reason, Stat
 from pneumobatch.io.discovery import FileEntry, sniff
 from pneumobatch.io.readers import ReadOptions, read_image
 from pneumobatch.io.results import FileResult
-from pneumobatch.model.preprocess import InputSpec, prepare
+from pneumobatch.model.preprocess import InputSpec, display_image, prepare
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,13 @@ log = logging.getLogger(__name__)
 DECODE_CHUNK = 4
 
 
-def read_entry(entry: FileEntry, specs: Sequence[InputSpec], options: ReadOptions, index: int = 0) -> dict[str, Any]:
+def read_entry(
+    entry: FileEntry, specs: Sequence[InputSpec], options: ReadOptions, index: int = 0, display_side: int = 0
+) -> dict[str, Any]:
     """Read one file and prepare its inputs (uint8 (1, S, S) per spec); never raises for bad input:
-    a file that cannot be used is an item with its status, reason and detail."""
+    a file that cannot be used is an item with its status, reason and detail. With ``display_side``,
+    the item also holds ``display``: the image as read, uint8, aspect ratio kept, long side at most
+    ``display_side`` (what a heatmap is laid over)."""
     item: dict[str, Any] = {"index": index, "status": Status.OK, "reason": "", "detail": "", "meta": {}, "inputs": None}
     if entry.problem is not None:
         reason, detail = entry.problem
@@ -53,6 +57,8 @@ def read_entry(entry: FileEntry, specs: Sequence[InputSpec], options: ReadOption
         image = read_image(entry.path, sniff(entry.path), options)
         item["meta"] = image.meta
         item["inputs"] = {s: prepare(image.pixels, s)[None] for s in specs}
+        if display_side:
+            item["display"] = display_image(image.pixels, display_side)
     except FileRejected as exc:
         item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
     except PermissionError:
@@ -141,9 +147,9 @@ def _decode_worker_init(parent: int, death_signal: bool) -> None:
 
 
 def _read_chunk(
-    entries: Sequence[FileEntry], first: int, specs: Sequence[InputSpec], options: ReadOptions
+    entries: Sequence[FileEntry], first: int, specs: Sequence[InputSpec], options: ReadOptions, display_side: int = 0
 ) -> tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]:
-    return collate([read_entry(e, specs, options, first + i) for i, e in enumerate(entries)])
+    return collate([read_entry(e, specs, options, first + i, display_side) for i, e in enumerate(entries)])
 
 
 class DecoderDied(PneumobatchError):
@@ -159,9 +165,10 @@ def decode_in_processes(
     chunk: int = DECODE_CHUNK,
     in_flight: int = 32,
     started: Callable[[], None] = lambda: None,
+    display_side: int = 0,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]]:
     """Decoded chunks of ``chunk`` files in order, read by ``workers`` processes (0: this one) with
-    about ``in_flight`` files read ahead. Closing the generator (an error, a signal) ends the
+    about ``in_flight`` files read ahead (items with a ``display`` image: ``display_side``, :func:`read_entry`). Closing the generator (an error, a signal) ends the
     workers at once; they also end with this process if it is killed (:func:`end_with_parent`).
     ``started`` is called once the workers are running, before the first chunk is waited for
     (the models load then, while the workers decode)."""
@@ -170,7 +177,7 @@ def decode_in_processes(
     if not workers:
         started()
         for first in starts:
-            yield _read_chunk(entries[first : first + chunk], first, specs, options)
+            yield _read_chunk(entries[first : first + chunk], first, specs, options, display_side)
         return
     context = multiprocessing.get_context()
     init = functools.partial(
@@ -182,7 +189,9 @@ def decode_in_processes(
     todo = iter(starts)
     try:
         for first in todo:
-            pending.append(pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options))
+            pending.append(
+                pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options, display_side)
+            )
             if len(pending) >= ahead:
                 break
         started()
@@ -196,7 +205,9 @@ def decode_in_processes(
                 ) from exc
             first = next(todo, None)
             if first is not None:
-                pending.append(pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options))
+                pending.append(
+                    pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options, display_side)
+                )
             yield result
     finally:
         for future in pending:

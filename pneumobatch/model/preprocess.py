@@ -92,6 +92,18 @@ def prepare(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     return to_uint8(resize(pixels, spec.size))
 
 
+def display_image(pixels: np.ndarray, side: int) -> np.ndarray:
+    """A reader's float32 [0, 1] image as uint8 grey levels, aspect ratio kept, long side at most
+    ``side`` (what heatmaps are drawn over: the whole image, as the model's input covers it)."""
+    h, w = pixels.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    if img.size != size:
+        img = img.resize(size, PILImage.Resampling.BILINEAR, reducing_gap=2.0)
+    return to_uint8(np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0))
+
+
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Quantise a [0, 1] image to uint8, the form inputs travel in between processes."""
     return np.round(pixels * 255.0).astype(np.uint8)

@@ -51,6 +51,8 @@ class Architecture:
     head: Callable[[nn.Module], nn.Module]  # the classifier layer, trained alone in stage 1
     #: module names of intermediate stages whose features the applicability statistics use
     stages: Optional[Callable[[nn.Module], list[str]]] = None
+    #: the module Grad-CAM heatmaps are computed at (the last convolutional features) unless the card names one
+    cam_layer: str = ""
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -64,11 +66,12 @@ def register_architecture(
     pretrained_available: bool = False,
     head: Callable[[nn.Module], nn.Module],
     stages: Optional[Callable[[nn.Module], list[str]]] = None,
+    cam_layer: str = "",
 ) -> Callable:
     """Decorator adding an architecture factory to the registry."""
 
     def decorator(factory: Callable[[int, bool, int], nn.Module]) -> Callable:
-        ARCHITECTURES[name] = Architecture(name, factory, mean, std, pretrained_available, head, stages)
+        ARCHITECTURES[name] = Architecture(name, factory, mean, std, pretrained_available, head, stages, cam_layer)
         return factory
 
     return decorator
@@ -109,15 +112,21 @@ def _spread(container: str, count: int, k: int = 6) -> list[str]:
 
 
 for _name in ("resnet18", "resnet34", "resnet50"):
-    register_architecture(_name, head=lambda net: net.fc, stages=lambda net: ["layer1", "layer2", "layer3", "layer4"])(
-        _torchvision(_name, _fc)
-    )
+    register_architecture(
+        _name, head=lambda net: net.fc, stages=lambda net: ["layer1", "layer2", "layer3", "layer4"], cam_layer="layer4"
+    )(_torchvision(_name, _fc))
 register_architecture(
-    "densenet121", head=lambda net: net.classifier, stages=lambda net: [f"features.denseblock{i}" for i in range(1, 5)]
+    "densenet121",
+    head=lambda net: net.classifier,
+    stages=lambda net: [f"features.denseblock{i}" for i in range(1, 5)],
+    cam_layer="features",
 )(_torchvision("densenet121", _densenet_head))
 for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
     register_architecture(
-        _name, head=lambda net: net.classifier[-1], stages=lambda net: _spread("features", len(net.features))
+        _name,
+        head=lambda net: net.classifier[-1],
+        stages=lambda net: _spread("features", len(net.features)),
+        cam_layer="features",
     )(_torchvision(_name, _classifier_last))
 
 
@@ -129,6 +138,7 @@ for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
     head=lambda net: net._fc,
     # chosen by benchmarks/applicability.py: these seven of the 16 blocks plus the head
     stages=lambda net: [f"_blocks.{i}" for i in (0, 2, 4, 7, 10, 13, 15) if i < len(net._blocks)],
+    cam_layer="_conv_head",
 )
 def _efficientnet_lite0(num_classes: int, pretrained: bool, input_size: int) -> nn.Module:
     try:

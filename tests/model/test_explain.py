@@ -1,0 +1,201 @@
+"""``predict --heatmaps``: Grad-CAM overlays of the shipped models, where they go, what a resumed or killed run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pneumobatch.cli import main
+from pneumobatch.core.card import ModelCard
+from pneumobatch.core.errors import EXIT_USAGE
+from pneumobatch.model.explain import BORDER_BAND, border_share, heatmap_name, overlay, wanted
+from pneumobatch.model.store import read_card
+from pneumobatch.testing.synthetic import write_cxr
+from tests.helpers import ROOT
+
+SAMPLE = ROOT / "sample_studies"
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    """Twelve sample studies (positives and negatives of both models) and a DICOM with a patient's name."""
+    root = tmp_path_factory.mktemp("heat") / "in"
+    for study in sorted(p for p in SAMPLE.iterdir() if p.name.startswith("SAMPLE"))[:12]:
+        shutil.copytree(study, root / study.name)
+    rng = np.random.default_rng(0)
+    (root / "named").mkdir()
+    write_cxr(
+        root / "named" / "a.dcm",
+        rng.integers(0, 4096, (300, 260), dtype=np.uint16),
+        extra={"PatientName": "SECRET^NAME"},
+    )
+    return root
+
+
+def predict(studies: Path, out: Path, *extra: str) -> pd.DataFrame:
+    args = ["predict", str(studies), "-m", "pneumonia", "-m", "etiology", "-o", str(out), "--quiet", *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (0, 1), result.output
+    return read(out)
+
+
+@pytest.fixture(scope="module")
+def positive_run(studies: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "p.csv"
+    predict(studies, out, "--heatmaps", "positive")
+    return out
+
+
+def test_every_finding_has_an_overlay_of_its_image_and_nothing_else_has_one(positive_run: Path, studies: Path):
+    frame = read(positive_run)
+    cards = {n: (read_card(ROOT / "weights" / f"{n}.json")) for n in ("pneumonia", "etiology")}
+    findings = frame[[r.status == "ok" and cards[r.model].is_finding(r.pred_label) for r in frame.itertuples()]]
+    assert set(findings.model) == {"pneumonia", "etiology"} and len(findings) < (frame.status == "ok").sum()
+    assert (frame.loc[~frame.index.isin(findings.index), "heatmap"] == "").all()
+    for row in findings.to_dict("records"):
+        assert row["heatmap"] == f"p.heatmaps/{heatmap_name(row)}"
+        png = Image.open(positive_run.parent / row["heatmap"])
+        assert png.mode == "RGB" and max(png.size) <= 1024
+        rgb = np.asarray(png).astype(int)
+        assert (rgb[..., 0] - rgb[..., 2]).max() > 100  # red where the model looked: an overlay, not a grey copy
+    info = json.loads(positive_run.with_name("p.run.json").read_text())["heatmaps"]
+    assert info["mode"] == "positive" and info["layers"] == {"pneumonia": "_conv_head", "etiology": "_conv_head"}
+    assert info["written"] == len(findings) and info["failed"] == 0
+    assert sorted(p.name for p in positive_run.with_name("p.heatmaps").iterdir()) == sorted(
+        Path(h).name for h in findings.heatmap
+    )
+    assert not any("SECRET" in p.name or "NAME" in p.name for p in positive_run.with_name("p.heatmaps").iterdir())
+
+
+def test_all_explains_every_prediction_and_a_resume_writes_only_the_missing(studies: Path, tmp_path: Path):
+    out = tmp_path / "a.csv"
+    frame = predict(studies, out, "--heatmaps", "all")
+    ok = frame[frame.status == "ok"]
+    assert (ok.heatmap != "").all() and (frame.loc[frame.status != "ok", "heatmap"] == "").all()
+    named = ok[ok.path == "named/a.dcm"].heatmap
+    assert {Image.open(tmp_path / h).size for h in named} == {(260, 300)}  # aspect ratio kept
+    folder = tmp_path / "a.heatmaps"
+    gone = folder / Path(ok.heatmap.iloc[0]).name
+    gone.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    time.sleep(0.01)
+    again = predict(studies, out, "--heatmaps", "all", "--resume")
+    assert list(again.heatmap) == list(frame.heatmap) and gone.is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name in kept} == kept
+    info = json.loads((tmp_path / "a.run.json").read_text())["heatmaps"]
+    assert (info["written"], info["kept"]) == (1, len(ok) - 1)
+
+
+def test_a_finished_run_gets_its_heatmaps_by_resuming_with_heatmaps(studies: Path, tmp_path: Path):
+    out = tmp_path / "plain.csv"
+    plain = predict(studies, out)
+    assert "heatmap" not in plain.columns
+    with_maps = predict(studies, out, "--resume", "--heatmaps", "positive")
+    assert list(with_maps.prob_pneumonia) == list(plain.prob_pneumonia)
+    assert (with_maps.heatmap != "").sum() > 0
+    assert all((tmp_path / h).is_file() for h in with_maps.heatmap if h)
+
+
+def test_overlays_inside_the_input_folder_are_never_read_as_images(studies: Path, tmp_path: Path):
+    root = tmp_path / "in"
+    shutil.copytree(studies / "SAMPLE002", root / "SAMPLE002")
+    out = root / "p.csv"
+    first = predict(root, out, "--heatmaps", "all")
+    assert (root / "p.heatmaps").is_dir() and any((root / "p.heatmaps").iterdir())
+    second = predict(root, out, "--heatmaps", "all", "--overwrite")
+    assert list(second.path) == list(first.path)
+    assert not any(p.startswith("p.heatmaps") for p in second.path)
+
+
+def test_another_jobs_heatmap_folder_is_not_taken_over(studies: Path, tmp_path: Path):
+    (tmp_path / "p.heatmaps").mkdir()
+    (tmp_path / "p.heatmaps" / "mine.png").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["predict", str(studies / "SAMPLE002"), "-o", str(tmp_path / "p.csv")])
+    assert result.exit_code == EXIT_USAGE and "p.heatmaps exists" in result.output
+    assert (tmp_path / "p.heatmaps" / "mine.png").read_bytes() == b"x"
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_heatmaps_keeps_the_rows_and_resume_writes_only_the_missing(studies: Path, tmp_path: Path):
+    """The pass runs after every row is in the journal: a kill then loses no prediction, and the
+    overlays already written are the resumed run's (same names: same file, model and weights)."""
+    out = tmp_path / "k.csv"
+    cmd = [sys.executable, "-m", "pneumobatch", "predict", str(studies), "-m", "pneumonia", "-m", "etiology"]
+    cmd += ["-o", str(out), "--heatmaps", "all", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stderr=subprocess.PIPE)
+    folder = tmp_path / "k.heatmaps"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and len(list(folder.glob("*.png"))) < 3:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and out.with_name("k.csv.partial").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    run = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode in (0, 1), run.stderr
+    frame = read(out)
+    ok = frame[frame.status == "ok"]
+    assert (ok.heatmap != "").all() and all((tmp_path / h).is_file() for h in ok.heatmap)
+    assert {n: m for n, m in ((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.png")) if n in before} == before
+    info = json.loads((tmp_path / "k.run.json").read_text())["heatmaps"]
+    assert info["kept"] == len(before) and info["written"] == len(ok) - len(before)
+
+
+def test_without_pytorch_heatmaps_is_one_line(tmp_path: Path):
+    from tests.model.test_runtime import _NO_TORCH
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NO_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    cmd = [sys.executable, "-m", "pneumobatch", "predict", str(SAMPLE / "SAMPLE002"), "-o", str(tmp_path / "p.csv")]
+    run = subprocess.run([*cmd, "--heatmaps", "positive"], env=env, capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == EXIT_USAGE and len(lines) == 1, run.stderr
+    assert "--heatmaps needs PyTorch" in lines[0] and not (tmp_path / "p.csv").exists()
+
+
+def test_border_share_of_a_uniform_map_is_the_bands_area_and_of_a_corner_map_all():
+    assert border_share(np.ones((64, 64))) == pytest.approx(1 - (1 - 2 * BORDER_BAND) ** 2)
+    corner = np.zeros((64, 64))
+    corner[:4, :4] = 1
+    assert border_share(corner) == 1.0
+    centre = np.zeros((64, 64))
+    centre[24:40, 24:40] = 1
+    assert border_share(centre) == 0.0
+
+
+def test_an_overlay_is_clear_where_the_map_is_cold_and_coloured_where_it_is_hot():
+    grey = np.full((40, 50), 128, dtype=np.uint8)
+    heat = np.zeros((8, 8), dtype=np.float32)
+    heat[:, 4:] = 1.0
+    rgb = overlay(grey, heat)
+    assert rgb.shape == (40, 50, 3)
+    assert (rgb[:, :10] == 128).all()  # cold: the radiograph as it is
+    hot = rgb[:, -10:].reshape(-1, 3).astype(int)
+    assert (hot[:, 0] - hot[:, 1] > 60).all() and (hot[:, 0] - hot[:, 2] > 60).all()  # hot: red
+
+
+def test_which_rows_a_mode_explains():
+    pneumonia = (read_card(ROOT / "weights" / "pneumonia.json"))
+    etiology = (read_card(ROOT / "weights" / "etiology.json"))
+    assert wanted(pneumonia, "pneumonia", "positive") and not wanted(pneumonia, "normal", "positive")
+    assert wanted(pneumonia, "normal", "all") and not wanted(pneumonia, "", "all")
+    assert wanted(etiology, "viral", "positive") and not wanted(etiology, "normal", "positive")
