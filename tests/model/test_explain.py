@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pneumobatch.cli import main
-from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_USAGE
 from pneumobatch.model.explain import BORDER_BAND, border_share, heatmap_name, overlay, wanted
 from pneumobatch.model.store import read_card
@@ -194,8 +193,8 @@ def test_an_overlay_is_clear_where_the_map_is_cold_and_coloured_where_it_is_hot(
 
 
 def test_which_rows_a_mode_explains():
-    pneumonia = (read_card(ROOT / "weights" / "pneumonia.json"))
-    etiology = (read_card(ROOT / "weights" / "etiology.json"))
+    pneumonia = read_card(ROOT / "weights" / "pneumonia.json")
+    etiology = read_card(ROOT / "weights" / "etiology.json")
     assert wanted(pneumonia, "pneumonia", "positive") and not wanted(pneumonia, "normal", "positive")
     assert wanted(pneumonia, "normal", "all") and not wanted(pneumonia, "", "all")
     assert wanted(etiology, "viral", "positive") and not wanted(etiology, "normal", "positive")
