@@ -126,17 +126,15 @@ def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
 
 
 def _check_heatmaps(mode: str) -> None:
-    """``--heatmaps`` needs a known mode, PyTorch and pytorch-grad-cam: said before anything loads."""
+    """``--heatmaps`` needs a known mode, PyTorch and Captum: said before anything loads."""
     from pneumobatch.core.errors import DeviceError
     from pneumobatch.io.predictions import HEATMAP_MODES
     from pneumobatch.model.device import installed, torch_installed
 
     if mode not in HEATMAP_MODES:
         raise OptionError(f"--heatmaps must be one of {', '.join(HEATMAP_MODES)}, not {mode!r}")
-    if not torch_installed() or not installed("pytorch_grad_cam"):
-        raise DeviceError(
-            "--heatmaps needs PyTorch and pytorch-grad-cam, not installed: pip install 'pneumobatch[torch]'"
-        )
+    if not torch_installed() or not installed("captum"):
+        raise DeviceError("--heatmaps needs PyTorch and Captum, not installed: pip install 'pneumobatch[torch]'")
 
 
 class _Heatmaps:

@@ -163,6 +163,21 @@ def test_ray_engine_writes_the_local_engines_rows(
 
 
 @pytest.mark.slow
+def test_ray_engine_writes_heatmaps_beside_the_local_engines_rows(
+    crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path
+):
+    out = tmp_path / "ray.csv"
+    result = CliRunner().invoke(main, ray_args(studies, out, weights_dir) + ["--heatmaps", "all"])
+    assert result.exit_code == EXIT_FILE_ERRORS, result.output
+    got = read_csv(out)
+    assert_same_rows(got.drop(columns=["heatmap"]), read_csv(reference))
+    ok = got[got.status == "ok"]
+    assert len(ok) and (ok.heatmap != "").all() and (got.loc[got.status != "ok", "heatmap"] == "").all()
+    assert all(Image.open(tmp_path / h).mode == "RGB" for h in ok.heatmap)
+    assert json.loads(out.with_name("ray.run.json").read_text())["heatmaps"]["written"] == len(ok)
+
+
+@pytest.mark.slow
 def test_killed_ray_run_resumes_to_the_same_rows_though_workers_die(
     crash_dir: Path, studies: Path, weights_dir: Path, reference: Path, tmp_path: Path
 ):

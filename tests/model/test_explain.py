@@ -171,6 +171,33 @@ def test_without_pytorch_heatmaps_is_one_line(tmp_path: Path):
     assert "--heatmaps needs PyTorch" in lines[0] and not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.parametrize("name", ["pneumonia", "etiology"])
+def test_the_heatmaps_are_pytorch_grad_cams_gradcam(name: str):
+    """Captum's layer Grad-CAM, with the weights below the layer frozen, gives the maps of
+    pytorch-grad-cam's GradCAM (the reference implementation) on the shipped models."""
+    import copy
+
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pneumobatch.model.explain import GradCam
+    from pneumobatch.model.preprocess import normalize
+    from pneumobatch.model.registry import load_model
+
+    model = load_model(name, None)
+    reference = copy.deepcopy(model.net).eval()
+    x = np.random.default_rng(0).integers(0, 256, (6, 1, 192, 192), dtype=np.uint8)
+    classes = [i % len(model.card.classes) for i in range(6)]
+    ours = GradCam(model, torch.device("cpu"))(x, classes)
+    theirs = GradCAM(model=reference, target_layers=[reference.get_submodule("_conv_head")])(
+        input_tensor=normalize(torch.from_numpy(x), model.card.mean, model.card.std),
+        targets=[ClassifierOutputTarget(c) for c in classes],
+    )
+    assert ours.shape == theirs.shape == (6, 192, 192)
+    assert np.abs(ours - theirs).max() < 0.02 and np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.999
+
+
 def test_border_share_of_a_uniform_map_is_the_bands_area_and_of_a_corner_map_all():
     assert border_share(np.ones((64, 64))) == pytest.approx(1 - (1 - 2 * BORDER_BAND) ** 2)
     corner = np.zeros((64, 64))
