@@ -45,7 +45,8 @@ from scipy.stats import spearmanr
 
 from pneumobatch.io.discovery import sniff
 from pneumobatch.io.readers import ReadOptions, read_image
-from pneumobatch.model.explain import BORDER_BAND, GradCam, border_share, cam_layer_name
+from pneumobatch.model.explain import GradCam, cam_layer_name
+from pneumobatch.model.heatmaps import BORDER_BAND, border_share
 from pneumobatch.model.preprocess import input_spec, prepare
 from pneumobatch.model.registry import LoadedModel, load_model, write_card
 from pneumobatch.training.config import TrainConfig

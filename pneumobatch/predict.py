@@ -126,33 +126,73 @@ def _is_input_image(path: Path, roots: Sequence[Path]) -> bool:
 
 
 def _check_heatmaps(mode: str) -> None:
-    """``--heatmaps`` needs a known mode, PyTorch and Captum: said before anything loads."""
-    from pneumobatch.core.errors import DeviceError
     from pneumobatch.io.predictions import HEATMAP_MODES
-    from pneumobatch.model.device import installed, torch_installed
 
     if mode not in HEATMAP_MODES:
         raise OptionError(f"--heatmaps must be one of {', '.join(HEATMAP_MODES)}, not {mode!r}")
-    if not torch_installed() or not installed("captum"):
-        raise DeviceError("--heatmaps needs PyTorch and Captum, not installed: pip install 'pneumobatch[torch]'")
+
+
+def _can_backprop() -> bool:
+    """Whether heatmaps the forward pass did not give can be made (Captum, on PyTorch)."""
+    from pneumobatch.model.device import installed, torch_installed
+
+    return torch_installed() and installed("captum")
 
 
 class _Heatmaps:
-    """The heatmaps pass of a run: called by the writer on the merged rows before they are written."""
+    """``--heatmaps``: overlays drawn as rows are made, from maps the forward pass computed
+    (:mod:`pneumobatch.model.heatmaps`), and by Captum for the rest once every row is in
+    (:meth:`__call__`, which the writer calls on the merged rows before writing them)."""
 
-    def __init__(self, config: PredictConfig, engine: Any, models: Sequence[Any], entries, paths, options) -> None:
-        self.config, self.engine, self.models, self.entries, self.paths, self.options = (
-            config,
-            engine,
-            models,
-            entries,
-            paths,
-            options,
-        )
-        self.counts: Any = None
+    def __init__(self, config: PredictConfig, engine: Any, models: Sequence[Any], paths: Any) -> None:
+        from pneumobatch.model.heatmaps import HeatmapCounts, computes_maps
+
+        self.config, self.engine, self.models, self.paths = config, engine, list(models), paths
+        self.cards = {m.card.name: m.card for m in self.models}
+        self.folder = paths.heatmaps
+        self.inline = engine.describe().get("name") == "local" and all(computes_maps(m) for m in self.models)
+        self.counts = HeatmapCounts()
         self.layers: dict[str, str] = {}
+        if not self.inline and not _can_backprop():
+            from pneumobatch.core.errors import DeviceError
 
-    def __call__(self, frame: Any) -> None:
+            raise DeviceError(
+                "--heatmaps with these models or this engine needs PyTorch and Captum, not installed: "
+                "pip install 'pneumobatch[torch]'"
+            )
+
+    def rows(self, result: Any, rows: list[dict]) -> None:
+        """Draw the overlays of a file's rows that want one, when its result carries the maps."""
+        from pneumobatch.model.heatmaps import open_folder, wanted, write_overlay
+
+        if not self.inline:
+            return
+        for row in rows:
+            card = self.cards[row["model"]]
+            if row["status"] == Status.OK.value and wanted(card, row["pred_label"], self.config.heatmaps):
+                if not self.counts.written:
+                    open_folder(self.folder)
+                if write_overlay(row, card, result.cams.get(card.name), result.display, self.folder):
+                    self.counts.written += 1
+        result.display = None
+
+    def finish(self, frame: Any, entries: Sequence[Any], options: Any) -> None:
+        """The rows still without a heatmap (resumed, Ray, a GPU, no closed form): Grad-CAM by Captum."""
+        from pneumobatch.model.heatmaps import plan
+
+        todo, counts = plan(frame, self.cards, self.folder, self.config.heatmaps)
+        self.counts.kept = counts.kept - self.counts.written
+        if not todo:
+            return
+        if not _can_backprop():  # a resumed run's rows, on an install without torch
+            from pneumobatch.model.heatmaps import mark_failed
+
+            log.warning(
+                "%d heatmaps not made: they need PyTorch and Captum (pip install 'pneumobatch[torch]')", len(todo)
+            )
+            for jobs in todo.values():
+                mark_failed(frame, jobs, self.counts)
+            return
         from pneumobatch.model.device import default_split, resolve_device
         from pneumobatch.model.explain import cam_layer_name, write_heatmaps
         from pneumobatch.model.registry import LoadedModel, load_model
@@ -165,18 +205,17 @@ class _Heatmaps:
         ]
         for net, model in zip(nets, self.models):
             net.card = model.card  # a site's card decides; the network is the same
-        self.layers = {n.card.name: cam_layer_name(n.card) for n in nets}
+            self.layers[net.card.name] = cam_layer_name(net.card)
         device = resolve_device("cpu" if self.engine.device == "cpu" else self.config.device)
         split = default_split(device)
-        self.counts = write_heatmaps(
+        write_heatmaps(
             frame,
+            todo,
             nets,
-            self.entries,
-            self.paths.predictions,
-            self.paths.heatmaps,
-            self.config.heatmaps,
-            self.options,
-            reuse=self.config.resume,
+            entries,
+            self.folder,
+            options,
+            self.counts,
             device=device,
             workers=self.config.workers if self.config.workers is not None else split.workers,
             threads=self.config.threads or max(1, split.workers),
@@ -184,17 +223,17 @@ class _Heatmaps:
 
     def info(self) -> dict[str, Any]:
         """run.json's ``heatmaps``."""
-        from pneumobatch.model.explain import METHOD
+        from pneumobatch.model.heatmaps import METHOD, layer_name
 
-        counts = self.counts
         return {
             "mode": self.config.heatmaps,
             "method": METHOD,
-            "layers": self.layers,
-            "folder": self.paths.heatmaps.name,
-            "written": counts.written if counts else 0,
-            "kept": counts.kept if counts else 0,
-            "failed": counts.failed if counts else 0,
+            "layers": {name: self.layers.get(name) or layer_name(card) for name, card in self.cards.items()},
+            "folder": self.folder.name,
+            "from_forward_pass": self.inline,
+            "written": self.counts.written,
+            "kept": self.counts.kept,
+            "failed": self.counts.failed,
         }
 
 
@@ -217,6 +256,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
     from pneumobatch.engines import create_engine
     from pneumobatch.io.readers import ReadOptions
     from pneumobatch.io.readers.bodyparts import BodyPartVocabulary
+    from pneumobatch.model.heatmaps import DISPLAY_SIDE
     from pneumobatch.model.store import DEFAULT_MODEL
     from pneumobatch.operations.monitor.record import monitoring_block
 
@@ -237,6 +277,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         e for e in _entries(roots, config.follow_external_links, config.relative_to) if not paths.owns(e.path)
     ]  # an output inside the input tree
     columns = columns_for(cards, config.include_patient_id, heatmaps=bool(config.heatmaps))
+    heatmaps = _Heatmaps(config, engine, models, paths) if config.heatmaps else None
     inputs = roots + [p for p in paths.replaced if _is_input_image(p, roots)]
     with PredictionWriter(
         paths, columns, resume=config.resume, overwrite=config.overwrite, cards=cards, inputs=inputs
@@ -248,6 +289,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
             include_lateral=config.include_lateral,
             min_side=max(c.input_size for c in cards),
             body_parts=vocabulary,
+            display_side=DISPLAY_SIDE if heatmaps is not None and heatmaps.inline else 0,
         )
         t0 = time.perf_counter()
         batch: list[dict] = []
@@ -257,7 +299,10 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
         # closing: on an error or a signal the decoding workers are shut down before the lock is released
         with contextlib.closing(engine.results(todo, models, options)) as results:
             for done, result in enumerate(results, 1):
-                batch += result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
+                rows = result_rows(result, cards, config.study_from, config.include_patient_id, config.skip_ood)
+                if heatmaps is not None:
+                    heatmaps.rows(result, rows)
+                batch += rows
                 n_ok_now += result.status is Status.OK
                 if progress:
                     progress(done, len(todo))
@@ -265,8 +310,8 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
                     writer.append(batch)
                     batch = []
         writer.append(batch)
-        heatmaps = _Heatmaps(config, engine, models, entries, paths, options) if config.heatmaps else None
-        frame = writer.finalize(entries, names, amend=heatmaps)
+        finish = (lambda frame: heatmaps.finish(frame, entries, options)) if heatmaps is not None else None
+        frame = writer.finalize(entries, names, amend=finish)
         seconds = time.perf_counter() - t0
     write_studies(frame, cards, paths.studies)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -29,3 +29,8 @@ class FileResult:
     #: model name -> whether the image is applicable: the model layer's decision
     #: (``ApplicabilityStats.flag``) for each score in ``ood_scores``
     applicable: dict[str, bool] = field(default_factory=dict)
+    #: model name -> Grad-CAM maps of every class (C, h, w) at the card's layer, where the forward
+    #: pass computed them in closed form (:mod:`pneumobatch.model.heatmaps`)
+    cams: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the image as displayed (uint8, long side at most ``ReadOptions.display_side``) when asked for
+    display: Optional[np.ndarray] = None

@@ -41,13 +41,11 @@ log = logging.getLogger(__name__)
 DECODE_CHUNK = 4
 
 
-def read_entry(
-    entry: FileEntry, specs: Sequence[InputSpec], options: ReadOptions, index: int = 0, display_side: int = 0
-) -> dict[str, Any]:
+def read_entry(entry: FileEntry, specs: Sequence[InputSpec], options: ReadOptions, index: int = 0) -> dict[str, Any]:
     """Read one file and prepare its inputs (uint8 (1, S, S) per spec); never raises for bad input:
-    a file that cannot be used is an item with its status, reason and detail. With ``display_side``,
-    the item also holds ``display``: the image as read, uint8, aspect ratio kept, long side at most
-    ``display_side`` (what a heatmap is laid over)."""
+    a file that cannot be used is an item with its status, reason and detail. With
+    ``options.display_side``, the item also holds ``display``: the image as read, uint8, aspect
+    ratio kept, long side at most that (what a heatmap is laid over)."""
     item: dict[str, Any] = {"index": index, "status": Status.OK, "reason": "", "detail": "", "meta": {}, "inputs": None}
     if entry.problem is not None:
         reason, detail = entry.problem
@@ -57,8 +55,8 @@ def read_entry(
         image = read_image(entry.path, sniff(entry.path), options)
         item["meta"] = image.meta
         item["inputs"] = {s: prepare(image.pixels, s)[None] for s in specs}
-        if display_side:
-            item["display"] = display_image(image.pixels, display_side)
+        if options.display_side:
+            item["display"] = display_image(image.pixels, options.display_side)
     except FileRejected as exc:
         item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
     except PermissionError:
@@ -147,9 +145,9 @@ def _decode_worker_init(parent: int, death_signal: bool) -> None:
 
 
 def _read_chunk(
-    entries: Sequence[FileEntry], first: int, specs: Sequence[InputSpec], options: ReadOptions, display_side: int = 0
+    entries: Sequence[FileEntry], first: int, specs: Sequence[InputSpec], options: ReadOptions
 ) -> tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]:
-    return collate([read_entry(e, specs, options, first + i, display_side) for i, e in enumerate(entries)])
+    return collate([read_entry(e, specs, options, first + i) for i, e in enumerate(entries)])
 
 
 class DecoderDied(PneumobatchError):
@@ -165,10 +163,9 @@ def decode_in_processes(
     chunk: int = DECODE_CHUNK,
     in_flight: int = 32,
     started: Callable[[], None] = lambda: None,
-    display_side: int = 0,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]]:
     """Decoded chunks of ``chunk`` files in order, read by ``workers`` processes (0: this one) with
-    about ``in_flight`` files read ahead (items with a ``display`` image: ``display_side``, :func:`read_entry`). Closing the generator (an error, a signal) ends the
+    about ``in_flight`` files read ahead. Closing the generator (an error, a signal) ends the
     workers at once; they also end with this process if it is killed (:func:`end_with_parent`).
     ``started`` is called once the workers are running, before the first chunk is waited for
     (the models load then, while the workers decode)."""
@@ -177,7 +174,7 @@ def decode_in_processes(
     if not workers:
         started()
         for first in starts:
-            yield _read_chunk(entries[first : first + chunk], first, specs, options, display_side)
+            yield _read_chunk(entries[first : first + chunk], first, specs, options)
         return
     context = multiprocessing.get_context()
     init = functools.partial(
@@ -189,9 +186,7 @@ def decode_in_processes(
     todo = iter(starts)
     try:
         for first in todo:
-            pending.append(
-                pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options, display_side)
-            )
+            pending.append(pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options))
             if len(pending) >= ahead:
                 break
         started()
@@ -205,9 +200,7 @@ def decode_in_processes(
                 ) from exc
             first = next(todo, None)
             if first is not None:
-                pending.append(
-                    pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options, display_side)
-                )
+                pending.append(pool.submit(_read_chunk, entries[first : first + chunk], first, specs, options))
             yield result
     finally:
         for future in pending:
@@ -222,7 +215,7 @@ def decode_in_processes(
 def batched_results(
     chunks: Iterable[tuple[list[dict[str, Any]], dict[InputSpec, np.ndarray], list[int]]],
     entries: Sequence[FileEntry],
-    predict: Callable[[dict[InputSpec, Any], dict[str, np.ndarray]], dict[str, np.ndarray]],
+    predict: Callable[[dict[InputSpec, Any], dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]],
     applicable: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     batch_size: int,
     *,
@@ -231,7 +224,10 @@ def batched_results(
 ) -> Iterator[FileResult]:
     """One :class:`FileResult` per entry, in order, from decoded chunks; the models see batches of
     exactly ``batch_size`` decoded files (the last one fewer). ``to_array`` turns a chunk's numpy
-    inputs into what ``predict`` takes (a tensor on a device) and ``concat`` joins those."""
+    inputs into what ``predict`` takes (a tensor on a device) and ``concat`` joins those. ``predict(inputs,
+    scores, cams)`` returns probabilities by model and may fill ``scores`` (applicability) and ``cams``
+    (Grad-CAM maps of every class, (B, C, h, w)) by model; a result carries its row of each, and its
+    ``display`` image when the reader kept one."""
     pending: deque[tuple[dict[str, Any], bool]] = deque()  # (item, decoded), in order, not yet yielded
     gathered: dict[InputSpec, list[Any]] = {}  # spec -> decoded inputs of the pending items, in order
     rows = 0
@@ -241,7 +237,8 @@ def batched_results(
         nonlocal gathered, rows
         inputs = {spec: concat(parts) for spec, parts in gathered.items()}
         scores: dict[str, np.ndarray] = {}
-        probs = predict({spec: x[:n] for spec, x in inputs.items()}, scores) if n else {}
+        cams: dict[str, np.ndarray] = {}
+        probs = predict({spec: x[:n] for spec, x in inputs.items()}, scores, cams) if n else {}
         flags = applicable(scores)
         gathered = {spec: [x[n:]] for spec, x in inputs.items()} if rows > n else {}
         rows -= n
@@ -249,10 +246,12 @@ def batched_results(
         while pending and (not pending[0][1] or row < n):
             item, decoded = pending.popleft()
             result = FileResult(entries[item["index"]], item["status"], item["reason"], item["detail"], item["meta"])
+            result.display = item.get("display")
             if decoded:
                 result.probs = {name: p[row] for name, p in probs.items()}
                 result.ood_scores = {name: float(s[row]) for name, s in scores.items()}
                 result.applicable = {name: bool(a[row]) for name, a in flags.items()}
+                result.cams = {name: c[row] for name, c in cams.items()}
                 row += 1
             yield result
 

@@ -124,9 +124,13 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(
-        self, inputs: dict[InputSpec, torch.Tensor], scores: Optional[dict[str, np.ndarray]] = None
+        self,
+        inputs: dict[InputSpec, torch.Tensor],
+        scores: Optional[dict[str, np.ndarray]] = None,
+        cams: Optional[dict[str, np.ndarray]] = None,
     ) -> dict[str, np.ndarray]:
-        """Probabilities per model; with ``scores``, also fills it with applicability scores."""
+        """Probabilities per model; with ``scores``, also fills it with applicability scores (``cams``:
+        not computed on this path; ``predict --heatmaps`` makes them after the rows, :mod:`.explain`)."""
         self.prepare()
         out = {}
         for model in self.models:

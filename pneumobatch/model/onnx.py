@@ -15,25 +15,36 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pneumobatch.model.runtime import GRADCAM_OUTPUT  # the last output where Grad-CAM has a closed form
+
 log = logging.getLogger(__name__)
 
 
 class WithFeatures(torch.nn.Module):
-    """A network returning (logits, the features of ``layers``) for export (see FeatureTap)."""
+    """A network returning (logits, the features of ``layers``[, Grad-CAM maps]) for export (see
+    FeatureTap; ``gradcam``: ``(net, cam layer, closed form)``, :attr:`Architecture.gradcam`)."""
 
-    def __init__(self, net: torch.nn.Module, head: torch.nn.Module, layers: Sequence[str]) -> None:
+    def __init__(
+        self, net: torch.nn.Module, head: torch.nn.Module, layers: Sequence[str], gradcam: Optional[tuple] = None
+    ) -> None:
         super().__init__()
         self.net, self.head, self.layers = net, head, list(layers)
+        self.gradcam = gradcam
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from pneumobatch.model.applicability.features import FeatureTap
 
         tap = FeatureTap(self.net, self.head, self.layers)
+        seen: list[torch.Tensor] = []
+        hook = self.gradcam[1].register_forward_hook(lambda m, i, o: seen.append(o)) if self.gradcam else None
         try:
             logits = self.net(x)
         finally:
             tap.close()
-        return (logits, *(tap.features[name] for name in self.layers))
+            if hook is not None:
+                hook.remove()
+        maps = (self.gradcam[2](self.net, seen[-1]),) if self.gradcam else ()
+        return (logits, *(tap.features[name] for name in self.layers), *maps)
 
 
 #: bump when the export below changes what it writes, so that older cached files are not used
@@ -121,7 +132,9 @@ def _prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
             log.debug("cannot prune %s: %s", path, exc)
 
 
-def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str]) -> bytes:
+def _export_onnx(
+    net: torch.nn.Module, head: torch.nn.Module, size: int, layers: Sequence[str], gradcam: Optional[tuple] = None
+) -> bytes:
     import io
 
     buffer = io.BytesIO()
@@ -129,11 +142,11 @@ def _export_onnx(net: torch.nn.Module, head: torch.nn.Module, size: int, layers:
     with warnings.catch_warnings():  # the exporter's tracer and deprecation notices: not the user's business
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            WithFeatures(net, head, layers).eval(),
+            WithFeatures(net, head, layers, gradcam).eval(),
             (example,),
             buffer,
             input_names=["x"],
-            output_names=["logits", *layers],
+            output_names=["logits", *layers, *([GRADCAM_OUTPUT] if gradcam else [])],
             dynamic_axes={"x": {0: "batch"}},
             dynamo=False,
         )
@@ -200,6 +213,18 @@ class OnnxRunner:
         return torch.from_numpy(logits), dict(zip(self.layers, features))
 
 
+def _closed_form_gradcam(net: torch.nn.Module, card) -> Optional[tuple]:
+    """``(net, layer, gradcam)`` for the export when the architecture has Grad-CAM in closed form at the
+    layer the card uses for heatmaps (its default one), else ``None``."""
+    from pneumobatch.model.registry import ARCHITECTURES
+
+    arch = ARCHITECTURES[card.architecture]
+    layer = str((card.explain or {}).get("layer") or arch.cam_layer)
+    if arch.gradcam is None or layer != arch.cam_layer:
+        return None
+    return (net, net.get_submodule(layer), arch.gradcam)
+
+
 def write_export(loaded) -> dict:
     """Export a loaded model (with its applicability statistics' layers) to ``NAME.onnx`` beside
     its weights and record it in the card's ``onnx`` entry: the file, its SHA-256, the SHA-256 of
@@ -212,15 +237,18 @@ def write_export(loaded) -> dict:
     stats = loaded.applicability
     layers = list(stats.layer_names) if stats is not None else []
     net = loaded.net.cpu().eval()
-    head = ARCHITECTURES[card.architecture].head(net)
-    exported = _export_onnx(net, head, card.input_size, layers)
+    arch = ARCHITECTURES[card.architecture]
+    head = arch.head(net)
+    gradcam = _closed_form_gradcam(net, card)
+    exported = _export_onnx(net, head, card.input_size, layers, gradcam)
     path = loaded.weights_path.with_suffix(".onnx")
     atomic_write(path, exported)
     card.onnx = {
         "file": path.name,
         "sha256": sha256_file(path),
         "weights_sha256": card.weights_sha256,
-        "outputs": ["logits", *layers],
+        "outputs": ["logits", *layers, *([GRADCAM_OUTPUT] if gradcam else [])],
+        **({"gradcam_layer": ARCHITECTURES[card.architecture].cam_layer} if gradcam else {}),
         "exporter": f"torch {torch.__version__}",
     }
     write_card(card, loaded.weights_path.with_suffix(".json"))

@@ -53,6 +53,10 @@ class Architecture:
     stages: Optional[Callable[[nn.Module], list[str]]] = None
     #: the module Grad-CAM heatmaps are computed at (the last convolutional features) unless the card names one
     cam_layer: str = ""
+    #: ``gradcam(net, a)``: the Grad-CAM of every class (B, C, h, w), rectified, from ``a``, the output of
+    #: ``cam_layer``, in closed form (no backward pass) where what follows the layer allows it; the ONNX
+    #: export then computes heatmaps in the forward pass (:mod:`pneumobatch.model.heatmaps`)
+    gradcam: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -67,11 +71,14 @@ def register_architecture(
     head: Callable[[nn.Module], nn.Module],
     stages: Optional[Callable[[nn.Module], list[str]]] = None,
     cam_layer: str = "",
+    gradcam: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
 ) -> Callable:
     """Decorator adding an architecture factory to the registry."""
 
     def decorator(factory: Callable[[int, bool, int], nn.Module]) -> Callable:
-        ARCHITECTURES[name] = Architecture(name, factory, mean, std, pretrained_available, head, stages, cam_layer)
+        ARCHITECTURES[name] = Architecture(
+            name, factory, mean, std, pretrained_available, head, stages, cam_layer, gradcam
+        )
         return factory
 
     return decorator
@@ -130,6 +137,22 @@ for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
     )(_torchvision(_name, _classifier_last))
 
 
+def _lite0_gradcam(net: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM at ``_conv_head`` of EfficientNet-Lite0 in closed form. After that layer come
+    BatchNorm (eval: ``s_k a + t_k``), ReLU6, global average pooling and the linear classifier,
+    so the gradient of logit c at cell (i, j) of channel k is ``W[c, k] s_k [0 < z_k(i, j) < 6] / HW``;
+    Grad-CAM's channel weight is its spatial mean and the map ``ReLU(sum_k weight_ck a_k)`` (the
+    maps equal Captum's LayerGradCam ones, tests/model/test_explain.py)."""
+    bn = net._bn1
+    z = bn(a)
+    active = ((z > 0) & (z < 6)).to(a.dtype).flatten(2)  # (B, K, HW)
+    hw = active.shape[-1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (K,)
+    weights = net._fc.weight[None] * (scale[None] * active.mean(-1))[:, None, :] / hw  # (B, C, K)
+    maps = torch.relu(weights @ a.flatten(2))  # (B, C, HW)
+    return maps.view(a.shape[0], -1, *a.shape[2:])
+
+
 @register_architecture(
     "efficientnet_lite0",
     mean=LITE_MEAN,
@@ -139,6 +162,7 @@ for _name in ("efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"):
     # chosen by benchmarks/applicability.py: these seven of the 16 blocks plus the head
     stages=lambda net: [f"_blocks.{i}" for i in (0, 2, 4, 7, 10, 13, 15) if i < len(net._blocks)],
     cam_layer="_conv_head",
+    gradcam=_lite0_gradcam,
 )
 def _efficientnet_lite0(num_classes: int, pretrained: bool, input_size: int) -> nn.Module:
     try:

@@ -31,6 +31,9 @@ from pneumobatch.model.store import load_applicability, read_card, resolve_model
 
 log = logging.getLogger(__name__)
 
+#: The exports' Grad-CAM output (``pneumobatch.model.onnx.GRADCAM_OUTPUT``; this module must not import torch).
+GRADCAM_OUTPUT = "gradcam"
+
 
 class NoOnnxExport(ModelError):
     """The card names no ONNX export this run can use (the PyTorch path can still run the model)."""
@@ -53,7 +56,7 @@ def export_problem(card: ModelCard, stats: Optional[Any]) -> Optional[str]:
         return "the card names no ONNX export"
     if str(info.get("weights_sha256", "")).lower() != str(card.weights_sha256).lower():
         return "the ONNX export was made from other weights than the card's"
-    outputs = list(info.get("outputs") or [])
+    outputs = [o for o in info.get("outputs") or [] if o != GRADCAM_OUTPUT]  # the maps are optional
     wanted = ["logits", *(stats.layer_names if stats is not None else outputs[1:])]
     if outputs != wanted:
         return "the ONNX export's outputs are not the applicability statistics' layers (refitted since?)"
@@ -149,18 +152,27 @@ class OnnxPredictor:
         return {name: self.applicability[name].flag(s) for name, s in scores.items()}
 
     def __call__(
-        self, inputs: dict[InputSpec, np.ndarray], scores: Optional[dict[str, np.ndarray]] = None
+        self,
+        inputs: dict[InputSpec, np.ndarray],
+        scores: Optional[dict[str, np.ndarray]] = None,
+        cams: Optional[dict[str, np.ndarray]] = None,
     ) -> dict[str, np.ndarray]:
+        """Probabilities per model; fills ``scores`` with applicability scores and ``cams`` with the
+        Grad-CAM maps of exports that compute them (output ``gradcam``)."""
         self.prepare()
         out = {}
         for model in self.models:
             card = model.card
             x = normalize(inputs[input_spec(card)], card.mean, card.std)
-            logits, *features = self._sessions[card.name].run(None, {"x": x})
+            logits, *rest = self._sessions[card.name].run(None, {"x": x})
+            names = card.onnx["outputs"][1:]
+            outputs = dict(zip(names, rest))
             out[card.name] = softmax(logits, card.temperature)
+            if GRADCAM_OUTPUT in outputs and cams is not None:
+                cams[card.name] = outputs.pop(GRADCAM_OUTPUT)
             stats = self.applicability.get(card.name)
             if stats is not None and scores is not None:
-                scores[card.name] = stats.score(dict(zip(card.onnx["outputs"][1:], features)))
+                scores[card.name] = stats.score({k: v for k, v in outputs.items() if k != GRADCAM_OUTPUT})
         return out
 
 

@@ -81,7 +81,7 @@ def test_an_export_of_other_weights_or_changed_bytes_is_not_used(tmp_path: Path)
     with pytest.raises(NoOnnxExport, match="other weights"):
         load_onnx_model("pneumonia", folder)
     card["onnx"]["weights_sha256"] = card["weights_sha256"]
-    card["onnx"]["outputs"] = card["onnx"]["outputs"][:-1]  # statistics refitted on other layers since
+    card["onnx"]["outputs"].remove("_blocks.0")  # statistics refitted on other layers since
     card_path.write_text(json.dumps(card))
     with pytest.raises(NoOnnxExport, match="applicability"):
         load_onnx_model("pneumonia", folder)
@@ -136,7 +136,8 @@ def _compare_with_reference(csv: Path) -> None:
         a = pd.to_numeric(got[column], errors="coerce").to_numpy()
         b = pd.to_numeric(expected[column], errors="coerce").to_numpy()
         assert np.array_equal(np.isnan(a), np.isnan(b)), column
-        assert np.nanmax(np.abs(a - b)) <= 1e-5, column
+        # relative for large scores (an image far outside the training data scores ~6e5)
+        assert np.nanmax(np.abs(a - b) / np.maximum(1.0, np.abs(b))) <= 1e-5, column
     for column in ("status", "reason", "pred_label", "applicable"):
         assert (got[column] == expected[column]).all(), column
 

@@ -29,6 +29,9 @@ class ReadOptions:
     min_side: Optional[int] = None
     #: Chest / non-chest words for the ``not-chest`` gate (see :mod:`pneumobatch.io.readers.bodyparts`).
     body_parts: BodyPartVocabulary = DEFAULT_VOCABULARY
+    #: Above 0, decoding also keeps the image as displayed, long side at most this (``predict
+    #: --heatmaps`` draws on it; :func:`pneumobatch.model.preprocess.display_image`).
+    display_side: int = 0
 
 
 @dataclass
