@@ -17,7 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p demo_output
-	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology -o demo_output/predictions.csv --overwrite; test $$? -le 1
+	$(BIN)/pneumobatch predict sample_studies -m pneumonia -m etiology -o demo_output/predictions.csv --overwrite --heatmaps positive; test $$? -le 1
 	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/report_pneumonia.pdf
 	$(BIN)/pneumobatch report demo_output/predictions.csv --labels sample_studies/labels.csv --label-column finding --model etiology -o demo_output/report_etiology.pdf
 	$(BIN)/pneumobatch calibrate demo_output/predictions.csv --labels sample_studies/labels.csv --model pneumonia -o demo_output/site.json --overwrite
@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/pneumobatch monitor demo_output/predictions.run.json demo_output/predictions_site.run.json --baseline 1 -o demo_output/monitor.pdf
 	$(BIN)/pneumobatch audit demo_output/predictions.csv sample_studies --model pneumonia -o demo_output/audit.pdf --overwrite
 	@echo "predictions: demo_output/predictions.csv (studies: demo_output/predictions.studies.csv)"
+	@echo "heatmaps:    demo_output/predictions.heatmaps/ (column heatmap): what the models looked at in the positives"
 	@echo "reports:     demo_output/report_pneumonia.pdf demo_output/report_etiology.pdf"
 	@echo "site file:   demo_output/site.json, applied in demo_output/predictions_site.csv;"
 	@echo "             shipped vs site operating points: demo_output/report_site.pdf"

@@ -131,9 +131,9 @@ def test_forward_batches_are_full_and_results_keep_discovery_order_whatever_fail
     batches: list[int] = []
 
     class Recording(Predictor):
-        def __call__(self, inputs, scores=None):
+        def __call__(self, inputs, scores=None, cams=None):
             batches.append(len(next(iter(inputs.values()))))
-            return super().__call__(inputs, scores)
+            return super().__call__(inputs, scores, cams)
 
     cpu = torch.device("cpu")
     results = list(
