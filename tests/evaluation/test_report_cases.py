@@ -211,6 +211,16 @@ def test_missing_image_root_gives_placeholders_and_the_same_exit_code(tmp_path):
     assert {c["thumbnail"] for c in doc["models"][0]["cases"]["cases"]} == {"image"}
 
 
+def test_a_path_cell_naming_no_file_is_a_placeholder(tmp_path):
+    from pneumobatch.evaluation.report.thumbnails import case_thumbnail
+
+    (tmp_path / "x.png").write_bytes(b"not read")
+    for cell in ("bad\\xZZ", "nul\x00.png", "../x.png", str(tmp_path / "x.png"), ""):
+        case = {"path": cell, "heatmap": None}
+        assert case_thumbnail(case, tmp_path, [tmp_path / "root"], None) == (None, "image not found"), cell
+        assert case_thumbnail(case, tmp_path, [], tmp_path / "root") == (None, "image not found"), cell
+
+
 def test_nothing_from_the_dicom_header_reaches_the_report(tmp_path):
     paths = make_cases_run(tmp_path)
     assert str(pydicom.dcmread(paths["root"] / rel(0)).PatientName) == SECRET  # the header has it

@@ -95,7 +95,10 @@ def case_thumbnail(
                 return heatmap_thumbnail(path), FROM_HEATMAP
             except Exception as exc:  # a damaged heatmap: fall back to the image
                 log.debug("heatmap of case %s unreadable: %s", case["path"], exc)
-    path = image_file(case["path"], roots, images)
+    try:
+        path = image_file(case["path"], roots, images)
+    except ValueError:  # a path cell that is no escaped name (``\\xZZ``, a NUL): names no file
+        path = None
     if path is None:
         return None, NOT_FOUND
     try:
