@@ -59,31 +59,10 @@ class PredictRun:
         return EXIT_FILE_ERRORS if self.counts["error"] else EXIT_OK
 
 
-def root_prefixes(roots: Sequence[Path]) -> dict[Path, str]:
-    """Distinct ``path`` prefixes for several input folders: the shortest unique tail of each.
-
-    ``/a/studies`` and ``/b/studies`` become ``a/studies`` and ``b/studies``; folders with
-    different names keep just their name. One root: no prefix.
-    """
-    from pneumobatch.io.discovery import escape_path
-
-    resolved = [Path(r).resolve() for r in roots]
-    if len(resolved) < 2:
-        return {r: "" for r in resolved}
-    prefixes = {}
-    for r in resolved:
-        for depth in range(1, len(r.parts) + 1):
-            tail = r.parts[-depth:]
-            if sum(other.parts[-depth:] == tail for other in resolved) == 1:
-                break
-        prefixes[r] = escape_path("/".join(p for p in tail if p != "/")) or "root"
-    return prefixes
-
-
 def _entries(roots: Sequence[Path], follow_external_links: bool = False, relative_to: Optional[Path] = None) -> list:
     import dataclasses
 
-    from pneumobatch.io.discovery import escape_path, walk
+    from pneumobatch.io.discovery import escape_path, root_prefixes, walk
 
     unique = list(dict.fromkeys(Path(r).resolve() for r in roots))  # the same folder given twice: once
     prefixes = root_prefixes(unique)

@@ -74,6 +74,19 @@ _R = ReportOptions  # option defaults are the library's, defined once
     help="Bootstrap resamples for 95% confidence intervals (0: none).",
 )
 @click.option("--seed", type=int, default=_R.seed, show_default=True)
+@click.option(
+    "--cases",
+    type=click.IntRange(0, 100),
+    default=_R.cases,
+    show_default=True,
+    help="Cases to look at, of each kind, as thumbnails (labels: most confident false negatives and false "
+    "positives; none: highest probability and nearest the threshold); 0: no such page.",
+)
+@click.option(
+    "--images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder the CSV's paths are relative to, for the thumbnails. [default: the input folders in run.json]",
+)
 @click.option("-q", "--quiet", is_flag=True)
 def report_command(predictions: Path, quiet: bool, **options) -> None:
     """Evaluate PREDICTIONS (a CSV from predict) against labels; write PDF + JSON.

@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 from pneumobatch.core.errors import FileRejected, Reason
 
@@ -228,6 +228,53 @@ def resolve_inside(root: Path, relpath: str) -> Optional[Path]:
         return None
     path = Path(root) / name
     return path if is_inside(path, root) else None
+
+
+def root_prefixes(roots: Sequence[Path]) -> dict[Path, str]:
+    """Distinct ``path`` prefixes for several input folders: the shortest unique tail of each.
+
+    ``/a/studies`` and ``/b/studies`` become ``a/studies`` and ``b/studies``; folders with
+    different names keep just their name. One root: no prefix.
+    """
+    resolved = [Path(r).resolve() for r in roots]
+    if len(resolved) < 2:
+        return {r: "" for r in resolved}
+    prefixes = {}
+    for r in resolved:
+        for depth in range(1, len(r.parts) + 1):
+            tail = r.parts[-depth:]
+            if sum(other.parts[-depth:] == tail for other in resolved) == 1:
+                break
+        prefixes[r] = escape_path("/".join(p for p in tail if p != "/")) or "root"
+    return prefixes
+
+
+def input_file(relpath: str, roots: Sequence[Path]) -> Optional[Path]:
+    """The input file a ``path`` cell of a run over ``roots`` names, or None when it names no
+    regular file inside its root: the inverse of predict's naming (:func:`root_prefixes`; a
+    file given as a root is its own name). Paths of ``predict --spool`` (relative to the
+    folder above the roots) are found too. The cell is untrusted: :func:`resolve_inside`."""
+    unique = list(dict.fromkeys(Path(r).resolve() for r in roots))
+    text = str(relpath)
+    prefixes = root_prefixes(unique)
+    tried: list[tuple[Path, str]] = []
+    for root in unique:
+        if not root.is_dir():
+            if text == escape_path(root.name) and root.is_file():
+                return root
+            continue
+        prefix = prefixes[root]
+        if not prefix or text.startswith(prefix + "/"):
+            tried.append((root, text[len(prefix) + 1 :] if prefix else text))
+    for root in unique:  # predict --spool: named from the spool, the roots' parent
+        name = escape_path(root.name)
+        if root.is_dir() and text.startswith(name + "/"):
+            tried.append((root, text[len(name) + 1 :]))
+    for root, rest in tried:
+        path = resolve_inside(root, rest)
+        if path is not None and path.is_file():
+            return path
+    return None
 
 
 def is_inside(path: Path, folder: Path) -> bool:

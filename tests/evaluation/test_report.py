@@ -416,7 +416,7 @@ def test_report_import_graph_has_no_torch():
     import subprocess
     import sys
 
-    modules = "options, inputs, build, figures, document, pdf, write"
+    modules = "options, inputs, build, cases, thumbnails, figures, document, pdf, write"
     code = (
         f"import sys; from pneumobatch.evaluation.report import {modules}; import pneumobatch.evaluation.metrics; "
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"

@@ -345,3 +345,29 @@ def test_a_path_cell_is_resolved_only_inside_its_root(tmp_path: Path):
     assert discovery.resolve_inside(root, "in") == root / "in"  # a link inside the root is an input like any other
     for cell in ("../secret", "a/../../secret", str(tmp_path / "secret"), "out", ""):
         assert discovery.resolve_inside(root, cell) is None, cell
+
+
+def test_input_file_finds_each_file_by_the_path_predict_gave_it(tmp_path: Path):
+    """input_file inverts predict's naming: one root, several roots with the same name, a file root, a spool."""
+    from pneumobatch.predict import _entries
+
+    for rel in ("a/studies/s1/x.dcm", "b/studies/s1/x.dcm", "b/studies/y.png", "other/z.dcm", "single.dcm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    (tmp_path / "secret").write_bytes(b"s")
+    os.symlink(tmp_path / "secret", tmp_path / "other" / "out")
+    runs = [
+        ([tmp_path / "a" / "studies"], None),
+        ([tmp_path / "a" / "studies", tmp_path / "b" / "studies", tmp_path / "other", tmp_path / "single.dcm"], None),
+        ([tmp_path / "a" / "studies" / "s1", tmp_path / "other"], None),
+        ([tmp_path / "a" / "studies"], tmp_path / "a"),  # predict --spool: paths from the roots' parent
+    ]
+    for roots, relative_to in runs:
+        entries = [e for e in _entries(roots, relative_to=relative_to) if e.problem is None]
+        assert entries
+        for entry in entries:
+            assert discovery.input_file(entry.relpath, roots) == entry.path.resolve(), entry.relpath
+    roots = [tmp_path / "other"]
+    for cell in ("out", "../secret", str(tmp_path / "secret"), "missing.dcm", ""):
+        assert discovery.input_file(cell, roots) is None, cell
+    assert discovery.input_file("z.dcm", [tmp_path / "gone"]) is None

@@ -22,7 +22,8 @@ The package, in the order data flows:
   :class:`ReportResult`;
 - :mod:`.inputs`: reading the predictions CSV, run.json, the studies CSV, ``--where``;
 - :mod:`.build`: the document model, every number as one JSON-ready dict
-  (metrics from :mod:`pneumobatch.evaluation.metrics`);
+  (metrics from :mod:`pneumobatch.evaluation.metrics`), with :mod:`.cases`, the cases to look at;
+- :mod:`.thumbnails`: their thumbnails (heatmap or image, in memory, for the PDF only);
 - :mod:`.figures`: matplotlib figures; :mod:`.pdf`: the report's sections, laid out with
   :mod:`.document` (the reportlab layer it shares with the monitoring PDF);
 - :mod:`.write`: :func:`write_report`, atomic writes of PDF, JSON and figures.

@@ -24,6 +24,7 @@ from pneumobatch.evaluation.labels.join import JoinResult, check_label_column, j
 from pneumobatch.evaluation.labels.keys import detect_key
 from pneumobatch.evaluation.labels.reading import read_labels
 from pneumobatch.evaluation.metrics import evaluate, jsonable, subgroup_metrics, summarise
+from pneumobatch.evaluation.report.cases import cases_section
 from pneumobatch.evaluation.report.inputs import elapsed_seconds, load_run, load_studies, report_version, select_labels
 from pneumobatch.evaluation.report.options import RESEARCH_ONLY, SCHEMA, ReportOptions
 from pneumobatch.evaluation.site_comparison import compare_operating_points
@@ -144,6 +145,8 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             "seed": o.seed,
             "target_recall": o.target_recall,
             "site": str(o.site) if o.site is not None else None,
+            "cases": o.cases,
+            "images": str(o.images) if o.images is not None else None,
         },
         "run": {
             "pneumobatch_version": run.get("pneumobatch_version"),
@@ -205,6 +208,7 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             "study": None,
             "subgroups": {},
             "label_error": None,
+            "cases": None,
             "figures": {},
         }
         doc["models"].append(section)
@@ -216,6 +220,8 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
         if labels is None:
             for col in by:
                 section["subgroups"][col] = _unlabelled_groups(ok, col, info.classes)
+            if o.cases and proba is not None:
+                section["cases"] = cases_section(ok, info, o.cases, predictions_csv.parent)
             continue
         try:
             join = join_labels(
@@ -233,6 +239,10 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             continue
         section["join"] = join.summary()
         section["evaluation"] = _evaluate(join, info, o)
+        if o.cases and join.level == "file":
+            section["cases"] = cases_section(join.rows, info, o.cases, predictions_csv.parent)
+        elif o.cases:
+            section["cases"] = {"cases": [], "note": f"no cases to look at: labels joined by {join.key}, not per image"}
         own_site = site if site is not None and site["model"]["name"] == name else None
         if own_site is not None or info.site:
             bands = join.rows["age_band"] if "age_band" in join.rows.columns else pd.Series("", index=join.rows.index)

@@ -25,7 +25,8 @@ class ReportOptions:
     ``output`` is the PDF; ``<stem>.json`` and ``<stem>_files/*.png`` go beside it.
     Without ``labels`` the report summarises the predictions; ``model=None`` reports
     every model in the CSV, one section each. ``run_json`` and ``studies_csv`` default
-    to the files predict writes beside the CSV.
+    to the files predict writes beside the CSV. ``cases`` is how many cases to look at of
+    each kind (:mod:`.cases`; 0: none), their images found under ``images`` or run.json's roots.
     """
 
     predictions: Path
@@ -44,11 +45,13 @@ class ReportOptions:
     run_json: Optional[Path] = None
     studies_csv: Optional[Path] = None
     max_examples: int = MAX_EXAMPLES
+    cases: int = 8  # cases to look at, of each kind (0: no such page)
+    images: Optional[Path] = None  # the folder the CSV's paths are relative to; None: run.json's roots
 
     def __post_init__(self) -> None:
         self.predictions = Path(self.predictions)
         self.output = Path(self.output)
-        for name in ("labels", "site", "run_json", "studies_csv"):
+        for name in ("labels", "site", "run_json", "studies_csv", "images"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))

@@ -7,22 +7,30 @@ files :mod:`.figures` wrote; every page carries the research-use-only footer.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Optional
 
 from pneumobatch.core.card import RECALL_TARGET
+from pneumobatch.evaluation.report.cases import KINDS
 from pneumobatch.evaluation.report.document import Document, esc
 from pneumobatch.evaluation.report.figures import DPI, fmt, fmt_ci
 from pneumobatch.evaluation.report.inputs import reasons_by_status
 from pneumobatch.evaluation.report.options import RESEARCH_ONLY
 
 
+def _tail(text: str, width: int) -> str:
+    """``text`` cut from the left to ``width`` characters ("..." in front when cut): a path's file name stays."""
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
 class PdfDocument(Document):
     """Builds the platypus story for one report document."""
 
-    def __init__(self, doc: dict[str, Any], figure_root: Path) -> None:
+    def __init__(self, doc: dict[str, Any], figure_root: Path, thumbnails: Optional[dict] = None) -> None:
         super().__init__(figure_root, dpi=DPI)
         self.doc = doc
+        self.thumbnails = thumbnails or {}  # (model name, case index) -> PNG (:mod:`.thumbnails`)
 
     # --- sections
     def header(self) -> None:
@@ -127,6 +135,113 @@ class PdfDocument(Document):
             self.summary(m, figure=True)
             for col, sg in m["subgroups"].items():
                 self.unlabelled_subgroups(m, col, sg)
+        if m.get("cases"):
+            self.cases(m, m["cases"])
+
+    def cases(self, m: dict[str, Any], cs: dict[str, Any]) -> None:
+        """The page of cases to look at: a grid of thumbnails per kind, each captioned."""
+        from reportlab.platypus import PageBreak
+
+        if not cs["cases"] and cs.get("note"):
+            self.para(f"Note: {cs['note']}.", "note")
+            return
+        self.add(PageBreak())
+        self.heading(f"Cases to look at ({m['name']})", "h2")
+        pos, n = m["positive"], cs["n"]
+        if cs["labelled"] and pos:
+            rule = (
+                f"The most confident mistakes, as predicted (pred_label): false negatives (labelled {pos}, "
+                f"called otherwise) lowest P({pos}) first, false positives highest P({pos}) first; up to {n} of each."
+            )
+        elif cs["labelled"]:
+            rule = (
+                f"The most confident misclassifications, highest probability of the predicted class first; up to {n}."
+            )
+        elif pos:
+            rule = (
+                f"No labels: the {n} highest P({pos}), and the {n} closest to the operating point "
+                "(|P - threshold|, the threshold of each image's age band where the model has one)."
+            )
+        else:
+            rule = (
+                f"No labels: the {n} highest probabilities of the predicted class, and the {n} closest to the "
+                "decision (smallest margin between the two most probable classes)."
+            )
+        self.para(
+            rule + " Thumbnails: the heatmap of predict --heatmaps where the CSV names one, else the image "
+            "itself; nothing from the file's header is shown (text burned into the pixels is).",
+            "note",
+            keep=True,
+        )
+        for kind in cs["kinds"]:
+            items = [(i, c) for i, c in enumerate(cs["cases"]) if c["kind"] == kind]
+            self.heading(f"{KINDS[kind]} ({len(items)})", "h3")
+            if items:
+                self.thumbnail_grid(m["name"], items)
+            else:
+                self.para("None.", "note")
+
+    def thumbnail_grid(self, model: str, items: list[tuple[int, dict[str, Any]]], columns: int = 4) -> None:
+        from reportlab.lib import colors
+        from reportlab.lib.enums import TA_CENTER
+        from reportlab.lib.styles import ParagraphStyle
+        from reportlab.lib.utils import ImageReader
+        from reportlab.platypus import Image, Paragraph, Spacer, Table, TableStyle
+
+        cell = self.width / columns
+        side = cell - 10
+        centred = ParagraphStyle("placeholder", parent=self.styles["note"], alignment=TA_CENTER)
+        caption = ParagraphStyle("caption", parent=self.styles["td"], spaceBefore=0, spaceAfter=0)
+        path_caption = ParagraphStyle("caption-path", parent=self.styles["mono"], spaceBefore=2, spaceAfter=0)
+        cells = []
+        for i, case in items:
+            png = self.thumbnails.get((model, i))
+            if png is not None:  # every thumbnail fills the same box, whatever its pixel size
+                w, h = ImageReader(io.BytesIO(png.getvalue())).getSize()
+                scale = min(side / w, side / h)
+                picture: Any = Image(png, width=w * scale, height=h * scale)
+            else:
+                picture = Table(
+                    [[Paragraph(esc(case.get("thumbnail") or "image not found"), centred)]],
+                    colWidths=[side],
+                    rowHeights=[side * 0.8],
+                )
+                picture.setStyle(
+                    TableStyle(
+                        [
+                            ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#eeeeee")),
+                            ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+                        ]
+                    )
+                )
+            probability = f"P({case['probability_of']}) {fmt(case['probability'])}"
+            if case["kind"] == "near-threshold" and case.get("threshold") is not None:
+                probability += f" \u00b7 threshold {fmt(case['threshold'])}"
+            called = f"predicted {case['pred_label']}"
+            if case.get("label") is not None:
+                called = f"label {case['label']} \u00b7 {called}"
+            cells.append(
+                [
+                    picture,
+                    Paragraph(esc(_tail(case["path"], int(side / 4.2))), path_caption),
+                    Paragraph(esc(probability), caption),
+                    Paragraph(esc(called), caption),
+                ]
+            )
+        rows = [cells[k : k + columns] for k in range(0, len(cells), columns)]
+        rows[-1] += [""] * (columns - len(rows[-1]))
+        t = Table(rows, colWidths=[cell] * columns, hAlign="LEFT")
+        t.setStyle(
+            TableStyle(
+                [
+                    ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                    ("LEFTPADDING", (0, 0), (-1, -1), 2),
+                    ("RIGHTPADDING", (0, 0), (-1, -1), 2),
+                    ("BOTTOMPADDING", (0, 0), (-1, -1), 6),
+                ]
+            )
+        )
+        self.add(t, Spacer(1, 4))
 
     def evaluation(
         self, m: dict[str, Any], ev: dict[str, Any], join: dict[str, Any], level: str, compact: bool = False

@@ -11,6 +11,7 @@ from pneumobatch.evaluation.report.build import build_report
 from pneumobatch.evaluation.report.figures import render_figures
 from pneumobatch.evaluation.report.options import SCHEMA, ReportOptions, ReportResult, output_paths, sidecar
 from pneumobatch.evaluation.report.pdf import PdfDocument
+from pneumobatch.evaluation.report.thumbnails import render_thumbnails
 from pneumobatch.io.atomicfile import atomic_write, check_replaceable
 
 
@@ -57,7 +58,8 @@ def write_report(options: ReportOptions) -> ReportResult:
     except OSError as exc:
         raise ReportError(f"cannot write {out_pdf.parent}: {exc.strerror or exc}") from exc
     doc["files"] = [out_pdf.name, json_path.name, *(f"{folder.name}/{p.name}" for p in figures)]
-    atomic_write(out_pdf, lambda tmp: PdfDocument(doc, out_pdf.parent).build(tmp))
+    thumbnails = render_thumbnails(doc, predictions_csv.parent, options.images)  # in memory: in the PDF only
+    atomic_write(out_pdf, lambda tmp: PdfDocument(doc, out_pdf.parent, thumbnails).build(tmp))
     doc["seconds"] = round(time.perf_counter() - started, 3)
 
     def dump(tmp: Path) -> None:
