@@ -31,6 +31,7 @@ import pandas as pd
 from pneumobatch.core.card import ModelCard
 from pneumobatch.evaluation.labels.join import prediction_classes
 from pneumobatch.io.discovery import resolve_inside
+from pneumobatch.io.predictions import HEATMAP_COLUMN
 
 #: Kinds of case, in the order the report shows them, with their headings.
 KINDS = {
@@ -40,8 +41,6 @@ KINDS = {
     "highest": "Highest probability",
     "near-threshold": "Closest to the operating point",
 }
-#: The predictions CSV's column naming a row's heatmap PNG (``predict --heatmaps``).
-HEATMAP_COLUMN = "heatmap"
 #: Largest heatmap file read (predict's overlays are at most 1024 px a side: well under 4 MiB).
 MAX_HEATMAP_BYTES = 16 * 1024 * 1024
 
