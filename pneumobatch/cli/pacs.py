@@ -195,8 +195,14 @@ def pull_command(
     multiple=True,
     help="Push only this model's results; repeatable. [default: every model in the CSV]",
 )
+@click.option(
+    "--heatmaps",
+    is_flag=True,
+    help="Also send each positive image's heatmap (predict --heatmaps) as a DICOM Secondary Capture "
+    "with a burned-in legend, in the image's study; the SR references it.",
+)
 @_archive_options("pneumobatch.operations.pacs.push:PushConfig")
-def push_command(predictions: Path, source, models, **archive) -> None:
+def push_command(predictions: Path, source, models, heatmaps: bool, **archive) -> None:
     """Send PREDICTIONS back to a PACS: one DICOM SR per study and model.
 
     \b
@@ -221,5 +227,6 @@ def push_command(predictions: Path, source, models, **archive) -> None:
         ledger=archive["ledger"],
         models=models,
         retries=archive["retries"],
+        heatmaps=heatmaps,
     )
     _finish(run_push(push_config), archive["quiet"])

@@ -78,6 +78,34 @@ HEATMAP_COLUMN = "heatmap"
 #: ``predict --heatmaps`` choices: rows whose decision is a finding, or every row with a prediction
 #: (:mod:`pneumobatch.model.explain`).
 HEATMAP_MODES = ("positive", "all")
+#: Largest heatmap file a reader of the CSV opens (predict's overlays are at most 1024 px a side: well under 4 MiB).
+MAX_HEATMAP_BYTES = 16 * 1024 * 1024
+
+
+def heatmap_file(cell: Any, folder: Path) -> Optional[Path]:
+    """The heatmap a ``heatmap`` cell names, resolved, or None: the cell (untrusted) must be a
+    relative path inside ``folder`` (the predictions CSV's), without ``..``, naming a regular
+    file of at most :data:`MAX_HEATMAP_BYTES`; links are followed only within ``folder``.
+    ``report`` and ``push --heatmaps`` open only what this accepts."""
+    import stat
+    from pathlib import PurePosixPath
+
+    from pneumobatch.io.discovery import resolve_inside
+
+    text = "" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell).strip()
+    if not text or "\\" in text or ".." in PurePosixPath(text).parts:
+        return None
+    path = resolve_inside(folder, text)
+    if path is None:
+        return None
+    try:
+        real = Path(os.path.realpath(path))
+        st = os.stat(real)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_HEATMAP_BYTES:
+        return None
+    return real
 
 
 def columns_for(cards: Sequence[ModelCard], include_patient_id: bool, heatmaps: bool = False) -> list[str]:

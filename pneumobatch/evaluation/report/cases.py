@@ -20,9 +20,7 @@ to the CSV's folder) when :func:`heatmap_file` accepts it, else None. The cell i
 
 from __future__ import annotations
 
-import os
-import stat
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -30,8 +28,7 @@ import pandas as pd
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.evaluation.labels.join import prediction_classes
-from pneumobatch.io.discovery import resolve_inside
-from pneumobatch.io.predictions import HEATMAP_COLUMN
+from pneumobatch.io.predictions import HEATMAP_COLUMN, MAX_HEATMAP_BYTES, heatmap_file  # noqa: F401 - re-exported
 
 #: Kinds of case, in the order the report shows them, with their headings.
 KINDS = {
@@ -41,32 +38,10 @@ KINDS = {
     "highest": "Highest probability",
     "near-threshold": "Closest to the operating point",
 }
-#: Largest heatmap file read (predict's overlays are at most 1024 px a side: well under 4 MiB).
-MAX_HEATMAP_BYTES = 16 * 1024 * 1024
 
 
 def _text(cell: Any) -> str:
     return "" if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell).strip()
-
-
-def heatmap_file(cell: Any, folder: Path) -> Optional[Path]:
-    """The heatmap a CSV cell names, resolved, or None: the cell must be a relative path
-    inside ``folder`` (the predictions CSV's), without ``..``, naming a regular file of at
-    most :data:`MAX_HEATMAP_BYTES`; links are followed only within ``folder``."""
-    text = _text(cell)
-    if not text or "\\" in text or ".." in PurePosixPath(text).parts:
-        return None
-    path = resolve_inside(folder, text)
-    if path is None:
-        return None
-    try:
-        real = Path(os.path.realpath(path))
-        st = os.stat(real)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_HEATMAP_BYTES:
-        return None
-    return real
 
 
 def _order(values: np.ndarray, descending: bool) -> np.ndarray:

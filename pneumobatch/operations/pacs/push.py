@@ -42,7 +42,7 @@ import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import pandas as pd
 from pydicom import dcmread
@@ -101,6 +101,7 @@ class PushConfig:
     models: tuple[str, ...] = ()
     retries: int = 2
     retry_wait: float = 1.0
+    heatmaps: bool = False  # also each positive image's heatmap as a Secondary Capture (heatmap_sc)
 
 
 @dataclass
@@ -115,6 +116,9 @@ class PushResult:
     rows_refused: int = 0  # predicted rows not sent: values an SR cannot state, UIDs not the image's
     sop_instance_uids: list[str] = field(default_factory=list)  # every SR of this run's results
     failures: list[str] = field(default_factory=list)
+    heatmaps_sent: int = 0  # heatmap SCs stored and verified this run
+    heatmaps_before: int = 0  # in the ledger or already in the archive: not sent again
+    heatmaps_refused: int = 0  # positive rows whose heatmap could not be sent (listed in failures)
 
     @property
     def exit_code(self) -> int:
@@ -126,7 +130,13 @@ class PushResult:
             f"{self.already_delivered} delivered before, {self.already_in_archive} already in the archive, "
             f"{len(self.failures) - self.rows_refused} failed; {self.rows_refused} predicted rows refused "
             f"(not sent); {self.rows_without_uid} predicted rows without DICOM UIDs; "
-            f"ledger {self.ledger}"
+            + (
+                f"heatmap SCs: {self.heatmaps_sent} sent and verified, {self.heatmaps_before} sent before, "
+                f"{self.heatmaps_refused} refused; "
+                if self.heatmaps_sent or self.heatmaps_before or self.heatmaps_refused
+                else ""
+            )
+            + f"ledger {self.ledger}"
         )
 
 
@@ -191,7 +201,7 @@ class Rows:
     refused: list[str] = field(default_factory=list)  # one line per refused row
 
 
-def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> Rows:
+def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bool = False) -> Rows:
     """One :class:`StudyResult` per (study, model) with predicted DICOM images whose values
     an SR can state (:func:`~.sr.image_problem`, :func:`~.sr.card_problem`); the others are
     refused, each with its reason. Rows with no UID at all (PNG, JPEG) are counted; a row
@@ -214,6 +224,7 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> Rows:
             operating_point=str(row.get("operating_point", "") or ("pooled" if card.binary else "argmax")),
             path=str(row.get("path", "")),
             row=_spreadsheet_row(index),
+            heatmap=_heatmap_cell(row) if heatmaps and card.is_finding(str(row.get("pred_label", ""))) else "",
         )
         if not any(raw):
             rows.without_uid += 1
@@ -239,6 +250,11 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard]) -> Rows:
     for (study, model), images in sorted(groups.items()):
         rows.results.append(StudyResult(study, cards[model], tuple(images.values())))
     return rows
+
+
+def _heatmap_cell(row: pd.Series) -> str:
+    cell = row.get("heatmap", "")
+    return "" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell).strip()
 
 
 def _open_source(source: Path, image: ImageResult) -> Optional[BinaryIO]:
@@ -356,6 +372,7 @@ class _Delivery:
         self.kept: list[ImageResult] = []
         self.pending: list[ImageResult] = []  # to be looked up in the archive
         self.final: Optional[StudyResult] = None
+        self._captures: Optional[list] = None
 
     def refuse(self, image: ImageResult, reason: str) -> None:
         self.outcome.failures.append(refusal(image, self.result.card.name, reason))
@@ -397,13 +414,56 @@ class _Delivery:
             return
         order = {image.sop_instance_uid: n for n, image in enumerate(self.result.images)}
         kept = tuple(sorted(self.kept, key=lambda image: order[image.sop_instance_uid]))
+        captures = self.captures(kept)
+        sent = {c.source_sop_instance_uid for c in captures}  # a refused heatmap leaves its image's SR without one
+        kept = tuple(i if i.sop_instance_uid in sent else replace(i, heatmap="") for i in kept)
         self.final = StudyResult(self.result.study_instance_uid, self.result.card, kept)
         if self.final.sop_instance_uid != self.result.sop_instance_uid and self.ledger.is_delivered(
             self.config.connection.name, self.final.sop_instance_uid
         ):
             self.outcome.already_delivered += 1
             return
-        _deliver(self.archive, self.ledger, self.final, self.evidence, self.config, self.outcome)
+        for capture in captures:
+            _deliver_capture(self.archive, self.ledger, capture, self.result.card, self.config, self.outcome)
+        _deliver(
+            self.archive,
+            self.ledger,
+            self.final,
+            self.evidence,
+            self.config,
+            self.outcome,
+            [c.dataset for c in captures],
+        )
+
+    def captures(self, kept: tuple[ImageResult, ...]) -> list:
+        """The heatmap SCs of the kept images that have one (built once: a retry sends the same);
+        a heatmap that cannot be sent is refused with its reason, its image's SR still goes."""
+        from pneumobatch.operations.pacs.heatmap_sc import HeatmapRefused, build_capture, read_overlay
+
+        if self._captures is not None:
+            return self._captures
+        self._captures = []
+        folder = Path(self.config.predictions).parent
+        for n, image in enumerate(kept, start=1):
+            if not image.heatmap:
+                continue
+            evidence = self.evidence[image.sop_instance_uid]
+            try:
+                rgb, digest = read_overlay(image.heatmap, folder)
+                self._captures.append(
+                    build_capture(evidence, str(evidence.SOPClassUID), rgb, digest, self.result.card, n)
+                )
+            except HeatmapRefused as exc:
+                self.outcome.failures.append(refusal(image, self.result.card.name, f"heatmap not sent: {exc}"))
+                self.outcome.heatmaps_refused += 1
+            except (ValueError, TypeError, KeyError) as exc:  # highdicom refuses a header value
+                self.outcome.failures.append(
+                    refusal(
+                        image, self.result.card.name, f"heatmap not sent: cannot build the SC ({type(exc).__name__})"
+                    )
+                )
+                self.outcome.heatmaps_refused += 1
+        return self._captures
 
 
 def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None]] = None) -> PushResult:
@@ -419,7 +479,7 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
                 f"{config.predictions} has no model {', '.join(unknown)} (it has {', '.join(cards) or 'none'})"
             )
         frame = frame[frame["model"].isin(config.models)]
-    rows = study_results(frame, cards)
+    rows = study_results(frame, cards, heatmaps=config.heatmaps)
     conn = config.connection
     ledger_path = Path(config.ledger or default_ledger(config.predictions))
     outcome = PushResult(
@@ -452,6 +512,28 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
     return outcome
 
 
+def _deliver_capture(
+    archive: Archive, ledger: Ledger, capture, card: ModelCard, config: PushConfig, outcome: PushResult
+) -> None:
+    """Store one heatmap SC and check the archive has it, unless the ledger or the archive already does."""
+    name = config.connection.name
+    ref = InstanceRef(capture.study_instance_uid, capture.series_instance_uid, capture.sop_instance_uid)
+    if ledger.is_delivered(name, capture.sop_instance_uid):
+        outcome.heatmaps_before += 1
+        return
+    if archive.has_instance(ref):
+        outcome.heatmaps_before += 1
+    else:
+        archive.store(capture.dataset)
+        if not archive.has_instance(ref):
+            raise ArchiveError(f"{name}: heatmap SC {capture.sop_instance_uid} was accepted but is not found")
+        outcome.heatmaps_sent += 1
+    ledger.mark_delivered(
+        name, capture.study_instance_uid, capture.series_instance_uid, capture.sop_instance_uid, card.name,
+        card.weights_sha256,
+    )  # fmt: skip
+
+
 def _deliver(
     archive: Archive,
     ledger: Ledger,
@@ -459,6 +541,7 @@ def _deliver(
     evidence: dict[str, Dataset],
     config: PushConfig,
     outcome: PushResult,
+    captures: Sequence[Dataset] = (),
 ) -> None:
     name = config.connection.name
     ref = InstanceRef(result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
@@ -466,7 +549,7 @@ def _deliver(
         outcome.already_in_archive += 1
     else:
         try:
-            sr = build_sr(result, evidence)
+            sr = build_sr(result, evidence, captures)
         except (ValueError, TypeError, KeyError) as exc:  # highdicom refuses a header value
             raise SRBuildError(f"cannot build the SR: {exc}") from exc
         archive.store(sr)

@@ -35,7 +35,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -88,6 +88,7 @@ class ImageResult:
     operating_point: str
     path: str = ""
     row: int = 0  # the CSV row it came from (spreadsheet numbering: the header is row 1)
+    heatmap: str = ""  # the CSV's heatmap cell (predict --heatmaps), untrusted
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class StudyResult:
                         i.operating_point,
                     ]
                     for i in self.images
+                ),
+                # push --heatmaps: the SR lists the images' heatmap SCs, so they are part of its content
+                **(
+                    {"heatmaps": sorted([i.sop_instance_uid, i.heatmap] for i in self.images if i.heatmap)}
+                    if any(i.heatmap for i in self.images)
+                    else {}
                 ),
             },
             sort_keys=True,
@@ -280,13 +287,15 @@ def evidence_dataset(
     return ds
 
 
-def build_sr(result: StudyResult, evidence: dict[str, Dataset]) -> Dataset:
+def build_sr(result: StudyResult, evidence: dict[str, Dataset], captures: Sequence[Dataset] = ()) -> Dataset:
     """The SR of ``result``; ``evidence`` maps each image's SOP Instance UID to
-    :func:`evidence_dataset` of its header."""
+    :func:`evidence_dataset` of its header; ``captures`` (the heatmap SCs sent with it) join
+    the evidence, so the SR references them."""
     import highdicom as hd
 
     card = result.card
     ordered = [evidence[i.sop_instance_uid] for i in sorted(result.images, key=lambda i: i.sop_instance_uid)]
+    ordered += sorted(captures, key=lambda ds: str(ds.SOPInstanceUID))
     device_uid = generate_uid(entropy_srcs=["pneumobatch-device", card.name, card.weights_sha256])
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
