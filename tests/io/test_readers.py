@@ -697,8 +697,18 @@ def test_deflated_file_is_inflated_once_and_read_as_pydicom_reads_it(tmp_path: P
     expected = read_dicom(path, ReadOptions()).pixels
     stored = pydicom.dcmread(path).pixel_array
     inflations = []
-    real = zlib.decompressobj
-    monkeypatch.setattr(dicom_reader.zlib, "decompressobj", lambda *a: inflations.append(a) or real(*a))
+    codec = dicom_reader.inflate_codec()
+    assert codec.__name__ == "isal.isal_zlib"  # the fast inflater is the one used
+
+    class Counting:
+        error = codec.error
+
+        @staticmethod
+        def decompressobj(*args):
+            inflations.append(args)
+            return codec.decompressobj(*args)
+
+    monkeypatch.setattr(dicom_reader, "inflate_codec", lambda: Counting)
 
     def no_dcmread(*args, **kwargs):
         raise AssertionError("pydicom inflated the file again")
@@ -709,6 +719,20 @@ def test_deflated_file_is_inflated_once_and_read_as_pydicom_reads_it(tmp_path: P
     np.testing.assert_array_equal(image.pixels, expected)
     window = np.clip((stored.astype(np.float32) - (1500 - 0.5 - 999.5)) / 1999, 0, 1)  # PS3.3 C.11.2.1.2.1
     np.testing.assert_allclose(image.pixels, 1 - window, atol=2e-3)
+
+
+def test_isal_and_zlib_inflate_a_deflated_file_to_the_same_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pixels = reference_pixels(12, False)
+    path = write(encode(make_dataset(pixels, bits_stored=12), pixels, "deflated"), tmp_path / "x.dcm")
+    fast = read_dicom(path, ReadOptions()).pixels
+    monkeypatch.setattr(dicom_reader, "inflate_codec", lambda: zlib)
+    np.testing.assert_array_equal(read_dicom(path, ReadOptions()).pixels, fast)
+    truncated = tmp_path / "t.dcm"
+    truncated.write_bytes(path.read_bytes()[:-4096])
+    for codec in (zlib, __import__("isal.isal_zlib", fromlist=["isal_zlib"])):
+        monkeypatch.setattr(dicom_reader, "inflate_codec", lambda codec=codec: codec)
+        with pytest.raises(FileRejected):
+            read_dicom(truncated, ReadOptions())
 
 
 def test_deflated_uid_elsewhere_in_the_header_is_not_inflated(tmp_path: Path):

@@ -287,7 +287,8 @@ def _inflate_deflated(fh: BinaryIO, options: ReadOptions) -> Optional[bytes]:
         return None
     fh.seek(start)
     limit = options.max_pixels * _DEFLATE_BYTES_PER_PIXEL + _DEFLATE_SLACK
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    codec = inflate_codec()
+    inflater = codec.decompressobj(-zlib.MAX_WBITS)
     parts: list[bytes] = []
     total = 0
     try:
@@ -298,9 +299,19 @@ def _inflate_deflated(fh: BinaryIO, options: ReadOptions) -> Optional[bytes]:
                 if total > limit:
                     raise FileRejected(Reason.TOO_LARGE, f"deflated data set inflates to over {limit} bytes")
                 data = inflater.unconsumed_tail
-    except zlib.error:
+    except (zlib.error, codec.error):
         return None
     return b"".join(parts)
+
+
+def inflate_codec():
+    """The inflater of deflated data sets: Intel ISA-L's (``isal``, the same bytes as zlib's,
+    1.5x as fast on a 2048 x 2500 radiograph: benchmarks/decoders.py), else zlib."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - a declared dependency; zlib is the fallback
+        return zlib
+    return isal_zlib
 
 
 def _deflated_dataset(path: Path, fh: BinaryIO, inflated: bytes) -> Dataset:
