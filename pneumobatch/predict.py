@@ -269,6 +269,7 @@ def run_predict(config: PredictConfig, progress: Optional[Progress] = None) -> P
             min_side=max(c.input_size for c in cards),
             body_parts=vocabulary,
             display_side=DISPLAY_SIDE if heatmaps is not None and heatmaps.inline else 0,
+            defer_pixels=True,  # equalising models need no image, only the stored values' histogram
         )
         t0 = time.perf_counter()
         batch: list[dict] = []

@@ -29,7 +29,7 @@ from pneumobatch.core.errors import FileRejected, PneumobatchError, Reason, Stat
 from pneumobatch.io.discovery import FileEntry, sniff
 from pneumobatch.io.readers import ReadOptions, read_image
 from pneumobatch.io.results import FileResult
-from pneumobatch.model.preprocess import InputSpec, display_image, prepare
+from pneumobatch.model.preprocess import InputSpec, display_image, prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def read_entry(entry: FileEntry, specs: Sequence[InputSpec], options: ReadOption
     try:
         image = read_image(entry.path, sniff(entry.path), options)
         item["meta"] = image.meta
-        item["inputs"] = {s: prepare(image.pixels, s)[None] for s in specs}
+        item["inputs"] = {s: prepare_image(image, s)[None] for s in specs}
         if options.display_side:
-            item["display"] = display_image(image.pixels, options.display_side)
+            item["display"] = display_image(image.display_pixels(), options.display_side)
     except FileRejected as exc:
         item.update(status=exc.status, reason=exc.reason.value, detail=exc.detail, meta=exc.meta)
     except PermissionError:

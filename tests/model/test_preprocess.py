@@ -70,3 +70,56 @@ def test_a_card_naming_an_unknown_intensity_step_is_refused():
     card["weights_sha256"] = "0" * 64
     with pytest.raises(ModelError, match="preprocessing"):
         validate_card(card)
+
+
+def _dicoms(tmp_path):
+    """DICOMs through every display mapping: min-max, a window, MONOCHROME1, a rescale, 8-bit,
+    and the compressed encodings; plus every DICOM of sample_studies/."""
+    from pneumobatch.testing.synthetic import write_cxr
+    from tests.helpers import ROOT
+
+    rng = np.random.default_rng(5)
+    field = (chest_like(1, (320, 280)) * 3000 + 400 + rng.normal(0, 30, (320, 280))).clip(0, 4095).astype(np.uint16)
+    cases = {
+        "minmax": {},
+        "window": {"window": (1800.0, 2200.0)},
+        "mono1": {"monochrome1": True},
+        "rescale": {"extra": {"RescaleSlope": -2, "RescaleIntercept": 9000}},
+        "jpegls": {"encoding": "jpegls"},
+        "rle": {"encoding": "rle"},
+        "j2k": {"encoding": "j2k-lossless"},
+    }
+    paths = []
+    for name, options in cases.items():
+        encoding = options.pop("encoding", "explicit")
+        paths.append(
+            write_cxr(tmp_path / f"{name}.dcm", field, encoding, bits_stored=12, **options) and tmp_path / f"{name}.dcm"
+        )
+    write_cxr(tmp_path / "u8.dcm", (field >> 4).astype(np.uint8))
+    paths.append(tmp_path / "u8.dcm")
+    from pneumobatch.io.discovery import FileKind, sniff
+
+    paths += [p for p in sorted((ROOT / "sample_studies").rglob("*")) if p.is_file() and sniff(p) is FileKind.DICOM]
+    return paths
+
+
+def test_a_deferred_dicom_gives_the_same_model_input_to_the_last_bit(tmp_path):
+    """predict reads DICOMs as a table of display values per stored value (ReadOptions.defer_pixels)
+    and equalises through the stored values' histogram: the inputs must be those of the image."""
+    from pneumobatch.core.errors import FileRejected
+    from pneumobatch.io.discovery import sniff
+    from pneumobatch.io.readers import ReadOptions, read_image
+    from pneumobatch.model.preprocess import prepare_image
+
+    deferred = 0
+    for path in _dicoms(tmp_path):
+        try:
+            plain = read_image(path, sniff(path), ReadOptions(include_lateral=True))
+        except FileRejected:
+            continue
+        lazy = read_image(path, sniff(path), ReadOptions(include_lateral=True, defer_pixels=True))
+        deferred += lazy.pixels is None
+        for spec in (InputSpec(192, True), InputSpec(192, False), InputSpec(64, True)):
+            np.testing.assert_array_equal(prepare_image(lazy, spec), prepare(plain.pixels, spec), err_msg=str(path))
+        np.testing.assert_array_equal(lazy.display_pixels(), plain.pixels, err_msg=str(path))
+    assert deferred >= 12

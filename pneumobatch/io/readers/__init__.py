@@ -38,7 +38,7 @@ def read_image(path: Path, kind: FileKind, options: ReadOptions | None = None) -
     else:
         raise FileRejected(Reason.NOT_IMAGE, "not DICOM, PNG or JPEG")
     try:
-        check_content(image.pixels)
+        check_content(image)
     except FileRejected as exc:
         exc.meta = dict(image.meta)
         raise

@@ -32,6 +32,9 @@ class ReadOptions:
     #: Above 0, decoding also keeps the image as displayed, long side at most this (``predict
     #: --heatmaps`` draws on it; :func:`pneumobatch.model.preprocess.display_image`).
     display_side: int = 0
+    #: A DICOM may come back as a table of display values and its stored values (``Image.table``,
+    #: ``Image.index``) instead of the image (predict's decoding: the equalisation needs no image).
+    defer_pixels: bool = False
 
 
 @dataclass
@@ -46,8 +49,20 @@ class Image:
     or ints; values come from untrusted headers and are sanitised by the reader).
     """
 
-    pixels: np.ndarray
+    pixels: Optional[np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: With ``ReadOptions.defer_pixels``, a DICOM reader may return ``pixels`` None and the image
+    #: as ``table[index]`` (its display value per stored value, its stored values): what
+    #: :func:`pneumobatch.model.preprocess.prepare_image` equalises without building the image.
+    table: Optional[np.ndarray] = None
+    index: Optional[np.ndarray] = None
+
+    def display_pixels(self) -> np.ndarray:
+        """``pixels``, built from ``table`` and ``index`` when the reader deferred them."""
+        if self.pixels is None:
+            assert self.table is not None and self.index is not None
+            self.pixels = self.table[self.index]
+        return self.pixels
 
 
 #: Reduced-resolution decoding keeps both sides at least this factor above the model's
@@ -70,21 +85,25 @@ MIN_SIDE = 32
 MIN_SPREAD = 0.02
 
 
-def check_content(pixels: np.ndarray) -> None:
+def check_content(pixels: np.ndarray | Image) -> None:
     """Refuse images that hold no radiograph: the one place this is decided.
 
     Not finite anywhere (NaN/inf float pixels), smaller than :data:`MIN_SIDE` on a
     side, or (nearly) constant after display scaling (all black, all white, a flat
     DICOM, a JPEG whose data stop right after the header and decode as grey). Such an
-    image would otherwise get a confident prediction of nothing.
+    image would otherwise get a confident prediction of nothing. An :class:`Image` the
+    reader left as ``table[index]`` is judged on the same values without building it.
     """
-    if pixels.ndim != 2 or min(pixels.shape) < MIN_SIDE:
-        raise FileRejected(
-            Reason.BLANK_IMAGE, f"{pixels.shape[-1]}x{pixels.shape[0]} pixels: too small for a radiograph"
-        )
-    if not np.isfinite(pixels).all():
+    deferred = isinstance(pixels, Image) and pixels.pixels is None
+    if isinstance(pixels, Image) and not deferred:
+        pixels = pixels.pixels
+    shape = pixels.index.shape if deferred else pixels.shape
+    if len(shape) != 2 or min(shape) < MIN_SIDE:
+        raise FileRejected(Reason.BLANK_IMAGE, f"{shape[-1]}x{shape[0]} pixels: too small for a radiograph")
+    if not np.isfinite(pixels.table if deferred else pixels).all():
         raise FileRejected(Reason.BLANK_IMAGE, "pixel values that are not finite numbers")
-    step = max(1, int(np.sqrt(pixels.size / 65536)))  # percentiles of a subsample: fast on 3000x3000
-    low, high = np.percentile(pixels[::step, ::step], [1, 99])
+    step = max(1, int(np.sqrt(shape[0] * shape[1] / 65536)))  # percentiles of a subsample: fast on 3000x3000
+    sample = pixels.table[pixels.index[::step, ::step]] if deferred else pixels[::step, ::step]
+    low, high = np.percentile(sample, [1, 99])
     if high - low < MIN_SPREAD:
         raise FileRejected(Reason.BLANK_IMAGE, "the image is (nearly) constant")

@@ -69,7 +69,7 @@ from pneumobatch.io.discovery import open_input
 from pneumobatch.io.readers import reduced
 from pneumobatch.io.readers.base import Image, ReadOptions, decode_side
 from pneumobatch.io.readers.bodyparts import DESCRIPTION_KEYWORDS, examined_part
-from pneumobatch.io.readers.dicom_pixels import to_display
+from pneumobatch.io.readers.dicom_pixels import display_table, to_display
 from pneumobatch.io.readers.dicom_values import (
     as_int,
     as_text,
@@ -225,6 +225,8 @@ def _read_open(path: Path, fh: BinaryIO, options: ReadOptions, meta: dict[str, A
     array = _decode_reduced(ds, tsyntax, photometric, options)
     if array is None:
         array = _decode_first_frame(ds, plugins)
+    if options.defer_pixels and (tabled := display_table(array, ds, photometric)) is not None:
+        return Image(None, dict(meta), table=tabled[0], index=tabled[1])
     return Image(to_display(array, ds, photometric), dict(meta))
 
 

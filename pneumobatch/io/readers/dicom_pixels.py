@@ -31,6 +31,52 @@ _TABLE_SPAN = 1 << 16
 
 def to_display(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """Map stored values to [0, 1] display values (Modality LUT, VOI, MONOCHROME1)."""
+    tabled = display_table(array, ds, photometric)
+    if tabled is not None:
+        table, index = tabled
+        return table[index]
+    return _to_display(array, ds, photometric)
+
+
+def display_table(array: np.ndarray, ds: Dataset, photometric: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(table, index)`` with ``table[index]`` exactly :func:`to_display`'s image, for a grey
+    integer image spanning fewer than :data:`_TABLE_SPAN` stored values (every DICOM radiograph):
+    each step of the mapping is a function of the stored value, so it is computed once per value
+    (the same float32 arithmetic) and the image indexes the table; None for other images.
+    ``index`` is the stored array itself when it is unsigned, else shifted to start at 0; a min-max
+    mapping takes the range of the values present (a histogram), as the per-pixel one does."""
+    if array.ndim != 2 or array.dtype.kind not in "iu" or array.size < _TABLE_SPAN or photometric == "PALETTE COLOR":
+        return None
+    lo, hi = int(array.min()), int(array.max())
+    lo = 0 if array.dtype.kind == "u" else lo
+    if hi - lo >= _TABLE_SPAN:
+        return None
+    stored = np.arange(lo, hi + 1).astype(array.dtype)
+    index = array if lo == 0 else np.subtract(array, lo, dtype=np.int32)
+    present = None
+    values = _modality_lut(stored, ds) if header_value(ds, "VOILUTSequence") else None
+    table = None if values is None else _voi_lut(values, ds)
+    if table is None:
+        table = _window(_modality_lut(stored, ds), ds)
+    if table is None:  # min-max over the values the image holds
+        present = np.bincount(index.ravel(), minlength=len(stored)).astype(bool)
+        modality = _modality_lut(stored, ds) if values is None else values
+        seen = modality[present]
+        table = _ramp_range(modality, float(seen.min()), float(seen.max()))
+    table = np.asarray(table, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        table = np.subtract(np.float32(1.0), table, dtype=np.float32)
+    return _finish(table), index
+
+
+def _ramp_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    return _ramp(values, lo, hi - lo)
+
+
+def _to_display(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """:func:`to_display` pixel by pixel (colour, palette, float, or a span too wide for a table)."""
     if photometric == "PALETTE COLOR" and array.ndim == 2:
         array = apply_color_lut(array, ds)
     if array.ndim == 3:  # colour: pydicom has converted YBR to RGB
