@@ -208,7 +208,7 @@ def main_() -> None:
             }
             for name, f in folders.items()
         }
-        options = ReadOptions(min_side=spec.size)
+        options = ReadOptions(min_side=spec.size, defer_pixels=True)  # as predict reads
 
         print("\n1. decode + resize, one process, images/s (per core)")
         rates = {name: decode_rates(folder, spec, options) for name, folder in folders.items()}
