@@ -29,13 +29,7 @@ from pneumobatch.training.data import Dataset, decode_split, labelled_splits
 
 def decoded_split(card, manifest: Path, split: str, workers: int) -> Dataset:
     """``split`` of ``manifest`` as ``train`` sees it (age bands from the card's defaults), at the card's input size."""
-    config = TrainConfig(
-        data=manifest,
-        out_dir=manifest.parent,
-        name=card.name,
-        task=card.task,
-        default_age_band=tuple(card.data.get("age_band_defaults", ())),
-    )
+    config = TrainConfig.for_card(card, manifest)
     frame, task, _, _, _ = labelled_splits(config)
     return decode_split(frame[frame["split"] == split], task, input_spec(card), workers)[0]
 

@@ -43,13 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     models = [load_model(name, args.weights_dir) for name in args.model or ["pneumonia", "etiology"]]
     card = models[0].card
-    config = TrainConfig(
-        data=args.manifest,
-        out_dir=args.manifest.parent,
-        name=card.name,
-        task=card.task,
-        default_age_band=tuple(card.data.get("age_band_defaults", ())),
-    )
+    config = TrainConfig.for_card(card, args.manifest)
     frame, _, _, _, _ = labelled_splits(config)
     frame = frame[frame["split"] == args.split].reset_index(drop=True)
     if args.limit:

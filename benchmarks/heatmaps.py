@@ -61,13 +61,7 @@ EXPORT_PAIR = ("png8", "jpeg512-q75")
 
 
 def test_split(manifest: Path, card: Any, split: str, limit: int | None):
-    config = TrainConfig(
-        data=manifest,
-        out_dir=manifest.parent,
-        name=card.name,
-        task=card.task,
-        default_age_band=tuple(card.data.get("age_band_defaults", ())),
-    )
+    config = TrainConfig.for_card(card, manifest)
     frame = labelled_splits(config)[0]
     frame = frame[frame["split"] == split].reset_index(drop=True)
     if limit:

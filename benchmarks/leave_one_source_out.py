@@ -112,13 +112,7 @@ def main() -> None:
         pattern, folder = pair.split("=", 1)
         model = load_model(args.model, Path(folder))
         card = model.card
-        config = TrainConfig(
-            data=args.manifest,
-            out_dir=Path(folder),
-            name=card.name,
-            task=card.task,
-            default_age_band=tuple(card.data.get("age_band_defaults", ())),
-        )
+        config = TrainConfig.for_card(card, args.manifest, Path(folder))
         frame, _, _, _, _ = labelled_splits(config)
         match = np.array([fnmatch.fnmatch(s.lower(), pattern.lower() + "*") for s in frame["source"].astype(str)])
         held = frame[match].reset_index(drop=True)

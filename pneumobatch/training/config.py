@@ -66,3 +66,15 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     invariance_test: bool = True  # the export-invariance test on the test split, recorded in the card
     exclude_group: tuple[str, ...] = ()  # --group-column values (globs) left out of every split: leave-one-source-out
+
+    @classmethod
+    def for_card(cls, card, data: Path, out_dir: Optional[Path] = None) -> TrainConfig:
+        """The config under which ``train`` saw ``data`` for a model: its name and task, and the age
+        bands its card defaults to (what the benchmarks evaluate a shipped model on)."""
+        return cls(
+            data=Path(data),
+            out_dir=Path(out_dir) if out_dir is not None else Path(data).parent,
+            name=card.name,
+            task=card.task,
+            default_age_band=tuple(card.data.get("age_band_defaults", ())),
+        )
