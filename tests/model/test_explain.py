@@ -167,12 +167,9 @@ def test_kill_9_keeps_every_heatmap_of_a_journaled_row_and_resume_writes_only_th
 
 @pytest.mark.slow
 def test_without_pytorch_the_forward_pass_draws_the_heatmaps_and_what_needs_backprop_is_flagged(tmp_path: Path):
-    from tests.model.test_runtime import _NO_TORCH, _RUN_AND_REPORT
+    from tests.model.test_runtime import _RUN_AND_REPORT, no_torch_env
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_NO_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    env = no_torch_env(tmp_path)
 
     def pneumobatch(*args: str) -> tuple[dict, str]:
         run = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *args], env=env, capture_output=True,

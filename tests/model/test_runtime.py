@@ -173,12 +173,17 @@ sys.meta_path.insert(0, NoTorch())
 """
 
 
-@pytest.mark.slow
-def test_without_torch_predict_works_and_train_says_what_to_install(tmp_path: Path):
+def no_torch_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a process that cannot import torch (:data:`_NO_TORCH` as its sitecustomize)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_NO_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+
+@pytest.mark.slow
+def test_without_torch_predict_works_and_train_says_what_to_install(tmp_path: Path):
+    env = no_torch_env(tmp_path)
     exe = [sys.executable, "-c", "from pneumobatch.cli import main; main(prog_name='pneumobatch')"]
     blocked = subprocess.run([*exe[:2], "import torch"], env=env, capture_output=True, text=True)
     assert blocked.returncode == 1 and "No module named 'torch'" in blocked.stderr  # the block works
