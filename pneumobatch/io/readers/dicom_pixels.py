@@ -10,7 +10,7 @@ image's own min-max; MONOCHROME1 inverted; colour to luminance. Whichever decode
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -53,7 +53,6 @@ def display_table(array: np.ndarray, ds: Dataset, photometric: str) -> Optional[
         return None
     stored = np.arange(lo, hi + 1).astype(array.dtype)
     index = array if lo == 0 else np.subtract(array, lo, dtype=np.int32)
-    present = None
     values = _modality_lut(stored, ds) if header_value(ds, "VOILUTSequence") else None
     table = None if values is None else _voi_lut(values, ds)
     if table is None:
@@ -91,33 +90,13 @@ def _to_display(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
         array = np.nan_to_num(array, nan=finite.min() if finite.size else 0.0)
     values = _modality_lut(array, ds) if header_value(ds, "VOILUTSequence") else None
     display = None if values is None else _voi_lut(values, ds)
-    if display is None:  # window(modality(x)) per pixel: computed once per stored value
-        display = _per_stored_value(array, lambda stored: _window(_modality_lut(stored, ds), ds))
+    if display is None:  # (integer images with a table's span never come here: display_table)
+        display = _window(_modality_lut(array, ds), ds)
     if display is None:
         display = _minmax(_modality_lut(array, ds) if values is None else values)
     if photometric == "MONOCHROME1":
         np.subtract(1.0, display, out=display)
     return _finish(display)
-
-
-def _per_stored_value(array: np.ndarray, step: Callable[[np.ndarray], Optional[np.ndarray]]) -> Optional[np.ndarray]:
-    """``step(array)`` for a per-pixel ``step``, computed on each stored value once.
-
-    An integer image spans at most :data:`_TABLE_SPAN` values: ``step`` runs on that
-    range (of the image's own dtype, so every value goes through the same arithmetic)
-    and the image indexes the result, much faster than pydicom's windowing on millions
-    of pixels. Other images go through ``step`` as they are.
-    """
-    if array.dtype.kind not in "iu" or array.size < _TABLE_SPAN:
-        return step(array)
-    lo, hi = int(array.min()), int(array.max())
-    lo = 0 if array.dtype.kind == "u" else lo  # unsigned values index the table as they are
-    if hi - lo >= _TABLE_SPAN:
-        return step(array)
-    table = step(np.arange(lo, hi + 1).astype(array.dtype))
-    if table is None:
-        return None
-    return table[array] if lo == 0 else table[np.subtract(array, lo, dtype=np.int32)]
 
 
 def _finish(display: np.ndarray) -> np.ndarray:
