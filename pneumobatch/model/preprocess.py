@@ -66,6 +66,20 @@ def input_spec(card: Any) -> InputSpec:
 EQUALIZE_LEVELS = 4096
 
 
+def _levels(values: np.ndarray) -> np.ndarray:
+    """Grey levels (0 .. :data:`EQUALIZE_LEVELS` - 1, intp) of float32 [0, 1] values."""
+    # a full-size radiograph is millions of pixels: in place, and to indices through uint16
+    # (numpy casts float32 to uint16 and uint16 to intp several times faster than float32 to intp)
+    scaled = np.asarray(values, dtype=np.float32) * np.float32(EQUALIZE_LEVELS - 1)
+    scaled += np.float32(0.5)
+    return np.clip(scaled, 0, EQUALIZE_LEVELS - 1, out=scaled).astype(np.uint16).astype(np.intp)
+
+
+def _mid_ranks(counts: np.ndarray, n: int) -> np.ndarray:
+    """Per grey level, the share of ``n`` pixels darker than it plus half the share at it."""
+    return ((np.cumsum(counts) - 0.5 * counts) / n).astype(np.float32)
+
+
 def equalize(pixels: np.ndarray) -> np.ndarray:
     """Global histogram equalisation by mid-rank: float32 [0, 1] image -> float32 in (0, 1).
 
@@ -73,27 +87,18 @@ def equalize(pixels: np.ndarray) -> np.ndarray:
     it (grey levels binned to :data:`EQUALIZE_LEVELS`), so the result depends on the
     order of the grey levels only: a monotone mapping of the input (gamma, a window,
     contrast) changes nothing beyond the binning."""
-    # a full-size radiograph is millions of pixels: in place, and to indices through uint16
-    # (numpy casts float32 to uint16 and uint16 to intp several times faster than float32 to intp)
-    scaled = np.asarray(pixels, dtype=np.float32) * np.float32(EQUALIZE_LEVELS - 1)
-    scaled += np.float32(0.5)
-    levels = np.clip(scaled, 0, EQUALIZE_LEVELS - 1, out=scaled).astype(np.uint16).astype(np.intp)
-    counts = np.bincount(levels.ravel(), minlength=EQUALIZE_LEVELS)
-    mid = ((np.cumsum(counts) - 0.5 * counts) / levels.size).astype(np.float32)
-    return mid[levels]
+    levels = _levels(pixels)
+    return _mid_ranks(np.bincount(levels.ravel(), minlength=EQUALIZE_LEVELS), levels.size)[levels]
 
 
 def equalize_table(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     """:func:`equalize` of the image ``table[index]``, computed per stored value: the levels of the
     table's values, their counts from the stored values' histogram, and one gather of the
     result; the same values, without building the image or binning its millions of pixels."""
-    scaled = np.asarray(table, dtype=np.float32) * np.float32(EQUALIZE_LEVELS - 1)
-    scaled += np.float32(0.5)
-    levels = np.clip(scaled, 0, EQUALIZE_LEVELS - 1, out=scaled).astype(np.uint16).astype(np.intp)
+    levels = _levels(table)
     per_value = np.bincount(index.ravel(), minlength=len(table))
     counts = np.bincount(levels, weights=per_value, minlength=EQUALIZE_LEVELS).astype(np.int64)  # exact integers
-    mid = ((np.cumsum(counts) - 0.5 * counts) / index.size).astype(np.float32)
-    return mid[levels][index]
+    return _mid_ranks(counts, index.size)[levels][index]
 
 
 def prepare_image(image: Any, spec: InputSpec) -> np.ndarray:
