@@ -82,6 +82,11 @@ HEATMAP_MODES = ("positive", "all")
 MAX_HEATMAP_BYTES = 16 * 1024 * 1024
 
 
+def cell_text(cell: Any) -> str:
+    """A CSV cell as stripped text: empty for a missing one (None, or NaN as pandas reads an empty cell)."""
+    return "" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell).strip()
+
+
 def heatmap_file(cell: Any, folder: Path) -> Optional[Path]:
     """The heatmap a ``heatmap`` cell names, resolved, or None: the cell (untrusted) must be a
     relative path inside ``folder`` (the predictions CSV's), without ``..``, naming a regular
@@ -92,7 +97,7 @@ def heatmap_file(cell: Any, folder: Path) -> Optional[Path]:
 
     from pneumobatch.io.discovery import resolve_inside
 
-    text = "" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell).strip()
+    text = cell_text(cell)
     if not text or "\\" in text or ".." in PurePosixPath(text).parts:
         return None
     path = resolve_inside(folder, text)

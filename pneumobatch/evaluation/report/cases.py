@@ -28,7 +28,7 @@ import pandas as pd
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.evaluation.labels.join import prediction_classes
-from pneumobatch.io.predictions import HEATMAP_COLUMN, MAX_HEATMAP_BYTES, heatmap_file  # noqa: F401 - re-exported
+from pneumobatch.io.predictions import HEATMAP_COLUMN, cell_text, heatmap_file
 
 #: Kinds of case, in the order the report shows them, with their headings.
 KINDS = {
@@ -38,10 +38,6 @@ KINDS = {
     "highest": "Highest probability",
     "near-threshold": "Closest to the operating point",
 }
-
-
-def _text(cell: Any) -> str:
-    return "" if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell).strip()
 
 
 def _order(values: np.ndarray, descending: bool) -> np.ndarray:
@@ -122,7 +118,7 @@ def cases_section(rows: pd.DataFrame, card: ModelCard, n: int, csv_folder: Path)
     cases = pick_cases(rows, card, n)
     refused = 0
     for case in cases:
-        cell = _text(case.pop("heatmap_cell"))
+        cell = cell_text(case.pop("heatmap_cell"))
         accepted = bool(cell) and heatmap_file(cell, csv_folder) is not None
         refused += bool(cell) and not accepted
         case["heatmap"] = cell if accepted else None

@@ -1,7 +1,7 @@
 """Thumbnails of the cases to look at (:mod:`.cases`): small PNGs held in memory for the PDF.
 
 A case's thumbnail is its heatmap (the RGB overlay ``predict --heatmaps`` drew, accepted by
-:func:`.cases.heatmap_file`) when it has one, else the image itself, read from disk with the
+:func:`pneumobatch.io.predictions.heatmap_file`) when it has one, else the image itself, read from disk with the
 package's readers (:func:`pneumobatch.io.readers.read_image`, DICOM too) and shown grey. The
 image is found under ``--images DIR`` when given (the CSV's ``path`` relative to it), else
 under the run's input roots from run.json (:func:`pneumobatch.io.discovery.input_file`).
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from pneumobatch.evaluation.report.cases import MAX_HEATMAP_BYTES, heatmap_file
+from pneumobatch.io.predictions import MAX_HEATMAP_BYTES, heatmap_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _png(image: Any) -> io.BytesIO:
 
 
 def heatmap_thumbnail(path: Path) -> io.BytesIO:
-    """The heatmap PNG at ``path`` (already accepted by :func:`.cases.heatmap_file`) as a thumbnail."""
+    """The heatmap PNG at ``path`` (already accepted by :func:`pneumobatch.io.predictions.heatmap_file`) as a thumbnail."""
     from PIL import Image
 
     from pneumobatch.io.discovery import open_input

@@ -53,7 +53,7 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, FileRejected, OptionError, Status
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import open_input, unescape_path
-from pneumobatch.io.predictions import OutputPaths
+from pneumobatch.io.predictions import OutputPaths, cell_text
 from pneumobatch.operations.pacs.archive import Archive, InstanceRef, with_retries
 from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection
@@ -224,7 +224,9 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bo
             operating_point=str(row.get("operating_point", "") or ("pooled" if card.binary else "argmax")),
             path=str(row.get("path", "")),
             row=_spreadsheet_row(index),
-            heatmap=_heatmap_cell(row) if heatmaps and card.is_finding(str(row.get("pred_label", ""))) else "",
+            heatmap=cell_text(row.get("heatmap"))
+            if heatmaps and card.is_finding(str(row.get("pred_label", "")))
+            else "",
         )
         if not any(raw):
             rows.without_uid += 1
@@ -250,11 +252,6 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bo
     for (study, model), images in sorted(groups.items()):
         rows.results.append(StudyResult(study, cards[model], tuple(images.values())))
     return rows
-
-
-def _heatmap_cell(row: pd.Series) -> str:
-    cell = row.get("heatmap", "")
-    return "" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell).strip()
 
 
 def _open_source(source: Path, image: ImageResult) -> Optional[BinaryIO]:
