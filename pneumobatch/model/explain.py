@@ -28,9 +28,9 @@ import torch
 
 from pneumobatch.core.errors import ModelError, Status
 from pneumobatch.io.atomicfile import atomic_write
+from pneumobatch.io.predictions import HEATMAP_COLUMN
 from pneumobatch.model.heatmaps import (
     DISPLAY_SIDE,
-    HEATMAP_COLUMN,
     HeatmapCounts,
     Todo,
     heatmap_name,

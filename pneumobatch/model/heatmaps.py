@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 
 from pneumobatch.core.errors import Status
 from pneumobatch.io.atomicfile import atomic_write
-from pneumobatch.io.predictions import HEATMAP_COLUMN, HEATMAP_MODES
+from pneumobatch.io.predictions import HEATMAP_COLUMN
 
 if TYPE_CHECKING:
     from pneumobatch.core.card import ModelCard
@@ -100,7 +100,7 @@ def heatmap_name(row: dict[str, Any]) -> str:
 
 
 def wanted(card: ModelCard, label: str, mode: str) -> bool:
-    """Whether a row predicted ``label`` by ``card`` gets a heatmap in ``mode`` (:data:`HEATMAP_MODES`)."""
+    """Whether a row predicted ``label`` by ``card`` gets a heatmap in ``mode`` (:data:`pneumobatch.io.predictions.HEATMAP_MODES`)."""
     return label in card.classes and (mode == "all" or card.is_finding(label))
 
 
@@ -192,6 +192,3 @@ def computes_maps(model: Any) -> bool:
     from pneumobatch.model.runtime import GRADCAM_OUTPUT, OnnxModel
 
     return isinstance(model, OnnxModel) and GRADCAM_OUTPUT in (model.card.onnx or {}).get("outputs", [])
-
-
-__all__ = ["HEATMAP_COLUMN", "HEATMAP_MODES", "HeatmapCounts", "scaled", "overlay", "wanted", "write_overlay"]
