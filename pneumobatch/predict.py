@@ -121,12 +121,12 @@ def _can_backprop() -> bool:
 class _Heatmaps:
     """``--heatmaps``: overlays drawn as rows are made, from maps the forward pass computed
     (:mod:`pneumobatch.model.heatmaps`), and by Captum for the rest once every row is in
-    (:meth:`__call__`, which the writer calls on the merged rows before writing them)."""
+    (:meth:`finish`, which the writer calls on the merged rows before writing them)."""
 
     def __init__(self, config: PredictConfig, engine: Any, models: Sequence[Any], paths: Any) -> None:
         from pneumobatch.model.heatmaps import HeatmapCounts, computes_maps
 
-        self.config, self.engine, self.models, self.paths = config, engine, list(models), paths
+        self.config, self.engine, self.models = config, engine, list(models)
         self.cards = {m.card.name: m.card for m in self.models}
         self.folder = paths.heatmaps
         self.inline = engine.describe().get("name") == "local" and all(computes_maps(m) for m in self.models)
