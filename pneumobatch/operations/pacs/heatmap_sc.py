@@ -19,7 +19,6 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -140,12 +139,3 @@ def build_capture(
     source.ReferencedSOPInstanceUID = source_sop
     ds.SourceImageSequence = [source]
     return HeatmapCapture(study, series, sop, source_sop, ds)
-
-
-def capture_problem(card: ModelCard, label: str, cell: Optional[str]) -> Optional[str]:
-    """Why a row gets no SC at all (no overlay, not a finding), or None."""
-    if not cell:
-        return "no heatmap in the predictions (predict --heatmaps)"
-    if not card.is_finding(label):
-        return "not a finding"
-    return None
