@@ -216,13 +216,13 @@ class OnnxRunner:
 def _closed_form_gradcam(net: torch.nn.Module, card) -> Optional[tuple]:
     """``(net, layer, gradcam)`` for the export when the architecture has Grad-CAM in closed form at the
     layer the card uses for heatmaps (its default one), else ``None``."""
+    from pneumobatch.model.explain import cam_layer_name
     from pneumobatch.model.registry import ARCHITECTURES
 
     arch = ARCHITECTURES[card.architecture]
-    layer = str((card.explain or {}).get("layer") or arch.cam_layer)
-    if arch.gradcam is None or layer != arch.cam_layer:
+    if arch.gradcam is None or cam_layer_name(card) != arch.cam_layer:
         return None
-    return (net, net.get_submodule(layer), arch.gradcam)
+    return (net, net.get_submodule(arch.cam_layer), arch.gradcam)
 
 
 def write_export(loaded) -> dict:
