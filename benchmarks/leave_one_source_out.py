@@ -46,7 +46,7 @@ def predict_files(model, paths: list[str]) -> np.ndarray:
     out = np.full((len(paths), len(model.card.classes)), np.nan)
     for i, result in enumerate(run_inference(entries, predictor, options, batch_size=16, workers=1)):
         if result.status is Status.OK:
-            out[i] = result.probs[model.card.name]
+            out[i] = model.card.class_probs(result.probs[model.card.name])
     return out
 
 

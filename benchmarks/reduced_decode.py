@@ -58,7 +58,7 @@ def predictions(folder: Path, predictor: Predictor, min_side) -> dict[str, tuple
         if not result.probs:
             continue
         labels = {
-            m.card.name: m.card.decide(result.probs[m.card.name], result.meta.get("age_band")).label
+            m.card.name: m.card.decide(m.card.class_probs(result.probs[m.card.name]), result.meta.get("age_band")).label
             for m in predictor.models
         }
         kind = result.meta.get("transfer_syntax") or result.meta.get("format", "")

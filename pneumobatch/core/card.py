@@ -2,7 +2,9 @@
 
 A card says what a model predicts and how its probabilities become a class:
 
-- multiclass (or no positive class): the argmax;
+- multiclass (or no positive class): the argmax, or, where the card's ``decision`` holds
+  ``log_offsets`` (chosen on validation so that no class is starved by the priors), the
+  argmax of ``log p + offset``;
 - binary: the positive class when ``p(positive) >= threshold``; a card without a
   threshold uses :data:`DEFAULT_THRESHOLD`. When an age band is given and the card has
   an operating point for that band (``thresholds["by_age_band"][band]["recall_target"]``),
@@ -25,6 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pneumobatch.core.errors import ModelError
+from pneumobatch.core.hierarchy import Hierarchy
 
 #: Names of the chosen operating points (keys of ``ModelCard.thresholds``, report rows).
 RECALL_TARGET, YOUDEN = "recall_target", "youden"
@@ -86,6 +89,27 @@ CARD_SCHEMA: dict[str, Any] = {
                 "outputs": {"type": "array", "items": {"type": "string"}, "minItems": 1},
             },
         },
+        "hierarchy": {
+            "type": "object",
+            "required": ["fine", "parent"],
+            "properties": {
+                "fine": {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "uniqueItems": True,
+                },
+                "parent": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                "rule": {"type": "string"},
+            },
+        },
+        "decision": {
+            "type": "object",
+            "properties": {
+                "rule": {"enum": ["argmax", "log-offsets"]},
+                "log_offsets": {"type": "array", "items": {"type": "number"}},
+            },
+        },
         "explain": {
             "type": "object",
             "properties": {
@@ -126,11 +150,21 @@ def validate_card(data: Any) -> None:
             for k in OPERATING_POINTS
         },
     }
+    offsets = (data.get("decision") or {}).get("log_offsets")
+    if offsets is not None:
+        decisive["decision/log_offsets"] = offsets
+        if len(offsets) != len(data["classes"]):
+            raise ModelError(f"decision/log_offsets: {len(offsets)} offsets for {len(data['classes'])} classes")
     for where, value in decisive.items():
         if value is not None and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
             raise ModelError(f"{where}: must be a finite number, not {value!r}")
     if data.get("positive") is not None and data["positive"] not in data["classes"]:
         raise ModelError(f"positive: {data['positive']!r} is not one of the classes")
+    if data.get("hierarchy"):
+        try:
+            Hierarchy.from_dict(data["classes"], data["hierarchy"])
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
 
 
 def prob_column(cls: str) -> str:
@@ -153,14 +187,25 @@ def is_positive(p_positive: Any, threshold: Any) -> np.ndarray:
 
 
 def decide_indices(
-    proba: np.ndarray, classes: Sequence[str], positive: Optional[str], threshold: Any = None
+    proba: np.ndarray,
+    classes: Sequence[str],
+    positive: Optional[str],
+    threshold: Any = None,
+    log_offsets: Optional[Sequence[float]] = None,
 ) -> np.ndarray:
-    """Predicted class index per row of ``proba`` (n, len(classes)) by the card's rule."""
+    """Predicted class index per row of ``proba`` (n, len(classes)) by the card's rule: a threshold
+    (binary), else the argmax of ``log p`` plus ``log_offsets`` (none: of ``p``)."""
     proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(classes))
     if len(classes) == 2 and positive in classes:
         pos = list(classes).index(positive)
         return np.where(is_positive(proba[:, pos], threshold), pos, 1 - pos)
-    return np.argmax(np.nan_to_num(proba, nan=-np.inf), axis=1)  # missing probabilities never win
+    score = np.nan_to_num(proba, nan=-np.inf)  # missing probabilities never win
+    if log_offsets is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(score > 0, np.log(np.where(score > 0, score, 1.0)), -np.inf) + np.asarray(
+                log_offsets, dtype=np.float64
+            )
+    return np.argmax(score, axis=1)
 
 
 @dataclass(frozen=True)
@@ -202,6 +247,12 @@ class ModelCard:
     #: heatmaps: ``method`` (gradcam), the ``layer`` they are computed at (a module name of the network;
     #: empty: the architecture's default) and the ``sanity`` figures measured on the test split
     explain: dict[str, Any] = field(default_factory=dict)
+    #: two-level models: ``fine`` classes (the network's outputs, in order), each one's coarse ``parent``
+    #: (one of ``classes``) and the fallback ``rule`` (:mod:`pneumobatch.core.hierarchy`); empty: one level
+    hierarchy: dict[str, Any] = field(default_factory=dict)
+    #: multi-class decision rule: ``rule`` (argmax or log-offsets), ``log_offsets`` per class (chosen on
+    #: validation), what they were chosen for; empty: the argmax (older cards)
+    decision: dict[str, Any] = field(default_factory=dict)
     #: where a site calibration came from (file, SHA-256, fitted-on data), empty when none is applied
     site: dict[str, Any] = field(default_factory=dict)
     intended_use: str = (
@@ -232,6 +283,41 @@ class ModelCard:
     def prob_column(self, cls: str) -> str:
         return prob_column(cls)
 
+    @property
+    def tree(self) -> Optional[Hierarchy]:
+        """The fine level below the classes, or None for a one-level model."""
+        return Hierarchy.from_dict(self.classes, self.hierarchy) if self.hierarchy else None
+
+    @property
+    def output_classes(self) -> list[str]:
+        """What the network's outputs are, in order: the fine classes of a two-level model, else ``classes``."""
+        tree = self.tree
+        return list(tree.fine) if tree is not None else list(self.classes)
+
+    def output_probs(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities of the network's outputs (n, len(output_classes)) from its logits: the
+        temperature-scaled softmax, or a two-level model's fine probabilities
+        (:meth:`Hierarchy.probabilities`, whose sums per parent are the coarse ones)."""
+        tree = self.tree
+        if tree is not None:
+            return tree.probabilities(logits, self.temperature)[1].astype(np.float32)
+        z = np.asarray(logits, dtype=np.float32) / np.float32(self.temperature)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def class_probs(self, output_probs: np.ndarray) -> np.ndarray:
+        """The probabilities of ``classes`` from those of the outputs (one row or (n, outputs))."""
+        tree = self.tree
+        p = np.asarray(output_probs, dtype=np.float64)
+        if tree is None:
+            return p
+        return tree.coarse_of(p).reshape(*p.shape[:-1], len(self.classes))
+
+    @property
+    def log_offsets(self) -> Optional[list[float]]:
+        offsets = (self.decision or {}).get("log_offsets")
+        return [float(v) for v in offsets] if offsets is not None and not self.binary else None
+
     def prob_columns(self) -> list[str]:
         return [prob_column(c) for c in self.classes]
 
@@ -261,11 +347,27 @@ class ModelCard:
         """The predicted class of one image's probabilities (in the order of ``classes``)."""
         probs = np.asarray(probs, dtype=np.float64)
         if not self.binary:
-            return Decision(self.classes[int(np.argmax(probs))], None, "argmax")
+            offsets = self.log_offsets
+            index = decide_indices(probs, self.classes, None, None, offsets)[0]
+            return Decision(self.classes[int(index)], None, "argmax" if offsets is None else "log-offsets")
         threshold, point = self.threshold_for(age_band)
         pos = self.classes.index(self.positive)
         label = self.classes[pos] if is_positive(probs[pos], threshold) else self.classes[1 - pos]
         return Decision(label, threshold, point)
+
+    def output_index(self, label: str, fine_label: Any = None) -> int:
+        """The network output a row's decision is explained by: the class ``label``, or for a two-level
+        model its fine class ``fine_label`` (else the first fine class below ``label``)."""
+        tree = self.tree
+        if tree is None:
+            return self.classes.index(label)
+        if (
+            isinstance(fine_label, str)
+            and fine_label in tree.fine
+            and tree.parent[tree.fine.index(fine_label)] == label
+        ):
+            return tree.fine.index(fine_label)
+        return tree.parent.index(label)
 
     def is_finding(self, label: str) -> bool:
         """Whether a predicted class is a finding (what ``predict --heatmaps positive`` explains): the
@@ -289,5 +391,5 @@ class ModelCard:
         threshold: Any = self.threshold if self.binary else None
         if self.binary and age_bands is not None:
             threshold = np.array([self.threshold_for(b)[0] for b in age_bands], dtype=np.float64)
-        idx = decide_indices(proba, self.classes, self.positive, threshold)
+        idx = decide_indices(proba, self.classes, self.positive, threshold, self.log_offsets)
         return np.asarray(self.classes, dtype=object)[idx]

@@ -2,7 +2,7 @@
 
 A finding is a path such as ``Pneumonia/Viral/COVID-19``: level 1 is the disease,
 level 2 the coarse etiology (bacterial, viral, fungal) and the last level the fine
-label (genus or named virus). Each task turns a finding, or a plain class name such
+label (genus or named virus: :meth:`Task.organism`, the etiology task's fine level). Each task turns a finding, or a plain class name such
 as ``PNEUMONIA`` (folder names of the public pediatric dataset), into one of its
 classes, or ``None`` when the task cannot place it (for instance ARDS for the
 etiology task). Callers count what maps to ``None``; nothing is dropped silently.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from pneumobatch.core.hierarchy import organism
 
 NORMAL_FINDINGS = {"no finding", "normal", "no-finding", "healthy"}
 
@@ -49,7 +51,7 @@ def _etiology(levels: list[str]) -> Optional[str]:
         coarse = levels[0]  # plain class name such as "bacterial"
     else:
         return None
-    return coarse if coarse in {"bacterial", "viral"} else None
+    return coarse if coarse in {"bacterial", "viral", "fungal"} else None
 
 
 def _covid(label: str) -> Optional[str]:
@@ -74,6 +76,19 @@ class Task:
     positive: Optional[str]  # the class a binary threshold is applied to
     rule: Callable[[str], Optional[str]]
     description: str
+    #: whether the task's models also predict the organism below each class (:mod:`pneumobatch.core.hierarchy`)
+    hierarchical: bool = False
+
+    def organism(self, label: object) -> Optional[str]:
+        """The organism a hierarchical finding names below its class (``Pneumonia/Bacterial/Streptococcus``
+        -> ``Streptococcus``), or None (no organism, or the organism is the class itself: COVID-19)."""
+        if not self.hierarchical or label is None or (isinstance(label, float) and label != label):
+            return None
+        found = organism(str(label).split("/"))
+        cls = self.map_label(label)
+        if found is None or cls is None or found.lower() == cls.lower():
+            return None
+        return found
 
     def map_label(self, label: object) -> Optional[str]:
         """Return the class for a label or finding, or ``None`` if it has no place here."""
@@ -86,7 +101,8 @@ class Task:
         for cls in self.classes:  # a class name itself always maps, case-insensitively
             if lowered == cls.lower():
                 return cls
-        return self.rule(text)
+        found = self.rule(text)
+        return found if found in self.classes else None  # an older card's task may lack a class of the rule
 
 
 TASKS: dict[str, Task] = {
@@ -99,10 +115,11 @@ TASKS: dict[str, Task] = {
     ),
     "etiology": Task(
         "etiology",
-        ("normal", "bacterial", "viral", "covid-19"),
+        ("normal", "bacterial", "viral", "fungal", "covid-19"),
         None,
         _etiology,
-        "normal / bacterial / viral (non-COVID) / COVID-19 pneumonia",
+        "normal / bacterial / viral (non-COVID) / fungal / COVID-19 pneumonia, and the organism below each",
+        hierarchical=True,
     ),
     "covid": Task("covid", ("not-covid", "covid-19"), "covid-19", _covid, "COVID-19 vs not"),
 }
@@ -127,5 +144,8 @@ def task_from_card(name: str, classes: list[str]) -> Task:
     """The task a model card describes; custom tasks are rebuilt from their classes."""
     if name in TASKS and list(TASKS[name].classes) == list(classes):
         return TASKS[name]
+    if name in TASKS and set(classes) <= set(TASKS[name].classes):  # an older card of the task (etiology v0.3)
+        known = TASKS[name]
+        return Task(name, tuple(classes), known.positive, known.rule, known.description, known.hierarchical)
     task = custom_task(classes)
     return Task(name, tuple(classes), task.positive, task.rule, task.description)

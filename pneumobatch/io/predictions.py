@@ -29,6 +29,7 @@ import pandas as pd
 
 from pneumobatch.core.card import PROB_PREFIX, prob_column
 from pneumobatch.core.errors import OutputError, OutputExists, Reason, ReportError, ResumeMismatch, Status
+from pneumobatch.core.hierarchy import top_text
 from pneumobatch.core.studies import aggregate_studies
 from pneumobatch.io.atomicfile import atomic_write, check_replaceable, open_regular, temp_prefix
 from pneumobatch.io.discovery import FileEntry
@@ -40,6 +41,10 @@ if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import t
 
 log = logging.getLogger(__name__)
 
+#: A two-level model's fine class (the most probable below ``pred_label``) and its three most
+#: probable fine classes with probabilities (``name p; name p; name p``); empty for one-level models.
+FINE_LABEL, FINE_TOP = "fine_label", "fine_top3"
+FINE_COLUMNS = [FINE_LABEL, FINE_TOP]
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
     "path",
@@ -117,9 +122,11 @@ def columns_for(cards: Sequence[ModelCard], include_patient_id: bool, heatmaps: 
     probs: list[str] = []
     for card in cards:
         probs += [prob_column(c) for c in card.classes if prob_column(c) not in probs]
+    fine = FINE_COLUMNS if any(card.hierarchy for card in cards) else []
     return (
         LEADING_COLUMNS
         + probs
+        + fine
         + TRAILING_COLUMNS
         + ACQUISITION_COLUMNS
         + ([HEATMAP_COLUMN] if heatmaps else [])
@@ -172,14 +179,18 @@ def result_rows(
     for card in cards:
         row = dict(base, task=card.task, model=card.name, weights_sha256=card.weights_sha256)
         row["threshold"] = "" if card.threshold is None else f"{card.threshold:.6f}"
-        probs = result.probs.get(card.name)
-        if probs is not None:
+        outputs = result.probs.get(card.name)  # of the network's outputs: a two-level model's fine classes
+        if outputs is not None:
+            probs = card.class_probs(outputs)
             decision = card.decide(probs, meta.get("age_band"))
             row["pred_label"] = decision.label
             row["operating_point"] = decision.operating_point
             if decision.threshold is not None:
                 row["threshold"] = f"{decision.threshold:.6f}"
             row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs)})
+            if (tree := card.tree) is not None:
+                row[FINE_LABEL] = tree.best_below(outputs, decision.label)
+                row[FINE_TOP] = top_text(tree.ranked(outputs))
             row["warnings"] = " ".join(card.age_warnings(meta.get("age_years")))
             score = result.ood_scores.get(card.name)
             if score is not None:
@@ -192,6 +203,7 @@ def result_rows(
                         detail="unlike the model's training images (applicability score over its threshold)",
                         pred_label="",
                         operating_point="",
+                        **({FINE_LABEL: "", FINE_TOP: ""} if card.hierarchy else {}),
                         **{prob_column(c): "" for c in card.classes},
                     )
         rows.append(row)

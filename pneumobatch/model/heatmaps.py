@@ -128,7 +128,7 @@ def write_overlay(
     (C, h, w)) and sets its ``heatmap`` cell; False (nothing written) when the result has none."""
     if cams is None or display is None or row.get("status") != Status.OK.value:
         return False
-    heat = scaled(cams[[card.classes.index(row["pred_label"])]], int(card.input_size))[0]
+    heat = scaled(cams[[card.output_index(row["pred_label"], row.get("fine_label"))]], int(card.input_size))[0]
     atomic_write(folder / heatmap_name(row), png_bytes(overlay(display, heat)))
     row[HEATMAP_COLUMN] = row_heatmap(row, folder)
     return True
@@ -175,7 +175,9 @@ def plan(frame: Any, cards: dict[str, ModelCard], folder: Path, mode: str) -> tu
             frame.iat[i, col] = row_heatmap(row, folder)
             counts.kept += 1
         else:
-            todo.setdefault(str(row["path"]), []).append((i, card.name, card.classes.index(label)))
+            todo.setdefault(str(row["path"]), []).append(
+                (i, card.name, card.output_index(label, row.get("fine_label")))
+            )
     return todo, counts
 
 

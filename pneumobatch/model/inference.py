@@ -144,7 +144,7 @@ class Predictor:
                     logits = model.net(x.contiguous(memory_format=torch.channels_last))
                 if (hook := self._hooks.get(card.name)) is not None:
                     features = hook.numpy()
-            out[card.name] = torch.softmax(logits.float() / card.temperature, dim=1).cpu().numpy()
+            out[card.name] = card.output_probs(logits.float().cpu().numpy())
             if features is not None and scores is not None and card.name in self.applicability:
                 scores[card.name] = self.applicability[card.name].score(features)
         return out

@@ -231,7 +231,7 @@ def load_model(
     card = read_card(card_path)
     if verify:
         verify_weights(card, weights_path)
-    net = create_model(card.architecture, len(card.classes), pretrained=False, input_size=card.input_size)
+    net = create_model(card.architecture, len(card.output_classes), pretrained=False, input_size=card.input_size)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -251,7 +251,7 @@ def _check_output_layer(net: nn.Module, card: ModelCard, state: dict[str, torch.
     head = ARCHITECTURES[card.architecture].head(net)
     name = next((n for n, m in net.named_modules() if m is head), None)
     weight = state.get(f"{name}.weight") if name is not None else None
-    if weight is not None and weight.ndim >= 1 and weight.shape[0] != len(card.classes):
+    if weight is not None and weight.ndim >= 1 and weight.shape[0] != len(card.output_classes):
         raise ModelError(
             f"{weights_path}: the card lists {len(card.classes)} classes but the weights' output layer has {weight.shape[0]}"
         )

@@ -94,14 +94,6 @@ def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float], ch
     return np.ascontiguousarray((x - mean_a) / std_a, dtype=np.float32)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float32."""
-    z = logits.astype(np.float32) / np.float32(temperature)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def cpu_session(model: str | bytes, threads: int) -> Any:
     """An ONNX Runtime session on the CPU for a model file or its bytes: ``threads`` intra-op threads,
     one inter-op, only errors logged."""
@@ -167,7 +159,7 @@ class OnnxPredictor:
             logits, *rest = self._sessions[card.name].run(None, {"x": x})
             names = card.onnx["outputs"][1:]
             outputs = dict(zip(names, rest))
-            out[card.name] = softmax(logits, card.temperature)
+            out[card.name] = card.output_probs(logits)
             if GRADCAM_OUTPUT in outputs and cams is not None:
                 cams[card.name] = outputs.pop(GRADCAM_OUTPUT)
             stats = self.applicability.get(card.name)

@@ -80,6 +80,7 @@ def load_labels(
         except KeyError as exc:
             raise TrainingError(str(exc.args[0])) from None
     frame["cls"] = [found.map_label(v) for v in frame["label"]]
+    frame["organism"] = [found.organism(v) or "" for v in frame["label"]]
     unplaced = frame[frame["cls"].isna()]
     dropped = {str(k): int(v) for k, v in unplaced["label"].astype(str).value_counts().items()}
     frame = frame[frame["cls"].notna()].reset_index(drop=True)

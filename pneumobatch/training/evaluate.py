@@ -38,9 +38,15 @@ def select_threshold(
         raise TrainingError("threshold selection needs both classes in the validation split") from None
 
 
-def evaluate_probs(probs: np.ndarray, targets: np.ndarray, task: Task, threshold: Optional[float]) -> dict[str, Any]:
+def evaluate_probs(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    task: Task,
+    threshold: Optional[float],
+    log_offsets: Optional[Sequence[float]] = None,
+) -> dict[str, Any]:
     """The card's metrics of one split (:func:`pneumobatch.evaluation.metrics.card_metrics`)."""
-    return metrics.card_metrics(probs, targets, task.classes, task.positive, threshold)
+    return metrics.card_metrics(probs, targets, task.classes, task.positive, threshold, log_offsets)
 
 
 @torch.no_grad()

@@ -214,7 +214,7 @@ def measure_invariance(
         proba = np.full((len(results), len(card.classes)), np.nan)
         for i, r in enumerate(results):
             if r.status is Status.OK and card.name in r.probs:
-                proba[i] = r.probs[card.name]
+                proba[i] = card.class_probs(r.probs[card.name])
         ref = proba[:n]
         scored_ref = ~np.isnan(ref).any(axis=1)
         per_export = {}

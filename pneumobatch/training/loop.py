@@ -39,6 +39,15 @@ from pneumobatch.training.augment import AUGMENTATION, EXPORT_AUGMENTATION, augm
 from pneumobatch.training.config import BALANCE_CHOICES, TrainConfig
 from pneumobatch.training.data import SPLITS, Dataset, decode_splits, labelled_splits
 from pneumobatch.training.evaluate import MIN_PER_CLASS, auc_of, predict_logits, scored_subsets, selection_score
+from pneumobatch.training.hierarchy import (
+    CoarseLogits,
+    coarse_logits,
+    counts_by_fine,
+    fine_nll,
+    fine_targets,
+    hierarchy_of,
+    organism_counts,
+)
 from pneumobatch.training.operating_points import band_targets, choose_operating_points
 from pneumobatch.training.plots import plot_curves
 
@@ -55,26 +64,55 @@ def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
     return counts.sum() / (n_classes * counts)
 
 
+#: No image is drawn more than this many times an epoch, on average, by the balancing samplers: a class
+#: of six images (fungal) gets at most 120 draws, not a fifth of the epoch; the rest goes to the others.
+MAX_DRAWS_PER_IMAGE = 20
+
+
+def class_shares(counts: np.ndarray, cap: float = MAX_DRAWS_PER_IMAGE) -> np.ndarray:
+    """Each present class's share of an epoch of ``counts.sum()`` draws: equal shares, except that a
+    class's share is at most ``cap`` draws per image (water-filling: what a capped class cannot take
+    is shared equally by the others)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum()
+    shares = np.zeros(len(counts))
+    free = counts > 0
+    budget = 1.0
+    while free.any():
+        equal = budget / free.sum()
+        limit = cap * counts / n
+        capped = free & (limit < equal)
+        if not capped.any():
+            shares[free] = equal
+            break
+        shares[capped] = limit[capped]
+        budget -= limit[capped].sum()
+        free &= ~capped
+    return shares
+
+
 def _epoch_order(
     targets: torch.Tensor, balance: str, generator: torch.Generator, sample_weights: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Indices for one epoch: a permutation, a class-balanced or a source-and-class-balanced resample."""
+    """Indices for one epoch: a permutation; a class-balanced resample of the same length (``oversample``,
+    with replacement, shares by :func:`class_shares`); every class cut to the smallest one's size
+    (``undersample``, a new subset each epoch); or a source-and-class-balanced resample (``source``)."""
     n = len(targets)
     if balance == "source" and sample_weights is not None:
         return torch.multinomial(sample_weights, n, replacement=True, generator=generator)
     if balance not in ("oversample", "undersample"):
         return torch.randperm(n, generator=generator)
     counts = torch.bincount(targets)
-    per_class = int(counts.max()) if balance == "oversample" else int(counts[counts > 0].min())
+    if balance == "oversample":
+        y = targets.numpy()
+        shares = class_shares(counts.numpy())
+        weights = torch.from_numpy(shares[y] / counts.numpy()[y].clip(min=1))
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    per_class = int(counts[counts > 0].min())
     chunks = []
     for c in torch.nonzero(counts).flatten().tolist():
         members = torch.nonzero(targets == c).flatten()
-        draw = (
-            torch.randint(len(members), (per_class,), generator=generator)
-            if balance == "oversample"
-            else torch.randperm(len(members), generator=generator)[:per_class]
-        )
-        chunks.append(members[draw])
+        chunks.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     order = torch.cat(chunks)
     return order[torch.randperm(len(order), generator=generator)]
 
@@ -82,7 +120,8 @@ def _epoch_order(
 def _sample_weights(frame: pd.DataFrame, targets: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Per-image sampling weights balancing classes, and sources within each class.
 
-    Every class gets the same share of an epoch. Within a class, a source's share is
+    Every class gets the same share of an epoch (at most :data:`MAX_DRAWS_PER_IMAGE` draws
+    per image: :func:`class_shares`). Within a class, a source's share is
     proportional to the square root of its image count: a large source cannot
     dominate a class (so "looks like source X" explains less of the label), and a
     tiny source is not repeated dozens of times per epoch.
@@ -90,13 +129,15 @@ def _sample_weights(frame: pd.DataFrame, targets: torch.Tensor, n_classes: int) 
     y = targets.numpy()
     groups = frame["sg_source"].to_numpy()
     weights = np.zeros(len(y), dtype=np.float64)
-    present = [c for c in range(n_classes) if (y == c).any()]
-    for c in present:
+    class_share = class_shares(np.bincount(y, minlength=n_classes))
+    for c in range(n_classes):
         in_class = y == c
+        if not in_class.any():
+            continue
         names, counts = np.unique(groups[in_class], return_counts=True)
         shares = np.sqrt(counts) / np.sqrt(counts).sum()
         for name, count, share in zip(names, counts, shares):
-            weights[in_class & (groups == name)] = share / count / len(present)
+            weights[in_class & (groups == name)] = share / count * class_share[c]
     return torch.from_numpy(weights)
 
 
@@ -213,16 +254,24 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
     paired = config.export_augment and config.consistency > 0
     splits, unreadable = decode_splits(frame, task, spec, config.workers, SPLITS, progress, not_empty, raw)
     train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
+    for split in ("train", "val"):
+        if not len(splits[split].targets):
+            raise TrainingError(f"none of the {split} images could be read (paths are relative to the manifest)")
 
     arch = ARCHITECTURES[config.architecture]
     pretrained = config.init == "imagenet"
-    net = create_model(config.architecture, len(task.classes), pretrained=pretrained, input_size=config.input_size)
+    tree = hierarchy_of(frame, task)
+    n_outputs = len(tree.fine) if tree is not None else len(task.classes)
+    net = create_model(config.architecture, n_outputs, pretrained=pretrained, input_size=config.input_size)
     if config.init not in ("imagenet", "random"):
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(config.init), strict=True)
     net = net.to(device).to(memory_format=torch.channels_last)
     mean, std = arch.mean, arch.std
+    # what validation, selection and operating points score: the coarse logits of a two-level network
+    scorer = CoarseLogits(net, tree).to(device) if tree is not None else net
+    train_fine = fine_targets(train_set.frame, tree) if tree is not None else None
 
     weights = _class_weights(train_set.targets, len(task.classes)) if config.balance == "weights" else None
     sample_weights = (
@@ -290,7 +339,13 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 y = train_set.targets[idx].to(device).repeat(views)
                 with autocast(device, amp_dtype):
                     logits = net(x)
-                loss = criterion(logits.float(), y)
+                if tree is not None:
+                    fine = logits.float()
+                    logits = coarse_logits(fine, scorer.parents, len(task.classes))
+                    y_fine = train_fine[idx].to(device).repeat(views)
+                    loss = criterion(logits, y) + fine_nll(fine, logits, y_fine, scorer.parents)
+                else:
+                    loss = criterion(logits.float(), y)
                 if paired:  # the same images through two exports must get the same probabilities
                     loss = loss + config.consistency * js_divergence(logits.float().chunk(2))
                     logits, y = logits[: len(idx)], y[: len(idx)]
@@ -301,7 +356,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
                 total += loss.item() * len(idx)
                 seen += len(idx)
                 correct += int((logits.argmax(1) == y).sum())
-            val_logits = predict_logits(net, val_set.images, mean, std, device, config.batch_size * 2)
+            val_logits = predict_logits(scorer, val_set.images, mean, std, device, config.batch_size * 2)
             val_loss = float(F.cross_entropy(val_logits, val_set.targets, weight=weights))
             val_auc = auc_of(val_logits, val_set.targets, task)
             score, parts = selection_score(torch.softmax(val_logits, 1).numpy(), val_set.targets.numpy(), val_subsets)
@@ -396,7 +451,13 @@ def train(config: TrainConfig, progress: Callable[[str], None] = lambda s: None)
         pneumobatch_version=__version__,
         preprocessing={"intensity": "equalize" if config.equalize else "none"},
     )
-    choose_operating_points(card, net, val_set, test_set, config, task, device)
+    if tree is not None:
+        card.hierarchy = {
+            **tree.to_dict(),
+            "counts": counts_by_fine([(s, d.frame) for s, d in splits.items()], tree),
+            "organisms": organism_counts(frame, tree),
+        }
+    choose_operating_points(card, scorer, val_set, test_set, config, task, device)
     card.training["seconds"] = round(time.time() - started, 1)
     weights_path = save_model(net.cpu(), card, config.out_dir)
     train_inputs = _prepared(train_set, spec)

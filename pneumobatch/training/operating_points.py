@@ -33,6 +33,7 @@ from pneumobatch.training.evaluate import (
     predict_logits,
     select_threshold,
 )
+from pneumobatch.training.hierarchy import CoarseLogits, fine_metrics
 
 #: ``card.metrics`` entries written by the benchmarks after training, kept by a retune.
 MEASURED_AFTER = ("export_invariance", "leave_one_source_out")
@@ -91,9 +92,12 @@ def choose_operating_points(
                 f"(target {config.target_recall:g})"
             )
     card.temperature, card.threshold, card.thresholds = temperature, threshold, thresholds
+    if not card.binary and len(task.classes) > 2:
+        card.decision = metrics.balanced_offsets(val_probs, val_set.targets.numpy(), list(task.classes))
+    offsets = card.log_offsets
 
     val_pred = class_indices(card.decide_many(val_probs, val_bands), task)
-    results: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold)}
+    results: dict[str, Any] = {"val": evaluate_probs(val_probs, val_set.targets.numpy(), task, threshold, offsets)}
     results["val_subgroups"] = evaluate_subgroups(val_probs, val_set.targets.numpy(), val_pred, val_set.frame, task)
     if len(test_set.targets):
         test_logits = predict_logits(net, test_set.images, card.mean, card.std, device, batch)
@@ -101,12 +105,23 @@ def choose_operating_points(
         targets = test_set.targets.numpy()
         test_bands = test_set.frame["sg_age_band"].to_numpy()
         test_pred = class_indices(card.decide_many(test_probs, test_bands), task)
-        results["test"] = evaluate_probs(test_probs, targets, task, threshold)
+        results["test"] = evaluate_probs(test_probs, targets, task, threshold, offsets)
         results["test_subgroups"] = evaluate_subgroups(test_probs, targets, test_pred, test_set.frame, task)
+        if not card.binary:
+            classes = list(task.classes)
+            results["test_per_class"] = metrics.class_table(test_probs, targets, test_pred, classes)
+            argmax = metrics.decided(test_probs, classes, None)
+            results["test_per_class_argmax"] = metrics.class_table(test_probs, targets, argmax, classes, n_bootstrap=0)
+        tree = card.tree
+        if tree is not None and isinstance(net, CoarseLogits):
+            fine_logits = predict_logits(net.net, test_set.images, card.mean, card.std, device, batch)
+            results["test_fine"] = fine_metrics(
+                tree.probabilities(fine_logits.numpy(), temperature)[1], test_set.frame, tree
+            )
         if config.group_column and config.group_column in test_set.frame.columns:
             groups = test_set.frame[config.group_column].astype(str).to_numpy()
             results["test_by_" + config.group_column] = {
-                g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold)
+                g: evaluate_probs(test_probs[groups == g], targets[groups == g], task, threshold, offsets)
                 for g in sorted(set(groups))
             }
     # the tables measured after training (export invariance, leave-one-source-out) stay; a retune
@@ -134,16 +149,19 @@ def retune(
             f"model {card.name} has task {card.task!r}: retune knows the built-in tasks ({', '.join(TASKS)})"
         )
     task = get_task(card.task)
-    if task.positive is None:
+    if list(task.classes) != list(card.classes):
         raise TrainingError(
-            f"model {card.name} ({card.task}) decides by the most probable class: it has no operating point to retune"
+            f"model {card.name} predicts {', '.join(card.classes)}; this version's {card.task} task has "
+            f"{', '.join(task.classes)}: train it again rather than retune it"
         )
     targets_by_band = band_targets(config)
     config = dataclasses.replace(config, task=card.task, name=card.name, input_size=card.input_size)
     frame, task, _, _, _ = labelled_splits(config)
     parts, _ = decode_splits(frame, task, input_spec(card), config.workers, ("val", "test"), progress)
     device = resolve_device(config.device)
-    choose_operating_points(card, loaded.net.to(device).eval(), parts["val"], parts["test"], config, task, device)
+    net = loaded.net.to(device).eval()
+    scorer = CoarseLogits(net, card.tree).to(device) if card.tree is not None else net
+    choose_operating_points(card, scorer, parts["val"], parts["test"], config, task, device)
     card.training["retuned"] = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "pneumobatch retune",
@@ -151,7 +169,8 @@ def retune(
         "band_target_recall": targets_by_band,
         "recall_margin_level": config.recall_margin_level,
         "data": str(config.data),
-        "note": "temperature and operating points chosen again on the validation split; weights unchanged",
+        "note": "temperature and operating points (or a multi-class model's decision offsets) chosen again on the "
+        "validation split; weights unchanged",
     }
     write_card(card, loaded.weights_path.with_suffix(".json"))
     return card

@@ -8,6 +8,7 @@ same functions, with scikit-learn underneath:
   :func:`summarise` (unlabelled predictions);
 - :mod:`.operating_points`: rates at a threshold, and the ``recall_target`` and
   ``youden`` thresholds for a target recall given as a parameter;
+- :mod:`.multiclass`: the per-class decision offsets chosen on validation and the per-class table;
 - :mod:`.calibration`: reliability bins, ECE, Brier score, temperature fitting;
 - :mod:`.bootstrap`: resampling and the ROC AUC of many resamples at once;
 - :mod:`.common`: JSON-safe values.
@@ -41,6 +42,7 @@ _SUBMOD_ATTRS = {
         "summarise",
     ],
     "common": ["MAX_CURVE_POINTS", "jsonable"],
+    "multiclass": ["MIN_VAL_PER_CLASS", "balanced_offsets", "class_table", "decided"],
     "operating_points": [
         "CI_LEVEL",
         "MIN_PER_CLASS_PER_BAND",

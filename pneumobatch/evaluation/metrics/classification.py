@@ -55,6 +55,7 @@ def evaluate(
     seed: int = 0,
     ci_level: float = 0.95,
     n_bins: int = 10,
+    log_offsets: Optional[Sequence[float]] = None,
 ) -> dict[str, Any]:
     """All metrics of labelled predictions, as a JSON-ready dict.
 
@@ -82,7 +83,7 @@ def evaluate(
     if y_pred is not None:
         yp = as_indices(list(y_pred), classes, "y_pred")
     else:
-        yp = decide_indices(proba, classes, positive if binary else None, threshold)
+        yp = decide_indices(proba, classes, positive if binary else None, threshold, log_offsets)
     labels = list(range(k))
     notes: list[str] = []
 
@@ -368,7 +369,12 @@ def subgroup_metrics(
 
 
 def card_metrics(
-    proba: np.ndarray, targets: np.ndarray, classes: Sequence[str], positive: Optional[str], threshold: Optional[float]
+    proba: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    positive: Optional[str],
+    threshold: Optional[float],
+    log_offsets: Optional[Sequence[float]] = None,
 ) -> dict[str, Any]:
     """The model card's compact metrics, read off :func:`evaluate` (no bootstrap).
 
@@ -389,6 +395,7 @@ def card_metrics(
         positive=classes[pos] if binary else None,
         threshold=threshold,
         n_bootstrap=0,
+        log_offsets=log_offsets,
     )
     support = res["class_counts"]
     present = [c for c in classes if support[c]]
