@@ -8,7 +8,7 @@ this module holds no fixtures, so importing it never registers one twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,30 +19,44 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def save_tiny_model(
-    folder: Path, *, name: str = "tiny", input_size: int = 32, seed: int = 0, preprocessing: Optional[dict] = None
+    folder: Path,
+    *,
+    name: str = "tiny",
+    input_size: int = 32,
+    seed: int = 0,
+    preprocessing: Optional[dict] = None,
+    task: str = "pneumonia",
+    classes: Sequence[str] = ("normal", "pneumonia"),
+    hierarchy: Optional[dict] = None,
+    decision: Optional[dict] = None,
 ) -> Path:
-    """A randomly initialised two-class pneumonia model (MobileNetV3-small) saved as ``name``
-    in ``folder``: the weights are those of ``torch.manual_seed(seed)``, so the same call
-    gives the same SHA-256 and another seed other weights under the same name."""
+    """A randomly initialised model (MobileNetV3-small, a two-class pneumonia one unless told
+    otherwise) saved as ``name`` in ``folder``: the weights are those of ``torch.manual_seed(seed)``,
+    so the same call gives the same SHA-256 and another seed other weights under the same name.
+    With ``hierarchy`` (``fine``/``parent``) the network has one output per fine class."""
     import torch
 
     from pneumobatch.core.card import ModelCard
     from pneumobatch.model.registry import create_model, save_model
 
-    torch.manual_seed(seed)
-    net = create_model("mobilenet_v3_small", 2, pretrained=False, input_size=input_size)
+    classes = list(classes)
+    binary = len(classes) == 2
     card = ModelCard(
         name=name,
-        task="pneumonia",
-        classes=["normal", "pneumonia"],
+        task=task,
+        classes=classes,
         architecture="mobilenet_v3_small",
         input_size=input_size,
         mean=[0.5] * 3,
         std=[0.25] * 3,
-        positive="pneumonia",
-        threshold=0.5,
+        positive=classes[1] if binary else None,
+        threshold=0.5 if binary else None,
         preprocessing=dict(preprocessing or {}),
+        hierarchy=dict(hierarchy or {}),
+        decision=dict(decision or {}),
     )
+    torch.manual_seed(seed)
+    net = create_model("mobilenet_v3_small", len(card.output_classes), pretrained=False, input_size=input_size)
     save_model(net.eval(), card, folder)
     return folder
 

@@ -91,7 +91,6 @@ CARD_SCHEMA: dict[str, Any] = {
         },
         "hierarchy": {
             "type": "object",
-            "required": ["fine", "parent"],
             "properties": {
                 "fine": {
                     "type": "array",
@@ -161,6 +160,8 @@ def validate_card(data: Any) -> None:
     if data.get("positive") is not None and data["positive"] not in data["classes"]:
         raise ModelError(f"positive: {data['positive']!r} is not one of the classes")
     if data.get("hierarchy"):
+        if not {"fine", "parent"} <= set(data["hierarchy"]):
+            raise ModelError("hierarchy: needs 'fine' and 'parent' (or nothing, for a one-level model)")
         try:
             Hierarchy.from_dict(data["classes"], data["hierarchy"])
         except ValueError as exc:

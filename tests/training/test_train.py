@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from pneumobatch.cli import main
 from pneumobatch.core.errors import TrainingError
@@ -271,3 +272,70 @@ def test_train_cli_refuses_to_overwrite(tmp_path: Path):
     result = CliRunner().invoke(main, ["train", str(manifest), "-o", str(out)])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "pneumonia.safetensors").read_bytes() == b"keep"
+
+
+def _etiology_dataset(root: Path) -> Path:
+    """Five coarse classes drawn five ways; Streptococcus named in enough patients to be a fine class,
+    Klebsiella in too few (it falls back to 'other bacterial')."""
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    findings = {
+        "No Finding": 0,
+        "Pneumonia/Bacterial": 1,
+        "Pneumonia/Bacterial/Streptococcus": 1,
+        "Pneumonia/Viral": 2,
+        "Pneumonia/Fungal/Pneumocystis": 3,
+        "Pneumonia/Viral/COVID-19": 4,
+    }
+    rows = []
+    for f, (finding, shape) in enumerate(findings.items()):
+        for i in range(15):
+            img = np.full((40, 40), 60.0) + rng.normal(0, 5, (40, 40))
+            img[4 + 6 * shape : 10 + 6 * shape, :] = 230  # the class's band
+            name = f"images/{f}_{i:02d}.png"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name)
+            split = ("train", "train", "train", "val", "test")[i % 5]
+            rows.append({"path": name, "finding": finding, "split": split, "patient_id": f"p{f}_{i}", "source": "s"})
+    Image.fromarray(np.full((40, 40), 90, dtype=np.uint8)).save(root / "images/k.png")
+    rows.append(
+        {
+            "path": "images/k.png",
+            "finding": "Pneumonia/Bacterial/Klebsiella",
+            "split": "train",
+            "patient_id": "k1",
+            "source": "s",
+        }
+    )
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+@pytest.mark.slow
+def test_etiology_trains_two_levels_with_a_fallback_rule_and_decision_offsets(tmp_path: Path):
+    from pneumobatch.core.hierarchy import Hierarchy
+
+    manifest = _etiology_dataset(tmp_path / "data")
+    out = tmp_path / "weights"
+    train(
+        small_config(manifest, out, task="etiology", name="etio", epochs=2, invariance_test=False, export_augment=False)
+    )
+    saved = json.loads((out / "etio.json").read_text())
+    assert saved["classes"] == ["normal", "bacterial", "viral", "fungal", "covid-19"]
+    tree = Hierarchy.from_dict(saved["classes"], saved["hierarchy"])
+    # 9 Streptococcus training patients and 3 in validation: its own class; Klebsiella: 1 patient
+    assert "Streptococcus" in tree.fine and "other bacterial" in tree.fine and "Klebsiella" not in tree.fine
+    assert saved["hierarchy"]["organisms"]["Klebsiella"]["fine_class"] == "other bacterial"
+    assert saved["hierarchy"]["counts"]["Streptococcus"]["train"] == {"images": 9, "patients": 9}
+    # 3 validation images a class (bacterial 6): too few to choose offsets, so the argmax stays
+    assert saved["decision"]["rule"] == "argmax"
+    assert saved["decision"]["not_judged"] == {"normal": 3, "bacterial": 6, "viral": 3, "fungal": 3, "covid-19": 3}
+    per_class = {r["class"]: r for r in saved["metrics"]["test_per_class"]["per_class"]}
+    assert per_class["fungal"]["support"] == 3 and per_class["fungal"]["recall_ci"] is not None
+    assert saved["metrics"]["test_fine"]["top3_accuracy"] >= saved["metrics"]["test_fine"]["top1_accuracy"]
+    loaded = load_model(str(out / "etio.json"))
+    x = torch.zeros(2, 3, 32, 32)
+    assert loaded.net(x).shape == (2, len(tree.fine))  # one output per fine class
+    from pneumobatch.model.runtime import load_onnx_model
+
+    assert load_onnx_model(str(out / "etio.json")).card.hierarchy["fine"] == list(tree.fine)

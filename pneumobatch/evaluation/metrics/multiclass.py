@@ -49,8 +49,10 @@ def balanced_offsets(
     judged = [c for c in range(k) if counts[c] >= min_per_class]
     offsets = np.zeros(k)
     log_p = np.log(np.clip(proba, 1e-12, 1.0))
+    not_judged = {classes[c]: int(counts[c]) for c in range(k) if c not in judged}
     if len(judged) < 2:
-        return {"rule": "argmax", "note": f"fewer than two classes with >= {min_per_class} validation images"}
+        note = f"fewer than two classes with >= {min_per_class} validation images: the argmax"
+        return {"rule": "argmax", "note": note, "not_judged": not_judged}
 
     def score(o: np.ndarray) -> float:
         return _balanced_accuracy(y, np.argmax(log_p + o, axis=1), judged)
@@ -81,7 +83,7 @@ def balanced_offsets(
         "chosen_on": "validation",
         "objective": f"balanced accuracy over the classes with >= {min_per_class} validation images",
         "judged_classes": [classes[c] for c in judged],
-        "not_judged": {classes[c]: int(counts[c]) for c in range(k) if c not in judged},
+        "not_judged": not_judged,
         "val_balanced_accuracy": {"argmax": _balanced_accuracy(y, argmax, judged), "offsets": best},
         "val_recall": {"argmax": recalls(argmax), "offsets": recalls(chosen)},
     }
