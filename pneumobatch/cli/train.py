@@ -338,7 +338,7 @@ def train_command(data: Path, name: Optional[str], out_dir: Path, overwrite: boo
 @_RECALL_MARGIN
 @_DEVICE_AND_WORKERS
 def retune_command(model: str, data: Path, weights_dir: Optional[Path], **options) -> None:
-    """Choose MODEL's temperature and operating points again on DATA's validation split.
+    """Choose MODEL's temperature and operating points (decision offsets) again on DATA's validation split.
 
     DATA is the manifest the model was trained on (same splits, same leakage rules); the
     test split is evaluated at the new points. The weights and applicability statistics
@@ -352,6 +352,13 @@ def retune_command(model: str, data: Path, weights_dir: Optional[Path], **option
     card = retune(model, config, weights_dir, progress=click.echo)
     points = card.thresholds.get("by_age_band") or {}
     bands = "; ".join(f"{b} {p['recall_target']:.4f} (target {p['target_recall']:g})" for b, p in points.items())
+    if card.threshold is None:  # a multi-class model: its decision offsets were chosen again
+        offsets = ", ".join(f"{c} {v:+.1f}" for c, v in zip(card.classes, card.log_offsets or []))
+        click.echo(
+            f"rewrote the card of {card.name}: decision {card.decision.get('rule')}"
+            + (f" ({offsets})" if offsets else "")
+        )
+        return
     click.echo(
         f"rewrote the card of {card.name}: pooled threshold {card.threshold:.4f}" + (f"; {bands}" if bands else "")
     )

@@ -71,11 +71,14 @@ def fine_targets(frame: pd.DataFrame, tree: Hierarchy) -> torch.Tensor:
     )
 
 
-def fine_metrics(fine_probs: np.ndarray, frame: pd.DataFrame, tree: Hierarchy) -> dict:
-    """Fine-level test figures: top-1 and top-3 accuracy, and recall / precision / count per fine class."""
+def fine_metrics(fine_probs: np.ndarray, frame: pd.DataFrame, tree: Hierarchy, coarse_pred: np.ndarray) -> dict:
+    """Fine-level test figures: top-1 accuracy of the fine label predict writes (the most probable fine
+    class below the coarse decision ``coarse_pred``, indices), top-3 accuracy of the three most probable
+    fine classes, and recall / precision / count per fine class."""
     truth = fine_targets(frame, tree).numpy()
     order = np.argsort(-fine_probs, axis=1)
-    top1 = order[:, 0]
+    index = {name: j for j, name in enumerate(tree.fine)}
+    top1 = np.array([index[tree.best_below(p, tree.coarse[int(k)])] for p, k in zip(fine_probs, coarse_pred)])
     per_class = {}
     for j, name in enumerate(tree.fine):
         n = int((truth == j).sum())

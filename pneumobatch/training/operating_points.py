@@ -36,7 +36,7 @@ from pneumobatch.training.evaluate import (
 from pneumobatch.training.hierarchy import CoarseLogits, fine_metrics
 
 #: ``card.metrics`` entries written by the benchmarks after training, kept by a retune.
-MEASURED_AFTER = ("export_invariance", "leave_one_source_out")
+MEASURED_AFTER = ("export_invariance", "leave_one_source_out", "imbalance_methods")
 
 
 def band_targets(config: TrainConfig) -> dict[str, float]:
@@ -115,9 +115,8 @@ def choose_operating_points(
         tree = card.tree
         if tree is not None and isinstance(net, CoarseLogits):
             fine_logits = predict_logits(net.net, test_set.images, card.mean, card.std, device, batch)
-            results["test_fine"] = fine_metrics(
-                tree.probabilities(fine_logits.numpy(), temperature)[1], test_set.frame, tree
-            )
+            fine_probs = tree.probabilities(fine_logits.numpy(), temperature)[1]
+            results["test_fine"] = fine_metrics(fine_probs, test_set.frame, tree, test_pred)
         if config.group_column and config.group_column in test_set.frame.columns:
             groups = test_set.frame[config.group_column].astype(str).to_numpy()
             results["test_by_" + config.group_column] = {
