@@ -69,7 +69,7 @@ class Hierarchy:
     def __post_init__(self) -> None:
         if len(self.fine) != len(self.parent) or len(set(self.fine)) != len(self.fine):
             raise ValueError("hierarchy: fine classes must be unique and have one parent each")
-        if not set(self.parent) <= set(self.coarse) or set(self.parent) != set(self.coarse):
+        if set(self.parent) != set(self.coarse):
             raise ValueError("hierarchy: every coarse class needs a fine class and every parent must be a class")
 
     @classmethod

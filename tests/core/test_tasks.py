@@ -18,7 +18,7 @@ from pneumobatch.core.tasks import get_task, task_from_card
         ("Pneumonia/Viral/SARS", "pneumonia", "viral", "not-covid"),
         ("Pneumonia/Viral/COVID-19", "pneumonia", "covid-19", "covid-19"),
         ("pneumonia/viral/covid-19", "pneumonia", "covid-19", "covid-19"),
-        ("Pneumonia/Fungal/Pneumocystis", "pneumonia", None, "not-covid"),
+        ("Pneumonia/Fungal/Pneumocystis", "pneumonia", "fungal", "not-covid"),
         ("Pneumonia/Lipoid", "pneumonia", None, "not-covid"),
         ("ARDS", None, None, None),
         ("", None, None, None),
