@@ -417,6 +417,8 @@ def test_lazy_names_are_the_defining_modules_and_light_imports_stay_light():
         "rescale_probabilities rescale_threshold temperature_nll",
         "classification": "MIN_PER_CLASS blank_unsupported card_metrics evaluate subgroup_metrics summarise",
         "common": "MAX_CURVE_POINTS jsonable",
+        "multiclass": "MIN_VAL_PER_CLASS balanced_offsets class_table decided",  # added since: offsets, class table
+        "hierarchy": "fine_level",  # added since: the fine level of two-level models
         "operating_points": "CI_LEVEL MIN_PER_CLASS_PER_BAND RECALL_TARGET TARGET_RECALL YOUDEN band_thresholds "
         "confusion_rates min_positives_for operating_point select_threshold threshold_points",
     }
