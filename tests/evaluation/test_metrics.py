@@ -402,7 +402,7 @@ def test_metrics_decide_by_the_card_rule_on_ties_and_age_bands():
 
 def test_lazy_names_are_the_defining_modules_and_light_imports_stay_light():
     """lazy_loader gives the package the names of the former hand-written table (TARGET_SENSITIVITY
-    is gone; the multiclass names came later); importing metrics.common, the metrics and report packages or the report options
+    is gone); importing metrics.common, the metrics and report packages or the report options
     loads none of scikit-learn, matplotlib, reportlab or torch."""
     import importlib
     import subprocess
@@ -417,7 +417,8 @@ def test_lazy_names_are_the_defining_modules_and_light_imports_stay_light():
         "rescale_probabilities rescale_threshold temperature_nll",
         "classification": "MIN_PER_CLASS blank_unsupported card_metrics evaluate subgroup_metrics summarise",
         "common": "MAX_CURVE_POINTS jsonable",
-        "multiclass": "MIN_VAL_PER_CLASS balanced_offsets class_table decided",
+        "multiclass": "MIN_VAL_PER_CLASS balanced_offsets class_table decided",  # added since: offsets, class table
+        "hierarchy": "fine_level",  # added since: the fine level of two-level models
         "operating_points": "CI_LEVEL MIN_PER_CLASS_PER_BAND RECALL_TARGET TARGET_RECALL YOUDEN band_thresholds "
         "confusion_rates min_positives_for operating_point select_threshold threshold_points",
     }

@@ -39,7 +39,8 @@ def describe_model(rows: pd.DataFrame, run_model: Optional[Mapping[str, Any]] = 
         classes = [c[len(PROB_PREFIX) :] for c in rows.columns if c.startswith(PROB_PREFIX) and rows[c].notna().any()]
     if not classes and task_name in TASKS:
         classes = list(TASKS[task_name].classes)
-    if task_name in TASKS and set(classes) <= set(TASKS[task_name].classes):  # the task's order (an older card's subset too)
+    if task_name in TASKS and set(classes) <= set(TASKS[task_name].classes):
+        # in the task's order; a subset is an older card of the task (4-class etiology, before fungal)
         classes = [c for c in TASKS[task_name].classes if c in classes]
     task = task_from_card(task_name, classes)
     positive = run_model.get("positive") or task.positive

@@ -9,6 +9,7 @@ same functions, with scikit-learn underneath:
 - :mod:`.operating_points`: rates at a threshold, and the ``recall_target`` and
   ``youden`` thresholds for a target recall given as a parameter;
 - :mod:`.multiclass`: the per-class decision offsets chosen on validation and the per-class table;
+- :mod:`.hierarchy`: the fine level of a two-level model (per fine class, top-1 and top-3 accuracy);
 - :mod:`.calibration`: reliability bins, ECE, Brier score, temperature fitting;
 - :mod:`.bootstrap`: resampling and the ROC AUC of many resamples at once;
 - :mod:`.common`: JSON-safe values.
@@ -42,6 +43,7 @@ _SUBMOD_ATTRS = {
         "summarise",
     ],
     "common": ["MAX_CURVE_POINTS", "jsonable"],
+    "hierarchy": ["fine_level"],
     "multiclass": ["MIN_VAL_PER_CLASS", "balanced_offsets", "class_table", "decided"],
     "operating_points": [
         "CI_LEVEL",

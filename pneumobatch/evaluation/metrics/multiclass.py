@@ -125,7 +125,7 @@ def _f1(y: np.ndarray, pred: np.ndarray, c: int) -> float:
 
 
 def class_table(
-    proba: np.ndarray,
+    proba: Optional[np.ndarray],
     targets: np.ndarray,
     pred: np.ndarray,
     classes: Sequence[str],
@@ -134,8 +134,10 @@ def class_table(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Per-class recall, precision (exact 95% CIs), F1 and AUC (bootstrap 95% CIs); balanced accuracy
-    and macro AUC (bootstrap 95% CIs) over the classes present. ``targets``/``pred`` are indices."""
-    proba = np.asarray(proba, dtype=np.float64)
+    and macro AUC (bootstrap 95% CIs) over the classes present. ``targets``/``pred`` are indices;
+    ``proba`` None (a level whose probabilities are not all known, such as the fine classes of a
+    predictions CSV, which keeps the top three): no AUC."""
+    proba = None if proba is None else np.asarray(proba, dtype=np.float64)
     y = np.asarray(targets, dtype=np.int64)
     pred = np.asarray(pred, dtype=np.int64)
     k = len(classes)
@@ -147,14 +149,14 @@ def class_table(
     if n_bootstrap > 0 and n:
         for draws in bootstrap_draws(n, n_bootstrap, seed):
             for idx in draws:
-                yy, pp, prob = y[idx], pred[idx], proba[idx]
+                yy, pp = y[idx], pred[idx]
                 here = [c for c in present if (yy == c).any()]
                 if len(here) == len(present):
                     boot["balanced_accuracy"].append(float(np.mean([(pp[yy == c] == c).mean() for c in here])))
                 aucs = []
                 for c in present:
                     boot[f"f1_{c}"].append(_f1(yy, pp, c))
-                    a = _auc(yy == c, prob[:, c])
+                    a = None if proba is None else _auc(yy == c, proba[idx, c])
                     boot[f"auc_{c}"].append(np.nan if a is None else a)
                     aucs.append(np.nan if a is None else a)
                 if aucs and not np.isnan(aucs).any():
@@ -170,7 +172,7 @@ def class_table(
         support = int((y == c).sum())
         called = int((pred == c).sum())
         hits = int(((y == c) & (pred == c)).sum())
-        auc = _auc(y == c, proba[:, c]) if support else None
+        auc = _auc(y == c, proba[:, c]) if support and proba is not None else None
         rows.append(
             {
                 "class": classes[c],

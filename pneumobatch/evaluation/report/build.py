@@ -17,18 +17,20 @@ import pandas as pd
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_FATAL, LabelError, ReportError
+from pneumobatch.core.hierarchy import Hierarchy
 from pneumobatch.core.site import load_site
 from pneumobatch.core.subgroups import REPORT_COLUMNS, add_subgroup_columns, parse_band_defaults
 from pneumobatch.evaluation.labels.cards import card_from_run, describe_model, threshold_notes
+from pneumobatch.evaluation.labels.fine import fine_join
 from pneumobatch.evaluation.labels.join import JoinResult, check_label_column, join_labels, study_level
 from pneumobatch.evaluation.labels.keys import detect_key
 from pneumobatch.evaluation.labels.reading import read_labels
-from pneumobatch.evaluation.metrics import evaluate, jsonable, subgroup_metrics, summarise
+from pneumobatch.evaluation.metrics import evaluate, fine_level, jsonable, subgroup_metrics, summarise
 from pneumobatch.evaluation.report.cases import cases_section
 from pneumobatch.evaluation.report.inputs import elapsed_seconds, load_run, load_studies, report_version, select_labels
 from pneumobatch.evaluation.report.options import RESEARCH_ONLY, SCHEMA, ReportOptions
 from pneumobatch.evaluation.site_comparison import compare_operating_points
-from pneumobatch.io.predictions import file_counts, load_predictions
+from pneumobatch.io.predictions import FINE_LABEL, file_counts, load_predictions
 
 
 def _group_values(values: pd.Series) -> list[str]:
@@ -211,6 +213,14 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             "cases": None,
             "figures": {},
         }
+        tree = info.tree
+        if tree is not None:
+            section["fine"] = None  # two-level models only: filled in when labels join per image
+        elif FINE_LABEL in ok.columns and (ok[FINE_LABEL].astype(str).str.strip() != "").any():
+            section["notes"].append(
+                f"the CSV has {FINE_LABEL} values but the model's card (run.json) has no hierarchy: "
+                "fine level not evaluated"
+            )
         doc["models"].append(section)
         studies = None
         if studies_all is not None:
@@ -239,6 +249,10 @@ def build_report(options: ReportOptions) -> dict[str, Any]:
             continue
         section["join"] = join.summary()
         section["evaluation"] = _evaluate(join, info, o)
+        if tree is not None and join.level == "file":
+            section["fine"] = _fine(join, tree, o)
+        elif tree is not None:
+            section["notes"].append(f"fine level evaluated per image only: labels joined by {join.key}")
         if o.cases and join.level == "file":
             section["cases"] = cases_section(join.rows, info, o.cases, predictions_csv.parent)
         elif o.cases:
@@ -291,3 +305,23 @@ def _evaluate(join: JoinResult, info: ModelCard, options: ReportOptions) -> dict
         card_thresholds=info.operating_points(),
         **_settings(info, options),
     )
+
+
+def _fine(join: JoinResult, tree: Hierarchy, options: ReportOptions) -> dict[str, Any]:
+    """The fine level of a two-level model's image-level join: the report's ``fine`` section."""
+    fine = fine_join(join, tree, options.max_examples)
+    metrics = fine_level(
+        fine.truth, fine.pred, fine.top, fine.classes, n_bootstrap=options.n_bootstrap, seed=options.seed
+    )
+    parent = dict(zip(fine.classes, fine.parents))
+    for row in metrics["per_class"]:
+        row["parent"] = parent[row["class"]]
+    return {
+        "classes": fine.classes,
+        "parents": fine.parents,
+        "model_classes": list(tree.fine),
+        "rule": tree.rule,
+        **metrics,
+        "problems": {name: p.to_dict() for name, p in fine.problems.items()},
+        "notes": fine.notes,
+    }

@@ -80,6 +80,32 @@ def _fig_confusion(ev: dict[str, Any], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _fig_fine_confusion(fine: dict[str, Any], title: str, path: Path) -> Path:
+    """One panel for the many fine classes: shaded by the fraction of the true class, counts written."""
+    cm = fine["confusion_matrix"]
+    classes = cm["labels"]
+    k = len(classes)
+    counts = np.array(cm["counts"], dtype=float)
+    shown = np.array([[np.nan if v is None else v for v in row] for row in cm["row_normalised"]], dtype=float)
+    size = 2.4 + 0.42 * k
+    fig = _new_figure(size + 1.2, size)
+    ax = fig.subplots()
+    ax.imshow(np.nan_to_num(shown), cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j] or i == j:
+                dark = np.isfinite(shown[i, j]) and shown[i, j] > 0.6
+                colour = "white" if dark else "black"
+                ax.text(j, i, f"{int(counts[i, j]):,}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set_xlabel("predicted (fine_label)", fontsize=8)
+    ax.set_ylabel("true (fallback rule)", fontsize=8)
+    ax.set_title("counts, shaded by the fraction of the true class", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def _unit_square(ax, xlabel: str, ylabel: str, title: str) -> None:
     """Axes of a curve between rates: both from 0 to 1 (with a hair of margin), small labels."""
     ax.set_xlim(-0.01, 1.01)
@@ -227,6 +253,10 @@ def render_figures(doc: dict[str, Any], folder: Path) -> list[Path]:
             figs["roc"] = _fig_roc(ev, f"{name}: ROC", folder / f"{slug}_roc.png")
             figs["pr"] = _fig_pr(ev, f"{name}: precision-recall", folder / f"{slug}_pr.png")
             figs["calibration"] = _fig_calibration(ev, f"{name}: calibration", folder / f"{slug}_calibration.png")
+        if section.get("fine"):
+            figs["fine_confusion"] = _fig_fine_confusion(
+                section["fine"], f"{name}: confusion matrix, fine classes", folder / f"{slug}_fine_confusion.png"
+            )
         study = (section.get("study") or {}).get("evaluation")
         if study:
             figs["study_roc"] = _fig_roc(study, f"{name}: ROC, studies", folder / f"{slug}_study_roc.png")

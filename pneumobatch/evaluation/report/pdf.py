@@ -122,6 +122,8 @@ class PdfDocument(Document):
             self.para(f"No evaluation: {m['label_error']}", "warn")
         if m.get("evaluation"):
             self.evaluation(m, m["evaluation"], m["join"], "image" if m["join"]["level"] == "file" else "study")
+            if m.get("fine"):
+                self.fine_level(m, m["fine"])
             if m.get("site_comparison"):
                 self.site_comparison(m["site_comparison"])
             if m.get("study"):
@@ -379,6 +381,52 @@ class PdfDocument(Document):
                 f"{units}, seed {bs['seed']}.",
                 "note",
             )
+
+    def fine_level(self, m: dict[str, Any], fine: dict[str, Any]) -> None:
+        """The fine classes of a two-level model: top-1 and top-3, the per-class table, the confusion matrix."""
+        from reportlab.platypus import PageBreak
+
+        self.add(PageBreak())
+        self.heading("Evaluation (fine level: organism)", "h2")
+        self.para(
+            "Each image's true fine class is given by the model card's fallback rule from its class and the "
+            f"organism its finding names ({fine['rule']}). The prediction is the CSV's fine_label (the most probable "
+            "fine class below the coarse decision); top-3 counts the true fine class among fine_top3.",
+            "note",
+            keep=True,
+        )
+        top1, top3 = fine["top1"], fine["top3"]
+        self.para(
+            f"<b>Top-1 accuracy {fmt(top1['accuracy'])} {fmt_ci(top1['ci'])} ({top1['hits']:,} of {top1['n']:,}), "
+            f"top-3 accuracy {fmt(top3['accuracy'])} {fmt_ci(top3['ci'])} ({top3['hits']:,} of {top3['n']:,}), "
+            f"balanced accuracy {fmt(fine['balanced_accuracy'])} {fmt_ci(fine['balanced_accuracy_ci'])}</b>",
+            raw=True,
+            keep=True,
+        )
+        rows = [
+            [
+                pc["class"] + ("" if pc["class"] in fine["model_classes"] else " *"),
+                pc["parent"],
+                fmt(pc["support"]),
+                fmt(pc["n_predicted"]),
+                f"{fmt(pc['recall'])} {fmt_ci(pc['recall_ci'])}",
+                f"{fmt(pc['precision'])} {fmt_ci(pc['precision_ci'])}",
+                f"{fmt(pc['f1'])} {fmt_ci(pc['f1_ci'])}",
+            ]
+            for pc in fine["per_class"]
+        ]
+        self.table(
+            ["fine class", "class", "n true", "n pred", "recall (95% CI)", "precision (95% CI)", "F1 (95% CI)"],
+            rows,
+            [1.5, 0.9, 0.6, 0.6, 1.5, 1.5, 1.5],
+        )
+        self.para(
+            "Accuracy, recall and precision intervals: exact (Clopper-Pearson) 95%; F1 and balanced accuracy: "
+            "percentile bootstrap. * a fine class the fallback rule gives but the model does not have.",
+            "note",
+        )
+        self.figure(m["figures"].get("fine_confusion"), max_height=420)
+        self.notes(fine.get("notes", []))
 
     def site_comparison(self, sc: dict[str, Any]) -> None:
         """Shipped and site operating points on the same labelled images, side by side."""
