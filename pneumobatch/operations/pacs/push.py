@@ -12,6 +12,11 @@ Policy:
   rule gives for them (:func:`~.sr.image_problem`), the model name, class names and
   operating point fit for a DICOM LO value. Any other row is refused: listed with its
   CSV row, path and reason, counted, exit 1; never sent, never silently dropped.
+- **The organism, when it can be stated.** A two-level model's row also gives the SR its
+  organism item (``fine_label`` and its probability in ``fine_top3``, :func:`~.sr.organism_of`).
+  Cells that cannot be stated truthfully (a fine class the card does not have or not below
+  ``pred_label``, a malformed ``fine_top3``) leave the item out with a one-line warning; the
+  row's coarse finding is still sent (exit 0).
 - **The image's study, not the CSV's.** The Study, Series and SOP Instance UIDs of an
   SR's references and its patient and study modules come from the source image's own
   header: read again from ``source`` (the folder predict read, joined with the CSV's
@@ -53,7 +58,7 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, FileRejected, OptionError, Status
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import open_input, unescape_path
-from pneumobatch.io.predictions import OutputPaths, cell_text
+from pneumobatch.io.predictions import FINE_LABEL, FINE_TOP, OutputPaths, cell_text
 from pneumobatch.operations.pacs.archive import Archive, InstanceRef, with_retries
 from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection
@@ -65,6 +70,7 @@ from pneumobatch.operations.pacs.sr import (
     card_problem,
     evidence_dataset,
     image_problem,
+    organism_of,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +125,7 @@ class PushResult:
     heatmaps_sent: int = 0  # heatmap SCs stored and verified this run
     heatmaps_before: int = 0  # in the ledger or already in the archive: not sent again
     heatmaps_refused: int = 0  # positive rows whose heatmap could not be sent (listed in failures)
+    organisms_left_out: int = 0  # rows sent without their organism item (a warning each)
 
     @property
     def exit_code(self) -> int:
@@ -134,6 +141,11 @@ class PushResult:
                 f"heatmap SCs: {self.heatmaps_sent} sent and verified, {self.heatmaps_before} sent before, "
                 f"{self.heatmaps_refused} refused; "
                 if self.heatmaps_sent or self.heatmaps_before or self.heatmaps_refused
+                else ""
+            )
+            + (
+                f"{self.organisms_left_out} rows sent without their organism item (see the warnings); "
+                if self.organisms_left_out
                 else ""
             )
             + f"ledger {self.ledger}"
@@ -188,8 +200,15 @@ def _spreadsheet_row(index) -> int:
         return 0
 
 
-def _result_of(image: ImageResult) -> tuple:
-    return image.series_instance_uid, image.probs, image.pred_label, image.threshold, image.operating_point
+def _result_of(image: ImageResult, card: ModelCard) -> tuple:
+    return (
+        image.series_instance_uid,
+        image.probs,
+        image.pred_label,
+        image.threshold,
+        image.operating_point,
+        organism_of(card, image)[0],
+    )
 
 
 @dataclass
@@ -199,13 +218,15 @@ class Rows:
     results: list[StudyResult]
     without_uid: int = 0  # predicted rows that are not DICOM (PNG/JPEG): nothing to send
     refused: list[str] = field(default_factory=list)  # one line per refused row
+    warnings: list[str] = field(default_factory=list)  # one line per row sent without its organism item
 
 
 def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bool = False) -> Rows:
     """One :class:`StudyResult` per (study, model) with predicted DICOM images whose values
     an SR can state (:func:`~.sr.image_problem`, :func:`~.sr.card_problem`); the others are
     refused, each with its reason. Rows with no UID at all (PNG, JPEG) are counted; a row
-    with some UIDs but not three valid ones is refused."""
+    with some UIDs but not three valid ones is refused. A row whose organism cannot be stated
+    (:func:`~.sr.organism_of`) is kept, with a warning logged and listed."""
     ok = frame[frame["status"].astype(str) == Status.OK.value]
     columns = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
     rows = Rows(results=[])
@@ -221,12 +242,17 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bo
             probs=tuple((c, _probability(row.get(card.prob_column(c)))) for c in card.classes),
             pred_label=str(row.get("pred_label", "")),
             threshold=_float(row.get("threshold")) if card.binary else None,
-            operating_point=str(row.get("operating_point", "") or ("pooled" if card.binary else "argmax")),
+            operating_point=str(
+                row.get("operating_point", "")
+                or ("pooled" if card.binary else "argmax" if card.log_offsets is None else "log-offsets")
+            ),
             path=str(row.get("path", "")),
             row=_spreadsheet_row(index),
             heatmap=cell_text(row.get("heatmap"))
             if heatmaps and card.is_finding(str(row.get("pred_label", "")))
             else "",
+            fine_label=cell_text(row.get(FINE_LABEL)) if card.hierarchy else "",
+            fine_top=cell_text(row.get(FINE_TOP)) if card.hierarchy else "",
         )
         if not any(raw):
             rows.without_uid += 1
@@ -243,9 +269,17 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bo
         if problem:
             rows.refused.append(refusal(image, model, problem))
             continue
+        unstated = organism_of(card, image)[1]
+        if unstated:
+            line = (
+                f"row {image.row} (path {_quoted(image.path)}, model {_quoted(model)}): "
+                f"sent without its organism item: {unstated}"
+            )
+            log.warning("%s", line)
+            rows.warnings.append(line)
         images = groups.setdefault((study, model), {})
         first = images.get(sop)
-        if first is not None and _result_of(first) != _result_of(image):
+        if first is not None and _result_of(first, card) != _result_of(image, card):
             rows.refused.append(refusal(image, model, "an earlier row has the same image with another result"))
             continue
         images.setdefault(sop, image)  # the same image twice (a copy): one result in the SR
@@ -484,6 +518,7 @@ def run_push(config: PushConfig, progress: Optional[Callable[[StudyResult], None
     )
     outcome.failures.extend(rows.refused)
     outcome.rows_refused = len(rows.refused)
+    outcome.organisms_left_out = len(rows.warnings)
     probe = _Probe(conn, outcome)
     with Ledger(ledger_path) as ledger, open_archive(conn) as archive:
         for result in rows.results:

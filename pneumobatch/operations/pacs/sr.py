@@ -12,6 +12,12 @@ multi-class model. Each group has
   model's decision at the operating point used;
 - measurements *Probability* and, for binary models, *Decision threshold* (unit ``1``;
   local codes ``99PNEUMOBATCH PROBABILITY / THRESHOLD``);
+- for a two-level model (a card with a ``hierarchy``), in the group of the decided class
+  only: a qualitative evaluation *Organism = <fine class>* (``99PNEUMOBATCH ORGANISM``; the
+  fine class coded ``99PNEUMOBATCH``, :func:`organism_code`) and a measurement *Organism
+  probability* (``99PNEUMOBATCH ORGANISM PROB``, unit ``1``): the CSV's ``fine_label`` and
+  its probability in ``fine_top3``, checked by :func:`organism_of` (a fine class that is
+  the coarse class itself, ``normal`` or ``covid-19``, adds nothing and is left out);
 - Algorithm Identification: model name, pneumobatch version, and parameters
   ``weights_sha256=...``, ``operating_point=...``, the operating point's meaning and
   ``NOT FOR DIAGNOSTIC USE``;
@@ -31,6 +37,7 @@ Instance UID (the archive keeps one object); a changed model or result yields a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -45,6 +52,7 @@ from pydicom.uid import generate_uid
 
 from pneumobatch import __version__
 from pneumobatch.core.card import ModelCard, decide_indices, resolve_threshold
+from pneumobatch.core.hierarchy import parse_top_text
 
 MANUFACTURER = "pneumobatch"
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE: research and quality assurance only"
@@ -63,6 +71,12 @@ PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("2667000", "SCT", "Absent")
 PROBABILITY = Code("PROBABILITY", LOCAL_SCHEME, "Probability")
 THRESHOLD = Code("THRESHOLD", LOCAL_SCHEME, "Decision threshold")
+#: A two-level model's fine class below the decided finding, and its probability (local codes:
+#: SNOMED CT's organism codes do not cover the fallback classes such as ``other viral``).
+ORGANISM = Code("ORGANISM", LOCAL_SCHEME, "Organism")
+ORGANISM_PROBABILITY = Code("ORGANISM PROB", LOCAL_SCHEME, "Organism probability")
+#: Longest code value (SH).
+SH_MAX = 16
 NO_UNITS = Code("1", "UCUM", "no units")
 CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 #: Longest LO value (model name, series description, code meanings): what DICOM allows.
@@ -74,6 +88,15 @@ ROUNDING = 1e-6
 
 def finding_code(cls: str) -> Code:
     return FINDING_CODES.get(cls.lower()) or Code(cls[:16].upper(), LOCAL_SCHEME, cls[:64])
+
+
+def organism_code(name: str) -> Code:
+    """The local code of a fine class: its name in capitals, or, over :data:`SH_MAX` characters,
+    its first 9 and 6 hex digits of its SHA-256 (two long names never share a code)."""
+    value = name.upper()
+    if len(value) > SH_MAX:
+        value = f"{value[:9]}~{hashlib.sha256(name.encode('utf-8')).hexdigest()[:6]}"
+    return Code(value, LOCAL_SCHEME, name[:LO_MAX])
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,16 @@ class ImageResult:
     path: str = ""
     row: int = 0  # the CSV row it came from (spreadsheet numbering: the header is row 1)
     heatmap: str = ""  # the CSV's heatmap cell (predict --heatmaps), untrusted
+    fine_label: str = ""  # the CSV's fine_label cell (two-level models), untrusted
+    fine_top: str = ""  # the CSV's fine_top3 cell, untrusted
+
+
+@dataclass(frozen=True)
+class Organism:
+    """The fine class below an image's decided class and its probability: the SR's organism item."""
+
+    name: str
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -104,7 +137,10 @@ class StudyResult:
         return self.card.weights_sha256
 
     def fingerprint(self) -> str:
-        """The result as canonical text: what makes the SR new when it changes."""
+        """The result as canonical text: what makes the SR new when it changes (the organism items
+        too: the checked ``fine_label`` and its probability; absent for one-level models, so their
+        SRs keep the UIDs they had)."""
+        organisms = {i.sop_instance_uid: organism_of(self.card, i)[0] for i in self.images}
         return json.dumps(
             {
                 "model": self.card.name,
@@ -122,6 +158,15 @@ class StudyResult:
                 **(
                     {"heatmaps": sorted([i.sop_instance_uid, i.heatmap] for i in self.images if i.heatmap)}
                     if any(i.heatmap for i in self.images)
+                    else {}
+                ),
+                **(
+                    {
+                        "organisms": sorted(
+                            [uid, o.name, round(o.probability, 6)] for uid, o in organisms.items() if o is not None
+                        )
+                    }
+                    if any(o is not None for o in organisms.values())
                     else {}
                 ),
             },
@@ -188,18 +233,71 @@ def image_problem(card: ModelCard, image: ImageResult) -> Optional[str]:
         return "pred_label is not one of the model's classes"
     values = np.array([[probs[c] for c in card.classes]])
     threshold = image.threshold if card.binary else None
-    expected = card.classes[int(decide_indices(values, card.classes, card.positive, threshold)[0])]
+    offsets = card.log_offsets
+    expected = card.classes[int(decide_indices(values, card.classes, card.positive, threshold, offsets)[0])]
     if card.binary:  # 6 decimals: a probability at its threshold may go either way
         near = abs(probs[str(card.positive)] - resolve_threshold(threshold)) <= ROUNDING
-    else:  # nor may a near tie
+    elif offsets is None:  # nor may a near tie
         near = max(probs.values()) - probs[image.pred_label] <= ROUNDING
+    else:  # nor a near tie of log p + offset: the label's best case against the others' worst
+        values = values[0]
+        best = values + ROUNDING
+        worst = np.clip(values - ROUNDING, 0.0, None)
+        label = card.classes.index(image.pred_label)
+        with np.errstate(divide="ignore"):
+            score = np.log(worst) + np.asarray(offsets)
+            score[label] = np.log(best[label]) + offsets[label]
+        near = int(np.argmax(score)) == label
     if image.pred_label != expected and not near:
         return f"pred_label disagrees with the probabilities (the model's rule gives {expected})"
     return None
 
 
+def organism_of(card: ModelCard, image: ImageResult) -> tuple[Optional[Organism], Optional[str]]:
+    """The organism item of an image of a two-level model, and why there is none when there
+    should be one (a one-line warning: the SR still goes, with the coarse finding).
+
+    ``fine_label`` must be one of the card's fine classes, below ``pred_label``, and the most
+    probable fine class below it among those ``fine_top3`` lists; ``fine_top3`` must be well
+    formed and give its probability, at most that of ``pred_label``. A fine class that is the
+    coarse class itself (``normal``, ``covid-19``) adds nothing: (None, None), as for a one-level
+    model. CSV values are never quoted."""
+    tree = card.tree
+    if tree is None:
+        return None, None
+    label = image.fine_label.strip()
+    if not label:
+        return None, "fine_label is empty"
+    if label not in tree.fine:
+        return None, "fine_label is not one of the model's fine classes"
+    if tree.parent[tree.fine.index(label)] != image.pred_label:
+        return None, "fine_label is not below pred_label in the model's hierarchy"
+    if label == image.pred_label:
+        return None, None
+    problem = text_problem(label, "fine_label")
+    if problem:
+        return None, problem
+    parts = [part for part in image.fine_top.split(";") if part.strip()]
+    ranked = parse_top_text(image.fine_top)
+    names = [name for name, _ in ranked]
+    if not parts or len(ranked) != len(parts) or len(set(names)) != len(names) or not set(names) <= set(tree.fine):
+        return None, "fine_top3 is malformed"
+    top = dict(ranked)
+    if label not in top:
+        return None, "fine_top3 does not give fine_label's probability"
+    p = top[label]
+    if p > dict(image.probs).get(image.pred_label, 0.0) + ROUNDING:
+        return None, "fine_label's probability in fine_top3 exceeds its class's"
+    siblings = [top[n] for n in names if n != label and tree.parent[tree.fine.index(n)] == image.pred_label]
+    if any(q > p + ROUNDING for q in siblings):
+        return None, "fine_label is not the most probable fine class below pred_label in fine_top3"
+    return Organism(label, p), None
+
+
 def operating_point_meaning(card: ModelCard, operating_point: str, threshold: Optional[float]) -> str:
     """What the operating point means, in one sentence (written into the SR)."""
+    if operating_point == "log-offsets" and threshold is None:
+        return "the class with the highest log probability plus its offset (chosen on validation) is reported"
     if operating_point == "argmax" or threshold is None:
         return "the most probable class is reported (no threshold)"
     band_point = (card.thresholds.get("by_age_band") or {}).get(operating_point.removeprefix("site-")) or {}
@@ -247,6 +345,13 @@ def _groups(result: StudyResult, evidence: dict[str, Dataset]) -> list:
             measurements = [hd.sr.Measurement(name=PROBABILITY, value=float(probs[cls]), unit=NO_UNITS)]
             if card.binary and image.threshold is not None:
                 measurements.append(hd.sr.Measurement(name=THRESHOLD, value=float(image.threshold), unit=NO_UNITS))
+            evaluations = [hd.sr.QualitativeEvaluation(name=code, value=PRESENT if image.pred_label == cls else ABSENT)]
+            found = organism_of(card, image)[0] if image.pred_label == cls else None
+            if found is not None:
+                evaluations.append(hd.sr.QualitativeEvaluation(name=ORGANISM, value=organism_code(found.name)))
+                measurements.append(
+                    hd.sr.Measurement(name=ORGANISM_PROBABILITY, value=float(found.probability), unit=NO_UNITS)
+                )
             tracking = hd.sr.TrackingIdentifier(
                 uid=generate_uid(entropy_srcs=[result.sop_instance_uid, image.sop_instance_uid, cls]),
                 identifier=f"image {n} {cls}"[:64],
@@ -257,9 +362,7 @@ def _groups(result: StudyResult, evidence: dict[str, Dataset]) -> list:
                     finding_type=code,
                     algorithm_id=_algorithm(card, image),
                     measurements=measurements,
-                    qualitative_evaluations=[
-                        hd.sr.QualitativeEvaluation(name=code, value=PRESENT if image.pred_label == cls else ABSENT)
-                    ],
+                    qualitative_evaluations=evaluations,
                     source_images=[source],
                 )
             )
