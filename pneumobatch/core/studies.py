@@ -5,6 +5,8 @@ takes the probabilities of its most abnormal predicted (``ok``) image: the highe
 1 - P(normal) when the model has a ``normal`` class, else the highest P(positive), else
 the highest top probability; its class follows from the card's decision rule
 (:meth:`pneumobatch.core.card.ModelCard.decide`). Ties go to the first image in file order.
+A two-level model's study also takes that image's ``fine_label`` and ``fine_top3``: the fine
+class that goes with the study's class is the one of the image that decided it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 
 from pneumobatch.core.card import PROB_PREFIX, ModelCard
 from pneumobatch.core.errors import Status
+from pneumobatch.core.hierarchy import FINE_COLUMNS, FINE_LABEL
 
 #: Columns of a study table, in order; ``prob_<class>`` columns and ``threshold`` follow.
 STUDY_COLUMNS = ["study", "study_instance_uid", "model", "task", "n_images", "n_files", "key_image", "pred_label"]
@@ -47,7 +50,8 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
 
     ``n_images`` counts the study's predicted images, ``n_files`` all its files. The
     probabilities (floats; NaN for a study without a predicted image) are those of
-    ``key_image``. ``threshold`` is the card's (NaN for multiclass models).
+    ``key_image``, and so are ``fine_label`` and ``fine_top3`` (columns present when the frame
+    has them; filled for two-level models). ``threshold`` is the card's (NaN for multiclass models).
 
     The columns are converted once for the whole frame and each study only indexes them,
     so a night of many thousands of studies takes seconds, not minutes.
@@ -62,6 +66,7 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
     paths, uids, tasks = _texts(sub, "path"), _texts(sub, "study_instance_uid"), _texts(sub, "task")
     bands = _texts(sub, "age_band")  # "" where unknown or absent: the card's pooled point
     not_applicable = np.char.lower(_texts(sub, "applicable").astype(str)) == "false"
+    fine_cells = {c: _texts(sub, c) for c in FINE_COLUMNS} if FINE_LABEL in frame.columns else {}
     thresholds = pd.to_numeric(sub["threshold"], errors="coerce").to_numpy() if "threshold" in sub.columns else None
     numeric: dict[str, np.ndarray] = {}  # model -> its probability columns as floats (NaN: not a number)
 
@@ -99,15 +104,23 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
                     if decision.threshold is not None:
                         row["threshold"] = decision.threshold
                     row.update(dict(zip(cols, proba[best])))
+                    if card.hierarchy and fine_cells:
+                        row.update({c: fine_cells[c][ok[best]] for c in FINE_COLUMNS})
                 if "applicable" in sub.columns:
                     row["n_not_applicable"] = int(not_applicable[ok].sum())
         elif thresholds is not None:
             row["threshold"] = thresholds[index[0]]
         rows.append(row)
     columns = (
-        STUDY_COLUMNS + prob_cols + ["threshold"] + (["n_not_applicable"] if "applicable" in frame.columns else [])
+        STUDY_COLUMNS
+        + prob_cols
+        + (FINE_COLUMNS if fine_cells else [])
+        + ["threshold"]
+        + (["n_not_applicable"] if "applicable" in frame.columns else [])
     )
     out = pd.DataFrame(rows, columns=columns)
     for col in prob_cols + ["threshold"]:
         out[col] = pd.to_numeric(out[col], errors="coerce")
+    for col in FINE_COLUMNS if fine_cells else []:  # text: "" for a one-level model's study
+        out[col] = out[col].fillna("").astype(str)
     return out

@@ -29,7 +29,7 @@ import pandas as pd
 
 from pneumobatch.core.card import PROB_PREFIX, prob_column
 from pneumobatch.core.errors import OutputError, OutputExists, Reason, ReportError, ResumeMismatch, Status
-from pneumobatch.core.hierarchy import top_text
+from pneumobatch.core.hierarchy import FINE_COLUMNS, FINE_LABEL, FINE_TOP, top_text
 from pneumobatch.core.studies import aggregate_studies
 from pneumobatch.io.atomicfile import atomic_write, check_replaceable, open_regular, temp_prefix
 from pneumobatch.io.discovery import FileEntry
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 #: A two-level model's fine class (the most probable below ``pred_label``) and its three most
 #: probable fine classes with probabilities (``name p; name p; name p``); empty for one-level models.
-FINE_LABEL, FINE_TOP = "fine_label", "fine_top3"
-FINE_COLUMNS = [FINE_LABEL, FINE_TOP]
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
     "path",
