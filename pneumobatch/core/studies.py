@@ -122,5 +122,5 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
     for col in prob_cols + ["threshold"]:
         out[col] = pd.to_numeric(out[col], errors="coerce")
     for col in FINE_COLUMNS if fine_cells else []:  # text: "" for a one-level model's study
-        out[col] = out[col].fillna("").astype(str)
+        out[col] = ["" if pd.isna(v) else str(v) for v in out[col]]
     return out

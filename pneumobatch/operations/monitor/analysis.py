@@ -27,7 +27,16 @@ night is compared with it, per model and group, and an alert is raised when a li
 - ``model-added`` / ``model-removed``: a model ran tonight that did not run in the last
   baseline night, or the other way round (a model added, dropped or switched for another);
 - ``weights-changed``: the model of that name ran with other weights (SHA-256) than in the
-  last baseline night that ran it.
+  last baseline night that ran it;
+- ``classes-changed``: the model of that name predicts other classes than in the last
+  baseline night that ran it (a 4-class etiology model replaced by the 5-class one with
+  ``fungal``): its class shares are not comparable with the baseline's.
+
+Class shares (``series.models[m].class_share``, and ``fine_share`` for two-level models):
+the share of each night's predicted images given each class, from the run's
+``class_counts``. A class the night's model does not have gets no value (None, a gap in the
+plot), never 0: "0% fungal" would claim the old model could have said fungal. Nights whose
+run.json predates class counts have no values either.
 
 A run.json that is not one predict wrote (edited by hand, damaged) is left out with a note
 saying what is wrong (:func:`pneumobatch.operations.monitor.schema.night_problem`).
@@ -53,7 +62,7 @@ from pneumobatch.core.errors import LabelError, ModelError, ReportError
 from pneumobatch.evaluation.metrics import jsonable
 from pneumobatch.evaluation.metrics.intervals import exact_interval
 from pneumobatch.operations.monitor.drift import Distribution, ks_distance, psi, psi_noise, rate_change
-from pneumobatch.operations.monitor.record import DIMENSIONS, positive_mask
+from pneumobatch.operations.monitor.record import DIMENSIONS, UNUSABLE_FINE, positive_mask
 from pneumobatch.operations.monitor.schema import night_problem
 
 #: Alert limits; ``pneumobatch monitor --limit NAME=VALUE`` overrides them.
@@ -102,6 +111,45 @@ class Night:
                 sha = entry.get("weights_sha256") or (entry.get("card") or {}).get("weights_sha256")
                 return sha.lower() if isinstance(sha, str) else None
         return None
+
+    def classes(self, model: str) -> Optional[list[str]]:
+        """The classes ``model`` predicted this night: its monitoring entry's, else its card's in run.json
+        (a run.json older than class counts), else None."""
+        entry = self.monitoring.get("models", {}).get(model) or {}
+        if isinstance(entry.get("classes"), list):
+            return [str(c) for c in entry["classes"]]
+        for run_model in self.run.get("models") or []:
+            if run_model.get("name") == model:
+                card = run_model.get("card") if isinstance(run_model.get("card"), dict) else {}
+                classes = card.get("classes", run_model.get("classes"))
+                return [str(c) for c in classes] if isinstance(classes, list) else None
+        return None
+
+
+def _shares(nights: Sequence[Night], model: str, key: str, classes_key: str) -> dict[str, list[Optional[float]]]:
+    """Per class, its share of each night's predicted images (``key``: class_counts or fine_counts);
+    None where the night's model lacks the class or the run.json has no counts."""
+    per_night = []
+    for n in nights:
+        m = n.monitoring.get("models", {}).get(model) or {}
+        counts = (m.get("overall") or {}).get(key)
+        known = n.classes(model) if classes_key == "classes" else m.get(classes_key)
+        if counts is not None and known is not None:
+            known = [*known, UNUSABLE_FINE] if key == "fine_counts" else known
+        per_night.append((counts, known))
+    names = list(dict.fromkeys(c for counts, known in per_night if counts is not None and known for c in known))
+    if key == "fine_counts" and not any(counts and counts.get(UNUSABLE_FINE) for counts, _ in per_night):
+        names = [c for c in names if c != UNUSABLE_FINE]
+    out: dict[str, list[Optional[float]]] = {}
+    for name in names:
+        values: list[Optional[float]] = []
+        for counts, known in per_night:
+            total = sum(counts.values()) if counts else 0
+            values.append(
+                counts.get(name, 0) / total if counts is not None and known and name in known and total else None
+            )
+        out[name] = values
+    return out
 
 
 def predictions_path(run_json: Path) -> Path:
@@ -180,7 +228,9 @@ def _compare(
     return out
 
 
-def _alert(night: Night, model: str, dim: str, group: str, kind: str, value: float, limit: float) -> dict[str, Any]:
+def _alert(
+    night: Night, model: str, dim: str, group: str, kind: str, value: float, limit: float, detail: str = ""
+) -> dict[str, Any]:
     where = "all files" if dim == "overall" else f"{dim} {group}"
     if kind == "operating-point-changed":
         what = "temperature or thresholds differ from the baseline's (site file applied, changed or removed)"
@@ -194,6 +244,8 @@ def _alert(night: Night, model: str, dim: str, group: str, kind: str, value: flo
         what = "model-removed: it ran in the last baseline night, not tonight"
     elif kind == "weights-changed":
         what = "weights-changed: other weights (SHA-256) than in the baseline"
+    elif kind == "classes-changed":
+        what = f"classes-changed: other classes than in the baseline ({detail}); class shares are not comparable"
     else:
         what = f"{kind} {value:+.3f} (limit {limit:.3f})"
     return {
@@ -243,7 +295,11 @@ def analyse(
                 m["overall"]["quantiles"][50] if m and m["overall"].get("quantiles") else None for m in per_night
             ],
             "by_scanner_positive_rate": {},
+            "class_share": _shares(nights, model, "class_counts", "classes"),
         }
+        fine_share = _shares(nights, model, "fine_counts", "fine_classes")
+        if fine_share:
+            series["models"][model]["fine_share"] = fine_share
         base_runs = [(n, m) for n, m in zip(base_nights, per_night[:baseline]) if m]
         base_models = [m for _, m in base_runs]
         in_last_base = per_night[baseline - 1] is not None
@@ -258,6 +314,20 @@ def analyse(
             before, now = (base_runs[-1][0].weights(model) if base_runs else None), n.weights(model)
             if before and now and before != now:
                 alerts.append(_alert(n, model, "overall", "all", "weights-changed", 1, 0))
+            before_classes = base_runs[-1][0].classes(model) if base_runs else None
+            now_classes = n.classes(model)
+            if before_classes is not None and now_classes is not None and set(before_classes) != set(now_classes):
+                added = [c for c in now_classes if c not in before_classes]
+                removed = [c for c in before_classes if c not in now_classes]
+                detail = "; ".join(
+                    part
+                    for part in (
+                        f"added {', '.join(map(_short, added))}" if added else "",
+                        f"removed {', '.join(map(_short, removed))}" if removed else "",
+                    )
+                    if part
+                )
+                alerts.append(_alert(n, model, "overall", "all", "classes-changed", 1, 0, detail))
             night_drift: dict[str, Any] = {"night": n.label, "run_json": str(n.path), "groups": {}}
             tested = [("overall", "all", m["overall"], [b["overall"] for b in base_models])]
             for dim in DIMENSIONS:
@@ -304,6 +374,12 @@ def analyse(
             "alerts": alerts,
         }
     )
+
+
+def _short(name: str, limit: int = 40) -> str:
+    """A class name from a run.json, fit for a one-line message."""
+    name = " ".join(str(name).split())
+    return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
 def _scanner_changes(

@@ -115,6 +115,10 @@ def render(doc: Mapping[str, Any], path: Path) -> None:
                 "positive rate",
                 alert_nights,
             )
+        if s.get("class_share"):
+            figure(s["class_share"], nights, n_base, f"{model}: share of predicted images per class", "share")
+        if s.get("fine_share"):
+            figure(s["fine_share"], nights, n_base, f"{model}: share of predicted images per fine class", "share")
         # one value per night: a model that did not run on a night (added, dropped) has no drift entry for it
         by_run = {d["run_json"]: d.get("drift_score") for d in doc["drift"].get(model, [])}
         scores = [by_run.get(run) if i >= n_base else None for i, run in enumerate(series["run_json"])]

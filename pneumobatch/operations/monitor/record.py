@@ -10,6 +10,11 @@ predicted class is the positive class (binary) or not ``normal`` (multiclass,
 :func:`positive_mask`). Groups (:data:`DIMENSIONS`): ``scanner`` (DICOM Manufacturer /
 ManufacturerModelName / StationName), ``view`` (AP/PA), ``age_band``.
 
+Over all files (not per group) each model also records its ``classes`` and how many predicted
+images got each (``overall.class_counts``); a two-level model adds its ``fine_classes`` and
+``overall.fine_counts`` (the ``fine_label`` cells; one that is not a fine class below its
+``pred_label`` is counted under :data:`UNUSABLE_FINE`).
+
 The record is kept apart from the analysis across nights
 (:mod:`pneumobatch.operations.monitor.analysis`) because predict writes it on every run,
 and ``pneumobatch monitor`` only reads it back.
@@ -25,6 +30,7 @@ import pandas as pd
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import Status
+from pneumobatch.core.hierarchy import FINE_LABEL
 from pneumobatch.core.studies import abnormality
 from pneumobatch.core.subgroups import UNKNOWN, view_group
 from pneumobatch.evaluation.metrics import jsonable
@@ -37,6 +43,8 @@ HISTOGRAM_EDGES = np.linspace(0.0, 1.0, 21)
 DIMENSIONS = ("scanner", "view", "age_band")
 #: Scanner group of files without a DICOM header (PNG/JPEG, unreadable files).
 NO_HEADER = "(no DICOM header)"
+#: Key of ``fine_counts`` for predicted rows whose ``fine_label`` is empty, unknown or not below ``pred_label``.
+UNUSABLE_FINE = "(unusable fine_label)"
 
 
 def scanner_names(frame: pd.DataFrame) -> pd.Series:
@@ -118,6 +126,25 @@ def _stats(rows: pd.DataFrame, score: pd.Series, positive: Optional[pd.Series]) 
     return out
 
 
+def class_counts(rows: pd.DataFrame, card: ModelCard) -> dict[str, Any]:
+    """``class_counts`` (and for a two-level model ``fine_counts``) of a model's predicted rows: every
+    class of the card, 0 where none was predicted; a label the card does not have is not counted."""
+    ok = rows[rows["status"].astype(str) == Status.OK.value]
+    labels = ok["pred_label"].fillna("").astype(str) if "pred_label" in ok.columns else pd.Series("", index=ok.index)
+    counts = labels.value_counts()
+    out: dict[str, Any] = {"class_counts": {c: int(counts.get(c, 0)) for c in card.classes}}
+    tree = card.tree
+    if tree is not None:
+        fine = ok[FINE_LABEL].fillna("").astype(str) if FINE_LABEL in ok.columns else pd.Series("", index=ok.index)
+        below = dict(zip(tree.fine, tree.parent))
+        usable = pd.Series([below.get(f) == lab for f, lab in zip(fine, labels)], index=ok.index, dtype=bool)
+        known = labels.isin(card.classes)
+        fine_counts = fine[usable].value_counts()
+        out["fine_counts"] = {f: int(fine_counts.get(f, 0)) for f in tree.fine}
+        out["fine_counts"][UNUSABLE_FINE] = int((known & ~usable).sum())
+    return out
+
+
 def operating_point_source(card: ModelCard) -> dict[str, Any]:
     """Where a card's thresholds came from: the shipped card or a site file (with its SHA-256)."""
     if card.site:
@@ -154,7 +181,9 @@ def monitoring_block(frame: pd.DataFrame, cards: Sequence[ModelCard], images_per
             "positive": card.positive if card.binary else ("not normal" if positive is not None else None),
             "operating_point": operating_point_source(card),
             "images_per_second": images_per_second,
-            "overall": _stats(rows, score, positive),
+            "classes": list(card.classes),
+            **({"fine_classes": list(card.tree.fine)} if card.tree is not None else {}),
+            "overall": {**_stats(rows, score, positive), **class_counts(rows, card)},
             "by": {},
         }
         for dim in DIMENSIONS:

@@ -35,12 +35,16 @@ _STATS: dict[str, Any] = {
         "flag_rate": _RATE,
         "mean": _RATE,
         "by_reason": {"type": "object", "additionalProperties": _COUNT},
+        "class_counts": {"type": "object", "additionalProperties": _COUNT},
+        "fine_counts": {"type": "object", "additionalProperties": _COUNT},
     },
 }
 _MODEL: dict[str, Any] = {
     "type": "object",
     "required": ["overall"],
     "properties": {
+        "classes": {"type": "array", "items": {"type": "string"}},
+        "fine_classes": {"type": "array", "items": {"type": "string"}},
         "overall": _STATS,
         "by": {
             "type": "object",
@@ -130,6 +134,9 @@ def _bad_counts(run: dict[str, Any]) -> Optional[str]:
             for key in ("n_positive", "n_flagged"):
                 if key in stats and stats[key] > stats["ok"]:
                     return f"{_place(('monitoring', 'models', name, *where, key))}: larger than ok (the images scored)"
+            for key in ("class_counts", "fine_counts"):
+                if key in stats and sum(stats[key].values()) > stats["ok"]:
+                    return f"{_place(('monitoring', 'models', name, *where, key))}: add up to more than ok"
     return None
 
 
