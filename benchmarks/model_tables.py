@@ -100,6 +100,39 @@ def loso_table(card: dict[str, Any]) -> list[str]:
     return lines
 
 
+def class_table(card: dict[str, Any]) -> list[str]:
+    """A multi-class card's test split per class (its decision rule), with the argmax beside it, and
+    the fine level's top-1 / top-3 accuracy and per fine class recall."""
+    table = card["metrics"].get("test_per_class")
+    if not table:
+        return ["(no per-class table in the card)"]
+    argmax = {r["class"]: r["recall"] for r in card["metrics"].get("test_per_class_argmax", {}).get("per_class", [])}
+    lines = [
+        "| class (test) | n | recall (95% CI) | precision (95% CI) | F1 (95% CI) | AUC (95% CI) | recall by the argmax |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in table["per_class"]:
+        lines.append(
+            f"| {r['class']} | {r['support']} | {f3(r['recall'])}{ci(r['recall_ci'])} | "
+            f"{f3(r['precision'])}{ci(r['precision_ci'])} | {f3(r['f1'])}{ci(r['f1_ci'])} | "
+            f"{f3(r['auc'])}{ci(r['auc_ci'])} | {f3(argmax.get(r['class']))} |"
+        )
+    lines.append(
+        f"\nbalanced accuracy {f3(table['balanced_accuracy'])}{ci(table['balanced_accuracy_ci'])}, "
+        f"macro AUC {f3(table['macro_auc'])}{ci(table['macro_auc_ci'])}, n={table['n']}"
+    )
+    fine = card["metrics"].get("test_fine")
+    if fine:
+        lines += [
+            f"\nfine level: top-1 accuracy {f3(fine['top1_accuracy'])}, top-3 {f3(fine['top3_accuracy'])} (n={fine['n']})\n",
+            "| fine class | parent | n (test) | recall | precision |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, r in fine["per_class"].items():
+            lines.append(f"| {name} | {r['parent']} | {r['n']} | {f3(r['recall'])} | {f3(r['precision'])} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights-dir", type=Path, default=Path("weights"))
@@ -113,6 +146,8 @@ def main() -> None:
         print("\n".join(invariance_table(card, baseline.get(name))) + "\n")
         if name == "pneumonia":
             print("\n".join(loso_table(card)) + "\n")
+        else:
+            print("\n".join(class_table(card)) + "\n")
 
 
 if __name__ == "__main__":
