@@ -58,15 +58,21 @@ def main() -> None:
         batches = [test.images[i : i + args.batch_size] for i in range(0, len(test.images), args.batch_size)]
         eager = Predictor([loaded], cpu, None, backend="torch")
         shipped = OnnxPredictor([load_onnx_model(name)])  # what predict runs on the CPU, without torch
-        proba = {
+        outputs = {  # probabilities of the network's outputs (a two-level model's fine classes)
             "torch": np.concatenate([eager({spec: x})[card.name] for x in batches]),
             "onnxruntime": np.concatenate([shipped({spec: x.numpy()})[card.name] for x in batches]),
         }
+        proba = {b: card.class_probs(p) for b, p in outputs.items()}
         bands = test.frame["sg_age_band"].to_numpy()
         labels = {b: card.decide_many(p, bands) for b, p in proba.items()}
         flips = int((labels["torch"] != labels["onnxruntime"]).sum())
         a_torch, a_onnx = auc(card, targets, proba["torch"]), auc(card, targets, proba["onnxruntime"])
-        dp = float(np.abs(proba["torch"] - proba["onnxruntime"]).max())
+        dp = float(
+            max(
+                np.abs(proba["torch"] - proba["onnxruntime"]).max(),
+                np.abs(outputs["torch"] - outputs["onnxruntime"]).max(),
+            )
+        )
         print(
             f"{card.name:10s} n={len(targets)}  AUC torch {a_torch:.5f}  onnxruntime {a_onnx:.5f}  "
             f"difference {a_onnx - a_torch:+.5f}  max |dp| {dp:.1e}  label changes {flips}",

@@ -86,12 +86,16 @@ def _input(path: Path, spec) -> np.ndarray:
 
 
 def _predicted(model: LoadedModel, x: np.ndarray) -> int:
+    """The network output predict --heatmaps explains: the decided class (a two-level model: its fine label)."""
     from pneumobatch.model.preprocess import normalize
 
     with torch.inference_mode():
         logits = model.net(normalize(torch.from_numpy(x), model.card.mean, model.card.std))
-    probs = torch.softmax(logits.float() / model.card.temperature, dim=1)[0].numpy()
-    return model.card.classes.index(model.card.decide(probs).label)
+    card = model.card
+    outputs = card.output_probs(logits.float().numpy())[0]  # a two-level model's fine classes
+    label = card.decide(card.class_probs(outputs)).label
+    tree = card.tree
+    return card.output_index(label, tree.best_below(outputs, label) if tree is not None else None)
 
 
 def _rho(a: np.ndarray, b: np.ndarray) -> float:
