@@ -24,6 +24,7 @@ import numpy as np
 from pneumobatch.core.card import decide_indices
 from pneumobatch.evaluation.metrics.bootstrap import bootstrap_draws, percentile_ci
 from pneumobatch.evaluation.metrics.common import finite_or_none
+from pneumobatch.evaluation.metrics.intervals import exact_interval
 
 #: A class needs this many validation images to take part in choosing the offsets.
 MIN_VAL_PER_CLASS = 10
@@ -99,17 +100,6 @@ def balanced_offsets(
     }
 
 
-def _exact_ci(hits: int, n: int, level: float = 0.95) -> Optional[list[float]]:
-    from scipy.stats import beta
-
-    if n == 0:
-        return None
-    a = (1 - level) / 2
-    lo = 0.0 if hits == 0 else float(beta.ppf(a, hits, n - hits + 1))
-    hi = 1.0 if hits == n else float(beta.ppf(1 - a, hits + 1, n - hits))
-    return [lo, hi]
-
-
 def _auc(y: np.ndarray, score: np.ndarray) -> Optional[float]:
     from sklearn.metrics import roc_auc_score
 
@@ -179,9 +169,9 @@ def class_table(
                 "support": support,
                 "n_predicted": called,
                 "recall": hits / support if support else None,
-                "recall_ci": _exact_ci(hits, support),
+                "recall_ci": exact_interval(hits, support),
                 "precision": hits / called if called else None,
-                "precision_ci": _exact_ci(hits, called),
+                "precision_ci": exact_interval(hits, called),
                 "f1": finite_or_none(_f1(y, pred, c)) if support or called else None,
                 "f1_ci": ci(f"f1_{c}") if support else None,
                 "auc": auc,
