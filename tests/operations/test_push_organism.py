@@ -228,6 +228,9 @@ def test_the_organism_is_checked_against_the_cards_hierarchy():
         assert found is None and reason in problem, (label, top, problem)
         assert label not in problem or not label  # cells are never quoted
     assert organism_of(card, _image("normal", "normal 0.9", "normal")) == (None, None)  # nothing below normal
+    # Pneumocystis alone below fungal: its probability is fungal's, listed in fine_top3 or not
+    found, problem = organism_of(card, _image("Pneumocystis", "other viral 0.300000; SARS 0.200000", "fungal"))
+    assert problem is None and found.name == "Pneumocystis" and found.probability == pytest.approx(0.1)
     assert organism_of(_card(hierarchical=False), _image("SARS", good)) == (None, None)
 
 

@@ -259,7 +259,8 @@ def organism_of(card: ModelCard, image: ImageResult) -> tuple[Optional[Organism]
 
     ``fine_label`` must be one of the card's fine classes, below ``pred_label``, and the most
     probable fine class below it among those ``fine_top3`` lists; ``fine_top3`` must be well
-    formed and give its probability, at most that of ``pred_label``. A fine class that is the
+    formed and give its probability, at most that of ``pred_label`` (a fine class alone below its
+    class has that class's probability, whether ``fine_top3`` lists it or not). A fine class that is the
     coarse class itself (``normal``, ``covid-19``) adds nothing: (None, None), as for a one-level
     model. CSV values are never quoted."""
     tree = card.tree
@@ -283,6 +284,9 @@ def organism_of(card: ModelCard, image: ImageResult) -> tuple[Optional[Organism]
     if not parts or len(ranked) != len(parts) or len(set(names)) != len(names) or not set(names) <= set(tree.fine):
         return None, "fine_top3 is malformed"
     top = dict(ranked)
+    coarse_p = dict(image.probs).get(image.pred_label)
+    if label not in top and tree.parent.count(image.pred_label) == 1 and coarse_p is not None:
+        top[label] = coarse_p  # the only fine class below its class: its probability is the class's
     if label not in top:
         return None, "fine_top3 does not give fine_label's probability"
     p = top[label]
