@@ -201,11 +201,9 @@ def decide_indices(
         pos = list(classes).index(positive)
         return np.where(is_positive(proba[:, pos], threshold), pos, 1 - pos)
     score = np.nan_to_num(proba, nan=-np.inf)  # missing probabilities never win
-    if log_offsets is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.where(score > 0, np.log(np.where(score > 0, score, 1.0)), -np.inf) + np.asarray(
-                log_offsets, dtype=np.float64
-            )
+    if log_offsets is not None:  # log p, -inf where p is 0 or missing (the log only sees positive values)
+        score = np.where(score > 0, np.log(np.where(score > 0, score, 1.0)), -np.inf)
+        score = score + np.asarray(log_offsets, dtype=np.float64)
     return np.argmax(score, axis=1)
 
 

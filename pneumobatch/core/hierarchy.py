@@ -47,6 +47,12 @@ FALLBACK_RULE = (
 )
 
 
+def patient_key(patient: str, row: object) -> str:
+    """Who an image counts as when patients are counted: its patient id, or, without one, the image
+    itself (``row``: its row's key), so images without a patient id count one each."""
+    return patient or f"#{row}"
+
+
 def other(coarse: str) -> str:
     """The fallback fine class of a coarse class."""
     return f"{OTHER} {coarse}"
@@ -151,7 +157,7 @@ def build(coarse: Sequence[str], rows: Sequence[tuple[str, Optional[str], str, s
     patients: dict[tuple[str, str, str], set[str]] = {}
     for i, (cls, org, split, patient) in enumerate(rows):
         if org is not None:
-            patients.setdefault((cls, org.strip(), split), set()).add(patient or f"#{i}")
+            patients.setdefault((cls, org.strip(), split), set()).add(patient_key(patient, i))
     kept = {
         (cls, org)
         for (cls, org, split) in patients

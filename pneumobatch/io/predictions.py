@@ -41,8 +41,6 @@ if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import t
 
 log = logging.getLogger(__name__)
 
-#: A two-level model's fine class (the most probable below ``pred_label``) and its three most
-#: probable fine classes with probabilities (``name p; name p; name p``); empty for one-level models.
 #: File-level columns, in order; ``prob_<class>`` columns follow ``pred_label``.
 LEADING_COLUMNS = [
     "path",

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pneumobatch.core.hierarchy import Hierarchy, build
+from pneumobatch.core.hierarchy import Hierarchy, build, patient_key
 from pneumobatch.core.tasks import Task
 
 
@@ -106,7 +106,7 @@ def counts_by_fine(frames: Sequence[tuple[str, pd.DataFrame]], tree: Hierarchy) 
         patients = frame["patient"].astype(str).to_numpy()
         for j, name in enumerate(tree.fine):
             rows = targets == j
-            ids = {p if p else f"#{i}" for i, p in zip(np.flatnonzero(rows), patients[rows])}
+            ids = {patient_key(p, i) for i, p in zip(np.flatnonzero(rows), patients[rows])}
             out.setdefault(name, {})[split] = {"images": int(rows.sum()), "patients": len(ids)}
     return out
 
@@ -120,6 +120,6 @@ def organism_counts(frame: pd.DataFrame, tree: Hierarchy) -> dict:
         entry = {"coarse": str(cls), "fine_class": tree.fine_class(str(cls), str(org))}
         for split in ("train", "val", "test"):
             part = rows[rows["split"] == split]
-            entry[split] = len({p if p else f"#{i}" for i, p in zip(part.index, part["patient"].astype(str))})
+            entry[split] = len({patient_key(p, i) for i, p in zip(part.index, part["patient"].astype(str))})
         out[str(org)] = entry
     return out

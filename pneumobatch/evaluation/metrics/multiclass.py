@@ -33,10 +33,6 @@ OFFSET_GRID = np.round(np.arange(-4.0, 4.0001, 0.1), 2)
 ROUNDS = 4
 
 
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, judged: Sequence[int]) -> float:
-    return float(np.mean([(pred[y == k] == k).mean() for k in judged]))
-
-
 def _fairness(y: np.ndarray, pred: np.ndarray, judged: Sequence[int]) -> tuple[float, float]:
     """(smallest recall, mean recall) over the judged classes: what the offsets maximise, in that order."""
     recalls = [(pred[y == k] == k).mean() for k in judged]
@@ -94,7 +90,7 @@ def balanced_offsets(
         f"{min_per_class} validation images",
         "judged_classes": [classes[c] for c in judged],
         "not_judged": not_judged,
-        "val_balanced_accuracy": {"argmax": _balanced_accuracy(y, argmax, judged), "offsets": best[1]},
+        "val_balanced_accuracy": {"argmax": _fairness(y, argmax, judged)[1], "offsets": best[1]},
         "val_smallest_recall": {"argmax": _fairness(y, argmax, judged)[0], "offsets": best[0]},
         "val_recall": {"argmax": recalls(argmax), "offsets": recalls(chosen)},
     }
@@ -142,7 +138,7 @@ def class_table(
                 yy, pp = y[idx], pred[idx]
                 here = [c for c in present if (yy == c).any()]
                 if len(here) == len(present):
-                    boot["balanced_accuracy"].append(float(np.mean([(pp[yy == c] == c).mean() for c in here])))
+                    boot["balanced_accuracy"].append(_fairness(yy, pp, here)[1])
                 aucs = []
                 for c in present:
                     boot[f"f1_{c}"].append(_f1(yy, pp, c))
@@ -182,7 +178,7 @@ def class_table(
     return {
         "n": n,
         "per_class": rows,
-        "balanced_accuracy": float(np.mean([(pred[y == c] == c).mean() for c in present])) if present else None,
+        "balanced_accuracy": _fairness(y, pred, present)[1] if present else None,
         "balanced_accuracy_ci": ci("balanced_accuracy"),
         "macro_auc": float(np.mean(aucs)) if aucs else None,
         "macro_auc_ci": ci("macro_auc"),
