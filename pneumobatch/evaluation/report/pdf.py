@@ -100,7 +100,10 @@ class PdfDocument(Document):
         self.kv(
             [
                 ("task", f"{m['task']} (classes: {', '.join(m['classes'])})"),
-                ("positive class", m["positive"] or "none (multiclass: argmax)"),
+                (
+                    "positive class",
+                    m["positive"] or "none (multi-class: pred_label, by the card's rule: argmax or per-class offsets)",
+                ),
                 ("shipped threshold", fmt(m["threshold"])),
                 ("validation thresholds", cards),
                 (
