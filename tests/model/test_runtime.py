@@ -204,3 +204,33 @@ def test_without_torch_predict_works_and_train_says_what_to_install(tmp_path: Pa
         lines = run.stderr.strip().splitlines()
         assert run.returncode == code and len(lines) == 1, run.stderr
         assert what in lines[0] and "pip install 'pneumobatch[torch]'" in lines[0], lines
+
+
+@pytest.mark.parametrize("architecture", ["efficientnet_lite0", "resnet18"])
+def test_batch_norms_are_folded_in_float64_without_changing_what_the_network_computes(architecture: str):
+    """The export folds each convolution's batch norm into it in float64 (the exporter's own fold is
+    float32 and rounds twice): the copy computes what the network does, every folded batch norm is an
+    exact identity, and the network itself is untouched."""
+    import torch
+
+    from pneumobatch.model.onnx import batchnorm_folded
+    from pneumobatch.model.registry import create_model
+
+    torch.manual_seed(0)
+    net = create_model(architecture, 3, pretrained=False, input_size=64).eval()
+    for module in net.modules():  # running statistics far from the identity, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    folded = batchnorm_folded(net, 64)
+    with torch.inference_mode():
+        expected, got = net.double()(x.double()), folded(x)
+    net.float()
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 0.0 and bool((m.running_var == 1).all()) for m in norms)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
