@@ -112,7 +112,6 @@ def batchnorm_folded(net: torch.nn.Module, size: int) -> torch.nn.Module:
     return folded
 
 
-
 def cache_dir() -> Optional[Path]:
     """Where exported ONNX models are kept between runs: ``$PNEUMOBATCH_CACHE``, else
     ``$XDG_CACHE_HOME/pneumobatch``, else ``~/.cache/pneumobatch``; ``None`` when
