@@ -11,14 +11,16 @@ class that goes with the study's class is the one of the image that decided it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import pandas as pd
 
 from pneumobatch.core.card import PROB_PREFIX, ModelCard
 from pneumobatch.core.errors import Status
 from pneumobatch.core.hierarchy import FINE_COLUMNS, FINE_LABEL
+
+if TYPE_CHECKING:  # pandas is imported where it is used: predict starts its workers without it
+    import pandas as pd
 
 #: Columns of a study table, in order; ``prob_<class>`` columns and ``threshold`` follow.
 STUDY_COLUMNS = ["study", "study_instance_uid", "model", "task", "n_images", "n_files", "key_image", "pred_label"]
@@ -56,6 +58,8 @@ def aggregate_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], by: str =
     The columns are converted once for the whole frame and each study only indexes them,
     so a night of many thousands of studies takes seconds, not minutes.
     """
+    import pandas as pd
+
     by_name = {c.name: c for c in cards}
     prob_cols = [c for c in frame.columns if str(c).startswith(PROB_PREFIX)]
     keys = frame[by].fillna("").astype(str) if by in frame.columns else pd.Series("", index=frame.index)

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import pandas as pd
-
 from pneumobatch.core.card import PROB_PREFIX, prob_column
 from pneumobatch.core.errors import OutputError, OutputExists, Reason, ReportError, ResumeMismatch, Status
 from pneumobatch.core.hierarchy import FINE_COLUMNS, FINE_LABEL, FINE_TOP, top_text
@@ -36,6 +34,8 @@ from pneumobatch.io.discovery import FileEntry
 from pneumobatch.io.lockfile import LockBusy, ProcessLock, holder
 
 if TYPE_CHECKING:  # annotations only: outputs (and so report) must not import torch
+    import pandas as pd
+
     from pneumobatch.core.card import ModelCard
     from pneumobatch.io.results import FileResult
 
@@ -283,6 +283,8 @@ def _may_need_quote(column: pd.Series) -> bool:
 
 def _needs_quote(column: pd.Series) -> pd.Series:
     """Cells that start (after any leading single quotes) with a formula trigger and are no plain number."""
+    import pandas as pd
+
     text = column.astype(str)
     stripped = text.str.lstrip("'")
     trigger = stripped.str[:1].isin(FORMULA_TRIGGERS)
@@ -297,6 +299,8 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     excepted) gets a leading ``'``; so does such a cell that already starts with quotes,
     so :func:`restore_formulas` gives back exactly the original text.
     """
+    import pandas as pd
+
     frame = frame.copy()
     for col in frame.columns:
         if not pd.api.types.is_numeric_dtype(frame[col]) and _may_need_quote(frame[col]):
@@ -308,6 +312,8 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
 
 def restore_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     """Undo :func:`neutralise_formulas` on a CSV read back (resume, report)."""
+    import pandas as pd
+
     frame = frame.copy()
     for col in frame.columns:
         if not pd.api.types.is_numeric_dtype(frame[col]) and _may_need_quote(frame[col]):
@@ -324,6 +330,8 @@ def to_csv_text(frame: pd.DataFrame, header: bool = True) -> str:
 
 def read_csv_text(text: str) -> pd.DataFrame:
     """A pneumobatch CSV's text read back: strings as written, formulas restored."""
+    import pandas as pd
+
     frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     return restore_formulas(frame)
 
@@ -334,6 +342,8 @@ SIGNATURE_COLUMNS = ("path", "status", "reason", "model", "weights_sha256", "fil
 
 def _read_rows(data: bytes, source: Path, complete_lines_only: bool = False) -> tuple[list[str], list[dict[str, str]]]:
     """Columns and rows of a predictions CSV or journal; raises ResumeMismatch if it is not one."""
+    import pandas as pd
+
     if complete_lines_only and data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]  # a run killed mid-write leaves half a line
     try:
@@ -531,6 +541,8 @@ class PredictionWriter:
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add rows to the journal, flushed and fsynced (disk full: :class:`OutputError`)."""
+        import pandas as pd
+
         assert self._journal is not None
         if not rows:
             return
@@ -557,6 +569,8 @@ class PredictionWriter:
         ``--include-patient-id``). ``amend`` may change the merged rows in place before they
         are written (the heatmaps pass); killed meanwhile, the journal is still there to resume.
         """
+        import pandas as pd
+
         assert self._journal is not None
         try:
             self._journal.close()
@@ -603,6 +617,8 @@ def file_counts(frame: pd.DataFrame) -> dict[str, Any]:
 
 def write_studies(frame: pd.DataFrame, cards: Sequence[ModelCard], path: Path) -> pd.DataFrame:
     """``OUT.studies.csv`` (:func:`pneumobatch.core.studies.aggregate_studies`), numbers as in the file CSV."""
+    import pandas as pd
+
     studies = aggregate_studies(frame, cards)
     for col in [c for c in studies.columns if c.startswith(PROB_PREFIX)] + ["threshold"]:
         studies[col] = [f"{v:.6f}" if pd.notna(v) else "" for v in studies[col]]
@@ -621,6 +637,8 @@ REQUIRED_COLUMNS = ("path", "status")
 
 def load_predictions(path: Path | str) -> pd.DataFrame:
     """Read a predictions CSV; ``prob_*`` and ``threshold`` become floats."""
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"predictions file not found: {path}")

@@ -123,3 +123,19 @@ def test_a_deferred_dicom_gives_the_same_model_input_to_the_last_bit(tmp_path):
             np.testing.assert_array_equal(prepare_image(lazy, spec), prepare(plain.pixels, spec), err_msg=str(path))
         np.testing.assert_array_equal(lazy.display_pixels(), plain.pixels, err_msg=str(path))
     assert deferred >= 12
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint16, 4095), (np.uint16, 65535), (np.int32, 3000), (np.uint8, 255)])
+def test_a_full_size_image_is_counted_and_equalised_per_stored_value_exactly(dtype, top):
+    """A full-size radiograph (2500x2048, counted in chunks) gets bincount's counts and the equalised
+    values of its pixels, to the last bit."""
+    from pneumobatch.model.preprocess import equalize, equalize_table, value_counts
+
+    rng = np.random.default_rng(3)
+    index = rng.normal(top / 2, top / 8, (2500, 2048)).clip(0, top).astype(dtype)
+    table = np.sort(rng.random(top + 1).astype(np.float32))
+    np.testing.assert_array_equal(value_counts(index, top + 1), np.bincount(index.ravel(), minlength=top + 1))
+    np.testing.assert_array_equal(
+        value_counts(index[:10, :10], top + 1), np.bincount(index[:10, :10].ravel(), minlength=top + 1)
+    )
+    np.testing.assert_array_equal(equalize_table(table, index), equalize(table[index]))

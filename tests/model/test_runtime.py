@@ -234,3 +234,18 @@ def test_batch_norms_are_folded_in_float64_without_changing_what_the_network_com
     norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.eps == 0.0 and bool((m.running_var == 1).all()) for m in norms)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_the_predict_command_loads_without_pandas():
+    """predict forks its decoding workers before it needs pandas (about a fifth of a second to
+    import): importing the command and the CPU path must not import it, so start-up runs it in
+    parallel with the workers' first files instead of before them."""
+    modules = [
+        "pneumobatch.cli.predict",
+        "pneumobatch.predict",
+        "pneumobatch.engines.local",
+        "pneumobatch.model.runtime",
+    ]
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('pandas' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.stdout.strip() == "False", run.stderr

@@ -23,10 +23,9 @@ and ``pneumobatch monitor`` only reads it back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import pandas as pd
 
 from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import Status
@@ -34,6 +33,9 @@ from pneumobatch.core.hierarchy import FINE_LABEL
 from pneumobatch.core.studies import abnormality
 from pneumobatch.core.subgroups import UNKNOWN, view_group
 from pneumobatch.evaluation.metrics import jsonable
+
+if TYPE_CHECKING:  # pandas is imported where it is used: predict starts its workers without it
+    import pandas as pd
 
 MONITORING_SCHEMA_VERSION = 1
 #: Quantile levels stored for each score distribution: 0, 0.01, ..., 1.
@@ -50,6 +52,8 @@ UNUSABLE_FINE = "(unusable fine_label)"
 def scanner_names(frame: pd.DataFrame) -> pd.Series:
     """``Manufacturer / Model / Station`` per row ("?" for an empty part); :data:`NO_HEADER` for rows
     without any of them and without a SOP Instance UID (PNG/JPEG, files whose header could not be read)."""
+    import pandas as pd
+
     parts = [
         frame[c].fillna("").astype(str) if c in frame.columns else pd.Series("", index=frame.index)
         for c in ("manufacturer", "manufacturer_model_name", "station_name")
@@ -71,6 +75,8 @@ def scanner_names(frame: pd.DataFrame) -> pd.Series:
 
 def group_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """The acquisition group of every row, one column per :data:`DIMENSIONS` entry."""
+    import pandas as pd
+
     views = frame["view_position"] if "view_position" in frame.columns else pd.Series("", index=frame.index)
     bands = (
         frame["age_band"].fillna("").astype(str) if "age_band" in frame.columns else pd.Series("", index=frame.index)
@@ -129,6 +135,8 @@ def _stats(rows: pd.DataFrame, score: pd.Series, positive: Optional[pd.Series]) 
 def class_counts(rows: pd.DataFrame, card: ModelCard) -> dict[str, Any]:
     """``class_counts`` (and for a two-level model ``fine_counts``) of a model's predicted rows: every
     class of the card, 0 where none was predicted; a label the card does not have is not counted."""
+    import pandas as pd
+
     ok = rows[rows["status"].astype(str) == Status.OK.value]
     labels = ok["pred_label"].fillna("").astype(str) if "pred_label" in ok.columns else pd.Series("", index=ok.index)
     counts = labels.value_counts()
@@ -166,6 +174,8 @@ def operating_point_source(card: ModelCard) -> dict[str, Any]:
 
 def monitoring_block(frame: pd.DataFrame, cards: Sequence[ModelCard], images_per_second: float) -> dict[str, Any]:
     """``run.json["monitoring"]`` for a predictions table (all rows, all models)."""
+    import pandas as pd
+
     groups = group_columns(frame)
     models: dict[str, Any] = {}
     for card in cards:
