@@ -79,10 +79,12 @@ def _conv_batchnorm_pairs(net: torch.nn.Module, size: int) -> list[tuple[torch.n
     return pairs
 
 
-def batchnorm_folded(net: torch.nn.Module, size: int) -> torch.nn.Module:
+def batchnorm_folded(net: torch.nn.Module, size: int, observed: Sequence[str] = ()) -> torch.nn.Module:
     """A copy of ``net`` (eval mode) with every batch norm that follows a convolution folded into it in
     float64, the result rounded once to the network's dtype; the batch norm is left as an exact
     identity (mean 0, variance 1, eps 0, scale 1, shift 0), so module names and taps are unchanged.
+    A convolution named in ``observed`` (a layer whose output the export returns: Grad-CAM's) keeps
+    its batch norm, since folding would change that output.
 
     The exporter folds batch norms in float32, which rounds the folded weights a second time: ONNX
     Runtime's probabilities were 1.2e-5 from float64 PyTorch on the pneumonia test split with its
@@ -92,9 +94,11 @@ def batchnorm_folded(net: torch.nn.Module, size: int) -> torch.nn.Module:
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     folded = copy.deepcopy(net).eval()
+    modules = dict(folded.named_modules())
+    kept = {id(modules[name]) for name in observed if name and name in modules}  # "head": the head's input
     for conv, bn in _conv_batchnorm_pairs(folded, size):
-        if bn.running_mean is None or bn.running_var is None:
-            continue  # batch statistics at inference: nothing to fold
+        if bn.running_mean is None or bn.running_var is None or id(conv) in kept:
+            continue  # batch statistics at inference, or an output the export returns
         dtype = conv.weight.dtype
         double = [None if t is None else t.detach().double() for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
         weight, bias = fuse_conv_bn_weights(
@@ -198,8 +202,9 @@ def _export_onnx(
 ) -> bytes:
     import io
 
-    folded = batchnorm_folded(net, size)
     names = {id(module): name for name, module in net.named_modules()}
+    observed = [*layers, *([names[id(gradcam[1])]] if gradcam is not None else [])]
+    folded = batchnorm_folded(net, size, observed)
     head = folded.get_submodule(names[id(head)])
     if gradcam is not None:
         gradcam = (folded, folded.get_submodule(names[id(gradcam[1])]), gradcam[2])

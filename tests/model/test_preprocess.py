@@ -7,7 +7,7 @@ import pytest
 
 from pneumobatch.core.card import ModelCard, validate_card
 from pneumobatch.core.errors import ModelError
-from pneumobatch.model.preprocess import EQUALIZE_LEVELS, InputSpec, equalize, input_spec, prepare
+from pneumobatch.model.preprocess import EQUALIZE_LEVELS, InputSpec, equalize, input_spec, prepare, prepare_image
 
 
 def chest_like(seed: int = 0, shape=(300, 240)) -> np.ndarray:
@@ -139,3 +139,36 @@ def test_a_full_size_image_is_counted_and_equalised_per_stored_value_exactly(dty
         value_counts(index[:10, :10], top + 1), np.bincount(index[:10, :10].ravel(), minlength=top + 1)
     )
     np.testing.assert_array_equal(equalize_table(table, index), equalize(table[index]))
+
+
+def test_a_deferred_png_or_jpeg_gives_the_same_model_input_to_the_last_bit(tmp_path):
+    """8-bit PNG/JPEG exports are read as their grey levels and a 256-entry table when predict
+    defers pixels: every model input and the displayed image are those of the image as read."""
+    from PIL import Image as PILImage
+
+    from pneumobatch.io.discovery import FileKind, sniff
+    from pneumobatch.io.readers import ReadOptions, read_image
+    from tests.helpers import ROOT
+
+    rng = np.random.default_rng(7)
+    grey = (chest_like(1, (600, 520)) * 200 + 20 + rng.normal(0, 6, (600, 520))).clip(0, 255).astype(np.uint8)
+    PILImage.fromarray(grey).save(tmp_path / "l.png")
+    PILImage.fromarray(grey).save(tmp_path / "l.jpg", quality=90)
+    PILImage.fromarray(np.stack([grey, grey // 2, 255 - grey], -1)).convert("RGB").save(tmp_path / "rgb.jpg")
+    PILImage.fromarray(np.stack([grey, grey, grey, np.full_like(grey, 200)], -1)).save(tmp_path / "rgba.png")
+    PILImage.fromarray(grey).convert("P").save(tmp_path / "p.png")
+    PILImage.fromarray(grey.astype(np.uint16) * 16).save(tmp_path / "sixteen.png")
+    paths = sorted(tmp_path.glob("*.*"))
+    samples = [p for p in sorted((ROOT / "sample_studies").rglob("*")) if p.is_file()]
+    paths += [p for p in samples if sniff(p) in (FileKind.PNG, FileKind.JPEG)]
+    deferred = set()
+    for path in paths:
+        for min_side in (0, 192):
+            plain = read_image(path, sniff(path), ReadOptions(min_side=min_side))
+            lazy = read_image(path, sniff(path), ReadOptions(min_side=min_side, defer_pixels=True))
+            if lazy.pixels is None:
+                deferred.add(path.name)
+            for spec in (InputSpec(192, True), InputSpec(192, False)):
+                np.testing.assert_array_equal(prepare_image(lazy, spec), prepare(plain.pixels, spec), err_msg=str(path))
+            np.testing.assert_array_equal(lazy.display_pixels(), plain.pixels, err_msg=str(path))
+    assert deferred >= {"l.png", "l.jpg", "rgb.jpg", "rgba.png", "p.png"} and "sixteen.png" not in deferred

@@ -234,6 +234,11 @@ def test_batch_norms_are_folded_in_float64_without_changing_what_the_network_com
     norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.eps == 0.0 and bool((m.running_var == 1).all()) for m in norms)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # a convolution whose output the export returns (Grad-CAM's layer) keeps its batch norm, and its output
+    last = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    kept = batchnorm_folded(net, 64, [last])
+    assert torch.equal(kept.get_submodule(last).weight, net.get_submodule(last).weight)
+    assert sum(m.eps == 0.0 for m in kept.modules() if isinstance(m, torch.nn.BatchNorm2d)) == len(norms) - 1
 
 
 def test_the_predict_command_loads_without_pandas():

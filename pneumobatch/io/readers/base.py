@@ -32,8 +32,9 @@ class ReadOptions:
     #: Above 0, decoding also keeps the image as displayed, long side at most this (``predict
     #: --heatmaps`` draws on it; :func:`pneumobatch.model.preprocess.display_image`).
     display_side: int = 0
-    #: A DICOM may come back as a table of display values and its stored values (``Image.table``,
-    #: ``Image.index``) instead of the image (predict's decoding: the equalisation needs no image).
+    #: A DICOM or an 8-bit PNG/JPEG may come back as a table of display values and its stored values
+    #: (``Image.table``, ``Image.index``) instead of the image (predict's decoding: the equalisation
+    #: needs no image).
     defer_pixels: bool = False
 
 
@@ -51,7 +52,7 @@ class Image:
 
     pixels: Optional[np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
-    #: With ``ReadOptions.defer_pixels``, a DICOM reader may return ``pixels`` None and the image
+    #: With ``ReadOptions.defer_pixels``, a DICOM or 8-bit PNG/JPEG reader may return ``pixels`` None and the image
     #: as ``table[index]`` (its display value per stored value, its stored values): what
     #: :func:`pneumobatch.model.preprocess.prepare_image` equalises without building the image.
     table: Optional[np.ndarray] = None

@@ -59,7 +59,7 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
                 if fmt == "JPEG" and (side := decode_side(options)):
                     # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when still big enough.
                     img.draft("L", (side, side))
-                pixels = _to_gray(ImageOps.exif_transpose(img))  # a phone photo of a film may be rotated
+                gray = _to_gray(ImageOps.exif_transpose(img))  # a phone photo of a film may be rotated
     except FileRejected:
         raise
     except PILImage.DecompressionBombError as exc:
@@ -72,7 +72,12 @@ def read_raster(path: Path, options: ReadOptions) -> Image:
         if isinstance(exc, PermissionError):
             raise FileRejected(Reason.UNREADABLE, "permission denied") from exc
         raise FileRejected(Reason.CORRUPT, _short(exc)) from exc
-    return Image(pixels, {"format": fmt.lower() if fmt else "", "frames": 1})
+    meta = {"format": fmt.lower() if fmt else "", "frames": 1}
+    if gray.dtype != np.uint8:
+        return Image(gray, meta)
+    if options.defer_pixels:  # predict: equalised through the 256 grey levels' histogram, no float image
+        return Image(None, meta, table=EIGHT_BIT_DISPLAY, index=gray)
+    return Image(np.take(EIGHT_BIT_DISPLAY, gray), meta)
 
 
 def _check_png_chunks(fh: BinaryIO) -> None:
@@ -100,7 +105,14 @@ def _check_png_chunks(fh: BinaryIO) -> None:
     fh.seek(0)
 
 
+#: An 8-bit grey level's display value: the level / 255 (float32).
+EIGHT_BIT_DISPLAY = np.arange(256, dtype=np.float32) / np.float32(255.0)
+EIGHT_BIT_DISPLAY.flags.writeable = False
+
+
 def _to_gray(img: PILImage.Image) -> np.ndarray:
+    """The grey levels of an image: uint8 for 8-bit images (display values :data:`EIGHT_BIT_DISPLAY`),
+    float32 in [0, 1] for 16-bit and float ones (min-max scaled)."""
     if img.mode in _SIXTEEN_BIT_MODES:
         return minmax(np.asarray(img))
     if img.mode == "F":
@@ -109,7 +121,7 @@ def _to_gray(img: PILImage.Image) -> np.ndarray:
         img = img.convert("RGBA").convert("RGB")
     if img.mode != "L":
         img = img.convert("L")
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img, dtype=np.uint8)
 
 
 def _short(exc: BaseException) -> str:
