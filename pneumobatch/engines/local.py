@@ -28,6 +28,31 @@ log = logging.getLogger(__name__)
 _NEEDS_TORCH = "pip install 'pneumobatch[torch]'"
 
 
+def _import_in_background(module: str):
+    """A callable that starts importing ``module`` in a daemon thread and returns at once.
+
+    Called once the decoding workers are forked (a fork must never happen while another thread
+    imports) and the ONNX Runtime sessions are loaded, so that the import of pandas (about 0.3 s,
+    which the writer needs for the journal and the CSV) runs while this process waits for the
+    workers' first files instead of after them: a one-file run started in 0.95-1.22 s before, 0.83-0.98 s
+    after. An import the main thread then reaches waits for this one to finish (the import lock)."""
+
+    def load() -> None:
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the main thread's own import meets the same error, and reports it
+            log.debug("importing %s in the background failed", module, exc_info=True)
+
+    def start() -> None:
+        import threading
+
+        threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
+
+    return start
+
+
 def _what_needs_torch(config: PredictConfig) -> str:
     """The option of a run that keeps it off the ONNX Runtime path, for the error without torch."""
     if config.backend == "torch":
@@ -115,7 +140,10 @@ class LocalEngine:
             from pneumobatch.model.runtime import OnnxPredictor, run_onnx_inference
 
             predictor = OnnxPredictor(models, self.threads)
-            yield from run_onnx_inference(entries, predictor, options, batch_size=self.batch_size, workers=self.workers)
+            ready = _import_in_background("pandas") if self.workers else (lambda: None)
+            yield from run_onnx_inference(
+                entries, predictor, options, batch_size=self.batch_size, workers=self.workers, ready=ready
+            )
             return
         import torch
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -175,10 +175,13 @@ def run_onnx_inference(
     *,
     batch_size: int = 16,
     workers: int = 2,
+    ready: Callable[[], None] = lambda: None,
 ) -> Iterator[FileResult]:
     """Yield a :class:`FileResult` for every entry, in order (as
     :func:`pneumobatch.model.inference.run_inference`, without torch): workers decode
-    :data:`DECODE_CHUNK` files per task about two batches ahead while the sessions load."""
+    :data:`DECODE_CHUNK` files per task about two batches ahead while the sessions load.
+    ``ready`` is called once the workers run and the sessions are loaded, before the first
+    decoded files are waited for."""
     chunk = max(1, min(DECODE_CHUNK, batch_size))
     # the workers start (fork) before ONNX Runtime starts its threads, and decode while the sessions load
     chunks = decode_in_processes(
@@ -188,7 +191,7 @@ def run_onnx_inference(
         workers=workers,
         chunk=chunk,
         in_flight=2 * batch_size,
-        started=predictor.prepare,
+        started=lambda: (predictor.prepare(), ready()),
     )
     try:
         yield from batched_results(chunks, entries, predictor, predictor.applicable, batch_size)

@@ -254,3 +254,19 @@ def test_the_predict_command_loads_without_pandas():
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('pandas' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.stdout.strip() == "False", run.stderr
+
+
+def test_the_background_import_loads_the_module_and_keeps_a_failure_quiet(capfd: pytest.CaptureFixture):
+    """The pandas import started once the workers run: it imports, and a module that cannot be
+    imported prints no thread traceback (the main thread's own import reports the error)."""
+    import threading
+
+    from pneumobatch.engines.local import _import_in_background
+
+    sys.modules.pop("tabnanny", None)  # a standard module nothing here imports
+    _import_in_background("tabnanny")()
+    _import_in_background("pneumobatch_no_such_module")()
+    for thread in [t for t in threading.enumerate() if t.name.startswith("import-")]:
+        thread.join(timeout=60)
+    assert "tabnanny" in sys.modules
+    assert "Traceback" not in capfd.readouterr().err
