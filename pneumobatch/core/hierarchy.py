@@ -36,9 +36,9 @@ OTHER = "other"
 #: How many fine classes ``fine_top3`` lists.
 TOP_K = 3
 #: The CSV columns of a two-level model's fine level (predictions and studies): the fine class
-#: below ``pred_label`` and the ``TOP_K`` most probable fine classes (:func:`top_text`).
-FINE_LABEL, FINE_TOP = "fine_label", "fine_top3"
-FINE_COLUMNS = [FINE_LABEL, FINE_TOP]
+#: below ``pred_label``, its probability, and the ``TOP_K`` most probable fine classes (:func:`top_text`).
+FINE_LABEL, FINE_PROB, FINE_TOP = "fine_label", "fine_prob", "fine_top3"
+FINE_COLUMNS = [FINE_LABEL, FINE_PROB, FINE_TOP]
 FALLBACK_RULE = (
     f"an organism is a fine class of its own when the training split has >= {MIN_TRAIN_PATIENTS} patients "
     f"and the validation split >= {MIN_VAL_PATIENTS} with it (images without a patient id count one each); "

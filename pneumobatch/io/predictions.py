@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pneumobatch.core.card import PROB_PREFIX, prob_column
 from pneumobatch.core.errors import OutputError, OutputExists, Reason, ReportError, ResumeMismatch, Status
-from pneumobatch.core.hierarchy import FINE_COLUMNS, FINE_LABEL, FINE_TOP, top_text
+from pneumobatch.core.hierarchy import FINE_COLUMNS, FINE_LABEL, FINE_PROB, FINE_TOP, top_text
 from pneumobatch.core.studies import aggregate_studies
 from pneumobatch.io.atomicfile import atomic_write, check_replaceable, open_regular, temp_prefix
 from pneumobatch.io.discovery import FileEntry
@@ -186,6 +186,7 @@ def result_rows(
             row.update({prob_column(c): f"{p:.6f}" for c, p in zip(card.classes, probs)})
             if (tree := card.tree) is not None:
                 row[FINE_LABEL] = tree.best_below(outputs, decision.label)
+                row[FINE_PROB] = f"{float(outputs[tree.fine.index(row[FINE_LABEL])]):.6f}"
                 row[FINE_TOP] = top_text(tree.ranked(outputs))
             row["warnings"] = " ".join(card.age_warnings(meta.get("age_years")))
             score = result.ood_scores.get(card.name)
@@ -199,7 +200,7 @@ def result_rows(
                         detail="unlike the model's training images (applicability score over its threshold)",
                         pred_label="",
                         operating_point="",
-                        **({FINE_LABEL: "", FINE_TOP: ""} if card.hierarchy else {}),
+                        **({c: "" for c in FINE_COLUMNS} if card.hierarchy else {}),
                         **{prob_column(c): "" for c in card.classes},
                     )
         rows.append(row)

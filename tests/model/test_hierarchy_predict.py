@@ -61,11 +61,20 @@ def test_two_level_rows_add_up_and_carry_the_fine_label(models: Path, tmp_path: 
         assert len(top) == 3 and [p for _, p in top] == sorted((p for _, p in top), reverse=True)
         for name, p in top:  # no fine class is more probable than its coarse class
             assert p <= float(row[f"prob_{tree.parent[tree.fine.index(name)]}"]) + 1e-6
+        # fine_prob is fine_label's probability: at most its class's, at least its siblings' in fine_top3
+        fine_p = float(row.fine_prob)
+        assert 0 < fine_p <= float(row[f"prob_{row.pred_label}"]) + 1e-6
+        assert all(abs(p - fine_p) <= 1e-6 for name, p in top if name == row.fine_label)
+        siblings = [
+            p for name, p in top if name != row.fine_label and tree.parent[tree.fine.index(name)] == row.pred_label
+        ]
+        assert all(p <= fine_p + 1e-6 for p in siblings)
     one = frame[(frame.model == "etio1") & (frame.status == "ok")]
     assert (one.prob_fungal == "").all() and (one.fine_label == "").all() and (one.fine_top3 == "").all()
+    assert (one.fine_prob == "").all()
     assert set(one.operating_point) == {"argmax"}
     # rows that were not read carry no fine cells either
-    assert (frame[frame.status != "ok"].fine_label == "").all()
+    assert (frame[frame.status != "ok"].fine_label == "").all() and (frame[frame.status != "ok"].fine_prob == "").all()
 
 
 def test_onnx_runtime_gives_the_same_two_level_rows_as_pytorch(models: Path, tmp_path: Path):

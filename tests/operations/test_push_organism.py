@@ -204,9 +204,21 @@ def test_an_old_four_class_csv_pushes_the_same_sr_as_before(orthanc, night, tmp_
 # ------------------------------------------------------------------ the checks, no archive
 
 
-def _image(fine_label: str, fine_top: str, pred_label: str = "viral", sop: str = "1.2.3.4") -> ImageResult:
+def _image(
+    fine_label: str, fine_top: str, pred_label: str = "viral", sop: str = "1.2.3.4", fine_prob: str = ""
+) -> ImageResult:
     probs = tuple(zip(COARSE, [0.1, 0.2, 0.5, 0.1, 0.1]))
-    return ImageResult(sop, "1.2.3", probs, pred_label, None, "log-offsets", fine_label=fine_label, fine_top=fine_top)
+    return ImageResult(
+        sop,
+        "1.2.3",
+        probs,
+        pred_label,
+        None,
+        "log-offsets",
+        fine_label=fine_label,
+        fine_top=fine_top,
+        fine_prob=fine_prob,
+    )
 
 
 def test_the_organism_is_checked_against_the_cards_hierarchy():
@@ -232,6 +244,30 @@ def test_the_organism_is_checked_against_the_cards_hierarchy():
     found, problem = organism_of(card, _image("Pneumocystis", "other viral 0.300000; SARS 0.200000", "fungal"))
     assert problem is None and found.name == "Pneumocystis" and found.probability == pytest.approx(0.1)
     assert organism_of(_card(hierarchical=False), _image("SARS", good)) == (None, None)
+
+
+def test_fine_prob_gives_the_organisms_probability_when_fine_top3_does_not_list_it():
+    """fine_prob (0.2.x) is fine_label's probability: used when fine_top3's three leave it out, checked
+    against fine_top3 where that lists it and against its class; a CSV without it still works."""
+    card = _card()
+    others = "other bacterial 0.150000; normal 0.100000; covid-19 0.100000"  # viral's fine classes not listed
+    assert organism_of(card, _image("SARS", others))[1] == "fine_top3 does not give fine_label's probability"
+    found, problem = organism_of(card, _image("SARS", others, fine_prob="0.260000"))
+    assert problem is None and found.name == "SARS" and found.probability == pytest.approx(0.26)
+    good = "SARS 0.300000; other viral 0.200000; other bacterial 0.150000"
+    assert organism_of(card, _image("SARS", good, fine_prob="0.300000"))[0].probability == pytest.approx(0.3)
+    for cell, reason in [
+        ("0.35", "disagrees"),
+        ("high", "not a number"),
+        ("nan", "not a probability"),
+        ("-0.1", "not a probability"),
+        ("0.9", "exceeds"),
+    ]:
+        found, problem = organism_of(card, _image("SARS", good if reason == "disagrees" else others, fine_prob=cell))
+        assert found is None and reason in problem, (cell, problem)
+        assert cell not in problem  # cells are never quoted
+    # a sibling listed as more probable than the stated fine_prob
+    assert "most probable" in organism_of(card, _image("SARS", "other viral 0.300000", fine_prob="0.100000"))[1]
 
 
 def test_the_sr_uid_follows_the_organism():

@@ -58,7 +58,7 @@ from pneumobatch.core.card import ModelCard
 from pneumobatch.core.errors import EXIT_FILE_ERRORS, EXIT_OK, ArchiveError, FileRejected, OptionError, Status
 from pneumobatch.core.uids import valid_uid
 from pneumobatch.io.discovery import open_input, unescape_path
-from pneumobatch.io.predictions import FINE_LABEL, FINE_TOP, OutputPaths, cell_text
+from pneumobatch.io.predictions import FINE_LABEL, FINE_PROB, FINE_TOP, OutputPaths, cell_text
 from pneumobatch.operations.pacs.archive import Archive, InstanceRef, with_retries
 from pneumobatch.operations.pacs.client import open_archive
 from pneumobatch.operations.pacs.connection import Connection
@@ -253,6 +253,7 @@ def study_results(frame: pd.DataFrame, cards: dict[str, ModelCard], heatmaps: bo
             else "",
             fine_label=cell_text(row.get(FINE_LABEL)) if card.hierarchy else "",
             fine_top=cell_text(row.get(FINE_TOP)) if card.hierarchy else "",
+            fine_prob=cell_text(row.get(FINE_PROB)) if card.hierarchy else "",
         )
         if not any(raw):
             rows.without_uid += 1

@@ -114,6 +114,7 @@ class ImageResult:
     heatmap: str = ""  # the CSV's heatmap cell (predict --heatmaps), untrusted
     fine_label: str = ""  # the CSV's fine_label cell (two-level models), untrusted
     fine_top: str = ""  # the CSV's fine_top3 cell, untrusted
+    fine_prob: str = ""  # the CSV's fine_prob cell (absent before 0.2.x's fine_prob column), untrusted
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,10 @@ def organism_of(card: ModelCard, image: ImageResult) -> tuple[Optional[Organism]
 
     ``fine_label`` must be one of the card's fine classes, below ``pred_label``, and the most
     probable fine class below it among those ``fine_top3`` lists; ``fine_top3`` must be well
-    formed and give its probability, at most that of ``pred_label`` (a fine class alone below its
-    class has that class's probability, whether ``fine_top3`` lists it or not). A fine class that is the
+    formed. Its probability is ``fine_prob`` (which must agree with ``fine_top3`` where that lists
+    it); a CSV without that column (older versions) must list it in ``fine_top3``, or have it alone
+    below its class (then it is that class's probability). It is at most that of ``pred_label``. A
+    fine class that is the
     coarse class itself (``normal``, ``covid-19``) adds nothing: (None, None), as for a one-level
     model. CSV values are never quoted."""
     tree = card.tree
@@ -285,13 +288,23 @@ def organism_of(card: ModelCard, image: ImageResult) -> tuple[Optional[Organism]
         return None, "fine_top3 is malformed"
     top = dict(ranked)
     coarse_p = dict(image.probs).get(image.pred_label)
+    if image.fine_prob.strip():
+        try:
+            stated = float(image.fine_prob)
+        except ValueError:
+            return None, "fine_prob is not a number"
+        if not math.isfinite(stated) or stated < 0:
+            return None, "fine_prob is not a probability"
+        if label in top and abs(top[label] - stated) > ROUNDING:
+            return None, "fine_prob disagrees with fine_label's probability in fine_top3"
+        top[label] = stated
     if label not in top and tree.parent.count(image.pred_label) == 1 and coarse_p is not None:
         top[label] = coarse_p  # the only fine class below its class: its probability is the class's
     if label not in top:
         return None, "fine_top3 does not give fine_label's probability"
     p = top[label]
     if p > dict(image.probs).get(image.pred_label, 0.0) + ROUNDING:
-        return None, "fine_label's probability in fine_top3 exceeds its class's"
+        return None, "fine_label's probability exceeds its class's"
     siblings = [top[n] for n in names if n != label and tree.parent[tree.fine.index(n)] == image.pred_label]
     if any(q > p + ROUNDING for q in siblings):
         return None, "fine_label is not the most probable fine class below pred_label in fine_top3"
