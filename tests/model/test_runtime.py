@@ -270,3 +270,30 @@ def test_the_background_import_loads_the_module_and_keeps_a_failure_quiet(capfd:
         thread.join(timeout=60)
     assert "tabnanny" in sys.modules
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_convolution_read_by_more_than_its_batch_norm_is_left_unfolded():
+    """Folding rewrites the convolution's output; where something else reads it too (a residual
+    from before the norm), the copy would compute something else: the network is exported unfolded."""
+    import torch
+
+    from pneumobatch.model.onnx import batchnorm_folded
+
+    class Branch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    torch.manual_seed(0)
+    net = Branch().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    folded = batchnorm_folded(net, 16)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        np.testing.assert_allclose(folded(x).numpy(), net(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert folded.bn.eps == net.bn.eps and folded is not net
