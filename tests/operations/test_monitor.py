@@ -294,7 +294,7 @@ def test_rate_change_interval_is_the_exact_one(k, n, k0, n0):
 #: Samples of the hand-written Prometheus text (pneumobatch before prometheus_client) for these
 #: nights: (baseline, [(name, labels, value), ...]). The names and labels are those of the old
 #: writer; the values of the positive rate, drift score and alert count follow the shipped
-#: pneumonia model's reference output (updated with the weights of issue 24).
+#: pneumonia model's reference output (updated with each shipped pneumonia weights, last on 2026-12-08).
 OLD_PROMETHEUS_SAMPLES = {
     2: [
         ("pneumobatch_last_success_timestamp_seconds", {}, 1767492600.0),
@@ -303,8 +303,8 @@ OLD_PROMETHEUS_SAMPLES = {
         ("pneumobatch_files", {"status": "error"}, 2.0),
         ("pneumobatch_errors", {}, 2.0),
         ("pneumobatch_images_per_second", {}, 20.0),
-        ("pneumobatch_positive_rate", {"model": "pneumonia"}, 0.6583333333333333),
-        ("pneumobatch_drift_score", {"model": "pneumonia"}, 3.2492888014581665),
+        ("pneumobatch_positive_rate", {"model": "pneumonia"}, 0.65),
+        ("pneumobatch_drift_score", {"model": "pneumonia"}, 2.770994809866428),
         ("pneumobatch_alerts", {}, 6.0),
     ],
     1: [
@@ -314,9 +314,9 @@ OLD_PROMETHEUS_SAMPLES = {
         ("pneumobatch_files", {"status": "error"}, 2.0),
         ("pneumobatch_errors", {}, 2.0),
         ("pneumobatch_images_per_second", {}, 20.0),
-        ("pneumobatch_positive_rate", {"model": "pneumonia"}, 0.6583333333333333),
-        ("pneumobatch_drift_score", {"model": "pneumonia"}, 3.691112192671998),
-        ("pneumobatch_alerts", {}, 3.0),
+        ("pneumobatch_positive_rate", {"model": "pneumonia"}, 0.65),
+        ("pneumobatch_drift_score", {"model": "pneumonia"}, 2.6892840090908647),
+        ("pneumobatch_alerts", {}, 7.0),
     ],
 }
 
@@ -349,7 +349,7 @@ def test_prometheus_leaves_out_unknown_values_and_escapes_labels(nights):
     assert (
         "\npneumobatch_last_success_timestamp_seconds " not in prom and "\npneumobatch_images_per_second " not in prom
     )
-    assert 'pneumobatch_positive_rate{model="odd \\"name\\"\\\\x"} 0.6583333333333333' in prom
+    assert 'pneumobatch_positive_rate{model="odd \\"name\\"\\\\x"} 0.65' in prom
     rates = [
         s for f in text_string_to_metric_families(prom) for s in f.samples if s.name == "pneumobatch_positive_rate"
     ]

@@ -149,8 +149,11 @@ def test_hostile_heatmap_cells_are_refused_per_image_and_the_sr_still_goes(ortha
         assert str(outside) not in result.output and "outside" not in result.output  # cells are never quoted
         assert _instances(orthanc, {"SOPClassUID": SECONDARY_CAPTURE}) == [], cell
     srs = _instances(orthanc, {"Modality": "SR"})
-    assert {sr.StudyInstanceUID for sr in srs} == set(frame.loc[rows, "study_instance_uid"])  # the SRs went, once
-    assert len(srs) == len(set(frame.loc[rows, "study_instance_uid"]))
+    # every predicted study's SR went, once, whether or not its image had a heatmap
+    predicted = set(frame.loc[(frame.model == "pneumonia") & (frame.status == "ok"), "study_instance_uid"])
+    assert set(frame.loc[rows, "study_instance_uid"]) <= predicted
+    assert {sr.StudyInstanceUID for sr in srs} == predicted
+    assert len(srs) == len(predicted)
 
 
 @pytest.mark.slow
